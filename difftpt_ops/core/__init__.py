@@ -1,0 +1,1 @@
+"""Specs, errors and states: the vocabulary every layer shares. Standard library only."""

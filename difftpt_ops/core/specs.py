@@ -1,0 +1,285 @@
+"""Frozen experiment specs and their fingerprints.
+
+A spec holds every setting that can change a result. Its fingerprint (sha256 of the canonical JSON)
+identifies a run or a generation config: submitting the same spec again attaches to the stored one.
+Defaults follow the reference code (see docs/algorithm-reference.md); execution-only settings
+(batch size, shard size, device) are not part of a spec because they do not change results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from difftpt_ops.core.errors import InvalidSpecError
+
+SPEC_SCHEMA_VERSION = 1
+
+# Prompt template and context initialisation of TPT/DiffTPT (one template for every dataset).
+DEFAULT_TEMPLATE = "a photo of a {}."
+DEFAULT_CTX_INIT = "a photo of a"
+
+
+def canonical_json(payload: Any) -> str:
+    """JSON with sorted keys and no spaces: equal payloads give equal text."""
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def fingerprint_of(payload: Any) -> str:
+    """sha256 hex digest of the canonical JSON of `payload`."""
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+
+
+def _require(condition: bool, argument: str, value: object, problem: str) -> None:
+    if not condition:
+        raise InvalidSpecError(argument, value, problem)
+
+
+def _check_ratio(name: str, value: float) -> None:
+    _require(0.0 < value <= 1.0, name, value, "must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which CLIP to load. `name` is an open_clip model name or a local directory."""
+
+    name: str = "ViT-B-16"
+    pretrained: str | None = "openai"  # open_clip pretrained tag; ignored for a local directory
+    precision: str = "auto"  # auto: frozen weights fp16 on GPU, fp32 on CPU; or fp32 / fp16 / bf16
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name), "--model", self.name, "must not be empty")
+        _require(self.precision in {"auto", "fp32", "fp16", "bf16"}, "precision", self.precision,
+                 "must be one of auto, fp32, fp16, bf16")
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """The learnable prompt: a shared context of n_ctx tokens, class token at the end."""
+
+    n_ctx: int = 4
+    ctx_init: str | None = DEFAULT_CTX_INIT  # None: random N(0, 0.02^2) context
+    template: str = DEFAULT_TEMPLATE
+    coop_checkpoint: str | None = None  # path to a CoOp checkpoint whose `ctx` initialises the context
+
+    def __post_init__(self) -> None:
+        _require(self.n_ctx >= 1, "n_ctx", self.n_ctx, "must be >= 1")
+        _require("{}" in self.template, "template", self.template, "must contain '{}' for the class name")
+        if self.ctx_init is not None:
+            words = self.ctx_init.replace("_", " ").split()
+            _require(len(words) == self.n_ctx, "ctx_init", self.ctx_init,
+                     f"has {len(words)} words but n_ctx is {self.n_ctx}")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """Base of the method specs; `method` names the algorithm."""
+
+    method: ClassVar[str] = ""
+    prompt: PromptSpec = field(default_factory=PromptSpec)
+    resolution: int = 224
+
+    def __post_init__(self) -> None:
+        _require(self.resolution >= 16, "resolution", self.resolution, "must be >= 16")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+
+@dataclass(frozen=True)
+class ZeroShotSpec(MethodSpec):
+    """Zero-shot CLIP: view 0 with the initial prompt."""
+
+    method: ClassVar[str] = "zeroshot"
+
+
+@dataclass(frozen=True)
+class TPTSpec(MethodSpec):
+    """TPT (Shu et al. 2022) with the reference defaults."""
+
+    method: ClassVar[str] = "tpt"
+    n_views: int = 64  # view 0 (resize + center crop) plus n_views - 1 random crops
+    selection_p: float = 0.1  # keep int(n_views * p) lowest-entropy views
+    steps: int = 1
+    lr: float = 5e-3
+    weight_decay: float = 0.01  # AdamW's default, as the reference uses it
+    augmix: bool | None = None  # None: as the reference, on for the cross-domain sets only
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.n_views >= 1, "n_views", self.n_views, "must be >= 1")
+        _check_ratio("selection_p", self.selection_p)
+        _require(self.steps >= 0, "steps", self.steps, "must be >= 0")
+        _require(self.lr > 0, "lr", self.lr, "must be > 0")
+        _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class DiffTPTSpec(MethodSpec):
+    """DiffTPT (Feng et al. 2023): TPT views plus Stable Diffusion variations, cosine then entropy filter."""
+
+    method: ClassVar[str] = "difftpt"
+    n_conventional: int = 64  # random-crop views besides the original
+    n_generated: int = 63  # generated variations read per sample (fewer if fewer exist)
+    selection_cosine: float = 0.8  # keep int(n_candidates * ratio) views most similar to the original
+    selection_entropy: float = 0.3  # then keep int(n * ratio) lowest-entropy views of those plus the original
+    steps: int = 4
+    lr: float = 5e-3
+    weight_decay: float = 0.01
+    cosine_on: str = "logits"  # the reference code; "features" is the paper's description
+    filter_mode: str = "chained"  # the reference code; "parallel" is the paper's separate filters per view kind
+    augmix: bool | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.n_conventional >= 0, "n_conventional", self.n_conventional, "must be >= 0")
+        _require(self.n_generated >= 0, "n_generated", self.n_generated, "must be >= 0")
+        _check_ratio("selection_cosine", self.selection_cosine)
+        _check_ratio("selection_entropy", self.selection_entropy)
+        _require(self.steps >= 0, "steps", self.steps, "must be >= 0")
+        _require(self.lr > 0, "lr", self.lr, "must be > 0")
+        _require(self.cosine_on in {"logits", "features"}, "cosine_on", self.cosine_on,
+                 "must be 'logits' or 'features'")
+        _require(self.filter_mode in {"chained", "parallel"}, "filter_mode", self.filter_mode,
+                 "must be 'chained' or 'parallel'")
+
+
+@dataclass(frozen=True)
+class NoopSpec(MethodSpec):
+    """Bookkeeping only: predicts the label without model work. For measuring system overhead."""
+
+    method: ClassVar[str] = "noop"
+
+
+METHOD_SPECS: dict[str, type[MethodSpec]] = {
+    cls.method: cls for cls in (ZeroShotSpec, TPTSpec, DiffTPTSpec, NoopSpec)
+}
+USER_METHODS = ("zeroshot", "tpt", "difftpt")
+
+
+def _coerce(value: Any, target: Any) -> Any:
+    """Turn a CLI string into the type of an existing field value."""
+    if not isinstance(value, str):
+        return value
+    if isinstance(target, bool) or target is None and value.lower() in {"true", "false", "none", "null"}:
+        lowered = value.lower()
+        if lowered in {"none", "null"}:
+            return None
+        return lowered in {"1", "true", "yes", "on"}
+    if isinstance(target, int):
+        return int(value)
+    if isinstance(target, float):
+        return float(value)
+    return value
+
+
+def method_spec_from(method: str, overrides: dict[str, Any] | None = None) -> MethodSpec:
+    """Build a method spec with the reference defaults, then apply `overrides` (prompt fields as prompt.X).
+
+    Raises:
+        InvalidSpecError: unknown method, unknown field, or a value out of range.
+    """
+    if method not in METHOD_SPECS:
+        raise InvalidSpecError("--method", method, f"unknown method; choose one of {', '.join(USER_METHODS)}")
+    cls = METHOD_SPECS[method]
+    defaults = cls()
+    top: dict[str, Any] = {}
+    prompt: dict[str, Any] = {}
+    for key, value in (overrides or {}).items():
+        if key.startswith("prompt."):
+            sub = key.removeprefix("prompt.")
+            if sub not in {f.name for f in dataclasses.fields(PromptSpec)}:
+                raise InvalidSpecError("--set", key, "unknown prompt field")
+            prompt[sub] = _coerce(value, getattr(defaults.prompt, sub))
+        elif key in {f.name for f in dataclasses.fields(cls)} and key != "prompt":
+            top[key] = _coerce(value, getattr(defaults, key))
+        else:
+            raise InvalidSpecError("--set", key, f"unknown field of the {method} spec")
+    try:
+        if prompt:
+            if "n_ctx" in prompt and "ctx_init" not in prompt:
+                prompt["ctx_init"] = None
+            top["prompt"] = dataclasses.replace(defaults.prompt, **prompt)
+        return dataclasses.replace(defaults, **top)
+    except (TypeError, ValueError) as exc:
+        raise InvalidSpecError("--set", overrides, str(exc)) from exc
+
+
+def method_spec_from_dict(payload: dict[str, Any]) -> MethodSpec:
+    """Rebuild a method spec from `MethodSpec.to_dict()` output."""
+    data = dict(payload)
+    method = data.pop("method")
+    prompt = PromptSpec(**data.pop("prompt", {}))
+    return METHOD_SPECS[method](prompt=prompt, **data)
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """Stable Diffusion image variations: everything that changes the generated pixels."""
+
+    model: str = "lambdalabs/sd-image-variations-diffusers"  # hub id or local save_pretrained directory
+    revision: str | None = "v2.0"
+    scheduler: str = "default"  # the model's own scheduler, or "dpm-solver++"
+    steps: int = 50
+    guidance: float = 3.0
+    per_sample: int = 63
+    size: int = 512
+    dtype: str = "auto"  # auto: fp16 on GPU, fp32 on CPU
+    seed: int = 0
+
+    SCHEDULERS: ClassVar[tuple[str, ...]] = ("default", "dpm-solver++", "ddim")
+
+    def __post_init__(self) -> None:
+        _require(self.scheduler in self.SCHEDULERS, "--scheduler", self.scheduler,
+                 f"unknown scheduler; choose one of {', '.join(self.SCHEDULERS)}")
+        _require(self.steps >= 1, "--steps", self.steps, "must be >= 1")
+        _require(self.guidance >= 0, "--guidance", self.guidance, "must be >= 0")
+        _require(self.per_sample >= 1, "--per-sample", self.per_sample, "must be >= 1")
+        _require(self.size >= 8 and self.size % 8 == 0, "--size", self.size, "must be a positive multiple of 8")
+        _require(self.dtype in {"auto", "fp32", "fp16", "bf16"}, "--dtype", self.dtype,
+                 "must be one of auto, fp32, fp16, bf16")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        return fingerprint_of({"schema": SPEC_SCHEMA_VERSION, "generation": self.to_dict()})
+
+
+@dataclass(frozen=True)
+class TuneRunSpec:
+    """A tuning run: method, model, data and seed. Its fingerprint identifies the run."""
+
+    method: MethodSpec
+    model: ModelSpec
+    dataset_fingerprint: str  # of the dataset version: content, not name
+    generation_fingerprint: str | None = None  # DiffTPT only
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "tune",
+            "method": self.method.to_dict(),
+            "model": dataclasses.asdict(self.model),
+            "dataset_fingerprint": self.dataset_fingerprint,
+            "generation_fingerprint": self.generation_fingerprint,
+            "seed": self.seed,
+        }
+
+    def fingerprint(self) -> str:
+        return fingerprint_of({"schema": SPEC_SCHEMA_VERSION, **self.to_dict()})
+
+
+def flatten(payload: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}: for MLflow params and `--set` keys."""
+    flat: dict[str, Any] = {}
+    for key, value in payload.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat

@@ -1,0 +1,1 @@
+"""Dataset formats, class names and image reading. No database, no torch."""

@@ -1,0 +1,1 @@
+"""SQLAlchemy tables, engines and sessions. Never imports torch."""

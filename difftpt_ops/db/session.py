@@ -1,0 +1,151 @@
+"""Engines, sessions and migrations for any database URL (SQLite embedded, PostgreSQL distributed)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, event, inspect, text
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from difftpt_ops.core.errors import InputError, ServiceUnavailableError
+
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+_ENGINES: dict[str, Engine] = {}
+_LOCK = threading.Lock()
+
+
+def _sqlite_pragmas(busy_timeout_ms: int):  # type: ignore[no-untyped-def]
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        # WAL lets readers work while one writer commits; the busy timeout makes writers wait, not fail.
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    return on_connect
+
+
+def normalise_url(url: str) -> str:
+    """Use psycopg 3 for plain postgresql:// URLs; reject what SQLAlchemy cannot parse."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise InputError("DIFFTPT_OPS_DATABASE_URL", url, "not a database URL (sqlite:///PATH or "
+                         "postgresql://USER@HOST/DB)") from exc
+    if parsed.drivername in {"postgresql", "postgres"}:
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
+
+
+def get_engine(url: str, *, busy_timeout_ms: int = 60_000) -> Engine:
+    """One engine per URL per process (engines pool connections; creating many leaks them)."""
+    url = normalise_url(url)
+    with _LOCK:
+        engine = _ENGINES.get(url)
+        if engine is None:
+            engine = _create_engine(url, busy_timeout_ms)
+            _ENGINES[url] = engine
+        return engine
+
+
+def _create_engine(url: str, busy_timeout_ms: int) -> Engine:
+    parsed = make_url(url)
+    try:
+        if parsed.get_backend_name() == "sqlite":
+            if parsed.database and parsed.database != ":memory:":
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            engine = create_engine(url, connect_args={"timeout": busy_timeout_ms / 1000})
+            event.listen(engine, "connect", _sqlite_pragmas(busy_timeout_ms))
+            return engine
+        return create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 5})
+    except (NoSuchModuleError, ArgumentError, ImportError) as exc:
+        raise InputError("DIFFTPT_OPS_DATABASE_URL", parsed.render_as_string(),
+                         f"unsupported database driver ({exc})") from exc
+
+
+def dispose_engines() -> None:
+    """Close pooled connections (after fork, and in tests)."""
+    with _LOCK:
+        for engine in _ENGINES.values():
+            engine.dispose()
+        _ENGINES.clear()
+
+
+def check_connection(engine: Engine) -> None:
+    """Raise ServiceUnavailableError with what to do when the database cannot be reached."""
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except OperationalError as exc:
+        shown = engine.url.render_as_string(hide_password=True)
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        raise ServiceUnavailableError(
+            f"database {shown} is unreachable ({reason}); check DIFFTPT_OPS_DATABASE_URL and that the server runs"
+        ) from exc
+
+
+def _alembic_config(engine: Engine):  # type: ignore[no-untyped-def]
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["engine"] = engine
+    return config
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    config = _alembic_config(None)  # type: ignore[arg-type]
+    head = ScriptDirectory.from_config(config).get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    if not inspect(engine).has_table("alembic_version"):
+        return None
+    with engine.connect() as connection:
+        return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Apply migrations up to `revision`."""
+    from alembic import command
+
+    command.upgrade(_alembic_config(engine), revision)
+
+
+def ensure_schema(engine: Engine, *, auto_upgrade: bool) -> None:
+    """Make sure the schema is at head: upgrade it when allowed, else say how."""
+    check_connection(engine)
+    if current_revision(engine) == head_revision():
+        return
+    if not auto_upgrade:
+        raise ServiceUnavailableError(
+            f"database {engine.url.render_as_string(hide_password=True)} is not at the current schema; "
+            "run `difftpt-ops db upgrade` first"
+        )
+    upgrade(engine)
+
+
+@contextmanager
+def session_scope(engine: Engine) -> Iterator[Session]:
+    """A session that commits on success and rolls back on error."""
+    session = sessionmaker(engine, expire_on_commit=False)()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()

@@ -1,0 +1,231 @@
+"""The data model (architecture.md): thin rows, no behaviour. Unique keys make every write idempotent."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from difftpt_ops.db.base import Base
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+Timestamp = DateTime(timezone=True)
+# SQLite only auto-increments INTEGER primary keys; PostgreSQL gets BIGINT for the big tables.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Dataset(Base):
+    """A registered test split: where it lives, its format and class names."""
+
+    __tablename__ = "datasets"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    format: Mapped[str] = mapped_column(String(40))
+    root: Mapped[str] = mapped_column(Text)
+    class_names: Mapped[list[str]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+
+
+class DatasetVersion(Base):
+    """A fixed list of samples of a dataset: the full split (version 1) or a seeded subset of it."""
+
+    __tablename__ = "dataset_versions"
+    __table_args__ = (
+        UniqueConstraint("dataset_id", "version"),
+        UniqueConstraint("dataset_id", "fingerprint"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"))
+    version: Mapped[int] = mapped_column(Integer)
+    fingerprint: Mapped[str] = mapped_column(String(64), index=True)
+    parent_version_id: Mapped[int | None] = mapped_column(ForeignKey("dataset_versions.id"))
+    subset_size: Mapped[int | None] = mapped_column(Integer)
+    subset_seed: Mapped[int | None] = mapped_column(Integer)
+    num_samples: Mapped[int] = mapped_column(Integer, default=0)
+    num_failed: Mapped[int] = mapped_column(Integer, default=0)
+    mlflow_experiment_id: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+
+
+class Sample(Base):
+    """One test image of a dataset version. `status` is failed when the file cannot be decoded."""
+
+    __tablename__ = "samples"
+    __table_args__ = (
+        UniqueConstraint("dataset_version_id", "index"),
+        Index("ix_samples_version_label", "dataset_version_id", "label"),
+        Index("ix_samples_content_hash", "content_hash"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    dataset_version_id: Mapped[int] = mapped_column(ForeignKey("dataset_versions.id", ondelete="CASCADE"))
+    index: Mapped[int] = mapped_column(Integer)
+    relpath: Mapped[str] = mapped_column(Text)
+    label: Mapped[int] = mapped_column(Integer)
+    content_hash: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), default="ok")
+    error: Mapped[str | None] = mapped_column(Text)
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+
+
+class GenerationConfig(Base):
+    """A generator spec (model, scheduler, steps, guidance, size, dtype, seed) and its fingerprint."""
+
+    __tablename__ = "generation_configs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64), unique=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+
+
+class GeneratedImage(Base):
+    """One generated variation, keyed by content: source image hash + config + variant index."""
+
+    __tablename__ = "generated_images"
+    __table_args__ = (UniqueConstraint("generation_config_id", "source_hash", "variant_index"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    generation_config_id: Mapped[int] = mapped_column(ForeignKey("generation_configs.id", ondelete="CASCADE"))
+    source_hash: Mapped[str] = mapped_column(String(64))
+    variant_index: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    artifact_key: Mapped[str] = mapped_column(Text)
+    content_hash: Mapped[str] = mapped_column(String(64))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    seconds: Mapped[float | None] = mapped_column(Float)
+    imported: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+
+
+class Run(Base):
+    """A generation or tuning run, identified by its spec fingerprint."""
+
+    __tablename__ = "runs"
+    __table_args__ = (Index("ix_runs_dataset_version_method", "dataset_version_id", "method"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))  # "tune" or "generate"
+    fingerprint: Mapped[str] = mapped_column(String(64), unique=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    method: Mapped[str] = mapped_column(String(40))  # zeroshot / tpt / difftpt / noop / generate
+    dataset_version_id: Mapped[int] = mapped_column(ForeignKey("dataset_versions.id"))
+    generation_config_id: Mapped[int | None] = mapped_column(ForeignKey("generation_configs.id"))
+    state: Mapped[str] = mapped_column(String(32), default="pending", index=True)
+    num_samples: Mapped[int] = mapped_column(Integer, default=0)
+    shard_size: Mapped[int] = mapped_column(Integer)
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
+    mlflow_experiment_id: Mapped[str | None] = mapped_column(String(64))
+    mlflow_sync_needed: Mapped[bool] = mapped_column(Boolean, default=False)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    finished_at: Mapped[datetime | None] = mapped_column(Timestamp)
+
+
+class Shard(Base):
+    """A contiguous range of sample indices [start, stop) of one run: the unit of work."""
+
+    __tablename__ = "shards"
+    __table_args__ = (
+        UniqueConstraint("run_id", "index"),
+        Index("ix_shards_run_state", "run_id", "state"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    index: Mapped[int] = mapped_column(Integer)
+    start: Mapped[int] = mapped_column(Integer)
+    stop: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    samples_done: Mapped[int] = mapped_column(Integer, default=0)
+    samples_failed: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    gpu: Mapped[str | None] = mapped_column(String(40))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    started_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    finished_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    seconds: Mapped[float] = mapped_column(Float, default=0.0)  # model time spent, summed over attempts
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class Prediction(Base):
+    """The result of one sample in one tuning run."""
+
+    __tablename__ = "predictions"
+    __table_args__ = (
+        UniqueConstraint("run_id", "sample_id"),
+        Index("ix_predictions_run_label", "run_id", "label"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    sample_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("samples.id", ondelete="CASCADE"), index=True)
+    sample_index: Mapped[int] = mapped_column(Integer)
+    label: Mapped[int] = mapped_column(Integer)
+    pred: Mapped[int] = mapped_column(Integer)
+    top5: Mapped[list[int]] = mapped_column(JSON)
+    correct: Mapped[bool] = mapped_column(Boolean)
+    top5_correct: Mapped[bool] = mapped_column(Boolean)
+    zeroshot_pred: Mapped[int | None] = mapped_column(Integer)
+    zeroshot_correct: Mapped[bool | None] = mapped_column(Boolean)
+    entropy_before: Mapped[float | None] = mapped_column(Float)
+    entropy_after: Mapped[float | None] = mapped_column(Float)
+    confidence_before: Mapped[float | None] = mapped_column(Float)
+    confidence_after: Mapped[float | None] = mapped_column(Float)
+    n_views: Mapped[int] = mapped_column(Integer, default=1)
+    n_kept: Mapped[int] = mapped_column(Integer, default=1)
+    seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+
+
+class ViewScore(Base):
+    """Per-view filter scores of one sample in one run: what DiffTPT's filters saw and kept."""
+
+    __tablename__ = "view_scores"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    sample_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("samples.id", ondelete="CASCADE"), primary_key=True)
+    view_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))  # original / conventional / generated
+    cosine: Mapped[float | None] = mapped_column(Float)
+    entropy: Mapped[float] = mapped_column(Float)
+    kept: Mapped[bool] = mapped_column(Boolean)
+
+
+class SampleError(Base):
+    """A sample a run could not process (corrupt image, non-finite loss), with the reason."""
+
+    __tablename__ = "sample_errors"
+    __table_args__ = (UniqueConstraint("run_id", "sample_id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    sample_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("samples.id", ondelete="CASCADE"))
+    sample_index: Mapped[int] = mapped_column(Integer)
+    error: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)

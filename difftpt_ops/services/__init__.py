@@ -1,0 +1,1 @@
+"""Use cases: register datasets, plan/submit/resume runs, execute shards, summarise results."""

@@ -1,0 +1,123 @@
+"""Shared fixtures: isolated workspaces, SQLite and PostgreSQL databases, tiny models.
+
+PostgreSQL tests use a fresh database on the server named by DIFFTPT_OPS_TEST_POSTGRES_URL
+(default: postgresql+psycopg://postgres@127.0.0.1:5432/test), created and dropped per test.
+Redis tests use DIFFTPT_OPS_TEST_REDIS_URL (default redis://127.0.0.1:6379) with a database number
+chosen per test run.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# No hub access in tests: a missing local model must fail fast, not retry for a minute.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+for _name in list(os.environ):
+    if _name.startswith("DIFFTPT_OPS_") and not _name.startswith("DIFFTPT_OPS_TEST_"):
+        del os.environ[_name]
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "DIFFTPT_OPS_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+REDIS_URL = os.environ.get("DIFFTPT_OPS_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """GPU tests run only where CUDA exists; everything else always runs."""
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    path = tmp_path / "ws"
+    path.mkdir()
+    return path
+
+
+def _create_postgres_database() -> str:
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    name = f"difftpt_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+
+
+def _drop_postgres_database(url: str) -> None:
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    from difftpt_ops.db.session import dispose_engines
+
+    dispose_engines()
+    name = make_url(url).database
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test."""
+    url = _create_postgres_database()
+    try:
+        yield url
+    finally:
+        _drop_postgres_database(url)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, workspace: Path) -> Iterator[str]:
+    """The same test on the embedded SQLite file and on a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{workspace / 'difftpt.db'}"
+        from difftpt_ops.db.session import dispose_engines
+
+        dispose_engines()
+        return
+    url = _create_postgres_database()
+    try:
+        yield url
+    finally:
+        _drop_postgres_database(url)
+
+
+@pytest.fixture
+def cli_env(workspace: Path, database_url: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Environment for CLI tests: a fresh workspace and the parametrised database."""
+    env = {"DIFFTPT_OPS_WORKSPACE": str(workspace), "DIFFTPT_OPS_DATABASE_URL": database_url}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`difftpt-ops models make-tiny` output, built once per test session."""
+    from difftpt_ops.models.tiny import make_tiny_models
+
+    directory = tmp_path_factory.mktemp("tiny-models")
+    make_tiny_models(directory)
+    return directory

@@ -1,0 +1,71 @@
+"""Specs: reference defaults, validation, fingerprints."""
+
+from __future__ import annotations
+
+import pytest
+
+from difftpt_ops.core.errors import InvalidSpecError
+from difftpt_ops.core.specs import (
+    DiffTPTSpec,
+    GenerationSpec,
+    ModelSpec,
+    TPTSpec,
+    TuneRunSpec,
+    flatten,
+    method_spec_from,
+    method_spec_from_dict,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def test_reference_defaults() -> None:
+    """Defaults are the reference code's: TPT 64 views, 10%, 1 step; DiffTPT 0.8/0.3, 4 steps."""
+    tpt, diff = TPTSpec(), DiffTPTSpec()
+    assert (tpt.n_views, tpt.selection_p, tpt.steps, tpt.lr, tpt.weight_decay) == (64, 0.1, 1, 5e-3, 0.01)
+    assert (diff.n_conventional, diff.n_generated, diff.selection_cosine, diff.selection_entropy, diff.steps) == (
+        64, 63, 0.8, 0.3, 4)
+    assert (diff.cosine_on, diff.filter_mode) == ("logits", "chained")
+    assert tpt.prompt.ctx_init == "a photo of a" and tpt.prompt.n_ctx == 4
+    gen = GenerationSpec()
+    assert (gen.guidance, gen.steps, gen.per_sample, gen.size, gen.revision) == (3.0, 50, 63, 512, "v2.0")
+
+
+def test_overrides_coerce_and_round_trip() -> None:
+    spec = method_spec_from("tpt", {"steps": "2", "selection_p": "0.2", "augmix": "true"})
+    assert isinstance(spec, TPTSpec) and spec.steps == 2 and spec.selection_p == 0.2 and spec.augmix is True
+    assert method_spec_from_dict(spec.to_dict()) == spec
+
+
+@pytest.mark.parametrize("method, overrides, argument", [
+    ("magic", {}, "--method"),
+    ("tpt", {"selection_p": "0"}, "selection_p"),
+    ("tpt", {"selection_p": "1.5"}, "selection_p"),
+    ("difftpt", {"selection_cosine": "-0.1"}, "selection_cosine"),
+    ("difftpt", {"cosine_on": "pixels"}, "cosine_on"),
+    ("tpt", {"no_such_field": "1"}, "--set"),
+])
+def test_bad_specs_name_the_argument(method: str, overrides: dict[str, str], argument: str) -> None:
+    with pytest.raises(InvalidSpecError) as info:
+        method_spec_from(method, overrides)
+    assert info.value.argument == argument
+
+
+def test_generation_spec_rejects_bad_values() -> None:
+    with pytest.raises(InvalidSpecError, match="--per-sample"):
+        GenerationSpec(per_sample=0)
+    with pytest.raises(InvalidSpecError, match="--scheduler"):
+        GenerationSpec(scheduler="euler-magic")
+
+
+def test_fingerprint_changes_with_results_relevant_fields_only() -> None:
+    base = TuneRunSpec(method=TPTSpec(), model=ModelSpec(), dataset_fingerprint="d")
+    assert base.fingerprint() == TuneRunSpec(method=TPTSpec(), model=ModelSpec(), dataset_fingerprint="d").fingerprint()
+    assert base.fingerprint() != TuneRunSpec(method=TPTSpec(steps=2), model=ModelSpec(),
+                                             dataset_fingerprint="d").fingerprint()
+    assert base.fingerprint() != TuneRunSpec(method=TPTSpec(), model=ModelSpec(), dataset_fingerprint="d",
+                                             seed=1).fingerprint()
+
+
+def test_flatten() -> None:
+    assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a.b": 1, "a.c.d": 2, "e": 3}
