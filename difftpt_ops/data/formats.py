@@ -1,0 +1,130 @@
+"""Dataset formats: names, auto-detection, and opening a root as a DatasetLayout.
+
+Formats (see folders.py and splits.py for the label rules):
+
+- ImageNet family: `imagenet` (val/<wnid>/*), `imagenet-a`, `imagenet-r` (200 wnid folders),
+  `imagenet-v2` (numeric folders 0..999), `imagenet-sketch` (1000 wnid folders).
+- Cross-domain: `flower102`, `dtd`, `pets`, `cars`, `ucf101`, `caltech101`, `food101`, `sun397`,
+  `eurosat` (CoOp split_zhou_*.json) and `aircraft` (FGVC Aircraft's own lists).
+- `imagefolder`: one folder per class, folder names as class names (or a class-name file).
+
+`auto` detects: a split_zhou file -> that set; variants.txt -> aircraft; 200 folders that are exactly
+ImageNet-R's (or ImageNet-A's) wnids -> imagenet-r (imagenet-a); 1000 numeric folders -> imagenet-v2;
+1000 ImageNet wnid folders (in the root or its val/) -> imagenet (imagenet-sketch when the root or its
+inner folder is named *sketch*); anything else -> imagefolder. A partial tree is an imagefolder to
+`auto`: name the format to read it with the full set's labels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from difftpt_ops.core.errors import InputError, NotFoundError
+from difftpt_ops.data import classnames, folders, splits
+from difftpt_ops.data.layouts import DatasetLayout, subdirectories
+
+IMAGENET_FORMATS = ("imagenet", "imagenet-a", "imagenet-r", "imagenet-v2", "imagenet-sketch")
+SPLIT_FORMATS = tuple(splits.SPLIT_FILES)
+CROSS_DOMAIN_FORMATS = (*SPLIT_FORMATS, "aircraft")
+FORMATS = (*IMAGENET_FORMATS, *CROSS_DOMAIN_FORMATS, "imagefolder")
+
+# Other spellings users type, TPT's set ids among them (I, A, V, R, K and the dataset names).
+_ALIASES = {
+    "i": "imagenet", "imagenet-val": "imagenet", "a": "imagenet-a", "v": "imagenet-v2",
+    "imagenetv2": "imagenet-v2", "r": "imagenet-r", "k": "imagenet-sketch", "sketch": "imagenet-sketch",
+    "flowers": "flower102", "oxford-flowers": "flower102", "oxford-pets": "pets", "oxfordpets": "pets",
+    "stanford-cars": "cars", "stanfordcars": "cars", "fgvc-aircraft": "aircraft", "fgvcaircraft": "aircraft",
+    "describable-textures": "dtd", "image-folder": "imagefolder",
+}
+
+
+def normalise_format(name: str) -> str:
+    """Canonical format name for `name` (case-insensitive, `_` = `-`); InputError("--format") if unknown."""
+    key = name.strip().lower().replace("_", "-")
+    key = _ALIASES.get(key, key)
+    if key != "auto" and key not in FORMATS:
+        raise InputError("--format", name, f"unknown format; choose auto or one of {', '.join(FORMATS)}")
+    return key
+
+
+def is_cross_domain(fmt: str) -> bool:
+    """True for the 10 cross-domain sets, where the reference TPT applies AugMix to its views."""
+    return normalise_format(fmt) in CROSS_DOMAIN_FORMATS
+
+
+def _format_of_split_file(path: Path) -> str:
+    fmt = splits.FORMAT_OF_SPLIT_FILE.get(path.name)
+    if fmt is None:
+        raise InputError("--split-file", path, "is not one of CoOp's split_zhou_*.json files; pass --format")
+    return fmt
+
+
+def _detect_split(root: Path) -> str | None:
+    found = sorted(name for name in splits.FORMAT_OF_SPLIT_FILE if (root / name).is_file())
+    if len(found) > 1:
+        raise InputError("--root", root, f"holds several split files ({', '.join(found)}); pass --format")
+    return splits.FORMAT_OF_SPLIT_FILE[found[0]] if found else None
+
+
+def _detect_folders(root: Path) -> str | None:
+    names = set(subdirectories(root))
+    if len(names) == 200 and names == set(classnames.subset_wnids("r")):
+        return "imagenet-r"
+    if len(names) == 200 and names == set(classnames.subset_wnids("a")):
+        return "imagenet-a"
+    if names == folders.NUMERIC_FOLDERS:
+        return "imagenet-v2"
+    if len(names) == 1000 and names == set(classnames.imagenet_wnids()):
+        return "imagenet-sketch" if "sketch" in root.name.lower() else "imagenet"
+    return None
+
+
+def detect_format(root: Path, split_file: Path | None = None) -> str:
+    """The format `auto` picks for `root` (see the module docstring)."""
+    if split_file is not None:
+        return _format_of_split_file(split_file)
+    detected = _detect_split(root) or ("aircraft" if splits.aircraft_dir(root) else None)
+    if detected:
+        return detected
+    for inner in ("val", "sketch"):
+        if (root / inner).is_dir() and _detect_folders(root / inner) in {"imagenet", "imagenet-sketch"}:
+            return "imagenet" if inner == "val" else "imagenet-sketch"
+    return _detect_folders(root) or "imagefolder"
+
+
+def _check_options(fmt: str, class_names_file: Path | None, split_file: Path | None) -> None:
+    if class_names_file is not None and fmt != "imagefolder":
+        raise InputError("--class-names", class_names_file, f"only applies to --format imagefolder (format is {fmt})")
+    if split_file is not None and fmt not in SPLIT_FORMATS:
+        raise InputError("--split-file", split_file, f"only applies to the CoOp split formats (format is {fmt})")
+
+
+def open_layout(root: Path | str, fmt: str = "auto", *, class_names_file: Path | str | None = None,
+                split_file: Path | str | None = None) -> DatasetLayout:
+    """Read `root` as format `fmt` (or detect it): class names and the entry stream, validated up front.
+
+    Raises:
+        NotFoundError: the root (or a named file) does not exist.
+        InputError: unknown format, a tree that does not fit the format, a bad class-name or split file.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise NotFoundError("--root", root, "directory does not exist")
+    root = root.resolve()
+    names_file = Path(class_names_file).expanduser() if class_names_file is not None else None
+    split = Path(split_file).expanduser().resolve() if split_file is not None else None
+    fmt = normalise_format(fmt)
+    if fmt == "auto":
+        fmt = detect_format(root, split)
+    _check_options(fmt, names_file, split)
+    if fmt in {"imagenet", "imagenet-sketch"}:
+        return folders.imagenet_layout(fmt, root)
+    if fmt in {"imagenet-a", "imagenet-r"}:
+        return folders.imagenet_subset_layout(fmt, root)
+    if fmt == "imagenet-v2":
+        return folders.imagenet_v2_layout(fmt, root)
+    if fmt in SPLIT_FORMATS:
+        return splits.split_layout(fmt, root, split)
+    if fmt == "aircraft":
+        return splits.aircraft_layout(root)
+    return folders.imagefolder_layout(root, names_file)
