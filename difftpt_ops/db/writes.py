@@ -24,6 +24,7 @@ def insert_ignore(session: Session, model: type[DeclarativeBase] | Table, rows: 
     inserted = 0
     for start in range(0, len(rows), per_chunk):
         chunk = rows[start:start + per_chunk]
-        result = session.execute(insert(table).values(list(chunk)).on_conflict_do_nothing())
-        inserted += max(result.rowcount or 0, 0)
+        # rowcount is -1 for multi-row inserts on psycopg 3; RETURNING counts only the rows really inserted.
+        statement = insert(table).values(list(chunk)).on_conflict_do_nothing().returning(*table.primary_key.columns)
+        inserted += len(session.execute(statement).all())
     return inserted
