@@ -179,6 +179,11 @@ class Prediction(Base):
     __table_args__ = (
         UniqueConstraint("run_id", "sample_id"),
         Index("ix_predictions_run_label", "run_id", "label"),
+        # Covering indexes for `results` and `compare` (migration 0002): index-only scans even when the
+        # rows of concurrent runs interleave on disk.
+        Index("ix_predictions_run_summary", "run_id", "label", "correct", "top5_correct", "zeroshot_correct",
+              "confidence_after", "seconds"),
+        Index("ix_predictions_run_sample_correct", "run_id", "sample_id", "correct"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)

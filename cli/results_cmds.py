@@ -1,0 +1,152 @@
+"""`difftpt-ops results | compare | export | sql | mlflow sync`: what users do with finished runs."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from cli.common import JsonOpt, engine_of, new_app, print_json, print_mapping, print_table, settings_of
+from difftpt_ops.core.errors import InputError
+
+mlflow_app = new_app("MLflow: bring the tracking server up to date with the database.")
+
+RunArg = Annotated[int, typer.Argument(metavar="RUN", help="Run id (`difftpt-ops runs list`).")]
+CsvOpt = Annotated[bool, typer.Option("--csv", help="Print CSV.")]
+
+
+def _fmt(value: Any) -> Any:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, list | tuple) and value and all(isinstance(v, float) for v in value):
+        return "[" + ", ".join(f"{v:.4f}" for v in value) + "]"
+    return value
+
+
+def _one_format(as_json: bool, as_csv: bool) -> None:
+    if as_json and as_csv:
+        raise InputError("--csv", True, "choose one of --json and --csv")
+
+
+def _write_csv(columns: list[str], rows: list[list[Any]]) -> None:
+    writer = csv.writer(sys.stdout)
+    writer.writerow(columns)
+    writer.writerows(rows)
+
+
+def results(ctx: typer.Context, run: RunArg,
+            by_class: Annotated[bool, typer.Option("--by-class", help="Accuracy per class.")] = False,
+            as_json: JsonOpt = False, as_csv: CsvOpt = False) -> None:
+    """Top-1, top-5, zero-shot top-1 on the same samples, gain, ECE, progress and time per sample."""
+    from difftpt_ops.services.results import run_results
+
+    _one_format(as_json, as_csv)
+    payload = run_results(engine_of(ctx), run, by_class=by_class)
+    classes = payload.pop("classes", None)
+    if as_json:
+        print_json({**payload, **({"classes": classes} if by_class else {})})
+    elif as_csv and by_class:
+        columns = ["label", "name", "n", "correct", "top1", "zeroshot_top1", "gain"]
+        _write_csv(columns, [[c[k] for k in columns] for c in classes or []])
+    elif as_csv:
+        flat = {k: v for k, v in payload.items() if k != "top1_ci95"}
+        ci = payload.get("top1_ci95") or [None, None]
+        _write_csv([*flat, "top1_ci95_low", "top1_ci95_high"], [[*flat.values(), *ci]])
+    else:
+        print_mapping(f"run {run}", {k: _fmt(v) for k, v in payload.items()})
+        if by_class:
+            columns = ["label", "name", "n", "correct", "top1", "zeroshot_top1", "gain"]
+            print_table("per class", columns, [[_fmt(c[k]) for k in columns] for c in classes or []])
+
+
+def compare(ctx: typer.Context,
+            run_a: Annotated[int, typer.Argument(metavar="RUN_A", help="First run id.")],
+            run_b: Annotated[int, typer.Argument(metavar="RUN_B", help="Second run id.")],
+            as_json: JsonOpt = False) -> None:
+    """Paired comparison on the samples both runs finished: 2x2 counts, difference with 95% CI, McNemar p."""
+    from difftpt_ops.services.results import compare_runs
+
+    payload = compare_runs(engine_of(ctx), run_a, run_b)
+    if as_json:
+        print_json(payload)
+        return
+    a, b = payload["run_a"], payload["run_b"]
+    print_table(f"run {run_a} ({a['method']}) vs run {run_b} ({b['method']}) on {payload['paired_samples']} "
+                "paired samples", ["", f"B={run_b} right", f"B={run_b} wrong"],
+                [[f"A={run_a} right", payload["both_right"], payload["only_a"]],
+                 [f"A={run_a} wrong", payload["only_b"], payload["both_wrong"]]])
+    keys = ["top1_a", "top1_b", "difference", "difference_ci95", "ci_method", "mcnemar_p"]
+    print_mapping(None, {k: _fmt(payload[k]) for k in keys})
+
+
+def export(ctx: typer.Context, run: RunArg,
+           format: Annotated[str, typer.Option("--format", help="parquet or csv.")] = "parquet",
+           output: Annotated[Path | None, typer.Option("--output", "-o",
+                                                       help="File to write (default: ./run-RUN.FORMAT).")] = None,
+           as_json: JsonOpt = False) -> None:
+    """Write the run's per-sample predictions (with paths and class names) to Parquet or CSV."""
+    from difftpt_ops.services.results import EXPORT_FORMATS, export_run
+
+    if format not in EXPORT_FORMATS:
+        raise InputError("--format", format, f"must be one of {', '.join(EXPORT_FORMATS)}")
+    payload = export_run(engine_of(ctx), run, output or Path(f"run-{run}.{format}"), format)
+    if as_json:
+        print_json(payload)
+    else:
+        typer.echo(f"run {run}: {payload['rows']} predictions -> {payload['path']}")
+
+
+def sql(ctx: typer.Context,
+        query: Annotated[str, typer.Argument(metavar="QUERY", help="One read-only SELECT/WITH statement.")],
+        as_json: JsonOpt = False, as_csv: CsvOpt = False,
+        max_rows: Annotated[int | None, typer.Option("--max-rows", help="Print at most this many rows.")] = None,
+        timeout: Annotated[float, typer.Option("--timeout", help="Cancel the query after this many seconds.")] = 60.0,
+        ) -> None:
+    """Run one read-only query (views: run_summary, run_class_accuracy, prediction_detail, run_pair_comparison)."""
+    from difftpt_ops.services.sql import run_readonly_sql
+
+    _one_format(as_json, as_csv)
+    engine_of(ctx)  # the database exists and is at the current schema (views included)
+    columns, rows = run_readonly_sql(settings_of(ctx), query, timeout_s=timeout, max_rows=max_rows)
+    if as_json:
+        print_json([dict(zip(columns, row, strict=True)) for row in rows])
+    elif as_csv:
+        _write_csv(columns, [list(row) for row in rows])
+    else:
+        print_table(None, columns, [[_fmt(v) for v in row] for row in rows])
+        typer.echo(f"{len(rows)} row(s)", err=True)
+
+
+@mlflow_app.command("sync")
+def mlflow_sync(ctx: typer.Context,
+                run: Annotated[int | None, typer.Argument(metavar="[RUN]",
+                                                          help="Run id (default: every run marked for sync).")] = None,
+                as_json: JsonOpt = False) -> None:
+    """Log to MLflow what it missed: params, running top-1, final metrics, artifacts, status. Idempotent."""
+    from difftpt_ops.services.reporting import sync_runs
+
+    settings = settings_of(ctx)
+    outcomes = sync_runs(engine_of(ctx), settings, run)
+    if as_json:
+        print_json(outcomes)
+    elif not outcomes:
+        typer.echo("nothing to sync: every run is up to date in MLflow")
+    else:
+        rows = [[o["run_id"], o.get("experiment", ""), o.get("mlflow_run_id", ""), "yes" if o["synced"] else "no",
+                 o.get("error", ", ".join(o.get("artifacts", [])))] for o in outcomes]
+        print_table(f"MLflow sync ({settings.mlflow_tracking_uri})",
+                    ["run", "experiment", "mlflow run", "synced", "artifacts / error"], rows)
+    if any(not o["synced"] for o in outcomes):
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    """Mount the result commands on the root app."""
+    app.command("results")(results)
+    app.command("compare")(compare)
+    app.command("export")(export)
+    app.command("sql")(sql)
+    app.add_typer(mlflow_app, name="mlflow")

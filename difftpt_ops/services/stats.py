@@ -1,0 +1,127 @@
+"""Small, dependency-free statistics for results: Wilson and Newcombe intervals, exact McNemar, ECE.
+
+Everything here takes counts (already aggregated in SQL), never per-sample rows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+Z_95 = 1.959963984540054  # two-sided 95% normal quantile
+ECE_BINS = 15  # the calibration literature's (and C-TPT's) usual bin count
+
+
+def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion; (0, 1) when n is 0."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_difference_interval(both: int, only_a: int, only_b: int, neither: int,
+                               z: float = Z_95) -> tuple[float, float]:
+    """Confidence interval of acc(A) - acc(B) on paired samples: Newcombe (1998), method 10.
+
+    Hybrid score interval: the Wilson intervals of both marginal accuracies, combined with the phi
+    correlation of the 2x2 table (both right, only A, only B, neither). Unlike the Wald interval it
+    stays inside [-1, 1] and keeps its coverage near 0 or 1 accuracy, where the Wald interval collapses.
+    """
+    n = both + only_a + only_b + neither
+    if n == 0:
+        return -1.0, 1.0
+    p1, p2 = (both + only_a) / n, (both + only_b) / n
+    l1, u1 = wilson_interval(both + only_a, n, z)
+    l2, u2 = wilson_interval(both + only_b, n, z)
+    phi = _phi(both, only_a, only_b, neither)
+    delta = p1 - p2
+    lower = delta - math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    upper = delta + math.sqrt(max(0.0, (p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2))
+    return max(-1.0, lower), min(1.0, upper)
+
+
+def _phi(a: int, b: int, c: int, d: int) -> float:
+    """Phi of the 2x2 table [[a, b], [c, d]] as Newcombe uses it; 0 when a margin is empty.
+
+    A positive association is shrunk by n/2 (max(ad - bc - n/2, 0)), as in Newcombe (1998) and
+    Altman et al., "Statistics with Confidence" (2000), p. 52.
+    """
+    denom = (a + b) * (c + d) * (a + c) * (b + d)
+    if denom == 0:
+        return 0.0
+    cross = a * d - b * c
+    if cross > 0:
+        cross = max(cross - (a + b + c + d) / 2, 0.0)
+    return cross / math.sqrt(denom)
+
+
+def mcnemar_exact_p(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value: binomial test of the discordant pairs against 1/2.
+
+    p = min(1, 2 * P[X <= min(b, c)]) with X ~ Binomial(b + c, 1/2), which equals
+    scipy.stats.binomtest(b, b + c, 0.5).pvalue (the distribution is symmetric).
+    """
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    k = min(only_a, only_b)
+    return min(1.0, 2.0 * binomial_half_cdf(k, n))
+
+
+def binomial_half_cdf(k: int, n: int) -> float:
+    """P[X <= k] for X ~ Binomial(n, 1/2), exact for small n and to ~1e-12 relative for large n."""
+    if k >= n:
+        return 1.0
+    if k < 0:
+        return 0.0
+    if n <= 1000:
+        # Exact integer arithmetic: cheap at this size.
+        return sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    # Sum downward from the largest term with the ratio t(i-1) = t(i) * i / (n - i + 1), in log space for
+    # the first term, so a million discordant pairs take a few thousand steps, not a million big integers.
+    log_top = math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) - n * math.log(2)
+    total, term, i = 1.0, 1.0, k
+    while i > 0:
+        term *= i / (n - i + 1)
+        total += term
+        if term < 1e-17 * total:
+            break
+        i -= 1
+    return min(1.0, math.exp(log_top + math.log(total)))
+
+
+@dataclass(frozen=True)
+class CalibrationBin:
+    """One confidence bin: samples in it, how many were right, and the summed confidence."""
+
+    index: int
+    count: int
+    correct: int
+    confidence_sum: float
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.count if self.count else 0.0
+
+    @property
+    def mean_confidence(self) -> float:
+        return self.confidence_sum / self.count if self.count else 0.0
+
+
+def expected_calibration_error(bins: Iterable[CalibrationBin]) -> float | None:
+    """ECE = sum over bins of (n_bin / N) * |accuracy_bin - mean confidence_bin|; None without samples."""
+    bins = list(bins)
+    total = sum(b.count for b in bins)
+    if total == 0:
+        return None
+    return sum(b.count / total * abs(b.accuracy - b.mean_confidence) for b in bins if b.count)
+
+
+def confidence_bin(confidence: float, n_bins: int = ECE_BINS) -> int:
+    """Bin of a confidence: bins are (i/n, (i+1)/n], confidence 0 goes to bin 0 (the SQL does the same)."""
+    return min(n_bins - 1, max(0, math.ceil(confidence * n_bins) - 1))

@@ -1,0 +1,221 @@
+"""`results`, `compare`, `export` and the result views on SQLite and PostgreSQL, against direct counts."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from scipy.stats import binomtest
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+from typer.testing import CliRunner
+
+from difftpt_ops.core.errors import InputError, NotFoundError
+from difftpt_ops.db.session import dispose_engines, get_engine, session_scope, upgrade
+from difftpt_ops.services import stats
+from difftpt_ops.services.results import compare_runs, export_run, run_results
+from tests.conftest import _create_postgres_database, _drop_postgres_database
+from tests.factories import (
+    make_dataset_version,
+    make_predictions,
+    make_run,
+    make_sample_errors,
+    make_shard,
+    samples_of,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Seeded:
+    run_a: int
+    run_b: int
+    mask_a: list[bool]
+    mask_b: list[bool]
+    zeroshot: list[bool]
+    confidences: list[float]
+    labels: list[int]
+    n_samples: int
+
+
+@pytest.fixture
+def engine(database_url: str) -> Engine:
+    engine = get_engine(database_url)
+    upgrade(engine)
+    return engine
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def seeded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Engine, Seeded]]:
+    """One database per backend, seeded once for the tests that only read it."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.mktemp('results-db') / 'difftpt.db'}"
+    else:
+        url = _create_postgres_database()
+    engine = get_engine(url)
+    upgrade(engine)
+    try:
+        yield engine, seed(engine)
+    finally:
+        if request.param == "sqlite":
+            dispose_engines()
+        else:
+            _drop_postgres_database(url)
+
+
+def seed(engine: Engine, n: int = 60, n_classes: int = 4, seed_value: int = 0) -> Seeded:
+    """Run A finished n-4 samples (2 failed), run B finished n-2, on the same version."""
+    rng = random.Random(seed_value)
+    mask_a = [rng.random() < 0.7 for _ in range(n - 4)]
+    mask_b = [rng.random() < 0.55 for _ in range(n - 2)]
+    zeroshot = [rng.random() < 0.5 for _ in range(n - 4)]
+    confidences = [round(rng.random(), 4) for _ in range(n - 4)]
+    with session_scope(engine) as session:
+        version = make_dataset_version(session, n, n_classes)
+        a = make_run(session, version, method="tpt")
+        b = make_run(session, version, method="zeroshot")
+        make_predictions(session, a, mask_a, zeroshot_mask=zeroshot, confidences=confidences, seconds=0.25)
+        make_predictions(session, b, mask_b)
+        make_sample_errors(session, a, samples_of(session, version)[n - 4:n - 2])
+        make_shard(session, a, seconds=1800.0, gpu="cuda:0")
+        make_shard(session, a, index=1, seconds=999.0, gpu=None)
+        labels = [s.label for s in samples_of(session, version)]
+        return Seeded(a.id, b.id, mask_a, mask_b, zeroshot, confidences, labels, n)
+
+
+def test_results_equal_direct_sql_counts(seeded: tuple[Engine, Seeded]) -> None:
+    """Top-1, top-5, zero-shot, done/failed/pending, ECE and per-class agree with direct computations."""
+    engine, data = seeded
+    result = run_results(engine, data.run_a)
+    with engine.connect() as conn:
+        done, correct, top5 = conn.execute(text(
+            "SELECT COUNT(*), SUM(CASE WHEN correct THEN 1 ELSE 0 END), SUM(CASE WHEN top5_correct THEN 1 ELSE 0 END)"
+            " FROM predictions WHERE run_id = :r"), {"r": data.run_a}).one()
+    assert (result["done"], result["failed"], result["pending"]) == (done, 2, data.n_samples - done - 2)
+    assert result["top1"] == pytest.approx(correct / done)
+    assert result["top5"] == pytest.approx(top5 / done)
+    assert result["top1"] == pytest.approx(sum(data.mask_a) / len(data.mask_a))
+    assert result["zeroshot_top1"] == pytest.approx(sum(data.zeroshot) / len(data.zeroshot))
+    assert result["gain"] == pytest.approx(result["top1"] - result["zeroshot_top1"])
+    assert result["mean_seconds"] == pytest.approx(0.25)
+    assert result["top1_ci95"] == pytest.approx(list(stats.wilson_interval(correct, done)))
+    _check_ece(engine, data)
+    _check_by_class(engine, data)
+
+
+def _check_ece(engine: Engine, data: Seeded) -> None:
+    """The SQL binning gives the same ECE as binning the confidences in Python."""
+    bins: dict[int, list[tuple[float, bool]]] = {}
+    for conf, right in zip(data.confidences, data.mask_a, strict=True):
+        bins.setdefault(stats.confidence_bin(conf), []).append((conf, right))
+    expected = stats.expected_calibration_error(
+        stats.CalibrationBin(i, len(v), sum(r for _, r in v), sum(c for c, _ in v)) for i, v in bins.items())
+    assert run_results(engine, data.run_a)["ece"] == pytest.approx(expected)
+
+
+def _check_by_class(engine: Engine, data: Seeded) -> None:
+    """Per class: n, accuracy, zero-shot accuracy and the class name."""
+    classes = run_results(engine, data.run_a, by_class=True)["classes"]
+    for row in classes:
+        members = [i for i, label in enumerate(data.labels[:len(data.mask_a)]) if label == row["label"]]
+        assert row["name"] == f"class{row['label']}"
+        assert row["n"] == len(members)
+        assert row["top1"] == pytest.approx(sum(data.mask_a[i] for i in members) / len(members))
+        assert row["zeroshot_top1"] == pytest.approx(sum(data.zeroshot[i] for i in members) / len(members))
+    assert sum(row["n"] for row in classes) == len(data.mask_a)
+
+
+def test_compare_matches_a_direct_computation(seeded: tuple[Engine, Seeded]) -> None:
+    """2x2 counts over the samples both finished, McNemar equal to scipy's binomial test; bad ids refused."""
+    engine, data = seeded
+    pairs = list(zip(data.mask_a, data.mask_b[:len(data.mask_a)], strict=True))
+    only_a = sum(a and not b for a, b in pairs)
+    only_b = sum(b and not a for a, b in pairs)
+    result = compare_runs(engine, data.run_a, data.run_b)
+    assert result["paired_samples"] == len(pairs)
+    assert result["both_right"] == sum(a and b for a, b in pairs)
+    assert (result["only_a"], result["only_b"]) == (only_a, only_b)
+    assert result["both_wrong"] == sum(not a and not b for a, b in pairs)
+    assert result["difference"] == pytest.approx((only_a - only_b) / len(pairs))
+    assert result["mcnemar_p"] == pytest.approx(binomtest(only_a, only_a + only_b, 0.5).pvalue)
+    low, high = result["difference_ci95"]
+    assert low <= result["difference"] <= high
+    _check_refusals(engine, data)
+
+
+def _check_refusals(engine: Engine, data: Seeded) -> None:
+    """Unknown ids name their argument; runs on different versions share no samples."""
+    with pytest.raises(NotFoundError, match="RUN=999"):
+        run_results(engine, 999)
+    with pytest.raises(NotFoundError, match="RUN_B=999"):
+        compare_runs(engine, data.run_a, 999)
+    with session_scope(engine) as session:
+        other = make_run(session, make_dataset_version(session, 5, 2), method="tpt").id
+    with pytest.raises(InputError, match="share no samples"):
+        compare_runs(engine, data.run_a, other)
+
+
+def test_export_round_trip(seeded: tuple[Engine, Seeded], tmp_path: Path) -> None:
+    """Every finished sample, with its path and class names, in sample order, as Parquet and CSV."""
+    import pandas as pd
+
+    engine, data = seeded
+    for fmt in ("parquet", "csv"):
+        out = export_run(engine, data.run_a, tmp_path / f"run.{fmt}", fmt)
+        frame = pd.read_parquet(out["path"]) if fmt == "parquet" else pd.read_csv(out["path"])
+        assert out["rows"] == len(frame) == len(data.mask_a)
+        assert list(frame["correct"].astype(bool)) == data.mask_a
+        assert frame["label_name"].iloc[1] == f"class{data.labels[1]}"
+        assert frame["relpath"].iloc[0] == "class0/img0.png"
+    with pytest.raises(InputError, match="--format"):
+        export_run(engine, data.run_a, tmp_path / "x", "xlsx")
+
+
+def test_views_agree_with_the_services(seeded: tuple[Engine, Seeded]) -> None:
+    """run_summary, run_class_accuracy, run_pair_comparison and prediction_detail give the same numbers."""
+    engine, data = seeded
+    result = run_results(engine, data.run_a, by_class=True)
+    comparison = compare_runs(engine, data.run_a, data.run_b)
+    with engine.connect() as conn:
+        summary = conn.execute(text("SELECT * FROM run_summary WHERE run_id = :r"), {"r": data.run_a}).mappings().one()
+        classes = conn.execute(text("SELECT * FROM run_class_accuracy WHERE run_id = :r ORDER BY label"),
+                               {"r": data.run_a}).mappings().all()
+        pair = conn.execute(text("SELECT * FROM run_pair_comparison WHERE run_a = :a AND run_b = :b"),
+                            {"a": data.run_a, "b": data.run_b}).mappings().one()
+        detail = conn.execute(text("SELECT * FROM prediction_detail WHERE run_id = :r ORDER BY sample_index"),
+                              {"r": data.run_a}).mappings().first()
+    for key in ("done", "failed", "pending", "top1", "top5", "zeroshot_top1", "gain", "mean_seconds"):
+        assert summary[key] == pytest.approx(result[key]), key
+    assert [(c["label"], c["class_name"], c["n"]) for c in classes] == [
+        (c["label"], c["name"], c["n"]) for c in result["classes"]]
+    for key in ("both_right", "only_a", "only_b", "both_wrong"):
+        assert pair[key] == comparison[key], key
+    assert pair["difference"] == pytest.approx(comparison["difference"])
+    assert detail is not None and detail["path"] == "/data/toy/class0/img0.png"
+    assert detail["label_name"] == "class0"
+
+
+def test_cli_results_compare_export(engine: Engine, cli_env: dict[str, str], tmp_path: Path) -> None:
+    """The commands print JSON/CSV from the services; an unknown run is one line and exit 2."""
+    from cli.main import app
+
+    data = seed(engine)
+    runner = CliRunner()
+    out = runner.invoke(app, ["results", str(data.run_a), "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["done"] == len(data.mask_a)
+    out = runner.invoke(app, ["results", str(data.run_a), "--by-class", "--csv"])
+    assert out.exit_code == 0 and out.stdout.splitlines()[0] == "label,name,n,correct,top1,zeroshot_top1,gain"
+    out = runner.invoke(app, ["compare", str(data.run_a), str(data.run_b), "--json"])
+    assert out.exit_code == 0 and json.loads(out.stdout)["paired_samples"] == len(data.mask_a)
+    target = tmp_path / "export.parquet"
+    out = runner.invoke(app, ["export", str(data.run_a), "--format", "parquet", "--output", str(target)])
+    assert out.exit_code == 0 and target.is_file()
+    out = runner.invoke(app, ["results", "4242"])
+    assert out.exit_code == 2
+    assert out.stderr.strip().splitlines() == ["error: RUN=4242: no such run; `difftpt-ops runs list` shows the runs"]
