@@ -9,7 +9,7 @@ from sqlalchemy import inspect
 
 from difftpt_ops.db import tables  # noqa: F401
 from difftpt_ops.db.base import Base
-from difftpt_ops.db.session import current_revision, get_engine, head_revision, upgrade
+from difftpt_ops.db.session import SCHEMA_HEAD, current_revision, get_engine, head_revision, upgrade
 
 pytestmark = pytest.mark.integration
 
@@ -31,3 +31,8 @@ def test_upgrade_is_idempotent_and_creates_every_table(database_url: str) -> Non
     upgrade(engine)
     names = set(inspect(engine).get_table_names())
     assert set(Base.metadata.tables) <= names
+
+
+def test_schema_head_constant_is_alembic_head() -> None:
+    """Opening a database compares against SCHEMA_HEAD; it must name the newest migration."""
+    assert SCHEMA_HEAD == head_revision()
