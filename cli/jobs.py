@@ -1,0 +1,348 @@
+"""`difftpt-ops submit | worker | status | runs list | resume | cancel`: the job system's commands.
+
+Services are imported inside the commands, so `--help` and `status` never pay for torch or Celery.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from cli.common import JsonOpt, engine_of, err_console, new_app, print_json, print_table, settings_of
+from difftpt_ops.core.errors import InputError
+
+if TYPE_CHECKING:
+    from difftpt_ops.config import Settings
+    from difftpt_ops.services.runs import SubmitResult
+
+submit_app = new_app("Plan a run, then run it here (embedded default) or enqueue it for the workers (with a broker).")
+runs_app = new_app("Runs: list them (see also `status`, `resume`, `cancel`).")
+
+RunArg = Annotated[str, typer.Argument(metavar="RUN", help="Run id (see `difftpt-ops runs list`).")]
+DatasetOpt = Annotated[str, typer.Option("--dataset", help="Dataset name (latest version) or NAME@VERSION.")]
+LimitOpt = Annotated[int | None, typer.Option(
+    "--limit", help="Plan only the first N samples; a larger limit later extends the same run.")]
+ShardSizeOpt = Annotated[int | None, typer.Option(
+    "--shard-size", help="Samples per shard (default: the settings' shard_size); new runs only.")]
+DeviceOpt = Annotated[str | None, typer.Option(
+    "--device", help="Embedded mode only: torch device (auto, cpu, cuda, cuda:N); workers use their GPU.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the run (part of its identity).")]
+
+
+def parse_run_id(value: str) -> int:
+    """RUN arguments are integer run ids."""
+    try:
+        run_id = int(value)
+    except ValueError:
+        raise InputError("RUN", value, "not a run id (an integer); see `difftpt-ops runs list`") from None
+    if run_id < 1:
+        raise InputError("RUN", value, "run ids start at 1")
+    return run_id
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, str]:
+    """`--set key=value` pairs -> a dict (the spec validates keys and values)."""
+    overrides: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError("--set", item, "expected KEY=VALUE, e.g. --set steps=2")
+        overrides[key.strip()] = value.strip()
+    return overrides
+
+
+def _none_if(value: str | None) -> str | None:
+    return None if value is None or value.strip().lower() in {"", "none", "null"} else value
+
+
+def _dispatcher(settings: Settings) -> Any:
+    if settings.embedded:
+        return None
+    from workers.tasks import dispatcher_for
+
+    return dispatcher_for(settings)
+
+
+class _ProgressBar:
+    """The embedded executor's progress sink: a rich bar on stderr with samples/s and ETA."""
+
+    def __init__(self, enabled: bool) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=err_console,
+                                 transient=True, disable=not enabled)
+        self.task: Any = None
+        self._last = 0.0
+
+    def start(self, run_id: int, total: int, completed: int) -> None:
+        self.task = self.progress.add_task(f"run {run_id}", total=total, completed=completed, rate="")
+        self._state = next(task for task in self.progress.tasks if task.id == self.task)
+        self.progress.start()
+
+    def advance(self, done: int, failed: int) -> None:
+        self.progress.advance(self.task, done + failed)
+        now = time.monotonic()
+        if now - self._last > 0.5:  # formatting the rate per sample would cost more than the noop method
+            speed = self._state.speed
+            self.progress.update(self.task, rate=f"{speed:,.0f} samples/s" if speed else "")
+            self._last = now
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+
+@contextmanager
+def progress_bar(settings: Settings, as_json: bool) -> Iterator[_ProgressBar | None]:
+    """The embedded executor's progress sink (a bar on a terminal, hidden with --json); None with a broker."""
+    if not settings.embedded:
+        yield None
+        return
+    bar = _ProgressBar(enabled=err_console.is_terminal and not as_json)
+    try:
+        yield bar
+    finally:
+        bar.stop()
+
+
+def _print_submit(result: SubmitResult, as_json: bool) -> None:
+    if as_json:
+        print_json(result.to_dict())
+        return
+    verb = "created" if result.created else "attached to"
+    typer.echo(f"{verb} run {result.run_id} ({result.kind} {result.method}, {result.num_samples} samples, "
+               f"{result.shards_total} shards, {result.shards_new} new)")
+    if result.embedded:
+        typer.echo(f"run {result.run_id}: {result.state}")
+    elif result.shards_dispatched:
+        typer.echo(f"enqueued {result.shards_dispatched} shard(s); watch with `difftpt-ops status {result.run_id} "
+                   "--watch`")
+    else:
+        typer.echo(f"nothing to enqueue; run {result.run_id} is {result.state}")
+
+
+@submit_app.command("tune")
+def submit_tune(
+    ctx: typer.Context,
+    dataset: DatasetOpt,
+    method: Annotated[str, typer.Option("--method", help="zeroshot, tpt or difftpt (noop: bookkeeping only).")],
+    model: Annotated[str, typer.Option("--model", help="open_clip model name or a local model directory.")]
+    = "ViT-B-16",
+    pretrained: Annotated[str, typer.Option("--pretrained", help="open_clip pretrained tag (none: random).")]
+    = "openai",
+    generation: Annotated[int | None, typer.Option(
+        "--generation", help="difftpt: generation config id (default: the latest with images for the dataset).")]
+    = None,
+    overrides: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a method spec field, KEY=VALUE (repeatable), e.g. --set steps=2.")] = None,
+    seed: SeedOpt = 0,
+    limit: LimitOpt = None,
+    shard_size: ShardSizeOpt = None,
+    device: DeviceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Evaluate a method on a dataset: zero-shot CLIP, TPT or DiffTPT, one prediction per sample."""
+    from difftpt_ops.services.runs import submit_tune as submit
+
+    settings = settings_of(ctx)
+    parsed = parse_overrides(overrides)
+    engine = engine_of(ctx)
+    with progress_bar(settings, as_json) as bar:
+        result = submit(engine, settings, dataset_ref=dataset, method=method, model=model,
+                        pretrained=_none_if(pretrained), generation_id=generation, overrides=parsed, seed=seed,
+                        limit=limit, shard_size=shard_size, dispatcher=_dispatcher(settings), device=device,
+                        progress=bar)
+    _print_submit(result, as_json)
+
+
+@submit_app.command("generate")
+def submit_generate(
+    ctx: typer.Context,
+    dataset: DatasetOpt,
+    model: Annotated[str, typer.Option("--model", help="Diffusers model id or local directory.")]
+    = "lambdalabs/sd-image-variations-diffusers",
+    revision: Annotated[str, typer.Option("--revision", help="Model revision (none for a local directory).")]
+    = "v2.0",
+    per_sample: Annotated[int, typer.Option("--per-sample", help="Variations per sample.")] = 63,
+    steps: Annotated[int, typer.Option("--steps", help="Denoising steps.")] = 50,
+    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = 3.0,
+    scheduler: Annotated[str, typer.Option("--scheduler", help="default, dpm-solver++ or ddim.")] = "default",
+    size: Annotated[int, typer.Option("--size", help="Image size in pixels (multiple of 8).")] = 512,
+    dtype: Annotated[str, typer.Option("--dtype", help="auto, fp32, fp16 or bf16.")] = "auto",
+    seed: SeedOpt = 0,
+    limit: LimitOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per pipeline call.")] = 4,
+    shard_size: ShardSizeOpt = None,
+    device: DeviceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Generate Stable Diffusion image variations of a dataset's samples (cached by content, never twice)."""
+    from difftpt_ops.core.specs import GenerationSpec
+    from difftpt_ops.services.runs import submit_generate as submit
+
+    settings = settings_of(ctx)
+    spec = GenerationSpec(model=model, revision=_none_if(revision), scheduler=scheduler, steps=steps,
+                          guidance=guidance, per_sample=per_sample, size=size, dtype=dtype, seed=seed)
+    engine = engine_of(ctx)
+    with progress_bar(settings, as_json) as bar:
+        result = submit(engine, settings, dataset_ref=dataset, spec=spec, limit=limit, shard_size=shard_size,
+                        batch_size=batch_size, dispatcher=_dispatcher(settings), device=device, progress=bar)
+    _print_submit(result, as_json)
+
+
+def worker(
+    ctx: typer.Context,
+    gpus: Annotated[str, typer.Option("--gpus", help="GPU indices (0,1,...), all, or cpu.")] = "all",
+    queues: Annotated[str, typer.Option("--queues", help="Queues to consume: generate, tune.")] = "generate,tune",
+    concurrency_per_gpu: Annotated[int, typer.Option("--concurrency-per-gpu", help="Worker processes per GPU.")]
+    = 1,
+    loglevel: Annotated[str, typer.Option("--loglevel", help="Celery log level.")] = "INFO",
+) -> None:
+    """Start one Celery worker process per GPU and keep them running until SIGTERM or Ctrl-C."""
+    from workers.launcher import run_workers
+
+    code = run_workers(settings_of(ctx), gpus=gpus, queues=queues, concurrency_per_gpu=concurrency_per_gpu,
+                       loglevel=loglevel)
+    raise typer.Exit(code)
+
+
+def _fmt_rate(run: dict[str, Any]) -> str:
+    rate = run.get("throughput")
+    return "" if rate is None else f"{rate:,.1f}/s"
+
+
+def _fmt_eta(run: dict[str, Any]) -> str:
+    eta = run.get("eta_s")
+    if eta is None:
+        return ""
+    minutes, seconds = divmod(int(eta), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+def _status_rows(runs: list[dict[str, Any]]) -> list[list[Any]]:
+    rows = []
+    for run in runs:
+        workers = ", ".join(f"{w['worker']}[{w['gpu'] or '-'}]" for w in run.get("workers", []))
+        rows.append([run["run_id"], f"{run['kind']}/{run['method']}", run["dataset"], run["state"], run["done"],
+                     run["failed"], run["pending"], _fmt_rate(run), _fmt_eta(run), workers])
+    return rows
+
+
+_STATUS_COLUMNS = ["run", "kind", "dataset", "state", "done", "failed", "pending", "samples/s", "ETA", "workers"]
+
+
+def _print_status(runs: list[dict[str, Any]]) -> None:
+    print_table(None, _STATUS_COLUMNS, _status_rows(runs))
+    for run in runs:
+        for failure in run.get("failed_shards", []):
+            typer.echo(f"run {run['run_id']} shard {failure['shard']} failed: {' '.join(failure['error'])}")
+        if run.get("error"):
+            typer.echo(f"run {run['run_id']}: {run['error']}")
+
+
+def status(
+    ctx: typer.Context,
+    run: Annotated[str | None, typer.Argument(metavar="[RUN]", help="Run id (default: the active runs).")] = None,
+    watch: Annotated[bool, typer.Option("--watch", help="Refresh every 2 s until the runs end (Ctrl-C stops).")]
+    = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Progress of runs: samples done / failed / pending, throughput, ETA, active workers and GPUs."""
+    from difftpt_ops.services.runs import is_active, run_status
+
+    run_id = parse_run_id(run) if run is not None else None
+    settings, engine = settings_of(ctx), engine_of(ctx)
+    if not watch:
+        runs = run_status(engine, settings, run_id)
+        if as_json:
+            print_json(runs)
+        else:
+            _print_status(runs)
+        return
+    try:
+        _watch(lambda: run_status(engine, settings, run_id), is_active, as_json)
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+
+
+def _watch(fetch: Any, is_active: Any, as_json: bool) -> None:
+    from rich.live import Live
+    from rich.table import Table
+
+    def render(runs: list[dict[str, Any]]) -> Table:
+        table = Table()
+        for column in _STATUS_COLUMNS:
+            table.add_column(column)
+        for row in _status_rows(runs):
+            table.add_row(*[str(value) for value in row])
+        return table
+
+    runs = fetch()
+    with Live(render(runs), console=err_console if as_json else None, auto_refresh=False) as live:
+        while True:
+            if as_json:
+                sys.stdout.write(json.dumps(runs, default=str) + "\n")
+                sys.stdout.flush()
+            live.update(render(runs), refresh=True)
+            if not any(is_active(r["state"]) for r in runs):
+                return
+            time.sleep(2.0)
+            runs = fetch()
+
+
+def runs_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """List every run, newest first."""
+    from difftpt_ops.services.runs import list_runs
+
+    runs = list_runs(engine_of(ctx))
+    if as_json:
+        print_json(runs)
+        return
+    print_table(None, ["run", "kind", "method", "dataset", "state", "samples", "done", "failed", "created"],
+                [[r["run_id"], r["kind"], r["method"], r["dataset"], r["state"], r["num_samples"], r["done"],
+                  r["failed"], (r["created_at"] or "")[:19]] for r in runs])
+
+
+def resume(ctx: typer.Context, run: RunArg, device: DeviceOpt = None, as_json: JsonOpt = False) -> None:
+    """Finish a run: retry failed shards, re-run interrupted or stale ones, re-enqueue lost messages."""
+    from difftpt_ops.services.runs import resume_run
+
+    run_id = parse_run_id(run)
+    settings, engine = settings_of(ctx), engine_of(ctx)
+    with progress_bar(settings, as_json) as bar:
+        result = resume_run(engine, settings, run_id, dispatcher=_dispatcher(settings), device=device, progress=bar)
+    if as_json:
+        print_json(result.to_dict())
+    elif result.embedded:
+        typer.echo(f"run {run_id}: {result.state}")
+    else:
+        typer.echo(f"run {run_id}: {result.state}, {result.shards_dispatched} shard(s) enqueued")
+
+
+def cancel(ctx: typer.Context, run: RunArg, as_json: JsonOpt = False) -> None:
+    """Cancel a run: open shards are cancelled; running shards stop at their next batch."""
+    from difftpt_ops.services.runs import cancel_run
+
+    result = cancel_run(engine_of(ctx), settings_of(ctx), parse_run_id(run))
+    if as_json:
+        print_json(result)
+    else:
+        typer.echo(f"run {result['run_id']}: cancelled ({result['shards_cancelled']} shard(s) stopped)")
+
+
+def register(app: typer.Typer) -> None:
+    """Mount the job commands on the root app."""
+    app.add_typer(submit_app, name="submit")
+    app.command("worker")(worker)
+    app.command("status")(status)
+    app.command("resume")(resume)
+    app.command("cancel")(cancel)
+    runs_app.command("list")(runs_list)
+    app.add_typer(runs_app, name="runs")

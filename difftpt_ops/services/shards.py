@@ -1,0 +1,373 @@
+"""Executing one shard: claim it, skip its finished samples, process the rest, write results in batches.
+
+Exactly-once rules:
+
+- A shard is claimed by a conditional UPDATE (on its state, and on its attempt count for a takeover),
+  so of two deliveries of the same shard only one proceeds; a late delivery of a finished shard is a no-op.
+- The attempt count after the claim is the owner's token. Every later write (a batch of results, a
+  heartbeat, the final state) is one transaction whose shard UPDATE matches that token: a worker that
+  lost its shard (cancelled, or re-queued as stale) rolls its batch back instead of writing.
+- Result rows have unique keys and are inserted with ON CONFLICT DO NOTHING, and a resumed shard
+  first reads which samples already have results, so nothing finished is redone or duplicated.
+
+The hot path uses prebuilt Core statements and one transaction per batch: the method `noop` measures
+this bookkeeping alone (bench/system_overhead.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import bindparam, func, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from difftpt_ops.config import Settings
+from difftpt_ops.core.errors import InputError, SampleError, TransientError
+from difftpt_ops.core.status import RunState, SampleStatus, ShardState, check_run_transition
+from difftpt_ops.db.session import session_scope
+from difftpt_ops.db.tables import Run, Sample, Shard
+from difftpt_ops.db.tables import SampleError as SampleErrorRow
+from difftpt_ops.services import reporting
+from difftpt_ops.services.executor import HEARTBEATS, Lease, WorkerIdentity, is_reclaimable
+from difftpt_ops.services.tuning import RunContext, insert_many_ignore
+
+log = logging.getLogger(__name__)
+
+FLUSH_INTERVAL_S = 2.0  # a crash loses at most this much finished work; fast methods commit rarely
+FLUSH_MAX_SAMPLES = 512  # bounds a batch's memory and transaction size
+PROGRESS_REPORT_INTERVAL_S = 5.0
+RETRY_BACKOFF_S = 10.0  # first retry of a failed shard after this, doubling per attempt
+RETRY_BACKOFF_MAX_S = 600.0
+
+ProgressFn = Callable[[int, int], None]  # (samples done, samples failed) since the last call
+
+_stop_requested = threading.Event()
+_S = Shard.__table__.c
+_OPEN = [ShardState.PENDING.value, ShardState.QUEUED.value]
+_OWNED = (_S.id == bindparam("b_id")) & (_S.attempts == bindparam("b_token")) & (_S.state == ShardState.RUNNING.value)
+_CLAIM_VALUES = {"state": ShardState.RUNNING.value, "attempts": _S.attempts + 1, "worker": bindparam("b_worker"),
+                 "gpu": bindparam("b_gpu"), "heartbeat_at": bindparam("b_now"), "started_at": bindparam("b_now"),
+                 "finished_at": None}
+_CLAIMED = (_S.run_id, _S.start, _S.stop, _S.attempts, _S.samples_done, _S.samples_failed)
+_CLAIM_OPEN = (update(Shard.__table__).where(_S.id == bindparam("b_id"), _S.state.in_(_OPEN))
+               .values(**_CLAIM_VALUES).returning(*_CLAIMED))
+_CLAIM_TAKEOVER = (update(Shard.__table__).where(_S.id == bindparam("b_id"), _S.state == ShardState.RUNNING.value,
+                                                 _S.attempts == bindparam("b_seen"))
+                   .values(**_CLAIM_VALUES).returning(*_CLAIMED))
+_SHARD_ROW = select(_S.state, _S.attempts, _S.heartbeat_at, _S.worker).where(_S.id == bindparam("b_id"))
+_COUNTERS = {"samples_done": bindparam("b_done"), "samples_failed": bindparam("b_failed"),
+             "heartbeat_at": bindparam("b_now"), "seconds": _S.seconds + bindparam("b_seconds")}
+_FLUSH = update(Shard.__table__).where(_OWNED).values(**_COUNTERS)
+_FLUSH_DONE = update(Shard.__table__).where(_OWNED).values(
+    **_COUNTERS, state=ShardState.DONE.value, finished_at=bindparam("b_now"), error=None)
+_C = Sample.__table__.c
+_SAMPLES = (select(_C.id, _C.index, _C.relpath, _C.label, _C.content_hash, _C.status, _C.error)
+            .where(_C.dataset_version_id == bindparam("b_version"), _C.index >= bindparam("b_start"),
+                   _C.index < bindparam("b_stop")).order_by(_C.index))
+_ERRORED = select(SampleErrorRow.__table__.c.sample_id).where(
+    SampleErrorRow.__table__.c.run_id == bindparam("b_run"),
+    SampleErrorRow.__table__.c.sample_id.in_(bindparam("b_ids", expanding=True)))
+# Whether a run has an open shard: an index seek on (run_id, state) that stops at the first one.
+_OPEN_SHARDS = select(_S.id).where(_S.run_id == bindparam("b_run"), _S.state.in_(
+    [*_OPEN, ShardState.RUNNING.value])).limit(1)
+
+
+def request_stop() -> None:
+    """Ask running shards to stop after their current sample (a worker's warm shutdown)."""
+    _stop_requested.set()
+
+
+def clear_stop() -> None:
+    _stop_requested.clear()
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Outcome(StrEnum):
+    DONE = "done"  # every sample has a result or an error row
+    FAILED = "failed"  # failed as a whole, attempts used up (or a non-retryable error)
+    RETRY = "retry"  # failed as a whole; send it again after retry_in_s
+    INTERRUPTED = "interrupted"  # stopped by a shutdown; its finished samples are stored, send it again
+    SKIPPED = "skipped"  # not claimable: done, running elsewhere, or cancelled (a duplicate delivery)
+    LOST = "lost"  # ownership lost while running (cancelled or re-queued as stale)
+
+
+@dataclass(frozen=True)
+class ShardOutcome:
+    """What happened to one delivery of a shard, and what the caller should do next."""
+
+    shard_id: int
+    outcome: Outcome
+    queue: str | None = None
+    retry_in_s: float | None = None
+    processed: int = 0
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A shard this process now owns; `token` (the attempt count) guards every later write."""
+
+    shard_id: int
+    run_id: int
+    token: int
+    start: int
+    stop: int
+    counted: int = 0  # samples_done + samples_failed when claimed: 0 means no result row can exist yet
+
+    def params(self, **extra: Any) -> dict[str, Any]:
+        return {"b_id": self.shard_id, "b_token": self.token, **extra}
+
+
+def retry_delay_s(attempt: int) -> float:
+    """Backoff before retrying a shard that failed on attempt `attempt` (1-based)."""
+    return min(RETRY_BACKOFF_S * 2 ** max(attempt - 1, 0), RETRY_BACKOFF_MAX_S)
+
+
+def claim_shard(engine: Engine, settings: Settings, shard_id: int, identity: WorkerIdentity) -> Claim | None:
+    """Take ownership of a shard if it is pending, queued, or running on a dead or silent worker."""
+    now = utcnow()
+    params = {"b_id": shard_id, "b_worker": identity.label, "b_gpu": identity.gpu, "b_now": now}
+    with engine.begin() as connection:
+        row = connection.execute(_CLAIM_OPEN, params).one_or_none()
+        if row is None:  # not pending or queued: perhaps running on a worker that is gone
+            seen = connection.execute(_SHARD_ROW, {"b_id": shard_id}).one_or_none()
+            if seen is None or seen.state != ShardState.RUNNING or not is_reclaimable(
+                    seen.heartbeat_at, seen.worker, now=now, stale_after_s=settings.stale_after_s):
+                return None
+            row = connection.execute(_CLAIM_TAKEOVER, {**params, "b_seen": seen.attempts}).one_or_none()
+            if row is None:
+                return None
+    return Claim(shard_id, row.run_id, row.attempts, row.start, row.stop, row.samples_done + row.samples_failed)
+
+
+@dataclass
+class _Batch:
+    """Results not yet written, and the shard's running totals (absolute, so counters self-heal)."""
+
+    done_total: int
+    failed_total: int
+    results: list[Any] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    since: float = field(default_factory=time.monotonic)
+
+    def due(self) -> bool:
+        pending = len(self.results) + len(self.errors)
+        return pending >= FLUSH_MAX_SAMPLES or (pending > 0 and time.monotonic() - self.since >= FLUSH_INTERVAL_S)
+
+    def clear(self) -> None:
+        self.results.clear()
+        self.errors.clear()
+        self.seconds = 0.0
+        self.since = time.monotonic()
+
+
+def _flush(engine: Engine, settings: Settings, claim: Claim, context: RunContext, batch: _Batch, *,
+           final: bool) -> bool:
+    """Write a batch and the shard's counters in one transaction; False if the shard is no longer ours."""
+    params = claim.params(b_done=batch.done_total, b_failed=batch.failed_total, b_now=utcnow(),
+                          b_seconds=batch.seconds)
+    with engine.connect() as connection, connection.begin() as transaction:
+        context.processor.write(connection, batch.results)
+        insert_many_ignore(connection, SampleErrorRow, batch.errors)
+        if connection.execute(_FLUSH_DONE if final else _FLUSH, params).rowcount != 1:
+            transaction.rollback()
+            return False
+    batch.clear()
+    _report_progress(engine, settings, claim.run_id)
+    return True
+
+
+_next_report: dict[tuple[str, int], float] = {}
+
+
+def _report_progress(engine: Engine, settings: Settings, run_id: int) -> None:
+    """Report progress once this process has worked on the run for PROGRESS_REPORT_INTERVAL_S, then at most
+    that often, and rarer when the hook is slow, so it takes at most about a tenth of a worker's time.
+    The hook reads the database to catch up, so a skipped call loses nothing (and short runs only get
+    the final report)."""
+    key, started = (str(engine.url), run_id), time.monotonic()
+    due = _next_report.setdefault(key, started + PROGRESS_REPORT_INTERVAL_S)
+    if started < due:
+        return
+    reporting.report_progress(engine, settings, run_id)
+    took = time.monotonic() - started
+    _next_report[key] = started + took + max(PROGRESS_REPORT_INTERVAL_S, 9 * took)
+
+
+def _load_samples(engine: Engine, context: RunContext, claim: Claim) -> tuple[list[Any], set[int], int]:
+    """The shard's sample rows, the ids that already have a result, and how many of those are errors."""
+    params = {"b_version": context.dataset_version_id, "b_start": claim.start, "b_stop": claim.stop}
+    with engine.connect() as connection:
+        rows = connection.execute(_SAMPLES, params).all()
+        if not rows or (claim.counted == 0 and context.counts_results):
+            return rows, set(), 0  # a tuning shard with zero counters has no result rows yet
+        ids = [row.id for row in rows]
+        errored = set(connection.execute(_ERRORED, {"b_run": claim.run_id, "b_ids": ids}).scalars())
+        finished = context.processor.finished_ids(connection, rows)
+    return rows, finished | errored, len(errored)
+
+
+def _error_row(run_id: int, sample: Any, message: str) -> dict[str, Any]:
+    return {"run_id": run_id, "sample_id": sample.id, "sample_index": sample.index, "error": message[:4000],
+            "created_at": utcnow()}
+
+
+def _process_samples(engine: Engine, settings: Settings, claim: Claim, context: RunContext, lease: Lease,
+                     progress: ProgressFn | None) -> ShardOutcome:
+    # 1. Load the shard's samples and skip those that already have a result or an error row.
+    rows, finished, errored = _load_samples(engine, context, claim)
+    batch = _Batch(done_total=len(finished) - errored, failed_total=errored)
+    todo = [row for row in rows if row.id not in finished]
+    processed = 0
+    try:
+        for sample in todo:
+            # 2. Stop between samples when asked to, or when the shard was cancelled or taken over.
+            if _stop_requested.is_set() or lease.lost.is_set():
+                break
+            # 3. Samples that failed at registration are recorded, never fed to a model.
+            started = time.perf_counter()
+            try:
+                if sample.status == SampleStatus.FAILED:
+                    raise SampleError(sample.error or "sample failed at registration")
+                batch.results.append(context.processor.process(sample))
+                batch.done_total += 1
+                ok = 1
+            except SampleError as exc:
+                batch.errors.append(_error_row(claim.run_id, sample, str(exc)))
+                batch.failed_total += 1
+                ok = 0
+            batch.seconds += time.perf_counter() - started
+            processed += 1
+            if progress is not None:
+                progress(ok, 1 - ok)
+            # 4. Write a batch every few seconds, together with the shard's counters.
+            if batch.due() and not _flush(engine, settings, claim, context, batch, final=False):
+                return ShardOutcome(claim.shard_id, Outcome.LOST, context.queue, processed=processed)
+    except KeyboardInterrupt:
+        _flush_quietly(engine, settings, claim, context, batch)
+        raise
+    # 5. The last batch marks the shard done, unless we stopped early.
+    complete = processed == len(todo)
+    if not _flush(engine, settings, claim, context, batch, final=complete):
+        return ShardOutcome(claim.shard_id, Outcome.LOST, context.queue, processed=processed)
+    if complete:  # (a heartbeat racing the final flush may have set `lost`: the flush decides)
+        return ShardOutcome(claim.shard_id, Outcome.DONE, context.queue, processed=processed)
+    if lease.lost.is_set():
+        return ShardOutcome(claim.shard_id, Outcome.LOST, context.queue, processed=processed)
+    release_shard(engine, claim, ShardState.QUEUED)
+    return ShardOutcome(claim.shard_id, Outcome.INTERRUPTED, context.queue, processed=processed)
+
+
+def _flush_quietly(engine: Engine, settings: Settings, claim: Claim, context: RunContext, batch: _Batch) -> None:
+    """Keep finished samples on Ctrl-C; a second interrupt or a database error just skips it."""
+    try:
+        _flush(engine, settings, claim, context, batch, final=False)
+    except (SQLAlchemyError, KeyboardInterrupt):
+        log.warning("could not store the last batch of shard %s; resume redoes it", claim.shard_id)
+
+
+def release_shard(engine: Engine, claim: Claim, state: ShardState) -> None:
+    """Give a shard back (interrupt or shutdown) without spending an attempt."""
+    with engine.begin() as connection:
+        connection.execute(update(Shard.__table__).where(_OWNED).values(
+            state=state.value, attempts=claim.token - 1, worker=None, gpu=None, heartbeat_at=None), claim.params())
+
+
+def _record_failure(engine: Engine, settings: Settings, claim: Claim, queue: str | None,
+                    exc: Exception) -> ShardOutcome:
+    """Store the traceback; queue the shard for a retry, or fail it once its attempts are used up."""
+    retry = not isinstance(exc, InputError) and claim.token < settings.shard_max_attempts
+    values: dict[str, Any] = {"state": (ShardState.QUEUED if retry else ShardState.FAILED).value,
+                              "error": "".join(traceback.format_exception(exc))[-8000:]}
+    if not retry:
+        values["finished_at"] = utcnow()
+    try:
+        with engine.begin() as connection:
+            connection.execute(update(Shard.__table__).where(_OWNED).values(**values), claim.params())
+    except SQLAlchemyError as db_exc:
+        raise TransientError(f"shard {claim.shard_id}: cannot record its failure ({db_exc})") from exc
+    log.warning("shard %s attempt %s failed: %s", claim.shard_id, claim.token, exc)
+    if retry:
+        return ShardOutcome(claim.shard_id, Outcome.RETRY, queue, retry_in_s=retry_delay_s(claim.token))
+    return ShardOutcome(claim.shard_id, Outcome.FAILED, queue)
+
+
+def execute_shard(engine: Engine, settings: Settings, shard_id: int, *, identity: WorkerIdentity,
+                  device: str | None = None, progress: ProgressFn | None = None) -> ShardOutcome:
+    """Run one shard to completion (or until stopped), writing its results in batches.
+
+    Args:
+        shard_id: the shard to run; a shard that is not claimable is skipped (a duplicate delivery).
+        identity: who runs it, stored on the shard and its predictions.
+        device: torch device for the models; None uses the settings' device.
+        progress: called after each sample with (done, failed) increments.
+    """
+    from difftpt_ops.services.tuning import open_run_context
+
+    claim = claim_shard(engine, settings, shard_id, identity)
+    if claim is None:
+        return ShardOutcome(shard_id, Outcome.SKIPPED)
+    queue: str | None = None
+    lease = Lease(engine, claim.shard_id, claim.token, settings.heartbeat_interval_s)
+    HEARTBEATS.hold(lease)
+    try:
+        context = open_run_context(engine, settings, claim.run_id, device=device, worker=identity.label)
+        queue = context.queue
+        outcome = _process_samples(engine, settings, claim, context, lease, progress)
+    except KeyboardInterrupt:
+        release_shard(engine, claim, ShardState.PENDING)
+        raise
+    except TransientError:
+        raise
+    except SQLAlchemyError as exc:  # the database went away: let the caller retry the delivery later
+        raise TransientError(f"shard {shard_id}: database error ({exc.__class__.__name__}: {exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - a shard failing as a whole is recorded, not raised
+        outcome = _record_failure(engine, settings, claim, queue, exc)
+    finally:
+        HEARTBEATS.release(lease)
+    if outcome.outcome in (Outcome.DONE, Outcome.FAILED):
+        finalize_run_if_complete(engine, settings, claim.run_id)
+    return outcome
+
+
+def final_run_state(failed_shards: int, failed_samples: int) -> RunState:
+    """The terminal state of a run whose shards are all terminal."""
+    if failed_shards:
+        return RunState.FAILED
+    return RunState.FINISHED_WITH_FAILURES if failed_samples else RunState.FINISHED
+
+
+def finalize_run_if_complete(engine: Engine, settings: Settings, run_id: int) -> RunState | None:
+    """Move a run whose shards are all terminal to its final state; once, whoever gets there first."""
+    with engine.connect() as connection:  # the common case, shards still open, costs one index seek
+        if connection.execute(_OPEN_SHARDS, {"b_run": run_id}).first() is not None:
+            return None
+    with session_scope(engine) as session:
+        failed_shards, failed_samples = session.execute(
+            select(func.count().filter(Shard.state == ShardState.FAILED),
+                   func.coalesce(func.sum(Shard.samples_failed), 0)).where(Shard.run_id == run_id)).one()
+        run_state = session.scalar(select(Run.state).where(Run.id == run_id))
+        if session.execute(_OPEN_SHARDS, {"b_run": run_id}).first() is not None or run_state not in (
+                RunState.PENDING, RunState.RUNNING):
+            return None
+        target = final_run_state(failed_shards, failed_samples)
+        check_run_transition(RunState(run_state), target)
+        error = f"{failed_shards} shard(s) failed; `difftpt-ops status {run_id}` shows why" if failed_shards else None
+        moved = session.execute(update(Run).where(Run.id == run_id, Run.state == run_state).values(
+            state=target, finished_at=utcnow(), error=error)).rowcount
+    if moved != 1:
+        return None
+    reporting.report_finished(engine, settings, run_id)
+    return target

@@ -1,0 +1,109 @@
+"""The job commands through the CLI: JSON output, one-line errors with exit 2, nothing written on bad input."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+from typer.testing import CliRunner
+
+from cli.main import app
+from difftpt_ops.db.session import session_scope
+from difftpt_ops.db.tables import Run
+from difftpt_ops.services import reporting, shards
+from tests.integration.test_jobs_support import add_dataset, make_settings, open_engine
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def engine(cli_env: dict[str, str], workspace: Path, database_url: str, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(reporting, "report_progress", lambda *_: None)
+    monkeypatch.setattr(reporting, "report_finished", lambda *_: None)
+    monkeypatch.setattr(shards, "_next_report", {})
+    engine = open_engine(make_settings(workspace, database_url))
+    add_dataset(engine, "toy", 30, failed=[4])
+    return engine
+
+
+def _invoke(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, result.output
+
+
+def _runs(engine) -> int:  # type: ignore[no-untyped-def]
+    with session_scope(engine) as session:
+        return int(session.scalar(select(func.count()).select_from(Run)) or 0)
+
+
+def test_submit_status_list_resume_as_json(engine) -> None:  # type: ignore[no-untyped-def]
+    """submit runs the work in-process and reports it; status, runs list and resume agree."""
+    code, out = _invoke("submit", "tune", "--dataset", "toy", "--method", "noop", "--shard-size", "8", "--json")
+    assert code == 0, out
+    submitted = json.loads(out)
+    assert (submitted["state"], submitted["created"], submitted["shards_total"]) == ("finished_with_failures", True, 4)
+    code, out = _invoke("status", str(submitted["run_id"]), "--json")
+    status = json.loads(out)[0]
+    assert (code, status["done"], status["failed"], status["pending"], status["shards"]) == (0, 29, 1, 0, {"done": 4})
+    code, out = _invoke("runs", "list", "--json")
+    assert code == 0 and [r["run_id"] for r in json.loads(out)] == [submitted["run_id"]]
+    code, out = _invoke("resume", str(submitted["run_id"]), "--json")
+    assert code == 0 and json.loads(out)["state"] == "finished_with_failures"
+    code, out = _invoke("submit", "tune", "--dataset", "toy", "--method", "noop", "--json")
+    assert code == 0 and json.loads(out)["created"] is False and json.loads(out)["shards_dispatched"] == 0
+    code, out = _invoke("status")
+    assert code == 0 and "toy@1" in out
+
+
+BAD_INPUTS = [
+    (["submit", "tune", "--dataset", "nope", "--method", "noop"], "--dataset=nope"),
+    (["submit", "tune", "--dataset", "toy", "--method", "sgd"], "--method=sgd"),
+    (["submit", "tune", "--dataset", "toy", "--method", "tpt", "--set", "steps=-2"], "steps=-2"),
+    (["submit", "tune", "--dataset", "toy", "--method", "tpt", "--set", "nosuch=1"], "--set=nosuch"),
+    (["submit", "tune", "--dataset", "toy", "--method", "tpt", "--set", "steps"], "--set=steps"),
+    (["submit", "tune", "--dataset", "toy", "--method", "noop", "--limit", "0"], "--limit=0"),
+    (["submit", "tune", "--dataset", "toy", "--method", "noop", "--shard-size", "0"], "--shard-size=0"),
+    (["submit", "tune", "--dataset", "toy", "--method", "noop", "--device", "gpu7"], "--device=gpu7"),
+    (["submit", "tune", "--dataset", "toy", "--method", "zeroshot", "--generation", "1"], "--generation=1"),
+    (["submit", "tune", "--dataset", "toy", "--method", "difftpt"], "submit generate --dataset toy"),
+    (["submit", "generate", "--dataset", "toy", "--steps", "0"], "--steps=0"),
+    (["status", "seven"], "RUN=seven"),
+    (["resume", "99"], "RUN=99"),
+    (["cancel", "0"], "RUN=0"),
+]
+
+
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(engine) -> None:  # type: ignore[no-untyped-def]
+    """Each bad argument is named with its value; no run is created."""
+    for args, needle in BAD_INPUTS:
+        code, out = _invoke(*args)
+        assert code == 2, (args, out)
+        assert needle in out and len(out.strip().splitlines()) == 1, (args, out)
+    assert _runs(engine) == 0
+
+
+def test_unreachable_broker_fails_fast_before_writing(engine, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """A broker that refuses connections is reported within seconds, naming the URL; nothing is planned."""
+    monkeypatch.setenv("DIFFTPT_OPS_BROKER_URL", "redis://127.0.0.1:1/0")
+    started = time.monotonic()
+    code, out = _invoke("submit", "tune", "--dataset", "toy", "--method", "noop")
+    assert code == 1 and "broker redis://127.0.0.1:1/0 is unreachable" in out
+    assert time.monotonic() - started < 10 and _runs(engine) == 0
+    monkeypatch.setenv("DIFFTPT_OPS_BROKER_URL", "amqp://guest:secret@127.0.0.1:1//")
+    code, out = _invoke("submit", "tune", "--dataset", "toy", "--method", "noop")
+    assert code == 1 and "amqp://guest:***@127.0.0.1:1//" in out and "secret" not in out
+
+
+def test_worker_refuses_bad_setups(engine, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """No broker, a GPU on a machine without CUDA, or an unknown queue: exit 2 before starting anything."""
+    code, out = _invoke("worker", "--gpus", "cpu")
+    assert code == 2 and "DIFFTPT_OPS_BROKER_URL" in out
+    monkeypatch.setenv("DIFFTPT_OPS_BROKER_URL", "redis://127.0.0.1:1/0")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    code, out = _invoke("worker", "--gpus", "0")
+    assert code == 2 and "use --gpus cpu" in out
+    code, out = _invoke("worker", "--gpus", "cpu", "--queues", "tune,render")
+    assert code == 2 and "--queues=tune,render" in out

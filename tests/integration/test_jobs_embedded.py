@@ -1,0 +1,245 @@
+"""The job system in-process (embedded executor), on SQLite and PostgreSQL, with the noop method."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from difftpt_ops.core.errors import InputError
+from difftpt_ops.db.tables import Prediction
+from difftpt_ops.services import reporting, runs, shards, tuning
+from tests.integration.test_jobs_support import (
+    add_dataset,
+    count,
+    distinct_predictions,
+    error_rows,
+    make_settings,
+    open_engine,
+    read_trace,
+    run_state,
+    shard_rows,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def reports(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
+    """Record the reporting hooks instead of talking to MLflow."""
+    calls: dict[str, list[int]] = {"progress": [], "finished": []}
+    monkeypatch.setattr(reporting, "report_progress", lambda _e, _s, run_id: calls["progress"].append(run_id))
+    monkeypatch.setattr(reporting, "report_finished", lambda _e, _s, run_id: calls["finished"].append(run_id))
+    monkeypatch.setattr(shards, "_next_report", {})
+    monkeypatch.setattr(shards, "PROGRESS_REPORT_INTERVAL_S", 0.0)
+    return calls
+
+
+@pytest.fixture
+def env(workspace: Path, database_url: str, reports: dict[str, list[int]], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> dict[str, Any]:
+    trace = tmp_path / "trace.txt"
+    monkeypatch.setenv(tuning.NOOP_TRACE_ENV, str(trace))
+    settings = make_settings(workspace, database_url)
+    engine = open_engine(settings)
+    tuning.clear_caches()
+    return {"settings": settings, "engine": engine, "trace": trace, "reports": reports}
+
+
+def _submit(env: dict[str, Any], **kwargs: Any) -> runs.SubmitResult:
+    options = {"dataset_ref": "toy", "method": "noop", "shard_size": 16, **kwargs}
+    return runs.submit_tune(env["engine"], env["settings"], **options)
+
+
+def test_submit_gives_one_prediction_per_sample(env: dict[str, Any]) -> None:
+    """An embedded noop run finishes with exactly one prediction per sample and every shard done."""
+    add_dataset(env["engine"], "toy", 100)
+    result = _submit(env)
+    assert (result.created, result.state, result.shards_total, result.num_samples) == (True, "finished", 7, 100)
+    assert count(env["engine"], Prediction, result.run_id) == distinct_predictions(env["engine"], result.run_id) == 100
+    assert [(s.state, s.samples_done, s.attempts) for s in shard_rows(env["engine"], result.run_id)][-1] == (
+        "done", 4, 1)
+    assert sorted(read_trace(env["trace"])) == list(range(100))
+    assert env["reports"]["finished"] == [result.run_id] and env["reports"]["progress"]
+
+
+def test_resubmit_and_limits_do_only_missing_work(env: dict[str, Any]) -> None:
+    """The same spec attaches to its run; a larger --limit extends it; nothing finished is redone."""
+    add_dataset(env["engine"], "toy", 60)
+    first = _submit(env, limit=20)
+    assert (first.state, first.num_samples) == ("finished", 20)
+    again = _submit(env, limit=10)
+    assert (again.run_id, again.created, again.shards_new, again.shards_dispatched) == (first.run_id, False, 0, 0)
+    extended = _submit(env, limit=50)
+    assert (extended.run_id, extended.shards_new, extended.num_samples, extended.state) == (
+        first.run_id, 2, 50, "finished")
+    full = _submit(env)
+    assert full.num_samples == 60 and count(env["engine"], Prediction, first.run_id) == 60
+    assert sorted(read_trace(env["trace"])) == list(range(60))  # each sample processed exactly once
+    other_seed = _submit(env, seed=1, limit=5)
+    assert other_seed.created and other_seed.run_id != first.run_id
+
+
+def test_failed_samples_are_recorded_and_the_shard_goes_on(env: dict[str, Any]) -> None:
+    """Samples that failed at registration become SampleError rows; the run ends finished_with_failures."""
+    add_dataset(env["engine"], "toy", 40, failed=[3, 17])
+    result = _submit(env)
+    assert result.state == "finished_with_failures"
+    errors = error_rows(env["engine"], result.run_id)
+    assert sorted(e.sample_index for e in errors) == [3, 17] and "cannot decode" in errors[0].error
+    assert count(env["engine"], Prediction, result.run_id) == 38
+    assert 3 not in read_trace(env["trace"])  # never fed to the method
+    status = runs.run_status(env["engine"], env["settings"], result.run_id)[0]
+    assert (status["done"], status["failed"], status["pending"]) == (38, 2, 0)
+
+
+def test_a_failing_shard_retries_then_fails_and_resume_finishes_it(env: dict[str, Any],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unexpected error retries the shard up to shard_max_attempts, then fails it with its traceback."""
+    add_dataset(env["engine"], "toy", 48)
+    monkeypatch.setattr(shards, "RETRY_BACKOFF_S", 0.0)
+    original = tuning.NoopProcessor.process
+
+    def broken(self: tuning.NoopProcessor, sample: Any) -> Any:
+        if sample.index == 20:
+            raise RuntimeError("injected failure")
+        return original(self, sample)
+
+    monkeypatch.setattr(tuning.NoopProcessor, "process", broken)
+    result = _submit(env)
+    assert result.state == "failed"
+    failed = [s for s in shard_rows(env["engine"], result.run_id) if s.state == "failed"]
+    assert len(failed) == 1 and failed[0].attempts == 3 and "RuntimeError: injected failure" in failed[0].error
+    assert failed[0].samples_done == 0 and count(env["engine"], Prediction, result.run_id) == 32
+    status = runs.run_status(env["engine"], env["settings"], result.run_id)[0]
+    assert status["failed_shards"][0]["shard"] == failed[0].index
+    monkeypatch.setattr(tuning.NoopProcessor, "process", original)
+    resumed = runs.resume_run(env["engine"], env["settings"], result.run_id)
+    assert resumed.state == "finished" and count(env["engine"], Prediction, result.run_id) == 48
+
+
+def test_ctrl_c_leaves_a_run_that_resume_finishes(env: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """KeyboardInterrupt keeps finished samples; resume does the rest without redoing them."""
+    add_dataset(env["engine"], "toy", 64)
+    original = tuning.NoopProcessor.process
+    state = {"interrupted": False}
+
+    def interrupt_once(self: tuning.NoopProcessor, sample: Any) -> Any:
+        if sample.index == 37 and not state["interrupted"]:
+            state["interrupted"] = True
+            raise KeyboardInterrupt
+        return original(self, sample)
+
+    monkeypatch.setattr(tuning.NoopProcessor, "process", interrupt_once)
+    with pytest.raises(KeyboardInterrupt):
+        _submit(env)
+    run_id = 1
+    assert run_state(env["engine"], run_id) == "running"
+    assert count(env["engine"], Prediction, run_id) == 37  # shards 0-1 done, shard 2's first 5 samples flushed
+    interrupted = shard_rows(env["engine"], run_id)[2]
+    assert (interrupted.state, interrupted.attempts, interrupted.samples_done) == ("pending", 0, 5)
+    resumed = runs.resume_run(env["engine"], env["settings"], run_id)
+    assert resumed.state == "finished" and distinct_predictions(env["engine"], run_id) == 64
+    assert sorted(read_trace(env["trace"])) == list(range(64))
+
+
+def test_cancel_and_duplicate_deliveries(env: dict[str, Any]) -> None:
+    """With a broker, shards are queued; a shard runs once however often it is delivered; cancel stops the rest."""
+    from tests.integration.test_jobs_support import RecordingDispatcher
+
+    add_dataset(env["engine"], "toy", 48)
+    settings = make_settings(env["settings"].workspace, env["settings"].database_url,
+                             broker_url="redis://127.0.0.1:1/0")
+    dispatcher = RecordingDispatcher()
+    result = runs.submit_tune(env["engine"], settings, dataset_ref="toy", method="noop", shard_size=16,
+                              dispatcher=dispatcher)
+    assert dispatcher.checked == 1 and [t.queue for t in dispatcher.tickets] == ["tune"] * 3
+    assert {s.state for s in shard_rows(env["engine"], result.run_id)} == {"queued"}
+    worker = shards.WorkerIdentity("test@host")
+    first = dispatcher.tickets[0].shard_id
+    assert shards.execute_shard(env["engine"], settings, first, identity=worker).outcome == "done"
+    assert shards.execute_shard(env["engine"], settings, first, identity=worker).outcome == "skipped"
+    assert count(env["engine"], Prediction, result.run_id) == 16
+    cancelled = runs.cancel_run(env["engine"], settings, result.run_id)
+    assert (cancelled["state"], cancelled["shards_cancelled"]) == ("cancelled", 2)
+    second = dispatcher.tickets[1].shard_id
+    assert shards.execute_shard(env["engine"], settings, second, identity=worker).outcome == "skipped"
+    with pytest.raises(InputError, match="RUN=999"):
+        runs.cancel_run(env["engine"], settings, 999)
+    resumed = runs.resume_run(env["engine"], settings, result.run_id, dispatcher=dispatcher)
+    assert (resumed.state, resumed.shards_dispatched) == ("running", 2)
+    for ticket in dispatcher.tickets[3:]:
+        shards.execute_shard(env["engine"], settings, ticket.shard_id, identity=worker)
+    assert run_state(env["engine"], result.run_id) == "finished"
+    assert distinct_predictions(env["engine"], result.run_id) == 48
+
+
+def test_cancel_stops_a_running_shard_at_its_next_batch(env: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shard whose run is cancelled while it runs writes nothing more and reports its ownership lost."""
+    from tests.integration.test_jobs_support import RecordingDispatcher
+
+    add_dataset(env["engine"], "toy", 16)
+    settings = make_settings(env["settings"].workspace, env["settings"].database_url, broker_url="redis://x:1/0")
+    dispatcher = RecordingDispatcher()
+    result = runs.submit_tune(env["engine"], settings, dataset_ref="toy", method="noop", dispatcher=dispatcher)
+    original = tuning.NoopProcessor.process
+
+    def cancel_midway(self: tuning.NoopProcessor, sample: Any) -> Any:
+        if sample.index == 5:
+            runs.cancel_run(env["engine"], settings, result.run_id)
+        return original(self, sample)
+
+    monkeypatch.setattr(tuning.NoopProcessor, "process", cancel_midway)
+    outcome = shards.execute_shard(env["engine"], settings, dispatcher.tickets[0].shard_id,
+                                   identity=shards.WorkerIdentity("test@host"))
+    assert outcome.outcome == "lost" and count(env["engine"], Prediction, result.run_id) == 0
+    assert run_state(env["engine"], result.run_id) == "cancelled"
+
+
+def test_stale_and_dead_workers_lose_their_shards(env: dict[str, Any]) -> None:
+    """A running shard is re-queued when its heartbeat is stale or its worker process is gone."""
+    from tests.integration.test_jobs_support import RecordingDispatcher
+
+    add_dataset(env["engine"], "toy", 32)
+    settings = make_settings(env["settings"].workspace, env["settings"].database_url, broker_url="redis://x:1/0",
+                             stale_after_s="60", shard_max_attempts="2")
+    dispatcher = RecordingDispatcher()
+    result = runs.submit_tune(env["engine"], settings, dataset_ref="toy", method="noop", shard_size=16,
+                              dispatcher=dispatcher)
+    alive = shards.WorkerIdentity("alive@host")
+    dead = shards.WorkerIdentity("dead@host", pid=2**22 + 12345)  # above the default pid_max: never a live pid
+    ids = [t.shard_id for t in dispatcher.tickets]
+    assert shards.claim_shard(env["engine"], settings, ids[0], alive) is not None
+    assert shards.claim_shard(env["engine"], settings, ids[1], dead) is not None
+    assert shards.claim_shard(env["engine"], settings, ids[0], dead) is None  # fresh heartbeat, live worker
+    assert runs.run_status(env["engine"], settings, result.run_id)[0]["workers"] == [
+        {"worker": "alive@host", "gpu": None, "shard": 0}]
+    dispatcher.tickets.clear()
+    from difftpt_ops.services.executor import requeue_stale_shards
+
+    assert requeue_stale_shards(env["engine"], settings, dispatcher) == 1
+    assert [t.shard_id for t in dispatcher.tickets] == [ids[1]]
+    assert [s.state for s in shard_rows(env["engine"], result.run_id)] == ["running", "queued"]
+    assert shards.claim_shard(env["engine"], settings, ids[1], dead) is not None  # attempt 2 of 2
+    assert requeue_stale_shards(env["engine"], settings, dispatcher) == 0  # attempts used up: failed
+    assert shard_rows(env["engine"], result.run_id)[1].state == "failed"
+    assert "stopped heartbeating" in (shard_rows(env["engine"], result.run_id)[1].error or "")
+
+
+def test_periodic_check_finalizes_a_run_whose_last_worker_died(env: dict[str, Any]) -> None:
+    """All shards done but the run still running (its finalizer died): the workers' check finishes it."""
+    from sqlalchemy import update
+
+    from difftpt_ops.db.session import session_scope
+    from difftpt_ops.db.tables import Run
+    from difftpt_ops.services.executor import requeue_stale_shards
+    from tests.integration.test_jobs_support import RecordingDispatcher
+
+    add_dataset(env["engine"], "toy", 20, failed=[2])
+    result = _submit(env)
+    with session_scope(env["engine"]) as session:
+        session.execute(update(Run).where(Run.id == result.run_id).values(state="running", finished_at=None))
+    assert requeue_stale_shards(env["engine"], env["settings"], RecordingDispatcher()) == 0
+    assert run_state(env["engine"], result.run_id) == "finished_with_failures"
+    assert env["reports"]["finished"] == [result.run_id, result.run_id]

@@ -1,0 +1,155 @@
+"""Celery tasks (thin: a shard id in, the service does the work) and the Celery dispatcher.
+
+Each worker process also runs a light thread that re-queues shards whose worker stopped
+heartbeating (`requeue_stale_shards`): recovery never waits for the broker's visibility timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from celery import Celery, signals
+from kombu.exceptions import KombuError
+
+from difftpt_ops.config import Settings, load_settings, mask_url
+from difftpt_ops.core.errors import ServiceUnavailableError, TransientError
+from workers.celery_app import EXECUTE_SHARD, app, make_celery
+
+log = logging.getLogger(__name__)
+
+BROKER_CHECK_TIMEOUT_S = 3.0  # submit fails within about this long when the broker is down
+_BROKER_ERRORS = (KombuError, OSError, ConnectionError, TimeoutError)
+
+
+class CeleryDispatcher:
+    """Sends shard tickets as `execute_shard` messages to their queue (implements services' Dispatcher)."""
+
+    def __init__(self, celery: Celery) -> None:
+        self.app = celery
+
+    def _unavailable(self, exc: BaseException) -> ServiceUnavailableError:
+        url = mask_url(str(self.app.conf.broker_url))
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        return ServiceUnavailableError(f"broker {url} is unreachable ({reason}); start it or check "
+                                       "DIFFTPT_OPS_BROKER_URL")
+
+    def check(self) -> None:
+        """Connect once, with a short timeout: an unreachable broker is reported, never waited for."""
+        try:
+            with self.app.connection_for_write() as connection:
+                connection.ensure_connection(max_retries=1, interval_start=0, interval_step=0,
+                                             timeout=BROKER_CHECK_TIMEOUT_S)
+        except _BROKER_ERRORS as exc:
+            raise self._unavailable(exc) from exc
+
+    def send(self, tickets: Sequence[Any]) -> None:
+        """Publish one message per ticket over one connection."""
+        policy = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
+        try:
+            with self.app.producer_or_acquire() as producer:
+                for ticket in tickets:
+                    self.app.send_task(EXECUTE_SHARD, args=[ticket.shard_id], queue=ticket.queue,
+                                       countdown=ticket.countdown or None, producer=producer,
+                                       retry=True, retry_policy=policy)
+        except _BROKER_ERRORS as exc:
+            raise self._unavailable(exc) from exc
+
+
+def dispatcher_for(settings: Settings) -> CeleryDispatcher:
+    """A dispatcher for the settings' broker (the CLI's settings may differ from the environment's)."""
+    return CeleryDispatcher(make_celery(settings))
+
+
+_runtime: dict[str, Any] = {}
+_runtime_lock = threading.Lock()
+
+
+def _settings_and_engine() -> tuple[Settings, Any]:
+    """Settings and database engine of this worker process, opened on first use (never migrates)."""
+    with _runtime_lock:
+        if not _runtime:
+            from difftpt_ops.services.workspace import open_database
+
+            settings = load_settings()
+            _runtime["engine"] = open_database(settings, auto_upgrade=False)
+            _runtime["settings"] = settings
+    return _runtime["settings"], _runtime["engine"]
+
+
+def worker_gpu() -> str | None:
+    """The GPU this process was given by the launcher: an index, "cpu", or None when not launched by it."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return None
+    return visible or "cpu"
+
+
+@app.task(name=EXECUTE_SHARD, bind=True, acks_late=True, ignore_result=True,
+          autoretry_for=(TransientError, ServiceUnavailableError), retry_backoff=5, retry_backoff_max=300,
+          retry_jitter=True, max_retries=None)
+def execute_shard(self: Any, shard_id: int) -> str:
+    """Run one shard; a shard to retry (or interrupted by shutdown) is sent again."""
+    from difftpt_ops.services.executor import ShardTicket, WorkerIdentity
+    from difftpt_ops.services.shards import Outcome
+    from difftpt_ops.services.shards import execute_shard as run_shard
+
+    settings, engine = _settings_and_engine()
+    identity = WorkerIdentity(name=self.request.hostname or f"celery@{socket.gethostname()}", gpu=worker_gpu())
+    outcome = run_shard(engine, settings, int(shard_id), identity=identity)
+    if outcome.outcome in (Outcome.RETRY, Outcome.INTERRUPTED) and outcome.queue:
+        CeleryDispatcher(self.app).send([ShardTicket(int(shard_id), outcome.queue, outcome.retry_in_s or 0.0)])
+    return outcome.outcome.value
+
+
+class _StaleShardCheck(threading.Thread):
+    """Every few seconds, re-queue running shards whose worker is silent or dead."""
+
+    def __init__(self) -> None:
+        super().__init__(name="stale-shard-check", daemon=True)
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        from difftpt_ops.services.executor import requeue_stale_shards
+
+        interval = 30.0
+        while True:
+            try:
+                settings, engine = _settings_and_engine()
+                interval = min(max(settings.stale_after_s / 4, 1.0), 60.0)
+                requeued = requeue_stale_shards(engine, settings, CeleryDispatcher(app))
+                if requeued:
+                    log.warning("re-queued %d shard(s) whose worker stopped heartbeating", requeued)
+            except Exception as exc:  # noqa: BLE001 - a failed check is retried at the next tick
+                log.warning("stale shard check failed: %s", exc)
+            if self.stopped.wait(interval):
+                return
+
+
+_stale_check = _StaleShardCheck()
+
+
+@signals.worker_init.connect
+def _require_broker(sender: Any = None, **_: Any) -> None:
+    if not app.conf.broker_url:
+        raise SystemExit("DIFFTPT_OPS_BROKER_URL is not set: a worker needs a broker (redis://... or amqp://...)")
+
+
+@signals.worker_ready.connect
+def _start_stale_check(**_: Any) -> None:
+    if not _stale_check.is_alive():
+        _stale_check.start()
+
+
+@signals.worker_shutting_down.connect
+def _stop_shards(**_: Any) -> None:
+    """Warm shutdown: the running shard stores its finished samples, is re-queued, and the task returns."""
+    shards = sys.modules.get("difftpt_ops.services.shards")  # not imported: no shard has run here
+    if shards is not None:
+        shards.request_stop()
+    _stale_check.stopped.set()
