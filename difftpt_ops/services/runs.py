@@ -34,10 +34,10 @@ from difftpt_ops.db.tables import (
     Sample,
     Shard,
 )
+from difftpt_ops.db.writes import insert_new_ids
 from difftpt_ops.services import executor, reporting
 from difftpt_ops.services.executor import Dispatcher, ProgressSink, as_utc
 from difftpt_ops.services.shards import finalize_run_if_complete, utcnow
-from difftpt_ops.services.tuning import insert_new_ids
 
 STATUS_WINDOW_S = 60.0  # throughput is measured over this recent window
 MAX_SHARD_SIZE = 10_000  # a shard's sample ids go into one IN (...) list

@@ -36,9 +36,10 @@ from difftpt_ops.core.status import RunState, SampleStatus, ShardState, check_ru
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import Run, Sample, Shard
 from difftpt_ops.db.tables import SampleError as SampleErrorRow
+from difftpt_ops.db.writes import insert_many_ignore
 from difftpt_ops.services import reporting
 from difftpt_ops.services.executor import HEARTBEATS, Lease, WorkerIdentity, is_reclaimable
-from difftpt_ops.services.tuning import RunContext, insert_many_ignore
+from difftpt_ops.services.tuning import RunContext
 
 log = logging.getLogger(__name__)
 

@@ -27,15 +27,14 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import func, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.orm import Session
 
 from difftpt_ops.config import Settings
 from difftpt_ops.core.errors import InputError, NotFoundError, SampleError
 from difftpt_ops.core.specs import GenerationSpec, ModelSpec, canonical_json, method_spec_from_dict
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import Dataset, DatasetVersion, GeneratedImage, Prediction, Run, ViewScore
+from difftpt_ops.db.writes import insert_many_ignore
 
 NOOP_DELAY_ENV = "DIFFTPT_OPS_NOOP_DELAY_S"
 NOOP_TRACE_ENV = "DIFFTPT_OPS_NOOP_TRACE"
@@ -100,35 +99,6 @@ def clear_caches() -> None:
     """Forget cached models and run contexts (tests; a worker never needs to)."""
     _MODELS.clear()
     _CONTEXTS.clear()
-
-
-_INSERT_IGNORE: dict[tuple[str, str], Any] = {}
-
-
-def insert_many_ignore(executor: Connection | Session, model: Any, rows: Sequence[dict[str, Any]]) -> None:
-    """INSERT ... ON CONFLICT DO NOTHING as one executemany of a cached statement.
-
-    `db.writes.insert_ignore` renders one multi-VALUES statement per call, whose compilation costs
-    about 2 ms per row here: too slow for per-sample results. Rows must share their keys.
-    """
-    if not rows:
-        return
-    dialect = executor.get_bind().dialect.name if isinstance(executor, Session) else executor.dialect.name
-    key = (dialect, model.__tablename__)
-    if key not in _INSERT_IGNORE:
-        insert = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}[dialect]
-        _INSERT_IGNORE[key] = insert(model.__table__).on_conflict_do_nothing()
-    executor.execute(_INSERT_IGNORE[key], list(rows))
-
-
-def insert_new_ids(session: Session, model: Any, rows: list[dict[str, Any]]) -> list[int]:
-    """Insert the rows that collide with no unique key; the ids of those inserted.
-
-    RETURNING tells what was inserted on both dialects (PostgreSQL reports no rowcount for it).
-    """
-    insert = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}[session.get_bind().dialect.name]
-    return list(session.scalars(insert(model.__table__).values(rows).on_conflict_do_nothing()
-                                .returning(model.__table__.c.id)))
 
 
 def resolve_device(settings: Settings, device: str | None) -> str:
