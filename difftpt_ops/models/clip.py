@@ -1,0 +1,166 @@
+"""Load a frozen CLIP through open_clip, from a hub name, a local directory or a local checkpoint file.
+
+This module is the only place that touches disk or the hub for CLIP and CoOp weights. The returned
+model is in eval mode with every parameter frozen; the tuning code never trains the model itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from difftpt_ops.core.errors import InvalidSpecError, NotFoundError, ServiceUnavailableError
+from difftpt_ops.core.specs import ModelSpec
+
+LOCAL_DIR_PREFIX = "local-dir:"
+CONFIG_FILE = "open_clip_config.json"
+WEIGHTS_FILE = "open_clip_model.safetensors"
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class LoadedClip:
+    """A frozen open_clip model with its tokenizer and the facts the tuning code needs."""
+
+    model: nn.Module
+    tokenizer: Callable[..., torch.Tensor]
+    name: str  # the spec's name: an open_clip model name or a local directory
+    device: torch.device
+    precision: str  # resolved: fp32, fp16 or bf16 (never "auto")
+    dtype: torch.dtype  # dtype of the frozen transformer weights
+    embed_dim: int
+    context_length: int
+    image_size: int
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" means fp32 on CPU and fp16 frozen weights on CUDA; explicit values are kept."""
+    if precision != "auto":
+        return precision
+    return "fp16" if device.type == "cuda" else "fp32"
+
+
+def load_clip(spec: ModelSpec, device: str | torch.device = "cpu", *, cache_dir: str | None = None) -> LoadedClip:
+    """Load the CLIP that `spec` names, frozen and in eval mode, on `device`.
+
+    `spec.name` is an open_clip model name (with `spec.pretrained` a tag such as "openai" or a path to a
+    checkpoint file, or None for random weights), an "hf-hub:" id, or a local directory holding
+    open_clip_config.json and open_clip_model.safetensors (then `spec.pretrained` is ignored).
+
+    Raises:
+        NotFoundError: `spec.name` is neither a known model nor an existing directory, the directory has no
+            open_clip_config.json, or `spec.pretrained` is neither a known tag nor an existing file.
+        InvalidSpecError: the config cannot be read, or the checkpoint does not fit the architecture.
+        ServiceUnavailableError: the weights of a hub tag cannot be fetched (offline and not cached).
+    """
+    import open_clip
+
+    device = torch.device(device)
+    precision = resolve_precision(spec.precision, device)
+    model_name, pretrained = _open_clip_source(spec)
+    try:
+        model = open_clip.create_model(
+            model_name, pretrained=pretrained, precision=precision, device=device, cache_dir=cache_dir
+        )
+    except RuntimeError as exc:
+        text = str(exc).lower()
+        # open_clip wraps every download failure (no network, HF_HUB_OFFLINE=1 and not cached) in RuntimeError.
+        if "download" in text or "hf hub" in text:
+            raise ServiceUnavailableError(
+                f"cannot fetch the weights of {spec.name} ({spec.pretrained}): pass a local directory with "
+                f"--model DIR (see `difftpt-ops models make-tiny`) or go online"
+            ) from exc
+        if "state_dict" in text:  # a checkpoint of another architecture
+            raise InvalidSpecError("--pretrained", pretrained or spec.name, f"does not fit {spec.name}: {exc}") from exc
+        raise
+    except ValueError as exc:  # an unreadable open_clip_config.json
+        raise InvalidSpecError("--model", spec.name, f"cannot be loaded: {exc}") from exc
+    model.eval()
+    model.requires_grad_(False)
+    tokenizer = open_clip.get_tokenizer(model_name)
+    return LoadedClip(
+        model=model,
+        tokenizer=tokenizer,
+        name=spec.name,
+        device=device,
+        precision=precision,
+        dtype=_weight_dtype(model),
+        embed_dim=int(model.visual.output_dim),
+        context_length=int(getattr(model, "context_length", 77)),
+        image_size=_image_size(model),
+    )
+
+
+def read_coop_checkpoint(path: str | Path) -> Mapping[str, Any]:
+    """Read a CoOp checkpoint (torch.save of {"state_dict": {"ctx": ...}, ...}) from disk, tensors only.
+
+    Raises:
+        NotFoundError: no such file.
+        InvalidSpecError: the file cannot be read as a torch checkpoint.
+    """
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise NotFoundError("coop_checkpoint", str(path), "no such file")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a corrupt or foreign file
+        raise InvalidSpecError("coop_checkpoint", str(path), f"cannot be read as a torch checkpoint: {exc}") from exc
+    if not isinstance(state, Mapping):
+        raise InvalidSpecError("coop_checkpoint", str(path), "is not a dict checkpoint")
+    return state
+
+
+def _open_clip_source(spec: ModelSpec) -> tuple[str, str | None]:
+    """Turn a spec into open_clip's (model_name, pretrained) pair, checking local paths first."""
+    import open_clip
+
+    name = spec.name
+    if name.startswith(("hf-hub:", LOCAL_DIR_PREFIX)):
+        if name.startswith(LOCAL_DIR_PREFIX):
+            return _local_dir(name.removeprefix(LOCAL_DIR_PREFIX)), None
+        return name, None
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return _local_dir(str(path)), None
+    name = name.replace("/", "-")  # OpenAI spells ViT-B/16; open_clip's registry says ViT-B-16
+    if name not in open_clip.list_models():
+        raise NotFoundError("--model", spec.name, "is neither an open_clip model name nor an existing directory")
+    pretrained = spec.pretrained
+    if pretrained and not open_clip.get_pretrained_cfg(name, pretrained):
+        if not Path(pretrained).expanduser().is_file():
+            tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
+            raise NotFoundError("--pretrained", pretrained, f"is neither a known tag ({tags}) nor an existing file")
+        pretrained = str(Path(pretrained).expanduser())
+    return name, pretrained
+
+
+def _local_dir(directory: str) -> str:
+    path = Path(directory).expanduser()
+    if not path.is_dir():
+        raise NotFoundError("--model", directory, "no such directory")
+    if not (path / CONFIG_FILE).is_file():
+        raise NotFoundError("--model", directory, f"has no {CONFIG_FILE}; not an open_clip model directory")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")) and not any(path.glob("*.pth")):
+        # open_clip would only warn and return random weights; a directory without weights is a mistake.
+        raise NotFoundError("--model", directory, f"has no weights file (expected {WEIGHTS_FILE})")
+    return f"{LOCAL_DIR_PREFIX}{path}"
+
+
+def _weight_dtype(model: nn.Module) -> torch.dtype:
+    transformer = getattr(model, "transformer", None)
+    if transformer is None:
+        transformer = getattr(getattr(model, "text", None), "transformer", None)
+    if transformer is not None and hasattr(transformer, "get_cast_dtype"):
+        return transformer.get_cast_dtype()
+    return next(model.parameters()).dtype
+
+
+def _image_size(model: nn.Module) -> int:
+    size = getattr(model.visual, "image_size", 224)
+    return int(size[0] if isinstance(size, (tuple, list)) else size)

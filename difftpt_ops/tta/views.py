@@ -1,0 +1,155 @@
+"""The views of one test sample: the original, random crops (TPT), and generated variations (DiffTPT).
+
+Layout of a sample's batch: index 0 is the original (bicubic resize of the shorter side + center crop);
+then the conventional views (RandomResizedCrop from the full-resolution image + horizontal flip, AugMix
+on top when asked); then the generated views (resize + center crop only). Every random choice of view i
+comes from a generator seeded with hash(seed, sample_key, i), so a sample gets the same views on any
+worker, in any order, whatever ran before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torch import Tensor
+from torchvision.transforms import InterpolationMode
+
+from difftpt_ops.core.errors import InputError
+from difftpt_ops.tta.augmix import augmix
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CROP_SCALE = (0.08, 1.0)  # torchvision RandomResizedCrop defaults, as TPT uses them
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+CROP_ATTEMPTS = 10
+
+ORIGINAL, CONVENTIONAL, GENERATED = "original", "conventional", "generated"
+
+
+@dataclass(frozen=True)
+class ViewBatch:
+    """Normalised views (n, 3, R, R) and the kind of each row."""
+
+    pixels: Tensor
+    kinds: tuple[str, ...]
+
+
+def view_seed(seed: int, sample_key: str | int, view_index: int) -> int:
+    """A 63-bit seed for one view, stable across processes and platforms (Python's hash() is salted)."""
+    digest = hashlib.sha256(f"{seed}\x1f{sample_key}\x1f{view_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def as_rgb_image(image: object, *, argument: str = "image") -> Image.Image:
+    """Accept a PIL image (any mode) or a (C, H, W) tensor with C in {1, 3}; return an RGB PIL image.
+
+    Raises:
+        InputError: anything else, or an image with a zero side.
+    """
+    if isinstance(image, Tensor):
+        if image.dim() != 3 or image.shape[0] not in (1, 3):
+            raise InputError(argument, tuple(image.shape), "a tensor image must have shape (3, H, W) or (1, H, W)")
+        image = TF.to_pil_image(image.detach().cpu())
+    if not isinstance(image, Image.Image):
+        raise InputError(argument, type(image).__name__, "must be a PIL image or a (3, H, W) tensor")
+    if min(image.size) < 1:
+        raise InputError(argument, image.size, "has a zero-sized side")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+_MEAN = np.asarray(CLIP_MEAN, dtype=np.float32)[:, None, None]
+_STD = np.asarray(CLIP_STD, dtype=np.float32)[:, None, None]
+
+
+def to_normalised_array(image: Image.Image) -> np.ndarray:
+    """ToTensor + CLIP Normalize as a (3, H, W) float32 array.
+
+    Same arithmetic as torchvision's to_tensor/normalize, in numpy: per-view tensors are small, and
+    torch's thread pool costs more than it saves on them (much more on a busy machine).
+    """
+    pixels = np.asarray(image, dtype=np.uint8).astype(np.float32).transpose(2, 0, 1) / np.float32(255.0)
+    return (pixels - _MEAN) / _STD
+
+
+def center_view(image: Image.Image, resolution: int = 224) -> np.ndarray:
+    """Bicubic resize of the shorter side to `resolution`, center crop, CLIP normalisation."""
+    resized = TF.resize(image, resolution, interpolation=InterpolationMode.BICUBIC)
+    return to_normalised_array(TF.center_crop(resized, resolution))
+
+
+def random_crop_box(width: int, height: int, generator: torch.Generator) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a RandomResizedCrop with torchvision's default scale and ratio ranges."""
+    area = width * height
+    log_lo, log_hi = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
+    for _ in range(CROP_ATTEMPTS):
+        target = area * _uniform(CROP_SCALE[0], CROP_SCALE[1], generator)
+        aspect = math.exp(_uniform(log_lo, log_hi, generator))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
+            return top, left, h, w
+    # Fallback after failed attempts: the largest centred crop whose aspect ratio is within range.
+    ratio = width / height
+    if ratio < CROP_RATIO[0]:
+        w, h = width, round(width / CROP_RATIO[0])
+    elif ratio > CROP_RATIO[1]:
+        w, h = round(height * CROP_RATIO[1]), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def conventional_view(image: Image.Image, *, seed: int, resolution: int = 224, use_augmix: bool = False) -> np.ndarray:
+    """RandomResizedCrop (bilinear) + horizontal flip p=0.5 [+ AugMix], all drawn from `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    top, left, h, w = random_crop_box(image.size[0], image.size[1], generator)
+    crop = TF.resized_crop(image, top, left, h, w, [resolution, resolution],
+                           interpolation=InterpolationMode.BILINEAR)
+    if float(torch.rand(1, generator=generator)) < 0.5:
+        crop = TF.hflip(crop)
+    if not use_augmix:
+        return to_normalised_array(crop)
+    return augmix(crop, to_normalised_array, random.Random(seed))
+
+
+def build_views(image: object, *, n_conventional: int, generated: Sequence[object] = (), seed: int,
+                sample_key: str | int, augmix: bool = False, resolution: int = 224, workers: int = 1) -> ViewBatch:
+    """All views of one sample: [original, n_conventional random crops, one view per generated image].
+
+    `workers` > 1 builds the views in a thread pool (PIL and numpy release the GIL); each view has its own
+    generator, so the result does not depend on it.
+
+    Raises:
+        InputError: `image` or a generated image is not an image (see `as_rgb_image`).
+    """
+    original = as_rgb_image(image)
+    generated_images = [as_rgb_image(g, argument=f"generated[{i}]") for i, g in enumerate(generated)]
+    jobs: list[Callable[[], np.ndarray]] = [lambda: center_view(original, resolution)]
+    jobs += [
+        lambda i=i: conventional_view(original, seed=view_seed(seed, sample_key, i), resolution=resolution,
+                                      use_augmix=augmix)
+        for i in range(1, n_conventional + 1)
+    ]
+    jobs += [lambda g=g: center_view(g, resolution) for g in generated_images]
+    if workers > 1 and len(jobs) > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            views = list(pool.map(lambda job: job(), jobs))
+    else:
+        views = [job() for job in jobs]
+    kinds = (ORIGINAL,) + (CONVENTIONAL,) * n_conventional + (GENERATED,) * len(generated_images)
+    return ViewBatch(pixels=torch.from_numpy(np.stack(views)), kinds=kinds)
+
+
+def _uniform(low: float, high: float, generator: torch.Generator) -> float:
+    return float(torch.empty(1).uniform_(low, high, generator=generator))

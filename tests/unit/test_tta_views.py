@@ -1,0 +1,123 @@
+"""Views: layout, CLIP preprocessing, and seeding that makes a sample's views identical anywhere."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from PIL import Image  # noqa: E402
+
+from difftpt_ops.core.errors import InputError  # noqa: E402
+from difftpt_ops.tta.views import (  # noqa: E402
+    CLIP_MEAN,
+    CLIP_STD,
+    as_rgb_image,
+    build_views,
+    center_view,
+    random_crop_box,
+    view_seed,
+)
+from tests.unit.tta_support import random_image  # noqa: E402
+
+pytestmark = pytest.mark.unit
+
+
+def test_layout_and_shapes() -> None:
+    """[original, conventional x n, generated x m], each a normalised 3 x 224 x 224 tensor."""
+    views = build_views(random_image(0), n_conventional=3, generated=[random_image(1, (64, 64))] * 2, seed=0,
+                        sample_key="s")
+    assert views.pixels.shape == (6, 3, 224, 224)
+    assert views.kinds == ("original",) + ("conventional",) * 3 + ("generated",) * 2
+
+
+def test_center_view_is_bicubic_resize_and_center_crop() -> None:
+    """A uniform grey image maps to exactly (grey - mean) / std after resize + crop."""
+    grey = Image.new("RGB", (300, 200), (128, 128, 128))
+    view = torch.from_numpy(center_view(grey))
+    expected = torch.tensor([(128 / 255 - m) / s for m, s in zip(CLIP_MEAN, CLIP_STD, strict=True)])
+    assert view.shape == (3, 224, 224)
+    assert torch.allclose(view.mean(dim=(1, 2)), expected, atol=1e-5)
+
+
+def test_seeded_views_repeat_exactly_and_differ_between_views() -> None:
+    """Same (seed, sample_key) gives identical views; views within a sample differ."""
+    image = random_image(0)
+    a = build_views(image, n_conventional=4, seed=7, sample_key="img-1", augmix=True)
+    b = build_views(image, n_conventional=4, seed=7, sample_key="img-1", augmix=True)
+    assert torch.equal(a.pixels, b.pixels)
+    assert not torch.equal(a.pixels[1], a.pixels[2])
+    other = build_views(image, n_conventional=4, seed=7, sample_key="img-2", augmix=True)
+    assert not torch.equal(a.pixels[1:], other.pixels[1:])
+
+
+def test_views_do_not_depend_on_order_or_count() -> None:
+    """View i depends only on (seed, sample_key, i): not on other samples run first, nor on n."""
+    image_a, image_b = random_image(0), random_image(1)
+    first = build_views(image_a, n_conventional=3, seed=0, sample_key="a")
+    build_views(image_b, n_conventional=5, seed=0, sample_key="b")
+    again = build_views(image_a, n_conventional=6, seed=0, sample_key="a")
+    assert torch.equal(first.pixels, again.pixels[:4])
+
+
+def test_thread_pool_gives_the_same_views() -> None:
+    image = random_image(0)
+    serial = build_views(image, n_conventional=4, generated=[random_image(1)], seed=0, sample_key="a", augmix=True)
+    pooled = build_views(image, n_conventional=4, generated=[random_image(1)], seed=0, sample_key="a", augmix=True,
+                         workers=3)
+    assert torch.equal(serial.pixels, pooled.pixels) and serial.kinds == pooled.kinds
+
+
+def test_views_leave_global_rngs_alone() -> None:
+    """Building views consumes neither torch's nor Python's global random state."""
+    torch_state, python_state = torch.get_rng_state(), random.getstate()
+    build_views(random_image(0), n_conventional=3, seed=0, sample_key=1, augmix=True)
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    assert random.getstate() == python_state
+
+
+def test_view_seed_is_stable_across_processes() -> None:
+    """A hash of the text, not Python's salted hash(): pinned so a change is noticed."""
+    assert view_seed(0, "a", 1) == view_seed(0, "a", 1)
+    assert view_seed(0, "a", 1) != view_seed(0, "a", 2) != view_seed(1, "a", 1)
+    assert view_seed(0, "a", 1) == int.from_bytes(__import__("hashlib").sha256(b"0\x1fa\x1f1").digest()[:8],
+                                                  "little") & ((1 << 63) - 1)
+
+
+def test_augmix_changes_pixels_but_keeps_the_crop() -> None:
+    """AugMix is applied on top of the same seeded crop, so the two differ but stay correlated."""
+    image = random_image(0)
+    plain = build_views(image, n_conventional=2, seed=0, sample_key="k").pixels[1:]
+    mixed = build_views(image, n_conventional=2, seed=0, sample_key="k", augmix=True).pixels[1:]
+    assert not torch.equal(plain, mixed)
+    correlation = torch.corrcoef(torch.stack([plain.flatten(), mixed.flatten()]))[0, 1]
+    assert correlation > 0.5
+
+
+def test_random_crop_box_stays_inside_the_image() -> None:
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        top, left, h, w = random_crop_box(40, 30, generator)
+        assert 0 <= top and 0 <= left and 0 < h and 0 < w and top + h <= 30 and left + w <= 40
+
+
+def test_modes_are_converted_and_tensors_accepted() -> None:
+    """Grey, RGBA and palette images become RGB; a (3, H, W) tensor is accepted."""
+    for mode in ("L", "RGBA", "P"):
+        assert as_rgb_image(Image.new(mode, (10, 10))).mode == "RGB"
+    assert as_rgb_image(torch.rand(3, 20, 30)).size == (30, 20)
+
+
+@pytest.mark.parametrize("bad", [torch.rand(2, 3, 8, 8), torch.rand(4, 8, 8), "image.jpg", None])
+def test_bad_images_are_input_errors(bad: object) -> None:
+    with pytest.raises(InputError) as info:
+        build_views(bad, n_conventional=1, seed=0, sample_key=0)
+    assert info.value.argument == "image"
+
+
+def test_bad_generated_image_names_its_index() -> None:
+    with pytest.raises(InputError) as info:
+        build_views(random_image(0), n_conventional=0, generated=[random_image(1), 3], seed=0, sample_key=0)
+    assert info.value.argument == "generated[1]"
