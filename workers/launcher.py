@@ -213,13 +213,13 @@ def run_workers(settings: Settings, *, gpus: str = "all", queues: str = ",".join
         ServiceUnavailableError: the database or the broker cannot be reached.
     """
     # 1. Validate the arguments (nothing is started on bad input).
-    if not settings.broker_url:
-        raise InputError("DIFFTPT_OPS_BROKER_URL", "(unset)", "workers need a broker (redis://HOST:6379/0 or "
-                         "amqp://...); without one, `submit` runs the work itself")
     if concurrency_per_gpu < 1:
         raise InputError("--concurrency-per-gpu", concurrency_per_gpu, "must be >= 1")
     queue_names = parse_queues(queues)
     devices = parse_gpus(gpus, visible_gpus())
+    if not settings.broker_url:
+        raise InputError("DIFFTPT_OPS_BROKER_URL", "(unset)", "workers need a broker (redis://HOST:6379/0 or "
+                         "amqp://...); without one, `submit` runs the work itself")
     # 2. The database and the broker must answer before any child starts.
     from difftpt_ops.services.workspace import open_database
     from workers.tasks import dispatcher_for

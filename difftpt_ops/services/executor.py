@@ -26,7 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from difftpt_ops.config import Settings
-from difftpt_ops.core.errors import ServiceUnavailableError
+from difftpt_ops.core.errors import InputError, ServiceUnavailableError
 from difftpt_ops.core.status import TERMINAL_RUN_STATES, TERMINAL_SHARD_STATES, RunState, ShardState
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import GeneratedImage, Prediction, Run, Shard
@@ -329,6 +329,10 @@ def run_embedded(engine: Engine, settings: Settings, run_id: int, *, device: str
         shard_id = ready.popleft()
         outcome = execute_shard(engine, settings, shard_id, identity=identity, device=device,
                                 progress=progress.advance if progress is not None else None)
+        if isinstance(outcome.error, (InputError, ServiceUnavailableError)):
+            # A setup problem (model weights unreachable, a bad spec) fails every shard the same way:
+            # say so now instead of retrying with backoff. The shard is stored; `resume` continues.
+            raise outcome.error
         if outcome.outcome == Outcome.RETRY:
             heapq.heappush(waiting, (time.monotonic() + (outcome.retry_in_s or 0.0), shard_id))
         elif outcome.outcome == Outcome.INTERRUPTED:

@@ -113,6 +113,7 @@ class ShardOutcome:
     queue: str | None = None
     retry_in_s: float | None = None
     processed: int = 0
+    error: Exception | None = None  # why it failed as a whole (FAILED / RETRY)
 
 
 @dataclass(frozen=True)
@@ -301,8 +302,8 @@ def _record_failure(engine: Engine, settings: Settings, claim: Claim, queue: str
         raise TransientError(f"shard {claim.shard_id}: cannot record its failure ({db_exc})") from exc
     log.warning("shard %s attempt %s failed: %s", claim.shard_id, claim.token, exc)
     if retry:
-        return ShardOutcome(claim.shard_id, Outcome.RETRY, queue, retry_in_s=retry_delay_s(claim.token))
-    return ShardOutcome(claim.shard_id, Outcome.FAILED, queue)
+        return ShardOutcome(claim.shard_id, Outcome.RETRY, queue, retry_in_s=retry_delay_s(claim.token), error=exc)
+    return ShardOutcome(claim.shard_id, Outcome.FAILED, queue, error=exc)
 
 
 def execute_shard(engine: Engine, settings: Settings, shard_id: int, *, identity: WorkerIdentity,
