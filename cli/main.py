@@ -70,13 +70,7 @@ def _register_groups() -> None:
     import importlib
 
     for module_name in ("cli.models_cmds", "cli.data_cmds", "cli.jobs", "cli.results_cmds", "cli.demo"):
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:
-                continue  # a group not written yet
-            raise
-        module.register(app)
+        importlib.import_module(module_name).register(app)
 
 
 _register_groups()
