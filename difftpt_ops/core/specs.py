@@ -164,10 +164,10 @@ def _coerce(value: Any, target: Any) -> Any:
     """Turn a CLI string into the type of an existing field value."""
     if not isinstance(value, str):
         return value
-    if isinstance(target, bool) or target is None and value.lower() in {"true", "false", "none", "null"}:
-        lowered = value.lower()
-        if lowered in {"none", "null"}:
-            return None
+    lowered = value.lower()
+    if lowered in {"none", "null"}:
+        return None  # optional fields (ctx_init, augmix, coop_checkpoint); required ones then fail validation
+    if isinstance(target, bool) or target is None and lowered in {"true", "false"}:
         return lowered in {"1", "true", "yes", "on"}
     if isinstance(target, int):
         return int(value)

@@ -67,5 +67,13 @@ def test_fingerprint_changes_with_results_relevant_fields_only() -> None:
                                              seed=1).fingerprint()
 
 
+def test_none_means_none_for_optional_fields() -> None:
+    """`--set prompt.ctx_init=none` asks for a random context; `--set augmix=none` restores the default."""
+    spec = method_spec_from("tpt", {"prompt.ctx_init": "none", "augmix": "none"})
+    assert spec.prompt.ctx_init is None and spec.augmix is None
+    with pytest.raises(InvalidSpecError):
+        method_spec_from("tpt", {"steps": "none"})
+
+
 def test_flatten() -> None:
     assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a.b": 1, "a.c.d": 2, "e": 3}
