@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,19 +21,10 @@ from difftpt_ops.models.tiny_diffusion import TINY_SIZE, make_tiny_variation_pip
 from difftpt_ops.services import generation
 from difftpt_ops.storage.artifacts import TEMP_SUFFIX, ArtifactStore
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
 
 torch = pytest.importorskip("torch")
 PER_SAMPLE = 3
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from threads, and OpenMP spinning on a busy 2-core box costs 20x."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

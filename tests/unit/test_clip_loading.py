@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,16 +16,7 @@ from difftpt_ops.core.specs import ModelSpec  # noqa: E402
 from difftpt_ops.models.clip import WEIGHTS_FILE, load_clip, read_coop_checkpoint  # noqa: E402
 from difftpt_ops.models.tiny_clip import TINY_MODEL_CFG, make_tiny_clip  # noqa: E402
 
-pytestmark = pytest.mark.unit
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from threads; OpenMP spinning on a busy 2-core box costs a lot."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")

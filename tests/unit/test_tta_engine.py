@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,19 +15,11 @@ from difftpt_ops.tta import SampleResult, prepare_classifier  # noqa: E402
 from difftpt_ops.tta.naive import NaiveTuner  # noqa: E402
 from tests.unit.tta_support import CLASS_NAMES, random_image, tiny_clip  # noqa: E402
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
 
 # Small but complete settings: every code path runs, in a fraction of the reference's views.
 TPT = {"n_views": 16, "selection_p": 0.25}
 DIFFTPT = {"n_conventional": 8, "n_generated": 4, "steps": 2}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

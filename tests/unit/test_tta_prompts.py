@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -21,15 +19,7 @@ from difftpt_ops.tta.prompts import (  # noqa: E402
 from difftpt_ops.tta.text import TextTower  # noqa: E402
 from tests.unit.tta_support import CLASS_NAMES, tiny_clip  # noqa: E402
 
-pytestmark = pytest.mark.unit
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")
