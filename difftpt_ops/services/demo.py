@@ -42,6 +42,15 @@ class DemoResult:
 Echo = Callable[[str], None]
 
 
+def _quiet_library_progress_bars() -> None:
+    """The demo prints its own steps; the loaders' per-file bars would bury them."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def _prepare_inputs(settings: Settings, engine: Engine, echo: Echo) -> tuple[Path, dict[str, Any]]:
     from difftpt_ops.data.demo_photos import write_demo_dataset
     from difftpt_ops.models.tiny import CLIP_SUBDIR, DIFFUSION_SUBDIR, make_tiny_models
@@ -72,6 +81,7 @@ def run_demo(settings: Settings, engine: Engine, *, echo: Echo, progress: Callab
     from difftpt_ops.services.runs import submit_generate, submit_tune
 
     plan = plan or DemoPlan()
+    _quiet_library_progress_bars()
     # 1-2. Models and data.
     models_dir, _ = _prepare_inputs(settings, engine, echo)
     # 3. Generated variations, cached by content: a second demo generates nothing.
