@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -88,11 +89,11 @@ def postgres_url() -> Iterator[str]:
         _drop_postgres_database(url)
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def database_url(request: pytest.FixtureRequest, workspace: Path) -> Iterator[str]:
-    """The same test on the embedded SQLite file and on a fresh PostgreSQL database."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{workspace / 'difftpt.db'}"
+@contextmanager
+def scratch_database(backend: str, directory: Path) -> Iterator[str]:
+    """A fresh database URL: a SQLite file in `directory`, or a new PostgreSQL database dropped afterwards."""
+    if backend == "sqlite":
+        yield f"sqlite:///{directory / 'difftpt.db'}"
         from difftpt_ops.db.session import dispose_engines
 
         dispose_engines()
@@ -102,6 +103,13 @@ def database_url(request: pytest.FixtureRequest, workspace: Path) -> Iterator[st
         yield url
     finally:
         _drop_postgres_database(url)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, workspace: Path) -> Iterator[str]:
+    """The same test on the embedded SQLite file and on a fresh PostgreSQL database."""
+    with scratch_database(request.param, workspace) as url:
+        yield url
 
 
 @pytest.fixture

@@ -15,10 +15,10 @@ from sqlalchemy.engine import Engine
 from typer.testing import CliRunner
 
 from difftpt_ops.core.errors import InputError, NotFoundError
-from difftpt_ops.db.session import dispose_engines, get_engine, session_scope, upgrade
+from difftpt_ops.db.session import get_engine, session_scope, upgrade
 from difftpt_ops.services import stats
 from difftpt_ops.services.results import compare_runs, export_run, run_results
-from tests.conftest import _create_postgres_database, _drop_postgres_database
+from tests.conftest import scratch_database
 from tests.factories import (
     make_dataset_version,
     make_predictions,
@@ -53,19 +53,10 @@ def engine(database_url: str) -> Engine:
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def seeded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Engine, Seeded]]:
     """One database per backend, seeded once for the tests that only read it."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path_factory.mktemp('results-db') / 'difftpt.db'}"
-    else:
-        url = _create_postgres_database()
-    engine = get_engine(url)
-    upgrade(engine)
-    try:
+    with scratch_database(request.param, tmp_path_factory.mktemp("results-db")) as url:
+        engine = get_engine(url)
+        upgrade(engine)
         yield engine, seed(engine)
-    finally:
-        if request.param == "sqlite":
-            dispose_engines()
-        else:
-            _drop_postgres_database(url)
 
 
 def seed(engine: Engine, n: int = 60, n_classes: int = 4, seed_value: int = 0) -> Seeded:

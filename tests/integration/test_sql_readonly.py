@@ -11,9 +11,9 @@ from sqlalchemy.engine import Engine
 from typer.testing import CliRunner
 
 from difftpt_ops.core.errors import InputError
-from difftpt_ops.db.session import dispose_engines, get_engine, session_scope, upgrade
+from difftpt_ops.db.session import get_engine, session_scope, upgrade
 from difftpt_ops.services.sql import check_readonly_query, execute_readonly, run_readonly_sql, split_statements
-from tests.conftest import _create_postgres_database, _drop_postgres_database
+from tests.conftest import scratch_database
 from tests.factories import make_dataset_version, make_predictions, make_run
 
 pytestmark = pytest.mark.integration
@@ -61,19 +61,10 @@ def engine(database_url: str) -> Engine:
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def shared(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Engine, str]]:
     """One seeded database per backend for the tests that must leave it unchanged anyway."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path_factory.mktemp('sql-db') / 'difftpt.db'}"
-    else:
-        url = _create_postgres_database()
-    engine = get_engine(url)
-    _seed(engine)
-    try:
+    with scratch_database(request.param, tmp_path_factory.mktemp("sql-db")) as url:
+        engine = get_engine(url)
+        _seed(engine)
         yield engine, url
-    finally:
-        if request.param == "sqlite":
-            dispose_engines()
-        else:
-            _drop_postgres_database(url)
 
 
 def _counts(engine: Engine) -> tuple[int, int, int, str]:
