@@ -45,21 +45,29 @@ def _partly_done(engine, run_id: int) -> bool:  # type: ignore[no-untyped-def]
     return any(s.state == "running" and 0 < s.samples_done < s.stop - s.start for s in shard_rows(engine, run_id))
 
 
+def _slow_run_partly_done(settings, engine, broker: str, tmp_path: Path, *, samples: int,  # type: ignore[no-untyped-def]
+                          shard_size: int):
+    """A traced, slowed-down worker running a noop run, returned once a shard has flushed some samples."""
+    add_dataset(engine, "toy", samples)
+    env = worker_env(settings, broker, noop_trace=str(tmp_path / "t1"), noop_delay_s="0.1")
+    worker = start_worker(env, tmp_path / "w1")
+    result = runs.submit_tune(engine, settings, dataset_ref="toy", method="noop", shard_size=shard_size,
+                              dispatcher=dispatcher_for(settings))
+    wait_for(lambda: _partly_done(engine, result.run_id), timeout=90, what="a shard flushed part of its samples")
+    return worker, result
+
+
 def test_kill_9_mid_shard_then_a_new_worker_and_resume(workspace: Path, database_url: str, tmp_path: Path) -> None:
     """Exactly one prediction per sample, and no sample that was committed before the kill is redone."""
     with redis_db() as broker:
         settings = make_settings(workspace, database_url, broker_url=broker, stale_after_s="3")
         engine = open_engine(settings)
-        add_dataset(engine, "toy", 60)
-        slow = {"noop_delay_s": "0.1"}
-        first = start_worker(worker_env(settings, broker, noop_trace=str(tmp_path / "t1"), **slow), tmp_path / "w1")
-        result = runs.submit_tune(engine, settings, dataset_ref="toy", method="noop", shard_size=30,
-                                  dispatcher=dispatcher_for(settings))
-        wait_for(lambda: _partly_done(engine, result.run_id), timeout=90, what="a shard flushed part of its samples")
+        first, result = _slow_run_partly_done(settings, engine, broker, tmp_path, samples=60, shard_size=30)
         kill_worker(first)
         committed = _committed(engine, result.run_id)
         assert 0 < len(committed) < 60
-        second = start_worker(worker_env(settings, broker, noop_trace=str(tmp_path / "t2"), **slow), tmp_path / "w2")
+        second = start_worker(worker_env(settings, broker, noop_trace=str(tmp_path / "t2"), noop_delay_s="0.1"),
+                              tmp_path / "w2")
         try:
             resumed = runs.resume_run(engine, settings, result.run_id, dispatcher=dispatcher_for(settings))
             assert resumed.shards_dispatched >= 1
@@ -147,12 +155,7 @@ def test_sigterm_mid_shard_requeues_it_and_exits_0(workspace: Path, tmp_path: Pa
     with redis_db() as broker:
         settings = make_settings(workspace, f"sqlite:///{workspace / 'difftpt.db'}", broker_url=broker)
         engine = open_engine(settings)
-        add_dataset(engine, "toy", 40)
-        slow = {"noop_delay_s": "0.1"}
-        first = start_worker(worker_env(settings, broker, noop_trace=str(tmp_path / "t1"), **slow), tmp_path / "w1")
-        result = runs.submit_tune(engine, settings, dataset_ref="toy", method="noop", shard_size=40,
-                                  dispatcher=dispatcher_for(settings))
-        wait_for(lambda: _partly_done(engine, result.run_id), timeout=90, what="a shard flushed part of its samples")
+        first, result = _slow_run_partly_done(settings, engine, broker, tmp_path, samples=40, shard_size=40)
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=20) == 0
         [shard] = shard_rows(engine, result.run_id)
