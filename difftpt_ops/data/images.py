@@ -10,16 +10,12 @@ from PIL import Image, UnidentifiedImageError
 from difftpt_ops.core.errors import SampleError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
-_CHUNK = 1 << 20
 
 
 def hash_file(path: Path) -> str:
-    """sha256 hex digest of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
+    """sha256 hex digest of a file's bytes (read in chunks by hashlib)."""
     with Path(path).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def load_rgb(path: Path) -> Image.Image:
