@@ -1,4 +1,4 @@
-"""The Celery app and its configuration (architecture decision 7, ops-pitfalls §5). No tasks, no torch.
+"""The Celery app and its configuration (late acks, prefetch 1, JSON only). No tasks, no torch.
 
 `celery -A workers.celery_app worker` builds the app from the environment's settings; a producer
 (the CLI submitting work) builds its own with `make_celery(settings)` and sends tasks by name.

@@ -2,7 +2,7 @@
 
 A spec holds every setting that can change a result. Its fingerprint (sha256 of the canonical JSON)
 identifies a run or a generation config: submitting the same spec again attaches to the stored one.
-Defaults follow the reference code (see docs/algorithm-reference.md); execution-only settings
+Defaults follow the reference code (azshue/TPT, chunmeifeng/DiffTPT); execution-only settings
 (batch size, shard size, device) are not part of a spec because they do not change results.
 """
 
@@ -176,6 +176,12 @@ def _coerce(value: Any, target: Any) -> Any:
     return value
 
 
+def _valid_fields(cls: type) -> str:
+    """The `--set` keys a method spec accepts: its own fields, then the prompt's as prompt.X."""
+    own = [f.name for f in dataclasses.fields(cls) if f.name != "prompt"]
+    return ", ".join(own + [f"prompt.{f.name}" for f in dataclasses.fields(PromptSpec)])
+
+
 def method_spec_from(method: str, overrides: dict[str, Any] | None = None) -> MethodSpec:
     """Build a method spec with the reference defaults, then apply `overrides` (prompt fields as prompt.X).
 
@@ -192,12 +198,12 @@ def method_spec_from(method: str, overrides: dict[str, Any] | None = None) -> Me
         if key.startswith("prompt."):
             sub = key.removeprefix("prompt.")
             if sub not in {f.name for f in dataclasses.fields(PromptSpec)}:
-                raise InvalidSpecError("--set", key, "unknown prompt field")
+                raise InvalidSpecError("--set", key, f"unknown prompt field; valid: {_valid_fields(cls)}")
             prompt[sub] = _coerce(value, getattr(defaults.prompt, sub))
         elif key in {f.name for f in dataclasses.fields(cls)} and key != "prompt":
             top[key] = _coerce(value, getattr(defaults, key))
         else:
-            raise InvalidSpecError("--set", key, f"unknown field of the {method} spec")
+            raise InvalidSpecError("--set", key, f"unknown field of the {method} spec; valid: {_valid_fields(cls)}")
     try:
         if prompt:
             if "n_ctx" in prompt and "ctx_init" not in prompt:

@@ -1,7 +1,7 @@
 """Stable Diffusion image variations (diffusers' `StableDiffusionImageVariationPipeline`).
 
 Loading from a hub id or a local `save_pretrained` directory, the scheduler options, and seeded,
-batched generation. What differs from the reference generator (algorithm-reference.md, section 3):
+batched generation. What differs from the reference generator (DiffTPT's image-variation script):
 
 * every variant has its own seed, derived from (config seed, source image hash, variant index), and
   its own `torch.Generator`: the initial noise of an image never depends on the batch it ran in;

@@ -1,4 +1,4 @@
-"""Stable Diffusion image variations as a cache keyed by content (architecture.md, decision 4).
+"""Stable Diffusion image variations as a cache keyed by content: an image is never generated twice.
 
 A generation config is a `GenerationSpec` stored once by fingerprint. Each image has a file in the
 artifact store under `artifact_key(...)` and a `generated_images` row, unique per (config, source hash,
