@@ -261,3 +261,30 @@ class SweepRun(Base):
     sweep_id: Mapped[int] = mapped_column(ForeignKey("sweeps.id", ondelete="CASCADE"), primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
     point: Mapped[dict[str, Any]] = mapped_column(JSON)  # the grid values of this run, seed included
+
+
+class Sweep(Base):
+    """A grid of tuning runs submitted together (`submit tune --sweep k=a,b --seeds 0,1`).
+
+    Identified by the fingerprint of what was asked (dataset version, method, model, fixed overrides,
+    grid, seeds), so submitting the same sweep again finds it and makes no new runs.
+    """
+
+    __tablename__ = "sweeps"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64), unique=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    num_runs: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+
+
+class SweepRun(Base):
+    """A run of a sweep and the grid point it evaluates. A run can belong to several sweeps."""
+
+    __tablename__ = "sweep_runs"
+    __table_args__ = (Index("ix_sweep_runs_run_id", "run_id"),)
+
+    sweep_id: Mapped[int] = mapped_column(ForeignKey("sweeps.id", ondelete="CASCADE"), primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    point: Mapped[dict[str, Any]] = mapped_column(JSON)  # the grid values of this run, seed included
