@@ -1,43 +1,86 @@
 """Deployment settings: environment variables (DIFFTPT_OPS_*) over an optional TOML file over defaults.
 
+A pydantic-settings model validates every value once, when the settings are read: a bad value (a shard
+size of 0, a negative heartbeat interval, a word where a number belongs) stops the command with one line
+naming the variable (or the TOML file and key) and the value, before anything runs.
+
 Experiment settings never live here: they are frozen specs (core/specs.py) stored with each run.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import tomllib
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, InitSettingsSource, SettingsConfigDict
 
 from difftpt_ops.core.errors import InputError
 
 ENV_PREFIX = "DIFFTPT_OPS_"
 DEFAULT_WORKSPACE = "./difftpt-workspace"
 CONFIG_FILE_NAME = "difftpt-ops.toml"  # looked up inside the workspace unless DIFFTPT_OPS_CONFIG names one
+# MLflow's own variable, honoured when the project's is unset (a box already configured for MLflow).
+MLFLOW_STANDARD_ENV = "MLFLOW_TRACKING_URI"
+DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:\d+|mps)$"
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(BaseSettings):
     """Effective deployment settings. URLs left unset fall back to the embedded workspace defaults."""
 
-    workspace: Path
-    database_url: str
-    broker_url: str | None  # None: the embedded executor runs work in-process
-    mlflow_tracking_uri: str
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_ignore_empty=True, frozen=True,
+                                      extra="forbid", validate_by_name=True)
+
+    workspace: Path = Path(DEFAULT_WORKSPACE)
+    database_url: str = Field(min_length=1)
+    broker_url: str | None = None  # None: the embedded executor runs work in-process
+    mlflow_tracking_uri: str = Field(min_length=1)
     artifact_root: Path
     config_file: Path | None = None
-    visibility_timeout_s: int = 12 * 3600  # must exceed the longest shard (ops-pitfalls 1)
-    heartbeat_interval_s: float = 15.0
-    stale_after_s: float = 120.0  # a running shard whose heartbeat is older is re-queued by resume
-    shard_size: int = 64
-    shard_max_attempts: int = 3
-    mlflow_log_every: int = 100  # running top-1 is logged every N samples, not per sample
-    sqlite_busy_timeout_ms: int = 60_000
+    visibility_timeout_s: int = Field(12 * 3600, ge=1)  # must exceed the longest shard
+    heartbeat_interval_s: float = Field(15.0, gt=0)
+    stale_after_s: float = Field(120.0, gt=0)  # a running shard whose heartbeat is older is re-queued
+    # A shard queued in the database but in no broker queue this long (a broker restart lost it) is sent again.
+    lost_message_grace_s: float = Field(120.0, gt=0)
+    shard_size: int = Field(64, ge=1)
+    shard_max_attempts: int = Field(3, ge=1)
+    mlflow_log_every: int = Field(100, ge=1)  # running top-1 is logged every N samples, not per sample
+    sqlite_busy_timeout_ms: int = Field(60_000, ge=0)
     device: str = "auto"  # auto: cuda when available, else cpu
+
+    @model_validator(mode="before")
+    @classmethod
+    def _embedded_defaults(cls, values: Any) -> Any:
+        """URLs and paths left unset live in the workspace (known only once the sources are merged)."""
+        if not isinstance(values, dict):
+            return values
+        ws = Path(values.get("workspace") or DEFAULT_WORKSPACE).expanduser().resolve()
+        values["workspace"] = ws
+        values.setdefault("database_url", f"sqlite:///{ws / 'difftpt.db'}")
+        values.setdefault("mlflow_tracking_uri", f"sqlite:///{ws / 'mlflow.db'}")
+        values["artifact_root"] = values.get("artifact_root") or ws / "artifacts"
+        return values
+
+    @field_validator("broker_url", mode="before")
+    @classmethod
+    def _empty_broker_is_embedded(cls, value: Any) -> Any:
+        return value or None
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not re.fullmatch(DEVICE_PATTERN, value):
+            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        return value
+
+    @field_validator("artifact_root")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
 
     @property
     def embedded(self) -> bool:
@@ -50,26 +93,39 @@ class Settings:
     def masked(self) -> dict[str, Any]:
         """The settings as plain values, passwords in URLs replaced by ***."""
         out: dict[str, Any] = {}
-        for item in dataclasses.fields(self):
-            value = getattr(self, item.name)
-            out[item.name] = mask_url(str(value)) if isinstance(value, str) else (
-                str(value) if isinstance(value, Path) else value)
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            out[name] = mask_url(value) if isinstance(value, str) else (str(value) if isinstance(value, Path) else value)
         out["embedded"] = self.embedded
         return out
 
 
-_PASSWORD_IN_URL = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@]*:)(?P<pw>[^@]*)(?P<tail>@)")
+# user:password@ after a scheme; the password may contain anything but '@' followed by a host.
+_PASSWORD_IN_URL = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]*:)(?P<pw>[^@\s]*)(?P<tail>@)")
+
+
+# libpq's key=value form (`password=secret`), which drivers echo in some connection errors.
+_PASSWORD_PARAMETER = re.compile(r"(?P<head>\bpassword\s*=\s*)(?P<pw>'[^']*'|[^\s&;]+)", re.IGNORECASE)
 
 
 def mask_url(url: str) -> str:
-    """Replace the password of `scheme://user:password@host` with ***."""
-    return _PASSWORD_IN_URL.sub(lambda m: f"{m['head']}***{m['tail']}", url)
+    """Replace the password of every `scheme://user:password@host` in `url` (or in a message) with ***."""
+    masked = _PASSWORD_IN_URL.sub(lambda m: f"{m['head']}***{m['tail']}", url)
+    return _PASSWORD_PARAMETER.sub(lambda m: f"{m['head']}***", masked)
 
 
-_INT_FIELDS = {"visibility_timeout_s", "shard_size", "shard_max_attempts", "mlflow_log_every",
-               "sqlite_busy_timeout_ms"}
-_FLOAT_FIELDS = {"heartbeat_interval_s", "stale_after_s"}
-_KNOWN = {f.name for f in dataclasses.fields(Settings)} - {"config_file"}
+class _MappingEnvSource(EnvSettingsSource):
+    """The environment source reading a given mapping (load_settings' `env`) instead of os.environ."""
+
+    def __init__(self, settings_cls: type[BaseSettings], mapping: Mapping[str, str]) -> None:
+        self._mapping = dict(mapping)
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {key.lower(): value for key, value in self._mapping.items() if value != ""}
+
+
+_KNOWN = set(Settings.model_fields) - {"config_file"}
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -83,50 +139,52 @@ def _read_toml(path: Path) -> dict[str, Any]:
     table = data.get("difftpt_ops", data)
     unknown = set(table) - _KNOWN
     if unknown:
-        raise InputError("DIFFTPT_OPS_CONFIG", path, f"unknown settings {sorted(unknown)}")
+        raise InputError("DIFFTPT_OPS_CONFIG", path, f"unknown settings {sorted(unknown)}; "
+                                                     f"known: {', '.join(sorted(_KNOWN))}")
     return dict(table)
 
 
-def _typed(name: str, value: Any, source: str) -> Any:
-    try:
-        if name in _INT_FIELDS:
-            return int(value)
-        if name in _FLOAT_FIELDS:
-            return float(value)
-    except (TypeError, ValueError) as exc:
-        raise InputError(source, value, f"must be a number for {name}") from exc
-    return value
+def _source_of(name: str, env: Mapping[str, str], toml: Mapping[str, Any], config_path: Path) -> tuple[str, Any]:
+    """Where the value of setting `name` came from, as the argument an error message names."""
+    if env.get(ENV_PREFIX + name.upper()):
+        return ENV_PREFIX + name.upper(), env[ENV_PREFIX + name.upper()]
+    if name in toml:
+        return f"{config_path}:{name}", toml[name]
+    if name == "mlflow_tracking_uri" and env.get(MLFLOW_STANDARD_ENV):
+        return MLFLOW_STANDARD_ENV, env[MLFLOW_STANDARD_ENV]
+    return name, None
 
 
-def _from_env(env: dict[str, str]) -> dict[str, Any]:
-    values: dict[str, Any] = {}
-    for name in _KNOWN:
-        raw = env.get(ENV_PREFIX + name.upper())
-        if raw is not None and raw != "":
-            values[name] = _typed(name, raw, ENV_PREFIX + name.upper())
-    return values
+def _invalid(exc: ValidationError, env: Mapping[str, str], toml: Mapping[str, Any], config_path: Path) -> InputError:
+    error = exc.errors()[0]
+    name = str(error["loc"][0]) if error["loc"] else "settings"
+    name = name.removeprefix(ENV_PREFIX.lower()).removeprefix(ENV_PREFIX)
+    argument, value = _source_of(name.lower(), env, toml, config_path)
+    problem = str(error["msg"]).removeprefix("Value error, ")
+    return InputError(argument, error.get("input", value) if value is None else value, problem)
 
 
-def load_settings(workspace: str | Path | None = None, env: dict[str, str] | None = None) -> Settings:
-    """Read the settings. `workspace` (the CLI's --workspace) overrides DIFFTPT_OPS_WORKSPACE."""
+def load_settings(workspace: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Read the settings. `workspace` (the CLI's --workspace) overrides DIFFTPT_OPS_WORKSPACE.
+
+    Raises:
+        InputError: a value that fails validation, an unreadable or unknown TOML file, naming the variable.
+    """
     env = dict(os.environ if env is None else env)
-    from_env = _from_env(env)
-    ws = Path(workspace or from_env.get("workspace") or DEFAULT_WORKSPACE).expanduser().resolve()
-    config_path = Path(env[ENV_PREFIX + "CONFIG"]) if env.get(ENV_PREFIX + "CONFIG") else ws / CONFIG_FILE_NAME
-    values: dict[str, Any] = {}
-    if config_path.is_file():
-        values.update({k: _typed(k, v, str(config_path)) for k, v in _read_toml(config_path).items()})
-    elif env.get(ENV_PREFIX + "CONFIG"):
+    ws = Path(workspace or env.get(ENV_PREFIX + "WORKSPACE") or DEFAULT_WORKSPACE).expanduser().resolve()
+    named = env.get(ENV_PREFIX + "CONFIG")
+    config_path = Path(named) if named else ws / CONFIG_FILE_NAME
+    if named and not config_path.is_file():
         raise InputError("DIFFTPT_OPS_CONFIG", config_path, "file does not exist")
-    values.update(from_env)
-    values.pop("workspace", None)
-    artifact_root = Path(values.pop("artifact_root", None) or ws / "artifacts").expanduser()
-    return Settings(
-        workspace=ws,
-        database_url=values.pop("database_url", None) or f"sqlite:///{ws / 'difftpt.db'}",
-        broker_url=values.pop("broker_url", None) or None,
-        mlflow_tracking_uri=values.pop("mlflow_tracking_uri", None) or f"sqlite:///{ws / 'mlflow.db'}",
-        artifact_root=artifact_root,
-        config_file=config_path if config_path.is_file() else None,
-        **values,
-    )
+    toml = _read_toml(config_path) if config_path.is_file() else {}
+    init = {"workspace": ws, "config_file": config_path if config_path.is_file() else None}
+    # MLflow's own variable counts only where neither the project's variable nor its TOML file sets one.
+    standard = {"mlflow_tracking_uri": env[MLFLOW_STANDARD_ENV]} if env.get(MLFLOW_STANDARD_ENV) else {}
+    # First source wins: --workspace, then the environment, then the TOML file, then MLFLOW_TRACKING_URI,
+    # then the defaults.
+    sources = (InitSettingsSource(Settings, init), _MappingEnvSource(Settings, env), InitSettingsSource(Settings, toml),
+               InitSettingsSource(Settings, standard))
+    try:
+        return Settings(_build_sources=(sources, {}))
+    except ValidationError as exc:
+        raise _invalid(exc, env, toml, config_path) from None
