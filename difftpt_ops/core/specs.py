@@ -16,7 +16,9 @@ from typing import Any, ClassVar
 
 from difftpt_ops.core.errors import InvalidSpecError
 
-SPEC_SCHEMA_VERSION = 1
+# 2: the model's activation and the resolved device and precision are part of a run's spec, and a DiffTPT
+# run always reads exactly n_generated images per sample.
+SPEC_SCHEMA_VERSION = 2
 
 # Prompt template and context initialisation of TPT/DiffTPT (one template for every dataset).
 DEFAULT_TEMPLATE = "a photo of a {}."
@@ -49,11 +51,17 @@ class ModelSpec:
     name: str = "ViT-B-16"
     pretrained: str | None = "openai"  # open_clip pretrained tag; ignored for a local directory
     precision: str = "auto"  # auto: frozen weights fp16 on GPU, fp32 on CPU; or fp32 / fp16 / bf16
+    # auto: QuickGELU for OpenAI weights (the activation they were trained with), else the config's own
+    activation: str = "auto"
+
+    ACTIVATIONS: ClassVar[tuple[str, ...]] = ("auto", "quickgelu", "gelu")
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "--model", self.name, "must not be empty")
         _require(self.precision in {"auto", "fp32", "fp16", "bf16"}, "precision", self.precision,
                  "must be one of auto, fp32, fp16, bf16")
+        _require(self.activation in self.ACTIVATIONS, "activation", self.activation,
+                 f"must be one of {', '.join(self.ACTIVATIONS)}")
 
 
 @dataclass(frozen=True)
@@ -154,10 +162,41 @@ class NoopSpec(MethodSpec):
     method: ClassVar[str] = "noop"
 
 
+# Spec classes by method name. The method registry (difftpt_ops.tta.methods) registers each method's spec
+# class here when its module is imported; the built-in ones are listed up front so that code importing only
+# core (tests, spec parsing) sees them. `noop` is bookkeeping, never a registered method.
 METHOD_SPECS: dict[str, type[MethodSpec]] = {
     cls.method: cls for cls in (ZeroShotSpec, TPTSpec, DiffTPTSpec, NoopSpec)
 }
-USER_METHODS = ("zeroshot", "tpt", "difftpt")
+_INTERNAL_METHODS = frozenset({"noop"})
+
+
+def register_method_spec(cls: type[MethodSpec]) -> None:
+    """Make `cls` the spec class of method `cls.method` (called by the method registry)."""
+    METHOD_SPECS[cls.method] = cls
+
+
+def unregister_method_spec(method: str) -> None:
+    """Forget a registered spec class (throw-away methods in tests); the built-in ones stay."""
+    if method not in {"zeroshot", "tpt", "difftpt", "noop"}:
+        METHOD_SPECS.pop(method, None)
+
+
+def user_methods() -> tuple[str, ...]:
+    """Method names a user may submit, in registration order."""
+    return tuple(name for name in METHOD_SPECS if name not in _INTERNAL_METHODS)
+
+
+def __getattr__(name: str) -> Any:
+    # USER_METHODS follows the registry: computed on each access, so methods registered later appear.
+    if name == "USER_METHODS":
+        return user_methods()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def require(condition: bool, argument: str, value: object, problem: str) -> None:
+    """Raise InvalidSpecError(argument, value, problem) unless `condition`: validation for method specs."""
+    _require(condition, argument, value, problem)
 
 
 def _coerce(value: Any, target: Any) -> Any:
@@ -189,7 +228,7 @@ def method_spec_from(method: str, overrides: dict[str, Any] | None = None) -> Me
         InvalidSpecError: unknown method, unknown field, or a value out of range.
     """
     if method not in METHOD_SPECS:
-        raise InvalidSpecError("--method", method, f"unknown method; choose one of {', '.join(USER_METHODS)}")
+        raise InvalidSpecError("--method", method, f"unknown method; choose one of {', '.join(user_methods())}")
     cls = METHOD_SPECS[method]
     defaults = cls()
     top: dict[str, Any] = {}
@@ -218,8 +257,15 @@ def method_spec_from_dict(payload: dict[str, Any]) -> MethodSpec:
     """Rebuild a method spec from `MethodSpec.to_dict()` output."""
     data = dict(payload)
     method = data.pop("method")
+    if method not in METHOD_SPECS:
+        raise InvalidSpecError("method", method, f"unknown method; choose one of {', '.join(user_methods())}")
     prompt = PromptSpec(**data.pop("prompt", {}))
-    return METHOD_SPECS[method](prompt=prompt, **data)
+    cls = METHOD_SPECS[method]
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise InvalidSpecError("method", method, f"stored spec has unknown fields {unknown}")
+    return cls(prompt=prompt, **data)
 
 
 @dataclass(frozen=True)
@@ -264,6 +310,9 @@ class TuneRunSpec:
     dataset_fingerprint: str  # of the dataset version: content, not name
     generation_fingerprint: str | None = None  # DiffTPT only
     seed: int = 0
+    # The kind of device (cpu, cuda, mps), resolved at submit: precision "auto" and GPU kernels change
+    # results, so a run names where it runs; which GPU of that kind does not.
+    device: str = "cpu"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -273,10 +322,25 @@ class TuneRunSpec:
             "dataset_fingerprint": self.dataset_fingerprint,
             "generation_fingerprint": self.generation_fingerprint,
             "seed": self.seed,
+            "device": self.device,
         }
 
     def fingerprint(self) -> str:
         return fingerprint_of({"schema": SPEC_SCHEMA_VERSION, **self.to_dict()})
+
+    @classmethod
+    def from_dict(cls, payload: dict[str, Any]) -> TuneRunSpec:
+        """Rebuild a tune run spec from `to_dict()` output (a run row's spec JSON); extra keys are ignored.
+
+        Raises:
+            InvalidSpecError: not a tune spec, or a method spec that no longer validates.
+        """
+        if payload.get("kind", "tune") != "tune":
+            raise InvalidSpecError("spec.kind", payload.get("kind"), "is not a tune run spec")
+        return cls(method=method_spec_from_dict(payload["method"]), model=ModelSpec(**payload["model"]),
+                   dataset_fingerprint=str(payload["dataset_fingerprint"]),
+                   generation_fingerprint=payload.get("generation_fingerprint"),
+                   seed=int(payload.get("seed", 0)))
 
 
 def flatten(payload: dict[str, Any], prefix: str = "") -> dict[str, Any]:

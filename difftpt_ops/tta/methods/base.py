@@ -1,0 +1,332 @@
+"""The method registry: what a test-time method is, for the engine, the services and the CLI.
+
+A method is one module in `difftpt_ops/tta/methods/` that defines a frozen spec class (the reference
+defaults; `__post_init__` raises InvalidSpecError naming the bad field) and one `Method` subclass, and
+registers it with `@register`. Every module of this package is imported by the package itself, so a new
+method needs no edit anywhere else: `--method` choices, `--set` fields, `methods list`, `submit tune`
+and the engine all read the registry. The engine never branches on a method's name or spec type, only on
+its `kind`:
+
+- `forward-only` (`ForwardOnlyMethod`): one pure-torch `step` over the sample's view features and the
+  (fixed) text features gives the prediction. Zero-shot CLIP, ZERO, MTA, prompt ensembles.
+- `prompt-tuning` (`PromptTuningMethod`): `select` picks the views at step 0 with the initial prompt,
+  then the engine tunes the prompt context with the method's `loss` for `tuning(spec).steps` AdamW steps
+  (the text speed-ups, the optimiser, the GradScaler and the episodic reset stay in the engine) and
+  predicts view 0 with the tuned prompt (`predict`). TPT, DiffTPT, C-TPT.
+- `online` (`OnlineMethod`): `step(spec, state, inputs) -> (StepOutput, state)`; the state is carried
+  across samples in a fixed order and checkpointed through `state_dict` / `load_state_dict` (a flat
+  dict of tensors, safetensors-ready). TDA, DMN-ZS.
+
+What every step sees (`StepInputs`): the normalised fp32 image features of the sample's views, (n_views, d),
+row 0 the original view; the normalised text features, (n_classes, d); the logit scale (exp applied); the
+logits the engine computed from them (logit_scale * image @ text.T, plus the model's logit bias if it has
+one); and each row's kind (original / conventional / generated). A step returns `StepOutput`: the
+prediction logits (n_classes,) and the per-view `ViewScores` (kept views, entropy, cosine, a generic
+per-view weight), which the services store as view_scores rows.
+
+Which views a method needs comes from `views(spec)` (`ViewPlan`: number of conventional views, number of
+generated views, the AugMix rule, the resolution). View 0 is always the original. The engine builds the
+views, or reads their features from the feature store, and never encodes a view twice.
+
+`naive_step` (optional) is the straightforward formulation of `step` / `select` (loops, no shortcuts). The
+equivalence tests and the GPU check run the engine against `tta.naive.NaiveTuner`, which calls
+`naive_step` where a method has one (`has_naive`), else `step` / `select`.
+
+Example, a forward-only method in `difftpt_ops/tta/methods/meanview.py`::
+
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from difftpt_ops.core.specs import MethodSpec, require
+    from difftpt_ops.tta.methods.base import (FORWARD_ONLY, ForwardOnlyMethod, StepInputs, StepOutput,
+                                              ViewPlan, ViewScores, register)
+
+
+    @dataclass(frozen=True)
+    class MeanViewSpec(MethodSpec):
+        method: ClassVar[str] = "meanview"
+        n_views: int = 8
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            require(self.n_views >= 1, "n_views", self.n_views, "must be >= 1")
+
+
+    @register
+    class MeanView(ForwardOnlyMethod):
+        name = "meanview"
+        spec_class = MeanViewSpec
+        summary = "mean of the views' logits"
+        paper = ""
+        reference = ""
+
+        def views(self, spec: MeanViewSpec) -> ViewPlan:
+            return ViewPlan(n_conventional=spec.n_views - 1, resolution=spec.resolution)
+
+        def step(self, spec: MeanViewSpec, inputs: StepInputs) -> StepOutput:
+            scores = ViewScores.all_kept(inputs.logits)
+            return StepOutput(logits=inputs.logits.mean(0), scores=scores)
+
+Then `difftpt-ops submit tune --method meanview --set n_views=16` runs it, and `methods list` shows it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from difftpt_ops.core.errors import InvalidSpecError
+from difftpt_ops.core.specs import MethodSpec, register_method_spec, unregister_method_spec
+from difftpt_ops.tta.losses import marginal_entropy, view_entropy
+
+FORWARD_ONLY = "forward-only"
+PROMPT_TUNING = "prompt-tuning"
+ONLINE = "online"
+KINDS = (FORWARD_ONLY, PROMPT_TUNING, ONLINE)
+
+# Text-feature options of forward-only methods (`Method.text_option`).
+SINGLE_TEMPLATE = "single"  # the spec's prompt (context words + template), as zero-shot CLIP in TPT's code
+ENSEMBLE = "ensemble"  # CLIP's prompt ensemble: normalised features averaged over `text_templates`
+
+
+@dataclass(frozen=True)
+class ViewPlan:
+    """The views a method needs for one sample: [original, conventional..., generated...]."""
+
+    n_conventional: int = 0  # random resized crops (+ flip; + AugMix when on), seeded per view
+    n_generated: int = 0  # diffusion variations of the sample (the first n of its generation config)
+    augmix: bool | None = None  # None: the dataset's rule (on for the cross-domain sets), as the reference
+    resolution: int = 224
+
+    @property
+    def n_views(self) -> int:
+        """Views when every generated image exists."""
+        return 1 + self.n_conventional + self.n_generated
+
+
+@dataclass(frozen=True)
+class TuningPlan:
+    """How the engine tunes the prompt context of a prompt-tuning method (AdamW, episodic)."""
+
+    steps: int
+    lr: float
+    weight_decay: float = 0.01
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """One sample's features as every method step sees them."""
+
+    image_features: Tensor  # (n_views, d) normalised fp32; row 0 is the original view
+    text_features: Tensor  # (n_classes, d) normalised fp32 (carries gradients while tuning)
+    logit_scale: Tensor  # scalar fp32, exp() already applied
+    logits: Tensor  # (n_views, n_classes) fp32: logit_scale * image @ text.T (+ logit bias)
+    kinds: tuple[str, ...]  # per row: original | conventional | generated
+
+    @property
+    def n_views(self) -> int:
+        return int(self.image_features.shape[0])
+
+
+@dataclass(frozen=True)
+class ViewScores:
+    """Per-view scores of one sample, (n_views,) each, and the views a method kept.
+
+    `indices` are the kept views in the method's order (a prompt-tuning loss is taken over them in that
+    order); `cosine` and `weight` are NaN where a method computes none.
+    """
+
+    indices: Tensor  # (k,) long
+    entropy: Tensor  # (n,) fp32, of each view's softmax
+    cosine: Tensor  # (n,) fp32, similarity to view 0 where a cosine filter ran
+    weight: Tensor | None = None  # (n,) fp32, a method's own per-view weight or score (MTA inlierness, ...)
+
+    @staticmethod
+    def of(logits: Tensor, indices: Tensor, *, cosine: Tensor | None = None,
+           weight: Tensor | None = None) -> ViewScores:
+        """Scores with the entropy of `logits` (n_views, n_classes) and the given kept `indices`."""
+        entropy = view_entropy(logits)
+        nan = torch.full_like(entropy, float("nan"))
+        return ViewScores(indices=indices.to(logits.device, torch.long), entropy=entropy,
+                          cosine=nan if cosine is None else cosine.float(), weight=weight)
+
+    @staticmethod
+    def all_kept(logits: Tensor) -> ViewScores:
+        return ViewScores.of(logits, torch.arange(logits.shape[0], device=logits.device))
+
+    @staticmethod
+    def original_only(logits: Tensor) -> ViewScores:
+        return ViewScores.of(logits, torch.zeros(1, dtype=torch.long, device=logits.device))
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What a step returns: the prediction logits of the sample and its per-view scores."""
+
+    logits: Tensor  # (n_classes,)
+    scores: ViewScores
+
+
+class Method:
+    """Base of every method; subclass one of ForwardOnlyMethod, PromptTuningMethod, OnlineMethod.
+
+    Instances are stateless (all per-sample state lives in arguments or, for online methods, in the
+    explicit state), so one registered instance serves every run.
+    """
+
+    name: ClassVar[str] = ""
+    spec_class: ClassVar[type[MethodSpec]] = MethodSpec
+    kind: ClassVar[str] = ""
+    summary: ClassVar[str] = ""  # one line for `methods list` and --help
+    paper: ClassVar[str] = ""  # citation or URL
+    reference: ClassVar[str] = ""  # owner/name of the reference repository
+    has_naive: ClassVar[bool] = False  # True when naive_step is the method's own straightforward formulation
+
+    def views(self, spec: Any) -> ViewPlan:
+        """The views this spec needs; default: the original view only."""
+        return ViewPlan(resolution=spec.resolution)
+
+    def naive_step(self, spec: Any, inputs: StepInputs) -> StepOutput:
+        """The straightforward formulation (equivalence oracle); only called when `has_naive`."""
+        raise NotImplementedError(f"{self.name} has no naive formulation")
+
+    def defaults(self) -> dict[str, Any]:
+        """The spec's reference defaults as a plain dict (for `methods list`)."""
+        return self.spec_class().to_dict()
+
+    def describe(self) -> dict[str, Any]:
+        """Name, kind, summary, paper, reference and defaults: one `methods list --json` entry."""
+        return {"name": self.name, "kind": self.kind, "summary": self.summary, "paper": self.paper,
+                "reference": self.reference, "defaults": self.defaults()}
+
+
+class ForwardOnlyMethod(Method):
+    """No gradient: the prediction is a function of the view features and fixed text features."""
+
+    kind: ClassVar[str] = FORWARD_ONLY
+    # CLIP-style prompt templates for the ensemble option ("{}" is the class name), set by a method offering it.
+    text_templates: ClassVar[tuple[str, ...]] = ()
+
+    def text_option(self, spec: Any) -> str:
+        """SINGLE_TEMPLATE (the spec's prompt) or ENSEMBLE (average over `text_templates`); default: the
+        spec's `prompts` field when it has one."""
+        return str(getattr(spec, "prompts", SINGLE_TEMPLATE))
+
+    def step(self, spec: Any, inputs: StepInputs) -> StepOutput:
+        raise NotImplementedError
+
+
+class PromptTuningMethod(Method):
+    """Tunes the prompt context per sample; the engine owns the loop, the method the selection and loss."""
+
+    kind: ClassVar[str] = PROMPT_TUNING
+
+    def tuning(self, spec: Any) -> TuningPlan:
+        """Steps, learning rate and weight decay; default: the spec's `steps`, `lr`, `weight_decay`."""
+        return TuningPlan(steps=int(spec.steps), lr=float(spec.lr), weight_decay=float(spec.weight_decay))
+
+    def select(self, spec: Any, inputs: StepInputs) -> ViewScores:
+        """The views the loss uses, chosen once at step 0 with the initial prompt."""
+        raise NotImplementedError
+
+    def loss(self, spec: Any, logits: Tensor, text_features: Tensor) -> Tensor:
+        """The objective over the selected views' logits (k, n_classes) and the current text features;
+        default: TPT's entropy of the mean probability."""
+        return marginal_entropy(logits)
+
+    def predict(self, spec: Any, inputs: StepInputs) -> Tensor:
+        """Prediction logits (n_classes,) from the tuned prompt; `inputs` hold view 0 only by default."""
+        return inputs.logits[0]
+
+    def prediction_views(self, spec: Any) -> int:
+        """How many leading views `predict` needs (1: the original view)."""
+        return 1
+
+
+class OnlineMethod(Method):
+    """Carries a state across samples in a fixed order; the engine stores and restores it, opaque."""
+
+    kind: ClassVar[str] = ONLINE
+
+    def init_state(self, spec: Any, *, n_classes: int, dim: int, device: torch.device) -> Any:
+        raise NotImplementedError
+
+    def step(self, spec: Any, state: Any, inputs: StepInputs) -> tuple[StepOutput, Any]:
+        raise NotImplementedError
+
+    def state_dict(self, state: Any) -> dict[str, Tensor]:
+        """A flat name -> tensor dict (safetensors-ready) from which `load_state_dict` rebuilds `state`."""
+        raise NotImplementedError
+
+    def load_state_dict(self, spec: Any, tensors: Mapping[str, Tensor], *, device: torch.device) -> Any:
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: register one instance of `cls` under `cls.name` (its spec class too).
+
+    Raises:
+        ValueError: no name, an unknown kind, a spec class whose `method` differs from the name, or the
+            name already taken by another class (re-registering the same class is a no-op).
+    """
+    if not cls.name or cls.kind not in KINDS:
+        raise ValueError(f"method {cls.__name__} needs a name and a kind in {KINDS}")
+    if cls.spec_class.method != cls.name:
+        raise ValueError(f"{cls.__name__}.spec_class.method is {cls.spec_class.method!r}, not {cls.name!r}")
+    existing = _REGISTRY.get(cls.name)
+    if existing is not None and type(existing).__qualname__ != cls.__qualname__:
+        raise ValueError(f"method name {cls.name!r} is already registered by {type(existing).__name__}")
+    register_method_spec(cls.spec_class)
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def unregister(name: str) -> None:
+    """Forget a method (tests registering throw-away methods clean up with it)."""
+    _REGISTRY.pop(name, None)
+    unregister_method_spec(name)
+
+
+def get_method(name: str) -> Method:
+    """The registered method called `name`.
+
+    Raises:
+        InvalidSpecError: no such method.
+    """
+    method = _REGISTRY.get(name)
+    if method is None:
+        raise InvalidSpecError("--method", name, f"unknown method; choose one of {', '.join(method_names())}")
+    return method
+
+
+def method_of(spec: MethodSpec) -> Method:
+    """The registered method that runs `spec`."""
+    return get_method(spec.method)
+
+
+def method_names() -> tuple[str, ...]:
+    """Registered method names, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def registered() -> tuple[Method, ...]:
+    return tuple(_REGISTRY.values())
+
+
+def nan_to_none(value: float) -> float | None:
+    """NaN (a score a method did not compute) as None, for rows and JSON."""
+    return None if math.isnan(value) else value
+
+
+def spec_fields(spec_class: type[MethodSpec]) -> tuple[str, ...]:
+    """The `--set` fields of a spec class (prompt fields as prompt.X)."""
+    return tuple(f.name for f in dataclasses.fields(spec_class))

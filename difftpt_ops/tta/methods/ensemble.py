@@ -1,0 +1,73 @@
+"""Prompt ensembles: class text features averaged over many templates instead of one.
+
+CLIP's prompt-engineering recipe, as the TDA, DMN and ZERO code bases build their classifiers: encode every
+(template, class) text, L2-normalise each feature, average over the templates per class, normalise again.
+`single` is the one-template prompt of TPT ("a photo of a {}."), the default of every method here.
+Template lists are data (difftpt_ops/data/imagenet_templates.json); the caller passes them in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from difftpt_ops.core.errors import InputError, InvalidSpecError
+from difftpt_ops.tta.text import TextTower, normalise
+
+PROMPT_SETS = ("single", "ensemble", "tip")  # one template; CLIP's 80 ImageNet templates; Tip-Adapter's 7
+TEXT_BATCH = 512  # texts per text-tower call; only bounds memory
+
+
+def check_prompt_set(value: str, *, argument: str = "prompts") -> None:
+    """Reject a prompt set this module does not know, naming the setting."""
+    if value not in PROMPT_SETS:
+        raise InvalidSpecError(argument, value, f"unknown prompt set; choose one of {', '.join(PROMPT_SETS)}")
+
+
+def ensemble_text_features(per_template: Tensor) -> Tensor:
+    """Class features from per-template features (n_templates, n_classes, d), unnormalised.
+
+    Each feature is normalised before the mean and the mean is normalised again (the reference order);
+    averaging raw features would weight templates by their norm.
+    """
+    if per_template.ndim != 3 or per_template.shape[0] == 0:
+        raise InputError("per_template", tuple(per_template.shape), "must be (n_templates >= 1, n_classes, d)")
+    return normalise(normalise(per_template).mean(dim=0))
+
+
+def template_texts(class_names: Sequence[str], templates: Sequence[str]) -> list[str]:
+    """Every template filled with every class name, template-major: row t * n_classes + c."""
+    if not class_names:
+        raise InputError("class_names", "[]", "must name at least one class")
+    if not templates or any("{}" not in t for t in templates):
+        raise InvalidSpecError("templates", list(templates)[:3], "must be non-empty and each contain '{}'")
+    names = [name.replace("_", " ") for name in class_names]
+    return [template.format(name) for template in templates for name in names]
+
+
+@torch.no_grad()
+def encode_texts(tower: TextTower, tokens: Tensor, *, batch: int = TEXT_BATCH) -> Tensor:
+    """Unnormalised text features (n, d) of tokenised texts (n, context), frozen tower.
+
+    Each batch runs only up to its longest end-of-text token when the tower is causal: identical features
+    to the padded 77-token pass (see tta/text.py), a fraction of the work.
+    """
+    device = tower.token_embedding.weight.device
+    out = []
+    for chunk in tokens.split(max(1, batch)):
+        chunk = chunk.to(device)
+        pool = tower.pool_index(chunk)
+        length = int(pool.max()) + 1 if tower.causal else chunk.shape[1]
+        out.append(tower.encode(tower.embed(chunk[:, :length]), pool).float())
+    return torch.cat(out)
+
+
+def prompt_set_text_features(tower: TextTower, tokenizer: Any, class_names: Sequence[str],
+                             templates: Sequence[str], *, batch: int = TEXT_BATCH) -> Tensor:
+    """Normalised class features (n_classes, d) of a template list: one template or an ensemble."""
+    texts = template_texts(class_names, templates)
+    raw = encode_texts(tower, tokenizer(texts), batch=batch)
+    return ensemble_text_features(raw.reshape(len(templates), len(class_names), -1))
