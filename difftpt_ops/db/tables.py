@@ -143,6 +143,17 @@ class Run(Base):
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(Timestamp)
     finished_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    # Copies of spec fields as plain columns (migration 0003), so SQL compares runs the same way on
+    # SQLite and PostgreSQL without JSON functions. `settings`: the method settings that differ from the
+    # defaults, "key=value" joined by ", " in key order ("" when none).
+    model_name: Mapped[str | None] = mapped_column(Text)
+    pretrained: Mapped[str | None] = mapped_column(Text)
+    seed: Mapped[int | None] = mapped_column(Integer)
+    device: Mapped[str | None] = mapped_column(String(16))
+    precision: Mapped[str | None] = mapped_column(String(8))
+    settings: Mapped[str | None] = mapped_column(Text)
+    # What produced the run, from the machine that submitted it: versions, commit, host (provenance.py).
+    provenance: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class Shard(Base):
@@ -170,6 +181,9 @@ class Shard(Base):
     finished_at: Mapped[datetime | None] = mapped_column(Timestamp)
     seconds: Mapped[float] = mapped_column(Float, default=0.0)  # model time spent, summed over attempts
     error: Mapped[str | None] = mapped_column(Text)
+    waiting_reason: Mapped[str | None] = mapped_column(Text)  # why a waiting shard is not claimable yet
+    # The machine and software of the attempt that claimed it last: device, precision, host, versions.
+    provenance: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class Prediction(Base):
@@ -203,6 +217,7 @@ class Prediction(Base):
     confidence_after: Mapped[float | None] = mapped_column(Float)
     n_views: Mapped[int] = mapped_column(Integer, default=1)
     n_kept: Mapped[int] = mapped_column(Integer, default=1)
+    n_generated: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # generated views used
     seconds: Mapped[float] = mapped_column(Float, default=0.0)
     worker: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
@@ -234,33 +249,6 @@ class SampleError(Base):
     sample_index: Mapped[int] = mapped_column(Integer)
     error: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
-
-
-class Sweep(Base):
-    """A grid of tuning runs submitted together (`submit tune --sweep k=a,b --seeds 0,1`).
-
-    Identified by the fingerprint of what was asked (dataset version, method, model, fixed overrides,
-    grid, seeds), so submitting the same sweep again finds it and makes no new runs.
-    """
-
-    __tablename__ = "sweeps"
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    fingerprint: Mapped[str] = mapped_column(String(64), unique=True)
-    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
-    num_runs: Mapped[int] = mapped_column(Integer, default=0)
-    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
-
-
-class SweepRun(Base):
-    """A run of a sweep and the grid point it evaluates. A run can belong to several sweeps."""
-
-    __tablename__ = "sweep_runs"
-    __table_args__ = (Index("ix_sweep_runs_run_id", "run_id"),)
-
-    sweep_id: Mapped[int] = mapped_column(ForeignKey("sweeps.id", ondelete="CASCADE"), primary_key=True)
-    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
-    point: Mapped[dict[str, Any]] = mapped_column(JSON)  # the grid values of this run, seed included
 
 
 class Sweep(Base):
