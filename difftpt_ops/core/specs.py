@@ -11,6 +11,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -199,26 +203,71 @@ def require(condition: bool, argument: str, value: object, problem: str) -> None
     _require(condition, argument, value, problem)
 
 
-def _coerce(value: Any, target: Any) -> Any:
-    """Turn a CLI string into the type of an existing field value."""
+_TRUE_WORDS = ("true", "yes", "on", "1")
+_FALSE_WORDS = ("false", "no", "off", "0")
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
+def _field_type(cls: type, name: str) -> Any:
+    """The resolved annotation of dataclass field `name` of `cls` (any spec class, wherever it is defined)."""
+    return typing.get_type_hints(cls)[name]
+
+
+def _coerce(value: Any, field_type: Any, key: str) -> Any:
+    """Parse a `--set` string by the field's annotation: bool, int, float, str, Literal, or X | None.
+
+    Raises:
+        InvalidSpecError: naming `--set <key>`, the value and what the field accepts.
+    """
     if not isinstance(value, str):
         return value
-    lowered = value.lower()
+    members = typing.get_args(field_type) if typing.get_origin(field_type) in (typing.Union, types.UnionType) else ()
+    optional = type(None) in members
+    if optional:
+        field_type = next(m for m in members if m is not type(None))  # X | None: parse as X
+    lowered = value.strip().lower()
     if lowered in {"none", "null"}:
-        return None  # optional fields (ctx_init, augmix, coop_checkpoint); required ones then fail validation
-    if isinstance(target, bool) or target is None and lowered in {"true", "false"}:
-        return lowered in {"1", "true", "yes", "on"}
-    if isinstance(target, int):
-        return int(value)
-    if isinstance(target, float):
-        return float(value)
+        if optional:
+            return None  # optional fields (ctx_init, augmix, coop_checkpoint)
+        raise InvalidSpecError(f"--set {key}", value, f"is required; {_accepted(field_type)}")
+    parsed = _parse_as(value.strip(), lowered, field_type)
+    if parsed is _INVALID:
+        none = ", or none" if optional else ""
+        raise InvalidSpecError(f"--set {key}", value, f"{_accepted(field_type)}{none}")
+    return parsed
+
+
+_INVALID = object()
+
+
+def _parse_as(value: str, lowered: str, field_type: Any) -> Any:
+    """`value` as `field_type`, or _INVALID."""
+    if field_type is bool:
+        return True if lowered in _TRUE_WORDS else False if lowered in _FALSE_WORDS else _INVALID
+    if field_type is int:
+        return int(value) if _INTEGER.fullmatch(value) else _INVALID
+    if field_type is float:
+        try:
+            number = float(value)
+        except ValueError:
+            return _INVALID
+        return number if math.isfinite(number) else _INVALID
+    if typing.get_origin(field_type) is typing.Literal:
+        return value if value in typing.get_args(field_type) else _INVALID
     return value
 
 
-def _valid_fields(cls: type) -> str:
-    """The `--set` keys a method spec accepts: its own fields, then the prompt's as prompt.X."""
-    own = [f.name for f in dataclasses.fields(cls) if f.name != "prompt"]
-    return ", ".join(own + [f"prompt.{f.name}" for f in dataclasses.fields(PromptSpec)])
+def _accepted(field_type: Any) -> str:
+    """What a field of this type accepts, for an error message."""
+    if field_type is bool:
+        return f"must be one of {', '.join(_TRUE_WORDS + _FALSE_WORDS)}"
+    if field_type is int:
+        return "must be a whole number (e.g. 4)"
+    if field_type is float:
+        return "must be a finite number (e.g. 0.5)"
+    if typing.get_origin(field_type) is typing.Literal:
+        return f"must be one of {', '.join(map(str, typing.get_args(field_type)))}"
+    return f"must be a {getattr(field_type, '__name__', field_type)}"
 
 
 def method_spec_from(method: str, overrides: dict[str, Any] | None = None) -> MethodSpec:
@@ -238,9 +287,9 @@ def method_spec_from(method: str, overrides: dict[str, Any] | None = None) -> Me
             sub = key.removeprefix("prompt.")
             if sub not in {f.name for f in dataclasses.fields(PromptSpec)}:
                 raise InvalidSpecError("--set", key, f"unknown prompt field; valid: {_valid_fields(cls)}")
-            prompt[sub] = _coerce(value, getattr(defaults.prompt, sub))
+            prompt[sub] = _coerce(value, _field_type(PromptSpec, sub), key)
         elif key in {f.name for f in dataclasses.fields(cls)} and key != "prompt":
-            top[key] = _coerce(value, getattr(defaults, key))
+            top[key] = _coerce(value, _field_type(cls, key), key)
         else:
             raise InvalidSpecError("--set", key, f"unknown field of the {method} spec; valid: {_valid_fields(cls)}")
     try:
