@@ -1,8 +1,11 @@
-"""Zero-shot CLIP, TPT and DiffTPT on one sample at a time: the engine the services call.
+"""The engine: the loop around a registered test-time method, one sample at a time.
 
-`prepare_classifier` does the per-(model, class list, spec) work once: it tokenises the prompts, cuts them
-after their end-of-text token and builds the prompt learner. `Tuner.run` then processes one sample
-episodically: the context and the optimiser start fresh, so a result never depends on earlier samples.
+`prepare_classifier` does the per-(model, class list, spec) work once: it looks the method up in the registry
+(tta/methods), tokenises the prompts, cuts them after their end-of-text token and builds the prompt learner.
+`Tuner.run` then processes one sample: episodic reset, build the views the method asks for, encode them
+(or take their features from the caller, e.g. read from the feature store: `run_features`), call the method,
+report. The engine branches on a method's kind only (forward-only, prompt-tuning, online), never on its
+name or spec type.
 
 Exact speed-ups over the reference formulation (tta/naive.py keeps that one for tests and the benchmark):
 image features are computed once per view and reused by every step and by the final prediction; the text
@@ -25,10 +28,20 @@ import torch
 from torch import Tensor
 
 from difftpt_ops.core.errors import InvalidSpecError, SampleError
-from difftpt_ops.core.specs import DiffTPTSpec, MethodSpec, TPTSpec, ZeroShotSpec
-from difftpt_ops.tta.losses import marginal_entropy, view_entropy
+from difftpt_ops.core.specs import MethodSpec
+from difftpt_ops.tta.losses import view_entropy
+from difftpt_ops.tta.methods import (
+    FORWARD_ONLY,
+    ONLINE,
+    PROMPT_TUNING,
+    Method,
+    StepInputs,
+    TuningPlan,
+    ViewPlan,
+    ViewScores,
+    method_of,
+)
 from difftpt_ops.tta.prompts import PromptLearner, class_prompt_texts, initial_context
-from difftpt_ops.tta.selection import Selection, select_difftpt, select_tpt
 from difftpt_ops.tta.text import ClipLike, TextTower, normalise
 from difftpt_ops.tta.views import ViewBatch, build_views
 
@@ -44,7 +57,8 @@ class ViewScore:
     kind: str  # original | conventional | generated
     cosine: float | None  # similarity to view 0 where a cosine filter ran, else None
     entropy: float
-    kept: bool  # used by the loss
+    kept: bool  # used by the loss (prompt-tuning) or by the prediction (forward-only, online)
+    weight: float | None = None  # the method's own per-view weight or score, where it has one
 
 
 @dataclass(frozen=True)
@@ -63,18 +77,7 @@ class SampleResult:
     seconds: float  # views + tuning + prediction
     views: list[ViewScore]
     view_seconds: float = 0.0  # of `seconds`, building the views on the CPU
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """How a method spec maps onto the engine."""
-
-    n_conventional: int
-    n_generated: int
-    steps: int
-    lr: float
-    weight_decay: float
-    augmix: bool | None
+    logits: Tensor | None = dataclasses.field(default=None, repr=False, compare=False)  # the prediction's
 
 
 def prepare_classifier(clip: ClipLike, class_names: Sequence[str], spec: MethodSpec, *,
@@ -83,16 +86,16 @@ def prepare_classifier(clip: ClipLike, class_names: Sequence[str], spec: MethodS
     """Build the tuner for one model, class list and method spec; tokenises and embeds every prompt once.
 
     `coop_state` is a loaded CoOp checkpoint (models.clip.read_coop_checkpoint) when spec.prompt names one.
-    `init_seed` draws a random context when spec.prompt.ctx_init is None. `image_batch` bounds how many
-    views go through the image encoder at once; `max_text_groups` how many length groups the prompts form;
-    `view_workers` how many threads build a sample's views (none of these change results).
+    `init_seed` draws a random context when spec.prompt.ctx_init is None (the run's seed). `image_batch`
+    bounds how many views go through the image encoder at once; `max_text_groups` how many length groups the
+    prompts form; `view_workers` how many threads build a sample's views (none of these change results).
 
     Raises:
         InputError: empty class list.
-        InvalidSpecError: a method the engine does not run (noop), a CoOp ctx of the wrong size, a ctx_init
+        InvalidSpecError: a method that is not registered (noop), a CoOp ctx of the wrong size, a ctx_init
             that does not tokenise to n_ctx tokens, a checkpoint named in the spec but not passed.
     """
-    plan = _plan_of(spec)
+    method = method_of(spec)
     texts = class_prompt_texts(class_names, spec.prompt)
     if spec.prompt.coop_checkpoint and coop_state is None:
         raise InvalidSpecError("coop_checkpoint", spec.prompt.coop_checkpoint,
@@ -100,60 +103,64 @@ def prepare_classifier(clip: ClipLike, class_names: Sequence[str], spec: MethodS
     tower = TextTower(clip.model, name=clip.name)
     init = initial_context(tower, clip.tokenizer, spec.prompt, coop_state=coop_state, seed=init_seed)
     learner = PromptLearner(tower, clip.tokenizer(texts), init, max_groups=max_text_groups)
-    return Tuner(clip=clip, learner=learner, spec=spec, plan=plan, image_batch=image_batch,
-                 view_workers=view_workers)
-
-
-def _plan_of(spec: MethodSpec) -> _Plan:
-    if isinstance(spec, ZeroShotSpec):
-        return _Plan(0, 0, 0, 1.0, 0.0, False)
-    if isinstance(spec, TPTSpec):
-        return _Plan(spec.n_views - 1, 0, spec.steps, spec.lr, spec.weight_decay, spec.augmix)
-    if isinstance(spec, DiffTPTSpec):
-        return _Plan(spec.n_conventional, spec.n_generated, spec.steps, spec.lr, spec.weight_decay, spec.augmix)
-    raise InvalidSpecError("--method", getattr(spec, "method", type(spec).__name__),
-                           "is not a tuning method; choose zeroshot, tpt or difftpt")
+    fixed_text = None
+    if method.kind == FORWARD_ONLY:
+        fixed_text = method.fixed_text_features(spec, tower, clip.tokenizer, class_names)  # type: ignore[attr-defined]
+    return Tuner(clip=clip, learner=learner, spec=spec, method=method, image_batch=image_batch,
+                 view_workers=view_workers, fixed_text=fixed_text)
 
 
 class Tuner:
-    """Runs one method on one sample at a time. Not thread-safe: it owns the prompt's state."""
+    """Runs one method on one sample at a time. Not thread-safe: it owns the prompt's (and an online
+    method's) state."""
 
-    def __init__(self, *, clip: ClipLike, learner: PromptLearner, spec: MethodSpec, plan: _Plan,
-                 image_batch: int = 128, view_workers: int = 1) -> None:
+    def __init__(self, *, clip: ClipLike, learner: PromptLearner, spec: MethodSpec, method: Method,
+                 image_batch: int = 128, view_workers: int = 1, fixed_text: Tensor | None = None) -> None:
         self.clip = clip
         self.model = clip.model
         self.learner = learner
         self.spec = spec
-        self.plan = plan
+        self.method = method
+        self.plan: ViewPlan = method.views(spec)
+        self.tuning: TuningPlan | None = method.tuning(spec) if method.kind == PROMPT_TUNING else None  # type: ignore[attr-defined]
         self.device = torch.device(clip.device)
         self.image_batch = max(1, image_batch)
         self.view_workers = view_workers
         self.weight_dtype = learner.tower.cast_dtype
         self.half = self.weight_dtype in (torch.float16, torch.bfloat16)
         self.logit_scale = self.model.logit_scale.detach().exp().float()
-        self._initial_text: Tensor | None = None
+        self._initial_text: Tensor | None = fixed_text.to(self.device) if fixed_text is not None else None
+        self.state: Any = None  # an online method's state; None until the first sample (or a restore)
 
     @property
     def class_count(self) -> int:
         return self.learner.n_classes
 
+    @property
+    def steps(self) -> int:
+        return self.tuning.steps if self.tuning is not None else 0
+
+    def augmix_for(self, augmix: bool) -> bool:
+        """The AugMix flag the views use: the spec's when it sets one, else the dataset's rule `augmix`."""
+        return self.plan.augmix if self.plan.augmix is not None else augmix
+
     def make_views(self, image: object, *, generated: Sequence[object] = (), seed: int, sample_key: str | int,
                    augmix: bool = False) -> ViewBatch:
         """The sample's views on the CPU (safe to build in a DataLoader worker); see `run` for the arguments."""
-        use_augmix = self.plan.augmix if self.plan.augmix is not None else augmix
         return build_views(image, n_conventional=self.plan.n_conventional,
                            generated=list(generated)[:self.plan.n_generated], seed=seed, sample_key=sample_key,
-                           augmix=use_augmix, resolution=self.spec.resolution, workers=self.view_workers)
+                           augmix=self.augmix_for(augmix), resolution=self.plan.resolution,
+                           workers=self.view_workers)
 
     def run(self, image: object, *, generated: Sequence[object] = (), seed: int, sample_key: str | int,
             augmix: bool = False) -> SampleResult:
-        """Tune on one sample and predict it.
+        """Run the method on one sample and predict it.
 
         `image` is a PIL image (any mode, converted to RGB) or a (3, H, W) tensor. `generated` are its
-        diffusion variations (DiffTPT only; the first spec.n_generated are used, fewer if fewer are given;
-        other methods ignore them). DiffTPT with no generated images runs on the original and conventional
-        views and filters over what exists. `seed` and `sample_key` fix every random choice of the views.
-        `augmix` turns AugMix on for the conventional views unless the spec sets augmix itself.
+        diffusion variations (used by methods whose views include generated ones: the first n_generated,
+        fewer if fewer are given; other methods ignore them). `seed` and `sample_key` fix every random
+        choice of the views. `augmix` turns AugMix on for the conventional views unless the spec sets
+        augmix itself.
 
         Raises:
             InputError: `image` or a generated image is not an image.
@@ -166,61 +173,121 @@ class Tuner:
         return _with_time(result, seconds=result.seconds + view_seconds, view_seconds=view_seconds)
 
     def run_views(self, views: ViewBatch) -> SampleResult:
-        """Tune on already built views (from `make_views`) and predict view 0."""
+        """Run the method on already built views (from `make_views`)."""
         start = time.perf_counter()
+        raw = self.encode_raw(views.pixels)
+        result = self.run_features(raw, views.kinds)
+        return _with_time(result, seconds=time.perf_counter() - start, view_seconds=0.0)
+
+    def run_features(self, raw_features: Tensor, kinds: Sequence[str]) -> SampleResult:
+        """Run the method on the image encoder's output for the sample's views (from `encode_raw`, or read
+        back from the feature store: the same values, so the same result)."""
+        start = time.perf_counter()
+        features = normalise(raw_features.to(self.device))
+        kinds = tuple(kinds)
+        if self.method.kind == PROMPT_TUNING:
+            before, after, scores = self._prompt_tuning(features, kinds)
+        elif self.method.kind == ONLINE:
+            before, after, scores = self._online(features, kinds)
+        else:
+            before, after, scores = self._forward_only(features, kinds)
+        return self._result(before, after, scores, kinds, seconds=time.perf_counter() - start)
+
+    def _inputs(self, features: Tensor, text: Tensor, kinds: tuple[str, ...]) -> StepInputs:
+        return StepInputs(image_features=features, text_features=text, logit_scale=self.logit_scale,
+                          logits=self._logits(features, text), kinds=kinds)
+
+    def _forward_only(self, features: Tensor, kinds: tuple[str, ...]) -> tuple[Tensor, Tensor, ViewScores]:
+        with torch.no_grad():
+            inputs = self._inputs(features, self._text_features(grad=False), kinds)
+            output = self.method.step(self.spec, inputs)  # type: ignore[attr-defined]
+        return inputs.logits[0], output.logits, output.scores
+
+    def _online(self, features: Tensor, kinds: tuple[str, ...]) -> tuple[Tensor, Tensor, ViewScores]:
+        with torch.no_grad():
+            inputs = self._inputs(features, self._text_features(grad=False), kinds)
+            if self.state is None:
+                self.state = self.method.init_state(  # type: ignore[attr-defined]
+                    self.spec, n_classes=self.class_count, dim=int(features.shape[-1]), device=self.device)
+            output, self.state = self.method.step(self.spec, self.state, inputs)  # type: ignore[attr-defined]
+        return inputs.logits[0], output.logits, output.scores
+
+    def _prompt_tuning(self, features: Tensor, kinds: tuple[str, ...]) -> tuple[Tensor, Tensor, ViewScores]:
+        method, tuning = self.method, self.tuning
+        assert tuning is not None
         # 1. Episodic reset: the context goes back to its initial value; the optimiser is created fresh below.
         self.learner.reset()
-        # 2. Frozen image features, once per view: every step and the final prediction reuse them.
-        features = self.encode_images(views.pixels)
-        # 3. Step 0 with the initial prompt: zero-shot scores and the view selection come for free.
-        tuning = self.plan.steps > 0
-        logits = self._logits(features, self._text_features(grad=tuning))
+        # 2. Step 0 with the initial prompt: zero-shot scores and the view selection come for free.
+        tuned = tuning.steps > 0
+        text = self._text_features(grad=tuned)
+        logits = self._logits(features, text)
         before = logits[0].detach()
-        selection = self._select(logits.detach(), features, views)
-        # 4. Tune the context on the selected views; the selection is fixed after step 0.
-        if tuning:
-            self._tune(features, logits, selection.indices)
-            with torch.no_grad():
-                after = self._logits(features[:1], self._text_features(grad=False))[0]
-        else:
-            after = before
-        # 5. Predict from view 0 and report.
-        return self._result(before, after, selection, views, seconds=time.perf_counter() - start)
+        with torch.no_grad():
+            scores = method.select(self.spec, StepInputs(  # type: ignore[attr-defined]
+                image_features=features, text_features=text.detach(), logit_scale=self.logit_scale,
+                logits=logits.detach(), kinds=kinds))
+        if not tuned:
+            return before, before, scores
+        # 3. Tune the context on the selected views; the selection is fixed after step 0.
+        self._tune(features, logits, text, scores.indices)
+        # 4. Predict with the tuned prompt (view 0 by default).
+        n_predict = method.prediction_views(self.spec)  # type: ignore[attr-defined]
+        with torch.no_grad():
+            inputs = self._inputs(features[:n_predict], self._text_features(grad=False), kinds[:n_predict])
+            after = method.predict(self.spec, inputs)  # type: ignore[attr-defined]
+        return before, after, scores
 
     def zeroshot_batch(self, images: Sequence[object], *, resolution: int | None = None) -> list[SampleResult]:
         """Zero-shot predictions for many images at once (view 0 only, initial prompt)."""
         if not images:
             return []
         start = time.perf_counter()
-        size = resolution or self.spec.resolution
+        size = resolution or self.plan.resolution
         batches = [build_views(image, n_conventional=0, seed=0, sample_key=0, resolution=size) for image in images]
         pixels = torch.cat([b.pixels for b in batches])
-        logits = self._logits(self.encode_images(pixels), self._text_features(grad=False))
+        with torch.no_grad():
+            logits = self._logits(self.encode_images(pixels), self._initial_text_features())
         seconds = (time.perf_counter() - start) / max(1, len(batches))
-        results = []
-        for row, batch in zip(logits, batches, strict=True):
-            selection = Selection(indices=torch.zeros(1, dtype=torch.long), entropy=view_entropy(row[None]),
-                                  cosine=torch.full((1,), float("nan")))
-            results.append(self._result(row, row, selection, batch, seconds=seconds))
-        return results
+        return [self._result(row, row, ViewScores.original_only(row[None]), batch.kinds, seconds=seconds)
+                for row, batch in zip(logits, batches, strict=True)]
 
-    def encode_images(self, pixels: Tensor) -> Tensor:
-        """Normalised fp32 image features (n, embed_dim) of normalised views, without gradients."""
+    def encode_raw(self, pixels: Tensor) -> Tensor:
+        """The image encoder's output (n, embed_dim) for normalised views, as it produced it (its dtype, not
+        normalised, on the CPU): what the feature store keeps, so that a read-back run is exact."""
         chunks = []
         with torch.no_grad(), self._autocast():
             for chunk in pixels.split(self.image_batch):
                 chunk = chunk.to(self.device, dtype=self.weight_dtype, non_blocking=True)
                 chunks.append(self.model.encode_image(chunk))
-        return normalise(torch.cat(chunks))
+        return torch.cat(chunks).cpu()
+
+    def encode_images(self, pixels: Tensor) -> Tensor:
+        """Normalised fp32 image features (n, embed_dim) of normalised views, without gradients."""
+        return normalise(self.encode_raw(pixels).to(self.device))
+
+    def reset_state(self) -> None:
+        """Forget an online method's state (the next sample starts a fresh one)."""
+        self.state = None
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """An online method's state as flat tensors (empty before the first sample)."""
+        return {} if self.state is None else self.method.state_dict(self.state)  # type: ignore[attr-defined]
+
+    def load_state_dict(self, tensors: Mapping[str, Tensor]) -> None:
+        """Restore an online method's state saved with `state_dict`."""
+        self.state = self.method.load_state_dict(self.spec, tensors, device=self.device)  # type: ignore[attr-defined]
+
+    def _initial_text_features(self) -> Tensor:
+        # The initial context's features (or a method's fixed ones) never change: cache them.
+        if self._initial_text is None:
+            with torch.no_grad(), self._autocast():
+                self._initial_text = self.learner.text_features()
+        return self._initial_text
 
     def _text_features(self, *, grad: bool) -> Tensor:
         if not grad:
-            # With the initial context (zero-shot, steps=0) the text features never change: cache them.
-            if self.plan.steps == 0:
-                if self._initial_text is None:
-                    with torch.no_grad(), self._autocast():
-                        self._initial_text = self.learner.text_features()
-                return self._initial_text
+            if self.steps == 0:
+                return self._initial_text_features()
             with torch.no_grad(), self._autocast():
                 return self.learner.text_features()
         with self._autocast():
@@ -232,30 +299,21 @@ class Tuner:
         bias = getattr(self.model, "logit_bias", None)
         return logits + bias.float() if bias is not None else logits
 
-    def _select(self, logits: Tensor, features: Tensor, views: ViewBatch) -> Selection:
-        spec = self.spec
-        if isinstance(spec, TPTSpec):
-            return select_tpt(logits, spec.selection_p)
-        if isinstance(spec, DiffTPTSpec):
-            n_conventional = sum(kind == "conventional" for kind in views.kinds)
-            return select_difftpt(logits, features, n_conventional=n_conventional,
-                                  cosine_ratio=spec.selection_cosine, entropy_ratio=spec.selection_entropy,
-                                  cosine_on=spec.cosine_on, mode=spec.filter_mode)
-        entropy = view_entropy(logits)
-        return Selection(indices=torch.zeros(1, dtype=torch.long, device=logits.device), entropy=entropy,
-                         cosine=torch.full_like(entropy, float("nan")))
-
-    def _tune(self, features: Tensor, logits: Tensor, indices: Tensor) -> None:
-        optimizer = torch.optim.AdamW([self.learner.ctx], lr=self.plan.lr, weight_decay=self.plan.weight_decay)
+    def _tune(self, features: Tensor, logits: Tensor, text: Tensor, indices: Tensor) -> None:
+        tuning = self.tuning
+        assert tuning is not None
+        optimizer = torch.optim.AdamW([self.learner.ctx], lr=tuning.lr, weight_decay=tuning.weight_decay)
         # A fresh scaler per sample (the reference shares one across samples) keeps samples independent.
         scaler = torch.amp.GradScaler("cuda", init_scale=GRAD_SCALER_INIT) if self._needs_scaler() else None
         kept = features[indices]
-        for step in range(self.plan.steps):
-            step_logits = logits[indices] if step == 0 else self._logits(kept, self._text_features(grad=True))
-            loss = marginal_entropy(step_logits)
+        for step in range(tuning.steps):
+            if step > 0:
+                text = self._text_features(grad=True)
+            step_logits = logits[indices] if step == 0 else self._logits(kept, text)
+            loss = self.method.loss(self.spec, step_logits, text)  # type: ignore[attr-defined]
             if not bool(torch.isfinite(loss)):
                 raise SampleError(f"non-finite loss ({float(loss.detach())}) at tuning step {step} "
-                                  f"of {self.plan.steps}")
+                                  f"of {tuning.steps}")
             optimizer.zero_grad(set_to_none=True)
             if scaler is None:
                 loss.backward()
@@ -274,16 +332,18 @@ class Tuner:
             return torch.autocast(device_type=self.device.type, dtype=self.weight_dtype)
         return nullcontext()
 
-    def _result(self, before: Tensor, after: Tensor, selection: Selection, views: ViewBatch, *,
+    def _result(self, before: Tensor, after: Tensor, scores: ViewScores, kinds: Sequence[str], *,
                 seconds: float) -> SampleResult:
-        probs_before, probs_after = before.float().softmax(-1), after.float().softmax(-1)
-        kept = torch.zeros(len(views.kinds), dtype=torch.bool)
-        kept[selection.indices.cpu()] = True
-        entropy, cosine = selection.entropy.cpu().tolist(), selection.cosine.cpu().tolist()
-        scores = [
-            ViewScore(index=i, kind=kind, cosine=None if math.isnan(cosine[i]) else cosine[i], entropy=entropy[i],
-                      kept=bool(kept[i]))
-            for i, kind in enumerate(views.kinds)
+        before, after = before.detach().float(), after.detach().float()
+        probs_before, probs_after = before.softmax(-1), after.softmax(-1)
+        kept = torch.zeros(len(kinds), dtype=torch.bool)
+        kept[scores.indices.cpu()] = True
+        entropy, cosine = scores.entropy.cpu().tolist(), scores.cosine.cpu().tolist()
+        weight = scores.weight.float().cpu().tolist() if scores.weight is not None else [math.nan] * len(kinds)
+        views = [
+            ViewScore(index=i, kind=kind, cosine=_finite_or_none(cosine[i]), entropy=entropy[i], kept=bool(kept[i]),
+                      weight=_finite_or_none(weight[i]))
+            for i, kind in enumerate(kinds)
         ]
         return SampleResult(
             pred=int(after.argmax()),
@@ -293,11 +353,16 @@ class Tuner:
             entropy_after=float(view_entropy(after[None])[0]),
             confidence_before=float(probs_before.max()),
             confidence_after=float(probs_after.max()),
-            n_views=len(views.kinds),
-            n_kept=int(selection.indices.numel()),
+            n_views=len(kinds),
+            n_kept=int(scores.indices.numel()),
             seconds=seconds,
-            views=scores,
+            views=views,
+            logits=after.cpu(),
         )
+
+
+def _finite_or_none(value: float) -> float | None:
+    return None if math.isnan(value) else value
 
 
 def _with_time(result: SampleResult, *, seconds: float, view_seconds: float) -> SampleResult:

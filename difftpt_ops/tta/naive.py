@@ -1,9 +1,11 @@
-"""The straightforward formulation of TPT / DiffTPT, as the reference code computes it.
+"""The straightforward formulation of every registered method, as the reference code computes it.
 
-Kept only to prove that the engine's speed-ups are exact (tests) and to measure them (bench): every step
-re-runs the frozen image encoder on all views, every prompt is padded to the full 77-token context, the
-cosine filter is a Python loop of per-view similarities, and the final prediction encodes view 0 again.
-Views, the initial context and the loss are shared with the engine; they are not speed-ups.
+Kept only to prove that the engine's speed-ups are exact (tests, the GPU check) and to measure them (bench):
+every step re-runs the frozen image encoder on all views, every prompt is padded to the full 77-token
+context, a method's selection or step is its own straightforward formulation (`naive_step`) where it has
+one (TPT's argsort, DiffTPT's per-view cosine loop), and the final prediction encodes view 0 again. Views,
+the initial context, fixed text features (prompt ensembles) and the loss are shared with the engine; they
+are not speed-ups. Online methods run their `step` on the naive features with a state carried by the tuner.
 """
 
 from __future__ import annotations
@@ -17,9 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from difftpt_ops.core.errors import InvalidSpecError
-from difftpt_ops.core.specs import DiffTPTSpec, MethodSpec, TPTSpec
-from difftpt_ops.tta.losses import marginal_entropy, view_entropy
+from difftpt_ops.core.specs import MethodSpec
+from difftpt_ops.tta.methods import FORWARD_ONLY, ONLINE, PROMPT_TUNING, StepInputs, method_of
 from difftpt_ops.tta.prompts import class_prompt_texts, initial_context
 from difftpt_ops.tta.text import ClipLike, TextTower, normalise
 from difftpt_ops.tta.views import build_views
@@ -32,19 +33,19 @@ class NaiveResult:
     zeroshot_pred: int
     selected: list[int]
     seconds: float
+    logits: Tensor | None = None  # the prediction's
 
 
 class NaiveTuner:
-    """Reference-style TPT/DiffTPT: full-length prompts, image encoder re-run on every forward."""
+    """Reference-style run of any registered method: full-length prompts, image encoder re-run on every
+    forward, the method's naive formulation of its selection or step."""
 
     def __init__(self, clip: ClipLike, class_names: Sequence[str], spec: MethodSpec, *, init_seed: int = 0,
                  view_workers: int = 1) -> None:
-        if not isinstance(spec, (TPTSpec, DiffTPTSpec)):
-            raise InvalidSpecError("--method", spec.method, "the naive formulation runs tpt and difftpt only")
-        if isinstance(spec, DiffTPTSpec) and spec.filter_mode != "chained":
-            raise InvalidSpecError("filter_mode", spec.filter_mode, "the naive formulation runs the chained filter")
+        self.method = method_of(spec)
         self.model = clip.model
         self.spec = spec
+        self.plan = self.method.views(spec)
         self.view_workers = view_workers
         self.device = torch.device(clip.device)
         self.tower = TextTower(clip.model, name=clip.name)
@@ -56,31 +57,61 @@ class NaiveTuner:
         self.eot = tokens.argmax(dim=-1)
         self.ctx = nn.Parameter(init.to(self.device))
         self.ctx_init = init.to(self.device)
+        self.fixed_text = None
+        if self.method.kind == FORWARD_ONLY:
+            self.fixed_text = self.method.fixed_text_features(  # type: ignore[attr-defined]
+                spec, self.tower, clip.tokenizer, class_names)
+        self.state: Any = None
 
     def run(self, image: object, *, generated: Sequence[object] = (), seed: int, sample_key: str | int,
             augmix: bool = False) -> NaiveResult:
         """One sample, the reference way. Same views as the engine for the same (seed, sample_key)."""
         start = time.perf_counter()
-        spec = self.spec
-        tpt = isinstance(spec, TPTSpec)
-        n_conventional = spec.n_views - 1 if tpt else spec.n_conventional
-        generated = [] if tpt else list(generated)[:spec.n_generated]
-        use_augmix = spec.augmix if spec.augmix is not None else augmix
-        views = build_views(image, n_conventional=n_conventional, generated=generated, seed=seed,
-                            sample_key=sample_key, augmix=use_augmix, resolution=spec.resolution,
-                            workers=self.view_workers).pixels
+        plan = self.plan
+        views = build_views(image, n_conventional=plan.n_conventional, generated=list(generated)[:plan.n_generated],
+                            seed=seed, sample_key=sample_key,
+                            augmix=plan.augmix if plan.augmix is not None else augmix,
+                            resolution=plan.resolution, workers=self.view_workers)
+        if self.method.kind == PROMPT_TUNING:
+            final, zeroshot, selected = self._tune(views.pixels, views.kinds)
+        else:
+            final, zeroshot, selected = self._forward(views.pixels, views.kinds)
+        return NaiveResult(pred=int(final.argmax()), top5=torch.topk(final, k=min(5, final.numel())).indices.tolist(),
+                           zeroshot_pred=zeroshot, selected=selected.tolist(), seconds=time.perf_counter() - start,
+                           logits=final.detach().float().cpu())
+
+    def _forward(self, pixels: Tensor, kinds: tuple[str, ...]) -> tuple[Tensor, int, Tensor]:
+        """Forward-only and online methods: one pass over every view, then the method's (naive) step."""
+        with torch.no_grad():
+            logits, image, text = self._encode(pixels)
+            inputs = StepInputs(image_features=image.float(), text_features=text.float(),
+                                logit_scale=self.model.logit_scale.exp().float(), logits=logits.float(), kinds=kinds)
+            if self.method.kind == ONLINE:
+                if self.state is None:
+                    self.state = self.method.init_state(  # type: ignore[attr-defined]
+                        self.spec, n_classes=text.shape[0], dim=int(image.shape[-1]), device=self.device)
+                output, self.state = self.method.step(self.spec, self.state, inputs)  # type: ignore[attr-defined]
+            elif self.method.has_naive:
+                output = self.method.naive_step(self.spec, inputs)
+            else:
+                output = self.method.step(self.spec, inputs)  # type: ignore[attr-defined]
+        return output.logits, int(logits[0].argmax()), output.scores.indices.cpu()
+
+    def _tune(self, pixels: Tensor, kinds: tuple[str, ...]) -> tuple[Tensor, int, Tensor]:
+        method, spec = self.method, self.spec
+        tuning = method.tuning(spec)  # type: ignore[attr-defined]
         with torch.no_grad():
             self.ctx.copy_(self.ctx_init)
-        optimizer = torch.optim.AdamW([self.ctx], lr=spec.lr, weight_decay=spec.weight_decay)
+        optimizer = torch.optim.AdamW([self.ctx], lr=tuning.lr, weight_decay=tuning.weight_decay)
         scaler = torch.amp.GradScaler("cuda", init_scale=1000.0) if self.device.type == "cuda" else None
         selected: Tensor | None = None
         zeroshot = -1
-        for _ in range(spec.steps):
-            logits, image = self._forward(views)
+        for _ in range(tuning.steps):
+            logits, image, text = self._encode(pixels)
             if selected is None:
                 zeroshot = int(logits[0].argmax())
-                selected = self._select(logits.detach(), image)
-            loss = marginal_entropy(logits[selected])
+                selected = self._select(logits.detach(), image, text.detach(), kinds)
+            loss = method.loss(spec, logits[selected], text)  # type: ignore[attr-defined]
             optimizer.zero_grad()
             if scaler is None:
                 loss.backward()
@@ -90,19 +121,31 @@ class NaiveTuner:
                 scaler.step(optimizer)
                 scaler.update()
         with torch.no_grad():
-            final = self._forward(views[:1])[0][0]
+            n_predict = method.prediction_views(spec)  # type: ignore[attr-defined]
+            logits, image, text = self._encode(pixels[:n_predict])
+            final = method.predict(spec, StepInputs(  # type: ignore[attr-defined]
+                image_features=image.float(), text_features=text.float(),
+                logit_scale=self.model.logit_scale.exp().float(), logits=logits.float(), kinds=kinds[:n_predict]))
         if selected is None:
             zeroshot, selected = int(final.argmax()), torch.zeros(1, dtype=torch.long)
-        return NaiveResult(pred=int(final.argmax()), top5=torch.topk(final, k=min(5, final.numel())).indices.tolist(),
-                           zeroshot_pred=zeroshot, selected=selected.tolist(), seconds=time.perf_counter() - start)
+        return final, zeroshot, selected.cpu()
 
-    def _forward(self, views: Tensor) -> tuple[Tensor, Tensor]:
-        """Logits and image features of all views: image encoder re-run, text over n_classes x 77 tokens."""
+    def _select(self, logits: Tensor, image: Tensor, text: Tensor, kinds: tuple[str, ...]) -> Tensor:
+        inputs = StepInputs(image_features=image.float(), text_features=text.float(),
+                            logit_scale=self.model.logit_scale.exp().float(), logits=logits.float(), kinds=kinds)
+        if self.method.has_naive:
+            return self.method.naive_step(self.spec, inputs).scores.indices.to(logits.device)
+        return self.method.select(self.spec, inputs).indices.to(logits.device)  # type: ignore[attr-defined]
+
+    def _encode(self, views: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Logits, image and text features of all views: image encoder re-run, text over n_classes x 77 tokens."""
         with self._autocast():
             with torch.no_grad():
                 image = normalise(self.model.encode_image(views.to(self.device)))
-            text = normalise(self._encode_text())
-            return self.model.logit_scale.exp() * image @ text.t(), image
+            text = self.fixed_text.to(self.device) if self.fixed_text is not None else normalise(self._encode_text())
+            logits = self.model.logit_scale.exp() * image @ text.t()
+            bias = getattr(self.model, "logit_bias", None)
+            return (logits + bias if bias is not None else logits), image, text
 
     def _encode_text(self) -> Tensor:
         tower = self.tower
@@ -112,26 +155,6 @@ class NaiveTuner:
         x = tower.transformer(x, attn_mask=tower.attn_mask)
         x = tower.ln_final(x)
         return tower._project(x[torch.arange(n, device=x.device), self.eot])
-
-    def _select(self, logits: Tensor, image: Tensor) -> Tensor:
-        spec = self.spec
-        if isinstance(spec, TPTSpec):
-            entropy = view_entropy(logits)
-            return torch.argsort(entropy)[:max(1, int(logits.shape[0] * spec.selection_p))]
-        return self._select_difftpt(logits, image)
-
-    def _select_difftpt(self, logits: Tensor, image: Tensor) -> Tensor:
-        spec = self.spec
-        assert isinstance(spec, DiffTPTSpec)
-        source = logits if spec.cosine_on == "logits" else image
-        similarity = nn.CosineSimilarity(dim=0)
-        scores = torch.stack([similarity(source[i].float(), source[0].float()) for i in range(1, source.shape[0])]) \
-            if source.shape[0] > 1 else torch.zeros(0)
-        top = torch.argsort(scores, descending=True)[:int((source.shape[0] - 1) * spec.selection_cosine)] + 1
-        candidates = torch.cat([torch.zeros(1, dtype=torch.long), top.cpu()])
-        entropy = view_entropy(logits[candidates.to(logits.device)])
-        keep = max(1, int(candidates.shape[0] * spec.selection_entropy))
-        return candidates[torch.argsort(entropy.cpu())[:keep]].to(logits.device)
 
     def _autocast(self) -> AbstractContextManager[Any]:
         if self.device.type == "cuda":

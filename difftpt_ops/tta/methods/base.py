@@ -74,7 +74,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -84,6 +84,7 @@ from torch import Tensor
 from difftpt_ops.core.errors import InvalidSpecError
 from difftpt_ops.core.specs import MethodSpec, register_method_spec, unregister_method_spec
 from difftpt_ops.tta.losses import marginal_entropy, view_entropy
+from difftpt_ops.tta.text import TextTower, normalise
 
 FORWARD_ONLY = "forward-only"
 PROMPT_TUNING = "prompt-tuning"
@@ -218,6 +219,17 @@ class ForwardOnlyMethod(Method):
         spec's `prompts` field when it has one."""
         return str(getattr(spec, "prompts", SINGLE_TEMPLATE))
 
+    def fixed_text_features(self, spec: Any, tower: TextTower, tokenizer: Any,
+                            class_names: Sequence[str]) -> Tensor | None:
+        """Normalised text features (n_classes, d) replacing the prompt learner's, computed once per run;
+        None: the spec's prompt through the prompt learner (its initial context). Default: None for
+        SINGLE_TEMPLATE; CLIP's ensemble over `text_templates` for ENSEMBLE (override for other options)."""
+        if self.text_option(spec) == SINGLE_TEMPLATE:
+            return None
+        if not self.text_templates:
+            raise InvalidSpecError("prompts", self.text_option(spec), f"{self.name} has no prompt templates")
+        return template_ensemble(tower, tokenizer, class_names, self.text_templates)
+
     def step(self, spec: Any, inputs: StepInputs) -> StepOutput:
         raise NotImplementedError
 
@@ -320,6 +332,20 @@ def method_names() -> tuple[str, ...]:
 
 def registered() -> tuple[Method, ...]:
     return tuple(_REGISTRY.values())
+
+
+@torch.no_grad()
+def template_ensemble(tower: TextTower, tokenizer: Any, class_names: Sequence[str],
+                      templates: Sequence[str]) -> Tensor:
+    """CLIP's prompt ensemble: per template, normalised class features; their mean, normalised again."""
+    names = [name.replace("_", " ") for name in class_names]
+    per_template = []
+    for template in templates:
+        tokens = tokenizer([template.format(name) for name in names]).to(tower.token_embedding.weight.device)
+        pool = tower.pool_index(tokens)
+        length = int(pool.max()) + 1 if tower.causal else tokens.shape[1]  # causal: exact (see tta/text.py)
+        per_template.append(normalise(tower.encode(tower.embed(tokens[:, :length]), pool).float()))
+    return normalise(torch.stack(per_template).mean(dim=0))
 
 
 def nan_to_none(value: float) -> float | None:
