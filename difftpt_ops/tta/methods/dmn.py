@@ -1,0 +1,140 @@
+"""DMN-ZS (Zhang et al., CVPR 2024): the training-free zero-shot Dual Memory Network, i.e. its dynamic memory.
+
+Pure torch, no I/O. The state is a dict of tensors advanced one test sample at a time by `step`. The
+formulation follows the reference code (YBZh/DMN, dmn_main.py with --n_shot 0 and no fine-tuning, whose
+learnable mappings then stay zero):
+
+1. Text probabilities softmax(scale * f @ W^T) for every view; the pseudo-label comes from the mean
+   probability of the `selection_p` lowest-entropy views (entropy -sum p log(p + 1e-6)).
+2. The memory of the pseudo-label's class takes the original view's feature with the mean probability's
+   entropy (-sum p log(p + 1e-8)): into the next free slot while the class has fewer than `memory_size`
+   entries, otherwise in place of its highest-entropy entry when the new entropy is lower than some entry's.
+3. Read-out (after the update): the class's memorised features plus its text feature, normalised, are
+   weighted by exp(-beta * (1 - cos(f, m))) with f the original view's feature; their normalised weighted
+   sum is the class's adaptive classifier, and the memory prediction is softmax(scale * classifier @ f).
+4. Prediction = text probability of the original view + `dynamic_weight` * memory prediction. The
+   reference picks that weight per dataset by searching a grid against the test labels (see docs/methods.md);
+   here it is a setting, 1.0 by default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+NAME = "dmn-zs"
+KIND = "online"
+PAPER = "Zhang et al., Dual Memory Networks: A Versatile Adaptation Approach for Vision-Language Models, CVPR 2024"
+REFERENCE = "https://github.com/YBZh/DMN"
+SELECTION_EPS = 1e-6  # in the view-selection entropy
+MEMORY_EPS = 1e-8  # in the memory-ranking entropy
+
+
+@dataclass(frozen=True)
+class DMNParams:
+    """The numbers DMN-ZS's step needs (the reference's defaults and scripts/run.sh)."""
+
+    memory_size: int = 50
+    beta: float = 5.5
+    selection_p: float = 0.1
+    dynamic_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one sample gets: the combined prediction and its parts."""
+
+    logits: Tensor  # (n_classes,) combined prediction (a sum of probabilities, not a softmax input)
+    text_probs: Tensor  # (n_classes,) text probability of the original view (zero-shot CLIP)
+    memory_probs: Tensor  # (n_classes,) the dynamic memory's prediction
+    entropy: float  # of the mean probability of the kept views (the memory ranking key)
+    n_views: int
+    n_kept: int
+
+
+def init_state(n_classes: int, dim: int, params: DMNParams) -> dict[str, Tensor]:
+    """An empty memory: per class `memory_size` normalised features with their entropies."""
+    return {
+        "features": torch.zeros(n_classes, params.memory_size, dim),
+        "entropy": torch.zeros(n_classes, params.memory_size),
+        "count": torch.zeros(n_classes, dtype=torch.int64),
+    }
+
+
+def kept_views(probs: Tensor, selection_p: float) -> Tensor:
+    """Indices of the lowest-entropy views (at least one: a single view keeps itself)."""
+    entropy = -(probs * torch.log(probs + SELECTION_EPS)).sum(1)
+    keep = max(1, int(probs.shape[0] * selection_p))
+    return torch.argsort(entropy, stable=True)[:keep]
+
+
+def _remember(state: dict[str, Tensor], label: int, feature: Tensor, entropy: float) -> None:
+    features, entropies, count = state["features"], state["entropy"], state["count"]
+    used, size = int(count[label]), features.shape[1]
+    if used < size:
+        slot = used
+        count[label] = used + 1
+    elif bool((entropy < entropies[label]).any()):
+        # The highest-entropy slot goes (the last of equal maxima, as an ascending sort puts it last).
+        slot = size - 1 - int(torch.argmax(entropies[label].flip(0)))
+    else:
+        return
+    features[label, slot] = F.normalize(feature, dim=-1)
+    entropies[label, slot] = entropy
+
+
+def memory_probs(state: dict[str, Tensor], feature: Tensor, text: Tensor, *, scale: float, beta: float) -> Tensor:
+    """The dynamic memory's prediction for the normalised query feature `feature` (dim,)."""
+    memory, count = state["features"], state["count"]
+    n_classes, size, dim = memory.shape
+    filled = torch.arange(size).unsqueeze(0) < count.unsqueeze(1)
+    query = F.normalize(feature, dim=-1)
+    # Slots: the memorised features (empty ones are zero vectors) and the class's text feature last.
+    sim_memory = (memory.reshape(-1, dim) @ query).reshape(n_classes, size)
+    sim_text = F.normalize(text, dim=-1) @ query
+    weight_memory = torch.exp(-beta * (1.0 - sim_memory)) * filled
+    weight_text = torch.exp(-beta * (1.0 - sim_text))
+    adaptive = torch.bmm(weight_memory.unsqueeze(1), memory).squeeze(1) + weight_text.unsqueeze(1) * F.normalize(
+        text, dim=-1)
+    adaptive = F.normalize(F.normalize(adaptive, dim=-1), dim=-1)  # the reference normalises twice
+    return (scale * adaptive @ feature).softmax(-1)
+
+
+def step(state: dict[str, Tensor], features: Tensor, text: Tensor, *, scale: float,
+         params: DMNParams) -> tuple[StepResult, dict[str, Tensor]]:
+    """Adapt to one sample (its views' normalised features, view 0 first) and predict it.
+
+    `text` holds the normalised class text features (n_classes, dim), `scale` CLIP's logit scale.
+    The state is updated in place and returned.
+    """
+    features = features.float()
+    probs = (scale * features @ text.float().t()).softmax(-1)
+    kept = kept_views(probs, params.selection_p)
+    mean = probs[kept].mean(0)
+    entropy = float(-(mean * torch.log(mean + MEMORY_EPS)).sum())
+    _remember(state, int(mean.argmax()), features[0], entropy)
+    memory = memory_probs(state, features[0], text.float(), scale=scale, beta=params.beta)
+    combined = probs[0] + params.dynamic_weight * memory
+    return StepResult(combined, probs[0], memory, entropy, int(features.shape[0]), int(kept.numel())), state
+
+
+def state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A compact copy for a checkpoint: only the filled slots (the memory fills slowly)."""
+    filled = torch.arange(state["features"].shape[1]).unsqueeze(0) < state["count"].unsqueeze(1)
+    return {"count": state["count"].clone(), "features": state["features"][filled].contiguous(),
+            "entropy": state["entropy"][filled].contiguous(),
+            "shape": torch.tensor(state["features"].shape, dtype=torch.int64)}
+
+
+def load_state_dict(saved: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Rebuild the full state from `state_dict` output."""
+    n_classes, size, dim = (int(v) for v in saved["shape"])
+    state = init_state(n_classes, dim, DMNParams(memory_size=size))
+    state["count"] = saved["count"].clone()
+    filled = torch.arange(size).unsqueeze(0) < state["count"].unsqueeze(1)
+    state["features"][filled] = saved["features"]
+    state["entropy"][filled] = saved["entropy"]
+    return state

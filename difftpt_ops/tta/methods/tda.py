@@ -1,0 +1,197 @@
+"""TDA (Karmanov et al., CVPR 2024): a training-free dynamic adapter with positive and negative caches.
+
+Pure torch, no I/O. The state is a dict of tensors (`init_state`), advanced one test sample at a time by
+`step`; `state_dict` / `load_state_dict` turn it into a compact dict of tensors for a safetensors
+checkpoint and back. The formulation follows the reference code (kdiAAA/TDA, tda_runner.py and utils.py):
+
+1. CLIP logits `scale * f @ W^T` for every view. With one view, its logits, softmax entropy and softmax
+   are the sample's; with several, the 10% lowest-entropy views are kept and the sample's feature is the
+   mean of their features (not re-normalised), its logits the mean of their logits, its entropy the
+   entropy of their mean probability, its probability map the mean of their softmaxes.
+2. The pseudo-label (argmax of the sample's logits) files (feature, entropy) into the positive cache of
+   that class: appended while the class has fewer than `pos_shot_capacity` entries, otherwise replacing
+   the highest-entropy entry when the new one is lower; entries stay sorted by entropy (ties: older first).
+3. When the entropy divided by log2(n_classes) lies strictly between the entropy thresholds (the
+   reference divides a natural-log entropy by log2, kept as is), (feature, entropy, mask) enters the
+   negative cache the same way, where the mask marks the classes whose probability lies strictly between
+   the mask thresholds.
+4. Final logits = CLIP logits + pos_alpha * A(pos) @ one_hot - neg_alpha * A(neg) @ mask, with the
+   affinity A = exp(-(beta - beta * f @ key)), computed after the sample updated the caches.
+
+The reference runs in half precision on a GPU; this runs in fp32, which changes results only at the
+level of rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from difftpt_ops.tta.losses import marginal_entropy, view_entropy
+
+NAME = "tda"
+KIND = "online"
+PAPER = "Karmanov et al., Efficient Test-Time Adaptation of Vision-Language Models, CVPR 2024"
+REFERENCE = "https://github.com/kdiAAA/TDA"
+
+# Per-dataset (alpha, beta) of the positive cache in the reference's configs/*.yaml; every other setting
+# (capacities 3 and 2, negative alpha 0.117 and beta 1.0, thresholds) is the same in all of them.
+POSITIVE_BY_FORMAT: dict[str, tuple[float, float]] = {
+    "imagenet": (2.0, 5.0), "imagenet-a": (2.0, 5.0), "imagenet-v2": (1.0, 8.0), "imagenet-r": (1.0, 8.0),
+    "imagenet-sketch": (2.363, 7.45), "caltech101": (5.0, 5.0), "dtd": (2.0, 3.0), "eurosat": (4.0, 8.0),
+    "aircraft": (2.0, 2.0), "food101": (1.0, 1.0), "flowers102": (1.0, 5.0), "pets": (2.0, 7.0),
+    "cars": (1.0, 7.0), "sun397": (2.0, 3.0), "ucf101": (3.0, 8.0),
+}
+# The reference feeds 63 AugMix views plus the original for ImageNet-A, -V2, -R and -Sketch, and the
+# single centre crop everywhere else (ImageNet and the cross-domain sets).
+MULTI_VIEW_FORMATS = ("imagenet-a", "imagenet-v2", "imagenet-r", "imagenet-sketch")
+MULTI_VIEW_COUNT = 64
+
+
+@dataclass(frozen=True)
+class TDAParams:
+    """The numbers TDA's step needs (imagenet.yaml of the reference by default)."""
+
+    pos_enabled: bool = True
+    pos_shot_capacity: int = 3
+    pos_alpha: float = 2.0
+    pos_beta: float = 5.0
+    neg_enabled: bool = True
+    neg_shot_capacity: int = 2
+    neg_alpha: float = 0.117
+    neg_beta: float = 1.0
+    entropy_lower: float = 0.2
+    entropy_upper: float = 0.5
+    mask_lower: float = 0.03
+    mask_upper: float = 1.0
+    selection_p: float = 0.1  # share of the views kept when a sample has several
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one sample gets: the adapted logits and what they were adapted from."""
+
+    logits: Tensor  # (n_classes,) final logits
+    clip_logits: Tensor  # (n_classes,) CLIP logits of the sample (mean over the kept views)
+    entropy: float  # of the sample's CLIP prediction (the cache ranking key)
+    n_views: int
+    n_kept: int
+
+
+def init_state(n_classes: int, dim: int, params: TDAParams) -> dict[str, Tensor]:
+    """Empty caches: per class `capacity` slots of (key, entropy), plus the negative masks."""
+    state = {}
+    for prefix, capacity in (("pos", params.pos_shot_capacity), ("neg", params.neg_shot_capacity)):
+        state[f"{prefix}_keys"] = torch.zeros(n_classes, capacity, dim)
+        state[f"{prefix}_entropy"] = torch.full((n_classes, capacity), math.inf)
+        state[f"{prefix}_count"] = torch.zeros(n_classes, dtype=torch.int64)
+    state["neg_mask"] = torch.zeros(n_classes, params.neg_shot_capacity, n_classes, dtype=torch.bool)
+    return state
+
+
+def summarise_views(features: Tensor, text: Tensor, scale: float,
+                    selection_p: float) -> tuple[Tensor, Tensor, float, Tensor, int]:
+    """(feature, logits, entropy, probability map, n_kept) of one sample from its views' features."""
+    logits = scale * features.float() @ text.float().t()
+    if logits.shape[0] == 1:
+        return features[0].float(), logits[0], float(view_entropy(logits)[0]), logits[0].softmax(-1), 1
+    keep = max(1, int(logits.shape[0] * selection_p))  # the reference's int() alone keeps none of < 10 views
+    order = torch.argsort(view_entropy(logits), stable=True)[:keep]
+    kept = logits[order]
+    return (features[order].float().mean(0), kept.mean(0), float(marginal_entropy(kept)),
+            kept.softmax(-1).mean(0), keep)
+
+
+def _insert(state: dict[str, Tensor], prefix: str, label: int, key: Tensor, entropy: float,
+            mask: Tensor | None) -> None:
+    """File one entry into a class's slots: append while there is room, else replace the worst if better."""
+    keys, entropies, count = state[f"{prefix}_keys"], state[f"{prefix}_entropy"], state[f"{prefix}_count"]
+    capacity, used = keys.shape[1], int(count[label])
+    if used == capacity:
+        if not entropy < float(entropies[label, capacity - 1]):
+            return
+        used -= 1  # the highest-entropy entry (the last) drops out
+    # Stable order by entropy: the new entry goes after the entries with an equal or lower entropy.
+    position = int((entropies[label, :used] <= entropy).sum())
+    tail = slice(position + 1, used + 1)
+    moved = slice(position, used)
+    keys[label, tail] = keys[label, moved].clone()
+    entropies[label, tail] = entropies[label, moved].clone()
+    keys[label, position] = key
+    entropies[label, position] = entropy
+    if mask is not None:
+        masks = state["neg_mask"]
+        masks[label, tail] = masks[label, moved].clone()
+        masks[label, position] = mask
+    count[label] = used + 1
+
+
+def _affinity(feature: Tensor, keys: Tensor, count: Tensor, beta: float) -> Tensor:
+    """exp(-(beta - beta * f.k)) per slot, (n_classes, capacity); empty slots weigh 0."""
+    affinity = keys @ feature
+    weights = (-(beta - beta * affinity)).exp()
+    filled = torch.arange(keys.shape[1]).unsqueeze(0) < count.unsqueeze(1)
+    return weights * filled
+
+
+def cache_logits(state: dict[str, Tensor], feature: Tensor, params: TDAParams) -> Tensor:
+    """The caches' correction to the CLIP logits for `feature`: positive minus negative."""
+    correction = torch.zeros(state["pos_count"].shape[0])
+    if params.pos_enabled:
+        weights = _affinity(feature, state["pos_keys"], state["pos_count"], params.pos_beta)
+        correction = correction + params.pos_alpha * weights.sum(1)  # one-hot values: a class sums its own slots
+    if params.neg_enabled and bool(state["neg_count"].any()):
+        weights = _affinity(feature, state["neg_keys"], state["neg_count"], params.neg_beta)
+        masks = state["neg_mask"].flatten(0, 1).float()
+        correction = correction - params.neg_alpha * (weights.flatten() @ masks)
+    return correction
+
+
+def step(state: dict[str, Tensor], features: Tensor, text: Tensor, *, scale: float,
+         params: TDAParams) -> tuple[StepResult, dict[str, Tensor]]:
+    """Adapt to one sample (its views' normalised features, view 0 first) and predict it.
+
+    `text` holds the normalised class text features (n_classes, dim), `scale` CLIP's logit scale.
+    The state is updated in place and returned.
+    """
+    feature, logits, entropy, probs, kept = summarise_views(features, text, scale, params.selection_p)
+    label = int(logits.argmax())
+    if params.pos_enabled:
+        _insert(state, "pos", label, feature, entropy, None)
+    normalised = entropy / math.log2(text.shape[0])
+    if params.neg_enabled and params.entropy_lower < normalised < params.entropy_upper:
+        mask = (probs > params.mask_lower) & (probs < params.mask_upper)
+        _insert(state, "neg", label, feature, entropy, mask)
+    final = logits + cache_logits(state, feature, params)
+    return StepResult(final, logits, entropy, int(features.shape[0]), kept), state
+
+
+def state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A compact copy for a checkpoint: only filled slots are kept (caches start almost empty)."""
+    out = {"pos_count": state["pos_count"].clone(), "neg_count": state["neg_count"].clone(),
+           "shape": torch.tensor([*state["pos_keys"].shape, state["neg_keys"].shape[1]], dtype=torch.int64)}
+    for prefix in ("pos", "neg"):
+        filled = torch.arange(state[f"{prefix}_keys"].shape[1]).unsqueeze(0) < state[f"{prefix}_count"].unsqueeze(1)
+        out[f"{prefix}_keys"] = state[f"{prefix}_keys"][filled].contiguous()
+        out[f"{prefix}_entropy"] = state[f"{prefix}_entropy"][filled].contiguous()
+        if prefix == "neg":
+            out["neg_mask"] = state["neg_mask"][filled].contiguous()
+    return out
+
+
+def load_state_dict(saved: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Rebuild the full state from `state_dict` output."""
+    n_classes, pos_capacity, dim, neg_capacity = (int(v) for v in saved["shape"])
+    params = TDAParams(pos_shot_capacity=pos_capacity, neg_shot_capacity=neg_capacity)
+    state = init_state(n_classes, dim, params)
+    for prefix in ("pos", "neg"):
+        state[f"{prefix}_count"] = saved[f"{prefix}_count"].clone()
+        filled = torch.arange(state[f"{prefix}_keys"].shape[1]).unsqueeze(0) < state[f"{prefix}_count"].unsqueeze(1)
+        state[f"{prefix}_keys"][filled] = saved[f"{prefix}_keys"]
+        state[f"{prefix}_entropy"][filled] = saved[f"{prefix}_entropy"]
+        if prefix == "neg":
+            state["neg_mask"][filled] = saved["neg_mask"]
+    return state

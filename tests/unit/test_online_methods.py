@@ -1,0 +1,184 @@
+"""TDA and DMN-ZS steps against straightforward formulations that mirror the reference scripts' structure."""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from difftpt_ops.tta.methods import dmn, tda
+
+pytestmark = pytest.mark.unit
+
+
+def _stream(n: int, n_classes: int, dim: int, views: int, seed: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Normalised view features drawn near random class directions, so predictions and entropies vary."""
+    g = torch.Generator().manual_seed(seed)
+    text = F.normalize(torch.randn(n_classes, dim, generator=g), dim=-1)
+    samples = []
+    for _ in range(n):
+        label = int(torch.randint(n_classes, (1,), generator=g))
+        base = text[label] + 0.9 * torch.randn(dim, generator=g) / math.sqrt(dim) * 4
+        samples.append(F.normalize(base + 0.3 * torch.randn(views, dim, generator=g), dim=-1))
+    return samples, text
+
+
+# --- TDA: dict-of-lists caches, sorted with Python's stable sort, as the reference keeps them ----------------
+
+
+def _oracle_tda(samples: list[torch.Tensor], text: torch.Tensor, scale: float, p: tda.TDAParams) -> list[torch.Tensor]:
+    pos: dict[int, list] = {}
+    neg: dict[int, list] = {}
+    outputs = []
+
+    def update(cache: dict[int, list], label: int, item: list, capacity: int) -> None:
+        if label in cache:
+            if len(cache[label]) < capacity:
+                cache[label].append(item)
+            elif item[1] < cache[label][-1][1]:
+                cache[label][-1] = item
+            cache[label] = sorted(cache[label], key=operator.itemgetter(1))
+        else:
+            cache[label] = [item]
+
+    def correction(feature: torch.Tensor, cache: dict[int, list], alpha: float, beta: float,
+                   mask: tuple[float, float] | None) -> torch.Tensor:
+        keys, values = [], []
+        for label in sorted(cache):
+            for item in cache[label]:
+                keys.append(item[0])
+                if mask is None:
+                    values.append(F.one_hot(torch.tensor(label), text.shape[0]).float())
+                else:
+                    values.append(((item[2] > mask[0]) & (item[2] < mask[1])).float())
+        affinity = feature @ torch.stack(keys).t()
+        return alpha * ((-1) * (beta - beta * affinity)).exp() @ torch.stack(values)
+
+    for views in samples:
+        logits = scale * views @ text.t()
+        if views.shape[0] > 1:
+            entropy = -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
+            chosen = torch.argsort(entropy, stable=True)[:max(1, int(views.shape[0] * p.selection_p))]
+            kept = logits[chosen]
+            feature, clip_logits = views[chosen].mean(0), kept.mean(0)
+            log_p = kept - kept.logsumexp(-1, keepdim=True)
+            mean_log = log_p.logsumexp(0) - math.log(kept.shape[0])
+            loss = float(-(mean_log * mean_log.exp()).sum())
+            prob_map = kept.softmax(1).mean(0)
+        else:
+            feature, clip_logits = views[0], logits[0]
+            loss = float(-(logits.softmax(1) * logits.log_softmax(1)).sum())
+            prob_map = logits[0].softmax(0)
+        label = int(clip_logits.argmax())
+        update(pos, label, [feature, loss], p.pos_shot_capacity)
+        if p.entropy_lower < loss / math.log2(text.shape[0]) < p.entropy_upper:
+            update(neg, label, [feature, loss, prob_map], p.neg_shot_capacity)
+        final = clip_logits + correction(feature, pos, p.pos_alpha, p.pos_beta, None)
+        if neg:
+            final = final - correction(feature, neg, p.neg_alpha, p.neg_beta, (p.mask_lower, p.mask_upper))
+        outputs.append(final)
+    return outputs
+
+
+@pytest.mark.parametrize("views", [1, 20])
+def test_tda_matches_the_reference_formulation(views: int) -> None:
+    """Every sample's final logits equal the dict-of-lists formulation, with both caches filled and evicting."""
+    samples, text = _stream(300, 6, 16, views, seed=views)
+    params = tda.TDAParams()
+    scale = 12.0  # softer than CLIP's 100, so many samples land in the negative cache's entropy window
+    expected = _oracle_tda(samples, text, scale, params)
+    state = tda.init_state(6, 16, params)
+    for views_features, want in zip(samples, expected, strict=True):
+        result, state = tda.step(state, views_features, text, scale=scale, params=params)
+        torch.testing.assert_close(result.logits, want, rtol=0, atol=1e-5)
+        assert int(result.logits.argmax()) == int(want.argmax())
+    assert int(state["pos_count"].sum()) == 6 * params.pos_shot_capacity  # full: replacement was exercised
+    assert int(state["neg_count"].sum()) > 0
+    assert bool((state["pos_entropy"][:, :-1] <= state["pos_entropy"][:, 1:]).all())
+
+
+def test_tda_caches_change_predictions() -> None:
+    """The adapter is not a no-op: some predictions differ from CLIP's."""
+    samples, text = _stream(200, 6, 16, 1, seed=3)
+    params = tda.TDAParams(pos_alpha=5.0)
+    state = tda.init_state(6, 16, params)
+    changed = 0
+    for views in samples:
+        result, state = tda.step(state, views, text, scale=12.0, params=params)
+        changed += int(result.logits.argmax() != result.clip_logits.argmax())
+    assert changed > 0
+
+
+# --- DMN-ZS: the memory as the reference keeps it (zero slots, renormalised and masked at every read) --------
+
+
+def _oracle_dmn(samples: list[torch.Tensor], text: torch.Tensor, scale: float, p: dmn.DMNParams) -> list[torch.Tensor]:
+    n_classes, dim = text.shape
+    memory = torch.zeros(n_classes, p.memory_size, dim)
+    entropies = torch.zeros(n_classes, p.memory_size)
+    count = [0] * n_classes
+    outputs = []
+    for views in samples:
+        probs = (scale * views @ text.t()).softmax(-1)
+        view_entropy = -(probs * torch.log(probs + 1e-6)).sum(1)
+        chosen = torch.argsort(view_entropy, stable=True)[:max(1, int(views.shape[0] * p.selection_p))]
+        mean = probs[chosen].mean(0)
+        label = int(mean.argmax())
+        entropy = -(mean * torch.log(mean + 1e-8)).sum()
+        if count[label] == p.memory_size:
+            if bool((entropy < entropies[label]).any()):
+                slot = int(torch.sort(entropies[label], stable=True).indices[-1])
+                memory[label, slot], entropies[label, slot] = views[0], entropy
+        else:
+            memory[label, count[label]], entropies[label, count[label]] = views[0], entropy
+            count[label] += 1
+        stacked = torch.cat([memory, text.unsqueeze(1)], dim=1)
+        keys = stacked / stacked.norm(dim=-1, keepdim=True)
+        keys[stacked.sum(-1) == 0] = 0
+        query = views[0] / views[0].norm()
+        weights = torch.exp(-p.beta * (-(query * keys).sum(-1) + 1))
+        adaptive = (keys * weights.unsqueeze(-1)).sum(1)
+        adaptive = adaptive / adaptive.norm(dim=-1, keepdim=True)
+        adaptive = adaptive / adaptive.norm(dim=-1, keepdim=True)
+        memory_probs = (scale * adaptive @ views[0]).softmax(-1)
+        outputs.append(probs[0] + p.dynamic_weight * memory_probs)
+    return outputs
+
+
+@pytest.mark.parametrize("views", [1, 32])
+def test_dmn_matches_the_reference_formulation(views: int) -> None:
+    """Every sample's combined prediction equals the masked-memory formulation, with memories full and evicting."""
+    samples, text = _stream(260, 5, 16, views, seed=10 + views)
+    params = dmn.DMNParams(memory_size=8)
+    expected = _oracle_dmn(samples, text, 20.0, params)
+    state = dmn.init_state(5, 16, params)
+    for views_features, want in zip(samples, expected, strict=True):
+        result, state = dmn.step(state, views_features, text, scale=20.0, params=params)
+        torch.testing.assert_close(result.logits, want, rtol=0, atol=1e-6)
+        assert int(result.logits.argmax()) == int(want.argmax())
+    assert int(state["count"].max()) == params.memory_size
+
+
+@pytest.mark.parametrize("module,params", [(tda, tda.TDAParams()), (dmn, dmn.DMNParams(memory_size=8))])
+def test_checkpointed_state_continues_exactly(module, params) -> None:  # type: ignore[no-untyped-def]
+    """Saving the state through safetensors bytes mid-stream and loading it changes no later result."""
+    samples, text = _stream(120, 5, 16, 4, seed=7)
+    full = module.init_state(5, 16, params)
+    straight = []
+    for views in samples:
+        result, full = module.step(full, views, text, scale=12.0, params=params)
+        straight.append(result.logits)
+    state = module.init_state(5, 16, params)
+    resumed = []
+    for index, views in enumerate(samples):
+        if index in (37, 80):
+            state = module.load_state_dict(load_safetensors(save_safetensors(module.state_dict(state))))
+        result, state = module.step(state, views, text, scale=12.0, params=params)
+        resumed.append(result.logits)
+    for a, b in zip(straight, resumed, strict=True):
+        assert torch.equal(a, b)
