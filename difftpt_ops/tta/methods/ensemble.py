@@ -2,13 +2,18 @@
 
 CLIP's prompt-engineering recipe, as the TDA, DMN and ZERO code bases build their classifiers: encode every
 (template, class) text, L2-normalise each feature, average over the templates per class, normalise again.
-`single` is the one-template prompt of TPT ("a photo of a {}."), the default of every method here.
-Template lists are data (difftpt_ops/data/imagenet_templates.json); the caller passes them in.
+`single` is the one-template prompt of TPT ("a photo of a {}."), the default of every method here;
+`ensemble` is CLIP's 80 ImageNet templates (the list TDA and DMN use for the ImageNet shifts); `tip` is the
+7-template subset that ZERO's --templates flag uses. The lists ship as data in
+difftpt_ops/data/imagenet_templates.json and are read once, on first use.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from functools import cache
+from importlib import resources
 from typing import Any
 
 import torch
@@ -25,6 +30,32 @@ def check_prompt_set(value: str, *, argument: str = "prompts") -> None:
     """Reject a prompt set this module does not know, naming the setting."""
     if value not in PROMPT_SETS:
         raise InvalidSpecError(argument, value, f"unknown prompt set; choose one of {', '.join(PROMPT_SETS)}")
+
+
+@cache
+def prompt_templates(prompt_set: str) -> tuple[str, ...]:
+    """The templates of a multi-template prompt set ("ensemble" or "tip")."""
+    if prompt_set not in PROMPT_SETS[1:]:
+        raise InvalidSpecError("prompts", prompt_set,
+                               f"has no template list; choose one of {', '.join(PROMPT_SETS[1:])}")
+    text = resources.files("difftpt_ops.data").joinpath("imagenet_templates.json").read_text(encoding="utf-8")
+    return tuple(json.loads(text)[prompt_set])
+
+
+class PromptSetOption:
+    """Mixin for forward-only methods whose spec has a `prompts` field: fixed text features per prompt set.
+
+    "single" keeps the engine's prompt (the spec's template through the prompt learner's initial context);
+    the other sets replace it with their template ensemble, computed once per run.
+    """
+
+    def fixed_text_features(self, spec: Any, tower: TextTower, tokenizer: Any,
+                            class_names: Sequence[str]) -> Tensor | None:
+        prompt_set = str(getattr(spec, "prompts", "single"))
+        check_prompt_set(prompt_set)
+        if prompt_set == "single":
+            return None
+        return prompt_set_text_features(tower, tokenizer, class_names, prompt_templates(prompt_set))
 
 
 def ensemble_text_features(per_template: Tensor) -> Tensor:

@@ -1,0 +1,145 @@
+"""ZERO against a straightforward formulation from the paper, its tie-break, edge cases and bad settings."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from difftpt_ops.core.errors import InvalidSpecError  # noqa: E402
+from difftpt_ops.core.specs import method_spec_from  # noqa: E402
+from difftpt_ops.tta.methods import StepInputs, get_method  # noqa: E402
+from difftpt_ops.tta.methods.zero import ZeroSpec, vote_logits, zero_predict  # noqa: E402
+
+pytestmark = pytest.mark.unit
+
+SCALE = 100.0
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x.double(), dim=-1).float()
+
+
+def _random(seed: int, n_views: int, n_classes: int, dim: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return _unit(torch.randn(n_views, dim, generator=g)), _unit(torch.randn(n_classes, dim, generator=g))
+
+
+def paper_zero(image: torch.Tensor, text: torch.Tensor, gamma: float) -> tuple[list[int], list[int]]:
+    """The paper: predict every view, keep the int(N * gamma) most confident (lowest entropy), let each kept
+    view vote with its argmax (softmax at temperature 0), count. Returns (kept views, votes per class)."""
+    n, c = image.shape[0], text.shape[0]
+    entropies = []
+    for i in range(n):
+        cos = [float(image[i].double() @ text[j].double()) for j in range(c)]
+        top = max(cos)
+        z = sum(math.exp(SCALE * (v - top)) for v in cos)
+        p = [math.exp(SCALE * (v - top)) / z for v in cos]
+        entropies.append(-sum(q * math.log(q) for q in p if q > 0))
+    kept = sorted(range(n), key=lambda i: (entropies[i], i))[:int(n * gamma)]
+    votes = [0] * c
+    for i in kept:
+        cos = [float(image[i].double() @ text[j].double()) for j in range(c)]
+        votes[cos.index(max(cos))] += 1
+    return kept, votes
+
+
+@pytest.mark.parametrize("n_classes", [2, 7, 200])
+def test_matches_the_paper_formulation(n_classes: int) -> None:
+    """Same kept views and vote counts on random features; same prediction wherever the vote has one winner."""
+    winners = 0
+    for seed in range(12):
+        image, text = _random(seed, 64, n_classes)
+        kept, votes = paper_zero(image, text, 0.3)
+        out = zero_predict(image, text, SCALE, gamma=0.3)
+        assert sorted(kept) == torch.nonzero(out.kept).flatten().tolist()
+        assert torch.allclose(out.probs * len(kept), torch.tensor(votes, dtype=torch.float32), atol=1e-5)
+        if votes.count(max(votes)) == 1:
+            winners += 1
+            assert out.pred == votes.index(max(votes)) and not out.tie
+    assert winners >= 3  # the comparison of predictions actually ran
+
+
+def _peaked(cls: int, n_classes: int, sharp: float) -> torch.Tensor:
+    """A view feature pointing at class `cls` (text features are the basis); larger `sharp`, lower entropy."""
+    v = torch.ones(n_classes)
+    v[cls] += sharp
+    return v
+
+
+def _tie_case(order: list[tuple[int, float]], n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    image = _unit(torch.stack([_peaked(c, n_classes, s) for c, s in order]))
+    return image, torch.eye(n_classes)
+
+
+def test_tie_is_broken_by_the_first_later_view_in_view_order() -> None:
+    """Two votes each for classes 0 and 1: views int(N * gamma).. are walked in view order (not confidence)."""
+    # Views 0-3 are the confident ones (two vote 0, two vote 1); view 4 votes 2 (not tied), view 5 votes 1.
+    order = [(0, 9.0), (1, 9.0), (0, 9.0), (1, 9.0), (2, 0.5), (1, 0.5), (0, 0.5), (0, 0.5), (0, 0.5), (0, 0.5)]
+    out = zero_predict(*_tie_case(order, 3), SCALE, gamma=0.4)
+    assert out.tie and out.pred == 1
+    assert out.scores.tolist() == [2.0, 3.0, 0.0]  # the winner gets one extra vote, as the reference
+    # The confident views at 5..8 instead: the walk starts at view 4 and reaches kept view 5 (votes 0) first.
+    order = [(2, 0.5), (2, 0.5), (2, 0.5), (2, 0.5), (2, 0.5), (0, 9.0), (1, 9.0), (0, 9.0), (1, 9.0), (2, 0.5)]
+    assert zero_predict(*_tie_case(order, 3), SCALE, gamma=0.4).pred == 0
+
+
+def test_tie_fallback_reproduces_the_reference_or_stays_among_tied_classes() -> None:
+    """No later view votes a tied class: the code's mask (classes C-1-t) can pick an untied class."""
+    # 5 classes; confident views 0-1 tie classes 0 and 1; every later view votes class 2.
+    order = [(0, 9.0), (1, 9.0), (2, 0.6), (2, 0.5), (2, 0.5)]
+    image, text = _tie_case(order, 5)
+    # View 2 (the fallback row): class 2 highest, then class 1 a little above class 0.
+    image[2] = _unit(torch.tensor([1.0, 1.2, 2.0, 1.0, 1.0]))
+    assert zero_predict(image, text, SCALE, gamma=0.4, tie_break="code").pred == 2  # masks 4 and 3 only
+    assert zero_predict(image, text, SCALE, gamma=0.4, tie_break="tied").pred == 1
+
+
+def test_all_views_alike_and_all_classes_alike() -> None:
+    """Identical views vote together; identical class features tie everywhere and resolve to class 0."""
+    image = _unit(torch.ones(8, 4) + torch.tensor([3.0, 0, 0, 0]))
+    out = zero_predict(image, torch.eye(4), SCALE)
+    assert out.pred == 0 and out.kept.sum() == int(8 * 0.3) and not out.tie
+    same_text = _unit(torch.ones(5, 4))
+    out = zero_predict(_random(1, 8, 5, 4)[0], same_text, SCALE)
+    assert out.tie and out.pred == 0 and torch.isfinite(vote_logits(out.scores)).all()
+
+
+def test_one_view_votes_nothing_and_predicts_its_argmax() -> None:
+    """int(1 * 0.3) = 0 views vote; every class ties and the walk from view 0 returns its argmax."""
+    image, text = _random(3, 1, 7)
+    out = zero_predict(image, text, SCALE)
+    assert out.kept.sum() == 0 and out.pred == int((image @ text.t()).argmax())
+    assert out.probs[out.pred] == 1.0
+
+
+def test_gamma_one_keeps_every_view() -> None:
+    """With every view kept a tie has no later view; view 0 decides (the reference would fail here)."""
+    image = _unit(torch.stack([_peaked(0, 3, 5.0), _peaked(1, 3, 5.0)]))
+    out = zero_predict(image, torch.eye(3), SCALE, gamma=1.0)
+    assert out.kept.all() and out.tie and out.pred in (0, 1)
+
+
+def test_step_returns_vote_shares_and_kept_views() -> None:
+    """The registered step: softmax of its logits is the vote share; kept views in confidence order."""
+    image, text = _random(5, 20, 6)
+    method = get_method("zero")
+    inputs = StepInputs(image_features=image, text_features=text, logit_scale=torch.tensor(SCALE),
+                        logits=SCALE * image @ text.t(), kinds=("original",) + ("conventional",) * 19)
+    output = method.step(ZeroSpec(n_views=20), inputs)
+    direct = zero_predict(image, text, SCALE, gamma=0.3)
+    assert int(output.logits.argmax()) == direct.pred
+    assert torch.allclose(output.logits.softmax(-1), direct.scores / direct.scores.sum(), atol=1e-6)
+    kept = output.scores.indices.tolist()
+    assert len(kept) == 6 and sorted(kept) == torch.nonzero(direct.kept).flatten().tolist()
+    assert output.scores.entropy[kept].diff().ge(0).all()
+    assert method.views(ZeroSpec()).n_views == 64 and method.views(ZeroSpec()).augmix is False
+
+
+@pytest.mark.parametrize(("field", "value"), [("gamma", "0"), ("gamma", "1.5"), ("gamma", "-0.1"),
+                                              ("prompts", "fancy"), ("tie_break", "random"), ("n_views", "0")])
+def test_bad_settings_name_the_field(field: str, value: str) -> None:
+    with pytest.raises(InvalidSpecError, match=field):
+        method_spec_from("zero", {field: value})
