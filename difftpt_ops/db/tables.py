@@ -276,3 +276,31 @@ class SweepRun(Base):
     sweep_id: Mapped[int] = mapped_column(ForeignKey("sweeps.id", ondelete="CASCADE"), primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
     point: Mapped[dict[str, Any]] = mapped_column(JSON)  # the grid values of this run, seed included
+
+
+class ViewFeatures(Base):
+    """A stored set of image features: one model, one sample, one list of view recipes (storage/features.py).
+
+    The file (safetensors, content-addressed) is written before this row; a reader checks its size and hash.
+    """
+
+    __tablename__ = "view_features"
+    __table_args__ = (
+        UniqueConstraint("model_fingerprint", "sample_hash", "recipe_fingerprint"),
+        Index("ix_view_features_model_sample", "model_fingerprint", "sample_hash"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    model_fingerprint: Mapped[str] = mapped_column(String(64))
+    sample_hash: Mapped[str] = mapped_column(String(64))
+    recipe_fingerprint: Mapped[str] = mapped_column(String(64))
+    views: Mapped[list[dict[str, Any]]] = mapped_column(JSON)  # one recipe per row of the stored tensor
+    n_views: Mapped[int] = mapped_column(Integer)
+    dim: Mapped[int] = mapped_column(Integer)
+    dtype: Mapped[str] = mapped_column(String(16))
+    artifact_key: Mapped[str] = mapped_column(Text)
+    content_hash: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    model_name: Mapped[str | None] = mapped_column(Text)  # for people reading the table; not part of the key
+    seconds: Mapped[float | None] = mapped_column(Float)  # encoder time spent making it
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
