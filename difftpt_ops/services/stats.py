@@ -6,7 +6,7 @@ Everything here takes counts (already aggregated in SQL), never per-sample rows.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile
@@ -100,3 +100,20 @@ def expected_calibration_error(bins: Iterable[CalibrationBin]) -> float | None:
 def confidence_bin(confidence: float, n_bins: int = ECE_BINS) -> int:
     """Bin of a confidence: bins are (i/n, (i+1)/n], confidence 0 goes to bin 0 (the SQL does the same)."""
     return min(n_bins - 1, max(0, math.ceil(confidence * n_bins) - 1))
+
+
+def holm_adjust(p_values: Sequence[float]) -> list[float]:
+    """Holm (1979) step-down adjusted p-values, in the input order.
+
+    Sorted ascending, p_(i) is multiplied by (m - i) (i from 0), made non-decreasing by a running
+    maximum and capped at 1. Rejecting where the adjusted p < alpha controls the family-wise error
+    rate at alpha, like Bonferroni, but rejects at least as much.
+    """
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[index]))
+        adjusted[index] = running
+    return adjusted

@@ -1,0 +1,728 @@
+"""The experiment table: methods as rows, datasets as columns, the papers' averages, paired tests.
+
+For each (method, dataset) the latest finished tuning run of one model makes the cell (or the runs
+named); runs that differ from it only by seed make it a mean plus-minus standard deviation. Every
+count comes from the database in three grouped queries (per-run counts, calibration bins when the
+metric is ECE, and the paired counts of each cell against the baseline), so a table of 200 runs and
+200,000 predictions costs three index scans, not 200 round trips.
+
+Statistics: a cell's paired test is the exact McNemar test of its latest run against the baseline
+method's latest run on the same dataset version (samples both finished); p-values are Holm-corrected
+across the table. Averages follow the papers: ImageNet plus its 4 shifts, the 4 shifts alone, and the
+10 cross-domain sets, each only over a row's own cells and only when all its datasets are present.
+Published numbers (data/published.json) are separate rows and never enter our averages.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from sqlalchemy import Connection, text
+from sqlalchemy.engine import Engine
+
+from difftpt_ops.core.errors import InputError, NotFoundError
+from difftpt_ops.core.specs import canonical_json, fingerprint_of
+from difftpt_ops.data.formats import CROSS_DOMAIN_FORMATS, IMAGENET_FORMATS
+from difftpt_ops.services import stats
+
+METRICS = ("top1", "top5", "ece")
+FORMATS = ("rich", "markdown", "latex", "csv", "json")
+SEED_KEYS = ("seed", "order_seed")  # spec keys whose runs are repeats of one configuration
+FINISHED_STATES = ("finished", "finished_with_failures")
+# Column order of the papers (TPT, DiffTPT): ImageNet and its shifts, then the cross-domain sets.
+PAPER_ORDER = ("imagenet", "imagenet-a", "imagenet-v2", "imagenet-r", "imagenet-sketch", "flower102", "dtd",
+               "pets", "cars", "ucf101", "caltech101", "food101", "sun397", "aircraft", "eurosat")
+AVERAGES = (
+    ("avg ImageNet+4", IMAGENET_FORMATS),
+    ("avg 4 shifts", tuple(f for f in IMAGENET_FORMATS if f != "imagenet")),
+    ("avg cross-domain", CROSS_DOMAIN_FORMATS),
+)
+# Our open_clip model names -> the backbone names the papers report.
+BACKBONES = {"vit-b-16": "ViT-B/16", "vit-b/16": "ViT-B/16", "rn50": "RN50"}
+
+
+@dataclass(frozen=True)
+class TableQuery:
+    """What to tabulate. Empty selections mean everything present."""
+
+    model: str | None = None
+    methods: tuple[str, ...] = ()
+    datasets: tuple[str, ...] = ()
+    metric: str = "top1"
+    baseline: str | None = None  # None: zeroshot when present
+    run_ids: tuple[int, ...] = ()
+    sweep_id: int | None = None
+    alpha: float = 0.05
+    published: bool = False
+    published_backbone: str | None = None  # None: from the model name
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise InputError("--metric", self.metric, f"must be one of {', '.join(METRICS)}")
+        if not 0.0 < self.alpha < 1.0:
+            raise InputError("--alpha", self.alpha, "must be in (0, 1)")
+        if self.published_backbone is not None and self.published_backbone not in set(BACKBONES.values()):
+            raise InputError("--published-backbone", self.published_backbone,
+                             f"must be one of {', '.join(sorted(set(BACKBONES.values())))}")
+
+    def name(self) -> str:
+        """A readable name of the query: the MLflow run of `table --log` is called this."""
+        parts = [f"table {self.metric}"]
+        for label, value in (("model", self.model), ("methods", ",".join(self.methods)),
+                             ("datasets", ",".join(self.datasets)), ("baseline", self.baseline),
+                             ("runs", ",".join(map(str, self.run_ids))), ("sweep", self.sweep_id)):
+            if value:
+                parts.append(f"{label}={value}")
+        return " ".join(parts)
+
+    def fingerprint(self) -> str:
+        return fingerprint_of({"table": self.name(), "published": self.published, "alpha": self.alpha,
+                               "published_backbone": self.published_backbone})
+
+
+@dataclass
+class RunRow:
+    """A finished tuning run with what the table needs of it."""
+
+    run_id: int
+    method: str
+    spec: dict[str, Any]
+    num_samples: int
+    version_id: int
+    version_size: int
+    subset_size: int | None
+    dataset: str
+    format: str
+    variant: str = ""  # the sweep grid point (without the seed) when tabulating a sweep
+    n: int = 0
+    correct: int = 0
+    top5: int = 0
+    ece: float | None = None
+
+    @property
+    def model(self) -> str:
+        return str((self.spec.get("model") or {}).get("name", ""))
+
+    @property
+    def seed(self) -> Any:
+        return self.spec.get("seed")
+
+    def value(self, metric: str) -> float | None:
+        if metric == "ece":
+            return self.ece
+        hits = self.correct if metric == "top1" else self.top5
+        return hits / self.n if self.n else None
+
+
+@dataclass
+class Cell:
+    """One (row, dataset) cell: mean over the seed group, and the paired test of its latest run."""
+
+    dataset: str
+    value: float | None = None
+    std: float | None = None
+    n: int = 0
+    runs: list[int] = field(default_factory=list)
+    seeds: list[Any] = field(default_factory=list)
+    subset: bool = False
+    baseline_run: int | None = None
+    paired_n: int | None = None
+    p: float | None = None
+    p_holm: float | None = None
+    significant: bool = False
+    published_diff: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Row:
+    """A row: our method (kind 'ours'), a published one ('published'), or ours minus published ('difference')."""
+
+    label: str
+    method: str
+    kind: str
+    cells: dict[str, Cell]
+    averages: dict[str, float | None]
+    source: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "method": self.method, "kind": self.kind, "source": self.source,
+                "cells": {k: c.to_dict() for k, c in self.cells.items()}, "averages": self.averages}
+
+
+@dataclass
+class Table:
+    """The whole table; `columns` are dataset names in paper order, `average_columns` the averages shown."""
+
+    query: TableQuery
+    model: str | None
+    metric: str
+    baseline: str | None
+    columns: list[str]
+    formats: dict[str, str]
+    average_columns: list[str]
+    rows: list[Row]
+    notes: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.query.name(), "model": self.model, "metric": self.metric, "baseline": self.baseline,
+                "alpha": self.query.alpha, "columns": self.columns, "formats": self.formats,
+                "average_columns": self.average_columns, "rows": [r.to_dict() for r in self.rows],
+                "notes": self.notes}
+
+
+def build_table(engine: Engine, query: TableQuery) -> Table:
+    """Tabulate finished tuning runs (see the module docstring).
+
+    Raises:
+        InputError: an unknown method, dataset, baseline, run or sweep named in the query.
+    """
+    with engine.connect() as conn:
+        runs = _select_runs(conn, query)
+        model = _resolve_model(runs, query)
+        runs = [r for r in runs if model is None or r.model == model]
+        _check_names(runs, query)
+        _load_counts(conn, runs, query.metric)
+        cells, baseline = _cells(runs, query)
+        _paired_tests(conn, cells, baseline, query)
+    columns, formats = _columns(runs)
+    table = Table(query=query, model=model, metric=query.metric, baseline=baseline, columns=columns,
+                  formats=formats, average_columns=_average_columns(formats), rows=[], notes=[])
+    table.rows = _our_rows(cells, table)
+    if query.published:
+        _add_published(table, query)
+    table.notes = _notes(table)
+    return table
+
+
+# --- selecting runs -------------------------------------------------------------------------------------------------
+
+
+def _select_runs(conn: Connection, query: TableQuery) -> list[RunRow]:
+    """Finished tuning runs (all, the ones named, or a sweep's), newest first."""
+    where = ["r.kind = 'tune'", "r.state IN ('finished', 'finished_with_failures')"]
+    params: dict[str, Any] = {}
+    if query.run_ids:
+        where.append(f"r.id IN ({', '.join(str(int(i)) for i in query.run_ids)})")
+    if query.sweep_id is not None:
+        if conn.execute(text("SELECT 1 FROM sweeps WHERE id = :s"), {"s": query.sweep_id}).first() is None:
+            raise NotFoundError("--sweep", query.sweep_id, "no such sweep; `difftpt-ops runs list` shows them")
+        where.append("r.id IN (SELECT run_id FROM sweep_runs WHERE sweep_id = :sweep)")
+        params["sweep"] = query.sweep_id
+    rows = conn.execute(text(f"""
+        SELECT r.id, r.method, r.spec, r.num_samples, v.id, v.num_samples, v.subset_size, d.name, d.format
+        FROM runs r JOIN dataset_versions v ON v.id = r.dataset_version_id JOIN datasets d ON d.id = v.dataset_id
+        WHERE {' AND '.join(where)} ORDER BY r.id DESC"""), params).all()
+    runs = [RunRow(run_id=int(r[0]), method=str(r[1]), spec=_json(r[2]), num_samples=int(r[3]),
+                   version_id=int(r[4]), version_size=int(r[5]), subset_size=r[6], dataset=str(r[7]),
+                   format=str(r[8])) for r in rows]
+    if query.run_ids:
+        missing = sorted(set(query.run_ids) - {r.run_id for r in runs})
+        if missing:
+            raise NotFoundError("--runs", ",".join(map(str, missing)), "no such finished tuning run")
+    if query.sweep_id is not None:
+        _set_variants(conn, runs, query.sweep_id)
+    return [r for r in runs if (not query.methods or r.method in query.methods)
+            and (not query.datasets or r.dataset in query.datasets)]
+
+
+def _json(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else json.loads(value)
+
+
+def _set_variants(conn: Connection, runs: list[RunRow], sweep_id: int) -> None:
+    """In a sweep table each grid point (seed aside) is its own row: `tpt steps=2`."""
+    points = {int(run_id): _json(point) for run_id, point in conn.execute(
+        text("SELECT run_id, point FROM sweep_runs WHERE sweep_id = :s"), {"s": sweep_id})}
+    for run in runs:
+        point = {k: v for k, v in points.get(run.run_id, {}).items() if k not in SEED_KEYS}
+        run.variant = " ".join(f"{k}={v}" for k, v in sorted(point.items()))
+
+
+def _resolve_model(runs: list[RunRow], query: TableQuery) -> str | None:
+    """The model asked for, else the model of the newest run (a table compares one model)."""
+    if query.model is not None:
+        if query.model not in {r.model for r in runs}:
+            known = ", ".join(sorted({r.model for r in runs})) or "none"
+            raise InputError("--model", query.model, f"no finished runs with this model (models: {known})")
+        return query.model
+    return runs[0].model if runs else None
+
+
+def _check_names(runs: list[RunRow], query: TableQuery) -> None:
+    present_methods = {r.method for r in runs}
+    for method in query.methods:
+        if method not in present_methods:
+            raise InputError("--methods", method, "no finished runs of this method for the model")
+    present_datasets = {r.dataset for r in runs}
+    for dataset in query.datasets:
+        if dataset not in present_datasets:
+            raise InputError("--datasets", dataset, "no finished runs on this dataset for the model")
+    if query.baseline is not None and query.baseline not in present_methods:
+        raise InputError("--baseline", query.baseline, "no finished runs of this method in the table")
+
+
+# --- counting --------------------------------------------------------------------------------------------------------
+
+
+def _id_list(runs: list[RunRow]) -> str:
+    return ", ".join(str(r.run_id) for r in runs) or "NULL"
+
+
+def _load_counts(conn: Connection, runs: list[RunRow], metric: str) -> None:
+    """Per-run done / correct / top-5 counts in one grouped query (and ECE bins when asked)."""
+    by_id = {r.run_id: r for r in runs}
+    for run_id, n, correct, top5 in conn.execute(text(f"""
+            SELECT run_id, COUNT(*), SUM(CASE WHEN correct THEN 1 ELSE 0 END),
+                   SUM(CASE WHEN top5_correct THEN 1 ELSE 0 END)
+            FROM predictions WHERE run_id IN ({_id_list(runs)}) GROUP BY run_id""")):
+        run = by_id[int(run_id)]
+        run.n, run.correct, run.top5 = int(n), int(correct or 0), int(top5 or 0)
+    if metric == "ece":
+        _load_ece(conn, runs)
+
+
+def _load_ece(conn: Connection, runs: list[RunRow]) -> None:
+    n_bins = stats.ECE_BINS
+    scaled = f"(confidence_after * {n_bins})"
+    if conn.dialect.name == "postgresql":
+        raw = f"CAST(CEIL({scaled}) AS INTEGER) - 1"
+        clamp = f"LEAST(GREATEST({raw}, 0), {n_bins - 1})"
+    else:  # SQLite's math functions are a compile-time option: a portable ceil, as services/results does
+        raw = f"CAST({scaled} AS INTEGER) + ({scaled} > CAST({scaled} AS INTEGER)) - 1"
+        clamp = f"MIN(MAX({raw}, 0), {n_bins - 1})"
+    bins: dict[int, list[stats.CalibrationBin]] = defaultdict(list)
+    for run_id, b, n, c, s in conn.execute(text(f"""
+            SELECT run_id, b, COUNT(*), SUM(c), SUM(conf) FROM (
+                SELECT run_id, {clamp} AS b, CASE WHEN correct THEN 1 ELSE 0 END AS c, confidence_after AS conf
+                FROM predictions WHERE run_id IN ({_id_list(runs)}) AND confidence_after IS NOT NULL) t
+            GROUP BY run_id, b""")):
+        bins[int(run_id)].append(stats.CalibrationBin(int(b), int(n), int(c), float(s)))
+    for run in runs:
+        run.ece = stats.expected_calibration_error(bins.get(run.run_id, []))
+
+
+# --- cells -----------------------------------------------------------------------------------------------------------
+
+
+def seed_group_key(spec: dict[str, Any]) -> str:
+    """The spec without its seeds: runs with equal keys are repeats of one configuration."""
+    stripped = {k: v for k, v in spec.items() if k not in SEED_KEYS}
+    method = stripped.get("method")
+    if isinstance(method, dict):
+        stripped["method"] = {k: v for k, v in method.items() if k not in SEED_KEYS}
+    return canonical_json(stripped)
+
+
+def _row_key(run: RunRow) -> tuple[str, str]:
+    return run.method, run.variant
+
+
+def _cells(runs: list[RunRow], query: TableQuery) -> tuple[dict[tuple[str, str], dict[str, tuple[Cell, RunRow]]],
+                                                          str | None]:
+    """Per row and dataset: the newest run and the runs that repeat it with other seeds."""
+    newest: dict[tuple[tuple[str, str], str], RunRow] = {}
+    for run in runs:  # newest first
+        newest.setdefault((_row_key(run), run.dataset), run)
+    cells: dict[tuple[str, str], dict[str, tuple[Cell, RunRow]]] = defaultdict(dict)
+    for (row_key, dataset), latest in newest.items():
+        key = seed_group_key(latest.spec)
+        group = [r for r in runs if _row_key(r) == row_key and r.version_id == latest.version_id
+                 and seed_group_key(r.spec) == key]
+        cells[row_key][dataset] = (_cell(latest, group, query.metric), latest)
+    methods = {method for method, _ in cells}
+    baseline = query.baseline or ("zeroshot" if "zeroshot" in methods else None)
+    return dict(cells), baseline
+
+
+def _cell(latest: RunRow, group: list[RunRow], metric: str) -> Cell:
+    values = [v for v in (r.value(metric) for r in group) if v is not None]
+    return Cell(dataset=latest.dataset, value=statistics.fmean(values) if values else None,
+                std=statistics.stdev(values) if len(values) > 1 else None, n=latest.n,
+                runs=sorted(r.run_id for r in group), seeds=sorted((r.seed for r in group), key=str),
+                subset=latest.subset_size is not None or latest.num_samples < latest.version_size
+                or latest.n < latest.num_samples)
+
+
+def _paired_tests(conn: Connection, cells: dict[tuple[str, str], dict[str, tuple[Cell, RunRow]]],
+                  baseline: str | None, query: TableQuery) -> None:
+    """Exact McNemar of every non-baseline cell against the baseline's cell, then Holm across the table."""
+    if baseline is None or query.metric == "ece":
+        return
+    base_cells = cells.get((baseline, ""), {}) if query.sweep_id is None else _sweep_baseline(cells, baseline)
+    pairs: list[tuple[Cell, int, int]] = []
+    for (method, variant), row in cells.items():
+        if method == baseline and (query.sweep_id is None or variant == ""):
+            continue
+        for dataset, (cell, run) in row.items():
+            base = base_cells.get(dataset)
+            if base is not None and base[1].version_id == run.version_id and base[1].run_id != run.run_id:
+                cell.baseline_run = base[1].run_id
+                pairs.append((cell, run.run_id, base[1].run_id))
+    counts = _discordant_counts(conn, [(a, b) for _, a, b in pairs], query.metric)
+    tested = []
+    for cell, a, b in pairs:
+        n, only_a, only_b = counts.get((a, b), (0, 0, 0))
+        cell.paired_n, cell.p = n, stats.mcnemar_exact_p(only_a, only_b)
+        tested.append(cell)
+    for cell, adjusted in zip(tested, stats.holm_adjust([c.p for c in tested if c.p is not None]), strict=True):
+        cell.p_holm, cell.significant = adjusted, adjusted < query.alpha
+
+
+def _sweep_baseline(cells: dict[tuple[str, str], dict[str, tuple[Cell, RunRow]]],
+                    baseline: str) -> dict[str, tuple[Cell, RunRow]]:
+    """In a sweep table the baseline method may have grid points too: compare against its first."""
+    keys = sorted(k for k in cells if k[0] == baseline)
+    return cells[keys[0]] if keys else {}
+
+
+def _discordant_counts(conn: Connection, pairs: list[tuple[int, int]],
+                       metric: str) -> dict[tuple[int, int], tuple[int, int, int]]:
+    """(paired samples, only A right, only B right) for each (A, B) run pair, in one query."""
+    if not pairs:
+        return {}
+    column = "correct" if metric == "top1" else "top5_correct"
+    values = ", ".join(f"({int(a)}, {int(b)})" for a, b in pairs)  # integers we produced: no injection
+    rows = conn.execute(text(f"""
+        WITH pairs(run_a, run_b) AS (VALUES {values})
+        SELECT p.run_a, p.run_b, COUNT(*),
+               SUM(CASE WHEN a.{column} AND NOT b.{column} THEN 1 ELSE 0 END),
+               SUM(CASE WHEN b.{column} AND NOT a.{column} THEN 1 ELSE 0 END)
+        FROM pairs p JOIN predictions a ON a.run_id = p.run_a
+        JOIN predictions b ON b.run_id = p.run_b AND b.sample_id = a.sample_id
+        GROUP BY p.run_a, p.run_b""")).all()
+    return {(int(a), int(b)): (int(n), int(x or 0), int(y or 0)) for a, b, n, x, y in rows}
+
+
+# --- columns, rows and averages --------------------------------------------------------------------------------------
+
+
+def _columns(runs: list[RunRow]) -> tuple[list[str], dict[str, str]]:
+    """Dataset names in the papers' order (by registered format), then the others alphabetically."""
+    formats = {r.dataset: r.format for r in runs}
+    rank = {fmt: i for i, fmt in enumerate(PAPER_ORDER)}
+    columns = sorted(formats, key=lambda d: (rank.get(formats[d], len(rank)), d))
+    return columns, formats
+
+
+def _average_columns(formats: dict[str, str]) -> list[str]:
+    present = set(formats.values())
+    return [name for name, group in AVERAGES if present & set(group)]
+
+
+def paper_average(values: dict[str, float | None], formats: dict[str, str], group: tuple[str, ...]) -> float | None:
+    """Mean over the columns of `group`'s formats; None unless each format has exactly one column with a value."""
+    members = [d for d, fmt in formats.items() if fmt in group]
+    if sorted(formats[d] for d in members) != sorted(group):
+        return None
+    picked = [values.get(d) for d in members]
+    if any(v is None for v in picked):
+        return None
+    return statistics.fmean(v for v in picked if v is not None)
+
+
+def _averages(values: dict[str, float | None], table: Table) -> dict[str, float | None]:
+    groups = dict(AVERAGES)
+    return {name: paper_average(values, table.formats, groups[name]) for name in table.average_columns}
+
+
+def _our_rows(cells: dict[tuple[str, str], dict[str, tuple[Cell, RunRow]]], table: Table) -> list[Row]:
+    """Our rows: the baseline first, then methods by name (variants of a sweep in grid order)."""
+    def order(key: tuple[str, str]) -> tuple[int, str, str]:
+        return (0 if key[0] == table.baseline else 1, key[0], key[1])
+
+    rows = []
+    for key in sorted(cells, key=order):
+        row_cells = {dataset: cell for dataset, (cell, _) in cells[key].items()}
+        values = {d: c.value for d, c in row_cells.items()}
+        label = f"{key[0]} {key[1]}".strip()
+        rows.append(Row(label=label, method=key[0], kind="ours", cells=row_cells,
+                        averages=_averages(values, table)))
+    return rows
+
+
+# --- published numbers -----------------------------------------------------------------------------------------------
+
+
+def load_published() -> dict[str, Any]:
+    """The shipped published numbers (difftpt_ops/data/published.json)."""
+    with resources.files("difftpt_ops.data").joinpath("published.json").open(encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def published_backbone_for(model: str | None) -> str:
+    """The papers' name of our model (ViT-B-16 -> ViT-B/16, RN50 -> RN50); ViT-B/16 for anything else."""
+    return BACKBONES.get((model or "").strip().lower(), "ViT-B/16")
+
+
+def published_entries(backbone: str) -> dict[str, dict[str, Any]]:
+    """Per method: the union of its published numbers for `backbone` ({format: percent}) and their sources."""
+    merged: dict[str, dict[str, Any]] = {}
+    for entry in load_published()["entries"]:
+        if entry["backbone"] != backbone:
+            continue
+        item = merged.setdefault(entry["method"], {"values": {}, "sources": []})
+        item["values"].update({f: v for f, v in entry["values"].items() if v is not None})
+        item["sources"].append(entry["source"])
+    return merged
+
+
+def _add_published(table: Table, query: TableQuery) -> None:
+    """A published row per method with a number for a column, and ours minus published under our row."""
+    backbone = query.published_backbone or published_backbone_for(table.model)
+    entries = published_entries(backbone)
+    rows: list[Row] = []
+    for row in table.rows:
+        rows.append(row)
+        published = _published_row(row.method, entries.get(row.method), backbone, table)
+        if published is not None and row.label == row.method:
+            rows.extend([published, _difference_row(row, published, table)])
+    shown = {r.method for r in table.rows}
+    for method, entry in entries.items():
+        published = None if method in shown else _published_row(method, entry, backbone, table)
+        if published is not None:
+            rows.append(published)
+    table.rows = rows
+
+
+def _published_row(method: str, entry: dict[str, Any] | None, backbone: str, table: Table) -> Row | None:
+    """Values of `entry` for the table's columns (fractions, like ours); None when it has none of them."""
+    if entry is None or table.metric != "top1":
+        return None
+    cells = {d: Cell(dataset=d, value=entry["values"][table.formats[d]] / 100.0)
+             for d in table.columns if entry["values"].get(table.formats[d]) is not None}
+    if not cells:
+        return None
+    values = {d: c.value for d, c in cells.items()}
+    return Row(label=f"{method} (published, {backbone})", method=method, kind="published", cells=cells,
+               averages=_averages(values, table), source="; ".join(entry["sources"]))
+
+
+def _difference_row(ours: Row, published: Row, table: Table) -> Row:
+    cells: dict[str, Cell] = {}
+    for dataset, cell in ours.cells.items():
+        theirs = published.cells.get(dataset)
+        if cell.value is not None and theirs is not None and theirs.value is not None:
+            cell.published_diff = cell.value - theirs.value
+            cells[dataset] = Cell(dataset=dataset, value=cell.published_diff)
+    averages = {name: (ours.averages.get(name) - published.averages[name])  # type: ignore[operator]
+                if ours.averages.get(name) is not None and published.averages.get(name) is not None else None
+                for name in table.average_columns}
+    return Row(label=f"{ours.method} - published", method=ours.method, kind="difference", cells=cells,
+               averages=averages)
+
+
+def _notes(table: Table) -> list[str]:
+    notes = []
+    if table.baseline is not None and table.metric != "ece":
+        notes.append(f"* Holm-corrected exact McNemar p < {table.query.alpha} against {table.baseline} "
+                     "(latest runs, samples both finished)")
+    if any(c.subset for r in table.rows for c in r.cells.values()):
+        notes.append("† evaluated on a subset of the dataset (n = samples done)")
+    if any(c.std is not None for r in table.rows for c in r.cells.values()):
+        notes.append("± standard deviation over runs that differ only by seed")
+    if any(r.kind == "published" for r in table.rows):
+        notes.append("published rows: numbers as printed by their source (data/published.json); "
+                     "never part of our averages")
+    elif table.query.published:
+        notes.append("no published numbers for these columns (published ones exist for the 15 benchmark "
+                     "datasets, matched by registered format, and the top1 metric)")
+    return notes
+
+
+# --- rendering -------------------------------------------------------------------------------------------------------
+
+
+def header(table: Table) -> list[str]:
+    return ["method", *table.columns, *table.average_columns]
+
+
+def _pct(value: float | None, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{100 * value:+.2f}" if signed else f"{100 * value:.2f}"
+
+
+def cell_text(cell: Cell | None, kind: str) -> str:
+    """A cell as text: value, ± std, significance and subset marks; '–' when missing (never 0)."""
+    if cell is None or cell.value is None:
+        return "–"
+    if kind == "difference":
+        return _pct(cell.value, signed=True)
+    text_value = _pct(cell.value)
+    if cell.std is not None:
+        text_value += f" ±{100 * cell.std:.2f}"
+    if cell.significant:
+        text_value += "*"
+    if cell.subset:
+        text_value += "†"
+    return text_value
+
+
+def row_texts(table: Table) -> list[list[str]]:
+    out = []
+    for row in table.rows:
+        signed = row.kind == "difference"
+        out.append([row.label, *(cell_text(row.cells.get(d), row.kind) for d in table.columns),
+                    *(_pct(row.averages.get(a), signed) for a in table.average_columns)])
+    return out
+
+
+def to_markdown(table: Table) -> str:
+    """A GitHub Markdown table (published rows in italics), then the notes."""
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    lines = [line(header(table)), "|" + "|".join([" --- "] + [" ---: "] * (len(header(table)) - 1)) + "|"]
+    for row, texts in zip(table.rows, row_texts(table), strict=True):
+        lines.append(line([f"*{texts[0]}*", *texts[1:]] if row.kind != "ours" else texts))
+    return "\n".join(lines + [""] + [f"{note}  " for note in table.notes]).rstrip() + "\n"
+
+
+_LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                  "±": r"$\pm$", "†": r"$^\dagger$", "–": "--"}
+
+
+def latex_escape(value: str) -> str:
+    return "".join(_LATEX_ESCAPES.get(ch, ch) for ch in value)
+
+
+def to_latex(table: Table) -> str:
+    """A booktabs tabular (published rows in italics); the notes as comments."""
+    columns = header(table)
+    lines = [r"\begin{tabular}{l" + "r" * (len(columns) - 1) + "}", r"\toprule",
+             " & ".join(latex_escape(c) for c in columns) + r" \\", r"\midrule"]
+    for row, texts in zip(table.rows, row_texts(table), strict=True):
+        cells = [latex_escape(t) for t in texts]
+        if row.kind != "ours":
+            cells = [r"\textit{" + c + "}" for c in cells]
+        lines.append(" & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"] + [f"% {note}" for note in table.notes]
+    return "\n".join(lines) + "\n"
+
+
+CSV_COLUMNS = ("row", "kind", "method", "column", "value", "std", "n", "runs", "subset", "p", "p_holm",
+               "significant", "published_diff", "source")
+
+
+def csv_rows(table: Table) -> list[list[Any]]:
+    """Long format: one line per row and column (averages included), values as fractions."""
+    out: list[list[Any]] = []
+    for row in table.rows:
+        for dataset in table.columns:
+            cell = row.cells.get(dataset)
+            if cell is None:
+                out.append([row.label, row.kind, row.method, dataset, *[""] * 9, row.source or ""])
+                continue
+            out.append([row.label, row.kind, row.method, dataset, _num(cell.value), _num(cell.std),
+                        cell.n or "", " ".join(map(str, cell.runs)), cell.subset, _num(cell.p), _num(cell.p_holm),
+                        cell.significant, _num(cell.published_diff), row.source or ""])
+        for name in table.average_columns:
+            out.append([row.label, row.kind, row.method, name, _num(row.averages.get(name)), *[""] * 8,
+                        row.source or ""])
+    return out
+
+
+def _num(value: float | None) -> str:
+    return "" if value is None else repr(float(value))
+
+
+def render_heatmap(table: Table, path: Any) -> Any:
+    """PNG heatmap of our rows' values (percent), each cell annotated with its difference to the baseline."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    ours = [r for r in table.rows if r.kind == "ours"]
+    columns = [*table.columns, *table.average_columns]
+    base = next((r for r in ours if r.method == table.baseline), None)
+    matrix, labels = [], []
+    for row in ours:
+        values, notes = [], []
+        for column in columns:
+            value = row.cells[column].value if column in row.cells else row.averages.get(column)
+            ref = (base.cells[column].value if column in base.cells else base.averages.get(column)) if base else None
+            values.append(float("nan") if value is None else 100 * value)
+            notes.append("–" if value is None else f"{100 * value:.1f}" + (
+                f"\n{100 * (value - ref):+.1f}" if ref is not None and row is not base else ""))
+        matrix.append(values)
+        labels.append(notes)
+    figure = Figure(figsize=(max(4.0, 1.1 * len(columns) + 2), max(2.5, 0.6 * len(ours) + 1.5)), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot(1, 1, 1)
+    image = axes.imshow(matrix or [[float("nan")]], cmap="viridis", aspect="auto")
+    for i, notes in enumerate(labels):
+        for j, note in enumerate(notes):
+            axes.text(j, i, note, ha="center", va="center", fontsize=7, color="white")
+    axes.set_xticks(range(len(columns)), columns, rotation=45, ha="right", fontsize=8)
+    axes.set_yticks(range(len(ours)), [r.label for r in ours], fontsize=8)
+    axes.set_title(f"{table.metric} (%), difference to {table.baseline or 'no baseline'} below", fontsize=9)
+    figure.colorbar(image, ax=axes)
+    figure.tight_layout()
+    figure.savefig(path)
+    return path
+
+
+# --- MLflow ----------------------------------------------------------------------------------------------------------
+
+TABLE_EXPERIMENT = "difftpt-tables"
+
+
+def write_table_files(table: Table, directory: Any) -> list[str]:
+    """table.md, table.csv, table.json and table_heatmap.png in `directory`; returns the names."""
+    import csv
+    from pathlib import Path
+
+    directory = Path(directory)
+    (directory / "table.md").write_text(to_markdown(table), encoding="utf-8")
+    with (directory / "table.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(CSV_COLUMNS)
+        writer.writerows(csv_rows(table))
+    (directory / "table.json").write_text(json.dumps(table.to_dict(), indent=1, default=str), encoding="utf-8")
+    render_heatmap(table, directory / "table_heatmap.png")
+    return ["table.md", "table.csv", "table.json", "table_heatmap.png"]
+
+
+def log_table(settings: Any, table: Table) -> dict[str, Any]:
+    """Log the table's files as artifacts of one MLflow run named after its query (the same run on repeats).
+
+    Raises:
+        InputError: tracking is turned off.
+        ServiceUnavailableError: MLflow cannot be reached.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from difftpt_ops.core.errors import ServiceUnavailableError
+    from difftpt_ops.services.reporting import tracker_for, tracking_enabled
+
+    if not tracking_enabled(settings):
+        raise InputError("--log", True, "MLflow tracking is off (DIFFTPT_OPS_MLFLOW_TRACKING_URI=none)")
+    tracker = tracker_for(settings)
+    runs = sorted({run for row in table.rows for cell in row.cells.values() for run in cell.runs})
+    tags = {"difftpt.kind": "table", "difftpt.table.query": table.query.name(), "difftpt.model": table.model or "",
+            "difftpt.table.runs": ",".join(map(str, runs))[:5000]}
+    try:
+        experiment_id = tracker.ensure_experiment(TABLE_EXPERIMENT)
+        snapshot = tracker.find_run(experiment_id, table.query.fingerprint())
+        run_id = snapshot.run_id if snapshot else tracker.create_run(
+            experiment_id, table.query.name(), {"difftpt.fingerprint": table.query.fingerprint(), **tags})
+        tracker.set_tags(run_id, tags)
+        with tempfile.TemporaryDirectory(prefix="difftpt-table-") as tmp:
+            names = write_table_files(table, Path(tmp))
+            tracker.log_artifacts(run_id, Path(tmp))
+        tracker.set_terminated(run_id, "FINISHED")
+    except Exception as exc:  # noqa: BLE001  any MLflow failure is one line for the user
+        raise ServiceUnavailableError(f"MLflow at {settings.mlflow_tracking_uri} failed while logging the table "
+                                      f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+    return {"mlflow_run_id": run_id, "experiment": TABLE_EXPERIMENT, "run_name": table.query.name(),
+            "artifacts": names}

@@ -1,0 +1,206 @@
+"""`table`: every cell, average and p-value against a direct SQL computation, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import random
+import re
+import statistics
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from scipy.stats import binomtest
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+
+from difftpt_ops.core.errors import InputError
+from difftpt_ops.db.session import get_engine, session_scope, upgrade
+from difftpt_ops.services.table import (
+    AVERAGES,
+    TableQuery,
+    build_table,
+    csv_rows,
+    header,
+    load_published,
+    to_latex,
+    to_markdown,
+)
+from tests.factories import make_dataset, make_dataset_version, make_predictions, make_run
+
+pytestmark = pytest.mark.integration
+
+N_SAMPLES = 40
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    engine = get_engine(database_url)
+    upgrade(engine)
+    yield engine
+
+
+def _spec(method: str, model: str, dataset_fingerprint: str, seed: int = 0) -> dict[str, Any]:
+    return {"kind": "tune", "method": {"method": method, "steps": 1}, "model": {"name": model, "pretrained": None},
+            "dataset_fingerprint": dataset_fingerprint, "seed": seed}
+
+
+def _make(engine: Engine, layout: dict[str, tuple[str, list[str]]], *, model: str = "tiny",
+          seeds: tuple[int, ...] = (0,), n: int = N_SAMPLES) -> dict[tuple[str, str, int], int]:
+    """Datasets {name: (format, methods)}, one finished run per (dataset, method, seed) with random outcomes."""
+    rng = random.Random(7)
+    ids: dict[tuple[str, str, int], int] = {}
+    with session_scope(engine) as session:
+        for name, (fmt, methods) in layout.items():
+            dataset = make_dataset(session, n_classes=4, name=name)
+            dataset.format = fmt
+            version = make_dataset_version(session, n_samples=n, dataset=dataset)
+            for method in methods:
+                for seed in seeds:
+                    run = make_run(session, version, method=method, spec=_spec(method, model, version.fingerprint, seed))
+                    accuracy = rng.uniform(0.3, 0.8)
+                    make_predictions(session, run, [rng.random() < accuracy for _ in range(n)],
+                                     zeroshot_mask=[rng.random() < 0.5 for _ in range(n)])
+                    ids[(name, method, seed)] = run.id
+    return ids
+
+
+def _sql_top1(engine: Engine, run_id: int) -> float:
+    with engine.connect() as conn:
+        return float(conn.execute(text(
+            "SELECT AVG(CASE WHEN correct THEN 1.0 ELSE 0.0 END) FROM predictions WHERE run_id = :r"),
+            {"r": run_id}).scalar_one())
+
+
+def _sql_discordant(engine: Engine, run_a: int, run_b: int) -> tuple[int, int]:
+    with engine.connect() as conn:
+        row = conn.execute(text("""
+            SELECT SUM(CASE WHEN a.correct AND NOT b.correct THEN 1 ELSE 0 END),
+                   SUM(CASE WHEN b.correct AND NOT a.correct THEN 1 ELSE 0 END)
+            FROM predictions a JOIN predictions b ON b.sample_id = a.sample_id AND b.run_id = :b
+            WHERE a.run_id = :a"""), {"a": run_a, "b": run_b}).one()
+    return int(row[0] or 0), int(row[1] or 0)
+
+
+SMALL = {"shapes": ("imagefolder", ["zeroshot", "tpt", "difftpt"]), "toys": ("imagefolder", ["zeroshot", "tpt"])}
+
+
+def test_cells_equal_sql_and_mcnemar_equals_scipy(engine: Engine) -> None:
+    """Two datasets, three methods: each cell is the run's SQL accuracy, each p scipy's binomial test."""
+    ids = _make(engine, SMALL)
+    table = build_table(engine, TableQuery())
+    assert table.baseline == "zeroshot" and table.model == "tiny"
+    assert [r.label for r in table.rows] == ["zeroshot", "difftpt", "tpt"]
+    tested = 0
+    for row in table.rows:
+        for dataset, cell in row.cells.items():
+            run_id = ids[(dataset, row.method, 0)]
+            assert cell.runs == [run_id] and cell.n == N_SAMPLES
+            assert cell.value == pytest.approx(_sql_top1(engine, run_id), abs=1e-12)
+            if row.method == "zeroshot":
+                assert cell.p is None
+                continue
+            only_a, only_b = _sql_discordant(engine, run_id, ids[(dataset, "zeroshot", 0)])
+            expected = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+            assert cell.p == pytest.approx(expected, rel=1e-9)
+            assert cell.p_holm is not None and cell.p_holm >= cell.p
+            tested += 1
+    assert tested == 3
+
+
+def test_missing_cell_is_missing_not_zero(engine: Engine) -> None:
+    """difftpt never ran on `toys`: no cell, '–' in every text format, empty in CSV."""
+    _make(engine, SMALL)
+    table = build_table(engine, TableQuery())
+    difftpt = next(r for r in table.rows if r.method == "difftpt")
+    assert "toys" not in difftpt.cells
+    line = next(line for line in to_markdown(table).splitlines() if line.startswith("| difftpt"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[header(table).index("toys")] == "–"
+    csv_line = next(r for r in csv_rows(table) if r[0] == "difftpt" and r[3] == "toys")
+    assert csv_line[4] == ""
+
+
+def _markdown_widths(markdown: str) -> list[int]:
+    rows = [line for line in markdown.splitlines() if line.startswith("|")]
+    return [len(re.split(r"(?<!\\)\|", line.strip())[1:-1]) for line in rows]
+
+
+def test_markdown_and_latex_parse_with_the_right_column_count(engine: Engine) -> None:
+    """Every Markdown line and every LaTeX row has as many cells as the header; tabular spec agrees."""
+    _make(engine, SMALL)
+    table = build_table(engine, TableQuery(published=True))
+    width = len(header(table))
+    assert width == 3  # method + 2 datasets (no benchmark formats, so no average columns)
+    widths = _markdown_widths(to_markdown(table))
+    assert widths == [width] * (len(table.rows) + 2)
+    latex = to_latex(table)
+    spec = re.search(r"\\begin\{tabular\}\{([lr]+)\}", latex)
+    assert spec is not None and len(spec.group(1)) == width
+    body = [line for line in latex.splitlines() if line.endswith(r"\\")]
+    assert len(body) == len(table.rows) + 1
+    assert all(len(re.split(r"(?<!\\)&", line)) == width for line in body)
+
+
+def test_seed_repeats_give_mean_and_std(engine: Engine) -> None:
+    """Runs that differ only by seed make one cell: mean and sample standard deviation of their accuracies."""
+    ids = _make(engine, {"shapes": ("imagefolder", ["zeroshot", "tpt"])}, seeds=(0, 1, 2))
+    table = build_table(engine, TableQuery())
+    cell = next(r for r in table.rows if r.method == "tpt").cells["shapes"]
+    values = [_sql_top1(engine, ids[("shapes", "tpt", s)]) for s in (0, 1, 2)]
+    assert cell.seeds == [0, 1, 2] and len(cell.runs) == 3
+    assert cell.value == pytest.approx(statistics.fmean(values), abs=1e-12)
+    assert cell.std == pytest.approx(statistics.stdev(values), abs=1e-12)
+    assert "±" in to_markdown(table)
+
+
+FAMILY = {"in": ("imagenet", ["zeroshot", "tpt"]), "in-a": ("imagenet-a", ["zeroshot", "tpt"]),
+          "in-v2": ("imagenet-v2", ["zeroshot", "tpt"]), "in-r": ("imagenet-r", ["zeroshot", "tpt"]),
+          "in-k": ("imagenet-sketch", ["zeroshot"]), "pets": ("pets", ["zeroshot", "tpt"])}
+
+
+def test_averages_follow_the_papers_and_need_every_dataset(engine: Engine) -> None:
+    """ImageNet+4 and the 4 shifts average SQL accuracies; a row missing a shift has no average, not a partial one."""
+    ids = _make(engine, FAMILY, n=20)
+    table = build_table(engine, TableQuery())
+    assert table.columns == ["in", "in-a", "in-v2", "in-r", "in-k", "pets"]  # paper order, by format
+    assert table.average_columns == [name for name, _ in AVERAGES]
+    zeroshot = next(r for r in table.rows if r.method == "zeroshot")
+    acc = {name: _sql_top1(engine, ids[(name, "zeroshot", 0)]) for name in FAMILY}
+    assert zeroshot.averages["avg ImageNet+4"] == pytest.approx(
+        statistics.fmean(acc[d] for d in ("in", "in-a", "in-v2", "in-r", "in-k")), abs=1e-12)
+    assert zeroshot.averages["avg 4 shifts"] == pytest.approx(
+        statistics.fmean(acc[d] for d in ("in-a", "in-v2", "in-r", "in-k")), abs=1e-12)
+    assert zeroshot.averages["avg cross-domain"] is None  # 1 of the 10 sets
+    tpt = next(r for r in table.rows if r.method == "tpt")
+    assert tpt.averages["avg ImageNet+4"] is None and tpt.averages["avg 4 shifts"] is None
+
+
+def test_published_rows_are_separate_and_differences_are_ours_minus_theirs(engine: Engine) -> None:
+    """RN50 runs on ImageNet-A: published rows from the data file; our row minus published; our averages untouched."""
+    _make(engine, {"in-a": ("imagenet-a", ["zeroshot", "tpt"])}, model="RN50")
+    plain = build_table(engine, TableQuery())
+    table = build_table(engine, TableQuery(published=True))
+    published = {e["method"]: e["values"]["imagenet-a"] for e in load_published()["entries"]
+                 if e["backbone"] == "RN50" and e["values"]["imagenet-a"] is not None}
+    rows = {r.label: r for r in table.rows}
+    for method in ("zeroshot", "tpt"):
+        theirs = rows[f"{method} (published, RN50)"]
+        assert theirs.kind == "published" and theirs.source
+        assert theirs.cells["in-a"].value == pytest.approx(published[method] / 100)
+        ours = rows[method].cells["in-a"].value
+        assert rows[f"{method} - published"].cells["in-a"].value == pytest.approx(ours - published[method] / 100)
+    ours_rows = [r for r in table.rows if r.kind == "ours"]
+    assert [r.averages for r in ours_rows] == [r.averages for r in plain.rows]
+    assert "dmn (published, RN50)" in rows  # published-only methods are shown too
+
+
+def test_bad_names_are_one_line_input_errors(engine: Engine) -> None:
+    """Unknown method, dataset, baseline or model name the argument and value."""
+    _make(engine, SMALL)
+    for query, argument in ((TableQuery(methods=("nope",)), "--methods"), (TableQuery(datasets=("x",)), "--datasets"),
+                            (TableQuery(baseline="nope"), "--baseline"), (TableQuery(model="ViT-L-14"), "--model")):
+        with pytest.raises(InputError) as info:
+            build_table(engine, query)
+        assert info.value.argument == argument and "\n" not in str(info.value)
+    with pytest.raises(InputError):
+        TableQuery(metric="top3")
