@@ -1,0 +1,99 @@
+"""C-TPT's loss against a straightforward formulation from the paper, its gradient, selection and settings."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from difftpt_ops.core.errors import InvalidSpecError  # noqa: E402
+from difftpt_ops.core.specs import method_spec_from  # noqa: E402
+from difftpt_ops.tta.losses import marginal_entropy  # noqa: E402
+from difftpt_ops.tta.methods import StepInputs, get_method  # noqa: E402
+from difftpt_ops.tta.methods.ctpt import CTPTSpec, ctpt_loss, text_feature_dispersion  # noqa: E402
+
+pytestmark = pytest.mark.unit
+
+
+def _features(seed: int, n: int, dim: int = 12) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(n, dim, generator=g), dim=-1)
+
+
+def paper_atfd(text: torch.Tensor) -> float:
+    """Average Text Feature Dispersion: mean over classes of ||t_c - centroid||_2."""
+    t = text.double().tolist()
+    c, d = len(t), len(t[0])
+    centroid = [sum(t[i][m] for i in range(c)) / c for m in range(d)]
+    return sum(math.sqrt(sum((t[i][m] - centroid[m]) ** 2 for m in range(d))) for i in range(c)) / c
+
+
+def paper_loss(logits: torch.Tensor, text: torch.Tensor, lam: float) -> float:
+    """TPT's entropy of the averaged probabilities minus lambda times the ATFD."""
+    rows = logits.double().tolist()
+    probs = []
+    for row in rows:
+        top = max(row)
+        e = [math.exp(v - top) for v in row]
+        probs.append([v / sum(e) for v in e])
+    mean = [sum(p[j] for p in probs) / len(probs) for j in range(len(rows[0]))]
+    return -sum(p * math.log(p) for p in mean if p > 0) - lam * paper_atfd(text)
+
+
+@pytest.mark.parametrize("n_classes", [2, 10, 200])
+def test_loss_matches_the_paper_formulation(n_classes: int) -> None:
+    for seed in range(4):
+        text = _features(seed, n_classes)
+        logits = 100.0 * _features(seed + 50, 6) @ text.t()
+        assert abs(float(text_feature_dispersion(text)) - paper_atfd(text)) < 1e-5
+        assert abs(float(ctpt_loss(logits, text, 20.0)) - paper_loss(logits, text, 20.0)) < 1e-5
+
+
+def test_lambda_zero_is_tpt_and_identical_classes_have_no_dispersion() -> None:
+    text = _features(1, 7)
+    logits = 100.0 * _features(2, 6) @ text.t()
+    assert float(ctpt_loss(logits, text, 0.0)) == float(marginal_entropy(logits))
+    same = text[:1].expand(5, -1)
+    assert float(text_feature_dispersion(same)) < 1e-6
+
+
+def test_gradient_spreads_the_class_features() -> None:
+    """A descent step on C-TPT's loss increases the dispersion more than the same step on TPT's."""
+    base = _features(3, 8)
+    image = _features(4, 6)
+
+    def atfd_after_step(lam: float) -> float:
+        text = base.clone().requires_grad_(True)
+        loss = ctpt_loss(100.0 * image @ torch.nn.functional.normalize(text, dim=-1).t(), text, lam)
+        loss.backward()
+        assert text.grad is not None
+        moved = torch.nn.functional.normalize(text.detach() - 1e-2 * text.grad, dim=-1)
+        return float(text_feature_dispersion(moved))
+
+    assert atfd_after_step(50.0) > atfd_after_step(0.0)
+
+
+def test_registered_method_uses_tpt_selection_and_the_reference_views() -> None:
+    method = get_method("ctpt")
+    text = _features(5, 9)
+    image = _features(6, 20)
+    logits = 100.0 * image @ text.t()
+    inputs = StepInputs(image_features=image, text_features=text, logit_scale=torch.tensor(100.0), logits=logits,
+                        kinds=("original",) + ("conventional",) * 19)
+    spec = CTPTSpec(n_views=20, selection_p=0.25)
+    kept = method.select(spec, inputs).indices
+    assert kept.tolist() == get_method("tpt").select(method_spec_from("tpt", {"n_views": 20, "selection_p": 0.25}),
+                                                     inputs).indices.tolist()
+    assert float(method.loss(spec, logits[kept], text)) == pytest.approx(float(ctpt_loss(logits[kept], text, 20.0)))
+    plan = method.views(CTPTSpec())
+    assert plan.n_views == 64 and plan.augmix is True
+    assert method.tuning(CTPTSpec()).steps == 1 and method.tuning(CTPTSpec()).lr == 5e-3
+
+
+@pytest.mark.parametrize(("field", "value"), [("lambda_term", "-1"), ("selection_p", "0"),
+                                              ("selection_p", "1.5"), ("lr", "0"), ("steps", "-1")])
+def test_bad_settings_name_the_field(field: str, value: str) -> None:
+    with pytest.raises(InvalidSpecError, match=field):
+        method_spec_from("ctpt", {field: value})
