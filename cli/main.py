@@ -58,6 +58,10 @@ def db_upgrade(
     before = current_revision(engine)
     upgrade(engine)
     after = current_revision(engine)
+    from difftpt_ops.services.sql import ensure_reader_role
+
+    if (note := ensure_reader_role(engine)) is not None:  # PostgreSQL: the role `sql` runs as
+        typer.echo(f"warning: {note}", err=True)
     shown = engine.url.render_as_string(hide_password=True)
     if as_json:
         print_json({"database": shown, "from": before, "to": after})

@@ -106,9 +106,10 @@ def sql(ctx: typer.Context,
         timeout: Annotated[float, typer.Option("--timeout", help="Cancel the query after this many seconds.")] = 60.0,
         ) -> None:
     """Run one read-only query (views: run_summary, run_class_accuracy, prediction_detail, run_pair_comparison)."""
-    from difftpt_ops.services.sql import run_readonly_sql
+    from difftpt_ops.services.sql import check_limits, run_readonly_sql
 
     _one_format(as_json, as_csv)
+    check_limits(timeout, max_rows)  # before opening the database: a bad option creates nothing
     engine_of(ctx)  # the database exists and is at the current schema (views included)
     columns, rows = run_readonly_sql(settings_of(ctx), query, timeout_s=timeout, max_rows=max_rows)
     if as_json:

@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     workspace: Path = Path(DEFAULT_WORKSPACE)
     database_url: str = Field(min_length=1)
     broker_url: str | None = None  # None: the embedded executor runs work in-process
+    # `sql` on PostgreSQL: a user holding SELECT only, instead of SET ROLE to the reader role db upgrade creates
+    readonly_database_url: str | None = None
     mlflow_tracking_uri: str = Field(min_length=1)
     artifact_root: Path
     config_file: Path | None = None
@@ -65,7 +67,7 @@ class Settings(BaseSettings):
         values["artifact_root"] = values.get("artifact_root") or ws / "artifacts"
         return values
 
-    @field_validator("broker_url", mode="before")
+    @field_validator("broker_url", "readonly_database_url", mode="before")
     @classmethod
     def _empty_broker_is_embedded(cls, value: Any) -> Any:
         return value or None

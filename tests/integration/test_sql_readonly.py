@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from difftpt_ops.core.errors import InputError
 from difftpt_ops.db.session import get_engine, session_scope, upgrade
-from difftpt_ops.services.sql import check_readonly_query, execute_readonly, run_readonly_sql, split_statements
+from difftpt_ops.services.sql import check_readonly_query, ensure_reader_role, execute_readonly, run_readonly_sql
 from tests.conftest import scratch_database
 from tests.factories import make_dataset_version, make_predictions, make_run
 
@@ -46,6 +46,7 @@ DISGUISED = [
 
 def _seed(engine: Engine) -> None:
     upgrade(engine)
+    assert ensure_reader_role(engine) is None  # what `db upgrade` does after the migrations
     with session_scope(engine) as session:
         version = make_dataset_version(session, 6, 2)
         make_predictions(session, make_run(session, version), [True, False, True, True])
@@ -124,13 +125,22 @@ def test_cli_sql_prints_json_and_csv_and_refuses_writes(engine: Engine, cli_env:
     assert out.exit_code == 2 and "read-only" in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
-def test_tokenizer_knows_quotes_comments_and_dollar_quotes() -> None:
-    """Semicolons and keywords inside literals or comments are not statements."""
-    assert len(split_statements("select 'a;b'; -- x; y\n")) == 1
-    assert len(split_statements("select $tag$ ; drop $tag$", "postgresql")) == 1
+def test_the_parser_knows_quotes_comments_and_dollar_quotes() -> None:
+    """Semicolons and keywords inside literals or comments are not statements; each dialect its own way."""
+    check_readonly_query("select 'a;b'; -- x; y\n")
+    check_readonly_query("select $tag$ ; drop $tag$", "postgresql")
     # PostgreSQL nests block comments; SQLite does not, so the DELETE is code there.
-    assert len(split_statements("/* /* */ ; DELETE */ select 1", "postgresql")) == 1
+    check_readonly_query("/* /* */ ; DELETE */ select 1", "postgresql")
     with pytest.raises(InputError):
         check_readonly_query("/* /* */ DELETE FROM runs /* */", "sqlite")
     check_readonly_query("SELECT E'\\' ; DROP' AS x", "postgresql")
     check_readonly_query("(SELECT 1) UNION (SELECT 2)")
+    # PostgreSQL ends a -- comment at a carriage return too: what follows is code, and it is a COPY.
+    with pytest.raises(InputError, match="only a SELECT|COPY"):
+        check_readonly_query("--\rCOPY (SELECT 1) TO PROGRAM 'id' /*\nSELECT */", "postgresql")
+
+
+def test_postgresql_runs_what_the_parser_checked() -> None:
+    """The statement sent to PostgreSQL is the parser's rendering, without the user's comments."""
+    rendered = check_readonly_query("SELECT 1 -- */ ; DELETE FROM runs\r, 2 /* x */", "postgresql")
+    assert rendered == "SELECT 1, 2"
