@@ -94,7 +94,7 @@ def test_tda_matches_the_reference_formulation(views: int) -> None:
     expected = _oracle_tda(samples, text, scale, params)
     state = tda.init_state(6, 16, params)
     for views_features, want in zip(samples, expected, strict=True):
-        result, state = tda.step(state, views_features, text, scale=scale, params=params)
+        result, state = tda.step(state, views_features, scale * views_features @ text.t(), params=params)
         torch.testing.assert_close(result.logits, want, rtol=0, atol=1e-5)
         assert int(result.logits.argmax()) == int(want.argmax())
     assert int(state["pos_count"].sum()) == 6 * params.pos_shot_capacity  # full: replacement was exercised
@@ -109,7 +109,7 @@ def test_tda_caches_change_predictions() -> None:
     state = tda.init_state(6, 16, params)
     changed = 0
     for views in samples:
-        result, state = tda.step(state, views, text, scale=12.0, params=params)
+        result, state = tda.step(state, views, 12.0 * views @ text.t(), params=params)
         changed += int(result.logits.argmax() != result.clip_logits.argmax())
     assert changed > 0
 
@@ -158,10 +158,18 @@ def test_dmn_matches_the_reference_formulation(views: int) -> None:
     expected = _oracle_dmn(samples, text, 20.0, params)
     state = dmn.init_state(5, 16, params)
     for views_features, want in zip(samples, expected, strict=True):
-        result, state = dmn.step(state, views_features, text, scale=20.0, params=params)
+        result, state = dmn.step(state, views_features, 20.0 * views_features @ text.t(), text, scale=20.0,
+                                 params=params)
         torch.testing.assert_close(result.logits, want, rtol=0, atol=1e-6)
         assert int(result.logits.argmax()) == int(want.argmax())
     assert int(state["count"].max()) == params.memory_size
+
+
+def _advance(module, state, views, text, params):  # type: ignore[no-untyped-def]
+    logits = 12.0 * views @ text.t()
+    if module is tda:
+        return tda.step(state, views, logits, params=params)
+    return dmn.step(state, views, logits, text, scale=12.0, params=params)
 
 
 @pytest.mark.parametrize("module,params", [(tda, tda.TDAParams()), (dmn, dmn.DMNParams(memory_size=8))])
@@ -171,14 +179,14 @@ def test_checkpointed_state_continues_exactly(module, params) -> None:  # type: 
     full = module.init_state(5, 16, params)
     straight = []
     for views in samples:
-        result, full = module.step(full, views, text, scale=12.0, params=params)
+        result, full = _advance(module, full, views, text, params)
         straight.append(result.logits)
     state = module.init_state(5, 16, params)
     resumed = []
     for index, views in enumerate(samples):
         if index in (37, 80):
             state = module.load_state_dict(load_safetensors(save_safetensors(module.state_dict(state))))
-        result, state = module.step(state, views, text, scale=12.0, params=params)
+        result, state = _advance(module, state, views, text, params)
         resumed.append(result.logits)
     for a, b in zip(straight, resumed, strict=True):
         assert torch.equal(a, b)

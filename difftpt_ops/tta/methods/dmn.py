@@ -19,14 +19,18 @@ learnable mappings then stay zero):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from difftpt_ops.core.specs import MethodSpec, require
+from difftpt_ops.tta.methods.base import OnlineMethod, StepInputs, StepOutput, ViewPlan, ViewScores, register
+
 NAME = "dmn-zs"
-KIND = "online"
 PAPER = "Zhang et al., Dual Memory Networks: A Versatile Adaptation Approach for Vision-Language Models, CVPR 2024"
 REFERENCE = "https://github.com/YBZh/DMN"
 SELECTION_EPS = 1e-6  # in the view-selection entropy
@@ -52,7 +56,7 @@ class StepResult:
     memory_probs: Tensor  # (n_classes,) the dynamic memory's prediction
     entropy: float  # of the mean probability of the kept views (the memory ranking key)
     n_views: int
-    n_kept: int
+    kept: Tensor  # (k,) indices of the views whose mean probability gave the pseudo-label
 
 
 def init_state(n_classes: int, dim: int, params: DMNParams) -> dict[str, Tensor]:
@@ -103,22 +107,21 @@ def memory_probs(state: dict[str, Tensor], feature: Tensor, text: Tensor, *, sca
     return (scale * adaptive @ feature).softmax(-1)
 
 
-def step(state: dict[str, Tensor], features: Tensor, text: Tensor, *, scale: float,
+def step(state: dict[str, Tensor], features: Tensor, logits: Tensor, text: Tensor, *, scale: float,
          params: DMNParams) -> tuple[StepResult, dict[str, Tensor]]:
-    """Adapt to one sample (its views' normalised features, view 0 first) and predict it.
-
-    `text` holds the normalised class text features (n_classes, dim), `scale` CLIP's logit scale.
-    The state is updated in place and returned.
+    """Adapt to one sample and predict it: `features` are its views' normalised features (view 0 first),
+    `logits` their CLIP logits, `text` the normalised class text features (n_classes, dim) and `scale`
+    CLIP's logit scale. The state is updated in place and returned.
     """
     features = features.float()
-    probs = (scale * features @ text.float().t()).softmax(-1)
+    probs = logits.float().softmax(-1)
     kept = kept_views(probs, params.selection_p)
     mean = probs[kept].mean(0)
     entropy = float(-(mean * torch.log(mean + MEMORY_EPS)).sum())
     _remember(state, int(mean.argmax()), features[0], entropy)
     memory = memory_probs(state, features[0], text.float(), scale=scale, beta=params.beta)
     combined = probs[0] + params.dynamic_weight * memory
-    return StepResult(combined, probs[0], memory, entropy, int(features.shape[0]), int(kept.numel())), state
+    return StepResult(combined, probs[0], memory, entropy, int(features.shape[0]), kept), state
 
 
 def state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -138,3 +141,63 @@ def load_state_dict(saved: dict[str, Tensor]) -> dict[str, Tensor]:
     state["features"][filled] = saved["features"]
     state["entropy"][filled] = saved["entropy"]
     return state
+
+
+# --- The registered method ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DMNSpec(MethodSpec):
+    """DMN-ZS with the reference's defaults (dmn_main.py and scripts/run.sh)."""
+
+    method: ClassVar[str] = NAME
+    order_seed: int = 0  # the stream order: a seeded permutation of the dataset version's samples
+    n_views: int = 32  # -b 32: the original plus 31 random crops
+    augmix: bool | None = None  # None: the dataset's rule (on for the cross-domain sets), as the reference
+    selection_p: float = 0.1
+    memory_size: int = 50
+    beta: float = 5.5
+    dynamic_weight: float = 1.0  # the reference searches it on the test labels; see docs/methods.md
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.order_seed >= 0, "order_seed", self.order_seed, "must be >= 0")
+        require(self.n_views >= 1, "n_views", self.n_views, "must be >= 1")
+        require(0.0 < self.selection_p <= 1.0, "selection_p", self.selection_p, "must be in (0, 1]")
+        require(self.memory_size >= 1, "memory_size", self.memory_size, "must be >= 1")
+        require(self.beta >= 0, "beta", self.beta, "must be >= 0")
+        require(self.dynamic_weight >= 0, "dynamic_weight", self.dynamic_weight, "must be >= 0")
+
+    def params(self) -> DMNParams:
+        return DMNParams(memory_size=self.memory_size, beta=self.beta, selection_p=self.selection_p,
+                         dynamic_weight=self.dynamic_weight)
+
+
+@register
+class DMNZS(OnlineMethod):
+    name: ClassVar[str] = NAME
+    spec_class = DMNSpec
+    summary: ClassVar[str] = "training-free dynamic memory of confident test features, read out by similarity"
+    paper: ClassVar[str] = PAPER
+    reference: ClassVar[str] = "YBZh/DMN"
+
+    def views(self, spec: DMNSpec) -> ViewPlan:
+        return ViewPlan(n_conventional=spec.n_views - 1, augmix=spec.augmix, resolution=spec.resolution)
+
+    def init_state(self, spec: DMNSpec, *, n_classes: int, dim: int, device: torch.device) -> dict[str, Tensor]:
+        return init_state(n_classes, dim, spec.params())
+
+    def step(self, spec: DMNSpec, state: dict[str, Tensor],
+             inputs: StepInputs) -> tuple[StepOutput, dict[str, Tensor]]:
+        result, state = step(state, inputs.image_features.cpu(), inputs.logits.cpu(),
+                             inputs.text_features.cpu(), scale=float(inputs.logit_scale), params=spec.params())
+        # The prediction is a sum of probabilities; its log keeps the argmax and makes softmax its normalisation.
+        logits = torch.log(result.logits).to(inputs.logits.device)
+        return StepOutput(logits=logits, scores=ViewScores.of(inputs.logits, result.kept)), state
+
+    def state_dict(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        return state_dict(state)
+
+    def load_state_dict(self, spec: DMNSpec, tensors: Mapping[str, Tensor], *,
+                        device: torch.device) -> dict[str, Tensor]:
+        return load_state_dict(dict(tensors))

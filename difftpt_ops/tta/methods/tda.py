@@ -24,16 +24,20 @@ level of rounding.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
+from difftpt_ops.core.specs import MethodSpec, require
 from difftpt_ops.tta.losses import marginal_entropy, view_entropy
+from difftpt_ops.tta.methods.base import OnlineMethod, StepInputs, StepOutput, ViewPlan, ViewScores, register
 
 NAME = "tda"
-KIND = "online"
 PAPER = "Karmanov et al., Efficient Test-Time Adaptation of Vision-Language Models, CVPR 2024"
 REFERENCE = "https://github.com/kdiAAA/TDA"
 
@@ -42,7 +46,7 @@ REFERENCE = "https://github.com/kdiAAA/TDA"
 POSITIVE_BY_FORMAT: dict[str, tuple[float, float]] = {
     "imagenet": (2.0, 5.0), "imagenet-a": (2.0, 5.0), "imagenet-v2": (1.0, 8.0), "imagenet-r": (1.0, 8.0),
     "imagenet-sketch": (2.363, 7.45), "caltech101": (5.0, 5.0), "dtd": (2.0, 3.0), "eurosat": (4.0, 8.0),
-    "aircraft": (2.0, 2.0), "food101": (1.0, 1.0), "flowers102": (1.0, 5.0), "pets": (2.0, 7.0),
+    "aircraft": (2.0, 2.0), "food101": (1.0, 1.0), "flower102": (1.0, 5.0), "pets": (2.0, 7.0),
     "cars": (1.0, 7.0), "sun397": (2.0, 3.0), "ucf101": (3.0, 8.0),
 }
 # The reference feeds 63 AugMix views plus the original for ImageNet-A, -V2, -R and -Sketch, and the
@@ -78,7 +82,7 @@ class StepResult:
     clip_logits: Tensor  # (n_classes,) CLIP logits of the sample (mean over the kept views)
     entropy: float  # of the sample's CLIP prediction (the cache ranking key)
     n_views: int
-    n_kept: int
+    kept: Tensor  # (k,) indices of the views the sample's summary used
 
 
 def init_state(n_classes: int, dim: int, params: TDAParams) -> dict[str, Tensor]:
@@ -92,17 +96,18 @@ def init_state(n_classes: int, dim: int, params: TDAParams) -> dict[str, Tensor]
     return state
 
 
-def summarise_views(features: Tensor, text: Tensor, scale: float,
-                    selection_p: float) -> tuple[Tensor, Tensor, float, Tensor, int]:
-    """(feature, logits, entropy, probability map, n_kept) of one sample from its views' features."""
-    logits = scale * features.float() @ text.float().t()
+def summarise_views(features: Tensor, logits: Tensor,
+                    selection_p: float) -> tuple[Tensor, Tensor, float, Tensor, Tensor]:
+    """(feature, logits, entropy, probability map, kept view indices) of one sample from its views."""
+    logits = logits.float()
     if logits.shape[0] == 1:
-        return features[0].float(), logits[0], float(view_entropy(logits)[0]), logits[0].softmax(-1), 1
+        return (features[0].float(), logits[0], float(view_entropy(logits)[0]), logits[0].softmax(-1),
+                torch.zeros(1, dtype=torch.long))
     keep = max(1, int(logits.shape[0] * selection_p))  # the reference's int() alone keeps none of < 10 views
     order = torch.argsort(view_entropy(logits), stable=True)[:keep]
     kept = logits[order]
     return (features[order].float().mean(0), kept.mean(0), float(marginal_entropy(kept)),
-            kept.softmax(-1).mean(0), keep)
+            kept.softmax(-1).mean(0), order)
 
 
 def _insert(state: dict[str, Tensor], prefix: str, label: int, key: Tensor, entropy: float,
@@ -150,18 +155,16 @@ def cache_logits(state: dict[str, Tensor], feature: Tensor, params: TDAParams) -
     return correction
 
 
-def step(state: dict[str, Tensor], features: Tensor, text: Tensor, *, scale: float,
+def step(state: dict[str, Tensor], features: Tensor, logits: Tensor, *,
          params: TDAParams) -> tuple[StepResult, dict[str, Tensor]]:
-    """Adapt to one sample (its views' normalised features, view 0 first) and predict it.
-
-    `text` holds the normalised class text features (n_classes, dim), `scale` CLIP's logit scale.
-    The state is updated in place and returned.
+    """Adapt to one sample and predict it: `features` are its views' normalised features (view 0 first),
+    `logits` their CLIP logits (n_views, n_classes). The state is updated in place and returned.
     """
-    feature, logits, entropy, probs, kept = summarise_views(features, text, scale, params.selection_p)
+    feature, logits, entropy, probs, kept = summarise_views(features, logits, params.selection_p)
     label = int(logits.argmax())
     if params.pos_enabled:
         _insert(state, "pos", label, feature, entropy, None)
-    normalised = entropy / math.log2(text.shape[0])
+    normalised = entropy / math.log2(logits.shape[-1])
     if params.neg_enabled and params.entropy_lower < normalised < params.entropy_upper:
         mask = (probs > params.mask_lower) & (probs < params.mask_upper)
         _insert(state, "neg", label, feature, entropy, mask)
@@ -195,3 +198,95 @@ def load_state_dict(saved: dict[str, Tensor]) -> dict[str, Tensor]:
         if prefix == "neg":
             state["neg_mask"][filled] = saved["neg_mask"]
     return state
+
+
+# --- The registered method ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TDASpec(MethodSpec):
+    """TDA with the reference's settings. None: taken from the reference's config for the run's dataset
+    (`resolve_for_format`); set a value to override it."""
+
+    method: ClassVar[str] = NAME
+    order_seed: int = 0  # the stream order: a seeded permutation of the dataset version's samples
+    n_views: int | None = None  # None: 64 (AugMix) for ImageNet-A/-V2/-R/-Sketch, 1 elsewhere
+    augmix: bool | None = None  # None: on exactly when n_views > 1, as the reference's OOD loader
+    selection_p: float = 0.1
+    pos_enabled: bool = True
+    pos_shot_capacity: int = 3
+    pos_alpha: float | None = None  # None: the dataset's config (imagenet.yaml: 2.0)
+    pos_beta: float | None = None  # None: the dataset's config (imagenet.yaml: 5.0)
+    neg_enabled: bool = True
+    neg_shot_capacity: int = 2
+    neg_alpha: float = 0.117
+    neg_beta: float = 1.0
+    entropy_lower: float = 0.2
+    entropy_upper: float = 0.5
+    mask_lower: float = 0.03
+    mask_upper: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.order_seed >= 0, "order_seed", self.order_seed, "must be >= 0")
+        require(self.n_views is None or self.n_views >= 1, "n_views", self.n_views, "must be >= 1")
+        require(0.0 < self.selection_p <= 1.0, "selection_p", self.selection_p, "must be in (0, 1]")
+        for name in ("pos_shot_capacity", "neg_shot_capacity"):
+            require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        for name in ("pos_alpha", "pos_beta", "neg_alpha", "neg_beta"):
+            value = getattr(self, name)
+            require(value is None or value >= 0, name, value, "must be >= 0")
+        require(self.entropy_lower < self.entropy_upper, "entropy_lower", self.entropy_lower,
+                f"must be below entropy_upper ({self.entropy_upper})")
+        require(self.mask_lower < self.mask_upper, "mask_lower", self.mask_lower,
+                f"must be below mask_upper ({self.mask_upper})")
+
+    def params(self) -> TDAParams:
+        """The step's numbers (unresolved fields take imagenet.yaml's values)."""
+        return TDAParams(pos_enabled=self.pos_enabled, pos_shot_capacity=self.pos_shot_capacity,
+                         pos_alpha=2.0 if self.pos_alpha is None else self.pos_alpha,
+                         pos_beta=5.0 if self.pos_beta is None else self.pos_beta,
+                         neg_enabled=self.neg_enabled, neg_shot_capacity=self.neg_shot_capacity,
+                         neg_alpha=self.neg_alpha, neg_beta=self.neg_beta, entropy_lower=self.entropy_lower,
+                         entropy_upper=self.entropy_upper, mask_lower=self.mask_lower,
+                         mask_upper=self.mask_upper, selection_p=self.selection_p)
+
+
+def resolve_for_format(spec: TDASpec, dataset_format: str) -> TDASpec:
+    """Fill the None fields from the reference's config for a dataset format (ImageNet's for others)."""
+    alpha, beta = POSITIVE_BY_FORMAT.get(dataset_format, POSITIVE_BY_FORMAT["imagenet"])
+    n_views = spec.n_views or (MULTI_VIEW_COUNT if dataset_format in MULTI_VIEW_FORMATS else 1)
+    return dataclasses.replace(
+        spec, n_views=n_views, augmix=n_views > 1 if spec.augmix is None else spec.augmix,
+        pos_alpha=alpha if spec.pos_alpha is None else spec.pos_alpha,
+        pos_beta=beta if spec.pos_beta is None else spec.pos_beta)
+
+
+@register
+class TDA(OnlineMethod):
+    name: ClassVar[str] = NAME
+    spec_class = TDASpec
+    summary: ClassVar[str] = "training-free positive and negative feature caches built along the test stream"
+    paper: ClassVar[str] = PAPER
+    reference: ClassVar[str] = "kdiAAA/TDA"
+
+    def views(self, spec: TDASpec) -> ViewPlan:
+        n_views = spec.n_views or 1
+        augmix = n_views > 1 if spec.augmix is None else spec.augmix
+        return ViewPlan(n_conventional=n_views - 1, augmix=augmix, resolution=spec.resolution)
+
+    def init_state(self, spec: TDASpec, *, n_classes: int, dim: int, device: torch.device) -> dict[str, Tensor]:
+        return init_state(n_classes, dim, spec.params())
+
+    def step(self, spec: TDASpec, state: dict[str, Tensor],
+             inputs: StepInputs) -> tuple[StepOutput, dict[str, Tensor]]:
+        result, state = step(state, inputs.image_features.cpu(), inputs.logits.cpu(), params=spec.params())
+        scores = ViewScores.of(inputs.logits, result.kept)
+        return StepOutput(logits=result.logits.to(inputs.logits.device), scores=scores), state
+
+    def state_dict(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        return state_dict(state)
+
+    def load_state_dict(self, spec: TDASpec, tensors: Mapping[str, Tensor], *,
+                        device: torch.device) -> dict[str, Tensor]:
+        return load_state_dict(dict(tensors))
