@@ -103,9 +103,25 @@ class MethodSpec:
 
 @dataclass(frozen=True)
 class ZeroShotSpec(MethodSpec):
-    """Zero-shot CLIP: view 0 with the initial prompt."""
+    """Zero-shot CLIP: view 0 with the initial prompt, or with a prompt ensemble's class features."""
 
     method: ClassVar[str] = "zeroshot"
+    # single: the prompt above; ensemble: CLIP's 80 ImageNet templates; tip: Tip-Adapter's 7 of them.
+    # Left out of to_dict() at "single", so fingerprints of zero-shot runs from before the option are unchanged.
+    prompts: str = "single"
+
+    PROMPT_SETS: ClassVar[tuple[str, ...]] = ("single", "ensemble", "tip")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.prompts in self.PROMPT_SETS, "prompts", self.prompts,
+                 f"unknown prompt set; choose one of {', '.join(self.PROMPT_SETS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        payload = super().to_dict()
+        if payload["prompts"] == "single":
+            del payload["prompts"]
+        return payload
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Zero-shot CLIP: the original view with the initial prompt, no adaptation."""
+"""Zero-shot CLIP: the original view with the initial prompt (or a prompt ensemble), no adaptation."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ from typing import ClassVar
 
 from difftpt_ops.core.specs import ZeroShotSpec
 from difftpt_ops.tta.methods.base import ForwardOnlyMethod, StepInputs, StepOutput, ViewScores, register
+from difftpt_ops.tta.methods.ensemble import PromptSetOption
 
 
 @register
-class ZeroShot(ForwardOnlyMethod):
+class ZeroShot(PromptSetOption, ForwardOnlyMethod):
     name: ClassVar[str] = "zeroshot"
     spec_class = ZeroShotSpec
     summary: ClassVar[str] = "CLIP's prediction on the original view with the initial prompt"
