@@ -304,3 +304,23 @@ class ViewFeatures(Base):
     model_name: Mapped[str | None] = mapped_column(Text)  # for people reading the table; not part of the key
     seconds: Mapped[float | None] = mapped_column(Float)  # encoder time spent making it
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+
+
+class OnlineCheckpoint(Base):
+    """An online run's method state after one of its shards (the chain's shard `shard_index`).
+
+    The safetensors file (content-addressed in the artifact store) is written before this row, and the row
+    in the same transaction as that shard's predictions; a reader checks its size and hash.
+    """
+
+    __tablename__ = "online_checkpoints"
+    __table_args__ = (UniqueConstraint("run_id", "shard_index"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    shard_index: Mapped[int] = mapped_column(Integer)
+    position: Mapped[int] = mapped_column(Integer)  # samples of the stream consumed after this shard
+    artifact_key: Mapped[str] = mapped_column(Text)
+    content_hash: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
