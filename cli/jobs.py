@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from cli.common import JsonOpt, engine_of, err_console, new_app, print_json, print_table, settings_of
+from cli.sweep_cmds import ListSweepOpt, SeedsOpt, SweepOpt, YesOpt, group_text, submit_grid, with_groups
 from difftpt_ops.core.errors import InputError
 
 if TYPE_CHECKING:
@@ -145,6 +146,9 @@ def submit_tune(
     limit: LimitOpt = None,
     shard_size: ShardSizeOpt = None,
     device: DeviceOpt = None,
+    sweep: SweepOpt = None,
+    seeds: SeedsOpt = None,
+    yes: YesOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Evaluate a method on a dataset: zero-shot CLIP, TPT or DiffTPT, one prediction per sample."""
@@ -153,6 +157,13 @@ def submit_tune(
     settings = settings_of(ctx)
     parsed = parse_overrides(overrides)
     engine = engine_of(ctx)
+    if sweep or seeds is not None:  # one run per grid point and seed (cli/sweep_cmds.py)
+        with progress_bar(settings, as_json) as bar:
+            submit_grid(engine, settings, grid_items=sweep, seeds=seeds, confirmed=yes, as_json=as_json,
+                        dataset_ref=dataset, method=method, model=model, pretrained=_none_if(pretrained),
+                        generation_id=generation, overrides=parsed, seed=seed, limit=limit, shard_size=shard_size,
+                        dispatcher=_dispatcher(settings), device=device, progress=bar)
+        return
     with progress_bar(settings, as_json) as bar:
         result = submit(engine, settings, dataset_ref=dataset, method=method, model=model,
                         pretrained=_none_if(pretrained), generation_id=generation, overrides=parsed, seed=seed,
@@ -297,17 +308,18 @@ def _watch(fetch: Any, is_active: Any, as_json: bool) -> None:
             runs = fetch()
 
 
-def runs_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-    """List every run, newest first."""
+def runs_list(ctx: typer.Context, sweep: ListSweepOpt = None, as_json: JsonOpt = False) -> None:
+    """List every run, newest first, with the sweep and grid point of runs submitted by a sweep."""
     from difftpt_ops.services.runs import list_runs
 
-    runs = list_runs(engine_of(ctx))
+    engine = engine_of(ctx)
+    runs = with_groups(engine, list_runs(engine), sweep)
     if as_json:
         print_json(runs)
         return
-    print_table(None, ["run", "kind", "method", "dataset", "state", "samples", "done", "failed", "created"],
+    print_table(None, ["run", "kind", "method", "dataset", "state", "samples", "done", "failed", "created", "group"],
                 [[r["run_id"], r["kind"], r["method"], r["dataset"], r["state"], r["num_samples"], r["done"],
-                  r["failed"], (r["created_at"] or "")[:19]] for r in runs])
+                  r["failed"], (r["created_at"] or "")[:19], group_text(r)] for r in runs])
 
 
 def resume(ctx: typer.Context, run: RunArg, device: DeviceOpt = None, as_json: JsonOpt = False) -> None:

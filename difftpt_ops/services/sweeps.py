@@ -1,0 +1,191 @@
+"""Sweeps: one tuning run per grid point and seed, recorded as a group.
+
+`submit tune --sweep steps=1,2,4 --sweep selection_p=0.05,0.1 --seeds 0,1` plans the cartesian grid
+(3 x 2 x 2 = 12 runs) and submits each point through `runs.submit_tune`, so every run is an ordinary
+run identified by its spec: resubmitting the sweep attaches to the same runs and makes none, and all
+of them share generated images (cached by content). The sweep itself is a row identified by what was
+asked, and `sweep_runs` links it to its runs with their grid point.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
+
+from difftpt_ops.config import Settings
+from difftpt_ops.core.errors import InputError
+from difftpt_ops.core.specs import fingerprint_of, method_spec_from
+from difftpt_ops.db.session import session_scope
+from difftpt_ops.db.tables import Run, Sweep, SweepRun
+from difftpt_ops.db.writes import insert_ignore, insert_new_ids
+
+log = logging.getLogger(__name__)
+
+MAX_UNCONFIRMED_RUNS = 200  # a bigger sweep needs --yes: it is hours of GPU time to cancel by hand
+SWEEP_TAG = "difftpt.sweep"
+
+
+def parse_sweep(items: list[str] | None) -> dict[str, list[str]]:
+    """`--sweep key=v1,v2` (repeatable) -> {key: [v1, v2]}, keys in the order given."""
+    grid: dict[str, list[str]] = {}
+    for item in items or []:
+        key, sep, values = item.partition("=")
+        key = key.strip()
+        parts = [v.strip() for v in values.split(",")]
+        if not sep or not key or not all(parts):
+            raise InputError("--sweep", item, "expected KEY=V1,V2,..., e.g. --sweep steps=1,2,4")
+        if key in grid:
+            raise InputError("--sweep", item, f"{key} is swept twice; give its values once")
+        if key in {"seed", "seeds"}:
+            raise InputError("--sweep", item, "use --seeds 0,1,2 for seeds")
+        grid[key] = list(dict.fromkeys(parts))
+    return grid
+
+
+def parse_seeds(value: str | None) -> list[int]:
+    """`--seeds 0,1,2` -> [0, 1, 2]; non-negative integers, each once."""
+    if value is None:
+        return []
+    try:
+        seeds = [int(part) for part in value.split(",")]
+    except ValueError:
+        raise InputError("--seeds", value, "expected comma-separated integers, e.g. --seeds 0,1,2") from None
+    if any(s < 0 for s in seeds):
+        raise InputError("--seeds", value, "seeds must be >= 0")
+    return list(dict.fromkeys(seeds))
+
+
+def grid_points(grid: dict[str, list[str]], seeds: list[int]) -> list[dict[str, Any]]:
+    """The cartesian product of the swept values and the seeds; each point is {key: value, ..., 'seed': s}."""
+    keys = list(grid)
+    return [{**dict(zip(keys, values, strict=True)), "seed": seed}
+            for values in itertools.product(*(grid[k] for k in keys)) for seed in seeds]
+
+
+@dataclass
+class SweepResult:
+    """What a sweep submission did: its id, whether it is new, and each grid point's run."""
+
+    sweep_id: int
+    created: bool
+    points: list[dict[str, Any]] = field(default_factory=list)  # {point, run_id, created, state}
+
+    @property
+    def new_runs(self) -> int:
+        return sum(1 for p in self.points if p["created"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sweep_id": self.sweep_id, "created": self.created, "runs": len(self.points),
+                "new_runs": self.new_runs, "points": self.points}
+
+
+def _check_plan(method: str, overrides: dict[str, Any], grid: dict[str, list[str]], points: list[dict[str, Any]],
+                confirmed: bool) -> None:
+    """Every point's spec must be valid before the first run is submitted: nothing half-made."""
+    for key in grid:
+        if key in overrides:
+            raise InputError("--sweep", key, "is also given with --set; sweep it or fix it, not both")
+    if len(points) > MAX_UNCONFIRMED_RUNS and not confirmed:
+        raise InputError("--sweep", f"{len(points)} runs", f"more than {MAX_UNCONFIRMED_RUNS} runs; pass --yes to "
+                         "submit them")
+    for point in points:
+        method_spec_from(method, {**overrides, **{k: v for k, v in point.items() if k != "seed"}})
+
+
+def _record_sweep(engine: Engine, identity: dict[str, Any], points: int) -> tuple[int, bool]:
+    fingerprint = fingerprint_of(identity)
+    with session_scope(engine) as session:
+        created = bool(insert_new_ids(session, Sweep, [{"fingerprint": fingerprint, "spec": identity,
+                                                        "num_runs": points}]))
+        sweep_id = session.scalars(select(Sweep.id).where(Sweep.fingerprint == fingerprint)).one()
+    return int(sweep_id), created
+
+
+def submit_sweep(engine: Engine, settings: Settings, *, dataset_ref: str, method: str, grid: dict[str, list[str]],
+                 seeds: list[int], overrides: dict[str, Any] | None = None, confirmed: bool = False,
+                 **submit_args: Any) -> SweepResult:
+    """Submit one run per grid point and seed (see the module docstring); `submit_args` go to `submit_tune`.
+
+    Raises:
+        InputError: a bad grid or value (before anything is written), or more than 200 runs without `confirmed`.
+    """
+    from difftpt_ops.services.runs import submit_tune
+
+    # 1. Plan and validate the whole grid.
+    overrides = dict(overrides or {})
+    seeds = seeds or [int(submit_args.pop("seed", 0))]
+    submit_args.pop("seed", None)
+    points = grid_points(grid, seeds)
+    _check_plan(method, overrides, grid, points, confirmed)
+    # 2. The sweep row, identified by what was asked (dataset as named, resolved by its fingerprint below).
+    version_fp = _dataset_fingerprint(engine, dataset_ref)
+    identity = {"dataset_fingerprint": version_fp, "method": method, "overrides": overrides, "grid": grid,
+                "seeds": seeds, "model": submit_args.get("model"), "pretrained": submit_args.get("pretrained"),
+                "generation_id": submit_args.get("generation_id")}
+    sweep_id, created = _record_sweep(engine, identity, len(points))
+    # 3. One ordinary run per point, linked as it is submitted (an interrupted sweep keeps what it made).
+    result = SweepResult(sweep_id=sweep_id, created=created)
+    for point in points:
+        knobs = {k: v for k, v in point.items() if k != "seed"}
+        submitted = submit_tune(engine, settings, dataset_ref=dataset_ref, method=method,
+                                overrides={**overrides, **knobs}, seed=int(point["seed"]), **submit_args)
+        with session_scope(engine) as session:
+            insert_ignore(session, SweepRun, [{"sweep_id": sweep_id, "run_id": submitted.run_id, "point": point}])
+        result.points.append({"point": point, "run_id": submitted.run_id, "created": submitted.created,
+                              "state": submitted.state})
+    _tag_mlflow(engine, settings, [p["run_id"] for p in result.points])
+    return result
+
+
+def _dataset_fingerprint(engine: Engine, dataset_ref: str) -> str:
+    from difftpt_ops.services.datasets import resolve_dataset_version
+
+    with session_scope(engine) as session:
+        _, version = resolve_dataset_version(session, dataset_ref)
+        return version.fingerprint
+
+
+def sweeps_of_runs(engine: Engine, run_ids: list[int]) -> dict[int, list[dict[str, Any]]]:
+    """Per run: the sweeps it belongs to, as [{sweep_id, point}], oldest sweep first."""
+    if not run_ids:
+        return {}
+    out: dict[int, list[dict[str, Any]]] = {}
+    with session_scope(engine) as session:
+        rows = session.execute(select(SweepRun.run_id, SweepRun.sweep_id, SweepRun.point)
+                               .where(SweepRun.run_id.in_(run_ids)).order_by(SweepRun.sweep_id)).all()
+    for run_id, sweep_id, point in rows:
+        out.setdefault(int(run_id), []).append({"sweep_id": int(sweep_id), "point": point})
+    return out
+
+
+def sweep_run_ids(engine: Engine, sweep_id: int) -> list[int]:
+    """The runs of a sweep; NotFoundError-like InputError when there is no such sweep."""
+    with session_scope(engine) as session:
+        if session.get(Sweep, sweep_id) is None:
+            raise InputError("--sweep", sweep_id, "no such sweep")
+        return [int(r) for r in session.scalars(select(SweepRun.run_id).where(SweepRun.sweep_id == sweep_id))]
+
+
+def _tag_mlflow(engine: Engine, settings: Settings, run_ids: list[int]) -> None:
+    """Tag each run's MLflow run with its sweep ids, so the UI can group by them. Best effort, like all tracking."""
+    from difftpt_ops.services.reporting import prepare_tracking, tracker_for, tracking_enabled
+
+    if not tracking_enabled(settings):
+        return
+    memberships = sweeps_of_runs(engine, run_ids)
+    for run_id in run_ids:
+        try:
+            prepare_tracking(engine, settings, run_id)  # creates the MLflow run if no worker has yet
+            with session_scope(engine) as session:
+                mlflow_run_id = session.scalar(select(Run.mlflow_run_id).where(Run.id == run_id))
+            if mlflow_run_id:
+                ids = ",".join(str(m["sweep_id"]) for m in memberships.get(run_id, []))
+                tracker_for(settings).set_tags(mlflow_run_id, {SWEEP_TAG: ids})
+        except Exception as exc:  # noqa: BLE001  tracking never fails a submission; `mlflow sync` has the rest
+            log.warning("could not tag the MLflow run of run %s with its sweep (%s)", run_id, exc)
+

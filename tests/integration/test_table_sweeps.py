@@ -1,0 +1,114 @@
+"""Sweeps and seeds through the CLI, and `table` on what they made: SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+from typer.testing import CliRunner
+
+from cli.main import app
+from difftpt_ops.db.session import session_scope
+from difftpt_ops.db.tables import Run, Sweep, SweepRun
+from difftpt_ops.services import reporting, shards
+from difftpt_ops.services.sweeps import grid_points, parse_seeds, parse_sweep
+from tests.integration.test_jobs_support import add_dataset, make_settings, open_engine
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def engine(cli_env: dict[str, str], workspace: Path, database_url: str, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("DIFFTPT_OPS_MLFLOW_TRACKING_URI", "none")
+    monkeypatch.setattr(shards, "_next_report", {})
+    engine = open_engine(make_settings(workspace, database_url, mlflow_tracking_uri="none"))
+    add_dataset(engine, "toy", 12)
+    return engine
+
+
+def _invoke(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, result.output
+
+
+def _count(engine, model) -> int:  # type: ignore[no-untyped-def]
+    with session_scope(engine) as session:
+        return int(session.scalar(select(func.count()).select_from(model)) or 0)
+
+
+SWEEP = ("submit", "tune", "--dataset", "toy", "--method", "noop", "--sweep", "resolution=224,256",
+         "--seeds", "0,1", "--json")
+
+
+def test_two_by_two_sweep_makes_four_runs_and_resubmitting_makes_none(engine) -> None:  # type: ignore[no-untyped-def]
+    """2 values x 2 seeds = 4 finished runs in one sweep; the same command again attaches to all four."""
+    code, out = _invoke(*SWEEP)
+    assert code == 0, out
+    first = json.loads(out)
+    assert (first["runs"], first["new_runs"], first["created"]) == (4, 4, True)
+    assert sorted((p["point"]["resolution"], p["point"]["seed"]) for p in first["points"]) == [
+        ("224", 0), ("224", 1), ("256", 0), ("256", 1)]
+    assert {p["state"] for p in first["points"]} == {"finished"}
+    code, out = _invoke(*SWEEP)
+    again = json.loads(out)
+    assert code == 0 and (again["sweep_id"], again["new_runs"], again["created"]) == (first["sweep_id"], 0, False)
+    assert sorted(p["run_id"] for p in again["points"]) == sorted(p["run_id"] for p in first["points"])
+    assert (_count(engine, Run), _count(engine, Sweep), _count(engine, SweepRun)) == (4, 1, 4)
+
+
+def test_runs_list_groups_sweep_runs(engine) -> None:  # type: ignore[no-untyped-def]
+    """`runs list` names each run's sweep and grid point; `--sweep N` lists only that sweep's runs."""
+    _invoke(*SWEEP)
+    _invoke("submit", "tune", "--dataset", "toy", "--method", "noop", "--seed", "9", "--json")
+    code, out = _invoke("runs", "list", "--json")
+    runs = json.loads(out)
+    assert code == 0 and len(runs) == 5
+    swept = [r for r in runs if r["sweeps"]]
+    assert len(swept) == 4 and all(r["point"]["resolution"] in {"224", "256"} for r in swept)
+    code, out = _invoke("runs", "list", "--sweep", str(swept[0]["sweeps"][0]), "--json")
+    assert code == 0 and len(json.loads(out)) == 4
+    code, out = _invoke("runs", "list")
+    assert code == 0 and "sweep" in out  # the group column (rich may wrap the point text)
+
+
+def test_table_of_a_sweep_has_a_row_per_grid_point_with_seed_mean(engine) -> None:  # type: ignore[no-untyped-def]
+    """`table --sweep N`: one row per resolution, each the mean of its two seeds (noop: always right)."""
+    code, out = _invoke(*SWEEP)
+    sweep_id = json.loads(out)["sweep_id"]
+    code, out = _invoke("table", "--sweep", str(sweep_id), "--json")
+    assert code == 0, out
+    table = json.loads(out)
+    assert [r["label"] for r in table["rows"]] == ["noop resolution=224", "noop resolution=256"]
+    cell = table["rows"][0]["cells"]["toy"]
+    assert cell["value"] == 1.0 and cell["std"] == 0.0 and cell["seeds"] == [0, 1] and len(cell["runs"]) == 2
+    code, out = _invoke("table", "--format", "markdown")
+    assert code == 0 and out.startswith("| method | toy |")
+
+
+def test_bad_sweeps_write_nothing(engine) -> None:  # type: ignore[no-untyped-def]
+    """A bad value anywhere in the grid, a malformed --sweep or --seeds: exit 2, one line, no run, no sweep."""
+    for args, argument in ((("--sweep", "resolution=224,8"), "resolution"), (("--sweep", "steps"), "--sweep"),
+                           (("--seeds", "0,x"), "--seeds"), (("--sweep", "nonsense=1,2"), "--set")):
+        code, out = _invoke("submit", "tune", "--dataset", "toy", "--method", "noop", *args)
+        assert code == 2 and argument in out and len(out.strip().splitlines()) == 1, out
+    assert (_count(engine, Run), _count(engine, Sweep)) == (0, 0)
+
+
+def test_more_than_200_runs_needs_yes(engine) -> None:  # type: ignore[no-untyped-def]
+    """15 x 14 = 210 runs is refused without --yes, before anything is written."""
+    values = ",".join(str(224 + 8 * i) for i in range(15))
+    code, out = _invoke("submit", "tune", "--dataset", "toy", "--method", "noop", "--sweep", f"resolution={values}",
+                        "--seeds", ",".join(map(str, range(14))))
+    assert code == 2 and "--yes" in out and "210 runs" in out
+    assert (_count(engine, Run), _count(engine, Sweep)) == (0, 0)
+
+
+@pytest.mark.unit
+def test_grid_parsing() -> None:
+    """Keys keep their order, duplicate values collapse, seeds multiply the grid."""
+    grid = parse_sweep(["steps=1,2,2", "selection_p=0.05,0.1"])
+    assert grid == {"steps": ["1", "2"], "selection_p": ["0.05", "0.1"]}
+    points = grid_points(grid, parse_seeds("0,1"))
+    assert len(points) == 8 and points[0] == {"steps": "1", "selection_p": "0.05", "seed": 0}
