@@ -32,7 +32,7 @@ from difftpt_ops.services.results import (
     summarise,
     write_run_artifacts,
 )
-from difftpt_ops.tracking.mlflow_tracker import TERMINAL_STATUSES, MlflowTracker, RunSnapshot
+from difftpt_ops.tracking.mlflow_tracker import TERMINAL_STATUSES, MlflowTracker, RunSnapshot, run_group_tags
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,8 @@ def _tags(info: RunInfo) -> dict[str, str]:
     run = info.run
     return {"difftpt.fingerprint": run.fingerprint, "difftpt.run_id": str(run.id), "difftpt.method": run.method,
             "difftpt.kind": run.kind, "difftpt.dataset": info.dataset,
-            "difftpt.dataset_version": str(info.dataset_version), "difftpt.state": run.state}
+            "difftpt.dataset_version": str(info.dataset_version), "difftpt.state": run.state,
+            **run_group_tags(run.spec)}
 
 
 def ensure_mlflow_run(engine: Engine, tracker: MlflowTracker, info: RunInfo, *, active: bool) -> RunSnapshot:

@@ -54,6 +54,15 @@ def metric_key(name: str) -> str:
     return _KEY_UNSAFE.sub("_", name)
 
 
+def run_group_tags(spec: Mapping[str, Any]) -> dict[str, str]:
+    """The tags the UI's compare view groups runs by, besides method and dataset: model and seed.
+
+    (`difftpt.sweep`, the sweeps a run belongs to, is set when a sweep is submitted.)
+    """
+    model = spec.get("model") or {}
+    return {"difftpt.model": str(model.get("name", "")), "difftpt.seed": str(spec.get("seed", ""))}
+
+
 class MlflowTracker:
     """One tracking URI. Artifacts of experiments it creates go under `artifact_root` (database stores)."""
 

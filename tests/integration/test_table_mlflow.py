@@ -1,0 +1,91 @@
+"""`table --log` and the grouping tags of runs, read back from a sqlite MLflow store."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from PIL import Image
+from sqlalchemy.engine import Engine
+from typer.testing import CliRunner
+
+from cli.main import app
+from difftpt_ops.config import Settings, load_settings
+from difftpt_ops.db.session import get_engine, session_scope, upgrade
+from difftpt_ops.db.tables import Run
+from difftpt_ops.services import reporting
+from difftpt_ops.services.table import TABLE_EXPERIMENT, TableQuery
+from tests.factories import make_dataset, make_dataset_version, make_predictions, make_run
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def mlflow_store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MLflow sqlite store with its schema (its migrations take seconds), built once per module."""
+    path = tmp_path_factory.mktemp("table-mlflow") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def tracked(workspace: Path, mlflow_store: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Engine, Settings]:
+    shutil.copy(mlflow_store, workspace / "mlflow.db")
+    env = {"DIFFTPT_OPS_WORKSPACE": str(workspace), "DIFFTPT_OPS_DATABASE_URL": f"sqlite:///{workspace / 'd.db'}",
+           "DIFFTPT_OPS_MLFLOW_TRACKING_URI": f"sqlite:///{workspace / 'mlflow.db'}"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = load_settings(workspace, env=env)
+    engine = get_engine(settings.database_url)
+    upgrade(engine)
+    with session_scope(engine) as session:
+        version = make_dataset_version(session, n_samples=12, dataset=make_dataset(session, name="shapes"))
+        for method, seed in (("zeroshot", 0), ("tpt", 0), ("tpt", 1)):
+            spec = {"kind": "tune", "method": {"method": method}, "model": {"name": "tiny"}, "seed": seed,
+                    "dataset_fingerprint": version.fingerprint}
+            run = make_run(session, version, method=method, spec=spec)
+            make_predictions(session, run, [(i + seed) % 3 != 0 for i in range(12)])
+    return engine, settings
+
+
+def test_table_log_writes_one_run_named_after_the_query(tracked: tuple[Engine, Settings]) -> None:
+    """Markdown, CSV, JSON and a PNG heatmap on one MLflow run; logging again reuses that run."""
+    _, settings = tracked
+    for _ in range(2):
+        result = CliRunner().invoke(app, ["table", "--log", "--format", "markdown"])
+        assert result.exit_code == 0, result.output
+    client = MlflowClient(tracking_uri=settings.mlflow_tracking_uri)
+    experiment = client.get_experiment_by_name(TABLE_EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.run_name == TableQuery().name() == "table top1"
+    assert run.data.tags["difftpt.table.runs"] == "1,2,3"
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert names == {"table.md", "table.csv", "table.json", "table_heatmap.png"}
+    local = Path(client.download_artifacts(run.info.run_id, "table_heatmap.png"))
+    with Image.open(local) as image:
+        assert image.format == "PNG" and image.size[0] > 100
+    markdown = Path(client.download_artifacts(run.info.run_id, "table.md")).read_text()
+    assert markdown.startswith("| method | shapes |")
+
+
+def test_runs_carry_model_seed_and_method_tags(tracked: tuple[Engine, Settings]) -> None:
+    """A synced run's MLflow tags name its method, dataset, model and seed, for the UI's grouping."""
+    engine, settings = tracked
+    reporting.sync_run(engine, settings, 3)
+    client = MlflowClient(tracking_uri=settings.mlflow_tracking_uri)
+    with session_scope(engine) as session:
+        mlflow_run_id = session.get(Run, 3).mlflow_run_id
+    tags = client.get_run(mlflow_run_id).data.tags
+    assert (tags["difftpt.method"], tags["difftpt.dataset"], tags["difftpt.model"], tags["difftpt.seed"]) == (
+        "tpt", "shapes", "tiny", "1")
+
+
+def test_log_with_tracking_off_is_bad_input(tracked: tuple[Engine, Settings], monkeypatch: pytest.MonkeyPatch) -> None:
+    """--log when tracking is turned off: exit 2, one line naming --log, nothing printed as a table."""
+    monkeypatch.setenv("DIFFTPT_OPS_MLFLOW_TRACKING_URI", "none")
+    result = CliRunner().invoke(app, ["table", "--log"])
+    assert result.exit_code == 2 and "--log" in result.output and "|" not in result.output
