@@ -104,6 +104,8 @@ def execute_shard(self: Any, shard_id: int) -> str:
     outcome = run_shard(engine, settings, int(shard_id), identity=identity)
     if outcome.outcome in (Outcome.RETRY, Outcome.INTERRUPTED) and outcome.queue:
         CeleryDispatcher(self.app).send([ShardTicket(int(shard_id), outcome.queue, outcome.retry_in_s or 0.0)])
+    if outcome.follow_up:  # tune shards this generation shard made claimable
+        CeleryDispatcher(self.app).send(list(outcome.follow_up))
     return outcome.outcome.value
 
 

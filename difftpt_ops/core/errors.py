@@ -47,3 +47,7 @@ class TransientError(DifftptError):
 
 class SampleError(DifftptError):
     """One sample cannot be processed (corrupt image, non-finite loss); the shard goes on."""
+
+
+class NotReadyError(DifftptError):
+    """Work whose inputs are not there yet (a DiffTPT sample's generated images): it waits, it does not fail."""

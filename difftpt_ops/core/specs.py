@@ -3,7 +3,8 @@
 A spec holds every setting that can change a result. Its fingerprint (sha256 of the canonical JSON)
 identifies a run or a generation config: submitting the same spec again attaches to the stored one.
 Defaults follow the reference code (azshue/TPT, chunmeifeng/DiffTPT); execution-only settings
-(batch size, shard size, device) are not part of a spec because they do not change results.
+(batch size, shard size, which GPU) are not part of a spec because they do not change results; the kind of
+device is, because half precision and GPU kernels do.
 """
 
 from __future__ import annotations
@@ -93,12 +94,23 @@ class MethodSpec:
     method: ClassVar[str] = ""
     prompt: PromptSpec = field(default_factory=PromptSpec)
     resolution: int = 224
+    # "store": read the views' image features from the feature store, encoding only what it lacks;
+    # "recompute": encode every view (same results; for checking the store). Left out of to_dict() at its
+    # default, so fingerprints of specs that never set it are unchanged.
+    features: str = "store"
+
+    FEATURE_MODES: ClassVar[tuple[str, ...]] = ("store", "recompute")
 
     def __post_init__(self) -> None:
         _require(self.resolution >= 16, "resolution", self.resolution, "must be >= 16")
+        _require(self.features in self.FEATURE_MODES, "features", self.features,
+                 f"must be one of {', '.join(self.FEATURE_MODES)}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, **dataclasses.asdict(self)}
+        payload = {"method": self.method, **dataclasses.asdict(self)}
+        if payload["features"] == "store":
+            del payload["features"]
+        return payload
 
 
 @dataclass(frozen=True)
@@ -286,6 +298,12 @@ def _accepted(field_type: Any) -> str:
     return f"must be a {getattr(field_type, '__name__', field_type)}"
 
 
+def _valid_fields(cls: type) -> str:
+    """The `--set` keys a method spec accepts: its own fields, then the prompt's as prompt.X."""
+    own = [f.name for f in dataclasses.fields(cls) if f.name != "prompt"]
+    return ", ".join(own + [f"prompt.{f.name}" for f in dataclasses.fields(PromptSpec)])
+
+
 def method_spec_from(method: str, overrides: dict[str, Any] | None = None) -> MethodSpec:
     """Build a method spec with the reference defaults, then apply `overrides` (prompt fields as prompt.X).
 
@@ -405,7 +423,7 @@ class TuneRunSpec:
         return cls(method=method_spec_from_dict(payload["method"]), model=ModelSpec(**payload["model"]),
                    dataset_fingerprint=str(payload["dataset_fingerprint"]),
                    generation_fingerprint=payload.get("generation_fingerprint"),
-                   seed=int(payload.get("seed", 0)))
+                   seed=int(payload.get("seed", 0)), device=str(payload.get("device", "cpu")))
 
 
 def flatten(payload: dict[str, Any], prefix: str = "") -> dict[str, Any]:

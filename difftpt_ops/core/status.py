@@ -18,6 +18,7 @@ class RunState(StrEnum):
 
 class ShardState(StrEnum):
     PENDING = "pending"
+    WAITING = "waiting"  # its inputs are not ready (a DiffTPT shard's generated images): not claimable
     QUEUED = "queued"
     RUNNING = "running"
     DONE = "done"

@@ -37,6 +37,7 @@ class LoadedClip:
     embed_dim: int
     context_length: int
     image_size: int
+    activation: str = "gelu"  # of the transformer MLPs as built: "quickgelu" or "gelu"
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -64,9 +65,11 @@ def load_clip(spec: ModelSpec, device: str | torch.device = "cpu", *, cache_dir:
     device = torch.device(device)
     precision = resolve_precision(spec.precision, device)
     model_name, pretrained = _open_clip_source(spec)
+    quick_gelu = wants_quick_gelu(spec, model_name, pretrained)
     try:
         model = open_clip.create_model(
-            model_name, pretrained=pretrained, precision=precision, device=device, cache_dir=cache_dir
+            model_name, pretrained=pretrained, precision=precision, device=device, cache_dir=cache_dir,
+            force_quick_gelu=quick_gelu,
         )
     except RuntimeError as exc:
         text = str(exc).lower()
@@ -94,7 +97,49 @@ def load_clip(spec: ModelSpec, device: str | torch.device = "cpu", *, cache_dir:
         embed_dim=int(model.visual.output_dim),
         context_length=int(getattr(model, "context_length", 77)),
         image_size=_image_size(model),
+        activation=activation_of(model),
     )
+
+
+def wants_quick_gelu(spec: ModelSpec, model_name: str, pretrained: str | None) -> bool:
+    """Whether to build the model with QuickGELU: the activation its weights were trained with.
+
+    OpenAI's CLIP weights were trained with QuickGELU, but open_clip's plain model names (ViT-B-16, RN50)
+    build nn.GELU and only warn when given those weights. Under `activation="auto"` QuickGELU is used for
+    every pretrained tag that open_clip marks as QuickGELU (all `openai` tags) and for checkpoint files in
+    the TorchScript format OpenAI distributes; "quickgelu" and "gelu" force the choice. A plain state dict
+    cannot say how it was trained: name the `-quickgelu` model for OpenAI weights saved that way. A local open_clip directory keeps its config's setting unless
+    forced. `-quickgelu` model names are QuickGELU whatever this returns.
+    """
+    import open_clip
+
+    if spec.activation != "auto":
+        return spec.activation == "quickgelu"
+    if not pretrained or model_name.startswith((LOCAL_DIR_PREFIX, "hf-hub:")):
+        return False
+    tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
+    if tag_cfg:
+        return bool(tag_cfg.get("quick_gelu", False))
+    return is_openai_checkpoint(Path(pretrained))
+
+
+def is_openai_checkpoint(path: Path) -> bool:
+    """A checkpoint file as OpenAI distributes it: a TorchScript archive (ViT-B-16.pt, RN50.pt)."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    # torch.jit.save writes code/ and constants.pkl beside the data; torch.save of a state dict does not.
+    return any("/code/" in name or name.endswith("/constants.pkl") for name in names)
+
+
+def activation_of(model: nn.Module) -> str:
+    """"quickgelu" when the model's transformer MLPs use QuickGELU, else "gelu"."""
+    from open_clip.transformer import QuickGELU
+
+    return "quickgelu" if any(isinstance(module, QuickGELU) for module in model.modules()) else "gelu"
 
 
 def read_coop_checkpoint(path: str | Path) -> Mapping[str, Any]:

@@ -216,10 +216,15 @@ class Dispatcher(Protocol):
 def queue_open_shards(engine: Engine, settings: Settings, run_id: int, kind: str, *,
                       include_queued: bool) -> list[ShardTicket]:
     """Mark the run's pending and reclaimable shards queued; return the tickets to send after the commit."""
+    from difftpt_ops.services.waiting import hold_unready
+
     now, queue = utcnow(), QUEUE_OF_KIND[kind]
     with session_scope(engine) as session:
-        ids = list(session.scalars(update(Shard).where(Shard.run_id == run_id, Shard.state == ShardState.PENDING)
-                                   .values(state=ShardState.QUEUED).returning(Shard.id)))
+        ids = list(session.scalars(update(Shard).where(
+            Shard.run_id == run_id, Shard.state.in_([ShardState.PENDING, ShardState.WAITING]))
+            .values(state=ShardState.QUEUED, waiting_reason=None).returning(Shard.id)))
+        # Shards whose samples lack their generated images wait instead (waiting.py).
+        ids = hold_unready(session, session.get(Run, run_id), ids)
         if include_queued:
             ids += session.scalars(select(Shard.id).where(Shard.run_id == run_id, Shard.state == ShardState.QUEUED,
                                                           Shard.id.not_in(ids)))
@@ -254,6 +259,7 @@ def requeue_stale_shards(engine: Engine, settings: Settings, dispatcher: Dispatc
     Returns the number of shards re-queued.
     """
     from difftpt_ops.services.shards import finalize_run_if_complete
+    from difftpt_ops.services.waiting import release_ready
 
     now, tickets = utcnow(), []
     with session_scope(engine) as session:
@@ -276,6 +282,8 @@ def requeue_stale_shards(engine: Engine, settings: Settings, dispatcher: Dispatc
         settled = list(session.scalars(select(Run.id).where(Run.state == RunState.RUNNING, ~open_shard)))
     for run_id in settled:
         finalize_run_if_complete(engine, settings, run_id)
+    # Waiting shards whose inputs completed (a missed wake-up after a generation shard) become queued.
+    tickets += [ShardTicket(shard_id, queue) for shard_id, queue in release_ready(engine)]
     if tickets:
         dispatcher.send(tickets)
     return len(tickets)

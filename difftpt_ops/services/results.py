@@ -51,6 +51,15 @@ def load_run_info(conn: Connection, run_id: int, argument: str = "RUN") -> RunIn
                    class_names=list(row[4] or []))
 
 
+def load_tune_run_info(conn: Connection, run_id: int, argument: str = "RUN") -> RunInfo:
+    """As load_run_info, for a run with predictions: InputError naming `argument` for a generation run."""
+    info = load_run_info(conn, run_id, argument)
+    if info.run.kind != "tune":
+        raise InputError(argument, run_id, f"is a {info.run.kind} run: it makes images, not predictions "
+                                           f"(`difftpt-ops status {run_id}` shows its progress)")
+    return info
+
+
 def _ratio(numerator: int | None, denominator: int | None) -> float | None:
     return numerator / denominator if denominator else None
 
@@ -197,7 +206,7 @@ def run_results(engine: Engine, run_id: int, by_class: bool = False) -> dict[str
         by_class: add `classes`, a list of {label, name, n, correct, top1, zeroshot_top1, gain}.
     """
     with engine.connect() as conn:
-        return summarise(conn, load_run_info(conn, run_id), by_class=by_class)
+        return summarise(conn, load_tune_run_info(conn, run_id), by_class=by_class)
 
 
 def compare_runs(engine: Engine, run_a: int, run_b: int) -> dict[str, Any]:
@@ -208,7 +217,7 @@ def compare_runs(engine: Engine, run_a: int, run_b: int) -> dict[str, Any]:
     (binomial test of the discordant pairs against 1/2).
     """
     with engine.connect() as conn:
-        a, b = load_run_info(conn, run_a, "RUN_A"), load_run_info(conn, run_b, "RUN_B")
+        a, b = load_tune_run_info(conn, run_a, "RUN_A"), load_tune_run_info(conn, run_b, "RUN_B")
         if a.run.dataset_version_id != b.run.dataset_version_id:
             raise InputError("RUN_B", run_b, f"is on {b.dataset}@v{b.dataset_version} but RUN_A={run_a} is on "
                              f"{a.dataset}@v{a.dataset_version}: the runs share no samples")
@@ -263,6 +272,8 @@ def export_run(engine: Engine, run_id: int, path: str | Path, format: str = "par
     if format not in EXPORT_FORMATS:
         raise InputError("--format", format, f"must be one of {', '.join(EXPORT_FORMATS)}")
     path = Path(path)
+    with engine.connect() as conn:
+        load_tune_run_info(conn, run_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     with engine.connect() as conn:
         info = load_run_info(conn, run_id)

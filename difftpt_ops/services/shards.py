@@ -16,6 +16,7 @@ this bookkeeping alone (bench/system_overhead.py).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -31,14 +32,14 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from difftpt_ops.config import Settings
-from difftpt_ops.core.errors import InputError, SampleError, TransientError
+from difftpt_ops.core.errors import InputError, NotReadyError, SampleError, TransientError
 from difftpt_ops.core.status import RunState, SampleStatus, ShardState, check_run_transition
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import Run, Sample, Shard
 from difftpt_ops.db.tables import SampleError as SampleErrorRow
 from difftpt_ops.db.writes import insert_many_ignore
 from difftpt_ops.services import reporting
-from difftpt_ops.services.executor import HEARTBEATS, Lease, WorkerIdentity, is_reclaimable
+from difftpt_ops.services.executor import HEARTBEATS, Lease, ShardTicket, WorkerIdentity, is_reclaimable
 from difftpt_ops.services.tuning import RunContext
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ class Outcome(StrEnum):
     INTERRUPTED = "interrupted"  # stopped by a shutdown; its finished samples are stored, send it again
     SKIPPED = "skipped"  # not claimable: done, running elsewhere, or cancelled (a duplicate delivery)
     LOST = "lost"  # ownership lost while running (cancelled or re-queued as stale)
+    WAITING = "waiting"  # its inputs are not ready (generated images): parked until they are
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,9 @@ class ShardOutcome:
     retry_in_s: float | None = None
     processed: int = 0
     error: Exception | None = None  # why it failed as a whole (FAILED / RETRY)
+    # Shards this one made claimable (tune shards that waited for this generation shard's images):
+    # the caller sends them, after this shard's commit.
+    follow_up: tuple[ShardTicket, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -316,8 +321,12 @@ def execute_shard(engine: Engine, settings: Settings, shard_id: int, *, identity
         device: torch device for the models; None uses the settings' device.
         progress: called after each sample with (done, failed) increments.
     """
+    from difftpt_ops.services import online
     from difftpt_ops.services.tuning import open_run_context
 
+    if online.is_chained_shard(engine, shard_id):  # online runs: one link of an ordered chain at a time
+        return online.execute_online_shard(engine, settings, shard_id, identity=identity, device=device,
+                                           progress=progress)
     claim = claim_shard(engine, settings, shard_id, identity)
     if claim is None:
         return ShardOutcome(shard_id, Outcome.SKIPPED)
@@ -327,7 +336,10 @@ def execute_shard(engine: Engine, settings: Settings, shard_id: int, *, identity
     try:
         context = open_run_context(engine, settings, claim.run_id, device=device, worker=identity.label)
         queue = context.queue
+        _record_provenance(engine, claim, context)
         outcome = _process_samples(engine, settings, claim, context, lease, progress)
+    except NotReadyError as exc:
+        outcome = _park(engine, claim, queue, exc)
     except KeyboardInterrupt:
         release_shard(engine, claim, ShardState.PENDING)
         raise
@@ -341,7 +353,43 @@ def execute_shard(engine: Engine, settings: Settings, shard_id: int, *, identity
         HEARTBEATS.release(lease)
     if outcome.outcome in (Outcome.DONE, Outcome.FAILED):
         finalize_run_if_complete(engine, settings, claim.run_id)
+    if outcome.outcome == Outcome.DONE and queue == "generate":
+        outcome = _wake_dependents(engine, claim, outcome)
     return outcome
+
+
+def _record_provenance(engine: Engine, claim: Claim, context: RunContext) -> None:
+    """Store on the shard what runs it: device, precision, host and software versions."""
+    from difftpt_ops.provenance import worker_provenance
+
+    facts = worker_provenance(context.device, context.precision)
+    activation = getattr(context.processor, "activation", None)
+    if activation is not None:
+        facts = {**facts, "activation": activation}
+    with engine.begin() as connection:
+        connection.execute(update(Shard.__table__).where(_OWNED).values(provenance=facts), claim.params())
+
+
+def _park(engine: Engine, claim: Claim, queue: str | None, exc: NotReadyError) -> ShardOutcome:
+    """Give the shard back as waiting (no attempt spent): its inputs are not ready yet."""
+    with engine.begin() as connection:
+        connection.execute(update(Shard.__table__).where(_OWNED).values(
+            state=ShardState.WAITING.value, attempts=claim.token - 1, worker=None, gpu=None, heartbeat_at=None,
+            waiting_reason=str(exc)), claim.params())
+    log.info("shard %s waits: %s", claim.shard_id, exc)
+    return ShardOutcome(claim.shard_id, Outcome.WAITING, queue, error=exc)
+
+
+def _wake_dependents(engine: Engine, claim: Claim, outcome: ShardOutcome) -> ShardOutcome:
+    """After a generation shard: the waiting tune shards whose images are now complete become queued."""
+    from difftpt_ops.services.waiting import release_ready
+
+    with session_scope(engine) as session:
+        config_id = session.scalar(select(Run.generation_config_id).where(Run.id == claim.run_id))
+    if config_id is None:
+        return outcome
+    tickets = tuple(ShardTicket(shard_id, queue) for shard_id, queue in release_ready(engine, config_id=config_id))
+    return dataclasses.replace(outcome, follow_up=tickets) if tickets else outcome
 
 
 def final_run_state(failed_shards: int, failed_samples: int) -> RunState:

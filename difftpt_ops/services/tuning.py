@@ -8,7 +8,8 @@ A `RunContext` (built once per run per process and cached) holds the run's proce
   processed sample to that file (to prove a finished sample is not redone).
 - `TuneProcessor` (zeroshot, tpt, difftpt): runs the engine's tuner and maps its SampleResult to a
   Prediction row and ViewScore rows.
-- `GenerateProcessor` (generate runs): the generation service writes the images itself.
+- `GenerateProcessor` (generate runs): the generation service writes the images itself. Test hook:
+  DIFFTPT_OPS_GENERATE_DELAY_S sleeps that long before each sample (generation slower than tuning).
 
 Models load once per process and are reused across shards and runs: the cache is keyed by model spec
 and device (the CLIP) and by class names and method spec (the tuner built from it).
@@ -30,7 +31,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Connection, Engine
 
 from difftpt_ops.config import Settings
-from difftpt_ops.core.errors import InputError, NotFoundError, SampleError
+from difftpt_ops.core.errors import InputError, NotFoundError, NotReadyError, SampleError
 from difftpt_ops.core.specs import GenerationSpec, ModelSpec, canonical_json, method_spec_from_dict
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import Dataset, DatasetVersion, GeneratedImage, Prediction, Run, ViewScore
@@ -38,7 +39,9 @@ from difftpt_ops.db.writes import insert_many_ignore
 
 NOOP_DELAY_ENV = "DIFFTPT_OPS_NOOP_DELAY_S"
 NOOP_TRACE_ENV = "DIFFTPT_OPS_NOOP_TRACE"
-QUEUE_OF_KIND = {"tune": "tune", "generate": "generate"}
+# Test hook: seconds to sleep before generating each sample (a slow generator, as on a real GPU box).
+GENERATE_DELAY_ENV = "DIFFTPT_OPS_GENERATE_DELAY_S"
+QUEUE_OF_KIND = {"tune": "tune", "generate": "generate", "features": "tune"}  # features: GPU work, like tuning
 _MODEL_CACHE_SIZE = 4  # CLIPs and tuners kept per process (a worker usually serves one or two runs)
 _CONTEXT_CACHE_SIZE = 4  # contexts hold their tuner: keep few, so evicted models can be freed
 
@@ -64,6 +67,9 @@ class RunContext:
     dataset_version_id: int
     processor: SampleProcessor
     counts_results: bool  # results are only written with the shard's counters (tune, not generate)
+    device: str = "cpu"  # the torch device this process computes the run on
+    precision: str | None = None  # of the frozen weights (tune) or the pipeline (generate)
+    generation_config_id: int | None = None
 
 
 def _now() -> datetime:
@@ -109,6 +115,27 @@ def resolve_device(settings: Settings, device: str | None) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def execution_device(settings: Settings, spec_device: str | None, requested: str | None) -> str:
+    """The torch device to run a run on: the kind its spec names, with the GPU this process was given.
+
+    Raises:
+        InputError: the run is for CUDA and this process has none (it never falls back to the CPU).
+    """
+    if spec_device is None:  # runs planned before the spec named a device
+        return resolve_device(settings, requested)
+    if spec_device != "cuda":
+        return spec_device
+    import torch
+
+    if not torch.cuda.is_available():
+        raise InputError("device", "cuda", "the run is for CUDA but this process has no usable CUDA device; "
+                                           "run it on a GPU worker (`difftpt-ops worker --gpus all`)")
+    for candidate in (requested, settings.device):
+        if candidate and candidate.startswith("cuda"):
+            return candidate
+    return "cuda"
 
 
 class _TuneRows:
@@ -159,10 +186,16 @@ class TuneProcessor(_TuneRows):
         self.run_id, self.worker, self.tuner, self.root = run_id, worker, tuner, root
         self.seed, self.augmix, self.views = seed, augmix, views
 
+    features: Any = None  # services.features.FeatureCache: stored view features are read, not encoded
+
     def process(self, sample: Any) -> Any:
         from difftpt_ops.data.images import load_rgb
 
         started = time.perf_counter()
+        if self.features is not None:
+            result = self.features.run_sample(self.tuner, sample, root=self.root, views=self.views, seed=self.seed,
+                                              augmix=self.augmix)
+            return self._rows(sample, result, time.perf_counter() - started)
         image = load_rgb(self.root / sample.relpath)
         generated = self.views.images_for(sample) if self.views is not None else []
         try:
@@ -186,7 +219,9 @@ class TuneProcessor(_TuneRows):
             "zeroshot_correct": None if zeroshot is None else int(zeroshot) == label,
             "entropy_before": result.entropy_before, "entropy_after": result.entropy_after,
             "confidence_before": result.confidence_before, "confidence_after": result.confidence_after,
-            "n_views": result.n_views, "n_kept": result.n_kept, "seconds": getattr(result, "seconds", seconds),
+            "views_encoded": getattr(result, "views_encoded", 0), "views_read": getattr(result, "views_read", 0),
+            "n_views": result.n_views, "n_kept": result.n_kept, "n_generated": _generated_views(result),
+            "seconds": getattr(result, "seconds", seconds),
             "worker": self.worker, "created_at": _now(),
         }
         views = [{"run_id": self.run_id, "sample_id": sample.id, "view_index": view.index, "kind": view.kind,
@@ -195,38 +230,66 @@ class TuneProcessor(_TuneRows):
         return prediction, views
 
 
-class GeneratedViews:
-    """Reads a sample's cached generated images (DiffTPT's extra views)."""
+def _generated_views(result: Any) -> int:
+    return sum(1 for view in (getattr(result, "views", None) or ()) if view.kind == "generated")
 
-    def __init__(self, engine: Engine, settings: Settings, config_id: int, limit: int) -> None:
+
+class GeneratedViews:
+    """Reads exactly `count` generated images of a sample (variants 0..count-1): DiffTPT's extra views.
+
+    A sample never gets fewer: if its generation failed the sample fails with that reason, and if its
+    images are not there yet the shard waits (NotReadyError) instead of tuning with fewer views.
+    """
+
+    def __init__(self, engine: Engine, settings: Settings, config_id: int, count: int) -> None:
         from difftpt_ops.storage.artifacts import ArtifactStore
 
-        self.engine, self.config_id, self.limit = engine, config_id, limit
+        self.engine, self.config_id, self.count = engine, config_id, count
         self.store = ArtifactStore(settings.artifact_root)
 
     def images_for(self, sample: Any) -> list[Any]:
         from difftpt_ops.data.images import load_rgb
-        from difftpt_ops.services.generation import find_generated_paths
 
-        if self.limit <= 0 or not sample.content_hash:
-            return []
+        return [load_rgb(path) for path in self.paths_for(sample)]
+
+    def paths_for(self, sample: Any) -> list[Path]:
+        from difftpt_ops.services.waiting import generation_failure
+
+        if not sample.content_hash:
+            raise SampleError(f"sample {sample.index} has no content hash, so no generated images")
         with session_scope(self.engine) as session:
-            paths = find_generated_paths(session, self.store, config_id=self.config_id,
-                                         source_hash=sample.content_hash, limit=self.limit)
-        return [load_rgb(path) for path in paths]
+            keys = list(session.scalars(
+                select(GeneratedImage.artifact_key).where(
+                    GeneratedImage.generation_config_id == self.config_id,
+                    GeneratedImage.source_hash == sample.content_hash, GeneratedImage.variant_index < self.count)
+                .order_by(GeneratedImage.variant_index)))
+            failure = None if len(keys) == self.count else generation_failure(
+                session, config_id=self.config_id, source_hash=sample.content_hash)
+        if len(keys) == self.count:
+            return [self.store.path(key) for key in keys]
+        if failure is not None:
+            reason = failure.strip().splitlines()[-1] if failure.strip() else "no reason recorded"
+            raise SampleError(f"sample {sample.index}: its generation failed ({reason})")
+        raise NotReadyError(f"sample {sample.index} has {len(keys)} of its {self.count} generated images "
+                            f"(generation config {self.config_id})")
 
 
 class GenerateProcessor:
     """Stable Diffusion variations of one sample; the generation service stores the images itself."""
 
     def __init__(self, engine: Engine, settings: Settings, *, config_id: int, spec: GenerationSpec, root: Path,
-                 batch_size: int, device: str | None) -> None:
+                 batch_size: int, device: str | None, spec_device: str | None = None) -> None:
         from difftpt_ops.services.generation import SampleGenerator
         from difftpt_ops.storage.artifacts import ArtifactStore
 
         self.engine, self.config_id, self.spec, self.root, self.batch_size = engine, config_id, spec, root, batch_size
         self.store = ArtifactStore(settings.artifact_root)
-        key = ("generator", canonical_json(spec.to_dict()), resolve_device(settings, device))
+        from difftpt_ops.models.diffusion import resolve_dtype_name
+
+        self.device = execution_device(settings, spec_device, device)
+        self.precision = resolve_dtype_name(spec.dtype, self.device)
+        self.delay_s = float(os.environ.get(GENERATE_DELAY_ENV) or 0.0)
+        key = ("generator", canonical_json(spec.to_dict()), self.device)
         self.generator = _MODELS.get(key, lambda: SampleGenerator(spec, device=key[2]))
 
     def finished_ids(self, connection: Connection, samples: Sequence[Any]) -> set[int]:
@@ -238,6 +301,8 @@ class GenerateProcessor:
         return {s.id for s in samples if s.content_hash and counts.get(s.content_hash, 0) >= self.spec.per_sample}
 
     def process(self, sample: Any) -> Any:
+        if self.delay_s:
+            time.sleep(self.delay_s)
         if not sample.content_hash:
             raise SampleError(f"sample {sample.index} has no content hash")
         return self.generator.generate_sample(
@@ -267,31 +332,56 @@ def _build_tune_processor(engine: Engine, settings: Settings, run: Run, dataset:
 
     method = method_spec_from_dict(run.spec["method"])
     model = ModelSpec(**run.spec["model"])
-    resolved = resolve_device(settings, device)
+    resolved = execution_device(settings, run.spec.get("device"), device)
     clip = _MODELS.get(("clip", model, resolved), lambda: load_clip(model, resolved))
     class_names = tuple(dataset.class_names)
     checkpoint = method.prompt.coop_checkpoint
+    # The run's seed draws the random context (ctx_init none); it is part of the tuner's cache key then.
+    init_seed = int(run.spec.get("seed", 0)) if method.prompt.ctx_init is None and not checkpoint else 0
 
     def build_tuner() -> Any:
         coop_state = read_coop_checkpoint(checkpoint) if checkpoint else None
-        return prepare_classifier(clip, list(class_names), method, coop_state=coop_state)
+        return prepare_classifier(clip, list(class_names), method, coop_state=coop_state, init_seed=init_seed)
 
-    tuner = _MODELS.get(("tuner", model, resolved, class_names, canonical_json(method.to_dict())), build_tuner)
+    tuner = _MODELS.get(("tuner", model, resolved, class_names, canonical_json(method.to_dict()), init_seed),
+                        build_tuner)
     n_generated = int(getattr(method, "n_generated", 0))
     views = (GeneratedViews(engine, settings, run.generation_config_id, n_generated)
              if run.generation_config_id is not None and n_generated > 0 else None)
+    if n_generated > 0 and views is None:
+        raise InputError("--generation", None, f"run {run.id} reads {n_generated} generated images per sample "
+                                               "but is bound to no generation config")
     # AugMix defaults to on for the cross-domain sets; a spec that sets `augmix` overrides it in the engine.
-    return TuneProcessor(run_id=run.id, worker=worker, tuner=tuner, root=Path(dataset.root),
-                         seed=int(run.spec.get("seed", 0)), augmix=is_cross_domain(dataset.format), views=views)
+    processor = TuneProcessor(run_id=run.id, worker=worker, tuner=tuner, root=Path(dataset.root),
+                              seed=int(run.spec.get("seed", 0)), augmix=is_cross_domain(dataset.format), views=views)
+    from difftpt_ops.services.features import feature_cache_for
+
+    processor.features = feature_cache_for(engine, settings, clip, method, model.name)
+    processor.device, processor.precision, processor.activation = resolved, clip.precision, clip.activation
+    return processor
+
+
+def _check_root(dataset: Dataset) -> None:
+    """A dataset root that is gone fails the run at once, instead of every sample one by one."""
+    if not Path(dataset.root).is_dir():
+        raise NotFoundError("dataset root", dataset.root, f"of dataset {dataset.name} does not exist (moved or "
+                                                          "unmounted?); mount it at the registered path")
 
 
 def _build_processor(engine: Engine, settings: Settings, run: Run, dataset: Dataset, *, device: str | None,
                      worker: str) -> SampleProcessor:
+    if run.method != "noop":
+        _check_root(dataset)
     if run.kind == "generate":
         execution = run.spec.get("execution", {})
         return GenerateProcessor(engine, settings, config_id=run.generation_config_id,  # type: ignore[arg-type]
                                  spec=GenerationSpec(**run.spec["generation"]), root=Path(dataset.root),
-                                 batch_size=int(execution.get("batch_size", 4)), device=device)
+                                 batch_size=int(execution.get("batch_size", 4)), device=device,
+                                 spec_device=run.spec.get("device"))
+    if run.kind == "features":
+        from difftpt_ops.services.features import build_features_processor
+
+        return build_features_processor(engine, settings, run, dataset, device=device)
     if run.method == "noop":
         return NoopProcessor(run.id, worker)
     return _build_tune_processor(engine, settings, run, dataset, device=device, worker=worker)
@@ -304,7 +394,10 @@ def open_run_context(engine: Engine, settings: Settings, run_id: int, *, device:
     def build() -> RunContext:
         run, dataset = _load_run(engine, run_id)
         processor = _build_processor(engine, settings, run, dataset, device=device, worker=worker)
+        used = getattr(processor, "device", None) or resolve_device(settings, device)
         return RunContext(run.id, run.kind, QUEUE_OF_KIND[run.kind], run.dataset_version_id, processor,
-                          counts_results=run.kind == "tune")
+                          counts_results=run.kind == "tune", device=str(used),
+                          precision=getattr(processor, "precision", None),
+                          generation_config_id=run.generation_config_id)
 
     return _CONTEXTS.get((str(engine.url), run_id, device, worker), build)

@@ -3,6 +3,8 @@ the generated images; model loading is cached per process."""
 
 from __future__ import annotations
 
+from sqlalchemy import select
+
 from pathlib import Path
 
 import pytest
@@ -58,13 +60,18 @@ def test_generate_then_difftpt_on_tiny_models(workspace: Path, tmp_path: Path, t
     assert (again.run_id, again.created, again.shards_dispatched) == (generated.run_id, False, 0)
 
     (root / "class1/3.png").unlink()  # gone after registration: a sample error, the shard goes on
-    overrides = {"n_conventional": "3", "steps": "1"}
+    with pytest.raises(InputError, match="n_generated=63: exceeds the 2 images per sample"):
+        runs.submit_tune(engine, settings, dataset_ref="pics", method="difftpt", model=clip, pretrained=None)
+    overrides = {"n_conventional": "3", "steps": "1", "n_generated": "2"}
     tuned = runs.submit_tune(engine, settings, dataset_ref="pics", method="difftpt", model=clip, pretrained=None,
                              overrides=overrides)
     assert tuned.generation_config_id == generated.generation_config_id
     assert run_state(engine, tuned.run_id) == "finished_with_failures"
     assert count(engine, Prediction, tuned.run_id) == distinct_predictions(engine, tuned.run_id) == 3
     assert count(engine, ViewScore, tuned.run_id) == 3 * (1 + 3 + 2)  # original + conventional + generated
+    with engine.connect() as conn:
+        used = conn.execute(select(Prediction.n_generated).where(Prediction.run_id == tuned.run_id)).scalars().all()
+    assert used == [2, 2, 2]  # every row used exactly the spec's generated views
     assert [e.sample_index for e in error_rows(engine, tuned.run_id)] == [3]
 
     zeroshot = runs.submit_tune(engine, settings, dataset_ref="pics", method="zeroshot", model=clip, pretrained=None)

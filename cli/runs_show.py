@@ -1,0 +1,49 @@
+"""`difftpt-ops runs show RUN`: one run's spec, provenance and the machines its shards ran on."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import typer
+
+from cli.common import JsonOpt, engine_of, print_json
+
+
+def _lines(run: dict[str, Any]) -> list[str]:
+    env = run.get("provenance") or {}
+    out = [f"run {run['run_id']}: {run['kind']} {run['method']} on {run['dataset']}, {run['state']} "
+           f"({run['done']} done, {run['failed']} failed of {run['num_samples']})",
+           f"model: {run.get('model')} ({run.get('pretrained')}), device {run.get('device')}, "
+           f"precision {run.get('precision')}, seed {run.get('seed')}",
+           f"settings (non-default): {run.get('settings') or 'none'}",
+           f"fingerprint: {run['fingerprint']}",
+           "submitted from: " + ", ".join(f"{key}={value}" for key, value in env.items()),
+           "shards ran on:"]
+    for group in run.get("shard_provenance") or []:
+        facts = {key: value for key, value in group.items() if key != "shards"}
+        out.append(f"  {len(group['shards'])} shard(s) [{', '.join(map(str, group['shards'][:10]))}"
+                   f"{', ...' if len(group['shards']) > 10 else ''}]: "
+                   + ", ".join(f"{key}={value}" for key, value in facts.items()))
+    if not run.get("shard_provenance"):
+        out.append("  (no shard has run yet)")
+    out.append("spec: " + json.dumps(run["spec"], indent=2, sort_keys=True))
+    return out
+
+
+def runs_show(ctx: typer.Context, run: str = typer.Argument(..., metavar="RUN", help="Run id."),
+              as_json: JsonOpt = False) -> None:
+    """Show one run: its full spec, what produced it (versions, commit, host) and where its shards ran.
+
+    Examples:
+      difftpt-ops runs show 3
+      difftpt-ops runs show 3 --json | jq .shard_provenance
+    """
+    from cli.jobs import parse_run_id
+    from difftpt_ops.services.runs import show_run
+
+    result = show_run(engine_of(ctx), parse_run_id(run))
+    if as_json:
+        print_json(result)
+        return
+    typer.echo("\n".join(_lines(result)))
