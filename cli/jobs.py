@@ -132,7 +132,8 @@ def _print_submit(result: SubmitResult, as_json: bool) -> None:
 def submit_tune(
     ctx: typer.Context,
     dataset: DatasetOpt,
-    method: Annotated[str, typer.Option("--method", help="zeroshot, tpt or difftpt (noop: bookkeeping only).")],
+    method: Annotated[str, typer.Option(
+        "--method", help="A registered method: `difftpt-ops methods list` shows them (noop: bookkeeping only).")],
     model: Annotated[str, typer.Option("--model", help="open_clip model name or a local model directory.")]
     = "ViT-B-16",
     pretrained: Annotated[str, typer.Option("--pretrained", help="open_clip pretrained tag (none: random).")]

@@ -73,8 +73,8 @@ def _register_groups() -> None:
     """Mount the command groups that live in their own modules."""
     import importlib
 
-    for module_name in ("cli.models_cmds", "cli.data_cmds", "cli.jobs", "cli.results_cmds", "cli.table_cmds",
-                        "cli.demo"):
+    for module_name in ("cli.models_cmds", "cli.data_cmds", "cli.jobs", "cli.methods_cmds", "cli.results_cmds",
+                        "cli.table_cmds", "cli.demo"):
         importlib.import_module(module_name).register(app)
 
 

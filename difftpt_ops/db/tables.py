@@ -218,6 +218,9 @@ class Prediction(Base):
     n_views: Mapped[int] = mapped_column(Integer, default=1)
     n_kept: Mapped[int] = mapped_column(Integer, default=1)
     n_generated: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # generated views used
+    # Of n_views, how many went through the image encoder and how many were read from the feature store.
+    views_encoded: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    views_read: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     seconds: Mapped[float] = mapped_column(Float, default=0.0)
     worker: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)

@@ -35,7 +35,7 @@ from difftpt_ops.core.specs import canonical_json, fingerprint_of
 from difftpt_ops.storage.artifacts import Artifact, ArtifactStore
 
 NAMESPACE = "features"
-SUFFIX = ".safetensors"
+SUFFIX = ".st"  # safetensors; the artifact store allows suffixes of at most 8 characters
 TENSOR_NAME = "features"
 FORMAT_VERSION = 1  # of the recipe and file layout; part of every key
 ORIGINAL, CONVENTIONAL, GENERATED = "original", "conventional", "generated"  # the view kinds of tta.views

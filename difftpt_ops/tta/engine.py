@@ -78,6 +78,8 @@ class SampleResult:
     views: list[ViewScore]
     view_seconds: float = 0.0  # of `seconds`, building the views on the CPU
     logits: Tensor | None = dataclasses.field(default=None, repr=False, compare=False)  # the prediction's
+    views_encoded: int = 0  # of n_views, run through the image encoder for this result
+    views_read: int = 0  # of n_views, given as stored features (the feature store)
 
 
 def prepare_classifier(clip: ClipLike, class_names: Sequence[str], spec: MethodSpec, *,
@@ -176,7 +178,7 @@ class Tuner:
         """Run the method on already built views (from `make_views`)."""
         start = time.perf_counter()
         raw = self.encode_raw(views.pixels)
-        result = self.run_features(raw, views.kinds)
+        result = dataclasses.replace(self.run_features(raw, views.kinds), views_encoded=len(views.kinds))
         return _with_time(result, seconds=time.perf_counter() - start, view_seconds=0.0)
 
     def run_features(self, raw_features: Tensor, kinds: Sequence[str]) -> SampleResult:

@@ -38,8 +38,14 @@ def upgrade() -> None:
     )
     op.create_index("ix_view_features_model_sample", "view_features", ["model_fingerprint", "sample_hash"],
                     unique=False)
+    with op.batch_alter_table("predictions") as batch:
+        batch.add_column(sa.Column("views_encoded", sa.Integer(), nullable=False, server_default="0"))
+        batch.add_column(sa.Column("views_read", sa.Integer(), nullable=False, server_default="0"))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("predictions") as batch:
+        batch.drop_column("views_read")
+        batch.drop_column("views_encoded")
     op.drop_index("ix_view_features_model_sample", table_name="view_features")
     op.drop_table("view_features")

@@ -1,0 +1,333 @@
+"""The per-view feature store as a service: read a sample's view features instead of encoding them.
+
+For a (model, sample, view recipes) the image encoder runs once: the first run that needs the views encodes
+them and stores the result (storage/features.py: file first, then its `view_features` row); every later run
+of any method, seed or sweep that needs those views, or a subset of a stored set's views, reads them. A read
+checks size and hash; a damaged or missing file is discarded, recomputed and its row repaired. Off for a run
+with `--set features=recompute`.
+
+`submit features` fills the store for a dataset ahead of the tuning runs, as a run of kind "features" on the
+`tune` queue (GPU workers): one encoder pass then serves every method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.engine import Connection, Engine
+
+from difftpt_ops.config import Settings
+from difftpt_ops.core.errors import InputError, SampleError
+from difftpt_ops.core.specs import ModelSpec, fingerprint_of, method_spec_from
+from difftpt_ops.db.session import session_scope
+from difftpt_ops.db.tables import GeneratedImage, Prediction, Run, ViewFeatures
+from difftpt_ops.db.writes import insert_many_ignore
+
+FEATURES_KIND = "features"
+VIEW_METHODS = ("tpt", "difftpt")  # `submit features --views`: whose default views to store
+
+
+@dataclass
+class FeatureCounts:
+    """Views of the samples a process handled: encoded now vs read from the store."""
+
+    encoded: int = 0
+    read: int = 0
+
+
+class FeatureCache:
+    """The feature store for one loaded model: look up, read, or encode and store a sample's views."""
+
+    def __init__(self, engine: Engine, settings: Settings, *, model_fingerprint: str, model_name: str) -> None:
+        from difftpt_ops.storage.features import FeatureFiles
+
+        self.engine, self.model_fingerprint, self.model_name = engine, model_fingerprint, model_name
+        self.files = FeatureFiles(settings.artifact_root)
+        self.counts = FeatureCounts()
+
+    def run_sample(self, tuner: Any, sample: Any, *, root: Path, views: Any, seed: int, augmix: bool) -> Any:
+        """The tuner's result for `sample`, its views' features read from the store where stored.
+
+        The result's views_encoded / views_read say which happened. `views` is the run's GeneratedViews
+        (None when the method reads no generated images).
+        """
+        raw, kinds, encoded = self.features_for(tuner, sample, root=root, views=views, seed=seed, augmix=augmix)
+        result = tuner.run_features(raw, kinds)
+        n = len(kinds)
+        return dataclasses.replace(result, views_encoded=n if encoded else 0, views_read=0 if encoded else n)
+
+    def features_for(self, tuner: Any, sample: Any, *, root: Path, views: Any, seed: int,
+                     augmix: bool) -> tuple[Any, tuple[str, ...], bool]:
+        """(raw features, view kinds, whether they were encoded now) of the views `tuner` needs."""
+        from difftpt_ops.storage.features import kinds_of, view_recipes
+
+        plan = tuner.plan
+        hashes = self._generated_hashes(views, sample, plan.n_generated)
+        recipes = view_recipes(n_conventional=plan.n_conventional, generated_hashes=hashes or [], seed=seed,
+                               augmix=tuner.augmix_for(augmix), resolution=plan.resolution)
+        if hashes is not None:
+            raw = self.lookup(sample.content_hash, recipes)
+            if raw is not None:
+                self.counts.read += len(recipes)
+                return raw, kinds_of(recipes), False
+        raw, kinds = self._encode(tuner, sample, root=root, views=views, seed=seed, augmix=augmix)
+        self.counts.encoded += len(kinds)
+        if hashes is not None and kinds == kinds_of(recipes):
+            self.store(sample.content_hash, recipes, raw)
+        return raw, kinds, True
+
+    def lookup(self, sample_hash: str, recipes: Sequence[dict[str, Any]]) -> Any | None:
+        """The stored features of exactly these views (from the exact set or any stored set holding them all),
+        or None. A damaged entry is discarded (file and row) and reported as missing."""
+        from difftpt_ops.storage.features import recipe_key, recipes_fingerprint
+
+        wanted = recipes_fingerprint(recipes)
+        with session_scope(self.engine) as session:
+            rows = list(session.scalars(select(ViewFeatures).where(
+                ViewFeatures.model_fingerprint == self.model_fingerprint, ViewFeatures.sample_hash == sample_hash)))
+        rows.sort(key=lambda row: (row.recipe_fingerprint != wanted, row.n_views))  # exact set first, then smallest
+        keys = [recipe_key(r) for r in recipes]
+        for row in rows:
+            position = {recipe_key(v): i for i, v in enumerate(row.views)}
+            if not all(key in position for key in keys):
+                continue
+            tensor = self._read(row)
+            if tensor is not None:
+                return tensor if row.recipe_fingerprint == wanted else tensor[[position[k] for k in keys]]
+        return None
+
+    def store(self, sample_hash: str, recipes: Sequence[dict[str, Any]], raw: Any, *,
+              seconds: float | None = None) -> None:
+        """Write the file (temp, fsync, publish), then its row; a concurrent writer of the same set is harmless."""
+        from difftpt_ops.storage.features import recipes_fingerprint
+
+        artifact = self.files.put(raw)
+        if artifact.sha256 != artifact.key.split(".", 1)[0]:  # a damaged copy already sat under this key
+            self.files.discard(artifact.key)
+            artifact = self.files.put(raw)
+        row = {"model_fingerprint": self.model_fingerprint, "sample_hash": sample_hash,
+               "recipe_fingerprint": recipes_fingerprint(recipes), "views": list(recipes),
+               "n_views": int(raw.shape[0]), "dim": int(raw.shape[1]), "dtype": str(raw.dtype).removeprefix("torch."),
+               "artifact_key": artifact.key, "content_hash": artifact.sha256, "size_bytes": artifact.size_bytes,
+               "model_name": self.model_name, "seconds": seconds, "created_at": _now()}
+        with session_scope(self.engine) as session:
+            insert_many_ignore(session, ViewFeatures, [row])
+
+    def _read(self, row: ViewFeatures) -> Any | None:
+        from difftpt_ops.storage.features import CorruptFeaturesError, StoredFeatures
+
+        try:
+            return self.files.read(StoredFeatures(row.artifact_key, row.content_hash, row.size_bytes))
+        except (FileNotFoundError, CorruptFeaturesError):
+            # Cut short, damaged or deleted: forget it so that this run recomputes and stores it again.
+            self.files.discard(row.artifact_key)
+            with session_scope(self.engine) as session:
+                session.execute(delete(ViewFeatures).where(ViewFeatures.id == row.id))
+            return None
+
+    def _encode(self, tuner: Any, sample: Any, *, root: Path, views: Any, seed: int,
+                augmix: bool) -> tuple[Any, tuple[str, ...]]:
+        from difftpt_ops.data.images import load_rgb
+
+        image = load_rgb(root / sample.relpath)
+        generated = views.images_for(sample) if views is not None and tuner.plan.n_generated else []
+        try:
+            built = tuner.make_views(image, generated=generated, seed=seed,
+                                     sample_key=sample.content_hash or str(sample.id), augmix=augmix)
+        except InputError as exc:  # about this sample's images, not the run
+            raise SampleError(f"sample {sample.index}: {exc}") from exc
+        return tuner.encode_raw(built.pixels), built.kinds
+
+    def _generated_hashes(self, views: Any, sample: Any, count: int) -> list[str] | None:
+        """Content hashes of the generated images the views use (variants 0..count-1); None when the store
+        cannot key this sample (no content hash, or not all of its generated images exist yet)."""
+        if not sample.content_hash:
+            return None
+        if count <= 0 or views is None:
+            return []
+        with session_scope(self.engine) as session:
+            hashes = list(session.scalars(select(GeneratedImage.content_hash).where(
+                GeneratedImage.generation_config_id == views.config_id,
+                GeneratedImage.source_hash == sample.content_hash, GeneratedImage.variant_index < count)
+                .order_by(GeneratedImage.variant_index)))
+        return hashes if len(hashes) == count else None
+
+
+def _now() -> Any:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC)
+
+
+_FINGERPRINTS: dict[tuple[int, str, str], str] = {}
+
+
+def model_fingerprint_of(clip: Any) -> str:
+    """The feature-store fingerprint of a loaded CLIP (weights hash, precision, device, activation), cached
+    per loaded model object."""
+    from difftpt_ops.storage.features import model_fingerprint
+
+    key = (id(clip.model), str(clip.precision), str(clip.device))
+    if key not in _FINGERPRINTS:
+        _FINGERPRINTS[key] = model_fingerprint(clip.model, precision=str(clip.precision), device=clip.device)
+    return _FINGERPRINTS[key]
+
+
+def feature_cache_for(engine: Engine, settings: Settings, clip: Any, method_spec: Any,
+                      model_name: str) -> FeatureCache | None:
+    """The run's feature cache, or None when its spec says features=recompute."""
+    if getattr(method_spec, "features", "store") != "store":
+        return None
+    return FeatureCache(engine, settings, model_fingerprint=model_fingerprint_of(clip), model_name=model_name)
+
+
+class FeaturesProcessor:
+    """A features run: encode and store each sample's views (nothing else is written)."""
+
+    def __init__(self, *, cache: FeatureCache, tuner: Any, root: Path, seed: int, augmix: bool, views: Any) -> None:
+        self.cache, self.tuner, self.root, self.seed, self.augmix, self.views = cache, tuner, root, seed, augmix, views
+
+    def finished_ids(self, connection: Connection, samples: Sequence[Any]) -> set[int]:
+        """Samples whose views are stored already (exactly this set of views)."""
+        from difftpt_ops.storage.features import recipes_fingerprint, view_recipes
+
+        plan = self.tuner.plan
+        hashes = [s.content_hash for s in samples if s.content_hash]
+        generated = self._generated(connection, hashes, plan.n_generated)
+        wanted = {}
+        for sample in samples:
+            images = generated.get(sample.content_hash, [])
+            if sample.content_hash and len(images) == plan.n_generated:
+                recipes = view_recipes(n_conventional=plan.n_conventional, generated_hashes=images, seed=self.seed,
+                                       augmix=self.tuner.augmix_for(self.augmix), resolution=plan.resolution)
+                wanted[(sample.content_hash, recipes_fingerprint(recipes))] = sample.id
+        if not wanted:
+            return set()
+        stored = connection.execute(select(ViewFeatures.sample_hash, ViewFeatures.recipe_fingerprint).where(
+            ViewFeatures.model_fingerprint == self.cache.model_fingerprint,
+            ViewFeatures.sample_hash.in_({h for h, _ in wanted}))).all()
+        return {wanted[(h, f)] for h, f in stored if (h, f) in wanted}
+
+    def _generated(self, connection: Connection, hashes: list[str], count: int) -> dict[str, list[str]]:
+        """Per source hash, the content hashes of its generated variants 0..count-1, in order."""
+        if count <= 0 or self.views is None or not hashes:
+            return {}
+        found: dict[str, list[str]] = {}
+        for source, content in connection.execute(
+                select(GeneratedImage.source_hash, GeneratedImage.content_hash).where(
+                    GeneratedImage.generation_config_id == self.views.config_id,
+                    GeneratedImage.source_hash.in_(hashes), GeneratedImage.variant_index < count)
+                .order_by(GeneratedImage.source_hash, GeneratedImage.variant_index)):
+            found.setdefault(source, []).append(content)
+        return found
+
+    def process(self, sample: Any) -> Any:
+        if not sample.content_hash:
+            raise SampleError(f"sample {sample.index} has no content hash, so its features cannot be keyed")
+        started = time.perf_counter()
+        self.cache.features_for(self.tuner, sample, root=self.root, views=self.views, seed=self.seed,
+                                augmix=self.augmix)
+        return time.perf_counter() - started
+
+    def write(self, connection: Connection, results: list[Any]) -> None:
+        """Nothing to write: the cache stored each sample's file and row as it went."""
+
+
+def features_identity(*, model: ModelSpec, views: str, dataset_fingerprint: str,
+                      generation_fingerprint: str | None, seed: int, device: str) -> dict[str, Any]:
+    """A features run's spec (its fingerprint identifies the run)."""
+    return {"kind": FEATURES_KIND, "model": dataclasses.asdict(model), "views": views,
+            "method": method_spec_from(views).to_dict(), "dataset_fingerprint": dataset_fingerprint,
+            "generation_fingerprint": generation_fingerprint, "seed": seed, "device": device}
+
+
+def check_views(views: str) -> None:
+    if views not in VIEW_METHODS:
+        raise InputError("--views", views, f"must be one of {', '.join(VIEW_METHODS)}")
+
+
+def submit_features(engine: Engine, settings: Settings, *, dataset_ref: str, model: str = "ViT-B-16",
+                    pretrained: str | None = "openai", views: str = "tpt", generation_id: int | None = None,
+                    seed: int = 0, limit: int | None = None, shard_size: int | None = None,
+                    dispatcher: Any = None, device: str | None = None, progress: Any = None) -> Any:
+    """Plan a features run (or attach to the same one) and run or enqueue its shards on the `tune` queue.
+
+    Raises:
+        InputError: a bad argument (nothing is written).
+    """
+    from difftpt_ops.services import runs
+
+    check_views(views)
+    runs.check_execution_args(limit=limit, shard_size=shard_size, device=device, seed=seed)
+    method_spec = method_spec_from(views)
+    run_device = runs.resolve_run_device(settings, device)
+    model_spec = ModelSpec(name=model, pretrained=pretrained, precision="fp16" if run_device == "cuda" else "fp32")
+    runs._check_model_path(settings, views, model)
+    runs._prepare_dispatch(settings, dispatcher)
+    with session_scope(engine) as session:
+        _, version = runs._resolve_version(session, dataset_ref)
+        config = runs._generation_for(session, method_spec, version, dataset_ref, generation_id)
+        identity = features_identity(model=model_spec, views=views, dataset_fingerprint=version.fingerprint,
+                                     generation_fingerprint=config.fingerprint if config else None, seed=seed,
+                                     device=run_device)
+        columns = {"model_name": model, "pretrained": pretrained, "seed": seed, "device": run_device,
+                   "precision": model_spec.precision, "settings": f"views={views}"}
+        run, created, new = runs._plan(session, kind=FEATURES_KIND, method=FEATURES_KIND,
+                                       fingerprint=fingerprint_of(identity), spec=identity, version=version,
+                                       generation_config_id=config.id if config else None, limit=limit,
+                                       shard_size=shard_size or settings.shard_size, columns=columns)
+    return runs._start(engine, settings, run, created=created, new=new, dispatcher=dispatcher, device=device,
+                       progress=progress)
+
+
+def build_features_processor(engine: Engine, settings: Settings, run: Run, dataset: Any, *,
+                             device: str | None) -> FeaturesProcessor:
+    """The processor of a features run (called by the run-context builder)."""
+    from difftpt_ops.data.formats import is_cross_domain
+    from difftpt_ops.models.clip import load_clip
+    from difftpt_ops.services.tuning import _MODELS, GeneratedViews, execution_device
+    from difftpt_ops.tta import prepare_classifier
+
+    spec = run.spec
+    method = method_spec_from(spec["views"])
+    model = ModelSpec(**spec["model"])
+    resolved = execution_device(settings, spec.get("device"), device)
+    clip = _MODELS.get(("clip", model, resolved), lambda: load_clip(model, resolved))
+    tuner = prepare_classifier(clip, list(dataset.class_names), method)
+    n_generated = tuner.plan.n_generated
+    views = (GeneratedViews(engine, settings, run.generation_config_id, n_generated)
+             if run.generation_config_id is not None and n_generated > 0 else None)
+    cache = FeatureCache(engine, settings, model_fingerprint=model_fingerprint_of(clip), model_name=model.name)
+    processor = FeaturesProcessor(cache=cache, tuner=tuner, root=Path(dataset.root), seed=int(spec.get("seed", 0)),
+                                  augmix=is_cross_domain(dataset.format), views=views)
+    processor.device, processor.precision = resolved, clip.precision  # type: ignore[attr-defined]
+    return processor
+
+
+def store_size(engine: Engine) -> dict[str, int]:
+    """Entries and bytes held by the feature store (as its rows record them)."""
+    with session_scope(engine) as session:
+        entries, size, views = session.execute(select(
+            func.count(), func.coalesce(func.sum(ViewFeatures.size_bytes), 0),
+            func.coalesce(func.sum(ViewFeatures.n_views), 0))).one()
+    return {"entries": int(entries), "bytes": int(size), "views": int(views)}
+
+
+def run_feature_counts(engine: Engine, run_ids: Sequence[int]) -> dict[int, dict[str, int]]:
+    """Views encoded vs read from the store, per run (summed over its predictions)."""
+    if not run_ids:
+        return {}
+    with session_scope(engine) as session:
+        rows = session.execute(select(Prediction.run_id, func.coalesce(func.sum(Prediction.views_encoded), 0),
+                                      func.coalesce(func.sum(Prediction.views_read), 0))
+                               .where(Prediction.run_id.in_(list(run_ids))).group_by(Prediction.run_id)).all()
+    counts = {run_id: {"views_encoded": 0, "views_read": 0} for run_id in run_ids}
+    for run_id, encoded, read in rows:
+        counts[run_id] = {"views_encoded": int(encoded), "views_read": int(read)}
+    return counts
