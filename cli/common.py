@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import logging
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Annotated, Any
 
 import click
@@ -15,6 +20,7 @@ from typer.core import TyperGroup
 
 from difftpt_ops.config import Settings, load_settings
 from difftpt_ops.core.errors import DifftptError
+from difftpt_ops.core.secrets import mask_url
 
 console = Console()
 err_console = Console(stderr=True)
@@ -29,7 +35,8 @@ class ErrorTranslatingGroup(TyperGroup):
         try:
             return super().invoke(ctx)
         except DifftptError as exc:
-            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
+            # Masked here too: a library message may quote a URL with its password.
+            err_console.print(f"[bold red]error:[/] {escape(mask_url(str(exc)))}", soft_wrap=True, highlight=False)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             err_console.print("interrupted; finished work is stored, `difftpt-ops resume RUN` continues")
@@ -42,9 +49,11 @@ def escape(text: str) -> str:
     return rich_escape(text)
 
 
-def new_app(help_text: str) -> typer.Typer:
+def new_app(help_text: str, *, completion: bool = False) -> typer.Typer:
+    """A command group; only the root sets `completion` (Typer's --install-completion / --show-completion)."""
     return typer.Typer(help=help_text, cls=ErrorTranslatingGroup, no_args_is_help=True,
-                       pretty_exceptions_enable=False, add_completion=False)
+                       pretty_exceptions_enable=False, add_completion=completion,
+                       rich_markup_mode=None)  # plain click help: flags shown without a value type
 
 
 @dataclass
@@ -83,13 +92,163 @@ def print_json(payload: Any) -> None:
 
 
 def print_table(title: str | None, columns: list[str], rows: list[list[Any]]) -> None:
+    """A table in the command's --format: a rich table (never cut to 80 columns when piped), TSV or CSV."""
+    cells = [["" if v is None else str(v) for v in row] for row in rows]
+    if OUTPUT.table_format is not TableFormat.table:
+        _write_delimited(columns, cells, OUTPUT.table_format)
+        return
     table = Table(title=title, show_lines=False)
     for column in columns:
         table.add_column(column)
-    for row in rows:
-        table.add_row(*["" if v is None else str(v) for v in row])
-    console.print(table)
+    for row in cells:
+        table.add_row(*row)
+    # On a terminal rich fits the window; in a pipe or file it would cut at 80 columns, so it gets all it needs.
+    (console if console.is_terminal else Console(width=_UNBOUNDED_WIDTH)).print(table)
+
+
+def _write_delimited(columns: list[str], rows: list[list[str]], table_format: TableFormat) -> None:
+    if table_format is TableFormat.csv:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        writer.writerows(rows)
+        return
+    # TSV: tabs and newlines inside a cell would break the row, so they become spaces.
+    for row in [columns, *rows]:
+        sys.stdout.write("\t".join(" ".join(cell.split()) for cell in row) + "\n")
 
 
 def print_mapping(title: str | None, mapping: dict[str, Any]) -> None:
     print_table(title, ["key", "value"], [[k, v] for k, v in mapping.items()])
+
+
+# -- output conventions shared by every command: --quiet, --verbose, --format, progress ------------------------
+
+_UNBOUNDED_WIDTH = 100_000
+PROGRESS_INTERVAL_S = 10.0  # plain progress lines in logs and pipes: often enough to see life, rare enough to read
+
+
+class TableFormat(str, Enum):
+    """How commands print tables: rich boxes, or plain TSV/CSV for scripts."""
+
+    table = "table"
+    tsv = "tsv"
+    csv = "csv"
+
+
+@dataclass
+class OutputOptions:
+    """The per-invocation output flags (--quiet, --verbose, --format), set before the command body runs."""
+
+    quiet: bool = False
+    verbose: bool = False
+    table_format: TableFormat = TableFormat.table
+
+
+OUTPUT = OutputOptions()
+
+
+def set_output(*, quiet: bool, verbose: bool, table_format: TableFormat) -> None:
+    """Record the flags and set logging: warnings by default, errors only with --quiet, info with --verbose."""
+    from difftpt_ops.core.errors import InputError
+
+    if quiet and verbose:
+        raise InputError("--quiet", True, "choose one of --quiet and --verbose")
+    OUTPUT.quiet, OUTPUT.verbose, OUTPUT.table_format = quiet, verbose, table_format
+    level = logging.ERROR if quiet else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s", force=True)
+
+
+def info(line: str) -> None:
+    """A progress or status line for people (stderr), silenced by --quiet."""
+    if not OUTPUT.quiet:
+        err_console.print(line, soft_wrap=True, highlight=False, markup=False)
+
+
+def _format_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+class PlainProgress:
+    """The progress sink for logs and pipes: one plain line at start, every `interval_s`, and at the end.
+
+    Each line says samples done of total, the rate since start and the ETA, so a log read later shows
+    how the run went without terminal control codes.
+    """
+
+    def __init__(self, write: Callable[[str], None], *, interval_s: float = PROGRESS_INTERVAL_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._write, self._interval, self._clock = write, interval_s, clock
+        self._label, self._total, self._completed, self._start_completed = "", 0, 0, 0
+        self._started_at = self._last_line_at = 0.0
+        self._last_line_completed: int | None = None
+
+    def start(self, run_id: int, total: int, completed: int) -> None:
+        self._label, self._total, self._completed, self._start_completed = f"run {run_id}", total, completed, completed
+        self._started_at = self._clock()
+        self._line()
+
+    def advance(self, done: int, failed: int) -> None:
+        self._completed += done + failed
+        if self._clock() - self._last_line_at >= self._interval:
+            self._line()
+
+    def stop(self) -> None:
+        if self._label and self._last_line_completed != self._completed:
+            self._line()
+
+    def _line(self) -> None:
+        now = self._clock()
+        elapsed, new = now - self._started_at, self._completed - self._start_completed
+        rate = new / elapsed if elapsed > 0 and new > 0 else None
+        eta = (self._total - self._completed) / rate if rate else None
+        rate_text = f"{rate:.2f} samples/s" if rate else "- samples/s"
+        self._write(f"{self._label}: {self._completed}/{self._total} samples, {rate_text}, ETA {_format_eta(eta)}")
+        self._last_line_at, self._last_line_completed = now, self._completed
+
+
+class ProgressBar:
+    """The progress sink on a terminal: a rich bar on stderr with samples/s and ETA."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=err_console,
+                                 transient=True)
+        self.task: Any = None
+        self._last = 0.0
+
+    def start(self, run_id: int, total: int, completed: int) -> None:
+        self.task = self.progress.add_task(f"run {run_id}", total=total, completed=completed, rate="")
+        self._state = next(task for task in self.progress.tasks if task.id == self.task)
+        self.progress.start()
+
+    def advance(self, done: int, failed: int) -> None:
+        self.progress.advance(self.task, done + failed)
+        now = time.monotonic()
+        if now - self._last > 0.5:  # formatting the rate per sample would cost more than the noop method
+            speed = self._state.speed
+            self.progress.update(self.task, rate=f"{speed:,.0f} samples/s" if speed else "")
+            self._last = now
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+
+class _NoProgress:
+    def start(self, run_id: int, total: int, completed: int) -> None: ...
+    def advance(self, done: int, failed: int) -> None: ...
+    def stop(self) -> None: ...
+
+
+def progress_sink(*, hidden: bool = False) -> ProgressBar | PlainProgress | _NoProgress:
+    """A bar on a terminal, plain lines on stderr otherwise, nothing with --quiet or when `hidden`."""
+    if hidden or OUTPUT.quiet:
+        return _NoProgress()
+    if err_console.is_terminal:
+        return ProgressBar()
+    return PlainProgress(lambda line: err_console.print(line, soft_wrap=True, highlight=False, markup=False))

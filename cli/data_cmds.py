@@ -66,7 +66,7 @@ def _print_add_report(report: dict[str, Any]) -> None:
 @data_app.command("add")
 def add(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(help="Name to register the dataset under.")],
+    name: Annotated[str, typer.Argument(metavar="DATASET", help="Name to register the dataset under.")],
     root: Annotated[Path, typer.Option("--root", help="Folder of the test split.")],
     fmt: Annotated[str, typer.Option("--format", help=f"Layout of ROOT: {FORMAT_HELP}.")] = "auto",
     class_names: Annotated[Path | None, typer.Option(
@@ -133,7 +133,7 @@ def _print_description(info: dict[str, Any]) -> None:
 @data_app.command("show")
 def show(
     ctx: typer.Context,
-    ref: Annotated[str, typer.Argument(help="NAME (latest version) or NAME@V.")],
+    ref: Annotated[str, typer.Argument(metavar="DATASET", help="NAME (latest version) or NAME@V.")],
     as_json: JsonOpt = False,
 ) -> None:
     """Show a dataset version: classes, versions, samples per class, failed samples and why."""

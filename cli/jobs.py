@@ -14,7 +14,17 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from cli.common import JsonOpt, engine_of, err_console, new_app, print_json, print_table, settings_of
+from cli.common import (
+    JsonOpt,
+    engine_of,
+    err_console,
+    info,
+    new_app,
+    print_json,
+    print_table,
+    progress_sink,
+    settings_of,
+)
 from cli.sweep_cmds import ListSweepOpt, SeedsOpt, SweepOpt, YesOpt, group_text, submit_grid, with_groups
 from difftpt_ops.core.errors import InputError
 
@@ -34,6 +44,8 @@ ShardSizeOpt = Annotated[int | None, typer.Option(
 DeviceOpt = Annotated[str | None, typer.Option(
     "--device", help="Embedded mode only: torch device (auto, cpu, cuda, cuda:N); workers use their GPU.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the run (part of its identity).")]
+DryRunOpt = Annotated[bool, typer.Option(
+    "--dry-run", help="Print samples, shards, images, disk and time it would take; write nothing.")]
 
 
 def parse_run_id(value: str) -> int:
@@ -70,42 +82,13 @@ def _dispatcher(settings: Settings) -> Any:
     return dispatcher_for(settings)
 
 
-class _ProgressBar:
-    """The embedded executor's progress sink: a rich bar on stderr with samples/s and ETA."""
-
-    def __init__(self, enabled: bool) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=err_console,
-                                 transient=True, disable=not enabled)
-        self.task: Any = None
-        self._last = 0.0
-
-    def start(self, run_id: int, total: int, completed: int) -> None:
-        self.task = self.progress.add_task(f"run {run_id}", total=total, completed=completed, rate="")
-        self._state = next(task for task in self.progress.tasks if task.id == self.task)
-        self.progress.start()
-
-    def advance(self, done: int, failed: int) -> None:
-        self.progress.advance(self.task, done + failed)
-        now = time.monotonic()
-        if now - self._last > 0.5:  # formatting the rate per sample would cost more than the noop method
-            speed = self._state.speed
-            self.progress.update(self.task, rate=f"{speed:,.0f} samples/s" if speed else "")
-            self._last = now
-
-    def stop(self) -> None:
-        self.progress.stop()
-
-
 @contextmanager
-def progress_bar(settings: Settings, as_json: bool) -> Iterator[_ProgressBar | None]:
-    """The embedded executor's progress sink (a bar on a terminal, hidden with --json); None with a broker."""
+def progress_bar(settings: Settings, as_json: bool) -> Iterator[Any]:
+    """The embedded executor's progress sink (a bar on a terminal, plain lines otherwise); None with a broker."""
     if not settings.embedded:
         yield None
         return
-    bar = _ProgressBar(enabled=err_console.is_terminal and not as_json)
+    bar = progress_sink(hidden=as_json)
     try:
         yield bar
     finally:
@@ -126,6 +109,38 @@ def _print_submit(result: SubmitResult, as_json: bool) -> None:
                    "--watch`")
     else:
         typer.echo(f"nothing to enqueue; run {result.run_id} is {result.state}")
+
+
+def _human_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1000:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} TB"
+
+
+def _print_estimate(estimate: Any, as_json: bool) -> None:
+    """A dry run's answer; nothing was written."""
+    if as_json:
+        print_json({**estimate.to_dict(), "dry_run": True})
+        return
+    e = estimate
+    attach = f"attaches to run {e.existing_run_id}" if e.existing_run_id else "creates a new run"
+    typer.echo(f"dry run: {e.kind} {e.method} on {e.dataset} {attach}; nothing was written")
+    typer.echo(f"  samples:  {e.samples} in scope, {e.samples_to_do} to do")
+    typer.echo(f"  shards:   {e.shards_total} ({e.shards_new} new)")
+    if e.kind == "generate":
+        typer.echo(f"  images:   {e.images_to_generate} to generate")
+        per = f"{_human_bytes(e.bytes_per_image)} per image" if e.bytes_per_image else "unknown per image"
+        typer.echo(f"  disk:     {_human_bytes(e.disk_bytes)} ({per}, {e.bytes_source})")
+    elif e.images_read:
+        typer.echo(f"  images:   reads {e.images_read} generated images")
+    if e.seconds is None:
+        typer.echo(f"  time:     unknown ({e.time_source})")
+    else:
+        unit = "image" if e.kind == "generate" else "sample"
+        typer.echo(f"  time:     {_fmt_eta({'eta_s': e.seconds})} on one worker "
+                   f"({e.seconds_per_unit:.3g} s per {unit}; {e.time_source})")
 
 
 @submit_app.command("tune")
@@ -150,6 +165,7 @@ def submit_tune(
     sweep: SweepOpt = None,
     seeds: SeedsOpt = None,
     yes: YesOpt = False,
+    dry_run: DryRunOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Evaluate a method on a dataset: zero-shot CLIP, TPT or DiffTPT, one prediction per sample."""
@@ -158,6 +174,15 @@ def submit_tune(
     settings = settings_of(ctx)
     parsed = parse_overrides(overrides)
     engine = engine_of(ctx)
+    if dry_run and (sweep or seeds is not None):
+        raise InputError("--dry-run", True, "estimates one run; drop --sweep/--seeds to estimate one grid point")
+    if dry_run:
+        from difftpt_ops.services.estimate import estimate_tune
+
+        _print_estimate(estimate_tune(engine, settings, dataset_ref=dataset, method=method, model=model,
+                                      pretrained=_none_if(pretrained), generation_id=generation, overrides=parsed,
+                                      seed=seed, limit=limit, shard_size=shard_size), as_json)
+        return
     if sweep or seeds is not None:  # one run per grid point and seed (cli/sweep_cmds.py)
         with progress_bar(settings, as_json) as bar:
             submit_grid(engine, settings, grid_items=sweep, seeds=seeds, confirmed=yes, as_json=as_json,
@@ -192,6 +217,7 @@ def submit_generate(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per pipeline call.")] = 4,
     shard_size: ShardSizeOpt = None,
     device: DeviceOpt = None,
+    dry_run: DryRunOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Generate Stable Diffusion image variations of a dataset's samples (cached by content, never twice)."""
@@ -202,6 +228,12 @@ def submit_generate(
     spec = GenerationSpec(model=model, revision=_none_if(revision), scheduler=scheduler, steps=steps,
                           guidance=guidance, per_sample=per_sample, size=size, dtype=dtype, seed=seed)
     engine = engine_of(ctx)
+    if dry_run:
+        from difftpt_ops.services.estimate import estimate_generate
+
+        _print_estimate(estimate_generate(engine, settings, dataset_ref=dataset, spec=spec, limit=limit,
+                                          shard_size=shard_size), as_json)
+        return
     with progress_bar(settings, as_json) as bar:
         result = submit(engine, settings, dataset_ref=dataset, spec=spec, limit=limit, shard_size=shard_size,
                         batch_size=batch_size, dispatcher=_dispatcher(settings), device=device, progress=bar)
@@ -226,7 +258,8 @@ def worker(
 
 def _fmt_rate(run: dict[str, Any]) -> str:
     rate = run.get("throughput")
-    return "" if rate is None else f"{rate:,.1f}/s"
+    # Generation runs report images per second; tune runs samples per second.
+    return "" if rate is None else f"{rate:,.1f} {run.get('throughput_unit', 'samples')}/s"
 
 
 def _fmt_eta(run: dict[str, Any]) -> str:
@@ -242,12 +275,15 @@ def _status_rows(runs: list[dict[str, Any]]) -> list[list[Any]]:
     rows = []
     for run in runs:
         workers = ", ".join(f"{w['worker']}[{w['gpu'] or '-'}]" for w in run.get("workers", []))
+        disk = run.get("disk") or {}
+        images = f"{disk['images']} img, {_human_bytes(disk['image_bytes'])}" if disk.get("images") else ""
         rows.append([run["run_id"], f"{run['kind']}/{run['method']}", run["dataset"], run["state"], run["done"],
-                     run["failed"], run["pending"], _fmt_rate(run), _fmt_eta(run), workers])
+                     run["failed"], run["pending"], _fmt_rate(run), _fmt_eta(run), workers, images])
     return rows
 
 
-_STATUS_COLUMNS = ["run", "kind", "dataset", "state", "done", "failed", "pending", "samples/s", "ETA", "workers"]
+_STATUS_COLUMNS = ["run", "kind", "dataset", "state", "done", "failed", "pending", "rate", "ETA", "workers",
+                   "disk"]
 
 
 def _print_status(runs: list[dict[str, Any]]) -> None:
@@ -255,28 +291,36 @@ def _print_status(runs: list[dict[str, Any]]) -> None:
     for run in runs:
         for failure in run.get("failed_shards", []):
             typer.echo(f"run {run['run_id']} shard {failure['shard']} failed: {' '.join(failure['error'])}")
+        for waiting in run.get("waiting_shards", []):
+            typer.echo(f"run {run['run_id']} shard {waiting['shard']} waits: {waiting['reason']}")
         if run.get("error"):
             typer.echo(f"run {run['run_id']}: {run['error']}")
 
 
 def status(
     ctx: typer.Context,
-    run: Annotated[str | None, typer.Argument(metavar="[RUN]", help="Run id (default: the active runs).")] = None,
-    watch: Annotated[bool, typer.Option("--watch", help="Refresh every 2 s until the runs end (Ctrl-C stops).")]
-    = False,
+    run: Annotated[str | None, typer.Argument(metavar="RUN", help="Run id (default: the active runs).")] = None,
+    watch: Annotated[bool, typer.Option(
+        "--watch", help="Refresh every 2 s until the runs end (Ctrl-C stops); with --json, JSON Lines.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Progress of runs: samples done / failed / pending, throughput, ETA, active workers and GPUs."""
+    """Progress of runs: samples done / failed / pending, throughput, ETA, workers and GPUs, disk of their images.
+
+    With --watch --json it prints JSON Lines: one JSON object per run per refresh, each with an
+    `observed_at` timestamp, until no watched run is active.
+    """
     from difftpt_ops.services.runs import is_active, run_status
 
     run_id = parse_run_id(run) if run is not None else None
     settings, engine = settings_of(ctx), engine_of(ctx)
     if not watch:
-        runs = run_status(engine, settings, run_id)
+        runs = _with_disk(engine, settings, run_status(engine, settings, run_id))
         if as_json:
             print_json(runs)
-        else:
+        elif runs:
             _print_status(runs)
+        else:
+            info("no active runs; `difftpt-ops runs list` shows every run, `difftpt-ops status RUN` one of them")
         return
     try:
         _watch(lambda: run_status(engine, settings, run_id), is_active, as_json)
@@ -284,29 +328,71 @@ def status(
         raise typer.Exit(0) from None
 
 
-def _watch(fetch: Any, is_active: Any, as_json: bool) -> None:
-    from rich.live import Live
-    from rich.table import Table
+def _with_disk(engine: Any, settings: Settings, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Add each run's disk use: the generated images it made or reads (features once they are stored)."""
+    from difftpt_ops.services.disk import run_disk_usage
 
-    def render(runs: list[dict[str, Any]]) -> Table:
+    usage = run_disk_usage(engine, settings, [r["run_id"] for r in runs])
+    return [{**r, "disk": usage.get(r["run_id"], {"images": 0, "image_bytes": 0})} for r in runs]
+
+
+def _watch(fetch: Any, is_active: Any, as_json: bool) -> None:
+    """Poll every 2 s until no run is active: JSON Lines, a live table on a terminal, else plain lines."""
+    from datetime import UTC, datetime
+
+    from cli.common import PROGRESS_INTERVAL_S
+
+    live = _LiveTable() if not as_json and err_console.is_terminal and sys.stdout.isatty() else None
+    last_lines = float("-inf")
+    try:
+        while True:
+            runs = fetch()
+            active = any(is_active(r["state"]) for r in runs)
+            if as_json:
+                observed = datetime.now(UTC).isoformat()
+                for run in runs:
+                    sys.stdout.write(json.dumps({"observed_at": observed, **run}, default=str) + "\n")
+                sys.stdout.flush()
+            elif live is not None:
+                live.show(runs)
+            elif time.monotonic() - last_lines >= PROGRESS_INTERVAL_S or not active:
+                for row in _status_rows(runs):
+                    typer.echo(_status_line(row))
+                last_lines = time.monotonic()
+            if not active:
+                return
+            time.sleep(2.0)
+    finally:
+        if live is not None:
+            live.stop()
+
+
+def _status_line(row: list[Any]) -> str:
+    """One run as a plain line for logs: the table's columns as `name value`."""
+    return "  ".join(f"{name} {value}" for name, value in zip(_STATUS_COLUMNS, row, strict=True) if value != "")
+
+
+class _LiveTable:
+    """The status table redrawn in place on a terminal."""
+
+    def __init__(self) -> None:
+        from rich.live import Live
+
+        self._live = Live(auto_refresh=False)
+        self._live.start()
+
+    def show(self, runs: list[dict[str, Any]]) -> None:
+        from rich.table import Table
+
         table = Table()
         for column in _STATUS_COLUMNS:
             table.add_column(column)
         for row in _status_rows(runs):
             table.add_row(*[str(value) for value in row])
-        return table
+        self._live.update(table, refresh=True)
 
-    runs = fetch()
-    with Live(render(runs), console=err_console if as_json else None, auto_refresh=False) as live:
-        while True:
-            if as_json:
-                sys.stdout.write(json.dumps(runs, default=str) + "\n")
-                sys.stdout.flush()
-            live.update(render(runs), refresh=True)
-            if not any(is_active(r["state"]) for r in runs):
-                return
-            time.sleep(2.0)
-            runs = fetch()
+    def stop(self) -> None:
+        self._live.stop()
 
 
 def runs_list(ctx: typer.Context, sweep: ListSweepOpt = None, as_json: JsonOpt = False) -> None:
@@ -358,4 +444,7 @@ def register(app: typer.Typer) -> None:
     app.command("resume")(resume)
     app.command("cancel")(cancel)
     runs_app.command("list")(runs_list)
+    from cli.runs_show import runs_show
+
+    runs_app.command("show")(runs_show)
     app.add_typer(runs_app, name="runs")

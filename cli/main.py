@@ -7,9 +7,11 @@ from typing import Annotated
 import typer
 
 from cli.common import JsonOpt, new_app, print_json, print_mapping, settings_of, state
+from cli.conventions import install_conventions
 from difftpt_ops import __version__
 
-app = new_app("Test-time prompt tuning of CLIP (zero-shot, TPT, DiffTPT): datasets, generation, runs, results.")
+app = new_app("Test-time prompt tuning of CLIP (zero-shot, TPT, DiffTPT): datasets, generation, runs, results.",
+              completion=True)
 config_app = new_app("Show the effective settings.")
 db_app = new_app("Database schema.")
 app.add_typer(config_app, name="config")
@@ -79,9 +81,13 @@ def _register_groups() -> None:
 
 
 _register_groups()
+install_conventions(app)  # after every group: --quiet/--verbose/--format and examples on all
 
 
 def main() -> None:
+    from difftpt_ops.config import install_secret_masking
+
+    install_secret_masking()
     app()
 
 

@@ -14,6 +14,7 @@ from sqlalchemy.engine import Engine
 
 from difftpt_ops.config import Settings
 from difftpt_ops.core.specs import GenerationSpec
+from difftpt_ops.models.quiet import silence_library_progress_bars
 
 DEMO_DATASET = "demo-photos"
 METHODS = ("zeroshot", "tpt", "difftpt")
@@ -40,15 +41,6 @@ class DemoResult:
 
 
 Echo = Callable[[str], None]
-
-
-def _quiet_library_progress_bars() -> None:
-    """The demo prints its own steps; the loaders' per-file bars would bury them."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def _prepare_inputs(settings: Settings, engine: Engine, echo: Echo) -> tuple[Path, dict[str, Any]]:
@@ -81,7 +73,7 @@ def run_demo(settings: Settings, engine: Engine, *, echo: Echo, progress: Callab
     from difftpt_ops.services.runs import submit_generate, submit_tune
 
     plan = plan or DemoPlan()
-    _quiet_library_progress_bars()
+    silence_library_progress_bars()  # the demo prints its own steps; per-file bars would bury them
     # 1-2. Models and data.
     models_dir, _ = _prepare_inputs(settings, engine, echo)
     # 3. Generated variations, cached by content: a second demo generates nothing.

@@ -77,6 +77,8 @@ class MlflowTracker:
             if is_remote(self.tracking_uri):
                 for name, value in _HTTP_DEFAULTS.items():
                     os.environ.setdefault(name, value)
+            # MLflow logs its store's table creation at INFO on first use; users and worker logs need warnings only.
+            os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
             from mlflow import MlflowClient
 
             self._client = MlflowClient(tracking_uri=self.tracking_uri)

@@ -65,7 +65,8 @@ def test_demo_then_what_the_readme_says(tmp_path: Path) -> None:
     rows = ok_json(env, "sql", "SELECT method, done FROM run_summary WHERE kind = 'tune' ORDER BY method")
     assert rows == [{"method": "difftpt", "done": 27}, {"method": "tpt", "done": 27},
                     {"method": "zeroshot", "done": 27}]
-    status = ok_json(env, "status")
+    assert ok_json(env, "status") == []  # every run finished: none is active
+    status = ok_json(env, "status", str(tune["difftpt"]["run_id"]))
     assert {run["state"] for run in status} == {"finished"}
     # The generated views DiffTPT saw are rows too.
     with sqlite3.connect(tmp_path / "ws" / "difftpt.db") as db:

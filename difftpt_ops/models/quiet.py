@@ -1,0 +1,21 @@
+"""Silence the model libraries' own progress bars: our commands and workers report progress themselves.
+
+Bars from diffusers, transformers and huggingface_hub (loading components, writing shards, denoising)
+go to stderr, which a Celery worker logs as warnings, one per refresh.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def silence_library_progress_bars() -> None:
+    """Turn off the per-file and per-step bars of diffusers, transformers and huggingface_hub."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read by transformers at import, too
+    import diffusers
+    import huggingface_hub
+    import transformers
+
+    huggingface_hub.utils.disable_progress_bars()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()

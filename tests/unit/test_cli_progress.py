@@ -1,0 +1,53 @@
+"""Plain progress lines for logs and pipes: at start, at a steady interval, and at the end."""
+
+from __future__ import annotations
+
+import pytest
+
+from cli.common import PlainProgress
+
+pytestmark = pytest.mark.unit
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_lines_at_start_every_interval_and_at_the_end() -> None:
+    """A line at start, one per interval however many samples finish in it, and a final one."""
+    lines: list[str] = []
+    clock = Clock()
+    sink = PlainProgress(lines.append, interval_s=10.0, clock=clock)
+    sink.start(7, total=100, completed=0)
+    for _ in range(45):  # 45 samples, one per second
+        clock.now += 1.0
+        sink.advance(1, 0)
+    sink.stop()
+    assert lines[0] == "run 7: 0/100 samples, - samples/s, ETA ?"
+    assert len(lines) == 1 + 4 + 1  # start, at 10/20/30/40 s, end
+    assert lines[1] == "run 7: 10/100 samples, 1.00 samples/s, ETA 1m30s"
+    assert lines[-1] == "run 7: 45/100 samples, 1.00 samples/s, ETA 0m55s"
+
+
+def test_resumed_run_counts_rate_from_this_session_only() -> None:
+    """Samples finished before this session do not inflate the rate."""
+    lines: list[str] = []
+    clock = Clock()
+    sink = PlainProgress(lines.append, interval_s=5.0, clock=clock)
+    sink.start(3, total=60, completed=50)
+    clock.now += 10.0
+    sink.advance(5, 0)
+    sink.stop()
+    assert lines[-1] == "run 3: 55/60 samples, 0.50 samples/s, ETA 0m10s"
+
+
+def test_no_final_duplicate_when_nothing_changed() -> None:
+    lines: list[str] = []
+    sink = PlainProgress(lines.append, interval_s=5.0, clock=Clock())
+    sink.start(1, total=2, completed=2)
+    sink.stop()
+    assert lines == ["run 1: 2/2 samples, - samples/s, ETA ?"]
