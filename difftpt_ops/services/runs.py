@@ -254,6 +254,7 @@ def submit_tune(engine: Engine, settings: Settings, *, dataset_ref: str, method:
     """
     # 1. Validate everything that needs no database.
     check_execution_args(limit=limit, shard_size=shard_size, device=device, seed=seed)
+    online.ensure_registered(method)
     method_spec = method_spec_from(method, overrides or {})
     run_device = resolve_run_device(settings, device)
     # The precision is resolved with the device: "auto" (fp16 frozen weights on GPU) would otherwise mean

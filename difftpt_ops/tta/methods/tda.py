@@ -275,6 +275,10 @@ class TDA(OnlineMethod):
         augmix = n_views > 1 if spec.augmix is None else spec.augmix
         return ViewPlan(n_conventional=n_views - 1, augmix=augmix, resolution=spec.resolution)
 
+    def resolve_for_dataset(self, spec: TDASpec, dataset_format: str) -> TDASpec:
+        """The spec with the reference's config for the dataset (called at submit, before the fingerprint)."""
+        return resolve_for_format(spec, dataset_format)
+
     def init_state(self, spec: TDASpec, *, n_classes: int, dim: int, device: torch.device) -> dict[str, Tensor]:
         return init_state(n_classes, dim, spec.params())
 

@@ -1,0 +1,506 @@
+"""Online runs: a method that carries state from sample to sample (TDA, DMN-ZS), run as an ordered chain.
+
+An online run processes the samples of its dataset version one after another, in the order of a seeded
+permutation (the spec's `order_seed`, so the order is part of the run's identity). Its shards are ranges
+of positions in that order and form a chain:
+
+- Shard k is claimable only when shard k-1 is done: the claim is one conditional UPDATE that checks the
+  previous shard, so two workers never process one online run at once, however many messages the
+  broker holds (a second delivery finds nothing to claim and takes other work).
+- The task that finishes shard k hands shard k+1 to its caller as a follow-up ticket, sent after the commit
+  (the embedded executor just runs the shards in order).
+- After the last sample of shard k, the method's state (and the shard's prediction logits) is written as a
+  safetensors file to the artifact store, then one transaction stores the shard's predictions, the
+  checkpoint row pointing at that file and the shard's `done`: the file always exists before its row, and
+  a shard's predictions never exist without the state that follows them.
+- A shard starts from the newest checkpoint of an earlier shard whose file is intact (size and sha256 as the
+  row recorded). A file cut short is moved aside and the one before it is used: the shards in between are
+  replayed (their predictions are stored already; replay only rebuilds the state and rewrites their files).
+  Since every step is deterministic, a resumed run reproduces the uninterrupted one exactly.
+
+Nothing is written for a shard until it ends: a worker killed mid-shard leaves the previous checkpoint as
+the resume point, and the shard is re-queued like any other (heartbeat, stale check, `resume`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import time
+import traceback
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import bindparam, exists, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from difftpt_ops.config import Settings
+from difftpt_ops.core.errors import InputError, SampleError, TransientError
+from difftpt_ops.core.specs import MethodSpec
+from difftpt_ops.core.status import SampleStatus, ShardState
+from difftpt_ops.db.session import session_scope
+from difftpt_ops.db.tables import DatasetVersion, OnlineCheckpoint, Run, Sample, Shard
+from difftpt_ops.db.tables import SampleError as SampleErrorRow
+from difftpt_ops.db.writes import insert_many_ignore
+from difftpt_ops.services.executor import HEARTBEATS, Lease, ShardTicket, WorkerIdentity, is_reclaimable
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAMESPACE = "online"
+CHECKPOINT_SUFFIX = ".st"  # safetensors; the artifact store allows suffixes of at most 8 characters
+STATE_PREFIX = "state."  # checkpoint tensors: the method's state_dict under this prefix, plus the shard's
+LOGITS_KEY = "logits"  # prediction logits (n_samples, n_classes) and
+POSITIONS_KEY = "positions"  # the stream positions they belong to
+_CONTEXT_CACHE_SIZE = 4
+
+_S = Shard.__table__.c
+_PREVIOUS = Shard.__table__.alias("previous")
+_OPEN = [ShardState.PENDING.value, ShardState.QUEUED.value]
+_CLAIM_VALUES = {"state": ShardState.RUNNING.value, "attempts": _S.attempts + 1, "worker": bindparam("b_worker"),
+                 "gpu": bindparam("b_gpu"), "heartbeat_at": bindparam("b_now"), "started_at": bindparam("b_now"),
+                 "finished_at": None}
+_RETURNED = (_S.run_id, _S.index, _S.start, _S.stop, _S.attempts)
+# The chain's gate: the first shard, or one whose predecessor is done.
+_PREDECESSOR_DONE = (_S.index == 0) | exists(select(_PREVIOUS.c.id).where(
+    _PREVIOUS.c.run_id == _S.run_id, _PREVIOUS.c.index == _S.index - 1,
+    _PREVIOUS.c.state == ShardState.DONE.value))
+_CLAIM_OPEN = (update(Shard.__table__).where(_S.id == bindparam("b_id"), _S.state.in_(_OPEN), _PREDECESSOR_DONE)
+               .values(**_CLAIM_VALUES).returning(*_RETURNED))
+_CLAIM_TAKEOVER = (update(Shard.__table__).where(_S.id == bindparam("b_id"), _S.state == ShardState.RUNNING.value,
+                                                 _S.attempts == bindparam("b_seen"))
+                   .values(**_CLAIM_VALUES).returning(*_RETURNED))
+_OWNED = (_S.id == bindparam("b_id")) & (_S.attempts == bindparam("b_token")) & (_S.state == ShardState.RUNNING.value)
+_DONE = update(Shard.__table__).where(_OWNED).values(
+    samples_done=bindparam("b_done"), samples_failed=bindparam("b_failed"), heartbeat_at=bindparam("b_now"),
+    seconds=_S.seconds + bindparam("b_seconds"), state=ShardState.DONE.value, finished_at=bindparam("b_now"),
+    error=None)
+
+
+# --- Identity: which runs are online, their order ------------------------------------------------------------
+
+
+def ensure_registered(method: str) -> None:
+    """Load the method registry when `method` is not a built-in spec (it imports torch: only when needed)."""
+    from difftpt_ops.core.specs import METHOD_SPECS
+
+    if method not in METHOD_SPECS:
+        import difftpt_ops.tta.methods  # noqa: F401 - registers every method's spec class
+
+
+def is_online_method(name: str) -> bool:
+    """True when `name` is a registered method of kind online."""
+    from difftpt_ops.tta.methods import ONLINE, method_names, get_method
+
+    return name in method_names() and get_method(name).kind == ONLINE
+
+
+def resolve_for_dataset(spec: MethodSpec, dataset_format: str) -> MethodSpec:
+    """The spec with its dataset-dependent defaults filled in (TDA's per-dataset configs); others unchanged."""
+    from difftpt_ops.tta.methods import method_of
+
+    resolver = getattr(method_of(spec), "resolve_for_dataset", None)
+    return resolver(spec, dataset_format) if resolver is not None else spec
+
+
+def stream_order(n_samples: int, order_seed: int) -> list[int]:
+    """The sample indices of a dataset version in the order an online run sees them (a seeded permutation)."""
+    order = list(range(n_samples))
+    random.Random(order_seed).shuffle(order)
+    return order
+
+
+_chained: OrderedDict[tuple[str, int], bool] = OrderedDict()
+
+
+def is_chained_shard(engine: Engine, shard_id: int) -> bool:
+    """Whether a shard belongs to an online run (cached per process: a shard's run never changes)."""
+    key = (str(engine.url), shard_id)
+    if key not in _chained:
+        with engine.connect() as connection:
+            method = connection.execute(select(Run.method).join(Shard, Shard.run_id == Run.id)
+                                        .where(Shard.id == shard_id)).scalar()
+        _chained[key] = method is not None and is_online_method(method)
+        while len(_chained) > 10_000:
+            _chained.popitem(last=False)
+    return _chained[key]
+
+
+# --- Claiming a link of the chain -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChainClaim:
+    """A claimed shard of an online run; `token` (its attempt count) guards every later write."""
+
+    shard_id: int
+    run_id: int
+    index: int
+    start: int
+    stop: int
+    token: int
+
+    def params(self, **extra: Any) -> dict[str, Any]:
+        return {"b_id": self.shard_id, "b_token": self.token, **extra}
+
+
+def claim_chained(engine: Engine, settings: Settings, shard_id: int, identity: WorkerIdentity) -> ChainClaim | None:
+    """Take a shard of an online run if its predecessor is done, or take over one whose worker is gone."""
+    now = _utcnow()
+    params = {"b_id": shard_id, "b_worker": identity.label, "b_gpu": identity.gpu, "b_now": now}
+    with engine.begin() as connection:
+        row = connection.execute(_CLAIM_OPEN, params).one_or_none()
+        if row is None:
+            seen = connection.execute(select(_S.state, _S.attempts, _S.heartbeat_at, _S.worker)
+                                      .where(_S.id == shard_id)).one_or_none()
+            if seen is None or seen.state != ShardState.RUNNING.value or not is_reclaimable(
+                    seen.heartbeat_at, seen.worker, now=now, stale_after_s=settings.stale_after_s):
+                return None
+            row = connection.execute(_CLAIM_TAKEOVER, {**params, "b_seen": seen.attempts}).one_or_none()
+            if row is None:
+                return None
+    return ChainClaim(shard_id, row.run_id, row.index, row.start, row.stop, row.attempts)
+
+
+# --- Checkpoint files ----------------------------------------------------------------------------------------
+
+
+def encode_checkpoint(state: dict[str, Any], logits: Any, positions: Any) -> bytes:
+    """The safetensors bytes of a checkpoint: the state's tensors, the shard's logits and their positions."""
+    from safetensors.torch import save
+
+    tensors = {f"{STATE_PREFIX}{name}": tensor.detach().cpu().contiguous() for name, tensor in state.items()}
+    tensors[LOGITS_KEY] = logits.detach().cpu().float().contiguous()
+    tensors[POSITIONS_KEY] = positions.detach().cpu().contiguous()
+    return save(tensors)
+
+
+def decode_checkpoint(data: bytes) -> tuple[dict[str, Any], Any, Any]:
+    """(state tensors, logits, positions) of checkpoint bytes."""
+    from safetensors.torch import load
+
+    tensors = load(data)
+    state = {name.removeprefix(STATE_PREFIX): t for name, t in tensors.items() if name.startswith(STATE_PREFIX)}
+    return state, tensors[LOGITS_KEY], tensors[POSITIONS_KEY]
+
+
+def checkpoint_store(settings: Settings) -> Any:
+    from difftpt_ops.storage.artifacts import ArtifactStore
+
+    return ArtifactStore(settings.artifact_root, namespace=CHECKPOINT_NAMESPACE)
+
+
+def put_checkpoint(store: Any, data: bytes) -> dict[str, Any]:
+    """Write checkpoint bytes under their content key (fsynced, atomic); the row's file facts."""
+    digest = hashlib.sha256(data).hexdigest()
+    store.put(f"{digest}{CHECKPOINT_SUFFIX}", data)
+    return {"artifact_key": f"{digest}{CHECKPOINT_SUFFIX}", "content_hash": digest, "size_bytes": len(data)}
+
+
+def read_checkpoint(store: Any, row: Any) -> bytes | None:
+    """The bytes of a checkpoint row's file when they are intact; a damaged file is moved aside (so that a
+    replay can write it again) and None is returned."""
+    path = store.path(row.artifact_key)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        log.warning("checkpoint %s of run %s shard %s is missing", row.artifact_key, row.run_id, row.shard_index)
+        return None
+    if len(data) == row.size_bytes and hashlib.sha256(data).hexdigest() == row.content_hash:
+        return data
+    log.warning("checkpoint %s of run %s shard %s is damaged (%d of %d bytes); using an earlier one",
+                row.artifact_key, row.run_id, row.shard_index, len(data), row.size_bytes)
+    path.rename(path.with_name(f"{path.name}.damaged-{int(time.time() * 1000)}"))
+    return None
+
+
+def shard_checkpoints(engine: Engine, settings: Settings, run_id: int) -> list[tuple[int, bytes | None]]:
+    """(shard index, intact bytes or None) of every checkpoint of a run, in chain order (tests, inspection)."""
+    store = checkpoint_store(settings)
+    with session_scope(engine) as session:
+        rows = session.scalars(select(OnlineCheckpoint).where(OnlineCheckpoint.run_id == run_id)
+                               .order_by(OnlineCheckpoint.shard_index)).all()
+        session.expunge_all()
+    return [(row.shard_index, read_checkpoint(store, row)) for row in rows]
+
+
+# --- Executing one link --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Context:
+    """What a process keeps per online run: the engine-side processor, the order, the store."""
+
+    run_id: int
+    version_id: int
+    queue: str
+    order: list[int]
+    tune: Any  # services.tuning.RunContext (its processor runs the method through the engine)
+    recorder: _Recorder
+    store: Any
+
+
+class _Recorder:
+    """Stands in for the engine's tuner inside the processor and keeps the last result (for its logits)."""
+
+    def __init__(self, tuner: Any) -> None:
+        self._tuner = tuner
+        self.last: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tuner, name)
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        self.last = self._tuner.run(*args, **kwargs)
+        return self.last
+
+    def run_features(self, *args: Any, **kwargs: Any) -> Any:
+        self.last = self._tuner.run_features(*args, **kwargs)
+        return self.last
+
+
+_contexts: OrderedDict[tuple[str, int, str | None, str], _Context] = OrderedDict()
+# Per engine tuner (by id; tuners live in the model cache): the (database, run, shard index) whose end state
+# it holds, when this process wrote that checkpoint itself; the next link then needs no read.
+_in_memory: dict[int, tuple[str, int, int]] = {}
+
+
+def _context(engine: Engine, settings: Settings, run_id: int, *, device: str | None, worker: str) -> _Context:
+    from difftpt_ops.services.tuning import open_run_context
+
+    key = (str(engine.url), run_id, device, worker)
+    if key not in _contexts:
+        tune = open_run_context(engine, settings, run_id, device=device, worker=worker)
+        with session_scope(engine) as session:
+            spec, n_samples = session.execute(
+                select(Run.spec, DatasetVersion.num_samples).join(DatasetVersion, DatasetVersion.id ==
+                                                                  Run.dataset_version_id).where(Run.id == run_id)).one()
+        processor = tune.processor
+        recorder = processor.tuner if isinstance(processor.tuner, _Recorder) else _Recorder(processor.tuner)
+        processor.tuner = recorder
+        order = stream_order(int(n_samples), int(spec["method"].get("order_seed", 0)))
+        _contexts[key] = _Context(run_id, tune.dataset_version_id, tune.queue, order, tune, recorder,
+                                  checkpoint_store(settings))
+        while len(_contexts) > _CONTEXT_CACHE_SIZE:
+            _contexts.popitem(last=False)
+    return _contexts[key]
+
+
+@dataclass
+class _Results:
+    """A shard's rows and logits, written only when the whole shard is done."""
+
+    rows: list[Any] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    logits: list[Any] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _samples_at(engine: Engine, context: _Context, start: int, stop: int) -> list[tuple[int, Any]]:
+    """(position, sample row) for the stream positions [start, stop), in stream order."""
+    wanted = context.order[start:stop]
+    c = Sample.__table__.c
+    with engine.connect() as connection:
+        rows = connection.execute(select(c.id, c.index, c.relpath, c.label, c.content_hash, c.status, c.error)
+                                  .where(c.dataset_version_id == context.version_id, c.index.in_(wanted))).all()
+    by_index = {row.index: row for row in rows}
+    return [(start + offset, by_index[index]) for offset, index in enumerate(wanted)]
+
+
+def _advance(context: _Context, position: int, sample: Any, results: _Results | None, run_id: int) -> bool:
+    """Run the method on one sample (updating its state); record the outcome in `results` when given."""
+    started = time.perf_counter()
+    try:
+        if sample.status == SampleStatus.FAILED:
+            raise SampleError(sample.error or "sample failed at registration")
+        row = context.tune.processor.process(sample)
+        ok = True
+    except SampleError as exc:  # the state does not see this sample; the same happens on every replay
+        ok = False
+        if results is not None:
+            results.errors.append({"run_id": run_id, "sample_id": sample.id, "sample_index": sample.index,
+                                   "error": str(exc)[:4000], "created_at": _utcnow()})
+    if results is not None:
+        results.seconds += time.perf_counter() - started
+        if ok:
+            results.rows.append(row)
+            results.logits.append(context.recorder.last.logits.detach().float().cpu())
+            results.positions.append(position)
+    return ok
+
+
+def _start_state(engine: Engine, settings: Settings, context: _Context, claim: ChainClaim) -> None:
+    """Put the method's state where the chain stands before this shard: the newest intact checkpoint,
+    then a replay of the shards after it (rewriting their files when they were damaged)."""
+    tuner = context.recorder
+    if _in_memory.get(id(tuner._tuner)) == (str(engine.url), claim.run_id, claim.index - 1):  # noqa: SLF001
+        return  # this process finished the previous link: its state is that checkpoint's
+    _in_memory.pop(id(tuner._tuner), None)  # noqa: SLF001
+    with session_scope(engine) as session:
+        rows = session.scalars(select(OnlineCheckpoint).where(
+            OnlineCheckpoint.run_id == claim.run_id, OnlineCheckpoint.shard_index < claim.index)
+            .order_by(OnlineCheckpoint.shard_index.desc())).all()
+        shards = session.execute(select(Shard.index, Shard.start, Shard.stop).where(
+            Shard.run_id == claim.run_id, Shard.index < claim.index).order_by(Shard.index)).all()
+        session.expunge_all()
+    base, position = -1, 0
+    tuner.reset_state()
+    for row in rows:
+        data = read_checkpoint(context.store, row)
+        if data is not None:
+            state, _, _ = decode_checkpoint(data)
+            tuner.load_state_dict(state)
+            base, position = row.shard_index, row.position
+            break
+    damaged = {row.shard_index: row for row in rows if row.shard_index > base}
+    for index, start, stop in shards:
+        if index <= base:
+            continue
+        log.warning("run %s: replaying shard %s to rebuild the state for shard %s", claim.run_id, index, claim.index)
+        replay = _Results()
+        for at, sample in _samples_at(engine, context, max(start, position), stop):
+            _advance(context, at, sample, replay, claim.run_id)
+        if index in damaged:
+            _rewrite(context, damaged[index], replay)
+
+
+def _rewrite(context: _Context, row: Any, replay: _Results) -> None:
+    import torch
+
+    data = encode_checkpoint(context.recorder.state_dict(), _stack(replay.logits),
+                             torch.tensor(replay.positions, dtype=torch.int64))
+    facts = put_checkpoint(context.store, data)
+    if facts["content_hash"] != row.content_hash:
+        log.warning("replayed shard %s of run %s gives a different state than its checkpoint row records",
+                    row.shard_index, row.run_id)
+
+
+def _stack(logits: list[Any]) -> Any:
+    import torch
+
+    return torch.stack(logits) if logits else torch.zeros(0, 0)
+
+
+def _finish(engine: Engine, context: _Context, claim: ChainClaim, results: _Results) -> bool:
+    """Checkpoint file first, then the shard's rows, the checkpoint row and `done` in one transaction.
+    False when the shard is no longer ours (the transaction is rolled back)."""
+    import torch
+
+    data = encode_checkpoint(context.recorder.state_dict(), _stack(results.logits),
+                             torch.tensor(results.positions, dtype=torch.int64))
+    facts = put_checkpoint(context.store, data)
+    now = _utcnow()
+    checkpoint = {"run_id": claim.run_id, "shard_index": claim.index, "position": claim.stop, **facts,
+                  "created_at": now}
+    params = claim.params(b_done=len(results.rows), b_failed=len(results.errors), b_now=now,
+                          b_seconds=results.seconds)
+    with engine.connect() as connection, connection.begin() as transaction:
+        context.tune.processor.write(connection, results.rows)
+        insert_many_ignore(connection, SampleErrorRow, results.errors)
+        insert_many_ignore(connection, OnlineCheckpoint, [checkpoint])
+        if connection.execute(_DONE, params).rowcount != 1:
+            transaction.rollback()
+            return False
+    return True
+
+
+def _process(engine: Engine, settings: Settings, claim: ChainClaim, context: _Context, lease: Lease,
+             progress: Any) -> str:
+    """Run one claimed link; returns the outcome's name (done / interrupted / lost)."""
+    from difftpt_ops.services import shards
+
+    # 1. The state as the chain left it before this shard.
+    _start_state(engine, settings, context, claim)
+    # 2. The shard's samples in stream order; nothing is written until the last one.
+    results = _Results()
+    for position, sample in _samples_at(engine, context, claim.start, claim.stop):
+        if shards._stop_requested.is_set() or lease.lost.is_set():  # noqa: SLF001 - the shutdown flag
+            return "lost" if lease.lost.is_set() else "interrupted"
+        ok = _advance(context, position, sample, results, claim.run_id)
+        if progress is not None:
+            progress(int(ok), int(not ok))
+    # 3. File, then rows + checkpoint row + done, atomically.
+    if not _finish(engine, context, claim, results):
+        return "lost"
+    _in_memory[id(context.recorder._tuner)] = (str(engine.url), claim.run_id, claim.index)  # noqa: SLF001
+    return "done"
+
+
+def execute_online_shard(engine: Engine, settings: Settings, shard_id: int, *, identity: WorkerIdentity,
+                         device: str | None = None, progress: Any = None) -> Any:
+    """Run one shard of an online run (see the module docstring); the shard service's contract."""
+    from difftpt_ops.services.shards import Outcome, ShardOutcome, finalize_run_if_complete, release_shard
+
+    claim = claim_chained(engine, settings, shard_id, identity)
+    if claim is None:
+        return ShardOutcome(shard_id, Outcome.SKIPPED)
+    lease = Lease(engine, claim.shard_id, claim.token, settings.heartbeat_interval_s)
+    HEARTBEATS.hold(lease)
+    queue: str | None = None
+    try:
+        context = _context(engine, settings, claim.run_id, device=device, worker=identity.label)
+        queue = context.queue
+        result = _process(engine, settings, claim, context, lease, progress)
+    except KeyboardInterrupt:
+        release_shard(engine, claim, ShardState.PENDING)  # type: ignore[arg-type]
+        raise
+    except TransientError:
+        raise
+    except SQLAlchemyError as exc:
+        raise TransientError(f"shard {shard_id}: database error ({exc.__class__.__name__}: {exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - a shard failing as a whole is recorded, not raised
+        return _record_failure(engine, settings, claim, queue, exc)
+    finally:
+        HEARTBEATS.release(lease)
+    if result == "interrupted":
+        release_shard(engine, claim, ShardState.QUEUED)  # type: ignore[arg-type]
+        return ShardOutcome(shard_id, Outcome.INTERRUPTED, queue)
+    if result == "lost":
+        return ShardOutcome(shard_id, Outcome.LOST, queue)
+    finalize_run_if_complete(engine, settings, claim.run_id)
+    follow_up = _next_link(engine, claim, queue)
+    return ShardOutcome(shard_id, Outcome.DONE, queue, processed=claim.stop - claim.start, follow_up=follow_up)
+
+
+def _next_link(engine: Engine, claim: ChainClaim, queue: str | None) -> tuple[ShardTicket, ...]:
+    """Mark the next shard of the chain queued; its ticket, for the caller to send after this commit."""
+    with engine.begin() as connection:
+        next_id = connection.execute(update(Shard.__table__).where(
+            _S.run_id == claim.run_id, _S.index == claim.index + 1, _S.state.in_(_OPEN))
+            .values(state=ShardState.QUEUED.value).returning(_S.id)).scalar()
+    return (ShardTicket(int(next_id), queue or "tune"),) if next_id is not None else ()
+
+
+def _record_failure(engine: Engine, settings: Settings, claim: ChainClaim, queue: str | None, exc: Exception) -> Any:
+    """Retry later, or fail the shard and the rest of the chain (which cannot run without it)."""
+    from difftpt_ops.services.shards import Outcome, ShardOutcome, finalize_run_if_complete, retry_delay_s
+
+    retry = not isinstance(exc, InputError) and claim.token < settings.shard_max_attempts
+    error = "".join(traceback.format_exception(exc))[-8000:]
+    state = ShardState.QUEUED if retry else ShardState.FAILED
+    with engine.begin() as connection:
+        connection.execute(update(Shard.__table__).where(_OWNED).values(
+            state=state.value, error=error, **({} if retry else {"finished_at": _utcnow()})), claim.params())
+        if not retry:
+            connection.execute(update(Shard.__table__).where(
+                _S.run_id == claim.run_id, _S.index > claim.index, _S.state.in_(_OPEN)).values(
+                state=ShardState.FAILED.value, finished_at=_utcnow(),
+                error=f"shard {claim.index} of this online run failed; `resume` runs the chain on from there"))
+    log.warning("online shard %s attempt %s failed: %s", claim.shard_id, claim.token, exc)
+    if retry:
+        return ShardOutcome(claim.shard_id, Outcome.RETRY, queue, retry_in_s=retry_delay_s(claim.token), error=exc)
+    finalize_run_if_complete(engine, settings, claim.run_id)
+    return ShardOutcome(claim.shard_id, Outcome.FAILED, queue, error=exc)
+
+
+def _utcnow() -> Any:
+    from difftpt_ops.services.shards import utcnow
+
+    return utcnow()
+
+
+__all__ = ["ChainClaim", "claim_chained", "decode_checkpoint", "encode_checkpoint", "execute_online_shard",
+           "is_chained_shard", "is_online_method", "resolve_for_dataset", "shard_checkpoints", "stream_order"]

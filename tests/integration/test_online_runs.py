@@ -1,0 +1,152 @@
+"""Online runs in-process (embedded executor) on tiny models, SQLite and PostgreSQL: ordered chains,
+checkpoints, a damaged checkpoint, order seeds, and the chain's gate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from difftpt_ops.db.session import session_scope
+from difftpt_ops.db.tables import OnlineCheckpoint, Prediction
+from difftpt_ops.services import online, runs, shards, tuning
+from difftpt_ops.services.executor import WorkerIdentity
+from tests.integration.test_jobs_support import RecordingDispatcher, count, distinct_predictions, shard_rows
+from tests.integration.test_online_support import (
+    N_SAMPLES,
+    OVERRIDES,
+    SHARD_SIZE,
+    assert_same_run,
+    image_dataset,
+    online_settings,
+    predictions,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
+
+
+def _submit(engine, settings, clip: Path, method: str = "tda", **kwargs):  # type: ignore[no-untyped-def]
+    overrides = {**OVERRIDES, **kwargs.pop("overrides", {})}
+    return runs.submit_tune(engine, settings, dataset_ref="pics", method=method, model=str(clip), pretrained=None,
+                            shard_size=SHARD_SIZE, overrides=overrides, **kwargs)
+
+
+@pytest.fixture
+def reference(tmp_path: Path, tiny_models_dir: Path):  # type: ignore[no-untyped-def]
+    """Uninterrupted runs in a separate SQLite workspace, by (method, order seed)."""
+    settings, engine = online_settings(tmp_path / "ref", f"sqlite:///{tmp_path / 'ref.db'}")
+    image_dataset(engine, tmp_path / "images")
+    done: dict[tuple[str, int], int] = {}
+
+    def get(method: str = "tda", order_seed: int = 0):  # type: ignore[no-untyped-def]
+        if (method, order_seed) not in done:
+            result = _submit(engine, settings, tiny_models_dir / "clip", method,
+                             overrides={"order_seed": str(order_seed)})
+            done[(method, order_seed)] = result.run_id
+        return engine, settings, done[(method, order_seed)]
+
+    tuning.clear_caches()
+    return get
+
+
+@pytest.mark.parametrize("method", ["tda", "dmn-zs"])
+def test_online_run_is_an_ordered_checkpointed_chain(workspace: Path, database_url: str, tmp_path: Path,
+                                                     tiny_models_dir: Path, method: str) -> None:
+    """One prediction per sample, one checkpoint per shard covering its stream positions, in the seeded order."""
+    settings, engine = online_settings(workspace, database_url)
+    image_dataset(engine, tmp_path / "images")
+    result = _submit(engine, settings, tiny_models_dir / "clip", method)
+    assert (result.state, result.shards_total) == ("finished", -(-N_SAMPLES // SHARD_SIZE))
+    assert count(engine, Prediction, result.run_id) == distinct_predictions(engine, result.run_id) == N_SAMPLES
+    with session_scope(engine) as session:
+        checkpoints = session.execute(select(OnlineCheckpoint.shard_index, OnlineCheckpoint.position)
+                                      .where(OnlineCheckpoint.run_id == result.run_id)
+                                      .order_by(OnlineCheckpoint.shard_index)).all()
+    assert [tuple(c) for c in checkpoints] == [(s.index, s.stop) for s in shard_rows(engine, result.run_id)]
+    for index, data in online.shard_checkpoints(engine, settings, result.run_id):
+        _, logits, positions = online.decode_checkpoint(data)
+        shard = shard_rows(engine, result.run_id)[index]
+        assert positions.tolist() == list(range(shard.start, shard.stop)) and logits.shape == (len(positions), 3)
+    # Stored predictions follow the stored logits of the sample at each stream position.
+    order = online.stream_order(N_SAMPLES, 0)
+    stored = predictions(engine, result.run_id)
+    for index, data in online.shard_checkpoints(engine, settings, result.run_id):
+        _, logits, positions = online.decode_checkpoint(data)
+        for position, row in zip(positions.tolist(), logits, strict=True):
+            assert stored[order[position]][0] == int(row.argmax())
+
+
+def test_a_damaged_checkpoint_is_detected_and_the_previous_one_used(workspace: Path, database_url: str,
+                                                                    tmp_path: Path, tiny_models_dir: Path,
+                                                                    reference) -> None:  # type: ignore[no-untyped-def]
+    """Cut the newest checkpoint short: the next shard starts from the one before, replays, and the run
+    ends identical to an uninterrupted one, the damaged file rewritten intact."""
+    settings, engine = online_settings(workspace, database_url)
+    image_dataset(engine, tmp_path / "images")
+    first = _submit(engine, settings, tiny_models_dir / "clip", limit=3 * SHARD_SIZE)
+    assert first.state == "finished"
+    with session_scope(engine) as session:
+        newest = session.scalars(select(OnlineCheckpoint).where(OnlineCheckpoint.run_id == first.run_id)
+                                 .order_by(OnlineCheckpoint.shard_index.desc())).first()
+        path = online.checkpoint_store(settings).path(newest.artifact_key)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    tuning.clear_caches()
+    online._in_memory.clear()  # another process: the state must come from the files
+    assert [d is None for _, d in online.shard_checkpoints(engine, settings, first.run_id)] == [False, False, True]
+    rest = _submit(engine, settings, tiny_models_dir / "clip")
+    assert (rest.run_id, rest.state) == (first.run_id, "finished")
+    assert all(d is not None for _, d in online.shard_checkpoints(engine, settings, first.run_id))
+    assert_same_run(engine, settings, first.run_id, *reference())
+
+
+def test_order_seed_makes_another_run_with_another_order(workspace: Path, database_url: str, tmp_path: Path,
+                                                        tiny_models_dir: Path) -> None:
+    """A different order seed is another run (another fingerprint) that sees the samples in another order."""
+    settings, engine = online_settings(workspace, database_url)
+    image_dataset(engine, tmp_path / "images")
+    zero = _submit(engine, settings, tiny_models_dir / "clip", limit=SHARD_SIZE)
+    one = _submit(engine, settings, tiny_models_dir / "clip", limit=SHARD_SIZE, overrides={"order_seed": "1"})
+    assert zero.run_id != one.run_id and zero.fingerprint != one.fingerprint
+    first_zero, first_one = (online.stream_order(N_SAMPLES, seed)[:SHARD_SIZE] for seed in (0, 1))
+    assert first_zero != first_one
+    assert sorted(predictions(engine, zero.run_id)) == sorted(first_zero)
+    assert sorted(predictions(engine, one.run_id)) == sorted(first_one)
+
+
+def test_the_chain_gate_lets_one_link_run_at_a_time(workspace: Path, database_url: str, tmp_path: Path,
+                                                    tiny_models_dir: Path) -> None:
+    """With every shard's message delivered at once, only the first link can be claimed; finishing it hands
+    over exactly the next one."""
+    settings, engine = online_settings(workspace, database_url, broker_url="redis://127.0.0.1:1/0")
+    image_dataset(engine, tmp_path / "images")
+    dispatcher = RecordingDispatcher()
+    planned = _submit(engine, settings, tiny_models_dir / "clip", limit=3 * SHARD_SIZE, dispatcher=dispatcher)
+    links = shard_rows(engine, planned.run_id)
+    assert sorted(t.shard_id for t in dispatcher.tickets) == [s.id for s in links]  # a broker submit sends all
+    identity = WorkerIdentity(name="test")
+    assert shards.execute_shard(engine, settings, links[1].id, identity=identity).outcome == shards.Outcome.SKIPPED
+    assert online.claim_chained(engine, settings, links[2].id, identity) is None
+    first = shards.execute_shard(engine, settings, links[0].id, identity=identity)
+    assert first.outcome == shards.Outcome.DONE
+    assert [t.shard_id for t in first.follow_up] == [links[1].id]
+    assert [s.state for s in shard_rows(engine, planned.run_id)] == ["done", "queued", "queued"]
+    assert shards.execute_shard(engine, settings, links[2].id, identity=identity).outcome == shards.Outcome.SKIPPED
+    second = shards.execute_shard(engine, settings, links[1].id, identity=identity)
+    assert [t.shard_id for t in second.follow_up] == [links[2].id]
+
+
+def test_submit_cli_rejects_an_episodic_option_in_one_line(workspace: Path, tiny_models_dir: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--set steps=1` on an online method: exit code 2, one line naming the option, nothing planned."""
+    from cli.main import app
+
+    monkeypatch.setenv("DIFFTPT_OPS_WORKSPACE", str(workspace))
+
+    result = CliRunner().invoke(app, ["submit", "tune", "--dataset", "pics", "--method", "tda", "--model",
+                                      str(tiny_models_dir / "clip"), "--pretrained", "none", "--set", "steps=1"])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "steps" in lines[0] and "tda" in lines[0]
