@@ -27,6 +27,7 @@ from sqlalchemy import Connection, text
 from sqlalchemy.engine import Engine
 
 from difftpt_ops.core.errors import InputError, NotFoundError
+from difftpt_ops.core.secrets import mask_url
 from difftpt_ops.core.specs import canonical_json, fingerprint_of
 from difftpt_ops.data.formats import CROSS_DOMAIN_FORMATS, IMAGENET_FORMATS
 from difftpt_ops.services import stats
@@ -368,12 +369,11 @@ def _paired_tests(conn: Connection, cells: dict[tuple[str, str], dict[str, tuple
                 cell.baseline_run = base[1].run_id
                 pairs.append((cell, run.run_id, base[1].run_id))
     counts = _discordant_counts(conn, [(a, b) for _, a, b in pairs], query.metric)
-    tested = []
-    for cell, a, b in pairs:
-        n, only_a, only_b = counts.get((a, b), (0, 0, 0))
-        cell.paired_n, cell.p = n, stats.mcnemar_exact_p(only_a, only_b)
-        tested.append(cell)
-    for cell, adjusted in zip(tested, stats.holm_adjust([c.p for c in tested if c.p is not None]), strict=True):
+    found = [counts.get((a, b), (0, 0, 0)) for _, a, b in pairs]
+    p_values = stats.mcnemar_exact_p_many([(only_a, only_b) for _, only_a, only_b in found])
+    for (cell, _, _), (n, _, _), p in zip(pairs, found, p_values, strict=True):
+        cell.paired_n, cell.p = n, p
+    for (cell, _, _), adjusted in zip(pairs, stats.holm_adjust(p_values), strict=True):
         cell.p_holm, cell.significant = adjusted, adjusted < query.alpha
 
 
@@ -722,7 +722,8 @@ def log_table(settings: Any, table: Table) -> dict[str, Any]:
             tracker.log_artifacts(run_id, Path(tmp))
         tracker.set_terminated(run_id, "FINISHED")
     except Exception as exc:  # noqa: BLE001  any MLflow failure is one line for the user
-        raise ServiceUnavailableError(f"MLflow at {settings.mlflow_tracking_uri} failed while logging the table "
-                                      f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+        raise ServiceUnavailableError(f"MLflow at {mask_url(settings.mlflow_tracking_uri)} failed while logging "
+                                      f"the table ({type(exc).__name__}: "
+                                      f"{mask_url(str(exc).splitlines()[0][:200])})") from exc
     return {"mlflow_run_id": run_id, "experiment": TABLE_EXPERIMENT, "run_name": table.query.name(),
             "artifacts": names}

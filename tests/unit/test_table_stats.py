@@ -58,3 +58,15 @@ def test_seed_group_key_ignores_only_seeds() -> None:
 def test_latex_escape() -> None:
     """Underscores, ampersands and percent signs cannot break a tabular."""
     assert latex_escape("a_b & 5%") == r"a\_b \& 5\%"
+
+
+def test_vectorised_mcnemar_equals_scipy_binomtest() -> None:
+    """The table's batch McNemar equals scipy.stats.binomtest(only_a, only_a + only_b, 0.5) pair by pair."""
+    from scipy.stats import binomtest
+
+    from difftpt_ops.services.stats import mcnemar_exact_p_many
+
+    pairs = [(0, 0), (3, 3), (0, 9), (9, 0), (12, 30), (410, 389), (1, 700), (250, 0)]
+    expected = [1.0 if a + b == 0 else binomtest(a, a + b, 0.5).pvalue for a, b in pairs]
+    assert mcnemar_exact_p_many(pairs) == pytest.approx(expected, rel=1e-12, abs=1e-300)
+    assert mcnemar_exact_p_many([]) == []
