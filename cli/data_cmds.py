@@ -111,12 +111,20 @@ def list_cmd(ctx: typer.Context, as_json: JsonOpt = False) -> None:
          ",".join(str(v) for v in d["versions"]), d["root"]] for d in datasets])
 
 
+def _stored_features(store: dict[str, int] | None) -> str:
+    """The feature store's share for this version: views of how many sets, and their size on disk."""
+    if not store or not store["entries"]:
+        return "none"
+    return f"{store['views']} views in {store['entries']} sets, {store['bytes'] / 1e6:.1f} MB"
+
+
 def _print_description(info: dict[str, Any]) -> None:
     version = info["version"]
     print_mapping(f"{info['name']}@{version['version']}", {
         "format": info["format"], "root": info["root"], "classes": info["num_classes"],
         "samples": version["num_samples"], "failed": version["num_failed"], "fingerprint": version["fingerprint"],
-        "augmix (cross-domain)": info["cross_domain"]})
+        "augmix (cross-domain)": info["cross_domain"],
+        "stored features": _stored_features(info.get("feature_store"))})
     print_table("versions", ["version", "samples", "failed", "parent", "subset", "seed", "fingerprint"], [
         [v["version"], v["num_samples"], v["num_failed"], v["parent_version"], v["subset_size"], v["subset_seed"],
          v["fingerprint"][:16]] for v in info["versions"]])

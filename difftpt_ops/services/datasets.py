@@ -282,6 +282,8 @@ def describe_dataset(engine: Engine, ref: str, *, max_failed: int = 100) -> dict
     Raises:
         NotFoundError: no such dataset or version.
     """
+    from difftpt_ops.services.features import dataset_store_size
+
     with session_scope(engine) as session:
         dataset, version = resolve_dataset_version(session, ref)
         versions = session.scalars(select(DatasetVersion).where(
@@ -294,4 +296,5 @@ def describe_dataset(engine: Engine, ref: str, *, max_failed: int = 100) -> dict
             "versions": [_version_dict(v, numbers) for v in versions],
             "per_class": _per_class(session, version, list(dataset.class_names)),
             "failed_samples": _failed_samples(session, version, max_failed),
+            "feature_store": dataset_store_size(session, version.id),  # stored view features of its samples
         }

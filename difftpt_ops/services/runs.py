@@ -464,10 +464,14 @@ def _summary(run: Run, dataset: str, version: int, counters: tuple[int, int]) ->
 
 def list_runs(engine: Engine, *, limit: int | None = None) -> list[dict[str, Any]]:
     """Every run, newest first, with its sample counts."""
+    from difftpt_ops.services.features import view_counts
+
     with session_scope(engine) as session:
         rows = _run_rows(session, limit=limit)
         counters = _counters(session, [row[0].id for row in rows])
-    return [_summary(run, name, version, counters.get(run.id, (0, 0))) for run, name, version in rows]
+        views = view_counts(session, [row[0].id for row in rows])
+    return [{**_summary(run, name, version, counters.get(run.id, (0, 0))), **views[run.id]}
+            for run, name, version in rows]
 
 
 def _details(session: Session, settings: Settings, run: Run, summary: dict[str, Any], now: datetime) -> None:
@@ -506,6 +510,8 @@ def run_status(engine: Engine, settings: Settings, run_id: int | None = None) ->
     Raises:
         NotFoundError: `run_id` names no run.
     """
+    from difftpt_ops.services.features import view_counts
+
     now = utcnow()
     with session_scope(engine) as session:
         if run_id is not None:
@@ -515,9 +521,10 @@ def run_status(engine: Engine, settings: Settings, run_id: int | None = None) ->
         else:
             rows = _run_rows(session, active=True)
         counters = _counters(session, [row[0].id for row in rows])
+        views = view_counts(session, [row[0].id for row in rows])  # encoded vs read from the feature store
         out = []
         for run, name, version in rows:
-            summary = _summary(run, name, version, counters.get(run.id, (0, 0)))
+            summary = {**_summary(run, name, version, counters.get(run.id, (0, 0))), **views[run.id]}
             _details(session, settings, run, summary, now)
             out.append(summary)
     return out

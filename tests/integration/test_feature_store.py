@@ -307,6 +307,14 @@ def test_features_run_fills_the_store_and_tune_runs_read_it(tiny_models_dir: Pat
     assert [r[:4] for r in read] == [r[:4] for r in fresh]
     assert [r[-2:] for r in _predictions(engine, zeroshot.run_id)] == [(0, 1)] * 3
     assert store_size(engine)["entries"] == 3  # nothing new was stored: every run read
+    listed = {r["run_id"]: r for r in runs.list_runs(engine)}
+    assert (listed[tpt.run_id]["views_encoded"], listed[tpt.run_id]["views_read"]) == (0, 3 * 64)
+    assert (listed[recompute.run_id]["views_encoded"], listed[recompute.run_id]["views_read"]) == (3 * 64, 0)
+    status = runs.run_status(engine, settings, zeroshot.run_id)[0]
+    assert (status["views_encoded"], status["views_read"]) == (0, 3)
+    from difftpt_ops.services.datasets import describe_dataset
+
+    assert describe_dataset(engine, "pics")["feature_store"] == store_size(engine)
 
     with session_scope(engine) as session:
         kinds = set(session.scalars(select(Run.kind)))
