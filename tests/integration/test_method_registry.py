@@ -170,3 +170,14 @@ def test_methods_list_shows_the_registry(meanview: type[MeanView]) -> None:
     assert by_name["meanview-test"]["kind"] == "forward-only"
     table = CliRunner().invoke(app, ["methods", "list"])
     assert table.exit_code == 0 and all(name in table.output for name in method_names())
+
+
+def test_readme_method_table_is_the_registry() -> None:
+    """The README's method table lists every registered method with its kind and reference, and nothing else."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Methods and the feature store", 1)[1].split("**Stored features.**", 1)[0]
+    rows = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| `")]
+    table = {cells[0].strip().strip("`"): (cells[1].strip(), cells[3].strip()) for cells in rows}
+    expected = {m.name: (m.kind, f"[{m.reference}](https://github.com/{m.reference})") for m in registered()
+                if m.name != "meanview-test"}
+    assert table == expected
