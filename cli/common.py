@@ -20,6 +20,7 @@ from typer.core import TyperGroup
 
 from difftpt_ops.config import Settings, load_settings
 from difftpt_ops.core.errors import DifftptError
+from difftpt_ops.core.secrets import mask_url
 
 console = Console()
 err_console = Console(stderr=True)
@@ -35,7 +36,7 @@ class ErrorTranslatingGroup(TyperGroup):
             return super().invoke(ctx)
         except DifftptError as exc:
             # Masked here too: a library message may quote a URL with its password.
-            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
+            err_console.print(f"[bold red]error:[/] {escape(mask_url(str(exc)))}", soft_wrap=True, highlight=False)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             err_console.print("interrupted; finished work is stored, `difftpt-ops resume RUN` continues")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from cli.common import JsonOpt, engine_of, print_json, print_table, settings_of
+from difftpt_ops.core.secrets import mask_url
 
 
 def _pct(value: float | None) -> str:
@@ -36,7 +37,7 @@ the whole system working offline. Look around:
   difftpt-ops -w {ws} results {runs['difftpt']} --by-class
   difftpt-ops -w {ws} compare {runs['difftpt']} {runs['zeroshot']}
   difftpt-ops -w {ws} sql "SELECT run_id, method, done, top1, gain FROM run_summary"
-  mlflow ui --backend-store-uri {settings.mlflow_tracking_uri} --port 5000   # then open http://127.0.0.1:5000
+  mlflow ui --backend-store-uri {mask_url(settings.mlflow_tracking_uri)} --port 5000   # then open http://127.0.0.1:5000
 
 A real run (GPU, real weights; see README "A real run"):
 
@@ -54,7 +55,7 @@ def demo(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 
     settings = settings_of(ctx)
     if not settings.embedded:
-        raise InputError("DIFFTPT_OPS_BROKER_URL", settings.broker_url,
+        raise InputError("DIFFTPT_OPS_BROKER_URL", mask_url(settings.broker_url or ""),
                          "the demo runs on the embedded executor; unset the broker URL or use another workspace")
     echo = (lambda _line: None) if as_json else typer.echo
     result = run_demo(settings, engine_of(ctx), echo=echo, progress=lambda: progress_bar(settings, as_json))

@@ -85,6 +85,9 @@ install_conventions(app)  # after every group: --quiet/--verbose/--format and ex
 
 
 def main() -> None:
+    from difftpt_ops.config import install_secret_masking
+
+    install_secret_masking()
     app()
 
 

@@ -11,6 +11,7 @@ import typer
 
 from cli.common import JsonOpt, engine_of, new_app, print_json, print_mapping, print_table, settings_of
 from difftpt_ops.core.errors import InputError
+from difftpt_ops.core.secrets import mask_url
 
 mlflow_app = new_app("MLflow: bring the tracking server up to date with the database.")
 
@@ -138,7 +139,7 @@ def mlflow_sync(ctx: typer.Context,
     else:
         rows = [[o["run_id"], o.get("experiment", ""), o.get("mlflow_run_id", ""), "yes" if o["synced"] else "no",
                  o.get("error", ", ".join(o.get("artifacts", [])))] for o in outcomes]
-        print_table(f"MLflow sync ({settings.mlflow_tracking_uri})",
+        print_table(f"MLflow sync ({mask_url(settings.mlflow_tracking_uri)})",
                     ["run", "experiment", "mlflow run", "synced", "artifacts / error"], rows)
     if any(not o["synced"] for o in outcomes):
         raise typer.Exit(1)

@@ -20,6 +20,9 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, InitSettingsSource, SettingsConfigDict
 
 from difftpt_ops.core.errors import InputError
+from difftpt_ops.core.secrets import install_secret_masking, mask_url
+
+__all__ = ["Settings", "install_secret_masking", "load_settings", "mask_url"]
 
 ENV_PREFIX = "DIFFTPT_OPS_"
 DEFAULT_WORKSPACE = "./difftpt-workspace"
@@ -102,20 +105,6 @@ class Settings(BaseSettings):
         return out
 
 
-# user:password@ after a scheme; the password may contain anything but '@' followed by a host.
-_PASSWORD_IN_URL = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]*:)(?P<pw>[^@\s]*)(?P<tail>@)")
-
-
-# libpq's key=value form (`password=secret`), which drivers echo in some connection errors.
-_PASSWORD_PARAMETER = re.compile(r"(?P<head>\bpassword\s*=\s*)(?P<pw>'[^']*'|[^\s&;]+)", re.IGNORECASE)
-
-
-def mask_url(url: str) -> str:
-    """Replace the password of every `scheme://user:password@host` in `url` (or in a message) with ***."""
-    masked = _PASSWORD_IN_URL.sub(lambda m: f"{m['head']}***{m['tail']}", url)
-    return _PASSWORD_PARAMETER.sub(lambda m: f"{m['head']}***", masked)
-
-
 class _MappingEnvSource(EnvSettingsSource):
     """The environment source reading a given mapping (load_settings' `env`) instead of os.environ."""
 
@@ -163,7 +152,8 @@ def _invalid(exc: ValidationError, env: Mapping[str, str], toml: Mapping[str, An
     name = name.removeprefix(ENV_PREFIX.lower()).removeprefix(ENV_PREFIX)
     argument, value = _source_of(name.lower(), env, toml, config_path)
     problem = str(error["msg"]).removeprefix("Value error, ")
-    return InputError(argument, error.get("input", value) if value is None else value, problem)
+    shown = error.get("input", value) if value is None else value
+    return InputError(argument, mask_url(str(shown)), problem)
 
 
 def load_settings(workspace: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Exchange, Queue
 
-from difftpt_ops.config import Settings, load_settings
+from difftpt_ops.config import Settings, install_secret_masking, load_settings
 
 QUEUES = ("generate", "tune")
 EXECUTE_SHARD = "difftpt.execute_shard"
@@ -46,5 +46,6 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
+install_secret_masking()  # worker logs: no URL password, whoever logs it
 app = make_celery(load_settings())
 app.conf.include = ["workers.tasks"]

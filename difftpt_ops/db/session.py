@@ -14,6 +14,7 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from difftpt_ops.core.errors import InputError, ServiceUnavailableError
+from difftpt_ops.core.secrets import mask_url
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 # The newest migration. Kept here so that opening a database needs no alembic import (0.7 s per CLI call);
@@ -41,7 +42,7 @@ def normalise_url(url: str) -> str:
     try:
         parsed = make_url(url)
     except ArgumentError as exc:
-        raise InputError("DIFFTPT_OPS_DATABASE_URL", url, "not a database URL (sqlite:///PATH or "
+        raise InputError("DIFFTPT_OPS_DATABASE_URL", mask_url(url), "not a database URL (sqlite:///PATH or "
                          "postgresql://USER@HOST/DB)") from exc
     if parsed.drivername in {"postgresql", "postgres"}:
         parsed = parsed.set(drivername="postgresql+psycopg")

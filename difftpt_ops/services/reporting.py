@@ -21,6 +21,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from difftpt_ops.config import Settings
 from difftpt_ops.core.errors import DifftptError, InputError, ServiceUnavailableError
+from difftpt_ops.core.secrets import mask_url
 from difftpt_ops.core.specs import flatten
 from difftpt_ops.core.status import TERMINAL_RUN_STATES, RunState
 from difftpt_ops.db.tables import DatasetVersion, Run
@@ -258,7 +259,8 @@ def sync_run(engine: Engine, settings: Settings, run_id: int) -> dict[str, Any]:
     except Exception as exc:
         _tracking_failed(engine, settings, run_id, exc)
         raise ServiceUnavailableError(
-            f"MLflow at {tracker.tracking_uri} failed for run {run_id} ({type(exc).__name__}: {_first_line(exc)}); "
+            f"MLflow at {mask_url(tracker.tracking_uri)} failed for run {run_id} ({type(exc).__name__}: "
+            f"{mask_url(_first_line(exc))}); "
             "the run stays marked: run `difftpt-ops mlflow sync` again once MLflow is reachable") from exc
     _set_sync_needed(engine, run_id, False)
     return out
@@ -343,5 +345,5 @@ def sync_runs(engine: Engine, settings: Settings, run_id: int | None = None) -> 
         try:
             results.append(sync_run(engine, settings, rid))
         except ServiceUnavailableError as exc:
-            results.append({"run_id": rid, "synced": False, "error": str(exc)})
+            results.append({"run_id": rid, "synced": False, "error": mask_url(str(exc))})
     return results
