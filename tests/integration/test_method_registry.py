@@ -181,3 +181,27 @@ def test_readme_method_table_is_the_registry() -> None:
     expected = {m.name: (m.kind, f"[{m.reference}](https://github.com/{m.reference})") for m in registered()
                 if m.name != "meanview-test"}
     assert table == expected
+
+
+def test_bad_feature_options_are_one_line_errors(cli_env: dict[str, str]) -> None:
+    from cli.main import app
+
+    result = CliRunner().invoke(app, ["submit", "features", "--dataset", "pics", "--views", "bogus"])
+    assert result.exit_code == 2 and "--views" in result.output and "bogus" in result.output
+    with pytest.raises(InvalidSpecError) as info:
+        method_spec_from("tpt", {"features": "sometimes"})
+    assert info.value.argument == "features"
+    # At its default the option stays out of the spec, so fingerprints of earlier runs are unchanged.
+    assert "features" not in method_spec_from("tpt").to_dict()
+    assert method_spec_from("tpt", {"features": "recompute"}).to_dict()["features"] == "recompute"
+
+
+def test_tune_run_spec_round_trips_typed() -> None:
+    spec = specs.TuneRunSpec(method=method_spec_from("difftpt", {"steps": "2", "features": "recompute"}),
+                             model=ModelSpec(name="RN50", precision="fp32"), dataset_fingerprint="d" * 64,
+                             generation_fingerprint="g" * 64, seed=3)
+    again = specs.TuneRunSpec.from_dict(spec.to_dict())
+    assert again == spec and again.fingerprint() == spec.fingerprint()
+    assert isinstance(again.method, specs.DiffTPTSpec) and again.method.steps == 2
+    with pytest.raises(InvalidSpecError):
+        specs.TuneRunSpec.from_dict({**spec.to_dict(), "kind": "generate"})
