@@ -6,6 +6,9 @@ heartbeating (`requeue_stale_shards`): recovery never waits for the broker's vis
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import logging
 import os
 import socket
@@ -19,7 +22,7 @@ from kombu.exceptions import KombuError
 
 from difftpt_ops.config import Settings, load_settings, mask_url
 from difftpt_ops.core.errors import ServiceUnavailableError, TransientError
-from workers.celery_app import EXECUTE_SHARD, app, make_celery
+from workers.celery_app import EXECUTE_SHARD, QUEUES, app, make_celery
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,41 @@ class CeleryDispatcher:
                                        retry=True, retry_policy=policy)
         except _BROKER_ERRORS as exc:
             raise self._unavailable(exc) from exc
+
+
+    def enqueued_shard_ids(self) -> set[int] | None:
+        """Shard ids whose message Redis holds: in a queue, or delivered and not yet acknowledged (`unacked`).
+
+        None for other brokers (RabbitMQ's durable queues survive a restart) or when Redis cannot be read.
+        """
+        url = str(self.app.conf.broker_url or "")
+        if not url.startswith(("redis://", "rediss://")):
+            return None
+        import redis
+
+        # kombu's Redis transport: a list per queue (and per priority step), and the `unacked` hash.
+        steps = ("", *(f"\x06\x16{priority}" for priority in range(1, 10)))
+        queue_keys = [f"{queue}{step}" for queue in QUEUES for step in steps]
+        try:
+            client = redis.Redis.from_url(url, socket_timeout=BROKER_CHECK_TIMEOUT_S)
+            raw = [m for key in queue_keys for m in client.lrange(key, 0, -1)]
+            raw += [json.dumps(json.loads(value)[0]) for value in client.hvals("unacked")]
+        except (redis.RedisError, ValueError, IndexError, TypeError) as exc:
+            log.warning("could not list the broker's messages: %s", exc)
+            return None
+        return {shard for shard in map(_shard_of_message, raw) if shard is not None}
+
+
+def _shard_of_message(raw: bytes | str) -> int | None:
+    """The shard id an `execute_shard` message carries, or None for anything else."""
+    try:
+        message = json.loads(raw)
+        if message.get("headers", {}).get("task") != EXECUTE_SHARD:
+            return None
+        args = json.loads(base64.b64decode(message["body"]))[0]
+        return int(args[0])
+    except (ValueError, KeyError, IndexError, TypeError, binascii.Error):
+        return None
 
 
 def dispatcher_for(settings: Settings) -> CeleryDispatcher:
@@ -110,16 +148,18 @@ def execute_shard(self: Any, shard_id: int) -> str:
 
 
 class _StaleShardCheck(threading.Thread):
-    """Every few seconds, re-queue running shards whose worker is silent or dead."""
+    """Every few seconds, re-queue running shards whose worker is silent or dead, and send again the queued
+    shards whose message the broker lost."""
 
     def __init__(self) -> None:
         super().__init__(name="stale-shard-check", daemon=True)
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        from difftpt_ops.services.executor import requeue_stale_shards
+        from difftpt_ops.services.executor import requeue_lost_messages, requeue_stale_shards
 
         interval = 30.0
+        missing_since: dict[int, float] = {}  # queued shards the broker did not hold at the last look
         while True:
             try:
                 settings, engine = _settings_and_engine()
@@ -127,6 +167,10 @@ class _StaleShardCheck(threading.Thread):
                 requeued = requeue_stale_shards(engine, settings, CeleryDispatcher(app))
                 if requeued:
                     log.warning("re-queued %d shard(s) whose worker stopped heartbeating", requeued)
+                resent = requeue_lost_messages(engine, settings, CeleryDispatcher(app), missing_since)
+                if resent:
+                    log.warning("sent %d queued shard(s) again: the broker had lost their messages (a restart?)",
+                                resent)
             except Exception as exc:  # noqa: BLE001 - a failed check is retried at the next tick
                 log.warning("stale shard check failed: %s", exc)
             if self.stopped.wait(interval):

@@ -289,6 +289,50 @@ def requeue_stale_shards(engine: Engine, settings: Settings, dispatcher: Dispatc
     return len(tickets)
 
 
+class BrokerInspector(Protocol):
+    """A dispatcher that can list the shards its broker holds (Redis can; RabbitMQ keeps its queues on disk)."""
+
+    def enqueued_shard_ids(self) -> set[int] | None:
+        """Shard ids in a broker queue or delivered and not yet acknowledged; None when the broker cannot tell."""
+
+
+def requeue_lost_messages(engine: Engine, settings: Settings, dispatcher: Dispatcher,
+                          missing_since: dict[int, float]) -> int:
+    """The workers' periodic check, second half: send again the queued shards whose message the broker lost.
+
+    Redis without persistence forgets its queues on a restart, while the database still says `queued`: such a
+    run would sit idle until someone typed `resume`. A shard queued in the database but in no broker queue
+    (nor delivered, unacknowledged) for `lost_message_grace_s` is sent again. The grace period covers the
+    moment between the commit that marks a shard queued and the send. `missing_since` (shard id -> monotonic
+    time first seen missing) is the caller's memory between checks. A duplicate message is harmless: a shard
+    is claimed once. Returns the number of shards sent again.
+    """
+    inspect = getattr(dispatcher, "enqueued_shard_ids", None)
+    if inspect is None:
+        return 0
+    with session_scope(engine) as session:  # the database first: a shard sent meanwhile is in the broker next
+        queued = dict(session.execute(
+            select(Shard.id, Run.kind).join(Run, Run.id == Shard.run_id)
+            .where(Shard.state == ShardState.QUEUED, Run.state.in_([RunState.PENDING, RunState.RUNNING]))).all())
+    enqueued = inspect()
+    if enqueued is None:
+        return 0
+    now, due = time.monotonic(), []
+    for shard_id in list(missing_since):
+        if shard_id not in queued or shard_id in enqueued:
+            del missing_since[shard_id]
+    for shard_id, kind in queued.items():
+        if shard_id in enqueued:
+            continue
+        if now - missing_since.setdefault(shard_id, now) >= settings.lost_message_grace_s:
+            due.append(ShardTicket(shard_id, QUEUE_OF_KIND[kind]))
+    if due:
+        dispatcher.send(due)
+        for ticket in due:
+            missing_since.pop(ticket.shard_id, None)
+    return len(due)
+
+
 class ProgressSink(Protocol):
     """What the embedded executor reports to (the CLI draws a progress bar from it)."""
 
