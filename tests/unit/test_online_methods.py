@@ -190,3 +190,29 @@ def test_checkpointed_state_continues_exactly(module, params) -> None:  # type: 
         resumed.append(result.logits)
     for a, b in zip(straight, resumed, strict=True):
         assert torch.equal(a, b)
+
+
+def test_order_seed_changes_predictions_on_a_crafted_stream() -> None:
+    """An ambiguous sample is predicted by CLIP's logits when it comes first, and pulled to the class of three
+    confident near neighbours when the order puts them before it."""
+    from difftpt_ops.services.online import stream_order
+
+    text = torch.eye(2, 8)
+    ambiguous = F.normalize(text[0] + 0.98 * text[1], dim=-1)
+    neighbours = [F.normalize(text[0] + (1.1 + 0.01 * k) * text[1], dim=-1) for k in range(3)]
+    stream = [ambiguous, *neighbours]  # sample index 0 is the ambiguous one
+    params = tda.TDAParams()
+
+    def prediction_of_ambiguous(order_seed: int) -> int:
+        state = tda.init_state(2, 8, params)
+        for index in stream_order(len(stream), order_seed):
+            views = stream[index].unsqueeze(0)
+            result, state = tda.step(state, views, 100.0 * views @ text.t(), params=params)
+            if index == 0:
+                return int(result.logits.argmax())
+        raise AssertionError("the ambiguous sample never came")
+
+    first = next(s for s in range(100) if stream_order(4, s)[0] == 0)
+    last = next(s for s in range(100) if stream_order(4, s)[-1] == 0)
+    assert prediction_of_ambiguous(first) == 0  # CLIP's own answer (slightly class 0)
+    assert prediction_of_ambiguous(last) == 1  # after three class-1 neighbours entered the positive cache
