@@ -38,7 +38,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         has_cuda = torch.cuda.is_available()
     except ImportError:
         has_cuda = False
-    if has_cuda:
+    # DIFFTPT_OPS_TEST_GPU_DEVICE=cpu rehearses the tier on the CPU (tests/gpu/conftest.py).
+    if has_cuda or os.environ.get("DIFFTPT_OPS_TEST_GPU_DEVICE") == "cpu":
         return
     skip = pytest.mark.skip(reason="needs CUDA")
     for item in items:
