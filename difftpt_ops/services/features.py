@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,18 +167,21 @@ def _now() -> Any:
     return datetime.now(UTC)
 
 
-_FINGERPRINTS: dict[tuple[int, str, str], str] = {}
+# Per loaded model (weakly held: an evicted model's entry goes with it, so a new model at the same address
+# is hashed afresh). The weights of a loaded CLIP are frozen, so its hash never goes stale.
+_FINGERPRINTS: weakref.WeakKeyDictionary[Any, dict[tuple[str, str], str]] = weakref.WeakKeyDictionary()
 
 
 def model_fingerprint_of(clip: Any) -> str:
-    """The feature-store fingerprint of a loaded CLIP (weights hash, precision, device, activation), cached
-    per loaded model object."""
+    """The feature-store fingerprint of a loaded CLIP (weights hash, precision, device, activation), computed
+    once per loaded model."""
     from difftpt_ops.storage.features import model_fingerprint
 
-    key = (id(clip.model), str(clip.precision), str(clip.device))
-    if key not in _FINGERPRINTS:
-        _FINGERPRINTS[key] = model_fingerprint(clip.model, precision=str(clip.precision), device=clip.device)
-    return _FINGERPRINTS[key]
+    known = _FINGERPRINTS.setdefault(clip.model, {})
+    key = (str(clip.precision), str(clip.device))
+    if key not in known:
+        known[key] = model_fingerprint(clip.model, precision=str(clip.precision), device=clip.device)
+    return known[key]
 
 
 def feature_cache_for(engine: Engine, settings: Settings, clip: Any, method_spec: Any,

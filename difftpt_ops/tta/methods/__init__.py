@@ -25,6 +25,7 @@ from difftpt_ops.tta.methods.base import (
     TuningPlan,
     ViewPlan,
     ViewScores,
+    find_method,
     get_method,
     method_names,
     method_of,
@@ -48,5 +49,5 @@ _load_all()
 __all__ = [
     "ENSEMBLE", "FORWARD_ONLY", "KINDS", "ONLINE", "PROMPT_TUNING", "SINGLE_TEMPLATE", "ForwardOnlyMethod",
     "Method", "OnlineMethod", "PromptTuningMethod", "StepInputs", "StepOutput", "TuningPlan", "ViewPlan",
-    "ViewScores", "get_method", "method_names", "method_of", "register", "registered", "unregister",
+    "ViewScores", "find_method", "get_method", "method_names", "method_of", "register", "registered", "unregister",
 ]

@@ -320,6 +320,11 @@ def get_method(name: str) -> Method:
     return method
 
 
+def find_method(name: str) -> Method | None:
+    """The registered method called `name`, or None (e.g. `noop`, which is bookkeeping, not a method)."""
+    return _REGISTRY.get(name)
+
+
 def method_of(spec: MethodSpec) -> Method:
     """The registered method that runs `spec`."""
     return get_method(spec.method)
