@@ -62,6 +62,7 @@ def environment() -> dict[str, Any]:
         import torch
 
         cuda = torch.version.cuda
+        versions["torch"] = torch.__version__  # with its build tag (+cu130, +cpu), which the package lacks
     except ImportError:
         pass
     source = source_commit()

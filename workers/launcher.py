@@ -77,6 +77,28 @@ def parse_gpus(value: str, available: list[str]) -> list[str | None]:
     return list(wanted)
 
 
+def require_usable_cuda(gpus: list[str], argument: str) -> None:
+    """Refuse to start GPU workers that torch cannot use (no driver, a broken install, a CPU-only torch):
+    they would otherwise run every shard on the CPU. Probed in a child, so the supervisor never holds CUDA.
+
+    Raises:
+        InputError: torch in a child with CUDA_VISIBLE_DEVICES set to `gpus` does not see them all.
+    """
+    if not gpus:
+        return
+    probe = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(gpus)}
+    try:
+        done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120,
+                              check=False)
+        seen = int(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 and done.stdout.strip() else 0
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        seen = 0
+    if seen < len(gpus):
+        raise InputError("--gpus", argument, f"torch cannot use CUDA on GPU(s) {','.join(gpus)} ({seen} usable): "
+                                             "check the NVIDIA driver and a CUDA build of torch, or use --gpus cpu")
+
+
 def parse_queues(value: str) -> list[str]:
     """A comma list of queue names, each one of QUEUES."""
     queues = [queue.strip() for queue in value.split(",") if queue.strip()]
@@ -101,8 +123,8 @@ def child_env(settings: Settings, gpu: str | None) -> dict[str, str]:
     })
     if settings.config_file is not None:
         env["DIFFTPT_OPS_CONFIG"] = str(settings.config_file)
-    if gpu is None:
-        env["DIFFTPT_OPS_DEVICE"] = "cpu"
+    # A GPU child computes on its GPU and a CPU child on the CPU: never "auto", which falls back silently.
+    env["DIFFTPT_OPS_DEVICE"] = "cpu" if gpu is None else "cuda"
     return env
 
 
@@ -217,6 +239,7 @@ def run_workers(settings: Settings, *, gpus: str = "all", queues: str = ",".join
         raise InputError("--concurrency-per-gpu", concurrency_per_gpu, "must be >= 1")
     queue_names = parse_queues(queues)
     devices = parse_gpus(gpus, visible_gpus())
+    require_usable_cuda([gpu for gpu in devices if gpu is not None], gpus)
     if not settings.broker_url:
         raise InputError("DIFFTPT_OPS_BROKER_URL", "(unset)", "workers need a broker (redis://HOST:6379/0 or "
                          "amqp://...); without one, `submit` runs the work itself")

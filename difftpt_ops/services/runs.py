@@ -335,7 +335,7 @@ def _reopen(engine: Engine, run_id: int) -> int:
             Shard.run_id == run_id, Shard.state.in_([ShardState.FAILED, ShardState.CANCELLED])
         ).values(state=ShardState.PENDING, attempts=0, error=None, finished_at=None))
         open_shards = session.scalar(select(func.count()).where(Shard.run_id == run_id, Shard.state.in_(
-            [ShardState.PENDING, ShardState.QUEUED, ShardState.RUNNING]))) or 0
+            [ShardState.PENDING, ShardState.QUEUED, ShardState.RUNNING, ShardState.WAITING]))) or 0
         if open_shards and run.state != RunState.RUNNING:
             check_run_transition(RunState(run.state), RunState.RUNNING)
             run.state, run.finished_at, run.error = RunState.RUNNING, None, None
@@ -385,7 +385,12 @@ def _run_embedded_or_fail(engine: Engine, settings: Settings, run_id: int, *, de
 def _mark_failed(engine: Engine, run_id: int, reason: str) -> None:
     with session_scope(engine) as session:
         run = session.get(Run, run_id)
-        if run is None or run.state in TERMINAL_RUN_STATES:
+        if run is None:
+            return
+        if run.state == RunState.FAILED:  # finalized already (its shard failed): keep the actual reason
+            run.error = reason[:4000]
+            return
+        if run.state in TERMINAL_RUN_STATES:
             return
         check_run_transition(RunState(run.state), RunState.FAILED)
         run.state, run.error, run.finished_at = RunState.FAILED, reason[:4000], utcnow()
@@ -422,7 +427,8 @@ def cancel_run(engine: Engine, settings: Settings, run_id: int) -> dict[str, Any
             raise InputError("RUN", run_id, f"is {run.state}; only pending or running runs can be cancelled")
         check_run_transition(RunState(run.state), RunState.CANCELLED)
         cancelled = session.execute(update(Shard).where(
-            Shard.run_id == run_id, Shard.state.in_([ShardState.PENDING, ShardState.QUEUED, ShardState.RUNNING])
+            Shard.run_id == run_id,
+            Shard.state.in_([ShardState.PENDING, ShardState.QUEUED, ShardState.RUNNING, ShardState.WAITING])
         ).values(state=ShardState.CANCELLED, finished_at=utcnow())).rowcount
         run.state, run.finished_at = RunState.CANCELLED, utcnow()
     reporting.report_finished(engine, settings, run_id)

@@ -80,7 +80,7 @@ _ERRORED = select(SampleErrorRow.__table__.c.sample_id).where(
     SampleErrorRow.__table__.c.sample_id.in_(bindparam("b_ids", expanding=True)))
 # Whether a run has an open shard: an index seek on (run_id, state) that stops at the first one.
 _OPEN_SHARDS = select(_S.id).where(_S.run_id == bindparam("b_run"), _S.state.in_(
-    [*_OPEN, ShardState.RUNNING.value])).limit(1)
+    [*_OPEN, ShardState.RUNNING.value, ShardState.WAITING.value])).limit(1)
 
 
 def request_stop() -> None:

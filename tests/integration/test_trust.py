@@ -1,0 +1,331 @@
+"""What a run says is what it did: DiffTPT reads exactly its generated views, failed setups leave no zombie
+runs, every run records its provenance, devices are what they say, and generation runs are not results."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from sqlalchemy import select
+
+from difftpt_ops.core.errors import InputError, NotFoundError
+from difftpt_ops.core.specs import GenerationSpec
+from difftpt_ops.db.session import session_scope
+from difftpt_ops.db.tables import Prediction, Run, Sample, Shard, ViewScore
+from difftpt_ops.db.tables import SampleError as SampleErrorRow
+from difftpt_ops.services import reporting, runs, shards, tuning
+from tests.conftest import scratch_database
+from tests.integration.test_jobs_support import (
+    REPO_ROOT,
+    add_dataset,
+    error_rows,
+    kill_worker,
+    make_settings,
+    open_engine,
+    redis_db,
+    run_state,
+    start_worker,
+    wait_for,
+    wait_ready,
+    worker_env,
+)
+
+pytestmark = pytest.mark.integration
+
+SMALL_DIFFTPT = {"n_conventional": "2", "n_generated": "2", "steps": "1"}
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def quiet_reporting(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setattr(reporting, "report_progress", lambda *_: None)
+    monkeypatch.setattr(reporting, "report_finished", lambda *_: None)
+    monkeypatch.setattr(shards, "_next_report", {})
+    tuning.clear_caches()
+    yield
+    tuning.clear_caches()
+
+
+def _images(root: Path, n: int) -> list[str]:
+    relpaths = []
+    for i in range(n):
+        relpath = f"class{i % 2}/{i}.png"
+        (root / relpath).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 40), ((i * 50) % 256, (i * 80) % 256, 120)).save(root / relpath)
+        relpaths.append(relpath)
+    return relpaths
+
+
+def _generation_spec(tiny_models_dir: Path, per_sample: int = 2) -> GenerationSpec:
+    return GenerationSpec(model=str(tiny_models_dir / "sd-image-variations"), revision=None, steps=2, size=64,
+                          per_sample=per_sample)
+
+
+def _generated_counts(engine: object, run_id: int) -> list[int]:
+    with session_scope(engine) as session:  # type: ignore[arg-type]
+        return list(session.scalars(select(Prediction.n_generated).where(Prediction.run_id == run_id)
+                                    .order_by(Prediction.sample_index)))
+
+
+def _generated_views(engine: object, run_id: int) -> set[int]:
+    """Per sample, how many view_scores rows are generated views."""
+    with session_scope(engine) as session:  # type: ignore[arg-type]
+        kinds = session.execute(select(ViewScore.sample_id, ViewScore.kind).where(ViewScore.run_id == run_id)).all()
+    per_sample: dict[int, int] = {}
+    for sample_id, kind in kinds:
+        per_sample[sample_id] = per_sample.get(sample_id, 0) + (kind == "generated")
+    return set(per_sample.values())
+
+
+@pytest.mark.slow
+def test_split_queues_difftpt_waits_for_its_images(backend: str, workspace: Path, tmp_path: Path,
+                                                   tiny_models_dir: Path) -> None:
+    """The README's split layout: a slowed `generate` worker and a `tune` worker; tuning submitted at once.
+    Tune shards wait for their images; every DiffTPT row used exactly the spec's generated views; the run
+    finishes after the generation does."""
+    from workers.tasks import dispatcher_for
+
+    with scratch_database(backend, workspace) as database_url, redis_db() as broker:
+        settings = make_settings(workspace, database_url, broker_url=broker)
+        engine = open_engine(settings)
+        root = tmp_path / "images"
+        add_dataset(engine, "pics", 6, root=root, classes=2, relpaths=_images(root, 6))
+        gen_log, tune_log = tmp_path / "generate.log", tmp_path / "tune.log"
+        generator = start_worker(worker_env(settings, broker, generate_delay_s="1.5"), gen_log,
+                                 "--queues", "generate")
+        tuner = start_worker(worker_env(settings, broker), tune_log, "--queues", "tune")
+        try:
+            wait_ready(gen_log), wait_ready(tune_log)
+            generated = runs.submit_generate(engine, settings, dataset_ref="pics",
+                                             spec=_generation_spec(tiny_models_dir), shard_size=2,
+                                             dispatcher=dispatcher_for(settings))
+            tuned = runs.submit_tune(engine, settings, dataset_ref="pics", method="difftpt",
+                                     model=str(tiny_models_dir / "clip"), pretrained=None, overrides=SMALL_DIFFTPT,
+                                     shard_size=2, dispatcher=dispatcher_for(settings))
+            assert tuned.generation_config_id == generated.generation_config_id
+            assert tuned.shards_dispatched < tuned.shards_total  # some shards wait for their images
+            [status] = runs.run_status(engine, settings, tuned.run_id)
+            assert status["shards"].get("waiting") and "waiting for generation config" in \
+                status["waiting_shards"][0]["reason"]
+            wait_for(lambda: run_state(engine, tuned.run_id) not in {"pending", "running"}, timeout=400,
+                     what="the DiffTPT run to end")
+        finally:
+            kill_worker(generator)
+            kill_worker(tuner)
+        assert run_state(engine, generated.run_id) == "finished", gen_log.read_text()[-3000:]
+        assert run_state(engine, tuned.run_id) == "finished", tune_log.read_text()[-3000:]
+        assert _generated_counts(engine, tuned.run_id) == [2] * 6
+        assert _generated_views(engine, tuned.run_id) == {2}
+        with session_scope(engine) as session:
+            gen_run, tune_run = session.get(Run, generated.run_id), session.get(Run, tuned.run_id)
+            assert tune_run.finished_at >= gen_run.finished_at
+            assert all(s.provenance and s.provenance["device"] == "cpu"
+                       for s in session.scalars(select(Shard).where(Shard.run_id == tuned.run_id)))
+
+
+def test_embedded_difftpt_refuses_missing_images_and_fails_samples_whose_generation_failed(
+        database_url: str, workspace: Path, tmp_path: Path, tiny_models_dir: Path, quiet_reporting: None) -> None:
+    """Embedded: a DiffTPT run whose images are not all there is refused (nothing written); a sample whose
+    generation failed is a failed sample of the DiffTPT run with that reason, never tuned with fewer views."""
+    settings = make_settings(workspace, database_url, device="cpu")
+    engine = open_engine(settings)
+    root = tmp_path / "images"
+    add_dataset(engine, "pics", 4, root=root, classes=2, relpaths=_images(root, 4))
+    clip = str(tiny_models_dir / "clip")
+    spec = _generation_spec(tiny_models_dir)
+    runs.submit_generate(engine, settings, dataset_ref="pics", spec=spec, limit=2)  # half the samples
+    with pytest.raises(InputError, match="2 of 4 samples do not have their 2 generated images"):
+        runs.submit_tune(engine, settings, dataset_ref="pics", method="difftpt", model=clip, pretrained=None,
+                         overrides=SMALL_DIFFTPT)
+    with session_scope(engine) as session:
+        assert session.scalars(select(Run).where(Run.kind == "tune")).all() == []
+
+    generated = runs.submit_generate(engine, settings, dataset_ref="pics", spec=spec, limit=3)
+    with session_scope(engine) as session:  # the generator failed on sample 3 (as a GPU out of memory would)
+        gen_run = session.get(Run, generated.run_id)
+        sample = session.scalars(select(Sample).where(Sample.index == 3)).one()
+        session.add(SampleErrorRow(run_id=gen_run.id, sample_id=sample.id, sample_index=3,
+                                   error="RuntimeError: CUDA out of memory"))
+    tuned = runs.submit_tune(engine, settings, dataset_ref="pics", method="difftpt", model=clip, pretrained=None,
+                             overrides=SMALL_DIFFTPT)
+    assert tuned.state == "finished_with_failures"
+    assert _generated_counts(engine, tuned.run_id) == [2, 2, 2]
+    [error] = error_rows(engine, tuned.run_id)
+    assert error.sample_index == 3 and "generation failed (RuntimeError: CUDA out of memory)" in error.error
+
+
+def test_waiting_shards_are_released_when_the_images_arrive(database_url: str, workspace: Path, tmp_path: Path,
+                                                            tiny_models_dir: Path, quiet_reporting: None) -> None:
+    """With a broker, unready tune shards wait; the generation shard that completes them returns them as
+    follow-up tickets; a sample without its images in a claimed shard parks the shard (no attempt spent)."""
+    from difftpt_ops.services.executor import WorkerIdentity
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.sent: list[int] = []
+
+        def check(self) -> None:
+            pass
+
+        def send(self, tickets: list) -> None:  # type: ignore[type-arg]
+            self.sent += [ticket.shard_id for ticket in tickets]
+
+    settings = make_settings(workspace, database_url, broker_url="redis://127.0.0.1:1/0", device="cpu")
+    engine = open_engine(settings)
+    root = tmp_path / "images"
+    add_dataset(engine, "pics", 4, root=root, classes=2, relpaths=_images(root, 4))
+    dispatcher = Recorder()
+    generated = runs.submit_generate(engine, settings, dataset_ref="pics", spec=_generation_spec(tiny_models_dir),
+                                     shard_size=2, dispatcher=dispatcher)
+    tuned = runs.submit_tune(engine, settings, dataset_ref="pics", method="difftpt",
+                             model=str(tiny_models_dir / "clip"), pretrained=None, overrides=SMALL_DIFFTPT,
+                             shard_size=2, dispatcher=dispatcher)
+    assert tuned.shards_dispatched == 0
+    with session_scope(engine) as session:
+        tune_shards = list(session.scalars(select(Shard).where(Shard.run_id == tuned.run_id).order_by(Shard.index)))
+        gen_shards = list(session.scalars(select(Shard).where(Shard.run_id == generated.run_id)
+                                          .order_by(Shard.index)))
+        assert {s.state for s in tune_shards} == {"waiting"}
+        tune_ids, gen_ids = [s.id for s in tune_shards], [s.id for s in gen_shards]
+    identity = WorkerIdentity(name="test")
+    first = shards.execute_shard(engine, settings, gen_ids[0], identity=identity)
+    assert first.outcome == shards.Outcome.DONE, first
+    assert [t.shard_id for t in first.follow_up] == [tune_ids[0]]  # only the shard whose samples are complete
+    # A queued shard whose images vanished meanwhile parks instead of tuning with fewer views.
+    with session_scope(engine) as session:
+        session.execute(Shard.__table__.update().where(Shard.id == tune_ids[1]).values(state="queued"))
+    parked = shards.execute_shard(engine, settings, tune_ids[1], identity=identity)
+    assert parked.outcome == shards.Outcome.WAITING
+    with session_scope(engine) as session:
+        shard = session.get(Shard, tune_ids[1])
+        assert (shard.state, shard.attempts) == ("waiting", 0) and "generated images" in shard.waiting_reason
+    done = shards.execute_shard(engine, settings, tune_ids[0], identity=identity)
+    assert done.outcome == shards.Outcome.DONE
+    assert _generated_counts(engine, tuned.run_id) == [2, 2]
+
+
+def test_failed_setup_leaves_a_failed_run_that_a_resubmit_restarts(database_url: str, workspace: Path,
+                                                                    tmp_path: Path, tiny_models_dir: Path,
+                                                                    quiet_reporting: None) -> None:
+    """A dataset root that is gone fails the run with the reason (no run left running); once the root is
+    back, the same submit starts the same run again and finishes it."""
+    settings = make_settings(workspace, database_url, device="cpu")
+    engine = open_engine(settings)
+    root = tmp_path / "images"
+    add_dataset(engine, "pics", 3, root=root, classes=2, relpaths=_images(root, 3))
+    moved = tmp_path / "elsewhere"
+    shutil.move(root, moved)
+    clip = str(tiny_models_dir / "clip")
+    with pytest.raises(NotFoundError, match="does not exist"):
+        runs.submit_tune(engine, settings, dataset_ref="pics", method="zeroshot", model=clip, pretrained=None)
+    with session_scope(engine) as session:
+        [run] = session.scalars(select(Run)).all()
+        assert run.state == "failed" and "dataset root" in run.error
+    shutil.move(moved, root)
+    again = runs.submit_tune(engine, settings, dataset_ref="pics", method="zeroshot", model=clip, pretrained=None)
+    assert (again.run_id, again.created, again.state) == (run.id, False, "finished")
+
+
+def test_runs_record_provenance_and_comparable_columns(database_url: str, workspace: Path, tmp_path: Path,
+                                                       tiny_models_dir: Path, quiet_reporting: None) -> None:
+    """Versions, host and device in the database and as MLflow tags; model, seed and non-default settings
+    as columns; `runs show --json` shows them."""
+    settings = make_settings(workspace, database_url, device="cpu")
+    engine = open_engine(settings)
+    root = tmp_path / "images"
+    add_dataset(engine, "pics", 2, root=root, classes=2, relpaths=_images(root, 2))
+    result = runs.submit_tune(engine, settings, dataset_ref="pics", method="tpt", model=str(tiny_models_dir / "clip"),
+                              pretrained=None, overrides={"n_views": "4", "steps": "2"}, seed=3)
+    [listed] = [r for r in runs.list_runs(engine) if r["run_id"] == result.run_id]
+    assert (listed["seed"], listed["device"], listed["precision"]) == (3, "cpu", "fp32")
+    assert listed["settings"] == "n_views=4, steps=2" and listed["model"].endswith("clip")
+    shown = runs.show_run(engine, result.run_id)
+    import torch
+
+    assert shown["provenance"]["torch"] == torch.__version__ and shown["provenance"]["python"]
+    assert shown["spec"]["device"] == "cpu" and shown["spec"]["model"]["precision"] == "fp32"
+    [group] = shown["shard_provenance"]
+    assert (group["device"], group["precision"], group["activation"]) == ("cpu", "fp32", "gelu")
+    assert group["device_name"] and group["host"] and group["shards"] == [0]
+    tags = reporting.provenance_tags(engine, runs_row(engine, result.run_id))
+    assert tags["provenance.torch"] == torch.__version__ and tags["worker.precision"] == "fp32"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("DIFFTPT_OPS_")},
+           "DIFFTPT_OPS_WORKSPACE": str(workspace), "DIFFTPT_OPS_DATABASE_URL": database_url}
+    out = subprocess.run([sys.executable, "-m", "cli.main", "runs", "show", str(result.run_id), "--json"], env=env,
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["shard_provenance"][0]["precision"] == "fp32"
+
+
+def runs_row(engine: object, run_id: int) -> Run:
+    with session_scope(engine) as session:  # type: ignore[arg-type]
+        run = session.get(Run, run_id)
+        session.expunge(run)
+        return run
+
+
+def test_devices_are_what_they_say(database_url: str, workspace: Path, tiny_models_dir: Path) -> None:
+    """--device cuda without CUDA is refused at submit; a cuda run never runs on a CPU-only process; auto
+    is resolved once and stored."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the refusal is for machines without it")
+    settings = make_settings(workspace, database_url)
+    engine = open_engine(settings)
+    add_dataset(engine, "toy", 2)
+    with pytest.raises(InputError, match="CUDA is not available"):
+        runs.submit_tune(engine, settings, dataset_ref="toy", method="noop", device="cuda")
+    result = runs.submit_tune(engine, settings, dataset_ref="toy", method="noop")
+    with session_scope(engine) as session:
+        assert session.get(Run, result.run_id).spec["device"] == "cpu"
+    with pytest.raises(InputError, match="no usable CUDA device"):
+        tuning.execution_device(settings, "cuda", None)
+
+
+def test_worker_with_gpus_that_torch_cannot_use_refuses_to_start(workspace: Path) -> None:
+    """`worker --gpus 0` where the GPU is listed but torch cannot use CUDA: one line, exit 2, no child."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a usable GPU")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("DIFFTPT_OPS_")},
+           "DIFFTPT_OPS_WORKSPACE": str(workspace), "DIFFTPT_OPS_BROKER_URL": "redis://127.0.0.1:6379/0",
+           "CUDA_VISIBLE_DEVICES": "0"}
+    out = subprocess.run([sys.executable, "-m", "cli.main", "worker", "--gpus", "0"], env=env, cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 2, out.stdout + out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "cannot use CUDA" in lines[0] and "Traceback" not in out.stderr
+
+
+def test_results_compare_export_refuse_a_generation_run(database_url: str, workspace: Path, tmp_path: Path,
+                                                        tiny_models_dir: Path, quiet_reporting: None) -> None:
+    """A generation run has images, not predictions: one line and exit 2 from results, compare and export."""
+    settings = make_settings(workspace, database_url, device="cpu")
+    engine = open_engine(settings)
+    root = tmp_path / "images"
+    add_dataset(engine, "pics", 2, root=root, classes=2, relpaths=_images(root, 2))
+    generated = runs.submit_generate(engine, settings, dataset_ref="pics", spec=_generation_spec(tiny_models_dir, 1))
+    [status] = runs.run_status(engine, settings, generated.run_id)
+    assert status["throughput_unit"] == "images"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("DIFFTPT_OPS_")},
+           "DIFFTPT_OPS_WORKSPACE": str(workspace), "DIFFTPT_OPS_DATABASE_URL": database_url}
+    run = str(generated.run_id)
+    for args in (["results", run], ["compare", run, run], ["export", run, "--output", str(tmp_path / "x.csv")]):
+        out = subprocess.run([sys.executable, "-m", "cli.main", *args], env=env, cwd=REPO_ROOT, capture_output=True,
+                             text=True, timeout=120)
+        lines = [line for line in out.stderr.splitlines() if line.strip()]
+        assert out.returncode == 2 and len(lines) == 1 and "generate run" in lines[0], (args, out.stderr)
+    assert not (tmp_path / "x.csv").exists()
