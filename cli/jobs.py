@@ -164,15 +164,24 @@ def submit_tune(
     device: DeviceOpt = None,
     sweep: SweepOpt = None,
     seeds: SeedsOpt = None,
+    order_seed: Annotated[int | None, typer.Option(
+        "--order-seed", help="Online methods (tda, dmn-zs): the seed of the stream order (default 0).")] = None,
+    orders: Annotated[int | None, typer.Option(
+        "--orders", help="Online methods: submit K runs with order seeds 0..K-1 (a sweep over order_seed).")] = None,
     yes: YesOpt = False,
     dry_run: DryRunOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Evaluate a method on a dataset: zero-shot CLIP, TPT or DiffTPT, one prediction per sample."""
+    from difftpt_ops.services import online
     from difftpt_ops.services.runs import submit_tune as submit
 
     settings = settings_of(ctx)
     parsed = parse_overrides(overrides)
+    if order_seed is not None:  # the spec's order_seed field; only online specs have it (one-line error otherwise)
+        parsed = {**parsed, "order_seed": str(order_seed)}
+    if orders is not None:
+        sweep = [*(sweep or []), online.order_sweep(method, orders)]
     engine = engine_of(ctx)
     if dry_run and (sweep or seeds is not None):
         raise InputError("--dry-run", True, "estimates one run; drop --sweep/--seeds to estimate one grid point")

@@ -47,8 +47,9 @@ def results(ctx: typer.Context, run: RunArg,
     _one_format(as_json, as_csv)
     payload = run_results(engine_of(ctx), run, by_class=by_class)
     classes = payload.pop("classes", None)
+    orders = payload.pop("orders", None)  # online runs with sibling order seeds
     if as_json:
-        print_json({**payload, **({"classes": classes} if by_class else {})})
+        print_json({**payload, **({"classes": classes} if by_class else {}), **({"orders": orders} if orders else {})})
     elif as_csv and by_class:
         columns = ["label", "name", "n", "correct", "top1", "zeroshot_top1", "gain"]
         _write_csv(columns, [[c[k] for k in columns] for c in classes or []])
@@ -58,6 +59,7 @@ def results(ctx: typer.Context, run: RunArg,
         _write_csv([*flat, "top1_ci95_low", "top1_ci95_high"], [[*flat.values(), *ci]])
     else:
         print_mapping(f"run {run}", {k: _fmt(v) for k, v in payload.items()})
+        _print_orders(orders)
         if by_class:
             columns = ["label", "name", "n", "correct", "top1", "zeroshot_top1", "gain"]
             print_table("per class", columns, [[_fmt(c[k]) for k in columns] for c in classes or []])
@@ -81,6 +83,17 @@ def compare(ctx: typer.Context,
                  [f"A={run_a} wrong", payload["only_b"], payload["both_wrong"]]])
     keys = ["top1_a", "top1_b", "difference", "difference_ci95", "ci_method", "mcnemar_p"]
     print_mapping(None, {k: _fmt(payload[k]) for k in keys})
+    _print_orders(payload.get("orders_a"), f"A={run_a}: ")
+    _print_orders(payload.get("orders_b"), f"B={run_b}: ")
+
+
+def _print_orders(orders: dict[str, Any] | None, prefix: str = "") -> None:
+    """Top-1 over the order seeds of an online run's group (runs that differ only by order seed)."""
+    if orders:
+        runs = ", ".join(map(str, orders["runs"]))
+        keys = ["top1_mean", "top1_std", "top1_min", "top1_max", "all_finished"]
+        print_mapping(f"{prefix}top-1 over {orders['n_runs']} stream orders (runs {runs})",
+                      {k: _fmt(orders[k]) for k in keys})
 
 
 def export(ctx: typer.Context, run: RunArg,

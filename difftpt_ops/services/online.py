@@ -42,7 +42,7 @@ from difftpt_ops.core.errors import InputError, SampleError, TransientError
 from difftpt_ops.core.specs import MethodSpec
 from difftpt_ops.core.status import SampleStatus, ShardState
 from difftpt_ops.db.session import session_scope
-from difftpt_ops.db.tables import DatasetVersion, OnlineCheckpoint, Run, Sample, Shard
+from difftpt_ops.db.tables import DatasetVersion, OnlineCheckpoint, Prediction, Run, Sample, Shard
 from difftpt_ops.db.tables import SampleError as SampleErrorRow
 from difftpt_ops.db.writes import insert_many_ignore
 from difftpt_ops.services.executor import HEARTBEATS, Lease, ShardTicket, WorkerIdentity, is_reclaimable
@@ -502,5 +502,64 @@ def _utcnow() -> Any:
     return utcnow()
 
 
-__all__ = ["ChainClaim", "claim_chained", "decode_checkpoint", "encode_checkpoint", "execute_online_shard",
-           "is_chained_shard", "is_online_method", "resolve_for_dataset", "shard_checkpoints", "stream_order"]
+
+# --- Several orders: submit K runs, summarise them as a group ------------------------------------------------
+
+
+def order_sweep(method: str, orders: int) -> str:
+    """The `--sweep` item of `--orders K`: order_seed=0,...,K-1 (only online methods have an order)."""
+    ensure_registered(method)
+    if not is_online_method(method):
+        raise InputError("--orders", orders, f"only online methods have an order; {method} is not one")
+    if orders < 1:
+        raise InputError("--orders", orders, "must be >= 1")
+    return "order_seed=" + ",".join(str(seed) for seed in range(orders))
+
+
+def _identity_without_order(spec: dict[str, Any]) -> str:
+    from difftpt_ops.core.specs import canonical_json
+
+    method = {k: v for k, v in spec.get("method", {}).items() if k != "order_seed"}
+    return canonical_json({**spec, "method": method})
+
+
+def order_group(engine: Engine, run_id: int) -> list[int]:
+    """Ids of the runs whose spec equals this online run's except for the order seed (itself included)."""
+    with session_scope(engine) as session:
+        run = session.get(Run, run_id)
+        if run is None or not is_online_method(run.method):
+            return []
+        candidates = session.execute(select(Run.id, Run.spec).where(
+            Run.method == run.method, Run.dataset_version_id == run.dataset_version_id, Run.kind == run.kind)).all()
+        identity = _identity_without_order(run.spec)
+    return sorted(rid for rid, spec in candidates if _identity_without_order(spec) == identity)
+
+
+def order_group_stats(engine: Engine, run_id: int) -> dict[str, Any] | None:
+    """Top-1 over the runs of one online run's order group: mean, sample standard deviation, min, max.
+
+    None when the run is not online or its group has a single run. Runs count with the samples they have
+    finished (a group is comparable once every run is finished; `states` says whether it is).
+    """
+    import statistics
+
+    from sqlalchemy import case, func
+
+    group = order_group(engine, run_id)
+    if len(group) < 2:
+        return None
+    correct = func.sum(case((Prediction.correct, 1), else_=0))
+    with session_scope(engine) as session:
+        rows = session.execute(select(Prediction.run_id, correct, func.count()).where(
+            Prediction.run_id.in_(group)).group_by(Prediction.run_id)).all()
+        states = dict(session.execute(select(Run.id, Run.state).where(Run.id.in_(group))).all())
+        seeds = {rid: int(spec["method"].get("order_seed", 0))
+                 for rid, spec in session.execute(select(Run.id, Run.spec).where(Run.id.in_(group))).all()}
+    top1 = {rid: int(right or 0) / n for rid, right, n in rows if n}
+    values = list(top1.values())
+    if len(values) < 2:
+        return None
+    return {"runs": group, "order_seeds": [seeds[r] for r in group], "n_runs": len(values),
+            "top1_mean": statistics.fmean(values), "top1_std": statistics.stdev(values),
+            "top1_min": min(values), "top1_max": max(values),
+            "all_finished": all(states[r] in ("finished", "finished_with_failures") for r in group)}

@@ -205,8 +205,12 @@ def run_results(engine: Engine, run_id: int, by_class: bool = False) -> dict[str
         run_id: the run; NotFoundError (argument RUN) when unknown.
         by_class: add `classes`, a list of {label, name, n, correct, top1, zeroshot_top1, gain}.
     """
+    from difftpt_ops.services.online import order_group_stats
+
     with engine.connect() as conn:
-        return summarise(conn, load_tune_run_info(conn, run_id), by_class=by_class)
+        summary = summarise(conn, load_tune_run_info(conn, run_id), by_class=by_class)
+    orders = order_group_stats(engine, run_id)  # an online run with sibling orders: top-1 over the orders
+    return {**summary, "orders": orders} if orders else summary
 
 
 def compare_runs(engine: Engine, run_a: int, run_b: int) -> dict[str, Any]:
@@ -240,7 +244,16 @@ def compare_runs(engine: Engine, run_a: int, run_b: int) -> dict[str, Any]:
         "difference": _ratio(only_a - only_b, n), "difference_ci95": [low, high] if n else None,
         "ci_method": "Newcombe hybrid score (1998, method 10)",
         "mcnemar_p": stats.mcnemar_exact_p(only_a, only_b),
+        **_order_groups(engine, run_a, run_b),
     }
+
+
+def _order_groups(engine: Engine, run_a: int, run_b: int) -> dict[str, Any]:
+    """Top-1 over the order seeds of each side, for online runs that have sibling orders."""
+    from difftpt_ops.services.online import order_group_stats
+
+    groups = {"orders_a": order_group_stats(engine, run_a), "orders_b": order_group_stats(engine, run_b)}
+    return {key: value for key, value in groups.items() if value}
 
 
 EXPORT_COLUMNS = (

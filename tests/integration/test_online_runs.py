@@ -150,3 +150,40 @@ def test_submit_cli_rejects_an_episodic_option_in_one_line(workspace: Path, tiny
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "steps" in lines[0] and "tda" in lines[0]
+
+
+def test_orders_submits_k_runs_and_results_summarise_them(workspace: Path, tmp_path: Path, tiny_models_dir: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--orders 3` makes runs with order seeds 0..2; `results` and `compare` report top-1 mean, std, min, max."""
+    import json
+    import statistics
+
+    from cli.main import app
+
+    database = f"sqlite:///{workspace / 'difftpt.db'}"
+    settings, engine = online_settings(workspace, database)
+    image_dataset(engine, tmp_path / "images", n=8)
+    for key, value in {"DIFFTPT_OPS_WORKSPACE": str(workspace), "DIFFTPT_OPS_DATABASE_URL": database,
+                       "DIFFTPT_OPS_DEVICE": "cpu", "DIFFTPT_OPS_MLFLOW_TRACKING_URI": "none"}.items():
+        monkeypatch.setenv(key, value)
+    runner = CliRunner()
+    submitted = runner.invoke(app, ["submit", "tune", "--dataset", "pics", "--method", "dmn-zs", "--model",
+                                    str(tiny_models_dir / "clip"), "--pretrained", "none", "--set", "n_views=2",
+                                    "--orders", "3", "--json"])
+    assert submitted.exit_code == 0, submitted.output
+    run_ids = [p["run_id"] for p in json.loads(submitted.output)["points"]]
+    assert len(set(run_ids)) == 3
+    top1 = []
+    for run_id in run_ids:
+        stored = predictions(engine, run_id)
+        labels = {i: i % 3 for i in range(8)}
+        top1.append(sum(pred == labels[i] for i, (pred, _) in stored.items()) / len(stored))
+    shown = json.loads(runner.invoke(app, ["results", str(run_ids[1]), "--json"]).output)["orders"]
+    assert shown["runs"] == sorted(run_ids) and shown["order_seeds"] == [0, 1, 2] and shown["all_finished"]
+    assert shown["top1_mean"] == pytest.approx(statistics.fmean(top1))
+    assert shown["top1_std"] == pytest.approx(statistics.stdev(top1))
+    assert (shown["top1_min"], shown["top1_max"]) == (pytest.approx(min(top1)), pytest.approx(max(top1)))
+    compared = json.loads(runner.invoke(app, ["compare", str(run_ids[0]), str(run_ids[2]), "--json"]).output)
+    assert compared["orders_a"] == compared["orders_b"] == shown
+    rejected = runner.invoke(app, ["submit", "tune", "--dataset", "pics", "--method", "tpt", "--orders", "2"])
+    assert rejected.exit_code == 2 and "--orders=2" in rejected.output
