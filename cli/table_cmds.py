@@ -35,12 +35,12 @@ def _run_ids(value: str | None) -> tuple[int, ...]:
 def _print_rich(table) -> None:  # type: ignore[no-untyped-def]
     from rich.table import Table
 
-    from difftpt_ops.services.table import header, row_texts
+    from difftpt_ops.services.table import display_header, row_texts
 
     title = f"{table.metric} (%) of model {table.model or '-'}" + (
         f", paired against {table.baseline}" if table.baseline else "")
     rich_table = Table(title=title)
-    for i, column in enumerate(header(table)):
+    for i, column in enumerate(display_header(table)):
         rich_table.add_column(column, justify="left" if i == 0 else "right")
     for row, texts in zip(table.rows, row_texts(table), strict=True):
         rich_table.add_row(*texts, style=None if row.kind == "ours" else "italic dim")

@@ -542,7 +542,25 @@ def _notes(table: Table) -> list[str]:
 
 
 def header(table: Table) -> list[str]:
+    """Column keys: method, the datasets, the averages."""
     return ["method", *table.columns, *table.average_columns]
+
+
+def column_sizes(table: Table) -> dict[str, int]:
+    """Per dataset: the largest sample count of our cells (shown in the header; smaller ones in their cell)."""
+    sizes: dict[str, int] = {}
+    for row in table.rows:
+        if row.kind == "ours":
+            for dataset, cell in row.cells.items():
+                sizes[dataset] = max(sizes.get(dataset, 0), cell.n)
+    return sizes
+
+
+def display_header(table: Table) -> list[str]:
+    """The header as printed: each dataset with its number of samples, `imagenet-a (n=1000)`."""
+    sizes = column_sizes(table)
+    return ["method", *(f"{d} (n={sizes[d]})" if sizes.get(d) else d for d in table.columns),
+            *table.average_columns]
 
 
 def _pct(value: float | None, signed: bool = False) -> str:
@@ -568,11 +586,18 @@ def cell_text(cell: Cell | None, kind: str) -> str:
 
 
 def row_texts(table: Table) -> list[list[str]]:
-    out = []
+    """Every row as printed; a cell on fewer samples than its column's header says how many."""
+    sizes, out = column_sizes(table), []
     for row in table.rows:
         signed = row.kind == "difference"
-        out.append([row.label, *(cell_text(row.cells.get(d), row.kind) for d in table.columns),
-                    *(_pct(row.averages.get(a), signed) for a in table.average_columns)])
+        cells = []
+        for dataset in table.columns:
+            cell = row.cells.get(dataset)
+            text_value = cell_text(cell, row.kind)
+            if row.kind == "ours" and cell is not None and cell.value is not None and cell.n < sizes.get(dataset, 0):
+                text_value += f" (n={cell.n})"
+            cells.append(text_value)
+        out.append([row.label, *cells, *(_pct(row.averages.get(a), signed) for a in table.average_columns)])
     return out
 
 
@@ -581,7 +606,7 @@ def to_markdown(table: Table) -> str:
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
-    lines = [line(header(table)), "|" + "|".join([" --- "] + [" ---: "] * (len(header(table)) - 1)) + "|"]
+    lines = [line(display_header(table)), "|" + "|".join([" --- "] + [" ---: "] * (len(header(table)) - 1)) + "|"]
     for row, texts in zip(table.rows, row_texts(table), strict=True):
         lines.append(line([f"*{texts[0]}*", *texts[1:]] if row.kind != "ours" else texts))
     return "\n".join(lines + [""] + [f"{note}  " for note in table.notes]).rstrip() + "\n"
@@ -598,7 +623,7 @@ def latex_escape(value: str) -> str:
 
 def to_latex(table: Table) -> str:
     """A booktabs tabular (published rows in italics); the notes as comments."""
-    columns = header(table)
+    columns = display_header(table)
     lines = [r"\begin{tabular}{l" + "r" * (len(columns) - 1) + "}", r"\toprule",
              " & ".join(latex_escape(c) for c in columns) + r" \\", r"\midrule"]
     for row, texts in zip(table.rows, row_texts(table), strict=True):

@@ -69,7 +69,7 @@ def test_table_log_writes_one_run_named_after_the_query(tracked: tuple[Engine, S
     with Image.open(local) as image:
         assert image.format == "PNG" and image.size[0] > 100
     markdown = Path(client.download_artifacts(run.info.run_id, "table.md")).read_text()
-    assert markdown.startswith("| method | shapes |")
+    assert markdown.startswith("| method | shapes (n=12) |")
 
 
 def test_runs_carry_model_seed_and_method_tags(tracked: tuple[Engine, Settings]) -> None:
@@ -89,3 +89,24 @@ def test_log_with_tracking_off_is_bad_input(tracked: tuple[Engine, Settings], mo
     monkeypatch.setenv("DIFFTPT_OPS_MLFLOW_TRACKING_URI", "none")
     result = CliRunner().invoke(app, ["table", "--log"])
     assert result.exit_code == 2 and "--log" in result.output and "|" not in result.output
+
+
+def test_sweep_runs_are_tagged_with_their_sweep(tracked: tuple[Engine, Settings]) -> None:
+    """Each run of a sweep carries `difftpt.sweep` = its sweep id in MLflow, next to model and seed."""
+    import json
+
+    from tests.integration.test_jobs_support import add_dataset
+
+    engine, settings = tracked
+    add_dataset(engine, "toy", 4)
+    result = CliRunner().invoke(app, ["submit", "tune", "--dataset", "toy", "--method", "noop", "--seeds", "0,1",
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    sweep = json.loads(result.output)
+    client = MlflowClient(tracking_uri=settings.mlflow_tracking_uri)
+    with session_scope(engine) as session:
+        mlflow_ids = {p["run_id"]: session.get(Run, p["run_id"]).mlflow_run_id for p in sweep["points"]}
+    seeds = {p["run_id"]: p["point"]["seed"] for p in sweep["points"]}
+    for run_id, mlflow_run_id in mlflow_ids.items():
+        tags = client.get_run(mlflow_run_id).data.tags
+        assert tags["difftpt.sweep"] == str(sweep["sweep_id"]) and tags["difftpt.seed"] == str(seeds[run_id])

@@ -15,6 +15,7 @@ from sqlalchemy.engine import Engine
 
 from difftpt_ops.core.errors import InputError
 from difftpt_ops.db.session import get_engine, session_scope, upgrade
+from difftpt_ops.db.tables import DatasetVersion, Run
 from difftpt_ops.services.table import (
     AVERAGES,
     TableQuery,
@@ -204,3 +205,19 @@ def test_bad_names_are_one_line_input_errors(engine: Engine) -> None:
         assert info.value.argument == argument and "\n" not in str(info.value)
     with pytest.raises(InputError):
         TableQuery(metric="top3")
+
+
+def test_cells_on_fewer_samples_say_so(engine: Engine) -> None:
+    """A run that finished 30 of 40 samples: marked †, its n printed; the header carries the full n."""
+    ids = _make(engine, {"shapes": ("imagefolder", ["zeroshot"])})
+    with session_scope(engine) as session:
+        zeroshot = session.get(Run, ids[("shapes", "zeroshot", 0)])
+        version = session.get(DatasetVersion, zeroshot.dataset_version_id)
+        run = make_run(session, version, method="tpt", spec=_spec("tpt", "tiny", version.fingerprint))
+        make_predictions(session, run, [i % 2 == 0 for i in range(30)])
+    table = build_table(engine, TableQuery())
+    cell = next(r for r in table.rows if r.method == "tpt").cells["shapes"]
+    assert cell.subset and cell.n == 30 and cell.paired_n == 30
+    markdown = to_markdown(table)
+    assert f"| method | shapes (n={N_SAMPLES}) |" in markdown
+    assert "50.00† (n=30)" in markdown or "50.00*† (n=30)" in markdown

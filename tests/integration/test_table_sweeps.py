@@ -84,7 +84,7 @@ def test_table_of_a_sweep_has_a_row_per_grid_point_with_seed_mean(engine) -> Non
     cell = table["rows"][0]["cells"]["toy"]
     assert cell["value"] == 1.0 and cell["std"] == 0.0 and cell["seeds"] == [0, 1] and len(cell["runs"]) == 2
     code, out = _invoke("table", "--format", "markdown")
-    assert code == 0 and out.startswith("| method | toy |")
+    assert code == 0 and out.startswith("| method | toy (n=12) |")
 
 
 def test_bad_sweeps_write_nothing(engine) -> None:  # type: ignore[no-untyped-def]
