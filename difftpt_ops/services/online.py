@@ -99,8 +99,10 @@ def is_online_method(name: str) -> bool:
 
 def resolve_for_dataset(spec: MethodSpec, dataset_format: str) -> MethodSpec:
     """The spec with its dataset-dependent defaults filled in (TDA's per-dataset configs); others unchanged."""
-    from difftpt_ops.tta.methods import method_of
+    from difftpt_ops.tta.methods import method_names, method_of
 
+    if spec.method not in method_names():  # noop: a valid spec, but bookkeeping, never a registered method
+        return spec
     resolver = getattr(method_of(spec), "resolve_for_dataset", None)
     return resolver(spec, dataset_format) if resolver is not None else spec
 
