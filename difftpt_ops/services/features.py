@@ -16,7 +16,6 @@ import dataclasses
 import time
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +34,6 @@ FEATURES_KIND = "features"
 VIEW_METHODS = ("tpt", "difftpt")  # `submit features --views`: whose default views to store
 
 
-@dataclass
-class FeatureCounts:
-    """Views of the samples a process handled: encoded now vs read from the store."""
-
-    encoded: int = 0
-    read: int = 0
-
-
 class FeatureCache:
     """The feature store for one loaded model: look up, read, or encode and store a sample's views."""
 
@@ -51,7 +42,6 @@ class FeatureCache:
 
         self.engine, self.model_fingerprint, self.model_name = engine, model_fingerprint, model_name
         self.files = FeatureFiles(settings.artifact_root)
-        self.counts = FeatureCounts()
 
     def run_sample(self, tuner: Any, sample: Any, *, root: Path, views: Any, seed: int, augmix: bool) -> Any:
         """The tuner's result for `sample`, its views' features read from the store where stored.
@@ -76,12 +66,11 @@ class FeatureCache:
         if hashes is not None:
             raw = self.lookup(sample.content_hash, recipes)
             if raw is not None:
-                self.counts.read += len(recipes)
                 return raw, kinds_of(recipes), False
+        started = time.perf_counter()
         raw, kinds = self._encode(tuner, sample, root=root, views=views, seed=seed, augmix=augmix)
-        self.counts.encoded += len(kinds)
         if hashes is not None and kinds == kinds_of(recipes):
-            self.store(sample.content_hash, recipes, raw)
+            self.store(sample.content_hash, recipes, raw, seconds=time.perf_counter() - started)
         return raw, kinds, True
 
     def lookup(self, sample_hash: str, recipes: Sequence[dict[str, Any]]) -> Any | None:
