@@ -159,6 +159,10 @@ def _generation_spec(values: dict[str, Any]) -> Any:
     from difftpt_ops.core.specs import GenerationSpec
 
     given = {key: value for key, value in values.items() if value is not None}
+    if given.get("seed", 0) < 0:
+        from difftpt_ops.core.errors import InputError
+
+        raise InputError("--seed", given["seed"], "must be >= 0")
     if isinstance(given.get("revision"), str) and given["revision"].lower() in {"", "none"}:
         given["revision"] = None  # a local model directory has no revision
     return GenerationSpec(**given)

@@ -104,6 +104,8 @@ def _print_submit(result: SubmitResult, as_json: bool) -> None:
                f"{result.shards_total} shards, {result.shards_new} new)")
     if result.embedded:
         typer.echo(f"run {result.run_id}: {result.state}")
+        if str(result.state) == "failed":  # the README's exit codes: 1 for a run that failed
+            raise typer.Exit(1)
     elif result.shards_dispatched:
         typer.echo(f"enqueued {result.shards_dispatched} shard(s); watch with `difftpt-ops status {result.run_id} "
                    "--watch`")

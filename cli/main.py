@@ -55,7 +55,14 @@ def db_upgrade(
     """Apply the schema migrations to the database (any URL)."""
     from difftpt_ops.db.session import check_connection, current_revision, get_engine, upgrade
 
-    engine = get_engine(url or settings_of(ctx).database_url)
+    from difftpt_ops.core.errors import InputError
+
+    try:
+        engine = get_engine(url or settings_of(ctx).database_url)
+    except InputError as exc:
+        if url is None:
+            raise
+        raise InputError("--url", exc.value, exc.problem) from None  # the option the user typed
     check_connection(engine)
     before = current_revision(engine)
     upgrade(engine)

@@ -23,6 +23,10 @@ def make_tiny(
     from difftpt_ops.models.quiet import silence_library_progress_bars
     from difftpt_ops.models.tiny import make_tiny_models
 
+    if directory.exists() and not directory.is_dir():
+        from difftpt_ops.core.errors import InputError
+
+        raise InputError("DIR", directory, "is a file; give a folder (created if missing)")
     silence_library_progress_bars()  # "Writing model shards" bars for a 3 MB model are noise
     paths = {name: str(path) for name, path in make_tiny_models(directory, seed=seed).items()}
     if as_json:

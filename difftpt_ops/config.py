@@ -29,6 +29,7 @@ DEFAULT_WORKSPACE = "./difftpt-workspace"
 CONFIG_FILE_NAME = "difftpt-ops.toml"  # looked up inside the workspace unless DIFFTPT_OPS_CONFIG names one
 # MLflow's own variable, honoured when the project's is unset (a box already configured for MLflow).
 MLFLOW_STANDARD_ENV = "MLFLOW_TRACKING_URI"
+BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp", "sentinel", "memory")  # memory: tests only
 DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:\d+|mps)$"
 
 
@@ -74,6 +75,14 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_broker_is_embedded(cls, value: Any) -> Any:
         return value or None
+
+    @field_validator("broker_url")
+    @classmethod
+    def _known_broker(cls, value: str | None) -> str | None:
+        if value is not None and value.split("://", 1)[0].lower() not in BROKER_SCHEMES:
+            raise ValueError(f"unknown broker scheme; use redis://HOST:6379/0 or amqp://USER@HOST// "
+                             f"({', '.join(BROKER_SCHEMES)})")
+        return value
 
     @field_validator("device")
     @classmethod
@@ -164,6 +173,8 @@ def load_settings(workspace: str | Path | None = None, env: Mapping[str, str] | 
     """
     env = dict(os.environ if env is None else env)
     ws = Path(workspace or env.get(ENV_PREFIX + "WORKSPACE") or DEFAULT_WORKSPACE).expanduser().resolve()
+    if ws.exists() and not ws.is_dir():
+        raise InputError("--workspace" if workspace else ENV_PREFIX + "WORKSPACE", ws, "is a file, not a folder")
     named = env.get(ENV_PREFIX + "CONFIG")
     config_path = Path(named) if named else ws / CONFIG_FILE_NAME
     if named and not config_path.is_file():

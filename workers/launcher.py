@@ -31,6 +31,7 @@ POLL_S = 0.5
 RESTART_BACKOFF_MAX_S = 60.0
 HEALTHY_AFTER_S = 60.0  # a child that ran this long restarts without delay after its next death
 SHUTDOWN_TIMEOUT_S = 300.0  # warm shutdown waits for the current sample; then the child is killed
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")  # what `celery worker --loglevel` accepts
 
 
 @dataclass(frozen=True)
@@ -237,6 +238,8 @@ def run_workers(settings: Settings, *, gpus: str = "all", queues: str = ",".join
     # 1. Validate the arguments (nothing is started on bad input).
     if concurrency_per_gpu < 1:
         raise InputError("--concurrency-per-gpu", concurrency_per_gpu, "must be >= 1")
+    if loglevel.upper() not in LOG_LEVELS:  # Celery would exit at once, and the supervisor restart it forever
+        raise InputError("--loglevel", loglevel, f"must be one of {', '.join(LOG_LEVELS)}")
     queue_names = parse_queues(queues)
     devices = parse_gpus(gpus, visible_gpus())
     require_usable_cuda([gpu for gpu in devices if gpu is not None], gpus)

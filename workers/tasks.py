@@ -18,7 +18,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from celery import Celery, signals
+from amqp.exceptions import AMQPError
 from kombu.exceptions import KombuError
+from redis.exceptions import RedisError
 
 from difftpt_ops.config import Settings, load_settings, mask_url
 from difftpt_ops.core.errors import ServiceUnavailableError, TransientError
@@ -27,7 +29,8 @@ from workers.celery_app import EXECUTE_SHARD, QUEUES, app, make_celery
 log = logging.getLogger(__name__)
 
 BROKER_CHECK_TIMEOUT_S = 3.0  # submit fails within about this long when the broker is down
-_BROKER_ERRORS = (KombuError, OSError, ConnectionError, TimeoutError)
+# amqp's errors (a refused login, ACCESS_REFUSED) and redis-py's (a wrong password) are not kombu's.
+_BROKER_ERRORS = (KombuError, OSError, ConnectionError, TimeoutError, AMQPError, RedisError)
 
 
 class CeleryDispatcher:
@@ -39,6 +42,9 @@ class CeleryDispatcher:
     def _unavailable(self, exc: BaseException) -> ServiceUnavailableError:
         url = mask_url(str(self.app.conf.broker_url))
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        if "ACCESS_REFUSED" in reason or "AuthenticationError" in type(exc).__name__ or "WRONGPASS" in reason:
+            return ServiceUnavailableError(f"broker {url} refused the login ({reason}); check the user and password "
+                                           "in DIFFTPT_OPS_BROKER_URL")
         return ServiceUnavailableError(f"broker {url} is unreachable ({reason}); start it or check "
                                        "DIFFTPT_OPS_BROKER_URL")
 

@@ -41,7 +41,7 @@ def normalise_url(url: str) -> str:
     """Use psycopg 3 for plain postgresql:// URLs; reject what SQLAlchemy cannot parse."""
     try:
         parsed = make_url(url)
-    except ArgumentError as exc:
+    except (ArgumentError, ValueError) as exc:  # ValueError: a port that is not a number
         raise InputError("DIFFTPT_OPS_DATABASE_URL", mask_url(url), "not a database URL (sqlite:///PATH or "
                          "postgresql://USER@HOST/DB)") from exc
     if parsed.drivername in {"postgresql", "postgres"}:
@@ -65,7 +65,7 @@ def _create_engine(url: str, busy_timeout_ms: int) -> Engine:
     try:
         if parsed.get_backend_name() == "sqlite":
             if parsed.database and parsed.database != ":memory:":
-                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+                _sqlite_folder(parsed.database, parsed.render_as_string())
             engine = create_engine(url, connect_args={"timeout": busy_timeout_ms / 1000})
             event.listen(engine, "connect", _sqlite_pragmas(busy_timeout_ms))
             return engine
@@ -73,6 +73,18 @@ def _create_engine(url: str, busy_timeout_ms: int) -> Engine:
     except (NoSuchModuleError, ArgumentError, ImportError) as exc:
         raise InputError("DIFFTPT_OPS_DATABASE_URL", parsed.render_as_string(),
                          f"unsupported database driver ({exc})") from exc
+
+
+def _sqlite_folder(database: str, url: str) -> None:
+    """The SQLite file's folder, created if missing; a path that cannot hold a file is bad input."""
+    path = Path(database)
+    if path.is_dir():
+        raise InputError("DIFFTPT_OPS_DATABASE_URL", url, "names a folder, not a database file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError("DIFFTPT_OPS_DATABASE_URL", url, f"cannot create the folder {path.parent} "
+                                                          f"({exc.strerror})") from exc
 
 
 def dispose_engines() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -287,12 +288,29 @@ def export_run(engine: Engine, run_id: int, path: str | Path, format: str = "par
     path = Path(path)
     with engine.connect() as conn:
         load_tune_run_info(conn, run_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with engine.connect() as conn:
-        info = load_run_info(conn, run_id)
-        chunks = iter_prediction_rows(conn, info)
-        rows = _write_parquet(path, chunks) if format == "parquet" else _write_csv(path, chunks)
+    _check_output(path)
+    partial = path.with_name(f".{path.name}.partial")  # renamed when complete: a failure leaves no half file
+    try:
+        with engine.connect() as conn:
+            info = load_run_info(conn, run_id)
+            chunks = iter_prediction_rows(conn, info)
+            rows = _write_parquet(partial, chunks) if format == "parquet" else _write_csv(partial, chunks)
+        partial.replace(path)
+    except OSError as exc:
+        raise InputError("--output", path, f"cannot write ({exc.strerror or exc})") from exc
+    finally:
+        partial.unlink(missing_ok=True)
     return {"run_id": run_id, "path": str(path), "format": format, "rows": rows}
+
+
+def _check_output(path: Path) -> None:
+    """An export goes to a file in an existing, writable folder; no folder is created."""
+    if path.is_dir():
+        raise InputError("--output", path, "is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise InputError("--output", path, f"the folder {path.parent} does not exist (it is not created)")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise InputError("--output", path, "is not writable")
 
 
 def _parquet_schema():  # type: ignore[no-untyped-def]
