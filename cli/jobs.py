@@ -42,7 +42,8 @@ LimitOpt = Annotated[int | None, typer.Option(
 ShardSizeOpt = Annotated[int | None, typer.Option(
     "--shard-size", help="Samples per shard (default: the settings' shard_size); new runs only.")]
 DeviceOpt = Annotated[str | None, typer.Option(
-    "--device", help="Embedded mode only: torch device (auto, cpu, cuda, cuda:N); workers use their GPU.")]
+    "--device", help="Device the run is for: auto (CUDA if this machine has it), cpu, cuda or cuda:N; resolved "
+    "at submit and stored in the spec. Workers use their own GPU; a CUDA run never falls back to the CPU.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the run (part of its identity).")]
 DryRunOpt = Annotated[bool, typer.Option(
     "--dry-run", help="Print samples, shards, images, disk and time it would take; write nothing.")]
@@ -243,7 +244,7 @@ def submit_generate(
         from difftpt_ops.services.estimate import estimate_generate
 
         _print_estimate(estimate_generate(engine, settings, dataset_ref=dataset, spec=spec, limit=limit,
-                                          shard_size=shard_size), as_json)
+                                          shard_size=shard_size, device=device), as_json)
         return
     with progress_bar(settings, as_json) as bar:
         result = submit(engine, settings, dataset_ref=dataset, spec=spec, limit=limit, shard_size=shard_size,
@@ -415,9 +416,20 @@ def runs_list(ctx: typer.Context, sweep: ListSweepOpt = None, as_json: JsonOpt =
     if as_json:
         print_json(runs)
         return
-    print_table(None, ["run", "kind", "method", "dataset", "state", "samples", "done", "failed", "created", "group"],
-                [[r["run_id"], r["kind"], r["method"], r["dataset"], r["state"], r["num_samples"], r["done"],
-                  r["failed"], (r["created_at"] or "")[:19], group_text(r)] for r in runs])
+    print_table(None, ["run", "kind", "method", "dataset", "model", "seed", "settings", "state", "samples", "done",
+                       "failed", "created", "group"],
+                [[r["run_id"], r["kind"], r["method"], r["dataset"], _model_text(r), r.get("seed"),
+                  r.get("settings") or "", r["state"], r["num_samples"], r["done"], r["failed"],
+                  (r["created_at"] or "")[:19], group_text(r)] for r in runs])
+
+
+def _model_text(run: dict[str, Any]) -> str:
+    """The model as typed, with its pretrained tag and the device and precision the run is for."""
+    if not run.get("model"):
+        return ""
+    tag = f" ({run['pretrained']})" if run.get("pretrained") else ""
+    where = "/".join(str(v) for v in (run.get("device"), run.get("precision")) if v)
+    return f"{run['model']}{tag}" + (f" [{where}]" if where else "")
 
 
 def resume(ctx: typer.Context, run: RunArg, device: DeviceOpt = None, as_json: JsonOpt = False) -> None:

@@ -137,6 +137,8 @@ def child_specs(settings: Settings, *, gpus: list[str | None], queues: list[str]
     for gpu in gpus:
         for k in range(concurrency_per_gpu):
             suffix = ("cpu" if gpu is None else f"gpu{gpu}") + (f"-{k}" if concurrency_per_gpu > 1 else "")
+            if set(queues) != set(QUEUES):  # split-queue workers on one host need distinct node names
+                suffix += "-" + "-".join(queues)
             name = f"difftpt@{host}-{suffix}"
             argv = (sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-P", "solo",
                     "--prefetch-multiplier", "1", "-n", name, "-Q", ",".join(queues), "--loglevel", loglevel,

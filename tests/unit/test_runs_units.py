@@ -94,8 +94,8 @@ def test_child_specs_bind_one_gpu_per_solo_worker(tmp_path: Path) -> None:
     """Each child: its own CUDA_VISIBLE_DEVICES, solo pool, prefetch 1, a host+GPU name, explicit settings."""
     settings = load_settings(tmp_path, env={"DIFFTPT_OPS_BROKER_URL": "redis://h:6379/1"})
     specs = child_specs(settings, gpus=["0", "3"], queues=["tune"], concurrency_per_gpu=2, host="box")
-    assert [s.name for s in specs] == ["difftpt@box-gpu0-0", "difftpt@box-gpu0-1", "difftpt@box-gpu3-0",
-                                       "difftpt@box-gpu3-1"]
+    assert [s.name for s in specs] == ["difftpt@box-gpu0-0-tune", "difftpt@box-gpu0-1-tune",
+                                       "difftpt@box-gpu3-0-tune", "difftpt@box-gpu3-1-tune"]
     assert [s.env["CUDA_VISIBLE_DEVICES"] for s in specs] == ["0", "0", "3", "3"]
     argv = " ".join(specs[0].argv)
     assert "-P solo" in argv and "--prefetch-multiplier 1" in argv and "-Q tune" in argv
@@ -103,6 +103,7 @@ def test_child_specs_bind_one_gpu_per_solo_worker(tmp_path: Path) -> None:
     assert specs[0].env["DIFFTPT_OPS_DATABASE_URL"] == settings.database_url
     [cpu] = child_specs(settings, gpus=[None], queues=["generate", "tune"], host="box")
     assert (cpu.name, cpu.env["CUDA_VISIBLE_DEVICES"], cpu.env["DIFFTPT_OPS_DEVICE"]) == ("difftpt@box-cpu", "", "cpu")
+    assert specs[0].env["DIFFTPT_OPS_DEVICE"] == "cuda"  # a GPU child never resolves "auto" to the CPU
 
 
 def test_celery_configuration(tmp_path: Path) -> None:
