@@ -214,8 +214,26 @@ def unregister_method_spec(method: str) -> None:
         METHOD_SPECS.pop(method, None)
 
 
+# The package whose import registers every method. Named here, not imported: core stays free of torch, and
+# parsing the built-in specs never loads the methods; a name core does not know yet loads them first.
+REGISTRY_MODULE = "difftpt_ops.tta.methods"
+
+
+def _load_registry() -> None:
+    import importlib
+
+    importlib.import_module(REGISTRY_MODULE)
+
+
+def _spec_class(method: str) -> type[MethodSpec] | None:
+    if method not in METHOD_SPECS:
+        _load_registry()
+    return METHOD_SPECS.get(method)
+
+
 def user_methods() -> tuple[str, ...]:
-    """Method names a user may submit, in registration order."""
+    """Method names a user may submit, in registration order (every registered method)."""
+    _load_registry()
     return tuple(name for name in METHOD_SPECS if name not in _INTERNAL_METHODS)
 
 
@@ -310,7 +328,7 @@ def method_spec_from(method: str, overrides: dict[str, Any] | None = None) -> Me
     Raises:
         InvalidSpecError: unknown method, unknown field, or a value out of range.
     """
-    if method not in METHOD_SPECS:
+    if _spec_class(method) is None:
         raise InvalidSpecError("--method", method, f"unknown method; choose one of {', '.join(user_methods())}")
     cls = METHOD_SPECS[method]
     defaults = cls()
@@ -340,7 +358,7 @@ def method_spec_from_dict(payload: dict[str, Any]) -> MethodSpec:
     """Rebuild a method spec from `MethodSpec.to_dict()` output."""
     data = dict(payload)
     method = data.pop("method")
-    if method not in METHOD_SPECS:
+    if _spec_class(method) is None:
         raise InvalidSpecError("method", method, f"unknown method; choose one of {', '.join(user_methods())}")
     prompt = PromptSpec(**data.pop("prompt", {}))
     cls = METHOD_SPECS[method]

@@ -205,3 +205,15 @@ def test_tune_run_spec_round_trips_typed() -> None:
     assert isinstance(again.method, specs.DiffTPTSpec) and again.method.steps == 2
     with pytest.raises(InvalidSpecError):
         specs.TuneRunSpec.from_dict({**spec.to_dict(), "kind": "generate"})
+
+
+def test_a_fresh_process_knows_every_registered_method() -> None:
+    """Spec parsing in a process that never imported the methods still sees all of them (core loads them)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from difftpt_ops.core import specs; names = specs.USER_METHODS; "
+            "[specs.method_spec_from(n) for n in names]; print(','.join(names))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2]).stdout.strip()
+    assert out.split(",") == [name for name in method_names() if name != "meanview-test"]
