@@ -7,6 +7,7 @@ this deployment's earlier runs of the same kind recorded, or says that none exis
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -82,11 +83,15 @@ def estimate_tune(engine: Engine, settings: Settings, *, dataset_ref: str, metho
 
 
 def estimate_generate(engine: Engine, settings: Settings, *, dataset_ref: str, spec: GenerationSpec,
-                      limit: int | None, shard_size: int | None) -> Estimate:
+                      limit: int | None, shard_size: int | None, device: str | None = None) -> Estimate:
     """The cost of `submit generate` with this spec: images still missing, their disk and time."""
+    from difftpt_ops.models.diffusion import resolve_dtype_name
     from difftpt_ops.services.generation import count_missing
+    from difftpt_ops.services.runs import resolve_run_device
 
     _check_limits(limit, shard_size)
+    # As submit does: "auto" dtype resolved on the run's device, so the config is the one submit would use.
+    spec = dataclasses.replace(spec, dtype=resolve_dtype_name(spec.dtype, resolve_run_device(settings, device)))
     with Session(engine) as session:
         version = _version(session, dataset_ref)
         samples = _in_scope(version, limit)

@@ -20,6 +20,9 @@ MAX_PARAM_VALUE = 6000  # MLflow rejects longer parameter values
 _BATCH_PARAMS = 100  # MLflow's per-request limits
 _BATCH_METRICS = 1000
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. /]")
+# MLflow logs its store's table creation at INFO on first use; users and worker logs need warnings only.
+# Set before any `mlflow` import (MLflow reads it once, at import); an explicit value is kept.
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 TERMINAL_STATUSES = frozenset({"FINISHED", "FAILED", "KILLED"})
 # A tracking server that is down must cost seconds, not MLflow's default of 7 retries over minutes:
 # the caller marks the run for `mlflow sync` instead. Explicit environment settings still win.
@@ -77,8 +80,6 @@ class MlflowTracker:
             if is_remote(self.tracking_uri):
                 for name, value in _HTTP_DEFAULTS.items():
                     os.environ.setdefault(name, value)
-            # MLflow logs its store's table creation at INFO on first use; users and worker logs need warnings only.
-            os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
             from mlflow import MlflowClient
 
             self._client = MlflowClient(tracking_uri=self.tracking_uri)

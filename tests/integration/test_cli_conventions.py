@@ -1,0 +1,189 @@
+"""The CLI in scripts and logs, through subprocesses as a user's shell runs it (stdout and stderr are pipes).
+
+One embedded SQLite workspace per module: the photos the demo uses, registered once, tiny models.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from difftpt_ops.data.demo_photos import write_demo_dataset
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+DATASET = "photos-with-a-rather-long-dataset-name-for-width"
+
+
+def _env(workspace: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DIFFTPT_OPS_") and k != "COLUMNS"}
+    env.update({"DIFFTPT_OPS_WORKSPACE": str(workspace), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    return env
+
+
+def cli(workspace: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], env=_env(workspace), capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+def ok(workspace: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    done = cli(workspace, *args)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path) -> Path:
+    """A workspace with the photos registered and one finished zero-shot run (run 1)."""
+    root = tmp_path_factory.mktemp("conventions")
+    write_demo_dataset(root / "photos")
+    workspace = root / "ws"
+    ok(workspace, "data", "add", DATASET, "--root", str(root / "photos"), "--format", "imagefolder")
+    ok(workspace, "submit", "tune", "--dataset", DATASET, "--method", "zeroshot", "--model",
+       str(tiny_models_dir / "clip"), "--pretrained", "none", "--device", "cpu")
+    return workspace
+
+
+def _row_counts(workspace: Path) -> dict[str, int]:
+    with sqlite3.connect(workspace / "difftpt.db") as db:
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        return {t: db.execute(f'SELECT COUNT(*) FROM "{t}"').fetchone()[0] for t in tables}
+
+
+def _files(directory: Path) -> list[str]:
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file()) if directory.exists() else []
+
+
+def test_tables_are_whole_in_pipes_and_plain_with_format(ws: Path) -> None:
+    """Piped tables keep every character; --format tsv and csv print a header and one line per row."""
+    table = ok(ws, "runs", "list").stdout
+    assert DATASET + "@1" in table and "…" not in table
+    tsv = ok(ws, "runs", "list", "--format", "tsv").stdout.splitlines()
+    assert tsv[0].split("\t")[:5] == ["run", "kind", "method", "dataset", "state"]
+    assert tsv[1].split("\t")[:5] == ["1", "tune", "zeroshot", f"{DATASET}@1", "finished"]
+    rows = list(csv.reader(io.StringIO(ok(ws, "runs", "list", "--format", "csv").stdout)))
+    assert rows[0][:4] == ["run", "kind", "method", "dataset"] and rows[1][3] == f"{DATASET}@1"
+    bad = cli(ws, "runs", "list", "--format", "xlsx")
+    assert bad.returncode == 2 and "--format" in bad.stderr
+
+
+def test_progress_lines_when_piped_and_none_with_quiet(ws: Path, tiny_models_dir: Path) -> None:
+    """An embedded submit off a terminal prints plain progress lines on stderr; --quiet prints none."""
+    args = ("submit", "tune", "--dataset", DATASET, "--method", "zeroshot", "--model", str(tiny_models_dir / "clip"),
+            "--pretrained", "none", "--device", "cpu")
+    loud = ok(ws, *args, "--seed", "1")
+    lines = [line for line in loud.stderr.splitlines() if line.startswith("run ")]
+    assert lines[0] == "run 2: 0/27 samples, - samples/s, ETA ?"
+    assert lines[-1].startswith("run 2: 27/27 samples, ") and "samples/s, ETA" in lines[-1]
+    assert "\x1b[" not in loud.stderr  # no terminal control codes in a log
+    quiet = ok(ws, *args, "--seed", "2", "--quiet")
+    assert not [line for line in quiet.stderr.splitlines() if line.startswith("run ")]
+    assert "created run 3" in quiet.stdout  # the result itself is still printed
+    both = cli(ws, "runs", "list", "--quiet", "--verbose")
+    assert both.returncode == 2 and both.stderr.startswith("error: --quiet=True")
+
+
+def test_status_shows_active_runs_and_watch_json_is_json_lines(ws: Path) -> None:
+    """No RUN: only active runs (none here); --watch --json: one JSON object per run per line."""
+    assert json.loads(ok(ws, "status", "--json").stdout) == []
+    assert "no active runs" in ok(ws, "status").stderr
+    one = json.loads(ok(ws, "status", "1", "--json").stdout)
+    assert one[0]["run_id"] == 1 and one[0]["disk"] == {"images": 0, "image_bytes": 0}
+    lines = ok(ws, "status", "1", "--watch", "--json").stdout.splitlines()
+    objects = [json.loads(line) for line in lines]
+    assert objects and all(o["run_id"] == 1 and o["state"] == "finished" and "observed_at" in o for o in objects)
+
+
+def test_set_with_an_unknown_field_lists_the_valid_ones(ws: Path) -> None:
+    done = cli(ws, "submit", "tune", "--dataset", DATASET, "--method", "tpt", "--set", "stepz=2")
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+    assert "--set=stepz" in done.stderr and "valid: " in done.stderr and "steps" in done.stderr
+
+
+def test_dry_runs_write_nothing_and_measure_what_they_can(ws: Path, tiny_models_dir: Path) -> None:
+    """--dry-run: counts, disk and time from this workspace's own runs, and no row or file written."""
+    generator = str(tiny_models_dir / "sd-image-variations")
+    gen_args = ("submit", "generate", "--dataset", DATASET, "--model", generator, "--revision", "none",
+                "--steps", "2", "--size", "32", "--device", "cpu", "--limit", "4")
+    before, files = _row_counts(ws), _files(ws / "artifacts")
+    first = json.loads(ok(ws, *gen_args, "--per-sample", "2", "--dry-run", "--json").stdout)
+    assert (first["dry_run"], first["samples"], first["images_to_generate"], first["existing_run_id"]) == (
+        True, 4, 8, None)
+    assert first["seconds"] is None and first["time_source"].startswith("none yet")
+    assert first["bytes_source"].startswith("estimate")
+    tune = json.loads(ok(ws, "submit", "tune", "--dataset", DATASET, "--method", "tpt", "--dry-run",
+                         "--json").stdout)
+    assert (tune["samples"], tune["samples_to_do"], tune["shards_new"]) == (27, 27, 1)
+    assert _row_counts(ws) == before and _files(ws / "artifacts") == files
+
+    ok(ws, *gen_args, "--per-sample", "2")  # real: 8 images
+    again = json.loads(ok(ws, *gen_args, "--per-sample", "3", "--dry-run", "--json").stdout)
+    assert again["images_to_generate"] == 4 * 3  # another config: its own images
+    assert again["bytes_source"].startswith("measured on 8 stored image(s) of 32 px images")
+    sizes = [p.stat().st_size for p in (ws / "artifacts" / "generated").rglob("*.png")]
+    assert again["bytes_per_image"] == round(sum(sizes) / len(sizes))
+    assert again["disk_bytes"] == 12 * again["bytes_per_image"]
+    assert again["seconds_per_unit"] > 0 and again["time_source"].startswith("measured: 8 image(s)")
+    same = ok(ws, *gen_args, "--per-sample", "2", "--dry-run").stdout
+    assert "attaches to run" in same and "0 to generate" in same
+    status = json.loads(ok(ws, "status", str(_latest_run(ws)), "--json").stdout)[0]
+    assert status["disk"] == {"images": 8, "image_bytes": sum(sizes)}
+
+
+def _latest_run(workspace: Path) -> int:
+    with sqlite3.connect(workspace / "difftpt.db") as db:
+        return int(db.execute("SELECT MAX(id) FROM runs").fetchone()[0])
+
+
+def test_models_check_loads_local_weights_and_explains_missing_ones(ws: Path, tiny_models_dir: Path) -> None:
+    """A local open_clip folder and a diffusers folder load offline with hashes; missing weights say how to get them."""
+    import hashlib
+
+    clip_dir, generator = tiny_models_dir / "clip", tiny_models_dir / "sd-image-variations"
+    reports = json.loads(ok(ws, "models", "check", "--model", str(clip_dir), "--generator", str(generator),
+                            "--json").stdout)
+    clip, gen = reports
+    weights = clip_dir / "open_clip_model.safetensors"
+    assert clip["files"] == [{"path": str(weights), "bytes": weights.stat().st_size,
+                              "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}]
+    assert clip["parameters"] > 1_000_000 and clip["precision"] == "fp32" and clip["activation"] in {"gelu", "quickgelu"}
+    assert gen["pipeline"] == "StableDiffusionImageVariationPipeline" and len(gen["files"]) == 3
+    missing = cli(ws, "models", "check", "--model", "ViT-B-16", "--pretrained", "openai")
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
+    assert "--pretrained=openai" in missing.stderr and "make-tiny" not in missing.stderr
+    assert "--pretrained /path/ViT-B-16.pt" in missing.stderr
+    nowhere = cli(ws, "models", "check", "--model", str(clip_dir), "--generator", "/nonexistent/sd")
+    assert nowhere.returncode == 2 and "--generator=/nonexistent/sd" in nowhere.stderr
+
+
+def test_quiet_by_default_and_completion(ws: Path, tmp_path: Path) -> None:
+    """make-tiny prints no library bars; an MLflow store is created without INFO lines; completion is on."""
+    made = ok(ws, "models", "make-tiny", str(tmp_path / "tiny"))
+    assert "Writing model shards" not in made.stderr and "%|" not in made.stderr
+    fresh = tmp_path / "fresh"
+    ok(fresh, "data", "add", "few", "--root", str(_few_photos(tmp_path)), "--format", "imagefolder")
+    run = ok(fresh, "submit", "tune", "--dataset", "few", "--method", "zeroshot", "--model",
+             str(tmp_path / "tiny" / "clip"), "--pretrained", "none", "--device", "cpu")
+    assert "mlflow" not in run.stderr.lower() and "Creating initial" not in run.stderr
+    assert (fresh / "mlflow.db").exists()  # tracking did run
+    completion = ok(ws, "--show-completion", "bash")
+    assert "_difftpt_ops_completion" in completion.stdout
+
+
+def _few_photos(tmp_path: Path) -> Path:
+    from PIL import Image
+
+    root = tmp_path / "few"
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (32, 32), (40 * i, 100 if label == "a" else 0, 0)).save(root / label / f"{i}.png")
+    return root
