@@ -94,15 +94,16 @@ def memory_probs(state: dict[str, Tensor], feature: Tensor, text: Tensor, *, sca
     """The dynamic memory's prediction for the normalised query feature `feature` (dim,)."""
     memory, count = state["features"], state["count"]
     n_classes, size, dim = memory.shape
-    filled = torch.arange(size).unsqueeze(0) < count.unsqueeze(1)
     query = F.normalize(feature, dim=-1)
-    # Slots: the memorised features (empty ones are zero vectors) and the class's text feature last.
-    sim_memory = (memory.reshape(-1, dim) @ query).reshape(n_classes, size)
-    sim_text = F.normalize(text, dim=-1) @ query
-    weight_memory = torch.exp(-beta * (1.0 - sim_memory)) * filled
-    weight_text = torch.exp(-beta * (1.0 - sim_text))
-    adaptive = torch.bmm(weight_memory.unsqueeze(1), memory).squeeze(1) + weight_text.unsqueeze(1) * F.normalize(
-        text, dim=-1)
+    # Slots: the filled memory slots (empty ones are zero vectors in the reference: they add nothing, so only
+    # filled ones are visited) and each class's text feature.
+    filled = torch.arange(size).unsqueeze(0) < count.unsqueeze(1)
+    classes = filled.nonzero()[:, 0]
+    stored = memory[filled]
+    weight_memory = torch.exp(-beta * (1.0 - stored @ query))
+    keys_text = F.normalize(text, dim=-1)
+    weight_text = torch.exp(-beta * (1.0 - keys_text @ query))
+    adaptive = (weight_text.unsqueeze(1) * keys_text).index_add(0, classes, weight_memory.unsqueeze(1) * stored)
     adaptive = F.normalize(F.normalize(adaptive, dim=-1), dim=-1)  # the reference normalises twice
     return (scale * adaptive @ feature).softmax(-1)
 
