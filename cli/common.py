@@ -117,6 +117,11 @@ def _write_delimited(columns: list[str], rows: list[list[str]], table_format: Ta
         sys.stdout.write("\t".join(" ".join(cell.split()) for cell in row) + "\n")
 
 
+def format_percent(value: float) -> str:
+    """An accuracy (a fraction) as people read it: percent with one decimal. The demo and `results` share it."""
+    return f"{100 * value:.1f}%"
+
+
 def print_mapping(title: str | None, mapping: dict[str, Any]) -> None:
     print_table(title, ["key", "value"], [[k, v] for k, v in mapping.items()])
 

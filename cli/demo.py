@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import typer
 
-from cli.common import JsonOpt, engine_of, print_json, print_table, settings_of
+from cli.common import JsonOpt, engine_of, format_percent, print_json, print_table, settings_of
 from difftpt_ops.core.secrets import mask_url
 
 
 def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}"
+    return "-" if value is None else format_percent(value)
 
 
 def _print_results(result) -> None:  # type: ignore[no-untyped-def]

@@ -9,7 +9,16 @@ from typing import Annotated, Any
 
 import typer
 
-from cli.common import JsonOpt, engine_of, new_app, print_json, print_mapping, print_table, settings_of
+from cli.common import (
+    JsonOpt,
+    engine_of,
+    format_percent,
+    new_app,
+    print_json,
+    print_mapping,
+    print_table,
+    settings_of,
+)
 from difftpt_ops.core.errors import InputError
 from difftpt_ops.core.secrets import mask_url
 
@@ -19,11 +28,18 @@ RunArg = Annotated[int, typer.Argument(metavar="RUN", help="Run id (`difftpt-ops
 CsvOpt = Annotated[bool, typer.Option("--csv", help="Print CSV.")]
 
 
-def _fmt(value: Any) -> Any:
+# Accuracies, their differences and intervals print as percent with one decimal, as the demo prints them;
+# --json and --csv keep fractions.
+PERCENT_KEYS = frozenset({"top1", "top5", "zeroshot_top1", "gain", "ece", "top1_ci95", "top1_a", "top1_b",
+                          "difference", "difference_ci95", "top1_mean", "top1_std", "top1_min", "top1_max"})
+
+
+def _fmt(value: Any, key: str | None = None) -> Any:
+    number = format_percent if key in PERCENT_KEYS else (lambda v: f"{v:.4f}")
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return number(value)
     if isinstance(value, list | tuple) and value and all(isinstance(v, float) for v in value):
-        return "[" + ", ".join(f"{v:.4f}" for v in value) + "]"
+        return "[" + ", ".join(number(v) for v in value) + "]"
     return value
 
 
@@ -58,11 +74,11 @@ def results(ctx: typer.Context, run: RunArg,
         ci = payload.get("top1_ci95") or [None, None]
         _write_csv([*flat, "top1_ci95_low", "top1_ci95_high"], [[*flat.values(), *ci]])
     else:
-        print_mapping(f"run {run}", {k: _fmt(v) for k, v in payload.items()})
+        print_mapping(f"run {run}", {k: _fmt(v, k) for k, v in payload.items()})
         _print_orders(orders)
         if by_class:
             columns = ["label", "name", "n", "correct", "top1", "zeroshot_top1", "gain"]
-            print_table("per class", columns, [[_fmt(c[k]) for k in columns] for c in classes or []])
+            print_table("per class", columns, [[_fmt(c[k], k) for k in columns] for c in classes or []])
 
 
 def compare(ctx: typer.Context,
@@ -82,7 +98,7 @@ def compare(ctx: typer.Context,
                 [[f"A={run_a} right", payload["both_right"], payload["only_a"]],
                  [f"A={run_a} wrong", payload["only_b"], payload["both_wrong"]]])
     keys = ["top1_a", "top1_b", "difference", "difference_ci95", "ci_method", "mcnemar_p"]
-    print_mapping(None, {k: _fmt(payload[k]) for k in keys})
+    print_mapping(None, {k: _fmt(payload[k], k) for k in keys})
     _print_orders(payload.get("orders_a"), f"A={run_a}: ")
     _print_orders(payload.get("orders_b"), f"B={run_b}: ")
 
@@ -93,7 +109,7 @@ def _print_orders(orders: dict[str, Any] | None, prefix: str = "") -> None:
         runs = ", ".join(map(str, orders["runs"]))
         keys = ["top1_mean", "top1_std", "top1_min", "top1_max", "all_finished"]
         print_mapping(f"{prefix}top-1 over {orders['n_runs']} stream orders (runs {runs})",
-                      {k: _fmt(orders[k]) for k in keys})
+                      {k: _fmt(orders[k], k) for k in keys})
 
 
 def export(ctx: typer.Context, run: RunArg,
