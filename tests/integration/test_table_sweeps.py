@@ -112,3 +112,13 @@ def test_grid_parsing() -> None:
     assert grid == {"steps": ["1", "2"], "selection_p": ["0.05", "0.1"]}
     points = grid_points(grid, parse_seeds("0,1"))
     assert len(points) == 8 and points[0] == {"steps": "1", "selection_p": "0.05", "seed": 0}
+
+
+def test_table_bad_options_are_one_line_errors(engine) -> None:  # type: ignore[no-untyped-def]
+    """Unknown format, malformed or unknown run ids, an unknown sweep: exit 2 and one line naming the option."""
+    _invoke("submit", "tune", "--dataset", "toy", "--method", "noop", "--json")
+    for args, argument in ((("--format", "html"), "--format"), (("--runs", "1,x"), "--runs"),
+                           (("--runs", "99"), "--runs"), (("--sweep", "7"), "--sweep"),
+                           (("--metric", "top3"), "--metric"), (("--methods", "noop,"), "--methods")):
+        code, out = _invoke("table", *args)
+        assert code == 2 and argument in out and len(out.strip().splitlines()) == 1, (args, out)
