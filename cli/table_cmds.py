@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import csv
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from cli.common import JsonOpt, console, engine_of, print_json, settings_of
 from difftpt_ops.core.errors import InputError
+
+if TYPE_CHECKING:
+    from difftpt_ops.services.table import Table
 
 
 def _names(option: str, value: str | None) -> tuple[str, ...]:
@@ -32,7 +35,7 @@ def _run_ids(value: str | None) -> tuple[int, ...]:
     return ids
 
 
-def _print_rich(table) -> None:  # type: ignore[no-untyped-def]
+def _print_rich(table: Table) -> None:
     from rich.table import Table
 
     from difftpt_ops.services.table import display_header, row_texts
@@ -95,7 +98,7 @@ def table(
                    f"{logged['experiment']})", err=True)
 
 
-def _print(result, format: str) -> None:  # type: ignore[no-untyped-def]
+def _print(result: Table, format: str) -> None:
     from difftpt_ops.services.table import CSV_COLUMNS, csv_rows, to_latex, to_markdown
 
     if format == "json":

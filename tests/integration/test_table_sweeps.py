@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import Run, Sweep, SweepRun
-from difftpt_ops.services import reporting, shards
+from difftpt_ops.services import shards
 from difftpt_ops.services.sweeps import grid_points, parse_seeds, parse_sweep
 from tests.integration.test_jobs_support import add_dataset, make_settings, open_engine
 
