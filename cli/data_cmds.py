@@ -57,6 +57,9 @@ def _print_add_report(report: dict[str, Any]) -> None:
         typer.echo(f"  failed: {failure['relpath']}: {failure['error']}")
     if report["num_failed"] > len(report["failures"]):
         typer.echo(f"  (see `difftpt-ops data show {report['name']}` for every failed sample)")
+    if report.get("empty_folders"):
+        typer.echo(f"  warning: folders without images are not classes: {', '.join(report['empty_folders'])}",
+                   err=True)
     subset = report.get("subset")
     if subset:
         typer.echo(f"  subset {subset['status']}: version {subset['version']}, {subset['num_samples']} samples "
@@ -76,6 +79,9 @@ def add(
     subset: Annotated[int | None, typer.Option(
         "--subset", help="Also make a seeded, class-stratified subset of N samples (a new version).")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of the subset (default 0).")] = None,
+    follow_outside_links: Annotated[bool, typer.Option(
+        "--follow-outside-links", help="Follow symbolic links that lead outside ROOT (default: failed samples).")]
+    = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Register a test split: every file hashed and checked; unreadable images are kept as failed samples."""
@@ -87,7 +93,8 @@ def add(
     engine = engine_of(ctx)
     with _progress_bar(f"registering {name}") as progress:
         report = register_dataset(engine, name=name, root=root, format=fmt, class_names_file=class_names,
-                                  split_file=split_file, subset=subset, seed=seed or 0, progress=progress)
+                                  split_file=split_file, subset=subset, seed=seed or 0, progress=progress,
+                                  follow_outside_links=follow_outside_links)
     if as_json:
         print_json(report)
     else:
@@ -182,6 +189,9 @@ def import_generated_cmd(
     size: Annotated[int | None, typer.Option(help="Image size in pixels.")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto, fp32, fp16 or bf16.")] = None,
     seed: Annotated[int | None, typer.Option(help="Generation seed.")] = None,
+    follow_outside_links: Annotated[bool, typer.Option(
+        "--follow-outside-links", help="Import files whose links lead outside ROOT (default: left out, counted).")]
+    = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Import images generated elsewhere as the generation cache of a dataset, under the given generator settings."""
@@ -200,7 +210,8 @@ def import_generated_cmd(
         version_id = version.id
     from difftpt_ops.services.generation import import_generated
 
-    result = import_generated(engine, settings_of(ctx), dataset_version_id=version_id, root=root, spec=spec)
+    result = import_generated(engine, settings_of(ctx), dataset_version_id=version_id, root=root, spec=spec,
+                              follow_outside_links=follow_outside_links)
     if as_json:
         print_json(result)
     else:

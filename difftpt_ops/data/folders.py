@@ -20,7 +20,7 @@ from pathlib import Path
 
 from difftpt_ops.core.errors import InputError, NotFoundError
 from difftpt_ops.data import classnames
-from difftpt_ops.data.layouts import DatasetLayout, iter_class_folders, subdirectories
+from difftpt_ops.data.layouts import DatasetLayout, has_images, iter_class_folders, subdirectories
 
 NUMERIC_FOLDERS = frozenset(str(i) for i in range(1000))
 
@@ -42,31 +42,35 @@ def _check_folders(fmt: str, root: Path, folders: list[str], labels: dict[str, i
                          f"({len(unknown)} unknown folders); check --format")
 
 
-def _layout(fmt: str, root: Path, names: tuple[str, ...], labels: dict[str, int]) -> DatasetLayout:
+def _layout(fmt: str, root: Path, names: tuple[str, ...], labels: dict[str, int], *,
+            follow_outside_links: bool) -> DatasetLayout:
     image_root = image_root_of(fmt, root)
     folders = subdirectories(image_root)
     _check_folders(fmt, root, folders, labels)
     present = {name: labels[name] for name in folders}
-    entries = functools.partial(iter_class_folders, root, image_root, present)
-    return DatasetLayout(format=fmt, root=root, class_names=names, iter_entries=entries)
+    entries = functools.partial(iter_class_folders, root, image_root, present,
+                                follow_outside_links=follow_outside_links)
+    return DatasetLayout(format=fmt, root=root, class_names=names, iter_entries=entries,
+                         follow_outside_links=follow_outside_links)
 
 
-def imagenet_layout(fmt: str, root: Path) -> DatasetLayout:
+def imagenet_layout(fmt: str, root: Path, *, follow_outside_links: bool = False) -> DatasetLayout:
     """ImageNet val or ImageNet-Sketch: 1000 wnid folders, labels = ImageNet indices."""
-    return _layout(fmt, root, classnames.imagenet_names(), classnames.imagenet_index_of_wnid())
+    return _layout(fmt, root, classnames.imagenet_names(), classnames.imagenet_index_of_wnid(),
+                   follow_outside_links=follow_outside_links)
 
 
-def imagenet_subset_layout(fmt: str, root: Path) -> DatasetLayout:
+def imagenet_subset_layout(fmt: str, root: Path, *, follow_outside_links: bool = False) -> DatasetLayout:
     """ImageNet-A or ImageNet-R: 200 wnid folders, labels = positions among the set's sorted wnids."""
     variant = {"imagenet-a": "a", "imagenet-r": "r"}[fmt]
     labels = {wnid: label for label, wnid in enumerate(classnames.subset_wnids(variant))}
-    return _layout(fmt, root, classnames.subset_names(variant), labels)
+    return _layout(fmt, root, classnames.subset_names(variant), labels, follow_outside_links=follow_outside_links)
 
 
-def imagenet_v2_layout(fmt: str, root: Path) -> DatasetLayout:
+def imagenet_v2_layout(fmt: str, root: Path, *, follow_outside_links: bool = False) -> DatasetLayout:
     """ImageNet-V2 with numeric folders: label = the folder's ImageNet class index."""
     labels = {name: int(name) for name in NUMERIC_FOLDERS}
-    return _layout(fmt, root, classnames.imagenet_names(), labels)
+    return _layout(fmt, root, classnames.imagenet_names(), labels, follow_outside_links=follow_outside_links)
 
 
 def read_class_names(path: Path) -> tuple[str, ...]:
@@ -80,8 +84,14 @@ def read_class_names(path: Path) -> tuple[str, ...]:
     return tuple(line.strip() for line in lines if line.strip())
 
 
-def imagefolder_layout(root: Path, class_names_file: Path | None = None) -> DatasetLayout:
-    """A plain ImageFolder: sorted folder names are the classes (or the names in `class_names_file`)."""
+def imagefolder_layout(root: Path, class_names_file: Path | None = None, *,
+                       follow_outside_links: bool = False) -> DatasetLayout:
+    """A plain ImageFolder: sorted folder names are the classes (or the names in `class_names_file`).
+
+    A folder without images is not a class (as torchvision's ImageFolder refuses it): it gets no label and
+    no name, and the layout lists it in `empty_folders` for the registration report. `class_names_file`
+    names every folder in sorted order, empty ones included; their names are dropped with them.
+    """
     folders = subdirectories(root)
     if not folders:
         raise InputError("--root", root, "no class folders found (an ImageFolder has one folder per class)")
@@ -91,6 +101,12 @@ def imagefolder_layout(root: Path, class_names_file: Path | None = None) -> Data
         if len(names) != len(folders):
             raise InputError("--class-names", class_names_file,
                              f"has {len(names)} names but {root} has {len(folders)} class folders")
-    labels = {folder: label for label, folder in enumerate(folders)}
-    entries = functools.partial(iter_class_folders, root, root, labels)
-    return DatasetLayout(format="imagefolder", root=root, class_names=names, iter_entries=entries)
+    kept = {i for i, folder in enumerate(folders)
+            if has_images(root, root / folder, follow_outside_links=follow_outside_links)}
+    if not kept:
+        raise InputError("--root", root, f"none of its {len(folders)} class folders holds an image")
+    labels = {folders[i]: label for label, i in enumerate(sorted(kept))}
+    entries = functools.partial(iter_class_folders, root, root, labels, follow_outside_links=follow_outside_links)
+    return DatasetLayout(format="imagefolder", root=root, class_names=tuple(names[i] for i in sorted(kept)),
+                         iter_entries=entries, follow_outside_links=follow_outside_links,
+                         empty_folders=tuple(f for i, f in enumerate(folders) if i not in kept))

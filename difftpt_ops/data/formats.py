@@ -100,7 +100,7 @@ def _check_options(fmt: str, class_names_file: Path | None, split_file: Path | N
 
 
 def open_layout(root: Path | str, fmt: str = "auto", *, class_names_file: Path | str | None = None,
-                split_file: Path | str | None = None) -> DatasetLayout:
+                split_file: Path | str | None = None, follow_outside_links: bool = False) -> DatasetLayout:
     """Read `root` as format `fmt` (or detect it): class names and the entry stream, validated up front.
 
     Raises:
@@ -117,14 +117,15 @@ def open_layout(root: Path | str, fmt: str = "auto", *, class_names_file: Path |
     if fmt == "auto":
         fmt = detect_format(root, split)
     _check_options(fmt, names_file, split)
+    links = {"follow_outside_links": follow_outside_links}  # links leading outside the root (layouts.py)
     if fmt in {"imagenet", "imagenet-sketch"}:
-        return folders.imagenet_layout(fmt, root)
+        return folders.imagenet_layout(fmt, root, **links)
     if fmt in {"imagenet-a", "imagenet-r"}:
-        return folders.imagenet_subset_layout(fmt, root)
+        return folders.imagenet_subset_layout(fmt, root, **links)
     if fmt == "imagenet-v2":
-        return folders.imagenet_v2_layout(fmt, root)
+        return folders.imagenet_v2_layout(fmt, root, **links)
     if fmt in SPLIT_FORMATS:
-        return splits.split_layout(fmt, root, split)
+        return splits.split_layout(fmt, root, split, **links)
     if fmt == "aircraft":
-        return splits.aircraft_layout(root)
-    return folders.imagefolder_layout(root, names_file)
+        return splits.aircraft_layout(root, **links)
+    return folders.imagefolder_layout(root, names_file, **links)

@@ -7,6 +7,7 @@ to write (idempotence and conflicts are decided before the first INSERT).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -17,7 +18,7 @@ from itertools import islice
 from typing import IO, Any
 
 from difftpt_ops.core.specs import canonical_json
-from difftpt_ops.data.layouts import DatasetLayout, Entry
+from difftpt_ops.data.layouts import OUTSIDE_HINT, DatasetLayout, Entry, FailedEntry, is_inside
 from difftpt_ops.data.probe import FileProbe, probe_file
 
 BATCH_ROWS = 1000
@@ -81,7 +82,7 @@ def scan_layout(layout: DatasetLayout, spool: IO[str], *, progress: ProgressFn |
         progress(0, total)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for batch in _batches(iter(layout), BATCH_ROWS):
-            probes = pool.map(probe_file, [layout.root / entry.relpath for entry in batch])
+            probes = pool.map(functools.partial(probe_entry, layout), batch)
             for entry, probe in zip(batch, probes, strict=True):
                 _record(summary, digest, spool, entry, probe)
                 if progress is not None and summary.num_samples % _PROGRESS_EVERY == 0:
@@ -91,6 +92,17 @@ def scan_layout(layout: DatasetLayout, spool: IO[str], *, progress: ProgressFn |
     summary.fingerprint = digest.hexdigest()
     spool.flush()
     return summary
+
+
+def probe_entry(layout: DatasetLayout, entry: Entry) -> FileProbe:
+    """Probe one entry's file, unless the listing already failed it or it leads outside the root."""
+    if isinstance(entry, FailedEntry):
+        return FileProbe(None, None, None, entry.error)
+    path = layout.root / entry.relpath
+    if not layout.follow_outside_links and not is_inside(path, layout.root):
+        return FileProbe(None, None, None, f"symbolic link leading outside the dataset root (to {path.resolve()}); "
+                                           f"{OUTSIDE_HINT}")
+    return probe_file(path)
 
 
 def _record(summary: ScanSummary, digest: VersionDigest, spool: IO[str], entry: Entry, probe: FileProbe) -> None:

@@ -74,8 +74,17 @@ def read_test_entries(path: Path, num_classes: int) -> list[tuple[str, int]]:
                 and isinstance(item[1], int) and 0 <= item[1] < num_classes):
             raise InputError("--split-file", path, f"test entry {position} is not [path, label 0..{num_classes - 1}, "
                              f"classname]: {item!r}")
+        check_relative(item[0], "--split-file", path, f"test entry {position}")
         entries.append((item[0], item[1]))
     return entries
+
+
+def check_relative(relpath: str, argument: str, value: object, where: str) -> None:
+    """Refuse a listed path that is absolute or climbs out of the dataset root with `..`."""
+    parts = relpath.replace("\\", "/").split("/")
+    if relpath.startswith(("/", "\\")) or (len(relpath) > 1 and relpath[1] == ":") or ".." in parts:
+        raise InputError(argument, value, f"{where} leaves the dataset root: {relpath!r} (paths must be relative, "
+                                          "without '..')")
 
 
 def _image_prefix(fmt: str, root: Path, entries: list[tuple[str, int]], split_file: Path) -> str:
@@ -94,14 +103,16 @@ def _iter_split(prefix: str, entries: list[tuple[str, int]]) -> Iterator[Entry]:
         yield Entry(f"{prefix}/{relpath}" if prefix else relpath, label)
 
 
-def split_layout(fmt: str, root: Path, split_file: Path | None = None) -> DatasetLayout:
+def split_layout(fmt: str, root: Path, split_file: Path | None = None, *,
+                 follow_outside_links: bool = False) -> DatasetLayout:
     """One of the nine CoOp split sets (`flower102`, `dtd`, `pets`, ...)."""
     names = classnames.cross_domain_names(fmt)
     path = find_split_file(fmt, root, split_file)
     entries = read_test_entries(path, len(names))
     prefix = _image_prefix(fmt, root, entries, path)
-    return DatasetLayout(format=fmt, root=root, class_names=names,
-                         iter_entries=functools.partial(_iter_split, prefix, entries), split_file=path)
+    return DatasetLayout(format=fmt, root=root, class_names=names, split_file=path,
+                         iter_entries=functools.partial(_iter_split, prefix, entries),
+                         follow_outside_links=follow_outside_links)
 
 
 def aircraft_dir(root: Path) -> Path | None:
@@ -124,6 +135,7 @@ def _aircraft_entries(folder: Path, variants: list[str]) -> list[tuple[str, int]
     entries: list[tuple[str, int]] = []
     for number, line in enumerate(_read_lines(folder / "images_variant_test.txt"), start=1):
         image_id, _, variant = line.partition(" ")
+        check_relative(image_id, "--root", folder / "images_variant_test.txt", f"line {number}")
         if variant.strip() not in label_of:
             raise InputError("--root", folder / "images_variant_test.txt",
                              f"line {number}: variant {variant.strip()!r} is not in variants.txt")
@@ -131,7 +143,7 @@ def _aircraft_entries(folder: Path, variants: list[str]) -> list[tuple[str, int]
     return entries
 
 
-def aircraft_layout(root: Path) -> DatasetLayout:
+def aircraft_layout(root: Path, *, follow_outside_links: bool = False) -> DatasetLayout:
     """FGVC Aircraft: label = row of the image's variant in variants.txt; names = the reference's list."""
     folder = aircraft_dir(root)
     if folder is None:
@@ -146,4 +158,5 @@ def aircraft_layout(root: Path) -> DatasetLayout:
     entries = _aircraft_entries(folder, variants)
     prefix = "" if folder == root else folder.relative_to(root).as_posix()
     return DatasetLayout(format="aircraft", root=root, class_names=names,
-                         iter_entries=functools.partial(_iter_split, prefix, entries))
+                         iter_entries=functools.partial(_iter_split, prefix, entries),
+                         follow_outside_links=follow_outside_links)

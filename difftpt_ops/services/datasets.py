@@ -57,8 +57,12 @@ def _precheck_existing(engine: Engine, name: str, layout: DatasetLayout) -> None
 
 def register_dataset(engine: Engine, *, name: str, root: Path | str, format: str = "auto",  # noqa: A002
                      class_names_file: Path | str | None = None, split_file: Path | str | None = None,
-                     subset: int | None = None, seed: int = 0, progress: ProgressFn | None = None) -> dict[str, Any]:
+                     subset: int | None = None, seed: int = 0, progress: ProgressFn | None = None,
+                     follow_outside_links: bool = False) -> dict[str, Any]:
     """Register the test split at `root` as dataset `name` (version 1), and optionally a seeded subset.
+
+    Links leading outside `root` are followed only with `follow_outside_links` (else they are failed
+    samples); ImageFolder folders without images are not classes and are listed in `empty_folders`.
 
     Returns a report: status "registered" or "already registered", counts, fingerprint, first failures,
     and `subset` (the subset version's report) when `subset` is given.
@@ -70,7 +74,8 @@ def register_dataset(engine: Engine, *, name: str, root: Path | str, format: str
     """
     # 1. Validate everything that needs no file content.
     _check_name(name)
-    layout = open_layout(root, format, class_names_file=class_names_file, split_file=split_file)
+    layout = open_layout(root, format, class_names_file=class_names_file, split_file=split_file,
+                         follow_outside_links=follow_outside_links)
     if subset is not None:
         check_subset_args(subset, seed)
     _precheck_existing(engine, name, layout)
@@ -84,6 +89,7 @@ def register_dataset(engine: Engine, *, name: str, root: Path | str, format: str
         # 3. Write in one transaction (or find the same content already there).
         with session_scope(engine) as session:
             report = _store_full(session, name, layout, scan, spool)
+            report["empty_folders"] = list(layout.empty_folders)
             if subset is not None:
                 dataset = session.get(Dataset, report["dataset_id"])
                 full = session.get(DatasetVersion, report["dataset_version_id"])

@@ -304,6 +304,7 @@ def import_generated(
     root: Path,
     spec: GenerationSpec,
     progress: ProgressCallback | None = None,
+    follow_outside_links: bool = False,
 ) -> dict[str, int]:
     """Register variations laid out as the reference writes them: `<root>/<class folder>/<stem>_<i>.jpg`.
 
@@ -314,7 +315,9 @@ def import_generated(
 
     Returns:
         Counts: generation_config_id, matched_samples (at least one file found), images (newly
-        registered), missing_samples (no file found, or no content hash), unreadable_images.
+        registered), missing_samples (no file found, or no content hash), unreadable_images (cannot be
+        read or decoded), outside_links (files whose links lead outside `root`: not imported unless
+        `follow_outside_links`).
 
     Raises:
         NotFoundError: `root` does not exist, or there is no such dataset version.
@@ -331,7 +334,7 @@ def import_generated(
             Sample.dataset_version_id == dataset_version_id).order_by(Sample.index)).all()
     counts = dict.fromkeys(("matched_samples", "images", "missing_samples", "unreadable_images"), 0)
     counts["generation_config_id"] = config_id
-    listings = _DirectoryIndex(root)
+    listings = _DirectoryIndex(root, follow_outside_links=follow_outside_links)
     for relpath, source_hash in samples:
         files = listings.variants_of(relpath, spec.per_sample)
         if not files or not source_hash:
@@ -341,6 +344,7 @@ def import_generated(
         added, unreadable = _import_sample(engine, store, spec, config_id, source_hash, files, progress)
         counts["images"] += added
         counts["unreadable_images"] += unreadable
+    counts["outside_links"] = listings.outside_links
     return counts
 
 
@@ -353,7 +357,11 @@ def _import_sample(engine: Engine, store: ArtifactStore, spec: GenerationSpec, c
     for index, path in sorted(files.items()):
         if index not in wanted:
             continue
-        data = path.read_bytes()
+        try:
+            data = path.read_bytes()
+        except OSError:  # counted like an image that does not decode
+            unreadable += 1
+            continue
         size = _image_size(data)
         if size is None:
             unreadable += 1
@@ -367,8 +375,11 @@ def _import_sample(engine: Engine, store: ArtifactStore, spec: GenerationSpec, c
 class _DirectoryIndex:
     """`<stem>_<i>.<ext>` files of the reference layout, one directory listing per class folder."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, follow_outside_links: bool = False) -> None:
         self.root = root
+        self.real_root = root.resolve()
+        self.follow_outside_links = follow_outside_links
+        self.outside_links = 0  # matching files (or folders) left out because their links lead outside the root
         self._listings: dict[Path, dict[tuple[str, int], Path]] = {}
 
     def variants_of(self, relpath: str, per_sample: int) -> dict[int, Path]:
@@ -388,10 +399,17 @@ class _DirectoryIndex:
     def _listing(self, folder: Path) -> dict[tuple[str, int], Path]:
         if folder not in self._listings:
             entries: dict[tuple[str, int], Path] = {}
-            if folder.is_dir():
+            if folder.is_dir() and not self._outside(folder):
                 for child in folder.iterdir():
                     match = _REFERENCE_NAME.match(child.name)
-                    if match and child.is_file():
+                    if match and child.is_file() and not self._outside(child):
                         entries.setdefault((match["stem"], int(match["index"])), child)
             self._listings[folder] = entries
         return self._listings[folder]
+
+    def _outside(self, path: Path) -> bool:
+        """A path whose links lead outside the import root, unless allowed (counted)."""
+        if self.follow_outside_links or path.resolve().is_relative_to(self.real_root):
+            return False
+        self.outside_links += 1
+        return True
