@@ -109,7 +109,8 @@ class Settings(BaseSettings):
         out: dict[str, Any] = {}
         for name in type(self).model_fields:
             value = getattr(self, name)
-            out[name] = mask_url(value) if isinstance(value, str) else (str(value) if isinstance(value, Path) else value)
+            plain = str(value) if isinstance(value, Path) else value
+            out[name] = mask_url(plain) if isinstance(value, str) else plain
         out["embedded"] = self.embedded
         return out
 

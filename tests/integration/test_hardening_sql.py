@@ -59,7 +59,8 @@ def bypass_strings(marker: Path, secret: Path) -> list[str]:
         f"SELECT lo_import('{secret}')",
         f"SELECT lo_get(lo_import('{secret}'))",
         "SELECT set_config('role', 'postgres', false)",
-        f"SELECT set_config('role', 'postgres', true), query_to_xml('SELECT pg_read_file(''{secret}'')', true, false, '')",
+        f"SELECT set_config('role', 'postgres', true), "
+        f"query_to_xml('SELECT pg_read_file(''{secret}'')', true, false, '')",
         "SELECT set_config('session_authorization', 'postgres', false)",
         "SELECT set_config('default_transaction_read_only', 'off', false)",
         f"SELECT query_to_xml('SELECT pg_read_file(''{secret}'')', true, false, '')",
@@ -182,7 +183,8 @@ def test_the_reader_role_holds_select_and_nothing_else(seeded: tuple[Engine, str
             "SELECT DISTINCT privilege_type FROM information_schema.role_table_grants WHERE grantee = :r"),
             {"r": READER_ROLE}).scalars())
         assert privileges == {"SELECT"}
-        assert conn.execute(text("SELECT has_table_privilege(:r, 'run_summary', 'SELECT')"), {"r": READER_ROLE}).scalar()
+        assert conn.execute(text("SELECT has_table_privilege(:r, 'run_summary', 'SELECT')"),
+                            {"r": READER_ROLE}).scalar()
 
 
 def test_without_the_role_sql_refuses_and_says_how_to_set_it_up(seeded: tuple[Engine, str],

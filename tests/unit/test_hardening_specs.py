@@ -57,7 +57,8 @@ def test_out_of_range_values_are_refused_by_the_spec_naming_the_field(method: st
 def test_good_values_arrive_typed() -> None:
     spec = method_spec_from("difftpt", {"steps": "2", "lr": "1e-3", "selection_cosine": "0.5", "augmix": "off",
                                         "cosine_on": "features", "prompt.ctx_init": "none"})
-    assert (spec.steps, spec.lr, spec.selection_cosine, spec.augmix, spec.cosine_on) == (2, 1e-3, 0.5, False, "features")
+    expected = (2, 1e-3, 0.5, False, "features")
+    assert (spec.steps, spec.lr, spec.selection_cosine, spec.augmix, spec.cosine_on) == expected
     assert spec.prompt.ctx_init is None and isinstance(spec.steps, int)
 
 
