@@ -9,7 +9,10 @@ guidance and size; throughput does not depend on weight values, so the weights a
     python bench/generation_speed.py                   # CPU: a small random model at 64 px, 10 steps (< 1 min)
     python bench/generation_speed.py --device cuda     # full SD 1.x architecture, 512 px, 50 steps, guidance 3
 
-The last line of output is one JSON object. Needs only torch, diffusers, transformers and
+On CUDA, ours is measured at several batch sizes (`--batch-sizes`, default 8,16,32), then at the best one
+with channels-last memory format, then (`--compile`) with a torch.compile'd UNet, reporting after how many
+images the compile time pays back. `--time-budget-s` bounds the whole run: steps that would start after
+it are skipped and reported as skipped. The last line of output is one JSON object. Needs only torch, diffusers, transformers and
 difftpt_ops.{core,models}; no database, broker or tracking server.
 """
 
@@ -56,6 +59,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default 1 on CPU)")
     parser.add_argument("--reference-batch", type=int, default=1,
                         help="source images per reference call (the reference's script used 5 sources per call)")
+    parser.add_argument("--batch-sizes", default=None,
+                        help="comma list of batch sizes for ours (default 8,16,32 on cuda, --batch-size on CPU)")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time the best batch size with channels-last UNet and VAE (default: on cuda)")
+    parser.add_argument("--compile", action="store_true", help="also time a torch.compile'd UNet at the best batch")
+    parser.add_argument("--compile-min-s", type=float, default=180.0,
+                        help="compile only if at least this much of the time budget is left")
+    parser.add_argument("--time-budget-s", type=float, default=None, help="skip steps that would start after this")
     return parser.parse_args(argv)
 
 
@@ -65,10 +76,20 @@ def _defaults(args: argparse.Namespace) -> argparse.Namespace:
     args.size = args.size or (512 if args.arch == "sd1" else 64)
     args.steps = args.steps or (50 if gpu else 10)
     args.batch_size = args.batch_size or (32 if gpu else 8)
-    args.images = args.images or 2 * args.batch_size
+    sizes = args.batch_sizes or ("8,16,32" if gpu else str(args.batch_size))
+    args.batch_sizes = [int(size) for size in sizes.split(",") if size.strip()]
+    args.channels_last = gpu if args.channels_last is None else args.channels_last
     args.reference_images = args.reference_images or (8 if gpu else 4)
     args.threads = args.threads or (None if gpu else 1)
+    args.started = time.perf_counter()
     return args
+
+
+def _left_s(args: argparse.Namespace) -> float:
+    """Seconds left of --time-budget-s (infinite without one)."""
+    if args.time_budget_s is None:
+        return float("inf")
+    return args.time_budget_s - (time.perf_counter() - args.started)
 
 
 def build_pipeline(arch: str, device: str):  # type: ignore[no-untyped-def]
@@ -146,23 +167,101 @@ def time_reference(pipe, condition: torch.Tensor, args: argparse.Namespace) -> d
             "attention": "classic", "images_per_call": args.reference_batch}
 
 
-def time_ours(pipe, source: Image.Image, args: argparse.Namespace) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    """Batched variants with per-image seeds, fp16 on GPU, SDPA."""
+def _peak_mb(device: str) -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.startswith("cuda") else None
+
+
+def _reset_peak(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+
+def prepare_ours(pipe, args: argparse.Namespace) -> str:  # type: ignore[no-untyped-def]
+    """Ours: fp16 on GPU, SDPA attention. Returns the dtype name."""
     dtype = "fp16" if args.device.startswith("cuda") else "fp32"  # fp16 on CPU is slower, not faster
     if dtype == "fp16":
         pipe.to(dtype=torch.float16)
     _set_attention(pipe, sdpa=True)
+    return dtype
+
+
+def time_ours(pipe, source: Image.Image, args: argparse.Namespace, *, batch_size: int,  # type: ignore[no-untyped-def]
+              images: int | None = None, dtype: str = "fp32", label: str = "eager") -> dict[str, Any]:
+    """Batched variants with per-image seeds: one warm-up batch, then `images` (default 2 batches) timed."""
+    images = images or 2 * batch_size
     spec = GenerationSpec(model="random", revision=None, steps=args.steps, guidance=args.guidance,
-                          per_sample=args.images, size=args.size, dtype=dtype)
-    seeds = [variant_seed(0, "0" * 64, index) for index in range(args.images)]
-    generate_variations(pipe, source, seeds=seeds[:args.batch_size], spec=spec, batch_size=args.batch_size)  # warm-up
+                          per_sample=images, size=args.size, dtype=dtype)
+    seeds = [variant_seed(0, "0" * 64, index) for index in range(images)]
+    _reset_peak(args.device)
+    warm_start = time.perf_counter()
+    generate_variations(pipe, source, seeds=seeds[:batch_size], spec=spec, batch_size=batch_size)  # warm-up
     _sync(args.device)
+    warmup_s = time.perf_counter() - warm_start
     started = time.perf_counter()
-    generate_variations(pipe, source, seeds=seeds, spec=spec, batch_size=args.batch_size)
+    generate_variations(pipe, source, seeds=seeds, spec=spec, batch_size=batch_size)
     _sync(args.device)
     seconds = time.perf_counter() - started
-    return {"images": args.images, "seconds": round(seconds, 3), "images_per_s": args.images / seconds,
-            "dtype": dtype, "attention": "sdpa", "images_per_call": args.batch_size}
+    return {"variant": label, "images": images, "seconds": round(seconds, 3), "images_per_s": images / seconds,
+            "warmup_s": round(warmup_s, 3), "dtype": dtype, "attention": "sdpa", "images_per_call": batch_size,
+            "peak_cuda_mb": _peak_mb(args.device)}
+
+
+def sweep_ours(pipe, source: Image.Image, args: argparse.Namespace, dtype: str) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
+    """Ours at each batch size, while the time budget lasts; a failed size (out of memory) is reported."""
+    rows = []
+    for batch_size in args.batch_sizes:
+        if _left_s(args) <= 0:
+            rows.append({"variant": "eager", "images_per_call": batch_size, "skipped": "time budget"})
+            continue
+        _log(f"ours: batch {batch_size} ...")
+        try:
+            rows.append(time_ours(pipe, source, args, batch_size=batch_size, images=args.images, dtype=dtype))
+            _log(f"  {rows[-1]['images_per_s']:.3f} images/s")
+        except torch.OutOfMemoryError as exc:
+            rows.append({"variant": "eager", "images_per_call": batch_size, "error": str(exc).splitlines()[0]})
+            torch.cuda.empty_cache()
+    return rows
+
+
+def time_channels_last(pipe, source: Image.Image, args: argparse.Namespace, best: dict[str, Any],  # type: ignore[no-untyped-def]
+                       dtype: str) -> dict[str, Any]:
+    """The best batch size again with channels-last UNet and VAE (convolution-heavy: often faster on GPU)."""
+    if _left_s(args) <= 0:
+        return {"variant": "channels_last", "skipped": "time budget"}
+    pipe.unet.to(memory_format=torch.channels_last)
+    pipe.vae.to(memory_format=torch.channels_last)
+    _log(f"ours, channels-last: batch {best['images_per_call']} ...")
+    row = time_ours(pipe, source, args, batch_size=best["images_per_call"], images=best["images"], dtype=dtype,
+                    label="channels_last")
+    _log(f"  {row['images_per_s']:.3f} images/s")
+    return row
+
+
+def time_compiled(pipe, source: Image.Image, args: argparse.Namespace, best: dict[str, Any],  # type: ignore[no-untyped-def]
+                  dtype: str) -> dict[str, Any]:
+    """The best configuration with torch.compile on the UNet (the VAE and image encoder run once per call).
+
+    The warm-up call includes the compilation; `pays_back_after_images` is how many images it takes for
+    the faster steps to win back that time over the eager best (None: compiled is not faster).
+    """
+    if _left_s(args) < args.compile_min_s:
+        return {"variant": "compiled", "skipped": f"less than {args.compile_min_s:.0f} s of the time budget left"}
+    eager_unet = pipe.unet
+    pipe.unet = torch.compile(eager_unet)
+    _log(f"ours, compiled UNet: batch {best['images_per_call']} (first call compiles) ...")
+    try:
+        row = time_ours(pipe, source, args, batch_size=best["images_per_call"], images=best["images"], dtype=dtype,
+                        label="compiled")
+    except Exception as exc:  # noqa: BLE001 (a compiler failure is a result to report, not a crash)
+        return {"variant": "compiled", "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+    finally:
+        pipe.unet = eager_unet
+    per_image = 1 / best["images_per_s"] - 1 / row["images_per_s"]
+    overhead = row["warmup_s"] - best["images_per_call"] / row["images_per_s"]  # compile time beyond one batch
+    row["compile_overhead_s"] = round(overhead, 1)
+    row["pays_back_after_images"] = round(overhead / per_image) if per_image > 0 else None
+    _log(f"  {row['images_per_s']:.3f} images/s after {overhead:.0f} s of compilation")
+    return row
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -180,14 +279,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _log(f"reference way: {args.reference_images} images at {args.size} px, {args.steps} steps ...")
     reference = time_reference(pipe, conditioning_tensor(source), args)
     _log(f"  {reference['images_per_s']:.3f} images/s")
-    _log(f"ours: {args.images} images, batch {args.batch_size} ...")
-    ours = time_ours(pipe, source, args)
-    _log(f"  {ours['images_per_s']:.3f} images/s")
+    dtype = prepare_ours(pipe, args)
+    rows = sweep_ours(pipe, source, args, dtype)
+    timed = [row for row in rows if "images_per_s" in row]
+    if not timed:
+        raise SystemExit("no batch size of ours could be timed (see the log)")
+    best = max(timed, key=lambda row: row["images_per_s"])
+    if args.channels_last:
+        rows.append(time_channels_last(pipe, source, args, best, dtype))
+        # Keep channels-last for what follows only where it was faster.
+        if rows[-1].get("images_per_s", 0) > best["images_per_s"]:
+            best = rows[-1]
+        else:
+            pipe.unet.to(memory_format=torch.contiguous_format)
+            pipe.vae.to(memory_format=torch.contiguous_format)
+    if args.compile:
+        rows.append(time_compiled(pipe, source, args, best, dtype))
+    ours = best
     ratio = ours["images_per_s"] / reference["images_per_s"]
     result: dict[str, Any] = {
         "bench": "generation_speed",
         "device": args.device,
         "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+        "torch": torch.__version__,
         "cpu_threads": torch.get_num_threads(),
         "arch": args.arch,
         "unet_params_m": round(unet_params / 1e6, 1),
@@ -199,6 +313,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ratio": round(ratio, 2),
         "reference": {k: v for k, v in reference.items() if k != "images_per_s"},
         "ours": {k: v for k, v in ours.items() if k != "images_per_s"},
+        "variants": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()} for row in rows],
+        "seconds_total": round(time.perf_counter() - args.started, 1),
     }
     if args.device.startswith("cuda") and args.arch == "sd1":
         result["meets_target"] = ours["images_per_s"] >= TARGET_IMAGES_PER_S and ratio >= TARGET_RATIO

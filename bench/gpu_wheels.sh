@@ -31,6 +31,13 @@ packages=(
     SQLAlchemy==2.1.9           # the embedded database (no greenlet: only its asyncio extra needs it)
     alembic==1.20.1             # the schema migrations (needs Mako; MarkupSafe is in the image)
     Mako==1.4.3
+    pydantic==2.14.4            # settings (difftpt_ops.config), with pydantic-settings
+    pydantic_core==2.50.5
+    pydantic-settings==2.16.3
+    python-dotenv==1.2.4
+    annotated-types==0.8.0
+    typing-inspection==0.4.5
+    typing_extensions==4.16.0   # pydantic needs >= 4.16; newer than the image's is safe to shadow it
 )
 
 mkdir -p "$dir"

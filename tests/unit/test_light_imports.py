@@ -8,6 +8,7 @@ everything the GPU check runs before the CLI step.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -89,7 +90,9 @@ def test_engine_and_benches_import_without_celery_mlflow_or_a_database() -> None
     done = subprocess.run(
         [sys.executable, "-c", _CHILD, ",".join(HIDDEN), ",".join(MODULES), ",".join(BENCHES)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
-        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+        # Keep PYTHONPATH: on a GPU machine the carried wheels are installed into a folder it names.
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+             "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)},
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "LEAKED []" in done.stdout
