@@ -161,6 +161,23 @@ def _tags(info: RunInfo) -> dict[str, str]:
             **run_group_tags(run.spec)}
 
 
+def provenance_tags(engine: Engine, run: Any) -> dict[str, str]:
+    """What produced the run as MLflow tags: `provenance.*` from the submitting machine, and for the facts
+    of the machines that ran its shards (device, GPU, precision, activation, host) every distinct value."""
+    from difftpt_ops.db.tables import Shard
+
+    tags = {f"provenance.{key}": str(value) for key, value in (run.provenance or {}).items() if value is not None}
+    with engine.connect() as conn:
+        shard_facts = [facts for (facts,) in conn.execute(select(Shard.provenance).where(
+            Shard.run_id == run.id, Shard.provenance.is_not(None)))]
+    for key in ("device", "device_name", "gpu_memory_gb", "driver", "precision", "activation", "host", "torch",
+                "cuda", "git_commit"):
+        values = sorted({str(facts[key]) for facts in shard_facts if facts and facts.get(key) is not None})
+        if values:
+            tags[f"worker.{key}"] = ", ".join(values)[:5000]
+    return tags
+
+
 def ensure_mlflow_run(engine: Engine, tracker: MlflowTracker, info: RunInfo, *, active: bool) -> RunSnapshot:
     """The run's MLflow run: by the stored id, else by fingerprint tag, else created; params and tags current.
 
@@ -176,7 +193,7 @@ def ensure_mlflow_run(engine: Engine, tracker: MlflowTracker, info: RunInfo, *, 
     elif run.mlflow_run_id != snapshot.run_id or run.mlflow_experiment_id != snapshot.experiment_id:
         _store_mapping(engine, run.id, snapshot.run_id, snapshot.experiment_id)
     tracker.log_params(snapshot, flatten(run.spec))
-    tags = {k: v for k, v in _tags(info).items() if snapshot.tags.get(k) != v}
+    tags = {k: v for k, v in {**_tags(info), **provenance_tags(engine, run)}.items() if snapshot.tags.get(k) != v}
     if active and snapshot.status != "RUNNING":
         if snapshot.status in TERMINAL_STATUSES:
             # MLflow params are immutable and do not record a continuation: tags do (mlflow#3228, #4248).
