@@ -64,3 +64,17 @@ def test_masking_covers_messages_and_keyword_dsns() -> None:
     masked = mask_url(text)
     assert "pa55" not in masked and "s3cret" not in masked and "hunter2" not in masked
     assert "amqp://u:***@h:5672//" in masked and "password=***" in masked
+
+
+def test_the_demo_prints_the_mlflow_command_with_the_password_masked(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """The demo's closing lines name the tracking URI (for `mlflow ui`): masked, like every printed URL."""
+    from types import SimpleNamespace
+
+    from cli.demo import _print_next_steps
+
+    settings = load_settings(tmp_path, env={"DIFFTPT_OPS_MLFLOW_TRACKING_URI": "postgresql://ml:s3cret-pw@db/mlflow"})
+    result = SimpleNamespace(run_ids={"difftpt": 4, "zeroshot": 2, "tpt": 3})
+    _print_next_steps(settings, result)
+    printed = capsys.readouterr().out
+    assert "s3cret-pw" not in printed and "postgresql://ml:***@db/mlflow" in printed
