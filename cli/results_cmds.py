@@ -101,6 +101,22 @@ def compare(ctx: typer.Context,
     print_mapping(None, {k: _fmt(payload[k], k) for k in keys})
     _print_orders(payload.get("orders_a"), f"A={run_a}: ")
     _print_orders(payload.get("orders_b"), f"B={run_b}: ")
+    _print_groups(payload.get("groups_a"), f"A={run_a}: ")
+    _print_groups(payload.get("groups_b"), f"B={run_b}: ")
+
+
+def _print_groups(groups: dict[str, Any] | None, prefix: str = "") -> None:
+    """A run's sweeps, and top-1 over the runs that repeat it with other seeds."""
+    if not groups:
+        return
+    for sweep in groups.get("sweeps", []):
+        point = " ".join(f"{k}={v}" for k, v in sweep["point"].items())
+        typer.echo(f"{prefix}in sweep {sweep['sweep_id']} at {point}")
+    seeds = groups.get("seeds")
+    if seeds:
+        keys = ["top1_mean", "top1_std", "top1_min", "top1_max", "all_finished"]
+        print_mapping(f"{prefix}top-1 over {seeds['n_runs']} seeds (runs {', '.join(map(str, seeds['runs']))})",
+                      {k: _fmt(seeds[k], k) for k in keys})
 
 
 def _print_orders(orders: dict[str, Any] | None, prefix: str = "") -> None:

@@ -246,7 +246,16 @@ def compare_runs(engine: Engine, run_a: int, run_b: int) -> dict[str, Any]:
         "ci_method": "Newcombe hybrid score (1998, method 10)",
         "mcnemar_p": stats.mcnemar_exact_p(only_a, only_b),
         **_order_groups(engine, run_a, run_b),
+        **_run_groups(engine, run_a, run_b),
     }
+
+
+def _run_groups(engine: Engine, run_a: int, run_b: int) -> dict[str, Any]:
+    """Each side's sweeps and, when other runs repeat it with other seeds, top-1 over them."""
+    from difftpt_ops.services.sweeps import run_groups
+
+    groups = {"groups_a": run_groups(engine, run_a), "groups_b": run_groups(engine, run_b)}
+    return {key: value for key, value in groups.items() if value}
 
 
 def _order_groups(engine: Engine, run_a: int, run_b: int) -> dict[str, Any]:

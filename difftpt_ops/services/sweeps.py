@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
 from difftpt_ops.config import Settings
@@ -189,3 +189,57 @@ def _tag_mlflow(engine: Engine, settings: Settings, run_ids: list[int]) -> None:
         except Exception as exc:  # noqa: BLE001  tracking never fails a submission; `mlflow sync` has the rest
             log.warning("could not tag the MLflow run of run %s with its sweep (%s)", run_id, exc)
 
+
+
+def _without_seed(spec: dict[str, Any]) -> str:
+    from difftpt_ops.core.specs import canonical_json
+
+    return canonical_json({k: v for k, v in spec.items() if k != "seed"})
+
+
+def seed_group_stats(engine: Engine, run_id: int) -> dict[str, Any] | None:
+    """Top-1 over the runs whose spec equals this run's except for the seed: runs, seeds, mean, std, min, max.
+
+    None when no other run repeats it. Runs count with the samples they have finished; `all_finished`
+    says whether the group is complete.
+    """
+    import statistics
+
+    from sqlalchemy import case
+
+    from difftpt_ops.db.tables import Prediction
+
+    with session_scope(engine) as session:
+        run = session.get(Run, run_id)
+        if run is None:
+            return None
+        candidates = session.execute(select(Run.id, Run.spec, Run.state).where(
+            Run.method == run.method, Run.dataset_version_id == run.dataset_version_id, Run.kind == run.kind)).all()
+        identity = _without_seed(run.spec)
+        group = {rid: (spec.get("seed"), state) for rid, spec, state in candidates if _without_seed(spec) == identity}
+        if len(group) < 2:
+            return None
+        right = func.sum(case((Prediction.correct, 1), else_=0))
+        top1 = {int(rid): int(c or 0) / int(n) for rid, c, n in session.execute(
+            select(Prediction.run_id, right, func.count()).where(Prediction.run_id.in_(list(group)))
+            .group_by(Prediction.run_id)).all() if n}
+    values = list(top1.values())
+    if len(values) < 2:
+        return None
+    runs = sorted(group)
+    return {"runs": runs, "seeds": [group[r][0] for r in runs], "n_runs": len(values),
+            "top1_mean": statistics.fmean(values), "top1_std": statistics.stdev(values),
+            "top1_min": min(values), "top1_max": max(values),
+            "all_finished": all(group[r][1] in ("finished", "finished_with_failures") for r in runs)}
+
+
+def run_groups(engine: Engine, run_id: int) -> dict[str, Any]:
+    """For `compare`: the sweeps a run belongs to (with its grid point) and top-1 over its seed repeats."""
+    out: dict[str, Any] = {}
+    sweeps = sweeps_of_runs(engine, [run_id]).get(run_id)
+    if sweeps:
+        out["sweeps"] = sweeps
+    seeds = seed_group_stats(engine, run_id)
+    if seeds:
+        out["seeds"] = seeds
+    return out

@@ -122,3 +122,19 @@ def test_table_bad_options_are_one_line_errors(engine) -> None:  # type: ignore[
                            (("--metric", "top3"), "--metric"), (("--methods", "noop,"), "--methods")):
         code, out = _invoke("table", *args)
         assert code == 2 and argument in out and len(out.strip().splitlines()) == 1, (args, out)
+
+
+def test_compare_reports_sweep_and_seed_groups(engine) -> None:  # type: ignore[no-untyped-def]
+    """compare: each side's sweep and grid point, and top-1 over the runs repeating it with other seeds."""
+    code, out = _invoke(*SWEEP)
+    points = {(p["point"]["resolution"], p["point"]["seed"]): p["run_id"] for p in json.loads(out)["points"]}
+    a, b = points[("224", 0)], points[("256", 0)]
+    code, out = _invoke("compare", str(a), str(b), "--json")
+    assert code == 0, out
+    payload = json.loads(out)
+    groups = payload["groups_a"]
+    assert groups["sweeps"] == [{"sweep_id": 1, "point": {"resolution": "224", "seed": 0}}]
+    assert groups["seeds"]["runs"] == sorted([a, points[("224", 1)]]) and groups["seeds"]["seeds"] == [0, 1]
+    assert groups["seeds"]["top1_mean"] == 1.0 and groups["seeds"]["top1_std"] == 0.0  # noop is always right
+    code, out = _invoke("compare", str(a), str(b))
+    assert code == 0 and f"A={a}: in sweep 1 at resolution=224 seed=0" in out
