@@ -10,9 +10,13 @@ torch = pytest.importorskip("torch")
 
 from difftpt_ops.core.errors import InvalidSpecError  # noqa: E402
 from difftpt_ops.core.specs import method_spec_from  # noqa: E402
+from difftpt_ops.models.clip import LoadedClip  # noqa: E402
+from difftpt_ops.tta import prepare_classifier  # noqa: E402
 from difftpt_ops.tta.losses import marginal_entropy  # noqa: E402
 from difftpt_ops.tta.methods import StepInputs, get_method  # noqa: E402
 from difftpt_ops.tta.methods.ctpt import CTPTSpec, ctpt_loss, text_feature_dispersion  # noqa: E402
+from difftpt_ops.tta.naive import NaiveTuner  # noqa: E402
+from tests.unit.tta_support import CLASS_NAMES, random_image, tiny_clip  # noqa: E402
 
 pytestmark = pytest.mark.unit
 
@@ -97,3 +101,25 @@ def test_registered_method_uses_tpt_selection_and_the_reference_views() -> None:
 def test_bad_settings_name_the_field(field: str, value: str) -> None:
     with pytest.raises(InvalidSpecError, match=field):
         method_spec_from("ctpt", {field: value})
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> LoadedClip:
+    return tiny_clip(tmp_path_factory.mktemp("tiny") / "clip")
+
+
+def test_engine_equals_the_reference_formulation_and_lambda_reaches_the_tuning(clip: LoadedClip) -> None:
+    """Through the engine's exact speed-ups and the naive formulation alike; the dispersion term changes the
+    tuned prompt (a large lambda moves the prediction's logits away from plain TPT's)."""
+    image = random_image(11)
+    settings = {"n_views": "16", "selection_p": "0.25", "augmix": "false", "lambda_term": "50"}
+    spec = method_spec_from("ctpt", settings)
+    fast = prepare_classifier(clip, CLASS_NAMES, spec).run(image, seed=0, sample_key=7)
+    naive = NaiveTuner(clip, CLASS_NAMES, spec).run(image, seed=0, sample_key=7)
+    assert (fast.pred, fast.top5, fast.zeroshot_pred) == (naive.pred, naive.top5, naive.zeroshot_pred)
+    assert sorted(v.index for v in fast.views if v.kept) == sorted(naive.selected)
+    plain = prepare_classifier(clip, CLASS_NAMES, method_spec_from("ctpt", {**settings, "lambda_term": "0"}))
+    tpt = prepare_classifier(clip, CLASS_NAMES, method_spec_from("tpt", {"n_views": "16", "selection_p": "0.25"}))
+    without = plain.run(image, seed=0, sample_key=7)
+    assert without.entropy_after == pytest.approx(tpt.run(image, seed=0, sample_key=7).entropy_after, abs=1e-6)
+    assert abs(fast.entropy_after - without.entropy_after) > 1e-6
