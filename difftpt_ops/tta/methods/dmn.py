@@ -91,21 +91,23 @@ def _remember(state: dict[str, Tensor], label: int, feature: Tensor, entropy: fl
 
 
 def memory_probs(state: dict[str, Tensor], feature: Tensor, text: Tensor, *, scale: float, beta: float) -> Tensor:
-    """The dynamic memory's prediction for the normalised query feature `feature` (dim,)."""
+    """The dynamic memory's prediction for the query `feature` (dim,); `text` holds normalised class features.
+
+    The reference re-normalises the (already unit) text features, query and read-out at every sample, the
+    read-out twice; here each is normalised once, which changes results only at the level of rounding.
+    """
     memory, count = state["features"], state["count"]
-    n_classes, size, dim = memory.shape
+    size = memory.shape[1]
     query = F.normalize(feature, dim=-1)
     # Slots: the filled memory slots (empty ones are zero vectors in the reference: they add nothing, so only
     # filled ones are visited) and each class's text feature.
     filled = torch.arange(size).unsqueeze(0) < count.unsqueeze(1)
-    classes = filled.nonzero()[:, 0]
     stored = memory[filled]
     weight_memory = torch.exp(-beta * (1.0 - stored @ query))
-    keys_text = F.normalize(text, dim=-1)
-    weight_text = torch.exp(-beta * (1.0 - keys_text @ query))
-    adaptive = (weight_text.unsqueeze(1) * keys_text).index_add(0, classes, weight_memory.unsqueeze(1) * stored)
-    adaptive = F.normalize(F.normalize(adaptive, dim=-1), dim=-1)  # the reference normalises twice
-    return (scale * adaptive @ feature).softmax(-1)
+    weight_text = torch.exp(-beta * (1.0 - text @ query))
+    adaptive = (weight_text.unsqueeze(1) * text).index_add(0, filled.nonzero()[:, 0],
+                                                           weight_memory.unsqueeze(1) * stored)
+    return (scale * F.normalize(adaptive, dim=-1) @ feature).softmax(-1)
 
 
 def step(state: dict[str, Tensor], features: Tensor, logits: Tensor, text: Tensor, *, scale: float,
