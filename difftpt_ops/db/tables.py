@@ -238,6 +238,7 @@ class ViewScore(Base):
     cosine: Mapped[float | None] = mapped_column(Float)
     entropy: Mapped[float] = mapped_column(Float)
     kept: Mapped[bool] = mapped_column(Boolean)
+    weight: Mapped[float | None] = mapped_column(Float)  # a method's own per-view weight (MTA inlierness, ...)
 
 
 class SampleError(Base):

@@ -225,9 +225,14 @@ class TuneProcessor(_TuneRows):
             "worker": self.worker, "created_at": _now(),
         }
         views = [{"run_id": self.run_id, "sample_id": sample.id, "view_index": view.index, "kind": view.kind,
-                  "cosine": view.cosine, "entropy": view.entropy, "kept": bool(view.kept)}
+                  "cosine": view.cosine, "entropy": view.entropy, "kept": bool(view.kept),
+                  "weight": _finite_or_none(getattr(view, "weight", None))}
                  for view in (getattr(result, "views", None) or ())]
         return prediction, views
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
 
 
 def _generated_views(result: Any) -> int:

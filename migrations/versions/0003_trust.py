@@ -3,7 +3,8 @@
 Runs get their model, pretrained tag, seed, device, precision and non-default method settings as plain
 columns (so SQL over runs is the same on SQLite and PostgreSQL) and their provenance; shards the reason
 they wait (a DiffTPT shard waits for its samples' generated images) and the provenance of the attempt
-that ran them; predictions the number of generated views they used. `run_summary` gains the new run
+that ran them; predictions the number of generated views they used; view scores a method's own per-view
+weight (MTA's inlierness, ...). `run_summary` gains the new run
 columns.
 
 Revision ID: 0003
@@ -71,11 +72,15 @@ def upgrade() -> None:
             batch.add_column(sa.Column(name, kind(), nullable=True))
     with op.batch_alter_table("predictions") as batch:
         batch.add_column(sa.Column("n_generated", sa.Integer(), nullable=False, server_default="0"))
+    with op.batch_alter_table("view_scores") as batch:
+        batch.add_column(sa.Column("weight", sa.Float(), nullable=True))
     op.execute(run_summary(with_run_columns=True))
 
 
 def downgrade() -> None:
     op.execute("DROP VIEW IF EXISTS run_summary")
+    with op.batch_alter_table("view_scores") as batch:
+        batch.drop_column("weight")
     with op.batch_alter_table("predictions") as batch:
         batch.drop_column("n_generated")
     with op.batch_alter_table("shards") as batch:
