@@ -48,7 +48,7 @@ def _print_rich(table: Table) -> None:
     for row, texts in zip(table.rows, row_texts(table), strict=True):
         rich_table.add_row(*texts, style=None if row.kind == "ours" else "italic dim")
     console.print(rich_table)
-    for note in table.notes:
+    for note in table.notes[1:]:  # the first note (metric and model) is the title
         typer.echo(note)
 
 

@@ -521,7 +521,7 @@ def _difference_row(ours: Row, published: Row, table: Table) -> Row:
 
 
 def _notes(table: Table) -> list[str]:
-    notes = []
+    notes = [f"{table.metric} in % of model {table.model or '-'}"] if table.rows else []
     if table.baseline is not None and table.metric != "ece":
         notes.append(f"* Holm-corrected exact McNemar p < {table.query.alpha} against {table.baseline} "
                      "(latest runs, samples both finished)")
