@@ -29,6 +29,7 @@ import logging
 import random
 import time
 import traceback
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -264,17 +265,18 @@ class _Recorder:
 
 
 _contexts: OrderedDict[tuple[str, int, str | None, str], _Context] = OrderedDict()
-# Per engine tuner (by id; tuners live in the model cache): the (database, run, shard index) whose end state
-# it holds, when this process wrote that checkpoint itself; the next link then needs no read.
-_in_memory: dict[int, tuple[str, int, int]] = {}
+# Per engine tuner (tuners live in the model cache): the (database, run, shard index) whose end state it
+# holds, when this process wrote that checkpoint itself; the next link then needs no read. Taken out when a
+# link starts, so a link that fails half-way never leaves a stale claim behind.
+_in_memory: weakref.WeakKeyDictionary[Any, tuple[str, int, int]] = weakref.WeakKeyDictionary()
 
 
 def _context(engine: Engine, settings: Settings, run_id: int, *, device: str | None, worker: str) -> _Context:
     from difftpt_ops.services.tuning import open_run_context
 
     key = (str(engine.url), run_id, device, worker)
-    if key not in _contexts:
-        tune = open_run_context(engine, settings, run_id, device=device, worker=worker)
+    tune = open_run_context(engine, settings, run_id, device=device, worker=worker)  # cached there
+    if key not in _contexts or _contexts[key].tune is not tune:
         with session_scope(engine) as session:
             spec, n_samples = session.execute(
                 select(Run.spec, DatasetVersion.num_samples).join(DatasetVersion, DatasetVersion.id ==
@@ -338,9 +340,8 @@ def _start_state(engine: Engine, settings: Settings, context: _Context, claim: C
     """Put the method's state where the chain stands before this shard: the newest intact checkpoint,
     then a replay of the shards after it (rewriting their files when they were damaged)."""
     tuner = context.recorder
-    if _in_memory.get(id(tuner._tuner)) == (str(engine.url), claim.run_id, claim.index - 1):  # noqa: SLF001
+    if _in_memory.pop(tuner._tuner, None) == (str(engine.url), claim.run_id, claim.index - 1):  # noqa: SLF001
         return  # this process finished the previous link: its state is that checkpoint's
-    _in_memory.pop(id(tuner._tuner), None)  # noqa: SLF001
     with session_scope(engine) as session:
         rows = session.scalars(select(OnlineCheckpoint).where(
             OnlineCheckpoint.run_id == claim.run_id, OnlineCheckpoint.shard_index < claim.index)
@@ -427,7 +428,7 @@ def _process(engine: Engine, settings: Settings, claim: ChainClaim, context: _Co
     # 3. File, then rows + checkpoint row + done, atomically.
     if not _finish(engine, context, claim, results):
         return "lost"
-    _in_memory[id(context.recorder._tuner)] = (str(engine.url), claim.run_id, claim.index)  # noqa: SLF001
+    _in_memory[context.recorder._tuner] = (str(engine.url), claim.run_id, claim.index)  # noqa: SLF001
     return "done"
 
 
