@@ -108,8 +108,9 @@ def wants_quick_gelu(spec: ModelSpec, model_name: str, pretrained: str | None) -
     build nn.GELU and only warn when given those weights. Under `activation="auto"` QuickGELU is used for
     every pretrained tag that open_clip marks as QuickGELU (all `openai` tags) and for checkpoint files in
     the TorchScript format OpenAI distributes; "quickgelu" and "gelu" force the choice. A plain state dict
-    cannot say how it was trained: name the `-quickgelu` model for OpenAI weights saved that way. A local open_clip directory keeps its config's setting unless
-    forced. `-quickgelu` model names are QuickGELU whatever this returns.
+    cannot say how it was trained: name the `-quickgelu` model for OpenAI weights saved that way. A local
+    open_clip directory keeps its config's setting unless forced. `-quickgelu` model names are QuickGELU
+    whatever this returns.
     """
     import open_clip
 
@@ -159,6 +160,14 @@ def read_coop_checkpoint(path: str | Path) -> Mapping[str, Any]:
     if not isinstance(state, Mapping):
         raise InvalidSpecError("coop_checkpoint", str(path), "is not a dict checkpoint")
     return state
+
+
+def check_clip_source(spec: ModelSpec) -> None:
+    """Raise NotFoundError when `spec` names no open_clip model, model directory or pretrained tag or file.
+
+    Reads no weights: `submit` calls it before it writes a run, so a mistyped --model leaves nothing behind.
+    """
+    _open_clip_source(spec)
 
 
 def _open_clip_source(spec: ModelSpec) -> tuple[str, str | None]:

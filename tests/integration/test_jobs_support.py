@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
@@ -211,3 +212,26 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def write_pngs(root: Path, n: int, *, classes: int = 2, size: int = 40) -> list[str]:
+    """n small distinct PNGs under root/class<k>/<i>.png; returns their relative paths in index order."""
+    from PIL import Image
+
+    relpaths = []
+    for i in range(n):
+        relpath = f"class{i % classes}/{i}.png"
+        (root / relpath).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (size, size), ((i * 50) % 256, (i * 80) % 256, (i * 20 + 120) % 256)).save(root / relpath)
+        relpaths.append(relpath)
+    return relpaths
+
+
+def quiet_run_machinery(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process runs without MLflow reporting, with fresh model caches and progress clocks."""
+    from difftpt_ops.services import reporting, shards, tuning
+
+    monkeypatch.setattr(reporting, "report_progress", lambda *_: None)
+    monkeypatch.setattr(reporting, "report_finished", lambda *_: None)
+    monkeypatch.setattr(shards, "_next_report", {})
+    tuning.clear_caches()

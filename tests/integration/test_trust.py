@@ -8,11 +8,9 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from PIL import Image
 from sqlalchemy import select
 
 from difftpt_ops.core.errors import InputError, NotFoundError
@@ -29,12 +27,14 @@ from tests.integration.test_jobs_support import (
     kill_worker,
     make_settings,
     open_engine,
+    quiet_run_machinery,
     redis_db,
     run_state,
     start_worker,
     wait_for,
     wait_ready,
     worker_env,
+    write_pngs,
 )
 
 pytestmark = pytest.mark.integration
@@ -48,23 +48,8 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def quiet_reporting(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setattr(reporting, "report_progress", lambda *_: None)
-    monkeypatch.setattr(reporting, "report_finished", lambda *_: None)
-    monkeypatch.setattr(shards, "_next_report", {})
-    tuning.clear_caches()
-    yield
-    tuning.clear_caches()
-
-
-def _images(root: Path, n: int) -> list[str]:
-    relpaths = []
-    for i in range(n):
-        relpath = f"class{i % 2}/{i}.png"
-        (root / relpath).parent.mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (40, 40), ((i * 50) % 256, (i * 80) % 256, 120)).save(root / relpath)
-        relpaths.append(relpath)
-    return relpaths
+def quiet_reporting(monkeypatch: pytest.MonkeyPatch) -> None:
+    quiet_run_machinery(monkeypatch)
 
 
 def _generation_spec(tiny_models_dir: Path, per_sample: int = 2) -> GenerationSpec:
@@ -100,7 +85,7 @@ def test_split_queues_difftpt_waits_for_its_images(backend: str, workspace: Path
         settings = make_settings(workspace, database_url, broker_url=broker)
         engine = open_engine(settings)
         root = tmp_path / "images"
-        add_dataset(engine, "pics", 6, root=root, classes=2, relpaths=_images(root, 6))
+        add_dataset(engine, "pics", 6, root=root, classes=2, relpaths=write_pngs(root, 6))
         gen_log, tune_log = tmp_path / "generate.log", tmp_path / "tune.log"
         generator = start_worker(worker_env(settings, broker, generate_delay_s="1.5"), gen_log,
                                  "--queues", "generate")
@@ -141,7 +126,7 @@ def test_embedded_difftpt_refuses_missing_images_and_fails_samples_whose_generat
     settings = make_settings(workspace, database_url, device="cpu")
     engine = open_engine(settings)
     root = tmp_path / "images"
-    add_dataset(engine, "pics", 4, root=root, classes=2, relpaths=_images(root, 4))
+    add_dataset(engine, "pics", 4, root=root, classes=2, relpaths=write_pngs(root, 4))
     clip = str(tiny_models_dir / "clip")
     spec = _generation_spec(tiny_models_dir)
     runs.submit_generate(engine, settings, dataset_ref="pics", spec=spec, limit=2)  # half the samples
@@ -184,7 +169,7 @@ def test_waiting_shards_are_released_when_the_images_arrive(database_url: str, w
     settings = make_settings(workspace, database_url, broker_url="redis://127.0.0.1:1/0", device="cpu")
     engine = open_engine(settings)
     root = tmp_path / "images"
-    add_dataset(engine, "pics", 4, root=root, classes=2, relpaths=_images(root, 4))
+    add_dataset(engine, "pics", 4, root=root, classes=2, relpaths=write_pngs(root, 4))
     dispatcher = Recorder()
     generated = runs.submit_generate(engine, settings, dataset_ref="pics", spec=_generation_spec(tiny_models_dir),
                                      shard_size=2, dispatcher=dispatcher)
@@ -223,7 +208,7 @@ def test_failed_setup_leaves_a_failed_run_that_a_resubmit_restarts(database_url:
     settings = make_settings(workspace, database_url, device="cpu")
     engine = open_engine(settings)
     root = tmp_path / "images"
-    add_dataset(engine, "pics", 3, root=root, classes=2, relpaths=_images(root, 3))
+    add_dataset(engine, "pics", 3, root=root, classes=2, relpaths=write_pngs(root, 3))
     moved = tmp_path / "elsewhere"
     shutil.move(root, moved)
     clip = str(tiny_models_dir / "clip")
@@ -244,7 +229,7 @@ def test_runs_record_provenance_and_comparable_columns(database_url: str, worksp
     settings = make_settings(workspace, database_url, device="cpu")
     engine = open_engine(settings)
     root = tmp_path / "images"
-    add_dataset(engine, "pics", 2, root=root, classes=2, relpaths=_images(root, 2))
+    add_dataset(engine, "pics", 2, root=root, classes=2, relpaths=write_pngs(root, 2))
     result = runs.submit_tune(engine, settings, dataset_ref="pics", method="tpt", model=str(tiny_models_dir / "clip"),
                               pretrained=None, overrides={"n_views": "4", "steps": "2"}, seed=3)
     [listed] = [r for r in runs.list_runs(engine) if r["run_id"] == result.run_id]
@@ -316,7 +301,7 @@ def test_results_compare_export_refuse_a_generation_run(database_url: str, works
     settings = make_settings(workspace, database_url, device="cpu")
     engine = open_engine(settings)
     root = tmp_path / "images"
-    add_dataset(engine, "pics", 2, root=root, classes=2, relpaths=_images(root, 2))
+    add_dataset(engine, "pics", 2, root=root, classes=2, relpaths=write_pngs(root, 2))
     generated = runs.submit_generate(engine, settings, dataset_ref="pics", spec=_generation_spec(tiny_models_dir, 1))
     [status] = runs.run_status(engine, settings, generated.run_id)
     assert status["throughput_unit"] == "images"

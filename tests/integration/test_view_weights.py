@@ -5,37 +5,29 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from PIL import Image
 from sqlalchemy import select
 
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import ViewScore
-from difftpt_ops.services import reporting, runs, shards, tuning
-from tests.integration.test_jobs_support import add_dataset, make_settings, open_engine
+from difftpt_ops.services import runs
+from tests.integration.test_jobs_support import (
+    add_dataset,
+    make_settings,
+    open_engine,
+    quiet_run_machinery,
+    write_pngs,
+)
 
 pytestmark = pytest.mark.integration
 
 
-def _images(root: Path, n: int) -> list[str]:
-    relpaths = []
-    for i in range(n):
-        relpath = f"class{i % 2}/{i}.png"
-        (root / relpath).parent.mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (40, 40), ((i * 60) % 256, 90, (i * 20) % 256)).save(root / relpath)
-        relpaths.append(relpath)
-    return relpaths
-
-
 def test_mta_inlierness_is_stored_per_view(database_url: str, workspace: Path, tmp_path: Path,
                                            tiny_models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(reporting, "report_progress", lambda *_: None)
-    monkeypatch.setattr(reporting, "report_finished", lambda *_: None)
-    monkeypatch.setattr(shards, "_next_report", {})
-    tuning.clear_caches()
+    quiet_run_machinery(monkeypatch)
     settings = make_settings(workspace, database_url, device="cpu")
     engine = open_engine(settings)
     root = tmp_path / "images"
-    add_dataset(engine, "pics", 2, root=root, classes=2, relpaths=_images(root, 2))
+    add_dataset(engine, "pics", 2, root=root, classes=2, relpaths=write_pngs(root, 2))
     clip = str(tiny_models_dir / "clip")
     mta = runs.submit_tune(engine, settings, dataset_ref="pics", method="mta", model=clip, pretrained=None,
                            overrides={"n_views": "6"})
