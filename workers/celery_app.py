@@ -48,4 +48,4 @@ def make_celery(settings: Settings) -> Celery:
 
 install_secret_masking()  # worker logs: no URL password, whoever logs it
 app = make_celery(load_settings())
-app.conf.include = ["workers.tasks"]
+app.conf.include = ["workers.tasks", "workers.logs"]  # logs: run and shard ids in worker lines
