@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -20,12 +20,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
+from difftpt_ops.core.clock import utcnow
 from difftpt_ops.db.base import Base
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
 
 Timestamp = DateTime(timezone=True)
 # SQLite only auto-increments INTEGER primary keys; PostgreSQL gets BIGINT for the big tables.

@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from sqlalchemy import bindparam, func, select, update
@@ -26,6 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from difftpt_ops.config import Settings
+from difftpt_ops.core.clock import as_utc, utcnow
 from difftpt_ops.core.errors import InputError, ServiceUnavailableError
 from difftpt_ops.core.status import TERMINAL_RUN_STATES, TERMINAL_SHARD_STATES, RunState, ShardState
 from difftpt_ops.db.session import session_scope
@@ -37,13 +38,6 @@ log = logging.getLogger(__name__)
 _TERMINAL_SHARD = [state.value for state in TERMINAL_SHARD_STATES]
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def as_utc(moment: datetime) -> datetime:
-    """SQLite returns naive datetimes (stored in UTC); PostgreSQL returns aware ones."""
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
 from difftpt_ops.config import Settings
+from difftpt_ops.core.clock import utcnow
 from difftpt_ops.core.errors import InputError, SampleError
 from difftpt_ops.core.specs import ModelSpec, fingerprint_of, method_spec_from
 from difftpt_ops.db.session import session_scope
@@ -106,7 +107,7 @@ class FeatureCache:
                "recipe_fingerprint": recipes_fingerprint(recipes), "views": list(recipes),
                "n_views": int(raw.shape[0]), "dim": int(raw.shape[1]), "dtype": str(raw.dtype).removeprefix("torch."),
                "artifact_key": artifact.key, "content_hash": artifact.sha256, "size_bytes": artifact.size_bytes,
-               "model_name": self.model_name, "seconds": seconds, "created_at": _now()}
+               "model_name": self.model_name, "seconds": seconds, "created_at": utcnow()}
         with session_scope(self.engine) as session:
             insert_many_ignore(session, ViewFeatures, [row])
 
@@ -148,12 +149,6 @@ class FeatureCache:
                 GeneratedImage.source_hash == sample.content_hash, GeneratedImage.variant_index < count)
                 .order_by(GeneratedImage.variant_index)))
         return hashes if len(hashes) == count else None
-
-
-def _now() -> Any:
-    from datetime import UTC, datetime
-
-    return datetime.now(UTC)
 
 
 # Per loaded model (weakly held: an evicted model's entry goes with it, so a new model at the same address

@@ -23,7 +23,6 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
@@ -32,6 +31,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from difftpt_ops.config import Settings
+from difftpt_ops.core.clock import utcnow
 from difftpt_ops.core.errors import InputError, NotReadyError, SampleError, TransientError
 from difftpt_ops.core.status import RunState, SampleStatus, ShardState, check_run_transition
 from difftpt_ops.db.session import session_scope
@@ -92,8 +92,6 @@ def clear_stop() -> None:
     _stop_requested.clear()
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class Outcome(StrEnum):

@@ -23,7 +23,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -31,6 +30,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Connection, Engine
 
 from difftpt_ops.config import Settings
+from difftpt_ops.core.clock import utcnow
 from difftpt_ops.core.errors import InputError, NotFoundError, NotReadyError, SampleError
 from difftpt_ops.core.specs import GenerationSpec, ModelSpec, canonical_json, method_spec_from_dict
 from difftpt_ops.db.session import session_scope
@@ -72,8 +72,6 @@ class RunContext:
     generation_config_id: int | None = None
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 class _LRU:
@@ -173,7 +171,7 @@ class NoopProcessor(_TuneRows):
             "pred": label, "top5": [label], "correct": True, "top5_correct": True, "zeroshot_pred": label,
             "zeroshot_correct": True, "entropy_before": None, "entropy_after": None, "confidence_before": None,
             "confidence_after": None, "n_views": 1, "n_kept": 1, "seconds": 0.0, "worker": self.worker,
-            "created_at": _now(),
+            "created_at": utcnow(),
         }
         return prediction, ()
 
@@ -222,7 +220,7 @@ class TuneProcessor(_TuneRows):
             "views_encoded": getattr(result, "views_encoded", 0), "views_read": getattr(result, "views_read", 0),
             "n_views": result.n_views, "n_kept": result.n_kept, "n_generated": _generated_views(result),
             "seconds": getattr(result, "seconds", seconds),
-            "worker": self.worker, "created_at": _now(),
+            "worker": self.worker, "created_at": utcnow(),
         }
         views = [{"run_id": self.run_id, "sample_id": sample.id, "view_index": view.index, "kind": view.kind,
                   "cosine": view.cosine, "entropy": view.entropy, "kept": bool(view.kept),
