@@ -14,7 +14,6 @@ import dataclasses
 import re
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import exists, func, select, update
@@ -24,11 +23,11 @@ from sqlalchemy.orm import Session
 from difftpt_ops.config import Settings
 from difftpt_ops.core.errors import InputError, NotFoundError, ServiceUnavailableError
 from difftpt_ops.core.specs import (
+    GenerateRunSpec,
     GenerationSpec,
     ModelSpec,
     TuneRunSpec,
     canonical_json,
-    fingerprint_of,
     method_spec_from,
 )
 from difftpt_ops.core.status import TERMINAL_RUN_STATES, RunState, ShardState, check_run_transition
@@ -87,11 +86,13 @@ def check_execution_args(*, limit: int | None, shard_size: int | None, device: s
         raise InputError("--seed", seed, "must be >= 0")
 
 
-def _check_model_path(settings: Settings, method: str, model: str) -> None:
-    """An embedded run loads its model here, so a missing model directory is bad input (workers check their own)."""
-    if settings.embedded and method != "noop" and model.startswith(("/", ".", "~")) \
-            and not Path(model).expanduser().is_dir():
-        raise NotFoundError("--model", model, "no such model directory")
+def _check_model_path(settings: Settings, method: str, model: ModelSpec) -> None:
+    """An embedded run loads its model here, so a model that cannot exist is bad input before any row is
+    written (workers check their own)."""
+    if settings.embedded and method != "noop":
+        from difftpt_ops.models.clip import check_clip_source
+
+        check_clip_source(model)
 
 
 def _prepare_dispatch(settings: Settings, dispatcher: Dispatcher | None) -> None:
@@ -260,7 +261,7 @@ def submit_tune(engine: Engine, settings: Settings, *, dataset_ref: str, method:
     # The precision is resolved with the device: "auto" (fp16 frozen weights on GPU) would otherwise mean
     # different numbers under one fingerprint.
     model_spec = ModelSpec(name=model, pretrained=pretrained, precision="fp16" if run_device == "cuda" else "fp32")
-    _check_model_path(settings, method_spec.method, model)
+    _check_model_path(settings, method_spec.method, model_spec)
     _prepare_dispatch(settings, dispatcher)
     # 2. Resolve the dataset and the generation config, then plan the run.
     with session_scope(engine) as session:
@@ -304,12 +305,12 @@ def submit_generate(engine: Engine, settings: Settings, *, dataset_ref: str, spe
     with session_scope(engine) as session:
         _, version = _resolve_version(session, dataset_ref)
         config = get_or_create_generation_config(session, spec)
-        identity = {"kind": "generate", "generation": spec.to_dict(), "dataset_fingerprint": version.fingerprint,
-                    "device": run_device}
+        run_spec = GenerateRunSpec(generation=spec, dataset_fingerprint=version.fingerprint, device=run_device,
+                                   batch_size=batch_size)
         columns = {"model_name": spec.model, "seed": spec.seed, "device": run_device, "precision": spec.dtype,
                    "provenance": environment()}
-        run, created, new = _plan(session, kind="generate", method="generate", fingerprint=fingerprint_of(identity),
-                                  spec={**identity, "execution": {"batch_size": batch_size}}, version=version,
+        run, created, new = _plan(session, kind="generate", method="generate", fingerprint=run_spec.fingerprint(),
+                                  spec=run_spec.to_dict(), version=version,
                                   generation_config_id=config.id, limit=limit,
                                   shard_size=shard_size or settings.shard_size, columns=columns)
     return _start(engine, settings, run, created=created, new=new, dispatcher=dispatcher, device=device,

@@ -135,3 +135,20 @@ def test_embedded_submit_exits_1_when_the_run_ends_failed() -> None:
         _print_submit(SubmitResult(**{**base, "state": "failed"}), False)
     assert caught.value.exit_code == 1
     _print_submit(SubmitResult(**{**base, "state": "finished"}), False)
+
+
+def test_a_bad_model_or_device_at_submit_leaves_no_run(seeded_workspace: Path, tmp_path: Path) -> None:
+    """Embedded submit: an unknown model name, a folder that is no model, a missing CUDA: exit 2, no new run."""
+    import torch
+
+    env = _env(seeded_workspace)
+    submit = ("submit", "tune", "--dataset", "pics", "--method", "zeroshot", "--pretrained", "none")
+    _fails(env, 2, *submit, "--model", "NoSuchArch", says="--model=NoSuchArch")
+    (tmp_path / "not-a-model").mkdir()
+    _fails(env, 2, *submit, "--model", str(tmp_path / "not-a-model"), says="not an open_clip model directory")
+    if not torch.cuda.is_available():  # the message says CUDA is missing (it used to say "go online")
+        line = _fails(env, 2, *submit, "--model", "ViT-B-16", "--device", "cuda", says="--device=cuda")
+        assert "CUDA" in line and "online" not in line
+    listed = subprocess.run([sys.executable, "-m", "cli.main", "runs", "list", "--json"], env=env, cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert [r["run_id"] for r in json.loads(listed.stdout)] == [1]
