@@ -68,9 +68,11 @@ def warm_features(tuners: dict[str, Tuner], samples: list[Any]) -> dict[str, lis
     return out
 
 
-def time_method(tuner: Tuner, features: list[tuple[torch.Tensor, tuple]], repeats: int) -> float:
-    """Mean wall milliseconds of run_features per sample (after one untimed call: text features, caches)."""
-    tuner.run_features(*features[0])
+def time_method(tuner: Tuner, features: list[tuple[torch.Tensor, tuple]], repeats: int, *, warm: bool) -> float:
+    """Mean wall milliseconds of run_features per sample (`warm`: after one untimed call that fills the
+    forward-only methods' cached text features; prompt-tuning methods recompute theirs every sample)."""
+    if warm:
+        tuner.run_features(*features[0])
     times = []
     for raw, kinds in features:
         for _ in range(repeats):
@@ -106,9 +108,10 @@ def main(argv: list[str] | None = None) -> int:
 
     ms = {}
     for name, tuner in tuners.items():
-        repeats = FORWARD_REPEATS if tuner.method.kind == FORWARD_ONLY else 1
-        ms[name] = round(time_method(tuner, features[name], repeats), 3)
-        print(json.dumps({"method": name, "kind": tuner.method.kind, "ms_per_sample": ms[name]}), flush=True)  # noqa: T201
+        forward = tuner.method.kind == FORWARD_ONLY
+        ms[name] = round(time_method(tuner, features[name], FORWARD_REPEATS if forward else 1, warm=forward), 3)
+        row = {"method": name, "kind": tuner.method.kind, "ms_per_sample": ms[name]}
+        print(json.dumps(row), flush=True)  # noqa: T201
     reference = round(reference_tpt_ms(clip, names, samples[0]), 1)
     fractions = {name: round(value / reference, 6) for name, value in ms.items()}
     forward_only = [name for name in methods if tuners[name].method.kind == FORWARD_ONLY]
