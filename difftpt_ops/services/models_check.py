@@ -21,7 +21,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 HOW_TO_GET_CLIP = ("on a machine with hub access run `python -c \"import open_clip; open_clip.create_model("
                    "'{model}', pretrained='{tag}')\"` and copy ~/.cache/huggingface/hub here (or set HF_HOME), "
                    "or pass OpenAI's checkpoint file: --pretrained /path/{model}.pt")
-HOW_TO_GET_GENERATOR = ("download it where the hub is reachable with `huggingface-cli download "
+HOW_TO_GET_GENERATOR = ("download it where the hub is reachable with `hf download "
                         "lambdalabs/sd-image-variations-diffusers --revision v2.0 --local-dir DIR` and pass "
                         "--generator DIR")
 

@@ -187,3 +187,12 @@ def _few_photos(tmp_path: Path) -> Path:
         for i in range(2):
             Image.new("RGB", (32, 32), (40 * i, 100 if label == "a" else 0, 0)).save(root / label / f"{i}.png")
     return root
+
+
+def test_results_print_accuracy_in_percent_as_the_demo_does(ws: Path) -> None:
+    """`results` text shows top-1 as the demo's table does (percent, one decimal); --json keeps the fraction."""
+    from cli.demo import _pct
+
+    top1 = json.loads(ok(ws, "results", "1", "--json").stdout)["top1"]
+    rows = dict(line.split("\t", 1) for line in ok(ws, "results", "1", "--format", "tsv").stdout.splitlines())
+    assert rows["top1"] == _pct(top1) == f"{100 * top1:.1f}%"
