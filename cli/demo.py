@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli.common import JsonOpt, engine_of, format_percent, print_json, print_table, settings_of
+from cli.common import OUTPUT, JsonOpt, engine_of, format_percent, print_json, print_table, settings_of
 from difftpt_ops.core.secrets import mask_url
 
 
@@ -57,7 +57,7 @@ def demo(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     if not settings.embedded:
         raise InputError("DIFFTPT_OPS_BROKER_URL", mask_url(settings.broker_url or ""),
                          "the demo runs on the embedded executor; unset the broker URL or use another workspace")
-    echo = (lambda _line: None) if as_json else typer.echo
+    echo = (lambda _line: None) if as_json or OUTPUT.quiet else typer.echo  # step lines are progress
     result = run_demo(settings, engine_of(ctx), echo=echo, progress=lambda: progress_bar(settings, as_json))
     if as_json:
         print_json({"dataset": result.dataset, "models_dir": str(result.models_dir),
