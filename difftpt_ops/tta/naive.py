@@ -56,7 +56,8 @@ class NaiveTuner:
         self.prefix, self.suffix = embeddings[:, :1], embeddings[:, 1 + n_ctx:]
         self.eot = tokens.argmax(dim=-1)
         self.ctx = nn.Parameter(init.to(self.device))
-        self.ctx_init = init.to(self.device)
+        # A copy: on the CPU `.to` returns `init` itself, so the parameter and its reset value would share memory.
+        self.ctx_init = init.to(self.device).clone()
         self.fixed_text = None
         if self.method.kind == FORWARD_ONLY:
             self.fixed_text = self.method.fixed_text_features(  # type: ignore[attr-defined]
