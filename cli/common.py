@@ -6,6 +6,7 @@ import csv
 import json
 import logging
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -185,16 +186,22 @@ class PlainProgress:
     """
 
     def __init__(self, write: Callable[[str], None], *, interval_s: float = PROGRESS_INTERVAL_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, ticker: bool = True) -> None:
         self._write, self._interval, self._clock = write, interval_s, clock
         self._label, self._total, self._completed, self._start_completed = "", 0, 0, 0
         self._started_at = self._last_line_at = 0.0
         self._last_line_completed: int | None = None
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        # A sample can take longer than the interval (model loading, a slow GPU): a timer keeps the lines steady.
+        self._ticker = threading.Thread(target=self._tick, name="progress-lines", daemon=True) if ticker else None
 
     def start(self, run_id: int, total: int, completed: int) -> None:
         self._label, self._total, self._completed, self._start_completed = f"run {run_id}", total, completed, completed
         self._started_at = self._clock()
         self._line()
+        if self._ticker is not None:
+            self._ticker.start()
 
     def advance(self, done: int, failed: int) -> None:
         self._completed += done + failed
@@ -202,10 +209,20 @@ class PlainProgress:
             self._line()
 
     def stop(self) -> None:
+        self._stopped.set()
         if self._label and self._last_line_completed != self._completed:
             self._line()
 
+    def _tick(self) -> None:
+        while not self._stopped.wait(self._interval / 4):
+            if self._clock() - self._last_line_at >= self._interval:
+                self._line()
+
     def _line(self) -> None:
+        with self._lock:
+            self._write_line()
+
+    def _write_line(self) -> None:
         now = self._clock()
         elapsed, new = now - self._started_at, self._completed - self._start_completed
         rate = new / elapsed if elapsed > 0 and new > 0 else None
