@@ -444,6 +444,46 @@ class TuneRunSpec:
                    seed=int(payload.get("seed", 0)), device=str(payload.get("device", "cpu")))
 
 
+@dataclass(frozen=True)
+class GenerateRunSpec:
+    """A generation run: a generator config over a dataset version, on a kind of device.
+
+    Its identity (and fingerprint) is the config, the dataset and the device; the batch size is
+    execution only (images are the same for any batch size on one device, up to summation order).
+    """
+
+    generation: GenerationSpec
+    dataset_fingerprint: str
+    device: str = "cpu"
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, "--batch-size", self.batch_size, "must be >= 1")
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": "generate", "generation": self.generation.to_dict(),
+                "dataset_fingerprint": self.dataset_fingerprint, "device": self.device}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.identity(), "execution": {"batch_size": self.batch_size}}
+
+    def fingerprint(self) -> str:
+        return fingerprint_of(self.identity())
+
+    @classmethod
+    def from_dict(cls, payload: dict[str, Any]) -> GenerateRunSpec:
+        """Rebuild from `to_dict()` output (a generate run row's spec JSON).
+
+        Raises:
+            InvalidSpecError: not a generate run spec.
+        """
+        if payload.get("kind") != "generate":
+            raise InvalidSpecError("spec.kind", payload.get("kind"), "is not a generate run spec")
+        return cls(generation=GenerationSpec(**payload["generation"]),
+                   dataset_fingerprint=str(payload["dataset_fingerprint"]), device=str(payload.get("device", "cpu")),
+                   batch_size=int((payload.get("execution") or {}).get("batch_size", 4)))
+
+
 def flatten(payload: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{'a': {'b': 1}} -> {'a.b': 1}: for MLflow params and `--set` keys."""
     flat: dict[str, Any] = {}

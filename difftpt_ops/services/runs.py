@@ -23,11 +23,11 @@ from sqlalchemy.orm import Session
 from difftpt_ops.config import Settings
 from difftpt_ops.core.errors import InputError, NotFoundError, ServiceUnavailableError
 from difftpt_ops.core.specs import (
+    GenerateRunSpec,
     GenerationSpec,
     ModelSpec,
     TuneRunSpec,
     canonical_json,
-    fingerprint_of,
     method_spec_from,
 )
 from difftpt_ops.core.status import TERMINAL_RUN_STATES, RunState, ShardState, check_run_transition
@@ -305,12 +305,12 @@ def submit_generate(engine: Engine, settings: Settings, *, dataset_ref: str, spe
     with session_scope(engine) as session:
         _, version = _resolve_version(session, dataset_ref)
         config = get_or_create_generation_config(session, spec)
-        identity = {"kind": "generate", "generation": spec.to_dict(), "dataset_fingerprint": version.fingerprint,
-                    "device": run_device}
+        run_spec = GenerateRunSpec(generation=spec, dataset_fingerprint=version.fingerprint, device=run_device,
+                                   batch_size=batch_size)
         columns = {"model_name": spec.model, "seed": spec.seed, "device": run_device, "precision": spec.dtype,
                    "provenance": environment()}
-        run, created, new = _plan(session, kind="generate", method="generate", fingerprint=fingerprint_of(identity),
-                                  spec={**identity, "execution": {"batch_size": batch_size}}, version=version,
+        run, created, new = _plan(session, kind="generate", method="generate", fingerprint=run_spec.fingerprint(),
+                                  spec=run_spec.to_dict(), version=version,
                                   generation_config_id=config.id, limit=limit,
                                   shard_size=shard_size or settings.shard_size, columns=columns)
     return _start(engine, settings, run, created=created, new=new, dispatcher=dispatcher, device=device,

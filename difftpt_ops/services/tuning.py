@@ -32,7 +32,7 @@ from sqlalchemy.engine import Connection, Engine
 from difftpt_ops.config import Settings
 from difftpt_ops.core.clock import utcnow
 from difftpt_ops.core.errors import InputError, NotFoundError, NotReadyError, SampleError
-from difftpt_ops.core.specs import GenerationSpec, ModelSpec, canonical_json, method_spec_from_dict
+from difftpt_ops.core.specs import GenerateRunSpec, GenerationSpec, TuneRunSpec, canonical_json
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import Dataset, DatasetVersion, GeneratedImage, Prediction, Run, ViewScore
 from difftpt_ops.db.writes import insert_many_ignore
@@ -333,14 +333,15 @@ def _build_tune_processor(engine: Engine, settings: Settings, run: Run, dataset:
     from difftpt_ops.models.clip import load_clip, read_coop_checkpoint
     from difftpt_ops.tta import prepare_classifier
 
-    method = method_spec_from_dict(run.spec["method"])
-    model = ModelSpec(**run.spec["model"])
-    resolved = execution_device(settings, run.spec.get("device"), device)
+    run_spec = TuneRunSpec.from_dict(run.spec)
+    method, model = run_spec.method, run_spec.model
+    # Runs planned before the spec named a device carry none: the settings' device applies to them.
+    resolved = execution_device(settings, run.spec.get("device") and run_spec.device, device)
     clip = _MODELS.get(("clip", model, resolved), lambda: load_clip(model, resolved))
     class_names = tuple(dataset.class_names)
     checkpoint = method.prompt.coop_checkpoint
     # The run's seed draws the random context (ctx_init none); it is part of the tuner's cache key then.
-    init_seed = int(run.spec.get("seed", 0)) if method.prompt.ctx_init is None and not checkpoint else 0
+    init_seed = run_spec.seed if method.prompt.ctx_init is None and not checkpoint else 0
 
     def build_tuner() -> Any:
         coop_state = read_coop_checkpoint(checkpoint) if checkpoint else None
@@ -356,7 +357,7 @@ def _build_tune_processor(engine: Engine, settings: Settings, run: Run, dataset:
                                                "but is bound to no generation config")
     # AugMix defaults to on for the cross-domain sets; a spec that sets `augmix` overrides it in the engine.
     processor = TuneProcessor(run_id=run.id, worker=worker, tuner=tuner, root=Path(dataset.root),
-                              seed=int(run.spec.get("seed", 0)), augmix=is_cross_domain(dataset.format), views=views)
+                              seed=run_spec.seed, augmix=is_cross_domain(dataset.format), views=views)
     from difftpt_ops.services.features import feature_cache_for
 
     processor.features = feature_cache_for(engine, settings, clip, method, model.name)
@@ -376,11 +377,10 @@ def _build_processor(engine: Engine, settings: Settings, run: Run, dataset: Data
     if run.method != "noop":
         _check_root(dataset)
     if run.kind == "generate":
-        execution = run.spec.get("execution", {})
+        generate = GenerateRunSpec.from_dict(run.spec)
         return GenerateProcessor(engine, settings, config_id=run.generation_config_id,  # type: ignore[arg-type]
-                                 spec=GenerationSpec(**run.spec["generation"]), root=Path(dataset.root),
-                                 batch_size=int(execution.get("batch_size", 4)), device=device,
-                                 spec_device=run.spec.get("device"))
+                                 spec=generate.generation, root=Path(dataset.root), batch_size=generate.batch_size,
+                                 device=device, spec_device=run.spec.get("device") and generate.device)
     if run.kind == "features":
         from difftpt_ops.services.features import build_features_processor
 

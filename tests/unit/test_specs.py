@@ -77,3 +77,20 @@ def test_none_means_none_for_optional_fields() -> None:
 
 def test_flatten() -> None:
     assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a.b": 1, "a.c.d": 2, "e": 3}
+
+
+def test_generate_run_spec_round_trips_and_batch_size_is_not_identity() -> None:
+    """A generate run's spec is typed: from_dict(to_dict()) is equal; the batch size is execution only."""
+    from difftpt_ops.core.specs import GenerateRunSpec, GenerationSpec
+
+    spec = GenerateRunSpec(generation=GenerationSpec(steps=10, per_sample=4, dtype="fp16"), dataset_fingerprint="ab",
+                           device="cuda", batch_size=8)
+    assert GenerateRunSpec.from_dict(spec.to_dict()) == spec
+    other_batch = GenerateRunSpec(generation=spec.generation, dataset_fingerprint="ab", device="cuda", batch_size=2)
+    assert other_batch.fingerprint() == spec.fingerprint()
+    on_cpu = GenerateRunSpec(generation=spec.generation, dataset_fingerprint="ab", device="cpu", batch_size=8)
+    assert on_cpu.fingerprint() != spec.fingerprint()
+    with pytest.raises(InvalidSpecError, match="batch-size"):
+        GenerateRunSpec(generation=spec.generation, dataset_fingerprint="ab", batch_size=0)
+    with pytest.raises(InvalidSpecError, match="spec.kind"):
+        GenerateRunSpec.from_dict({"kind": "tune"})
