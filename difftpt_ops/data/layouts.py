@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from difftpt_ops.core.errors import InputError
 from difftpt_ops.data.images import IMAGE_SUFFIXES
 
 
@@ -67,9 +68,17 @@ def is_hidden(name: str) -> bool:
 
 
 def subdirectories(directory: Path) -> list[str]:
-    """Names of the visible subdirectories of `directory`, sorted as strings (as ImageFolder sorts)."""
-    with os.scandir(directory) as scan:
-        return sorted(e.name for e in scan if not is_hidden(e.name) and e.is_dir())
+    """Names of the visible subdirectories of `directory`, sorted as strings (as ImageFolder sorts).
+
+    Raises:
+        InputError: the folder holding the classes cannot be listed (nothing could be registered).
+    """
+    try:
+        with os.scandir(directory) as scan:
+            return sorted(e.name for e in scan if not is_hidden(e.name) and e.is_dir())
+    except OSError as exc:
+        raise InputError("--root", directory, f"cannot list it ({exc.__class__.__name__}: "
+                                              f"{exc.strerror or exc})") from exc
 
 
 def is_image_name(name: str) -> bool:

@@ -119,3 +119,20 @@ def test_imported_files_whose_links_lead_outside_the_import_root_are_left_out(tm
     assert set(index.variants_of("cat/a.png", 4)) == {0} and index.outside_links == 1
     allowed = _DirectoryIndex(root, follow_outside_links=True)
     assert set(allowed.variants_of("cat/a.png", 4)) == {0, 1} and allowed.outside_links == 0
+
+
+def test_a_root_that_cannot_be_listed_is_one_line_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing under it can be registered: refused with --root and the reason, not a traceback."""
+    root = tmp_path / "ds"
+    _image(root / "cat" / "a.png")
+    real_scandir = os.scandir
+
+    def scandir(path: os.PathLike[str] | str) -> os.ScandirIterator[str]:
+        if Path(path) == root:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(layouts.os, "scandir", scandir)
+    with pytest.raises(InputError, match="cannot list it .PermissionError: Permission denied") as caught:
+        open_layout(root, "imagefolder")
+    assert caught.value.argument == "--root"
