@@ -89,12 +89,13 @@ def engine_of(ctx: typer.Context):  # type: ignore[no-untyped-def]
 
 
 def print_json(payload: Any) -> None:
-    sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+    # Stored errors (a shard's, a sync's) may quote a URL with its password: masked like every printed URL.
+    sys.stdout.write(mask_url(json.dumps(payload, indent=2, default=str)) + "\n")
 
 
 def print_table(title: str | None, columns: list[str], rows: list[list[Any]]) -> None:
     """A table in the command's --format: a rich table (never cut to 80 columns when piped), TSV or CSV."""
-    cells = [["" if v is None else str(v) for v in row] for row in rows]
+    cells = [["" if v is None else mask_url(str(v)) for v in row] for row in rows]  # as print_json
     if OUTPUT.table_format is not TableFormat.table:
         _write_delimited(columns, cells, OUTPUT.table_format)
         return

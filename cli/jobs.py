@@ -27,6 +27,7 @@ from cli.common import (
 )
 from cli.sweep_cmds import ListSweepOpt, SeedsOpt, SweepOpt, YesOpt, group_text, submit_grid, with_groups
 from difftpt_ops.core.errors import InputError
+from difftpt_ops.core.secrets import mask_url
 
 if TYPE_CHECKING:
     from difftpt_ops.config import Settings
@@ -302,7 +303,8 @@ def _print_status(runs: list[dict[str, Any]]) -> None:
     print_table(None, _STATUS_COLUMNS, _status_rows(runs))
     for run in runs:
         for failure in run.get("failed_shards", []):
-            typer.echo(f"run {run['run_id']} shard {failure['shard']} failed: {' '.join(failure['error'])}")
+            error = mask_url(" ".join(failure["error"]))  # a stored error may quote a URL with its password
+            typer.echo(f"run {run['run_id']} shard {failure['shard']} failed: {error}")
         for waiting in run.get("waiting_shards", []):
             typer.echo(f"run {run['run_id']} shard {waiting['shard']} waits: {waiting['reason']}")
         if run.get("error"):

@@ -152,3 +152,25 @@ def test_a_bad_model_or_device_at_submit_leaves_no_run(seeded_workspace: Path, t
     listed = subprocess.run([sys.executable, "-m", "cli.main", "runs", "list", "--json"], env=env, cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=300)
     assert [r["run_id"] for r in json.loads(listed.stdout)] == [1]
+
+
+def test_status_masks_a_url_password_in_a_stored_shard_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shard's stored error may quote a URL: `status` prints it masked, in its table and in --json."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from difftpt_ops.db.session import dispose_engines, get_engine, session_scope, upgrade
+    from tests.factories import make_dataset_version, make_run, make_shard
+
+    engine = get_engine(f"sqlite:///{tmp_path / 'difftpt.db'}")
+    upgrade(engine)
+    with session_scope(engine) as session:
+        run = make_run(session, make_dataset_version(session, 4, 2), state="failed")
+        make_shard(session, run, state="failed",
+                   error="Traceback ...\nOperationalError: cannot reach postgresql://me:hunter2-pw@db/x")
+    dispose_engines()
+    monkeypatch.setenv("DIFFTPT_OPS_WORKSPACE", str(tmp_path))
+    for extra in ([], ["--json"]):
+        out = CliRunner().invoke(app, ["status", "1", *extra])
+        assert out.exit_code == 0, out.output
+        assert "hunter2-pw" not in out.output and "postgresql://me:***@db/x" in out.output

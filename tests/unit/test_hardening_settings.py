@@ -78,3 +78,4 @@ def test_the_demo_prints_the_mlflow_command_with_the_password_masked(tmp_path: P
     _print_next_steps(settings, result)
     printed = capsys.readouterr().out
     assert "s3cret-pw" not in printed and "postgresql://ml:***@db/mlflow" in printed
+
