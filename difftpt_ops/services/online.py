@@ -429,6 +429,7 @@ def _process(engine: Engine, settings: Settings, claim: ChainClaim, context: _Co
     if not _finish(engine, context, claim, results):
         return "lost"
     _in_memory[context.recorder._tuner] = (str(engine.url), claim.run_id, claim.index)  # noqa: SLF001
+    shards._report_progress(engine, settings, claim.run_id)  # noqa: SLF001 - throttled MLflow progress
     return "done"
 
 
