@@ -245,3 +245,47 @@ def test_cli_refuses_the_carriage_return_bypass_in_one_line(seeded: tuple[Engine
     out = CliRunner().invoke(app, ["sql", "--", f"--\rCOPY (SELECT 1) TO PROGRAM 'touch {marker}' /*\nSELECT */"])
     assert out.exit_code == 2 and len(out.stderr.strip().splitlines()) == 1 and "COPY" in out.stderr
     assert not marker.exists()
+
+
+@pytest.fixture
+def owner_database(postgres_url: str) -> Iterator[str]:
+    """A database owned by a login user that may not create roles, as many hosted PostgreSQL users are."""
+    ensure_reader_role(get_engine(postgres_url))  # the role exists in the cluster (made by an administrator)
+    owner = f"difftpt_test_owner_{uuid.uuid4().hex[:8]}"
+    name = f"difftpt_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE ROLE {owner} LOGIN NOCREATEROLE"))
+        conn.execute(text(f'CREATE DATABASE "{name}" OWNER {owner}'))
+    try:
+        yield make_url(POSTGRES_ADMIN_URL).set(username=owner, database=name).render_as_string(hide_password=False)
+    finally:
+        from difftpt_ops.db.session import dispose_engines
+
+        dispose_engines()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            conn.execute(text(f"DROP ROLE {owner}"))
+        admin.dispose()
+
+
+def test_an_owner_that_may_not_create_roles_gets_a_warning_and_sql_says_how(owner_database: str,
+                                                                          workspace: Path) -> None:
+    """db upgrade migrates and warns in one line; sql then refuses in one line naming both ways to set it up."""
+    import subprocess
+    import sys
+
+    from tests.integration.test_jobs_support import REPO_ROOT
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DIFFTPT_OPS_")}
+    env.update({"DIFFTPT_OPS_WORKSPACE": str(workspace), "PYTHONPATH": str(REPO_ROOT)})
+    done = subprocess.run([sys.executable, "-m", "cli.main", "db", "upgrade", "--url", owner_database], env=env,
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    warning = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "DIFFTPT_OPS_READONLY_DATABASE_URL" in warning[0], done.stderr
+    with pytest.raises(InputError) as caught:
+        run_readonly_sql(owner_database, "SELECT COUNT(*) FROM runs")
+    message = str(caught.value)
+    assert f"cannot switch to the role {READER_ROLE}" in message and "db upgrade" in message
+    assert "DIFFTPT_OPS_READONLY_DATABASE_URL" in message and "\n" not in message
