@@ -1,5 +1,6 @@
 """ZERO, MTA, C-TPT and the prompt-ensemble zero-shot through `submit tune` (embedded) on SQLite and
-PostgreSQL: one prediction per sample, equal to the engine's own, and their per-view scores in view_scores."""
+PostgreSQL: one prediction per sample, equal to the engine's own, and their per-view scores (kept, entropy,
+MTA's inlierness as the weight) in view_scores."""
 
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def test_method_runs_through_submit_tune(method: str, workspace: Path, database_
         views = session.scalars(select(ViewScore).where(ViewScore.run_id == result.run_id)).all()
         stored = [(p.pred, p.n_views, p.n_kept) for p in predictions]
         encoded_or_read = [p.views_encoded + p.views_read for p in predictions]
-        view_rows = [(v.sample_id, v.view_index, v.kept, v.entropy) for v in views]
+        view_rows = [(v.sample_id, v.view_index, v.kept, v.entropy, v.weight) for v in views]
     n_views = 1 if method == "zeroshot" else N_VIEWS
     assert len(stored) == N_SAMPLES and len(view_rows) == N_SAMPLES * n_views
     assert all(row[1:] == (n_views, n_kept) for row in stored)
@@ -75,6 +76,11 @@ def test_method_runs_through_submit_tune(method: str, workspace: Path, database_
     for sample_id in {row[0] for row in view_rows}:
         rows = [row for row in view_rows if row[0] == sample_id]
         assert sum(row[2] for row in rows) == n_kept and all(row[3] is not None for row in rows)
+        weights = [row[4] for row in rows]
+        if method == "mta":  # the inlierness scores: a distribution over the sample's views
+            assert all(w is not None and w > 0 for w in weights) and sum(weights) == pytest.approx(1.0, abs=1e-5)
+        else:
+            assert weights == [None] * len(rows)
 
     # The stored predictions are the engine's own on the same views (seed 0, keyed by content hash).
     clip = load_clip(ModelSpec(name=clip_dir, pretrained=None))
