@@ -15,11 +15,14 @@ def _pct(value: float | None) -> str:
 def _print_results(result) -> None:  # type: ignore[no-untyped-def]
     rows = []
     for method, summary in result.results.items():
+        views = result.views.get(method, {})
         rows.append([method, summary["run_id"], summary["done"], summary["failed"], _pct(summary["top1"]),
                      _pct(summary["top5"]), _pct(summary["zeroshot_top1"]), _pct(summary["ece"]),
-                     f"{summary['mean_seconds'] or 0:.3f}"])
-    print_table(f"{result.dataset}: top-1 % on the same samples", [
-        "method", "run", "done", "failed", "top-1", "top-5", "zero-shot top-1", "ECE", "s/sample"], rows)
+                     f"{summary['mean_seconds'] or 0:.3f}", views.get("views_encoded", 0),
+                     views.get("views_read", 0)])
+    print_table(f"{result.dataset}: every episodic method on the same samples (top-1 %, ECE %)", [
+        "method", "run", "done", "failed", "top-1", "top-5", "zero-shot top-1", "ECE", "s/sample",
+        "views encoded", "views read"], rows)
     pairs = [[f"{c['run_a']['method']} vs {c['run_b']['method']}", c["paired_samples"], c["only_a"], c["only_b"],
               _pct(c["difference"]), f"{c['mcnemar_p']:.3g}"] for c in result.comparisons]
     print_table("paired comparison", ["pair", "samples", "only A right", "only B right", "A - B (pts)",
@@ -48,7 +51,7 @@ A real run (GPU, real weights; see README "A real run"):
 
 
 def demo(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-    """Run the whole pipeline offline: tiny models, bundled photos, generation, zero-shot / TPT / DiffTPT."""
+    """Run the whole pipeline offline: tiny models, bundled photos, generation, every episodic method."""
     from cli.jobs import progress_bar
     from difftpt_ops.core.errors import InputError
     from difftpt_ops.services.demo import run_demo
@@ -62,7 +65,7 @@ def demo(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     if as_json:
         print_json({"dataset": result.dataset, "models_dir": str(result.models_dir),
                     "generation_run_id": result.generation_run_id, "run_ids": result.run_ids,
-                    "results": result.results, "comparisons": result.comparisons})
+                    "results": result.results, "comparisons": result.comparisons, "views": result.views})
         return
     _print_results(result)
     _print_next_steps(settings, result)

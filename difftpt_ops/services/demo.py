@@ -1,4 +1,4 @@
-"""The offline demo: tiny random models, bundled photos, generation, zero-shot / TPT / DiffTPT, comparison.
+"""The offline demo: tiny random models, bundled photos, generation, every episodic method, comparison.
 
 Every step goes through the same services a user's commands call, so the demo exercises the real path.
 """
@@ -17,7 +17,6 @@ from difftpt_ops.core.specs import GenerationSpec
 from difftpt_ops.models.quiet import silence_library_progress_bars
 
 DEMO_DATASET = "demo-photos"
-METHODS = ("zeroshot", "tpt", "difftpt")
 
 
 @dataclass(frozen=True)
@@ -38,6 +37,22 @@ class DemoResult:
     run_ids: dict[str, int]
     results: dict[str, dict[str, Any]]
     comparisons: list[dict[str, Any]]
+    views: dict[str, dict[str, int]] = field(default_factory=dict)  # per method: views encoded, views read
+
+
+def episodic_methods() -> tuple[str, ...]:
+    """Every registered method that adapts to one sample at a time, in registration order (online methods
+    carry a state across samples and need an order; the demo leaves them out)."""
+    from difftpt_ops.tta.methods import ONLINE, registered
+
+    return tuple(method.name for method in registered() if method.kind != ONLINE)
+
+
+def _needs_generated(method: str, overrides: dict[str, str]) -> bool:
+    from difftpt_ops.core.specs import method_spec_from
+    from difftpt_ops.tta.methods import get_method
+
+    return get_method(method).views(method_spec_from(method, overrides)).n_generated > 0
 
 
 Echo = Callable[[str], None]
@@ -69,6 +84,7 @@ def run_demo(settings: Settings, engine: Engine, *, echo: Echo, progress: Callab
     Running it again attaches to the stored runs and does no work twice.
     """
     from difftpt_ops.models.tiny import CLIP_SUBDIR, DIFFUSION_SUBDIR
+    from difftpt_ops.services.features import run_feature_counts
     from difftpt_ops.services.results import compare_runs, run_results
     from difftpt_ops.services.runs import submit_generate, submit_tune
 
@@ -83,16 +99,18 @@ def run_demo(settings: Settings, engine: Engine, *, echo: Echo, progress: Callab
     with progress() as sink:
         generation = submit_generate(engine, settings, dataset_ref=DEMO_DATASET, spec=spec, device="cpu",
                                      progress=sink)
-    # 4. The three methods on the same samples.
-    overrides = {"zeroshot": {}, "tpt": plan.tpt_overrides, "difftpt": plan.difftpt_overrides}
+    # 4. Every episodic method on the same samples; views shared between methods are encoded once.
+    overrides = {"tpt": plan.tpt_overrides, "difftpt": plan.difftpt_overrides}
     run_ids: dict[str, int] = {}
-    for method in METHODS:
-        echo(f"4/5 {method}: tuning and predicting")
+    for method in episodic_methods():
+        echo(f"4/5 {method}: adapting and predicting")
+        settings_of_method = overrides.get(method, {})
         with progress() as sink:
             submitted = submit_tune(engine, settings, dataset_ref=DEMO_DATASET, method=method,
                                     model=str(models_dir / CLIP_SUBDIR), pretrained=None,
-                                    overrides=overrides[method], generation_id=(
-                                        generation.generation_config_id if method == "difftpt" else None),
+                                    overrides=settings_of_method, generation_id=(
+                                        generation.generation_config_id
+                                        if _needs_generated(method, settings_of_method) else None),
                                     device="cpu", progress=sink)
         run_ids[method] = submitted.run_id
     # 5. Results and paired comparisons.
@@ -100,5 +118,7 @@ def run_demo(settings: Settings, engine: Engine, *, echo: Echo, progress: Callab
     results = {method: run_results(engine, run_id) for method, run_id in run_ids.items()}
     pairs = [("tpt", "zeroshot"), ("difftpt", "zeroshot"), ("difftpt", "tpt")]
     comparisons = [compare_runs(engine, run_ids[a], run_ids[b]) for a, b in pairs]
+    counts = run_feature_counts(engine, list(run_ids.values()))
     return DemoResult(dataset=DEMO_DATASET, models_dir=models_dir, generation_run_id=generation.run_id,
-                      run_ids=run_ids, results=results, comparisons=comparisons)
+                      run_ids=run_ids, results=results, comparisons=comparisons,
+                      views={method: counts[run_id] for method, run_id in run_ids.items()})

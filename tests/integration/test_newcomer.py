@@ -18,6 +18,7 @@ import pytest
 
 from difftpt_ops.config import load_settings
 from difftpt_ops.data.demo_photos import write_demo_dataset
+from difftpt_ops.services.demo import episodic_methods
 from tests.integration.test_jobs_support import redis_db, start_worker, stop_worker, wait_for, wait_ready, worker_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -47,10 +48,11 @@ def test_demo_then_what_the_readme_says(tmp_path: Path) -> None:
     env = _env(tmp_path / "ws")
     demo = cli(env, "demo", timeout=900)
     assert demo.returncode == 0, demo.stderr[-3000:]
-    assert "MEANINGLESS" in demo.stdout and "mlflow ui" in demo.stdout
+    assert "MEANINGLESS" in demo.stdout and "mlflow ui" in demo.stdout and "views read" in demo.stdout
     runs = ok_json(env, "runs", "list")
     tune = {run["method"]: run for run in runs if run["kind"] == "tune"}
-    assert set(tune) == {"zeroshot", "tpt", "difftpt"}
+    # Every registered episodic method ran, the built-in ones and those added since.
+    assert set(tune) == set(episodic_methods()) >= {"zeroshot", "tpt", "difftpt", "zero", "mta", "ctpt"}
     assert all(run["state"] == "finished" for run in runs)
     difftpt = ok_json(env, "results", str(tune["difftpt"]["run_id"]))
     assert difftpt["done"] == 27 and difftpt["failed"] == 0 and difftpt["pending"] == 0
@@ -63,8 +65,7 @@ def test_demo_then_what_the_readme_says(tmp_path: Path) -> None:
     assert paired["paired_samples"] == 27
     assert paired["both_right"] + paired["only_a"] + paired["only_b"] + paired["both_wrong"] == 27
     rows = ok_json(env, "sql", "SELECT method, done FROM run_summary WHERE kind = 'tune' ORDER BY method")
-    assert rows == [{"method": "difftpt", "done": 27}, {"method": "tpt", "done": 27},
-                    {"method": "zeroshot", "done": 27}]
+    assert rows == [{"method": method, "done": 27} for method in sorted(tune)]
     assert ok_json(env, "status") == []  # every run finished: none is active
     status = ok_json(env, "status", str(tune["difftpt"]["run_id"]))
     assert {run["state"] for run in status} == {"finished"}
@@ -76,7 +77,7 @@ def test_demo_then_what_the_readme_says(tmp_path: Path) -> None:
     # A second demo attaches to the stored runs and does no work twice.
     again = cli(env, "demo", "--json", timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert json.loads(again.stdout)["run_ids"] == {m: tune[m]["run_id"] for m in ("zeroshot", "tpt", "difftpt")}
+    assert json.loads(again.stdout)["run_ids"] == {m: run["run_id"] for m, run in tune.items()}
 
 
 def test_worker_path_through_the_cli(tmp_path: Path, tiny_models_dir: Path) -> None:
