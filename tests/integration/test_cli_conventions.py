@@ -66,11 +66,12 @@ def test_tables_are_whole_in_pipes_and_plain_with_format(ws: Path) -> None:
     """Piped tables keep every character; --format tsv and csv print a header and one line per row."""
     table = ok(ws, "runs", "list").stdout
     assert DATASET + "@1" in table and "…" not in table
-    tsv = ok(ws, "runs", "list", "--format", "tsv").stdout.splitlines()
-    assert tsv[0].split("\t")[:5] == ["run", "kind", "method", "dataset", "state"]
-    assert tsv[1].split("\t")[:5] == ["1", "tune", "zeroshot", f"{DATASET}@1", "finished"]
-    rows = list(csv.reader(io.StringIO(ok(ws, "runs", "list", "--format", "csv").stdout)))
-    assert rows[0][:4] == ["run", "kind", "method", "dataset"] and rows[1][3] == f"{DATASET}@1"
+    header, *lines = [line.split("\t") for line in ok(ws, "runs", "list", "--format", "tsv").stdout.splitlines()]
+    first = dict(zip(header, lines[-1], strict=True))  # newest first: run 1 is last
+    assert {k: first[k] for k in ("run", "kind", "method", "dataset", "state")} == {
+        "run": "1", "kind": "tune", "method": "zeroshot", "dataset": f"{DATASET}@1", "state": "finished"}
+    rows = list(csv.DictReader(io.StringIO(ok(ws, "runs", "list", "--format", "csv").stdout)))
+    assert rows[-1]["dataset"] == f"{DATASET}@1" and rows[-1]["run"] == "1"
     bad = cli(ws, "runs", "list", "--format", "xlsx")
     assert bad.returncode == 2 and "--format" in bad.stderr
 
@@ -174,8 +175,10 @@ def test_quiet_by_default_and_completion(ws: Path, tmp_path: Path) -> None:
              str(tmp_path / "tiny" / "clip"), "--pretrained", "none", "--device", "cpu")
     assert "mlflow" not in run.stderr.lower() and "Creating initial" not in run.stderr
     assert (fresh / "mlflow.db").exists()  # tracking did run
-    completion = ok(ws, "--show-completion", "bash")
-    assert "_difftpt_ops_completion" in completion.stdout
+    entry_point = Path(sys.executable).parent / "difftpt-ops"  # completion is keyed by the program's name
+    completion = subprocess.run([str(entry_point), "--show-completion", "bash"], env=_env(ws), capture_output=True,
+                                text=True, timeout=120, check=True)
+    assert "_difftpt_ops_completion" in completion.stdout and "complete -o default" in completion.stdout
 
 
 def _few_photos(tmp_path: Path) -> Path:
