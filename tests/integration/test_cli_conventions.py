@@ -98,6 +98,8 @@ def test_status_shows_active_runs_and_watch_json_is_json_lines(ws: Path) -> None
     assert "no active runs" in ok(ws, "status").stderr
     one = json.loads(ok(ws, "status", "1", "--json").stdout)
     assert one[0]["run_id"] == 1 and one[0]["disk"] == {"images": 0, "image_bytes": 0}
+    plain = ok(ws, "status", "1", "--watch").stdout.splitlines()  # off a terminal: plain lines, no redraws
+    assert plain and plain[-1].startswith("run 1  kind tune/zeroshot") and "state finished" in plain[-1]
     lines = ok(ws, "status", "1", "--watch", "--json").stdout.splitlines()
     objects = [json.loads(line) for line in lines]
     assert objects and all(o["run_id"] == 1 and o["state"] == "finished" and "observed_at" in o for o in objects)
