@@ -144,3 +144,23 @@ def test_diffusion_pipeline_runs_once_in_bf16(tiny_sd: Path) -> None:
     assert images["bf16"].shape == (3, TINY_SIZE, TINY_SIZE, 3)
     assert np.abs(images["bf16"] - images["fp32"]).mean() < 8.0  # out of 255: the same images, rounded differently
     assert np.abs(images["bf16"][0] - images["bf16"][1]).mean() > 1.0  # and each seed its own image
+
+
+@pytest.mark.parametrize(("method", "overrides"), METHODS[1:], ids=[m for m, _ in METHODS[1:]])
+def test_feature_store_round_trip_in_bf16(clip16: LoadedClip, tmp_path: Path, method: str,
+                                          overrides: dict[str, object]) -> None:
+    """bf16 encoder output is stored as bf16 and read back bit-exactly; a run from it equals a run from the views."""
+    from difftpt_ops.storage.features import FeatureFiles, StoredFeatures
+
+    tuner = prepare_classifier(clip16, CLASS_NAMES, method_spec_from(method, overrides))
+    views = tuner.make_views(random_image(1), generated=[random_image(20 + i, (64, 64)) for i in range(4)], seed=5,
+                             sample_key="s")
+    raw = tuner.encode_raw(views.pixels)
+    assert raw.dtype == torch.bfloat16  # the store keeps what the encoder produced, not an fp32 copy
+    files = FeatureFiles(tmp_path / "artifacts")
+    artifact = files.put(raw)
+    back = files.read(StoredFeatures(artifact.key, artifact.sha256, artifact.size_bytes))
+    assert back.dtype == torch.bfloat16 and torch.equal(back, raw)
+    stored, direct = tuner.run_features(back, views.kinds), tuner.run_views(views)
+    assert (stored.pred, stored.top5, stored.n_kept) == (direct.pred, direct.top5, direct.n_kept)
+    assert abs(stored.entropy_after - direct.entropy_after) < 1e-6
