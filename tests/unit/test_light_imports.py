@@ -89,7 +89,7 @@ def test_engine_and_benches_import_without_celery_mlflow_or_a_database() -> None
     """Importing the engine, the loaders and the benches pulls in no broker, tracking or database package."""
     done = subprocess.run(
         [sys.executable, "-c", _CHILD, ",".join(HIDDEN), ",".join(MODULES), ",".join(BENCHES)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
         # Keep PYTHONPATH: on a GPU machine the carried wheels are installed into a folder it names.
         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
              "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)},
