@@ -8,6 +8,7 @@ machine will find its weights without network access.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,9 +32,16 @@ def _offline() -> Iterator[None]:
     """The hub is off for the duration: a check must prove the weights are here, not fetch them."""
     saved = {name: os.environ.get(name) for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    # huggingface_hub reads the variable once, at import: an already imported hub is switched off directly.
+    constants = sys.modules.get("huggingface_hub.constants")
+    hub_offline = getattr(constants, "HF_HUB_OFFLINE", None)
+    if constants is not None:
+        constants.HF_HUB_OFFLINE = True
     try:
         yield
     finally:
+        if constants is not None:
+            constants.HF_HUB_OFFLINE = hub_offline
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
@@ -56,17 +64,15 @@ def check_clip(model: str, pretrained: str | None, *, device: str = "cpu") -> di
 
     local_dir = Path(model.removeprefix("local-dir:")).expanduser().is_dir()
     pretrained = None if local_dir else pretrained  # a directory holds its own weights
-    if pretrained and not Path(pretrained).expanduser().is_file() and _hub_tag_missing(model, pretrained):
-        raise NotFoundError("--pretrained", pretrained, "weights are not on this machine and the check does not "
+    missing = NotFoundError("--pretrained", pretrained, "weights are not on this machine and the check does not "
                             "download; " + HOW_TO_GET_CLIP.format(model=model, tag=pretrained))
-    spec = ModelSpec(name=model, pretrained=pretrained)
     with _offline():
+        if pretrained and not Path(pretrained).expanduser().is_file() and _hub_tag_missing(model, pretrained):
+            raise missing
         try:
-            loaded = load_clip(spec, device=device)
+            loaded = load_clip(ModelSpec(name=model, pretrained=pretrained), device=device)
         except ServiceUnavailableError as exc:
-            raise NotFoundError("--pretrained", pretrained, "weights are not on this machine and the check "
-                                "does not download; " + HOW_TO_GET_CLIP.format(model=model, tag=pretrained)
-                                ) from exc
+            raise missing from exc
     clip = loaded.model
     return {
         "kind": "clip",
