@@ -289,7 +289,9 @@ def _status_rows(runs: list[dict[str, Any]]) -> list[list[Any]]:
     for run in runs:
         workers = ", ".join(f"{w['worker']}[{w['gpu'] or '-'}]" for w in run.get("workers", []))
         disk = run.get("disk") or {}
-        images = f"{disk['images']} img, {_human_bytes(disk['image_bytes'])}" if disk.get("images") else ""
+        parts = [f"{disk['images']} images {_human_bytes(disk['image_bytes'])}" if disk.get("images") else "",
+                 f"{disk['features']} features {_human_bytes(disk['feature_bytes'])}" if disk.get("features") else ""]
+        images = ", ".join(part for part in parts if part)
         rows.append([run["run_id"], f"{run['kind']}/{run['method']}", run["dataset"], run["state"], run["done"],
                      run["failed"], run["pending"], _fmt_rate(run), _fmt_eta(run), workers, images])
     return rows
@@ -343,11 +345,12 @@ def status(
 
 
 def _with_disk(engine: Any, settings: Settings, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Add each run's disk use: the generated images it made or reads (features once they are stored)."""
+    """Add each run's disk use: the generated images it made or reads, the view features of its samples."""
     from difftpt_ops.services.disk import run_disk_usage
 
     usage = run_disk_usage(engine, settings, [r["run_id"] for r in runs])
-    return [{**r, "disk": usage.get(r["run_id"], {"images": 0, "image_bytes": 0})} for r in runs]
+    empty = {"images": 0, "image_bytes": 0, "features": 0, "feature_bytes": 0}
+    return [{**r, "disk": usage.get(r["run_id"], empty)} for r in runs]
 
 
 def _watch(fetch: Any, is_active: Any, as_json: bool) -> None:

@@ -1,30 +1,34 @@
-"""Disk a run's stored files take: the generated images it made or reads (sizes read from the store)."""
+"""Disk a run's stored files take: the generated images it made or reads, and the view features stored for
+its samples and model (image sizes read from the store, feature sizes from their rows)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from difftpt_ops.config import Settings
-from difftpt_ops.db.tables import GeneratedImage, Run, Sample
+from difftpt_ops.db.tables import GeneratedImage, Run, Sample, ViewFeatures
 from difftpt_ops.storage.artifacts import ArtifactStore
 
 
 def run_disk_usage(engine: Engine, settings: Settings, run_ids: list[int]) -> dict[int, dict[str, Any]]:
-    """Per run: {"images": count, "image_bytes": bytes on disk} for the images of its samples.
+    """Per run: images and image_bytes of the generated images of its samples, features and feature_bytes.
 
     A generation run counts the images it made; a DiffTPT run the images it reads; other runs none.
-    Images shared by runs count for each of them. Files missing from the store count as 0 bytes.
+    Features are the stored view features of the run's samples under the run's model name. Files shared
+    by runs count for each of them; image files missing from the store count as 0 bytes.
     """
     store = ArtifactStore(settings.artifact_root)
     usage: dict[int, dict[str, Any]] = {}
     with Session(engine) as session:
         for run in session.scalars(select(Run).where(Run.id.in_(run_ids))):
             keys = _image_keys(session, run)
-            usage[run.id] = {"images": len(keys), "image_bytes": sum(_size(store, key) for key in keys)}
+            features, feature_bytes = _features(session, run)
+            usage[run.id] = {"images": len(keys), "image_bytes": sum(_size(store, key) for key in keys),
+                             "features": features, "feature_bytes": feature_bytes}
     return usage
 
 
@@ -36,6 +40,17 @@ def _image_keys(session: Session, run: Run) -> list[str]:
     return list(session.scalars(select(GeneratedImage.artifact_key).where(
         GeneratedImage.generation_config_id == run.generation_config_id,
         GeneratedImage.source_hash.in_(sources))))
+
+
+def _features(session: Session, run: Run) -> tuple[int, int]:
+    if run.model_name is None:
+        return 0, 0
+    sources = select(Sample.content_hash).where(Sample.dataset_version_id == run.dataset_version_id,
+                                                Sample.index < run.num_samples)
+    totals = select(func.count(ViewFeatures.id), func.coalesce(func.sum(ViewFeatures.size_bytes), 0))
+    count, size = session.execute(totals.where(ViewFeatures.model_name == run.model_name,
+                                               ViewFeatures.sample_hash.in_(sources))).one()
+    return int(count), int(size)
 
 
 def _size(store: ArtifactStore, key: str) -> int:
