@@ -36,6 +36,9 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # A hub id is `name` or `owner/name`; anything else that is not an existing directory is a missing path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# What to do when the weights are not here (an offline GPU machine): fetch the real pipeline once, elsewhere.
+HOW_TO_DOWNLOAD = ("download the pipeline where the hub is reachable (`hf download lambdalabs/sd-image-variations-"
+                   "diffusers --revision v2.0 --local-dir DIR`), copy DIR here and pass --model DIR")
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -132,8 +135,7 @@ def _model_source(model: str) -> tuple[str, bool]:
             raise InputError("--model", model, "is a directory but not a diffusers pipeline (no model_index.json)")
         return str(path), True
     if path.exists() or not _HUB_ID.match(model):
-        raise NotFoundError("--model", model, "no such local model directory (pass a directory written by "
-                            "save_pretrained, e.g. by `difftpt-ops models make-tiny DIR`, or a hub id)")
+        raise NotFoundError("--model", model, "no such local model directory; " + HOW_TO_DOWNLOAD)
     return model, False
 
 
@@ -146,8 +148,7 @@ def _load_error(model: str, revision: str | None, local: bool, exc: OSError) -> 
         return InputError("--model", model, f"cannot load the pipeline from this directory ({exc})")
     return ServiceUnavailableError(
         f"--model={model}@{revision}: cannot download it from the Hugging Face hub and it is not cached "
-        f"locally ({str(exc).splitlines()[0]}); no local directory of that name exists either: on an offline "
-        "machine pass a directory written by `save_pretrained`"
+        f"locally ({str(exc).splitlines()[0]}); no local directory of that name exists either: " + HOW_TO_DOWNLOAD
     )
 
 
