@@ -98,8 +98,13 @@ def is_online_method(name: str) -> bool:
     return name in method_names() and get_method(name).kind == ONLINE
 
 
+_CORE_METHODS = frozenset({"noop", "zeroshot", "tpt", "difftpt"})  # the spec classes core defines itself
+
+
 def resolve_for_dataset(spec: MethodSpec, dataset_format: str) -> MethodSpec:
     """The spec with its dataset-dependent defaults filled in (TDA's per-dataset configs); others unchanged."""
+    if spec.method in _CORE_METHODS:  # no dataset-dependent defaults; and no torch import for a resubmit
+        return spec
     from difftpt_ops.tta.methods import method_names, method_of
 
     if spec.method not in method_names():  # noop: a valid spec, but bookkeeping, never a registered method
