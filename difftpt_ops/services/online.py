@@ -130,7 +130,7 @@ def is_chained_shard(engine: Engine, shard_id: int) -> bool:
         with engine.connect() as connection:
             method = connection.execute(select(Run.method).join(Shard, Shard.run_id == Run.id)
                                         .where(Shard.id == shard_id)).scalar()
-        _chained[key] = method is not None and is_online_method(method)
+        _chained[key] = method is not None and method not in _CORE_METHODS and is_online_method(method)
         while len(_chained) > 10_000:
             _chained.popitem(last=False)
     return _chained[key]
