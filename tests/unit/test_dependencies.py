@@ -42,6 +42,17 @@ def test_constraints_pin_what_is_installed() -> None:
     assert {"torch", "torchvision", "difftpt-ops"}.isdisjoint(names)  # pinned on their own line / the project
 
 
+def test_every_direct_dependency_is_pinned() -> None:
+    """Each requirement of pyproject (runtime and dev) has a pin, torch and torchvision aside."""
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    pinned = {norm(line.split("==")[0]) for line in (ROOT / "constraints.txt").read_text().splitlines()
+              if line and not line.startswith("#")}
+    required = {norm(re.match(r"[A-Za-z0-9_.-]+", r).group(0)) for r in metadata.requires("difftpt-ops") or []}
+    assert required - {"torch", "torchvision"} - pinned == set()
+
+
 def test_pyproject_caps_the_majors_known_to_break() -> None:
     """transformers, huggingface_hub, diffusers and mlflow have upper bounds; pandas is not a runtime dependency."""
     requires = metadata.requires("difftpt-ops") or []
