@@ -158,6 +158,11 @@ class NaiveTuner:
         return tower._project(x[torch.arange(n, device=x.device), self.eot])
 
     def _autocast(self) -> AbstractContextManager[Any]:
+        # Half-precision frozen weights (fp16 on CUDA, bf16 on the CPU) next to fp32 norms need autocast in
+        # their own dtype; fp32 weights on CUDA run under fp16 autocast, as the reference code does.
+        dtype = self.tower.cast_dtype
+        if dtype in (torch.float16, torch.bfloat16):
+            return torch.autocast(device_type=self.device.type, dtype=dtype)
         if self.device.type == "cuda":
             return torch.autocast(device_type="cuda", dtype=torch.float16)
         return nullcontext()

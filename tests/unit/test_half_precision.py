@@ -164,3 +164,16 @@ def test_feature_store_round_trip_in_bf16(clip16: LoadedClip, tmp_path: Path, me
     stored, direct = tuner.run_features(back, views.kinds), tuner.run_views(views)
     assert (stored.pred, stored.top5, stored.n_kept) == (direct.pred, direct.top5, direct.n_kept)
     assert abs(stored.entropy_after - direct.entropy_after) < 1e-6
+
+
+def test_naive_formulation_runs_in_bf16(clip32: LoadedClip, clip16: LoadedClip) -> None:
+    """The reference-style oracle also runs with bf16 frozen weights on the CPU and agrees with its fp32 self."""
+    from difftpt_ops.tta.naive import NaiveTuner
+
+    spec = method_spec_from("tpt", {"n_views": "8", "steps": "1"})
+    half, full = NaiveTuner(clip16, CLASS_NAMES, spec), NaiveTuner(clip32, CLASS_NAMES, spec)
+    for sample in range(2):
+        image = random_image(sample)
+        a = half.run(image, seed=5, sample_key=sample)
+        b = full.run(image, seed=5, sample_key=sample)
+        assert (a.pred, a.zeroshot_pred) == (b.pred, b.zeroshot_pred)
