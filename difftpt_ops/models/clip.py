@@ -76,8 +76,10 @@ def load_clip(spec: ModelSpec, device: str | torch.device = "cpu", *, cache_dir:
         # open_clip wraps every download failure (no network, HF_HUB_OFFLINE=1 and not cached) in RuntimeError.
         if "download" in text or "hf hub" in text:
             raise ServiceUnavailableError(
-                f"cannot fetch the weights of {spec.name} ({spec.pretrained}): pass a local directory with "
-                f"--model DIR (see `difftpt-ops models make-tiny`) or go online"
+                f"cannot fetch the weights of {spec.name} ({spec.pretrained}): the hub is unreachable and they are "
+                f"not cached here; copy open_clip's hub cache here (HF_HOME), pass OpenAI's checkpoint file with "
+                f"--pretrained /path/{spec.name}.pt, or pass a local directory with --model DIR; check with "
+                f"`difftpt-ops models check --model {spec.name} --pretrained {spec.pretrained}`"
             ) from exc
         if "state_dict" in text:  # a checkpoint of another architecture
             raise InvalidSpecError("--pretrained", pretrained or spec.name, f"does not fit {spec.name}: {exc}") from exc
