@@ -219,7 +219,7 @@ class TuneProcessor(_TuneRows):
             "confidence_before": result.confidence_before, "confidence_after": result.confidence_after,
             "views_encoded": getattr(result, "views_encoded", 0), "views_read": getattr(result, "views_read", 0),
             "n_views": result.n_views, "n_kept": result.n_kept, "n_generated": _generated_views(result),
-            "seconds": getattr(result, "seconds", seconds),
+            "seconds": seconds,  # wall time of the sample: image, views, features (encoded or read), method
             "worker": self.worker, "created_at": utcnow(),
         }
         views = [{"run_id": self.run_id, "sample_id": sample.id, "view_index": view.index, "kind": view.kind,
