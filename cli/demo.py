@@ -25,7 +25,7 @@ def _print_results(result) -> None:  # type: ignore[no-untyped-def]
         "views encoded", "views read"], rows)
     pairs = [[f"{c['run_a']['method']} vs {c['run_b']['method']}", c["paired_samples"], c["only_a"], c["only_b"],
               _pct(c["difference"]), f"{c['mcnemar_p']:.3g}"] for c in result.comparisons]
-    print_table("paired comparison", ["pair", "samples", "only A right", "only B right", "A - B (pts)",
+    print_table("paired comparison", ["pair", "samples", "only A right", "only B right", "A - B",
                                       "McNemar p"], pairs)
 
 
