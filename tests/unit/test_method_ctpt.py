@@ -123,3 +123,18 @@ def test_engine_equals_the_reference_formulation_and_lambda_reaches_the_tuning(c
     without = plain.run(image, seed=0, sample_key=7)
     assert without.entropy_after == pytest.approx(tpt.run(image, seed=0, sample_key=7).entropy_after, abs=1e-6)
     assert abs(fast.entropy_after - without.entropy_after) > 1e-6
+
+
+def test_lambda_follows_the_reference_scripts_per_dataset_unless_set() -> None:
+    """Unset, lambda is resolved at submit as the reference's two scripts do: 50 on the fine-grained
+    (cross-domain) sets, 20 on ImageNet and its shifts; a value the user sets is kept."""
+    from difftpt_ops.data.formats import CROSS_DOMAIN_FORMATS
+    from difftpt_ops.services.online import resolve_for_dataset
+
+    spec = method_spec_from("ctpt")
+    assert spec.lambda_term is None
+    assert {resolve_for_dataset(spec, fmt).lambda_term for fmt in CROSS_DOMAIN_FORMATS} == {50.0}
+    assert {resolve_for_dataset(spec, fmt).lambda_term for fmt in ("imagenet", "imagenet-r", "imagefolder")} == {20.0}
+    assert resolve_for_dataset(method_spec_from("ctpt", {"lambda_term": "7"}), "dtd").lambda_term == 7.0
+    fine, natural = resolve_for_dataset(spec, "dtd"), resolve_for_dataset(spec, "imagenet")
+    assert fine.to_dict() != natural.to_dict()  # so the two settings are two runs

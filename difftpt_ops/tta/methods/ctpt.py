@@ -9,8 +9,9 @@ default here:
 - the ATFD is computed on the same text features as the logits of the tuning step (the model's forward
   stores it), so both terms follow the prompt through each step;
 - lambda (`--lambda_term`) is 20 in the script for ImageNet and its shifts (test_tpt_ctpt_ds.sh) and 50 in
-  the one for the fine-grained sets (test_tpt_ctpt_fg.sh); argparse's default 0 turns C-TPT off. 20 is the
-  default here, `--set lambda_term=50` gives the fine-grained setting;
+  the one for the fine-grained sets (test_tpt_ctpt_fg.sh); argparse's default 0 turns C-TPT off. Left
+  unset, it is resolved at submit from the dataset's format the same way (50 for the ten cross-domain
+  sets, 20 otherwise) and stored resolved in the spec; `--set lambda_term=X` fixes it;
 - AugMix on every dataset: the fine-grained sets get it by TPT's rule, and the ImageNet script passes
   --I_augmix, which turns it on for the single-letter sets too;
 - everything else is TPT's: 64 views, the 10% lowest-entropy kept, AdamW lr 5e-3, 1 step, "a photo of a"
@@ -19,6 +20,7 @@ default here:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -48,7 +50,7 @@ class CTPTSpec(MethodSpec):
     steps: int = 1
     lr: float = 5e-3
     weight_decay: float = 0.01
-    lambda_term: float = 20.0  # ATFD weight; the reference's fine-grained script uses 50
+    lambda_term: float | None = None  # ATFD weight; None: 20, or 50 on the fine-grained sets (resolved at submit)
     augmix: bool | None = True  # the reference scripts: AugMix on every dataset (--I_augmix for ImageNet)
 
     def __post_init__(self) -> None:
@@ -58,7 +60,20 @@ class CTPTSpec(MethodSpec):
         require(self.steps >= 0, "steps", self.steps, "must be >= 0")
         require(self.lr > 0, "lr", self.lr, "must be > 0")
         require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
-        require(self.lambda_term >= 0, "lambda_term", self.lambda_term, "must be >= 0")
+        require(self.lambda_term is None or self.lambda_term >= 0, "lambda_term", self.lambda_term, "must be >= 0")
+
+
+# The reference's two scripts: ImageNet and its shifts (test_tpt_ctpt_ds.sh), the fine-grained sets (_fg.sh).
+NATURAL_SHIFT_LAMBDA, FINE_GRAINED_LAMBDA = 20.0, 50.0
+FINE_GRAINED_FORMATS = frozenset({"flower102", "dtd", "pets", "cars", "ucf101", "caltech101", "food101", "sun397",
+                                  "eurosat", "aircraft"})
+
+
+def lambda_for(spec: CTPTSpec, dataset_format: str | None) -> float:
+    """The spec's lambda, else the reference's for the dataset format (20 when the format is unknown)."""
+    if spec.lambda_term is not None:
+        return float(spec.lambda_term)
+    return FINE_GRAINED_LAMBDA if dataset_format in FINE_GRAINED_FORMATS else NATURAL_SHIFT_LAMBDA
 
 
 def text_feature_dispersion(text_features: Tensor) -> Tensor:
@@ -90,7 +105,11 @@ class CTPT(PromptTuningMethod):
         return ViewScores(indices=selection.indices, entropy=selection.entropy, cosine=selection.cosine)
 
     def loss(self, spec: CTPTSpec, logits: Tensor, text_features: Tensor) -> Tensor:
-        return ctpt_loss(logits, text_features, spec.lambda_term)
+        return ctpt_loss(logits, text_features, lambda_for(spec, None))
+
+    def resolve_for_dataset(self, spec: CTPTSpec, dataset_format: str) -> CTPTSpec:
+        """The reference scripts' lambda for the dataset (called at submit, before the fingerprint)."""
+        return dataclasses.replace(spec, lambda_term=lambda_for(spec, dataset_format))
 
     def naive_step(self, spec: CTPTSpec, inputs: StepInputs) -> StepOutput:
         """The reference's confidence selection: argsort of the entropies, the first int(n * p) (at least 1)."""
