@@ -28,16 +28,9 @@ import torch
 from torch import Tensor
 
 from difftpt_ops.core.specs import MethodSpec, require
-from difftpt_ops.tta.losses import marginal_entropy, view_entropy
-from difftpt_ops.tta.methods.base import (
-    PromptTuningMethod,
-    StepInputs,
-    StepOutput,
-    ViewPlan,
-    ViewScores,
-    register,
-)
-from difftpt_ops.tta.selection import select_tpt
+from difftpt_ops.tta.losses import marginal_entropy
+from difftpt_ops.tta.methods.base import register
+from difftpt_ops.tta.methods.tpt import TPT
 
 
 @dataclass(frozen=True)
@@ -88,21 +81,15 @@ def ctpt_loss(logits: Tensor, text_features: Tensor, lambda_term: float) -> Tens
 
 
 @register
-class CTPT(PromptTuningMethod):
+class CTPT(TPT):
+    """TPT's views, selection and reference-style selection; only the loss (and its lambda) differ."""
+
     name: ClassVar[str] = "ctpt"
     spec_class = CTPTSpec
     summary: ClassVar[str] = "TPT's loss minus the spread of the class text features, for calibration"
     paper: ClassVar[str] = "Yoon et al., C-TPT: Calibrated Test-Time Prompt Tuning for Vision-Language Models " \
                            "via Text Feature Dispersion, ICLR 2024"
     reference: ClassVar[str] = "hee-suk-yoon/C-TPT"
-    has_naive: ClassVar[bool] = True
-
-    def views(self, spec: CTPTSpec) -> ViewPlan:
-        return ViewPlan(n_conventional=spec.n_views - 1, augmix=spec.augmix, resolution=spec.resolution)
-
-    def select(self, spec: CTPTSpec, inputs: StepInputs) -> ViewScores:
-        selection = select_tpt(inputs.logits, spec.selection_p)
-        return ViewScores(indices=selection.indices, entropy=selection.entropy, cosine=selection.cosine)
 
     def loss(self, spec: CTPTSpec, logits: Tensor, text_features: Tensor) -> Tensor:
         return ctpt_loss(logits, text_features, lambda_for(spec, None))
@@ -110,9 +97,3 @@ class CTPT(PromptTuningMethod):
     def resolve_for_dataset(self, spec: CTPTSpec, dataset_format: str) -> CTPTSpec:
         """The reference scripts' lambda for the dataset (called at submit, before the fingerprint)."""
         return dataclasses.replace(spec, lambda_term=lambda_for(spec, dataset_format))
-
-    def naive_step(self, spec: CTPTSpec, inputs: StepInputs) -> StepOutput:
-        """The reference's confidence selection: argsort of the entropies, the first int(n * p) (at least 1)."""
-        entropy = view_entropy(inputs.logits)
-        kept = torch.argsort(entropy)[:max(1, int(inputs.logits.shape[0] * spec.selection_p))]
-        return StepOutput(logits=inputs.logits[0], scores=ViewScores.of(inputs.logits, kept))
