@@ -128,14 +128,15 @@ def count_missing(session: Session, *, config_id: int, source_hashes: Iterable[s
 def find_generated_paths(
     session: Session, store: ArtifactStore, *, config_id: int, source_hash: str, limit: int | None = None
 ) -> list[Path]:
-    """Files of the generated images of one source image under one config, in variant order."""
+    """Files of the generated images of one source image under one config, in variant order; with `limit`,
+    variants 0..limit-1 only (those that exist), never a later variant standing in for a missing one."""
     query = (
         select(GeneratedImage.artifact_key)
         .where(GeneratedImage.generation_config_id == config_id, GeneratedImage.source_hash == source_hash)
         .order_by(GeneratedImage.variant_index)
     )
     if limit is not None:
-        query = query.limit(limit)
+        query = query.where(GeneratedImage.variant_index < limit)
     return [store.path(key) for key in session.scalars(query)]
 
 

@@ -256,24 +256,22 @@ class GeneratedViews:
         return [load_rgb(path) for path in self.paths_for(sample)]
 
     def paths_for(self, sample: Any) -> list[Path]:
+        from difftpt_ops.services.generation import find_generated_paths
         from difftpt_ops.services.waiting import generation_failure
 
         if not sample.content_hash:
             raise SampleError(f"sample {sample.index} has no content hash, so no generated images")
         with session_scope(self.engine) as session:
-            keys = list(session.scalars(
-                select(GeneratedImage.artifact_key).where(
-                    GeneratedImage.generation_config_id == self.config_id,
-                    GeneratedImage.source_hash == sample.content_hash, GeneratedImage.variant_index < self.count)
-                .order_by(GeneratedImage.variant_index)))
-            failure = None if len(keys) == self.count else generation_failure(
+            paths = find_generated_paths(session, self.store, config_id=self.config_id,
+                                         source_hash=sample.content_hash, limit=self.count)
+            failure = None if len(paths) == self.count else generation_failure(
                 session, config_id=self.config_id, source_hash=sample.content_hash)
-        if len(keys) == self.count:
-            return [self.store.path(key) for key in keys]
+        if len(paths) == self.count:
+            return paths
         if failure is not None:
             reason = failure.strip().splitlines()[-1] if failure.strip() else "no reason recorded"
             raise SampleError(f"sample {sample.index}: its generation failed ({reason})")
-        raise NotReadyError(f"sample {sample.index} has {len(keys)} of its {self.count} generated images "
+        raise NotReadyError(f"sample {sample.index} has {len(paths)} of its {self.count} generated images "
                             f"(generation config {self.config_id})")
 
 

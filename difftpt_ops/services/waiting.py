@@ -46,15 +46,19 @@ def _generated_count(config_id: int, count: int) -> Any:
             .correlate(Sample).scalar_subquery())
 
 
+def _generation_errors(config_id: int, source: Any) -> Any:
+    """SELECT of the errors generation runs of `config_id` recorded for samples with `source`'s content hash."""
+    failed = aliased(Sample)
+    return (select(SampleErrorRow.error)
+            .join(Run, Run.id == SampleErrorRow.run_id)
+            .join(failed, failed.id == SampleErrorRow.sample_id)
+            .where(Run.kind == "generate", Run.generation_config_id == config_id,
+                   failed.content_hash == source))
+
+
 def generation_failed_clause(config_id: int) -> Any:
     """EXISTS: a generation run of this config recorded the outer sample's image as failed."""
-    source = aliased(Sample)
-    return (select(SampleErrorRow.id)
-            .join(Run, Run.id == SampleErrorRow.run_id)
-            .join(source, source.id == SampleErrorRow.sample_id)
-            .where(Run.kind == "generate", Run.generation_config_id == config_id,
-                   source.content_hash == Sample.content_hash)
-            .correlate(Sample).exists())
+    return _generation_errors(config_id, Sample.content_hash).correlate(Sample).exists()
 
 
 def count_unready(connection: Connection | Session, *, version_id: int, need: GenerationNeed, start: int,
@@ -73,21 +77,28 @@ def waiting_reason(unready: int, total: int, need: GenerationNeed) -> str:
             f"{need.count} generated images yet")
 
 
+def _unready_reason(session: Session, run: Any, start: int, stop: int) -> str | None:
+    """Why the shard [start, stop) of `run` cannot run yet, or None when it can."""
+    need = generation_need(run)
+    if need is None:
+        return None
+    unready = count_unready(session, version_id=run.dataset_version_id, need=need, start=start, stop=stop)
+    return waiting_reason(unready, stop - start, need) if unready else None
+
+
 def hold_unready(session: Session, run: Any, shard_ids: list[int]) -> list[int]:
     """Of `shard_ids` (to be queued), move those whose samples are not ready to `waiting` with the reason.
 
     Returns the ids that are ready. Runs without a generation dependency are always ready.
     """
-    need = generation_need(run)
-    if need is None or not shard_ids:
+    if generation_need(run) is None or not shard_ids:
         return shard_ids
     ready = []
     for shard in session.execute(select(Shard.id, Shard.start, Shard.stop).where(Shard.id.in_(shard_ids))).all():
-        unready = count_unready(session, version_id=run.dataset_version_id, need=need, start=shard.start,
-                                stop=shard.stop)
-        if unready:
-            session.execute(update(Shard).where(Shard.id == shard.id).values(
-                state=ShardState.WAITING, waiting_reason=waiting_reason(unready, shard.stop - shard.start, need)))
+        reason = _unready_reason(session, run, shard.start, shard.stop)
+        if reason:
+            session.execute(update(Shard).where(Shard.id == shard.id).values(state=ShardState.WAITING,
+                                                                           waiting_reason=reason))
         else:
             ready.append(shard.id)
     return sorted(ready)
@@ -106,12 +117,9 @@ def release_ready(engine: Engine, *, config_id: int | None = None) -> list[tuple
         runs: dict[int, Any] = {}
         for row in session.execute(query.order_by(Shard.run_id, Shard.index)).all():
             run = runs.setdefault(row.run_id, session.get(Run, row.run_id))
-            need = generation_need(run)
-            unready = 0 if need is None else count_unready(
-                session, version_id=run.dataset_version_id, need=need, start=row.start, stop=row.stop)
-            if unready:
-                session.execute(update(Shard).where(Shard.id == row.id).values(
-                    waiting_reason=waiting_reason(unready, row.stop - row.start, need)))  # type: ignore[arg-type]
+            reason = _unready_reason(session, run, row.start, row.stop)
+            if reason:
+                session.execute(update(Shard).where(Shard.id == row.id).values(waiting_reason=reason))
                 continue
             moved = session.execute(update(Shard).where(Shard.id == row.id, Shard.state == ShardState.WAITING)
                                     .values(state=ShardState.QUEUED, waiting_reason=None)).rowcount
@@ -131,10 +139,5 @@ def readiness_error(session: Session, *, version_id: int, need: GenerationNeed, 
 
 def generation_failure(session: Session, *, config_id: int, source_hash: str) -> str | None:
     """The recorded reason a generation run of this config failed on this source image, if it did."""
-    row = session.execute(
-        select(SampleErrorRow.error).join(Run, Run.id == SampleErrorRow.run_id)
-        .join(Sample, Sample.id == SampleErrorRow.sample_id)
-        .where(Run.kind == "generate", Run.generation_config_id == config_id, Sample.content_hash == source_hash)
-        .limit(1)).first()
+    row = session.execute(_generation_errors(config_id, source_hash).limit(1)).first()
     return None if row is None else str(row[0])
-
