@@ -256,7 +256,7 @@ def submit_features(engine: Engine, settings: Settings, *, dataset_ref: str, mod
     runs.check_execution_args(limit=limit, shard_size=shard_size, device=device, seed=seed)
     method_spec = method_spec_from(views)
     run_device = runs.resolve_run_device(settings, device)
-    model_spec = ModelSpec(name=model, pretrained=pretrained, precision="fp16" if run_device == "cuda" else "fp32")
+    model_spec = runs.run_model_spec(model, pretrained, run_device)
     runs._check_model_path(settings, views, model_spec)
     runs._prepare_dispatch(settings, dispatcher)
     with session_scope(engine) as session:

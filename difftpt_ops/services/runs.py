@@ -201,18 +201,24 @@ def resolve_run_device(settings: Settings, device: str | None) -> str:
         InputError: --device cuda in embedded mode on a machine without CUDA.
     """
     chosen = device or settings.device
-    if chosen == "auto":
-        import torch
-
-        chosen = "cuda" if torch.cuda.is_available() else "cpu"
     kind = chosen.split(":", 1)[0]
-    if kind == "cuda" and settings.embedded:
-        import torch
+    if chosen != "auto" and not (kind == "cuda" and settings.embedded):
+        return kind
+    import torch
 
-        if not torch.cuda.is_available():
-            raise InputError("--device", chosen, "CUDA is not available on this machine (no GPU or no driver); "
-                                                 "use --device cpu")
+    has_cuda = torch.cuda.is_available()
+    if chosen == "auto":
+        return "cuda" if has_cuda else "cpu"
+    if not has_cuda:
+        raise InputError("--device", chosen, "CUDA is not available on this machine (no GPU or no driver); "
+                                             "use --device cpu")
     return kind
+
+
+def run_model_spec(model: str, pretrained: str | None, run_device: str) -> ModelSpec:
+    """The model a run is for, with the precision its device implies (fp16 frozen weights on CUDA): "auto"
+    would otherwise mean different numbers under one fingerprint."""
+    return ModelSpec(name=model, pretrained=pretrained, precision="fp16" if run_device == "cuda" else "fp32")
 
 
 def _run_columns(spec: TuneRunSpec, method_spec: Any) -> dict[str, Any]:
@@ -258,9 +264,7 @@ def submit_tune(engine: Engine, settings: Settings, *, dataset_ref: str, method:
     online.ensure_registered(method)
     method_spec = method_spec_from(method, overrides or {})
     run_device = resolve_run_device(settings, device)
-    # The precision is resolved with the device: "auto" (fp16 frozen weights on GPU) would otherwise mean
-    # different numbers under one fingerprint.
-    model_spec = ModelSpec(name=model, pretrained=pretrained, precision="fp16" if run_device == "cuda" else "fp32")
+    model_spec = run_model_spec(model, pretrained, run_device)
     _check_model_path(settings, method_spec.method, model_spec)
     _prepare_dispatch(settings, dispatcher)
     # 2. Resolve the dataset and the generation config, then plan the run.
