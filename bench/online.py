@@ -49,7 +49,7 @@ def install_synthetic_features() -> None:
     """Patch the feature source and the text features (in this process) as described in the docstring."""
     import torch
 
-    from difftpt_ops.services import features, online
+    from difftpt_ops.services.running import features, online
     from difftpt_ops.tta import engine
 
     text = torch.nn.functional.normalize(torch.randn(N_CLASSES, DIM, generator=torch.Generator().manual_seed(0)),
@@ -111,7 +111,7 @@ def wait_finished(engine: Any, run_id: int, timeout: float = 1800.0) -> None:
 
 def _submit(engine: Any, settings: Any, *, method: str, dataset: str, clip: Path, shard_size: int,
             order_seed: int, dispatcher: Any = None) -> Any:
-    from difftpt_ops.services import runs
+    from difftpt_ops.services.running import runs
 
     overrides = {**METHODS[method], "order_seed": str(order_seed)}
     return runs.submit_tune(engine, settings, dataset_ref=dataset, method=method, model=str(clip), pretrained=None,
@@ -122,7 +122,7 @@ def measure_embedded(engine: Any, settings: Any, clip: Path, n: int, shard_size:
                      repeats: int) -> dict[str, float]:
     """samples/s per method with and without checkpoints, alternating `repeats` times, best of each (the box
     is shared: the best run is the one least disturbed). Every run has its own order seed: a new run."""
-    from difftpt_ops.services import online
+    from difftpt_ops.services.running import online
 
     best: dict[str, float] = {}
     real = (online.encode_checkpoint, online.put_checkpoint)

@@ -29,7 +29,7 @@ from sqlalchemy.engine import Engine, make_url  # noqa: E402
 
 from difftpt_ops.db.session import dispose_engines, get_engine, session_scope, upgrade  # noqa: E402
 from difftpt_ops.db.tables import Dataset, DatasetVersion, Run  # noqa: E402
-from difftpt_ops.services.results import compare_runs, run_results  # noqa: E402
+from difftpt_ops.services.reading.results import compare_runs, run_results  # noqa: E402
 
 TARGET_S = 1.0
 PRED_COLUMNS = ("run_id", "sample_id", "sample_index", "label", "pred", "top5", "correct", "top5_correct",

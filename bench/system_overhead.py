@@ -38,7 +38,7 @@ from sqlalchemy import insert, select  # noqa: E402
 from difftpt_ops.config import Settings, load_settings  # noqa: E402
 from difftpt_ops.db.session import session_scope, upgrade  # noqa: E402
 from difftpt_ops.db.tables import Dataset, DatasetVersion, Run, Sample  # noqa: E402
-from difftpt_ops.services import runs  # noqa: E402
+from difftpt_ops.services.running import runs  # noqa: E402
 from difftpt_ops.services.workspace import open_database  # noqa: E402
 
 TARGETS = {"embedded_samples_per_s": 2000.0, "celery_redis_samples_per_s": 500.0, "resubmit_finished_100k_s": 3.0}

@@ -208,7 +208,7 @@ def import_generated_cmd(
     with session_scope(engine) as session:
         _, version = resolve_dataset_version(session, dataset)
         version_id = version.id
-    from difftpt_ops.services.generation import import_generated
+    from difftpt_ops.services.running.generation import import_generated
 
     result = import_generated(engine, settings_of(ctx), dataset_version_id=version_id, root=root, spec=spec,
                               follow_outside_links=follow_outside_links)

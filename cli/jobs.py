@@ -31,7 +31,7 @@ from difftpt_ops.core.secrets import mask_url
 
 if TYPE_CHECKING:
     from difftpt_ops.config import Settings
-    from difftpt_ops.services.runs import SubmitResult
+    from difftpt_ops.services.running.runs import SubmitResult
 
 submit_app = new_app("Plan a run, then run it here (embedded default) or enqueue it for the workers (with a broker).")
 runs_app = new_app("Runs: list them (see also `status`, `resume`, `cancel`).")
@@ -177,8 +177,8 @@ def submit_tune(
     as_json: JsonOpt = False,
 ) -> None:
     """Evaluate a method on a dataset: zero-shot CLIP, TPT or DiffTPT, one prediction per sample."""
-    from difftpt_ops.services import online
-    from difftpt_ops.services.runs import submit_tune as submit
+    from difftpt_ops.services.running import online
+    from difftpt_ops.services.running.runs import submit_tune as submit
 
     settings = settings_of(ctx)
     parsed = parse_overrides(overrides)
@@ -190,7 +190,7 @@ def submit_tune(
     if dry_run and (sweep or seeds is not None):
         raise InputError("--dry-run", True, "estimates one run; drop --sweep/--seeds to estimate one grid point")
     if dry_run:
-        from difftpt_ops.services.estimate import estimate_tune
+        from difftpt_ops.services.running.estimate import estimate_tune
 
         _print_estimate(estimate_tune(engine, settings, dataset_ref=dataset, method=method, model=model,
                                       pretrained=_none_if(pretrained), generation_id=generation, overrides=parsed,
@@ -235,14 +235,14 @@ def submit_generate(
 ) -> None:
     """Generate Stable Diffusion image variations of a dataset's samples (cached by content, never twice)."""
     from difftpt_ops.core.specs import GenerationSpec
-    from difftpt_ops.services.runs import submit_generate as submit
+    from difftpt_ops.services.running.runs import submit_generate as submit
 
     settings = settings_of(ctx)
     spec = GenerationSpec(model=model, revision=_none_if(revision), scheduler=scheduler, steps=steps,
                           guidance=guidance, per_sample=per_sample, size=size, dtype=dtype, seed=seed)
     engine = engine_of(ctx)
     if dry_run:
-        from difftpt_ops.services.estimate import estimate_generate
+        from difftpt_ops.services.running.estimate import estimate_generate
 
         _print_estimate(estimate_generate(engine, settings, dataset_ref=dataset, spec=spec, limit=limit,
                                           shard_size=shard_size, device=device), as_json)
@@ -325,7 +325,7 @@ def status(
     With --watch --json it prints JSON Lines: one JSON object per run per refresh, each with an
     `observed_at` timestamp, until no watched run is active.
     """
-    from difftpt_ops.services.runs import is_active, run_status
+    from difftpt_ops.services.running.status import is_active, run_status
 
     run_id = parse_run_id(run) if run is not None else None
     settings, engine = settings_of(ctx), engine_of(ctx)
@@ -346,7 +346,7 @@ def status(
 
 def _with_disk(engine: Any, settings: Settings, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Add each run's disk use: the generated images it made or reads, the view features of its samples."""
-    from difftpt_ops.services.disk import run_disk_usage
+    from difftpt_ops.services.reading.disk import run_disk_usage
 
     usage = run_disk_usage(engine, settings, [r["run_id"] for r in runs])
     empty = {"images": 0, "image_bytes": 0, "features": 0, "feature_bytes": 0}
@@ -414,7 +414,7 @@ class _LiveTable:
 
 def runs_list(ctx: typer.Context, sweep: ListSweepOpt = None, as_json: JsonOpt = False) -> None:
     """List every run, newest first, with the sweep and grid point of runs submitted by a sweep."""
-    from difftpt_ops.services.runs import list_runs
+    from difftpt_ops.services.running.status import list_runs
 
     engine = engine_of(ctx)
     runs = with_groups(engine, list_runs(engine), sweep)
@@ -439,7 +439,7 @@ def _model_text(run: dict[str, Any]) -> str:
 
 def resume(ctx: typer.Context, run: RunArg, device: DeviceOpt = None, as_json: JsonOpt = False) -> None:
     """Finish a run: retry failed shards, re-run interrupted or stale ones, re-enqueue lost messages."""
-    from difftpt_ops.services.runs import resume_run
+    from difftpt_ops.services.running.runs import resume_run
 
     run_id = parse_run_id(run)
     settings, engine = settings_of(ctx), engine_of(ctx)
@@ -455,7 +455,7 @@ def resume(ctx: typer.Context, run: RunArg, device: DeviceOpt = None, as_json: J
 
 def cancel(ctx: typer.Context, run: RunArg, as_json: JsonOpt = False) -> None:
     """Cancel a run: open shards are cancelled; running shards stop at their next batch."""
-    from difftpt_ops.services.runs import cancel_run
+    from difftpt_ops.services.running.runs import cancel_run
 
     result = cancel_run(engine_of(ctx), settings_of(ctx), parse_run_id(run))
     if as_json:

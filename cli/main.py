@@ -53,9 +53,8 @@ def db_upgrade(
     as_json: JsonOpt = False,
 ) -> None:
     """Apply the schema migrations to the database (any URL)."""
-    from difftpt_ops.db.session import check_connection, current_revision, get_engine, upgrade
-
     from difftpt_ops.core.errors import InputError
+    from difftpt_ops.db.session import check_connection, current_revision, get_engine, upgrade
 
     try:
         engine = get_engine(url or settings_of(ctx).database_url)
@@ -67,7 +66,7 @@ def db_upgrade(
     before = current_revision(engine)
     upgrade(engine)
     after = current_revision(engine)
-    from difftpt_ops.services.sql import ensure_reader_role
+    from difftpt_ops.services.reading.sql import ensure_reader_role
 
     if (note := ensure_reader_role(engine)) is not None:  # PostgreSQL: the role `sql` runs as
         typer.echo(f"warning: {note}", err=True)

@@ -61,7 +61,8 @@ def submit_features(
 ) -> None:
     """Encode a dataset's views once into the feature store (a sharded run on the `tune` queue); later runs
     of any method with the same model, seed and views read them instead of running the image encoder."""
-    from difftpt_ops.services.features import check_views, submit_features as submit
+    from difftpt_ops.services.running.features import check_views
+    from difftpt_ops.services.running.features import submit_features as submit
 
     check_views(views)  # before any database or model work
     settings = settings_of(ctx)

@@ -58,7 +58,7 @@ def results(ctx: typer.Context, run: RunArg,
             by_class: Annotated[bool, typer.Option("--by-class", help="Accuracy per class.")] = False,
             as_json: JsonOpt = False, as_csv: CsvOpt = False) -> None:
     """Top-1, top-5, zero-shot top-1 on the same samples, gain, ECE, progress and time per sample."""
-    from difftpt_ops.services.results import run_results
+    from difftpt_ops.services.reading.results import run_results
 
     _one_format(as_json, as_csv)
     payload = run_results(engine_of(ctx), run, by_class=by_class)
@@ -86,7 +86,7 @@ def compare(ctx: typer.Context,
             run_b: Annotated[int, typer.Argument(metavar="RUN_B", help="Second run id.")],
             as_json: JsonOpt = False) -> None:
     """Paired comparison on the samples both runs finished: 2x2 counts, difference with 95% CI, McNemar p."""
-    from difftpt_ops.services.results import compare_runs
+    from difftpt_ops.services.reading.results import compare_runs
 
     payload = compare_runs(engine_of(ctx), run_a, run_b)
     if as_json:
@@ -134,7 +134,7 @@ def export(ctx: typer.Context, run: RunArg,
                                                        help="File to write (default: ./run-RUN.FORMAT).")] = None,
            as_json: JsonOpt = False) -> None:
     """Write the run's per-sample predictions (with paths and class names) to Parquet or CSV."""
-    from difftpt_ops.services.results import EXPORT_FORMATS, export_run
+    from difftpt_ops.services.reading.results import EXPORT_FORMATS, export_run
 
     if format not in EXPORT_FORMATS:
         raise InputError("--format", format, f"must be one of {', '.join(EXPORT_FORMATS)}")
@@ -152,7 +152,7 @@ def sql(ctx: typer.Context,
         timeout: Annotated[float, typer.Option("--timeout", help="Cancel the query after this many seconds.")] = 60.0,
         ) -> None:
     """Run one read-only query (views: run_summary, run_class_accuracy, prediction_detail, run_pair_comparison)."""
-    from difftpt_ops.services.sql import check_limits, run_readonly_sql
+    from difftpt_ops.services.reading.sql import check_limits, run_readonly_sql
 
     _one_format(as_json, as_csv)
     check_limits(timeout, max_rows)  # before opening the database: a bad option creates nothing
@@ -173,7 +173,7 @@ def mlflow_sync(ctx: typer.Context,
                                                           help="Run id (default: every run marked for sync).")] = None,
                 as_json: JsonOpt = False) -> None:
     """Log to MLflow what it missed: params, running top-1, final metrics, artifacts, status. Idempotent."""
-    from difftpt_ops.services.reporting import sync_runs
+    from difftpt_ops.services.reading.reporting import sync_runs
 
     settings = settings_of(ctx)
     outcomes = sync_runs(engine_of(ctx), settings, run)

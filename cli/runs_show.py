@@ -40,7 +40,7 @@ def runs_show(ctx: typer.Context, run: str = typer.Argument(..., metavar="RUN", 
       difftpt-ops runs show 3 --json | jq .shard_provenance
     """
     from cli.jobs import parse_run_id
-    from difftpt_ops.services.runs import show_run
+    from difftpt_ops.services.running.status import show_run
 
     result = show_run(engine_of(ctx), parse_run_id(run))
     if as_json:

@@ -21,7 +21,7 @@ ListSweepOpt = Annotated[int | None, typer.Option(
 def submit_grid(engine: Any, settings: Any, *, grid_items: list[str] | None, seeds: str | None, confirmed: bool,
                 as_json: bool, **submit_args: Any) -> None:
     """Plan the grid, submit a run per point (each attaches to an existing run with its spec), print the sweep."""
-    from difftpt_ops.services.sweeps import parse_seeds, parse_sweep, submit_sweep
+    from difftpt_ops.services.running.sweeps import parse_seeds, parse_sweep, submit_sweep
 
     result = submit_sweep(engine, settings, grid=parse_sweep(grid_items), seeds=parse_seeds(seeds),
                           confirmed=confirmed, **submit_args)
@@ -41,7 +41,7 @@ def _point_text(point: dict[str, Any]) -> str:
 
 def with_groups(engine: Any, runs: list[dict[str, Any]], sweep: int | None) -> list[dict[str, Any]]:
     """Add each run's sweeps and grid point; with `sweep`, keep only its runs, ordered by grid point."""
-    from difftpt_ops.services.sweeps import sweep_run_ids, sweeps_of_runs
+    from difftpt_ops.services.reading.groups import sweep_run_ids, sweeps_of_runs
 
     if sweep is not None:
         keep = set(sweep_run_ids(engine, sweep))

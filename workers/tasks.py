@@ -17,8 +17,8 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from celery import Celery, signals
 from amqp.exceptions import AMQPError
+from celery import Celery, signals
 from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 
@@ -139,9 +139,10 @@ def worker_gpu() -> str | None:
           retry_jitter=True, max_retries=None)
 def execute_shard(self: Any, shard_id: int) -> str:
     """Run one shard; a shard to retry (or interrupted by shutdown) is sent again."""
-    from difftpt_ops.services.executor import ShardTicket, WorkerIdentity
-    from difftpt_ops.services.shards import Outcome
-    from difftpt_ops.services.shards import execute_shard as run_shard
+    from difftpt_ops.services.running.dispatch import ShardTicket
+    from difftpt_ops.services.running.leases import WorkerIdentity
+    from difftpt_ops.services.running.outcomes import Outcome
+    from difftpt_ops.services.running.shards import execute_shard as run_shard
 
     settings, engine = _settings_and_engine()
     identity = WorkerIdentity(name=self.request.hostname or f"celery@{socket.gethostname()}", gpu=worker_gpu())
@@ -162,7 +163,7 @@ class _StaleShardCheck(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        from difftpt_ops.services.executor import requeue_lost_messages, requeue_stale_shards
+        from difftpt_ops.services.running.dispatch import requeue_lost_messages, requeue_stale_shards
 
         interval = 30.0
         missing_since: dict[int, float] = {}  # queued shards the broker did not hold at the last look
@@ -201,7 +202,7 @@ def _start_stale_check(**_: Any) -> None:
 @signals.worker_shutting_down.connect
 def _stop_shards(**_: Any) -> None:
     """Warm shutdown: the running shard stores its finished samples, is re-queued, and the task returns."""
-    shards = sys.modules.get("difftpt_ops.services.shards")  # not imported: no shard has run here
-    if shards is not None:
-        shards.request_stop()
+    outcomes = sys.modules.get("difftpt_ops.services.running.outcomes")  # not imported: no shard has run here
+    if outcomes is not None:
+        outcomes.request_stop()
     _stale_check.stopped.set()

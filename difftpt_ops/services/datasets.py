@@ -288,7 +288,7 @@ def describe_dataset(engine: Engine, ref: str, *, max_failed: int = 100) -> dict
     Raises:
         NotFoundError: no such dataset or version.
     """
-    from difftpt_ops.services.features import dataset_store_size
+    from difftpt_ops.services.reading.store import dataset_store_size
 
     with session_scope(engine) as session:
         dataset, version = resolve_dataset_version(session, ref)

@@ -84,9 +84,9 @@ def run_demo(settings: Settings, engine: Engine, *, echo: Echo, progress: Callab
     Running it again attaches to the stored runs and does no work twice.
     """
     from difftpt_ops.models.tiny import CLIP_SUBDIR, DIFFUSION_SUBDIR
-    from difftpt_ops.services.features import run_feature_counts
-    from difftpt_ops.services.results import compare_runs, run_results
-    from difftpt_ops.services.runs import submit_generate, submit_tune
+    from difftpt_ops.services.reading.results import compare_runs, run_results
+    from difftpt_ops.services.reading.store import run_feature_counts
+    from difftpt_ops.services.running.runs import submit_generate, submit_tune
 
     plan = plan or DemoPlan()
     silence_library_progress_bars()  # the demo prints its own steps; per-file bars would bury them

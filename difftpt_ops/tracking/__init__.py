@@ -1,6 +1,6 @@
 """MLflow tracking: a thin client wrapper (mlflow_tracker) and matplotlib figures (plots).
 
-Never imports the database; services/reporting.py decides what is logged. `mlflow` and `matplotlib`
+Never imports the database; services/reading/reporting.py decides what is logged. `mlflow` and `matplotlib`
 are imported inside functions so importing this package is free.
 """
 

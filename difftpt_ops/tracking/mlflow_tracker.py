@@ -1,6 +1,6 @@
 """A thin, idempotent layer over MlflowClient: experiments, runs found by tag, batched logging.
 
-Knows nothing about our database; services/reporting.py decides what to log. `mlflow` is imported
+Knows nothing about our database; services/reading/reporting.py decides what to log. `mlflow` is imported
 lazily (about 2 s) so the CLI stays fast for commands that do not track.
 """
 

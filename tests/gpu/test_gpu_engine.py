@@ -7,7 +7,6 @@ Skipped without CUDA (tests/conftest.py). Run on a GPU machine with `python -m p
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from torch import Tensor

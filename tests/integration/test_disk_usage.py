@@ -8,7 +8,7 @@ import pytest
 
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import ViewFeatures
-from difftpt_ops.services.disk import run_disk_usage
+from difftpt_ops.services.reading.disk import run_disk_usage
 from difftpt_ops.storage.artifacts import ArtifactStore
 from tests.factories import make_dataset_version, make_generated_images, make_generation_config, make_run, samples_of
 from tests.integration.test_jobs_support import make_settings, open_engine

@@ -26,8 +26,10 @@ from difftpt_ops.core.specs import method_spec_from  # noqa: E402
 from difftpt_ops.db.session import session_scope  # noqa: E402
 from difftpt_ops.db.tables import GeneratedImage, Prediction, Run, ViewFeatures  # noqa: E402
 from difftpt_ops.models.clip import LoadedClip  # noqa: E402
-from difftpt_ops.services import reporting, runs, shards, tuning  # noqa: E402
-from difftpt_ops.services.features import FeatureCache, model_fingerprint_of  # noqa: E402
+from difftpt_ops.services.reading import reporting  # noqa: E402
+from difftpt_ops.services.running import contexts, processors, runs  # noqa: E402
+from difftpt_ops.services.running.features import FeatureCache, model_fingerprint_of  # noqa: E402
+from difftpt_ops.services.running.status import list_runs, run_status  # noqa: E402
 from difftpt_ops.storage.features import FeatureFiles, StoredFeatures, model_fingerprint  # noqa: E402
 from difftpt_ops.tta import prepare_classifier  # noqa: E402
 from difftpt_ops.tta.methods import get_method, method_names  # noqa: E402
@@ -282,14 +284,15 @@ def test_features_run_fills_the_store_and_tune_runs_read_it(tiny_models_dir: Pat
                                                            database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(reporting, "report_progress", lambda *_: None)
     monkeypatch.setattr(reporting, "report_finished", lambda *_: None)
-    monkeypatch.setattr(shards, "_next_report", {})
-    tuning.clear_caches()
+    monkeypatch.setattr(reporting, "_next_report", {})
+    contexts.clear_caches()
     settings = make_settings(workspace, database_url, device="cpu", mlflow_tracking_uri="none")
     engine = open_engine(settings)
     root = tmp_path / "images"
     add_dataset(engine, "pics", 3, root=root, classes=2, relpaths=_pictures(root, 3))
     model = str(tiny_models_dir / "clip")
-    from difftpt_ops.services.features import store_size, submit_features
+    from difftpt_ops.services.reading.store import store_size
+    from difftpt_ops.services.running.features import submit_features
 
     filled = submit_features(engine, settings, dataset_ref="pics", model=model, pretrained=None, views="tpt")
     assert (filled.kind, filled.state) == ("features", "finished")
@@ -307,10 +310,10 @@ def test_features_run_fills_the_store_and_tune_runs_read_it(tiny_models_dir: Pat
     assert [r[:4] for r in read] == [r[:4] for r in fresh]
     assert [r[-2:] for r in _predictions(engine, zeroshot.run_id)] == [(0, 1)] * 3
     assert store_size(engine)["entries"] == 3  # nothing new was stored: every run read
-    listed = {r["run_id"]: r for r in runs.list_runs(engine)}
+    listed = {r["run_id"]: r for r in list_runs(engine)}
     assert (listed[tpt.run_id]["views_encoded"], listed[tpt.run_id]["views_read"]) == (0, 3 * 64)
     assert (listed[recompute.run_id]["views_encoded"], listed[recompute.run_id]["views_read"]) == (3 * 64, 0)
-    status = runs.run_status(engine, settings, zeroshot.run_id)[0]
+    status = run_status(engine, settings, zeroshot.run_id)[0]
     assert (status["views_encoded"], status["views_read"]) == (0, 3)
     from difftpt_ops.services.datasets import describe_dataset
 
@@ -326,8 +329,8 @@ def test_seed_draws_the_random_context(tiny_models_dir: Path, workspace: Path, t
     """With ctx_init none the run's seed initialises the context: two seeds, two contexts; one seed, one."""
     monkeypatch.setattr(reporting, "report_progress", lambda *_: None)
     monkeypatch.setattr(reporting, "report_finished", lambda *_: None)
-    monkeypatch.setattr(shards, "_next_report", {})
-    tuning.clear_caches()
+    monkeypatch.setattr(reporting, "_next_report", {})
+    contexts.clear_caches()
     settings = make_settings(workspace, f"sqlite:///{workspace / 'difftpt.db'}", device="cpu",
                              mlflow_tracking_uri="none")
     engine = open_engine(settings)
@@ -338,16 +341,16 @@ def test_seed_draws_the_random_context(tiny_models_dir: Path, workspace: Path, t
     for seed in (0, 1):
         runs.submit_tune(engine, settings, dataset_ref="pics", method="tpt", model=model, pretrained=None,
                          overrides=overrides, seed=seed)
-    contexts = [value.learner.ctx_init for key, value in tuning._MODELS._items.items() if key[0] == "tuner"]
-    assert len(contexts) == 2 and not torch.equal(contexts[0], contexts[1])
-    width = contexts[0].shape[1]
+    inits = [value.learner.ctx_init for key, value in processors.MODELS._items.items() if key[0] == "tuner"]
+    assert len(inits) == 2 and not torch.equal(inits[0], inits[1])
+    width = inits[0].shape[1]
     expected = torch.randn(4, width, generator=torch.Generator().manual_seed(1)) * 0.02
-    assert torch.equal(contexts[1].cpu(), expected)
+    assert torch.equal(inits[1].cpu(), expected)
 
 
 def test_store_counts_are_the_rows(clip: LoadedClip, workspace: Path, tmp_path: Path) -> None:
     settings, engine, data, _ = _setup(workspace, f"sqlite:///{workspace / 'difftpt.db'}", tmp_path)
-    from difftpt_ops.services.features import store_size
+    from difftpt_ops.services.reading.store import store_size
 
     assert store_size(engine) == {"entries": 0, "bytes": 0, "views": 0}
     tuner = prepare_classifier(clip, CLASS_NAMES, method_spec_from("tpt", SMALL_TPT))

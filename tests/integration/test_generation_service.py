@@ -18,7 +18,7 @@ from difftpt_ops.data.images import hash_file
 from difftpt_ops.db.session import get_engine, session_scope, upgrade
 from difftpt_ops.db.tables import Dataset, DatasetVersion, GeneratedImage, GenerationConfig, Sample
 from difftpt_ops.models.tiny_diffusion import TINY_SIZE, make_tiny_variation_pipeline
-from difftpt_ops.services import generation
+from difftpt_ops.services.running import generation
 from difftpt_ops.storage.artifacts import TEMP_SUFFIX, ArtifactStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]

@@ -126,7 +126,7 @@ def test_embedded_submit_exits_1_when_the_run_ends_failed() -> None:
     import typer
 
     from cli.jobs import _print_submit
-    from difftpt_ops.services.runs import SubmitResult
+    from difftpt_ops.services.running.runs import SubmitResult
 
     fields = {name: None for name in SubmitResult.__dataclass_fields__}
     base = {**fields, "run_id": 3, "created": True, "kind": "tune", "method": "tpt", "num_samples": 4,

@@ -10,8 +10,8 @@ from PIL import Image
 from sqlalchemy.engine import Engine
 
 from difftpt_ops.config import Settings
-from difftpt_ops.services import runs
-from difftpt_ops.services.executor import requeue_lost_messages
+from difftpt_ops.services.running import runs
+from difftpt_ops.services.running.dispatch import requeue_lost_messages
 from tests.integration.test_hardening_support import PrivateRedis, private_redis
 from tests.integration.test_jobs_support import (
     add_dataset,

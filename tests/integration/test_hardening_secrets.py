@@ -85,5 +85,5 @@ def test_passwords_stay_out_of_outputs_and_logs(tmp_path: Path, postgres_url: st
     for password in (db_pw, broker_pw, mlflow_pw, wrong_pw):
         assert password not in everything, everything
     # The URLs were printed, masked: the check above is not passing because nothing was said.
-    assert f"http://tracker:***@127.0.0.1" in everything and "postgres:***@127.0.0.1:1" in everything
+    assert "http://tracker:***@127.0.0.1" in everything and "postgres:***@127.0.0.1:1" in everything
     assert "mlflow sync -> 1" in everything and "$ demo -> 2" in everything

@@ -20,8 +20,8 @@ from typer.testing import CliRunner
 from difftpt_ops.config import load_settings
 from difftpt_ops.core.errors import InputError
 from difftpt_ops.db.session import get_engine, session_scope, upgrade
-from difftpt_ops.services import sql as sql_service
-from difftpt_ops.services.sql import READER_ROLE, ensure_reader_role, execute_readonly, run_readonly_sql
+from difftpt_ops.services.reading import sql as sql_service
+from difftpt_ops.services.reading.sql import READER_ROLE, ensure_reader_role, execute_readonly, run_readonly_sql
 from tests.conftest import POSTGRES_ADMIN_URL
 from tests.factories import make_dataset_version, make_predictions, make_run
 
@@ -68,7 +68,7 @@ def bypass_strings(marker: Path, secret: Path) -> list[str]:
         "RESET ROLE",
         "SET SESSION AUTHORIZATION postgres",
         "SET SESSION AUTHORIZATION DEFAULT",
-        f"SELECT 1 --\rRESET ROLE",
+        "SELECT 1 --\rRESET ROLE",
         "WITH gone AS (DELETE FROM predictions RETURNING 1) SELECT count(*) FROM gone",
         "SELECT * INTO stolen FROM runs",
         "CREATE TABLE stolen AS SELECT * FROM runs",

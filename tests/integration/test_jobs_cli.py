@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import Run
-from difftpt_ops.services import reporting, shards
+from difftpt_ops.services.reading import reporting
 from tests.integration.test_jobs_support import add_dataset, make_settings, open_engine
 
 pytestmark = pytest.mark.integration
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 def engine(cli_env: dict[str, str], workspace: Path, database_url: str, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     monkeypatch.setattr(reporting, "report_progress", lambda *_: None)
     monkeypatch.setattr(reporting, "report_finished", lambda *_: None)
-    monkeypatch.setattr(shards, "_next_report", {})
+    monkeypatch.setattr(reporting, "_next_report", {})
     engine = open_engine(make_settings(workspace, database_url))
     add_dataset(engine, "toy", 30, failed=[4])
     return engine

@@ -9,7 +9,9 @@ import pytest
 
 from difftpt_ops.core.errors import InputError
 from difftpt_ops.db.tables import Prediction
-from difftpt_ops.services import reporting, runs, shards, tuning
+from difftpt_ops.services.reading import reporting
+from difftpt_ops.services.running import contexts, leases, outcomes, processors, runs, shards
+from difftpt_ops.services.running.status import run_status
 from tests.integration.test_jobs_support import (
     add_dataset,
     count,
@@ -31,8 +33,8 @@ def reports(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
     calls: dict[str, list[int]] = {"progress": [], "finished": []}
     monkeypatch.setattr(reporting, "report_progress", lambda _e, _s, run_id: calls["progress"].append(run_id))
     monkeypatch.setattr(reporting, "report_finished", lambda _e, _s, run_id: calls["finished"].append(run_id))
-    monkeypatch.setattr(shards, "_next_report", {})
-    monkeypatch.setattr(shards, "PROGRESS_REPORT_INTERVAL_S", 0.0)
+    monkeypatch.setattr(reporting, "_next_report", {})
+    monkeypatch.setattr(reporting, "PROGRESS_REPORT_INTERVAL_S", 0.0)
     return calls
 
 
@@ -40,10 +42,10 @@ def reports(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
 def env(workspace: Path, database_url: str, reports: dict[str, list[int]], monkeypatch: pytest.MonkeyPatch,
         tmp_path: Path) -> dict[str, Any]:
     trace = tmp_path / "trace.txt"
-    monkeypatch.setenv(tuning.NOOP_TRACE_ENV, str(trace))
+    monkeypatch.setenv(processors.NOOP_TRACE_ENV, str(trace))
     settings = make_settings(workspace, database_url)
     engine = open_engine(settings)
-    tuning.clear_caches()
+    contexts.clear_caches()
     return {"settings": settings, "engine": engine, "trace": trace, "reports": reports}
 
 
@@ -90,7 +92,7 @@ def test_failed_samples_are_recorded_and_the_shard_goes_on(env: dict[str, Any]) 
     assert sorted(e.sample_index for e in errors) == [3, 17] and "cannot decode" in errors[0].error
     assert count(env["engine"], Prediction, result.run_id) == 38
     assert 3 not in read_trace(env["trace"])  # never fed to the method
-    status = runs.run_status(env["engine"], env["settings"], result.run_id)[0]
+    status = run_status(env["engine"], env["settings"], result.run_id)[0]
     assert (status["done"], status["failed"], status["pending"]) == (38, 2, 0)
 
 
@@ -98,23 +100,23 @@ def test_a_failing_shard_retries_then_fails_and_resume_finishes_it(env: dict[str
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """An unexpected error retries the shard up to shard_max_attempts, then fails it with its traceback."""
     add_dataset(env["engine"], "toy", 48)
-    monkeypatch.setattr(shards, "RETRY_BACKOFF_S", 0.0)
-    original = tuning.NoopProcessor.process
+    monkeypatch.setattr(outcomes, "RETRY_BACKOFF_S", 0.0)
+    original = processors.NoopProcessor.process
 
-    def broken(self: tuning.NoopProcessor, sample: Any) -> Any:
+    def broken(self: processors.NoopProcessor, sample: Any) -> Any:
         if sample.index == 20:
             raise RuntimeError("injected failure")
         return original(self, sample)
 
-    monkeypatch.setattr(tuning.NoopProcessor, "process", broken)
+    monkeypatch.setattr(processors.NoopProcessor, "process", broken)
     result = _submit(env)
     assert result.state == "failed"
     failed = [s for s in shard_rows(env["engine"], result.run_id) if s.state == "failed"]
     assert len(failed) == 1 and failed[0].attempts == 3 and "RuntimeError: injected failure" in failed[0].error
     assert failed[0].samples_done == 0 and count(env["engine"], Prediction, result.run_id) == 32
-    status = runs.run_status(env["engine"], env["settings"], result.run_id)[0]
+    status = run_status(env["engine"], env["settings"], result.run_id)[0]
     assert status["failed_shards"][0]["shard"] == failed[0].index
-    monkeypatch.setattr(tuning.NoopProcessor, "process", original)
+    monkeypatch.setattr(processors.NoopProcessor, "process", original)
     resumed = runs.resume_run(env["engine"], env["settings"], result.run_id)
     assert resumed.state == "finished" and count(env["engine"], Prediction, result.run_id) == 48
 
@@ -122,16 +124,16 @@ def test_a_failing_shard_retries_then_fails_and_resume_finishes_it(env: dict[str
 def test_ctrl_c_leaves_a_run_that_resume_finishes(env: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """KeyboardInterrupt keeps finished samples; resume does the rest without redoing them."""
     add_dataset(env["engine"], "toy", 64)
-    original = tuning.NoopProcessor.process
+    original = processors.NoopProcessor.process
     state = {"interrupted": False}
 
-    def interrupt_once(self: tuning.NoopProcessor, sample: Any) -> Any:
+    def interrupt_once(self: processors.NoopProcessor, sample: Any) -> Any:
         if sample.index == 37 and not state["interrupted"]:
             state["interrupted"] = True
             raise KeyboardInterrupt
         return original(self, sample)
 
-    monkeypatch.setattr(tuning.NoopProcessor, "process", interrupt_once)
+    monkeypatch.setattr(processors.NoopProcessor, "process", interrupt_once)
     with pytest.raises(KeyboardInterrupt):
         _submit(env)
     run_id = 1
@@ -156,7 +158,7 @@ def test_cancel_and_duplicate_deliveries(env: dict[str, Any]) -> None:
                               dispatcher=dispatcher)
     assert dispatcher.checked == 1 and [t.queue for t in dispatcher.tickets] == ["tune"] * 3
     assert {s.state for s in shard_rows(env["engine"], result.run_id)} == {"queued"}
-    worker = shards.WorkerIdentity("test@host")
+    worker = leases.WorkerIdentity("test@host")
     first = dispatcher.tickets[0].shard_id
     assert shards.execute_shard(env["engine"], settings, first, identity=worker).outcome == "done"
     assert shards.execute_shard(env["engine"], settings, first, identity=worker).outcome == "skipped"
@@ -183,16 +185,16 @@ def test_cancel_stops_a_running_shard_at_its_next_batch(env: dict[str, Any], mon
     settings = make_settings(env["settings"].workspace, env["settings"].database_url, broker_url="redis://x:1/0")
     dispatcher = RecordingDispatcher()
     result = runs.submit_tune(env["engine"], settings, dataset_ref="toy", method="noop", dispatcher=dispatcher)
-    original = tuning.NoopProcessor.process
+    original = processors.NoopProcessor.process
 
-    def cancel_midway(self: tuning.NoopProcessor, sample: Any) -> Any:
+    def cancel_midway(self: processors.NoopProcessor, sample: Any) -> Any:
         if sample.index == 5:
             runs.cancel_run(env["engine"], settings, result.run_id)
         return original(self, sample)
 
-    monkeypatch.setattr(tuning.NoopProcessor, "process", cancel_midway)
+    monkeypatch.setattr(processors.NoopProcessor, "process", cancel_midway)
     outcome = shards.execute_shard(env["engine"], settings, dispatcher.tickets[0].shard_id,
-                                   identity=shards.WorkerIdentity("test@host"))
+                                   identity=leases.WorkerIdentity("test@host"))
     assert outcome.outcome == "lost" and count(env["engine"], Prediction, result.run_id) == 0
     assert run_state(env["engine"], result.run_id) == "cancelled"
 
@@ -207,16 +209,16 @@ def test_stale_and_dead_workers_lose_their_shards(env: dict[str, Any]) -> None:
     dispatcher = RecordingDispatcher()
     result = runs.submit_tune(env["engine"], settings, dataset_ref="toy", method="noop", shard_size=16,
                               dispatcher=dispatcher)
-    alive = shards.WorkerIdentity("alive@host")
-    dead = shards.WorkerIdentity("dead@host", pid=2**22 + 12345)  # above the default pid_max: never a live pid
+    alive = leases.WorkerIdentity("alive@host")
+    dead = leases.WorkerIdentity("dead@host", pid=2**22 + 12345)  # above the default pid_max: never a live pid
     ids = [t.shard_id for t in dispatcher.tickets]
     assert shards.claim_shard(env["engine"], settings, ids[0], alive) is not None
     assert shards.claim_shard(env["engine"], settings, ids[1], dead) is not None
     assert shards.claim_shard(env["engine"], settings, ids[0], dead) is None  # fresh heartbeat, live worker
-    assert runs.run_status(env["engine"], settings, result.run_id)[0]["workers"] == [
+    assert run_status(env["engine"], settings, result.run_id)[0]["workers"] == [
         {"worker": "alive@host", "gpu": None, "shard": 0}]
     dispatcher.tickets.clear()
-    from difftpt_ops.services.executor import requeue_stale_shards
+    from difftpt_ops.services.running.dispatch import requeue_stale_shards
 
     assert requeue_stale_shards(env["engine"], settings, dispatcher) == 1
     assert [t.shard_id for t in dispatcher.tickets] == [ids[1]]
@@ -233,7 +235,7 @@ def test_periodic_check_finalizes_a_run_whose_last_worker_died(env: dict[str, An
 
     from difftpt_ops.db.session import session_scope
     from difftpt_ops.db.tables import Run
-    from difftpt_ops.services.executor import requeue_stale_shards
+    from difftpt_ops.services.running.dispatch import requeue_stale_shards
     from tests.integration.test_jobs_support import RecordingDispatcher
 
     add_dataset(env["engine"], "toy", 20, failed=[2])

@@ -3,17 +3,17 @@ the generated images; model loading is cached per process."""
 
 from __future__ import annotations
 
-from sqlalchemy import select
-
 from pathlib import Path
 
 import pytest
 from PIL import Image
+from sqlalchemy import select
 
 from difftpt_ops.core.errors import InputError
 from difftpt_ops.core.specs import GenerationSpec
 from difftpt_ops.db.tables import Prediction, ViewScore
-from difftpt_ops.services import reporting, runs, shards, tuning
+from difftpt_ops.services.reading import reporting
+from difftpt_ops.services.running import contexts, processors, runs
 from tests.integration.test_jobs_support import (
     add_dataset,
     count,
@@ -42,8 +42,8 @@ def test_generate_then_difftpt_on_tiny_models(workspace: Path, tmp_path: Path, t
     """A generation run makes the images once; a DiffTPT run finds and uses them; a missing file is a sample error."""
     monkeypatch.setattr(reporting, "report_progress", lambda *_: None)
     monkeypatch.setattr(reporting, "report_finished", lambda *_: None)
-    monkeypatch.setattr(shards, "_next_report", {})
-    tuning.clear_caches()
+    monkeypatch.setattr(reporting, "_next_report", {})
+    contexts.clear_caches()
     settings = make_settings(workspace, f"sqlite:///{workspace / 'difftpt.db'}", device="cpu")
     engine = open_engine(settings)
     root = tmp_path / "images"
@@ -76,5 +76,5 @@ def test_generate_then_difftpt_on_tiny_models(workspace: Path, tmp_path: Path, t
 
     zeroshot = runs.submit_tune(engine, settings, dataset_ref="pics", method="zeroshot", model=clip, pretrained=None)
     assert zeroshot.state == "finished_with_failures" and count(engine, Prediction, zeroshot.run_id) == 3
-    clips = [key for key in tuning._MODELS._items if key[0] == "clip"]
+    clips = [key for key in processors.MODELS._items if key[0] == "clip"]
     assert len(clips) == 1  # one CLIP load served both runs

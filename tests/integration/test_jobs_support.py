@@ -229,9 +229,10 @@ def write_pngs(root: Path, n: int, *, classes: int = 2, size: int = 40) -> list[
 
 def quiet_run_machinery(monkeypatch: pytest.MonkeyPatch) -> None:
     """In-process runs without MLflow reporting, with fresh model caches and progress clocks."""
-    from difftpt_ops.services import reporting, shards, tuning
+    from difftpt_ops.services.reading import reporting
+    from difftpt_ops.services.running import contexts
 
     monkeypatch.setattr(reporting, "report_progress", lambda *_: None)
     monkeypatch.setattr(reporting, "report_finished", lambda *_: None)
-    monkeypatch.setattr(shards, "_next_report", {})
-    tuning.clear_caches()
+    monkeypatch.setattr(reporting, "_next_report", {})
+    contexts.clear_caches()

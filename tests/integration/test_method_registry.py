@@ -22,7 +22,8 @@ from difftpt_ops.core.specs import MethodSpec, ModelSpec, method_spec_from, requ
 from difftpt_ops.db.session import session_scope  # noqa: E402
 from difftpt_ops.db.tables import Prediction, Sample, ViewScore  # noqa: E402
 from difftpt_ops.models.clip import load_clip  # noqa: E402
-from difftpt_ops.services import reporting, runs, shards, tuning  # noqa: E402
+from difftpt_ops.services.reading import reporting  # noqa: E402
+from difftpt_ops.services.running import contexts, runs  # noqa: E402
 from difftpt_ops.tta.methods import (  # noqa: E402
     ForwardOnlyMethod,
     StepInputs,
@@ -91,8 +92,8 @@ def test_a_method_defined_in_a_test_module_runs_through_submit_tune(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(reporting, "report_progress", lambda *_: None)
     monkeypatch.setattr(reporting, "report_finished", lambda *_: None)
-    monkeypatch.setattr(shards, "_next_report", {})
-    tuning.clear_caches()
+    monkeypatch.setattr(reporting, "_next_report", {})
+    contexts.clear_caches()
     settings = make_settings(workspace, database_url, device="cpu", mlflow_tracking_uri="none")
     engine = open_engine(settings)
     root = tmp_path / "images"

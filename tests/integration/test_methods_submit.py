@@ -15,7 +15,8 @@ from difftpt_ops.core.specs import ModelSpec, method_spec_from
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import Prediction, ViewScore
 from difftpt_ops.models.clip import load_clip
-from difftpt_ops.services import reporting, runs, shards, tuning
+from difftpt_ops.services.reading import reporting
+from difftpt_ops.services.running import contexts, runs
 from difftpt_ops.tta import prepare_classifier
 from tests.integration.test_jobs_support import add_dataset, make_settings, open_engine
 
@@ -48,8 +49,8 @@ def test_method_runs_through_submit_tune(method: str, workspace: Path, database_
                                          tiny_models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(reporting, "report_progress", lambda *_: None)
     monkeypatch.setattr(reporting, "report_finished", lambda *_: None)
-    monkeypatch.setattr(shards, "_next_report", {})
-    tuning.clear_caches()
+    monkeypatch.setattr(reporting, "_next_report", {})
+    contexts.clear_caches()
     settings = make_settings(workspace, database_url, device="cpu")
     engine = open_engine(settings)
     root = tmp_path / "images"

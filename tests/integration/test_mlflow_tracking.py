@@ -24,8 +24,8 @@ from difftpt_ops.config import Settings, load_settings
 from difftpt_ops.core.specs import flatten
 from difftpt_ops.db.session import get_engine, session_scope, upgrade
 from difftpt_ops.db.tables import DatasetVersion, Run
-from difftpt_ops.services import reporting
-from difftpt_ops.services.results import run_results
+from difftpt_ops.services.reading import reporting
+from difftpt_ops.services.reading.results import run_results
 from difftpt_ops.storage.artifacts import ArtifactStore, encode_png
 from difftpt_ops.tracking.mlflow_tracker import MlflowTracker, param_value
 from tests.factories import (

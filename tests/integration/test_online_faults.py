@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from difftpt_ops.db.tables import Prediction
-from difftpt_ops.services import runs, tuning
+from difftpt_ops.services.running import contexts, runs
 from tests.integration.test_jobs_support import (
     REPO_ROOT,
     count,
@@ -47,7 +47,7 @@ def _submit_args(clip: Path) -> dict[str, object]:
 def _reference(tmp_path: Path, clip: Path):  # type: ignore[no-untyped-def]
     settings, engine = online_settings(tmp_path / "ref", f"sqlite:///{tmp_path / 'ref.db'}")
     image_dataset(engine, tmp_path / "images", n=SAMPLES)
-    tuning.clear_caches()
+    contexts.clear_caches()
     return engine, settings, runs.submit_tune(engine, settings, **_submit_args(clip)).run_id
 
 
@@ -77,7 +77,7 @@ def _kill_at_random_points(start: Callable[[], Callable[[], None]], engine, run_
 _DRIVER = """
 import sys
 from difftpt_ops.config import load_settings
-from difftpt_ops.services import runs
+from difftpt_ops.services.running import runs
 from difftpt_ops.services.workspace import open_database
 settings = load_settings()
 engine = open_database(settings, auto_upgrade=False)
@@ -120,7 +120,7 @@ def test_kill_9_embedded_three_times_then_resume_is_exact(workspace: Path, datab
 
     seed = random.randrange(1 << 30)
     _kill_at_random_points(start, engine, the_run, random.Random(seed))
-    tuning.clear_caches()
+    contexts.clear_caches()
     final = runs.submit_tune(engine, settings, **_submit_args(clip))
     assert final.state == "finished", f"seed {seed}"
     assert count(engine, Prediction, final.run_id) == distinct_predictions(engine, final.run_id) == SAMPLES

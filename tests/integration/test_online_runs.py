@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import OnlineCheckpoint, Prediction
-from difftpt_ops.services import online, runs, shards, tuning
-from difftpt_ops.services.executor import WorkerIdentity
+from difftpt_ops.services.running import contexts, online, outcomes, runs, shards
+from difftpt_ops.services.running.leases import WorkerIdentity
 from tests.integration.test_jobs_support import RecordingDispatcher, count, distinct_predictions, shard_rows
 from tests.integration.test_online_support import (
     N_SAMPLES,
@@ -47,7 +47,7 @@ def reference(tmp_path: Path, tiny_models_dir: Path):  # type: ignore[no-untyped
             done[(method, order_seed)] = result.run_id
         return engine, settings, done[(method, order_seed)]
 
-    tuning.clear_caches()
+    contexts.clear_caches()
     return get
 
 
@@ -93,7 +93,7 @@ def test_a_damaged_checkpoint_is_detected_and_the_previous_one_used(workspace: P
         path = online.checkpoint_store(settings).path(newest.artifact_key)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    tuning.clear_caches()
+    contexts.clear_caches()
     online._in_memory.clear()  # another process: the state must come from the files
     assert [d is None for _, d in online.shard_checkpoints(engine, settings, first.run_id)] == [False, False, True]
     rest = _submit(engine, settings, tiny_models_dir / "clip")
@@ -127,13 +127,13 @@ def test_the_chain_gate_lets_one_link_run_at_a_time(workspace: Path, database_ur
     links = shard_rows(engine, planned.run_id)
     assert sorted(t.shard_id for t in dispatcher.tickets) == [s.id for s in links]  # a broker submit sends all
     identity = WorkerIdentity(name="test")
-    assert shards.execute_shard(engine, settings, links[1].id, identity=identity).outcome == shards.Outcome.SKIPPED
+    assert shards.execute_shard(engine, settings, links[1].id, identity=identity).outcome == outcomes.Outcome.SKIPPED
     assert online.claim_chained(engine, settings, links[2].id, identity) is None
     first = shards.execute_shard(engine, settings, links[0].id, identity=identity)
-    assert first.outcome == shards.Outcome.DONE
+    assert first.outcome == outcomes.Outcome.DONE
     assert [t.shard_id for t in first.follow_up] == [links[1].id]
     assert [s.state for s in shard_rows(engine, planned.run_id)] == ["done", "queued", "queued"]
-    assert shards.execute_shard(engine, settings, links[2].id, identity=identity).outcome == shards.Outcome.SKIPPED
+    assert shards.execute_shard(engine, settings, links[2].id, identity=identity).outcome == outcomes.Outcome.SKIPPED
     second = shards.execute_shard(engine, settings, links[1].id, identity=identity)
     assert [t.shard_id for t in second.follow_up] == [links[2].id]
 

@@ -12,7 +12,7 @@ from sqlalchemy.engine import Engine
 from difftpt_ops.config import Settings
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import Prediction
-from difftpt_ops.services import online
+from difftpt_ops.services.running import online
 from tests.integration.test_jobs_support import add_dataset, make_settings, open_engine
 
 N_SAMPLES = 18

@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from difftpt_ops.core.errors import InputError, NotFoundError
 from difftpt_ops.db.session import get_engine, session_scope, upgrade
-from difftpt_ops.services import stats
-from difftpt_ops.services.results import compare_runs, export_run, run_results
+from difftpt_ops.services.reading import stats
+from difftpt_ops.services.reading.results import compare_runs, export_run, run_results
 from tests.conftest import scratch_database
 from tests.factories import (
     make_dataset_version,

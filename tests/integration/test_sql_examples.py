@@ -15,8 +15,8 @@ import pytest
 from difftpt_ops.data.demo_photos import write_demo_dataset
 from difftpt_ops.services import demo
 from difftpt_ops.services.datasets import register_dataset
-from difftpt_ops.services.runs import submit_generate, submit_tune
-from difftpt_ops.services.sql import ensure_reader_role, run_readonly_sql
+from difftpt_ops.services.reading.sql import ensure_reader_role, run_readonly_sql
+from difftpt_ops.services.running.runs import submit_generate, submit_tune
 from tests.integration.test_jobs_support import make_settings, open_engine
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres, pytest.mark.slow]

@@ -12,7 +12,12 @@ from typer.testing import CliRunner
 
 from difftpt_ops.core.errors import InputError
 from difftpt_ops.db.session import get_engine, session_scope, upgrade
-from difftpt_ops.services.sql import check_readonly_query, ensure_reader_role, execute_readonly, run_readonly_sql
+from difftpt_ops.services.reading.sql import (
+    check_readonly_query,
+    ensure_reader_role,
+    execute_readonly,
+    run_readonly_sql,
+)
 from tests.conftest import scratch_database
 from tests.factories import make_dataset_version, make_predictions, make_run
 

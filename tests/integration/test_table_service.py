@@ -16,7 +16,7 @@ from sqlalchemy.engine import Engine
 from difftpt_ops.core.errors import InputError
 from difftpt_ops.db.session import get_engine, session_scope, upgrade
 from difftpt_ops.db.tables import DatasetVersion, Run
-from difftpt_ops.services.table import (
+from difftpt_ops.services.reading.table import (
     AVERAGES,
     TableQuery,
     build_table,

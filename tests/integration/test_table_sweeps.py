@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 from cli.main import app
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import Run, Sweep, SweepRun
-from difftpt_ops.services import shards
-from difftpt_ops.services.sweeps import grid_points, parse_seeds, parse_sweep
+from difftpt_ops.services.reading import reporting
+from difftpt_ops.services.running.sweeps import grid_points, parse_seeds, parse_sweep
 from tests.integration.test_jobs_support import add_dataset, make_settings, open_engine
 
 pytestmark = pytest.mark.integration
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def engine(cli_env: dict[str, str], workspace: Path, database_url: str, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     monkeypatch.setenv("DIFFTPT_OPS_MLFLOW_TRACKING_URI", "none")
-    monkeypatch.setattr(shards, "_next_report", {})
+    monkeypatch.setattr(reporting, "_next_report", {})
     engine = open_engine(make_settings(workspace, database_url, mlflow_tracking_uri="none"))
     add_dataset(engine, "toy", 12)
     return engine

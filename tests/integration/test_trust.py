@@ -18,7 +18,9 @@ from difftpt_ops.core.specs import GenerationSpec
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import Prediction, Run, Sample, Shard, ViewScore
 from difftpt_ops.db.tables import SampleError as SampleErrorRow
-from difftpt_ops.services import reporting, runs, shards, tuning
+from difftpt_ops.services.reading import reporting
+from difftpt_ops.services.running import outcomes, processors, runs, shards
+from difftpt_ops.services.running.status import list_runs, run_status, show_run
 from tests.conftest import scratch_database
 from tests.integration.test_jobs_support import (
     REPO_ROOT,
@@ -100,7 +102,7 @@ def test_split_queues_difftpt_waits_for_its_images(backend: str, workspace: Path
                                      shard_size=2, dispatcher=dispatcher_for(settings))
             assert tuned.generation_config_id == generated.generation_config_id
             assert tuned.shards_dispatched < tuned.shards_total  # some shards wait for their images
-            [status] = runs.run_status(engine, settings, tuned.run_id)
+            [status] = run_status(engine, settings, tuned.run_id)
             assert status["shards"].get("waiting") and "waiting for generation config" in \
                 status["waiting_shards"][0]["reason"]
             wait_for(lambda: run_state(engine, tuned.run_id) not in {"pending", "running"}, timeout=400,
@@ -154,7 +156,7 @@ def test_waiting_shards_are_released_when_the_images_arrive(database_url: str, w
                                                             tiny_models_dir: Path, quiet_reporting: None) -> None:
     """With a broker, unready tune shards wait; the generation shard that completes them returns them as
     follow-up tickets; a sample without its images in a claimed shard parks the shard (no attempt spent)."""
-    from difftpt_ops.services.executor import WorkerIdentity
+    from difftpt_ops.services.running.leases import WorkerIdentity
 
     class Recorder:
         def __init__(self) -> None:
@@ -185,18 +187,18 @@ def test_waiting_shards_are_released_when_the_images_arrive(database_url: str, w
         tune_ids, gen_ids = [s.id for s in tune_shards], [s.id for s in gen_shards]
     identity = WorkerIdentity(name="test")
     first = shards.execute_shard(engine, settings, gen_ids[0], identity=identity)
-    assert first.outcome == shards.Outcome.DONE, first
+    assert first.outcome == outcomes.Outcome.DONE, first
     assert [t.shard_id for t in first.follow_up] == [tune_ids[0]]  # only the shard whose samples are complete
     # A queued shard whose images vanished meanwhile parks instead of tuning with fewer views.
     with session_scope(engine) as session:
         session.execute(Shard.__table__.update().where(Shard.id == tune_ids[1]).values(state="queued"))
     parked = shards.execute_shard(engine, settings, tune_ids[1], identity=identity)
-    assert parked.outcome == shards.Outcome.WAITING
+    assert parked.outcome == outcomes.Outcome.WAITING
     with session_scope(engine) as session:
         shard = session.get(Shard, tune_ids[1])
         assert (shard.state, shard.attempts) == ("waiting", 0) and "generated images" in shard.waiting_reason
     done = shards.execute_shard(engine, settings, tune_ids[0], identity=identity)
-    assert done.outcome == shards.Outcome.DONE
+    assert done.outcome == outcomes.Outcome.DONE
     assert _generated_counts(engine, tuned.run_id) == [2, 2]
 
 
@@ -232,10 +234,10 @@ def test_runs_record_provenance_and_comparable_columns(database_url: str, worksp
     add_dataset(engine, "pics", 2, root=root, classes=2, relpaths=write_pngs(root, 2))
     result = runs.submit_tune(engine, settings, dataset_ref="pics", method="tpt", model=str(tiny_models_dir / "clip"),
                               pretrained=None, overrides={"n_views": "4", "steps": "2"}, seed=3)
-    [listed] = [r for r in runs.list_runs(engine) if r["run_id"] == result.run_id]
+    [listed] = [r for r in list_runs(engine) if r["run_id"] == result.run_id]
     assert (listed["seed"], listed["device"], listed["precision"]) == (3, "cpu", "fp32")
     assert listed["settings"] == "n_views=4, steps=2" and listed["model"].endswith("clip")
-    shown = runs.show_run(engine, result.run_id)
+    shown = show_run(engine, result.run_id)
     import torch
 
     assert shown["provenance"]["torch"] == torch.__version__ and shown["provenance"]["python"]
@@ -276,7 +278,7 @@ def test_devices_are_what_they_say(database_url: str, workspace: Path, tiny_mode
     with session_scope(engine) as session:
         assert session.get(Run, result.run_id).spec["device"] == "cpu"
     with pytest.raises(InputError, match="no usable CUDA device"):
-        tuning.execution_device(settings, "cuda", None)
+        processors.execution_device(settings, "cuda", None)
 
 
 def test_worker_with_gpus_that_torch_cannot_use_refuses_to_start(workspace: Path) -> None:
@@ -303,7 +305,7 @@ def test_results_compare_export_refuse_a_generation_run(database_url: str, works
     root = tmp_path / "images"
     add_dataset(engine, "pics", 2, root=root, classes=2, relpaths=write_pngs(root, 2))
     generated = runs.submit_generate(engine, settings, dataset_ref="pics", spec=_generation_spec(tiny_models_dir, 1))
-    [status] = runs.run_status(engine, settings, generated.run_id)
+    [status] = run_status(engine, settings, generated.run_id)
     assert status["throughput_unit"] == "images"
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("DIFFTPT_OPS_")},
            "DIFFTPT_OPS_WORKSPACE": str(workspace), "DIFFTPT_OPS_DATABASE_URL": database_url}

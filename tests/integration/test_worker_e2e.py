@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from difftpt_ops.db.tables import Prediction
-from difftpt_ops.services import runs
+from difftpt_ops.services.running import runs
 from tests.integration.test_jobs_support import (
     add_dataset,
     children_of,

@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import Prediction
-from difftpt_ops.services import runs
+from difftpt_ops.services.running import runs
 from tests.integration.test_jobs_support import (
     add_dataset,
     count,

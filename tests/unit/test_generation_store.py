@@ -14,7 +14,7 @@ from PIL import Image
 from difftpt_ops.core.errors import InvalidSpecError
 from difftpt_ops.core.specs import GenerationSpec
 from difftpt_ops.models.diffusion import variant_seed
-from difftpt_ops.services.generation import artifact_key
+from difftpt_ops.services.running.generation import artifact_key
 from difftpt_ops.storage.artifacts import TEMP_SUFFIX, ArtifactStore, encode_png
 
 pytestmark = pytest.mark.unit

@@ -14,7 +14,7 @@ from difftpt_ops.core.errors import InputError
 from difftpt_ops.data import layouts
 from difftpt_ops.data.formats import open_layout
 from difftpt_ops.data.scan import scan_layout
-from difftpt_ops.services.generation import _DirectoryIndex
+from difftpt_ops.services.running.generation import _DirectoryIndex
 
 pytestmark = pytest.mark.unit
 

@@ -14,9 +14,10 @@ from cli.jobs import parse_overrides, parse_run_id
 from difftpt_ops.config import load_settings
 from difftpt_ops.core.errors import InputError, ServiceUnavailableError
 from difftpt_ops.core.status import RunState
-from difftpt_ops.services.executor import WorkerIdentity, is_reclaimable, worker_is_gone, worker_name
-from difftpt_ops.services.runs import check_execution_args, shard_ranges
-from difftpt_ops.services.shards import final_run_state, retry_delay_s
+from difftpt_ops.services.running.finalize import final_run_state
+from difftpt_ops.services.running.leases import WorkerIdentity, is_reclaimable, worker_is_gone, worker_name
+from difftpt_ops.services.running.outcomes import retry_delay_s
+from difftpt_ops.services.running.runs import check_execution_args, shard_ranges
 from workers.launcher import child_specs, parse_gpus, parse_queues
 
 pytestmark = pytest.mark.unit

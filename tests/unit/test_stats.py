@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from difftpt_ops.services import stats
+from difftpt_ops.services.reading import stats
 
 pytestmark = pytest.mark.unit
 

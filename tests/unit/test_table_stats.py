@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from difftpt_ops.services.stats import holm_adjust
-from difftpt_ops.services.table import Cell, cell_text, latex_escape, paper_average, seed_group_key
+from difftpt_ops.services.reading.stats import holm_adjust
+from difftpt_ops.services.reading.table import Cell, cell_text, latex_escape, paper_average, seed_group_key
 
 pytestmark = pytest.mark.unit
 
@@ -64,7 +64,7 @@ def test_vectorised_mcnemar_equals_scipy_binomtest() -> None:
     """The table's batch McNemar equals scipy.stats.binomtest(only_a, only_a + only_b, 0.5) pair by pair."""
     from scipy.stats import binomtest
 
-    from difftpt_ops.services.stats import mcnemar_exact_p_many
+    from difftpt_ops.services.reading.stats import mcnemar_exact_p_many
 
     pairs = [(0, 0), (3, 3), (0, 9), (9, 0), (12, 30), (410, 389), (1, 700), (250, 0)]
     expected = [1.0 if a + b == 0 else binomtest(a, a + b, 0.5).pvalue for a, b in pairs]

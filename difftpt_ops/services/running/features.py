@@ -19,17 +19,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, select
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.orm import Session
 
 from difftpt_ops.config import Settings
 from difftpt_ops.core.clock import utcnow
 from difftpt_ops.core.errors import InputError, SampleError
 from difftpt_ops.core.specs import ModelSpec, fingerprint_of, method_spec_from
 from difftpt_ops.db.session import session_scope
-from difftpt_ops.db.tables import GeneratedImage, Prediction, Run, Sample, ViewFeatures
+from difftpt_ops.db.tables import GeneratedImage, Run, ViewFeatures
 from difftpt_ops.db.writes import insert_many_ignore
+from difftpt_ops.services.running.generation import GeneratedViews
+from difftpt_ops.services.running.processors import MODELS, execution_device
 
 FEATURES_KIND = "features"
 VIEW_METHODS = ("tpt", "difftpt")  # `submit features --views`: whose default views to store
@@ -250,7 +251,7 @@ def submit_features(engine: Engine, settings: Settings, *, dataset_ref: str, mod
     Raises:
         InputError: a bad argument (nothing is written).
     """
-    from difftpt_ops.services import runs
+    from difftpt_ops.services.running import runs
 
     check_views(views)
     runs.check_execution_args(limit=limit, shard_size=shard_size, device=device, seed=seed)
@@ -280,14 +281,13 @@ def build_features_processor(engine: Engine, settings: Settings, run: Run, datas
     """The processor of a features run (called by the run-context builder)."""
     from difftpt_ops.data.formats import is_cross_domain
     from difftpt_ops.models.clip import load_clip
-    from difftpt_ops.services.tuning import _MODELS, GeneratedViews, execution_device
     from difftpt_ops.tta import prepare_classifier
 
     spec = run.spec
     method = method_spec_from(spec["views"])
     model = ModelSpec(**spec["model"])
     resolved = execution_device(settings, spec.get("device"), device)
-    clip = _MODELS.get(("clip", model, resolved), lambda: load_clip(model, resolved))
+    clip = MODELS.get(("clip", model, resolved), lambda: load_clip(model, resolved))
     tuner = prepare_classifier(clip, list(dataset.class_names), method)
     n_generated = tuner.plan.n_generated
     views = (GeneratedViews(engine, settings, run.generation_config_id, n_generated)
@@ -297,40 +297,3 @@ def build_features_processor(engine: Engine, settings: Settings, run: Run, datas
                                   augmix=is_cross_domain(dataset.format), views=views)
     processor.device, processor.precision = resolved, clip.precision  # type: ignore[attr-defined]
     return processor
-
-
-def store_size(engine: Engine) -> dict[str, int]:
-    """Entries and bytes held by the feature store (as its rows record them)."""
-    with session_scope(engine) as session:
-        entries, size, views = session.execute(select(
-            func.count(), func.coalesce(func.sum(ViewFeatures.size_bytes), 0),
-            func.coalesce(func.sum(ViewFeatures.n_views), 0))).one()
-    return {"entries": int(entries), "bytes": int(size), "views": int(views)}
-
-
-def view_counts(session: Session, run_ids: Sequence[int]) -> dict[int, dict[str, int]]:
-    """Views encoded vs read from the store, per run (summed over its predictions; 0 for other kinds)."""
-    counts = {run_id: {"views_encoded": 0, "views_read": 0} for run_id in run_ids}
-    if not run_ids:
-        return counts
-    rows = session.execute(select(Prediction.run_id, func.coalesce(func.sum(Prediction.views_encoded), 0),
-                                  func.coalesce(func.sum(Prediction.views_read), 0))
-                           .where(Prediction.run_id.in_(list(run_ids))).group_by(Prediction.run_id)).all()
-    for run_id, encoded, read in rows:
-        counts[run_id] = {"views_encoded": int(encoded), "views_read": int(read)}
-    return counts
-
-
-def dataset_store_size(session: Session, version_id: int) -> dict[str, int]:
-    """Stored feature sets of a dataset version's samples (any model), with their bytes and views."""
-    hashes = select(Sample.content_hash).where(Sample.dataset_version_id == version_id).scalar_subquery()
-    entries, size, views = session.execute(select(
-        func.count(), func.coalesce(func.sum(ViewFeatures.size_bytes), 0),
-        func.coalesce(func.sum(ViewFeatures.n_views), 0)).where(ViewFeatures.sample_hash.in_(hashes))).one()
-    return {"entries": int(entries), "bytes": int(size), "views": int(views)}
-
-
-def run_feature_counts(engine: Engine, run_ids: Sequence[int]) -> dict[int, dict[str, int]]:
-    """`view_counts` in a session of its own."""
-    with session_scope(engine) as session:
-        return view_counts(session, run_ids)

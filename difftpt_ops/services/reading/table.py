@@ -30,7 +30,7 @@ from difftpt_ops.core.errors import InputError, NotFoundError
 from difftpt_ops.core.secrets import mask_url
 from difftpt_ops.core.specs import canonical_json, fingerprint_of
 from difftpt_ops.data.formats import CROSS_DOMAIN_FORMATS, IMAGENET_FORMATS
-from difftpt_ops.services import stats
+from difftpt_ops.services.reading import stats
 
 METRICS = ("top1", "top5", "ece")
 FORMATS = ("rich", "markdown", "latex", "csv", "json")
@@ -297,7 +297,7 @@ def _load_ece(conn: Connection, runs: list[RunRow]) -> None:
     if conn.dialect.name == "postgresql":
         raw = f"CAST(CEIL({scaled}) AS INTEGER) - 1"
         clamp = f"LEAST(GREATEST({raw}, 0), {n_bins - 1})"
-    else:  # SQLite's math functions are a compile-time option: a portable ceil, as services/results does
+    else:  # SQLite's math functions are a compile-time option: a portable ceil, as reading/results does
         raw = f"CAST({scaled} AS INTEGER) + ({scaled} > CAST({scaled} AS INTEGER)) - 1"
         clamp = f"MIN(MAX({raw}, 0), {n_bins - 1})"
     bins: dict[int, list[stats.CalibrationBin]] = defaultdict(list)
@@ -728,7 +728,7 @@ def log_table(settings: Any, table: Table) -> dict[str, Any]:
     from pathlib import Path
 
     from difftpt_ops.core.errors import ServiceUnavailableError
-    from difftpt_ops.services.reporting import tracker_for, tracking_enabled
+    from difftpt_ops.services.reading.reporting import tracker_for, tracking_enabled
 
     if not tracking_enabled(settings):
         raise InputError("--log", True, "MLflow tracking is off (DIFFTPT_OPS_MLFLOW_TRACKING_URI=none)")

@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from difftpt_ops.config import Settings
@@ -23,6 +23,7 @@ from difftpt_ops.core.specs import fingerprint_of, method_spec_from
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import Run, Sweep, SweepRun
 from difftpt_ops.db.writes import insert_ignore, insert_new_ids
+from difftpt_ops.services.reading.groups import sweeps_of_runs
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def submit_sweep(engine: Engine, settings: Settings, *, dataset_ref: str, method
     Raises:
         InputError: a bad grid or value (before anything is written), or more than 200 runs without `confirmed`.
     """
-    from difftpt_ops.services.runs import submit_tune
+    from difftpt_ops.services.running.runs import submit_tune
 
     # 1. Plan and validate the whole grid.
     overrides = dict(overrides or {})
@@ -150,30 +151,9 @@ def _dataset_fingerprint(engine: Engine, dataset_ref: str) -> str:
         return version.fingerprint
 
 
-def sweeps_of_runs(engine: Engine, run_ids: list[int]) -> dict[int, list[dict[str, Any]]]:
-    """Per run: the sweeps it belongs to, as [{sweep_id, point}], oldest sweep first."""
-    if not run_ids:
-        return {}
-    out: dict[int, list[dict[str, Any]]] = {}
-    with session_scope(engine) as session:
-        rows = session.execute(select(SweepRun.run_id, SweepRun.sweep_id, SweepRun.point)
-                               .where(SweepRun.run_id.in_(run_ids)).order_by(SweepRun.sweep_id)).all()
-    for run_id, sweep_id, point in rows:
-        out.setdefault(int(run_id), []).append({"sweep_id": int(sweep_id), "point": point})
-    return out
-
-
-def sweep_run_ids(engine: Engine, sweep_id: int) -> list[int]:
-    """The runs of a sweep; NotFoundError-like InputError when there is no such sweep."""
-    with session_scope(engine) as session:
-        if session.get(Sweep, sweep_id) is None:
-            raise InputError("--sweep", sweep_id, "no such sweep")
-        return [int(r) for r in session.scalars(select(SweepRun.run_id).where(SweepRun.sweep_id == sweep_id))]
-
-
 def _tag_mlflow(engine: Engine, settings: Settings, run_ids: list[int]) -> None:
     """Tag each run's MLflow run with its sweep ids, so the UI can group by them. Best effort, like all tracking."""
-    from difftpt_ops.services.reporting import prepare_tracking, tracker_for, tracking_enabled
+    from difftpt_ops.services.reading.reporting import prepare_tracking, tracker_for, tracking_enabled
 
     if not tracking_enabled(settings):
         return
@@ -188,58 +168,3 @@ def _tag_mlflow(engine: Engine, settings: Settings, run_ids: list[int]) -> None:
                 tracker_for(settings).set_tags(mlflow_run_id, {SWEEP_TAG: ids})
         except Exception as exc:  # noqa: BLE001  tracking never fails a submission; `mlflow sync` has the rest
             log.warning("could not tag the MLflow run of run %s with its sweep (%s)", run_id, exc)
-
-
-
-def _without_seed(spec: dict[str, Any]) -> str:
-    from difftpt_ops.core.specs import canonical_json
-
-    return canonical_json({k: v for k, v in spec.items() if k != "seed"})
-
-
-def seed_group_stats(engine: Engine, run_id: int) -> dict[str, Any] | None:
-    """Top-1 over the runs whose spec equals this run's except for the seed: runs, seeds, mean, std, min, max.
-
-    None when no other run repeats it. Runs count with the samples they have finished; `all_finished`
-    says whether the group is complete.
-    """
-    import statistics
-
-    from sqlalchemy import case
-
-    from difftpt_ops.db.tables import Prediction
-
-    with session_scope(engine) as session:
-        run = session.get(Run, run_id)
-        if run is None:
-            return None
-        candidates = session.execute(select(Run.id, Run.spec, Run.state).where(
-            Run.method == run.method, Run.dataset_version_id == run.dataset_version_id, Run.kind == run.kind)).all()
-        identity = _without_seed(run.spec)
-        group = {rid: (spec.get("seed"), state) for rid, spec, state in candidates if _without_seed(spec) == identity}
-        if len(group) < 2:
-            return None
-        right = func.sum(case((Prediction.correct, 1), else_=0))
-        top1 = {int(rid): int(c or 0) / int(n) for rid, c, n in session.execute(
-            select(Prediction.run_id, right, func.count()).where(Prediction.run_id.in_(list(group)))
-            .group_by(Prediction.run_id)).all() if n}
-    values = list(top1.values())
-    if len(values) < 2:
-        return None
-    runs = sorted(group)
-    return {"runs": runs, "seeds": [group[r][0] for r in runs], "n_runs": len(values),
-            "top1_mean": statistics.fmean(values), "top1_std": statistics.stdev(values),
-            "top1_min": min(values), "top1_max": max(values),
-            "all_finished": all(group[r][1] in ("finished", "finished_with_failures") for r in runs)}
-
-
-def run_groups(engine: Engine, run_id: int) -> dict[str, Any]:
-    """For `compare`: the sweeps a run belongs to (with its grid point) and top-1 over its seed repeats."""
-    out: dict[str, Any] = {}
-    sweeps = sweeps_of_runs(engine, [run_id]).get(run_id)
-    if sweeps:
-        out["sweeps"] = sweeps
-    seeds = seed_group_stats(engine, run_id)
-    if seeds:
-        out["seeds"] = seeds
-    return out

@@ -25,7 +25,7 @@ from difftpt_ops.core.secrets import mask_url
 from difftpt_ops.core.specs import flatten
 from difftpt_ops.core.status import TERMINAL_RUN_STATES, RunState
 from difftpt_ops.db.tables import DatasetVersion, Run
-from difftpt_ops.services.results import (
+from difftpt_ops.services.reading.results import (
     RunInfo,
     gpu_hours,
     load_run_info,
@@ -85,6 +85,24 @@ def report_progress(engine: Engine, settings: Settings, run_id: int) -> None:
         _report_progress(engine, settings, run_id)
     except Exception as exc:  # noqa: BLE001  the contract: tracking never stops the work
         _tracking_failed(engine, settings, run_id, exc)
+
+
+PROGRESS_REPORT_INTERVAL_S = 5.0
+_next_report: dict[tuple[str, int], float] = {}
+
+
+def report_progress_throttled(engine: Engine, settings: Settings, run_id: int) -> None:
+    """Report progress once this process has worked on the run for PROGRESS_REPORT_INTERVAL_S, then at most
+    that often, and rarer when the hook is slow, so it takes at most about a tenth of a worker's time.
+    The hook reads the database to catch up, so a skipped call loses nothing (and short runs only get
+    the final report). Called after every batch a shard writes."""
+    key, started = (str(engine.url), run_id), time.monotonic()
+    due = _next_report.setdefault(key, started + PROGRESS_REPORT_INTERVAL_S)
+    if started < due:
+        return
+    report_progress(engine, settings, run_id)
+    took = time.monotonic() - started
+    _next_report[key] = started + took + max(PROGRESS_REPORT_INTERVAL_S, 9 * took)
 
 
 def report_finished(engine: Engine, settings: Settings, run_id: int) -> None:

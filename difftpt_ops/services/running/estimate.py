@@ -86,8 +86,8 @@ def estimate_generate(engine: Engine, settings: Settings, *, dataset_ref: str, s
                       limit: int | None, shard_size: int | None, device: str | None = None) -> Estimate:
     """The cost of `submit generate` with this spec: images still missing, their disk and time."""
     from difftpt_ops.models.diffusion import resolve_dtype_name
-    from difftpt_ops.services.generation import count_missing
-    from difftpt_ops.services.runs import resolve_run_device
+    from difftpt_ops.services.running.generation import count_missing
+    from difftpt_ops.services.running.runs import resolve_run_device
 
     _check_limits(limit, shard_size)
     # As submit does: "auto" dtype resolved on the run's device, so the config is the one submit would use.

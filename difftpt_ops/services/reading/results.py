@@ -20,7 +20,8 @@ from sqlalchemy.orm import Session
 
 from difftpt_ops.core.errors import InputError, NotFoundError
 from difftpt_ops.db.tables import Dataset, DatasetVersion, Prediction, Run, Sample
-from difftpt_ops.services import stats
+from difftpt_ops.services.reading import stats
+from difftpt_ops.services.reading.groups import order_group_stats, run_groups
 
 EXPORT_FORMATS = ("parquet", "csv")
 _EXPORT_CHUNK = 50_000
@@ -206,8 +207,6 @@ def run_results(engine: Engine, run_id: int, by_class: bool = False) -> dict[str
         run_id: the run; NotFoundError (argument RUN) when unknown.
         by_class: add `classes`, a list of {label, name, n, correct, top1, zeroshot_top1, gain}.
     """
-    from difftpt_ops.services.online import order_group_stats
-
     with engine.connect() as conn:
         summary = summarise(conn, load_tune_run_info(conn, run_id), by_class=by_class)
     orders = order_group_stats(engine, run_id)  # an online run with sibling orders: top-1 over the orders
@@ -252,16 +251,12 @@ def compare_runs(engine: Engine, run_a: int, run_b: int) -> dict[str, Any]:
 
 def _run_groups(engine: Engine, run_a: int, run_b: int) -> dict[str, Any]:
     """Each side's sweeps and, when other runs repeat it with other seeds, top-1 over them."""
-    from difftpt_ops.services.sweeps import run_groups
-
     groups = {"groups_a": run_groups(engine, run_a), "groups_b": run_groups(engine, run_b)}
     return {key: value for key, value in groups.items() if value}
 
 
 def _order_groups(engine: Engine, run_a: int, run_b: int) -> dict[str, Any]:
     """Top-1 over the order seeds of each side, for online runs that have sibling orders."""
-    from difftpt_ops.services.online import order_group_stats
-
     groups = {"orders_a": order_group_stats(engine, run_a), "orders_b": order_group_stats(engine, run_b)}
     return {key: value for key, value in groups.items() if value}
 

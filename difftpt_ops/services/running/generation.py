@@ -23,6 +23,7 @@ DiffTPT runs then read `find_generated_paths(session, store, config_id=..., sour
 from __future__ import annotations
 
 import io
+import os
 import re
 import threading
 import time
@@ -32,11 +33,11 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image, UnidentifiedImageError
 from sqlalchemy import func, select
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
-from difftpt_ops.core.errors import NotFoundError
-from difftpt_ops.core.specs import GenerationSpec, fingerprint_of
+from difftpt_ops.core.errors import NotFoundError, NotReadyError, SampleError
+from difftpt_ops.core.specs import GenerationSpec, canonical_json, fingerprint_of
 from difftpt_ops.data.images import load_rgb
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import DatasetVersion, GeneratedImage, GenerationConfig, Sample
@@ -48,6 +49,8 @@ from difftpt_ops.models.diffusion import (
     resolve_dtype_name,
     variant_seed,
 )
+from difftpt_ops.services.running.processors import MODELS, execution_device
+from difftpt_ops.services.running.waiting import generation_failure
 from difftpt_ops.storage.artifacts import IMAGE_SUFFIX, Artifact, ArtifactStore, encode_png
 
 if TYPE_CHECKING:
@@ -414,3 +417,75 @@ class _DirectoryIndex:
             return False
         self.outside_links += 1
         return True
+
+
+# --- Processors of generate runs, and the generated views DiffTPT reads --------------------------------------
+
+
+# Test hook: seconds to sleep before generating each sample (a slow generator, as on a real GPU box).
+GENERATE_DELAY_ENV = "DIFFTPT_OPS_GENERATE_DELAY_S"
+
+
+class GeneratedViews:
+    """Reads exactly `count` generated images of a sample (variants 0..count-1): DiffTPT's extra views.
+
+    A sample never gets fewer: if its generation failed the sample fails with that reason, and if its
+    images are not there yet the shard waits (NotReadyError) instead of tuning with fewer views.
+    """
+
+    def __init__(self, engine: Engine, settings: Settings, config_id: int, count: int) -> None:
+        self.engine, self.config_id, self.count = engine, config_id, count
+        self.store = ArtifactStore(settings.artifact_root)
+
+    def images_for(self, sample: Any) -> list[Any]:
+        return [load_rgb(path) for path in self.paths_for(sample)]
+
+    def paths_for(self, sample: Any) -> list[Path]:
+        if not sample.content_hash:
+            raise SampleError(f"sample {sample.index} has no content hash, so no generated images")
+        with session_scope(self.engine) as session:
+            paths = find_generated_paths(session, self.store, config_id=self.config_id,
+                                         source_hash=sample.content_hash, limit=self.count)
+            failure = None if len(paths) == self.count else generation_failure(
+                session, config_id=self.config_id, source_hash=sample.content_hash)
+        if len(paths) == self.count:
+            return paths
+        if failure is not None:
+            reason = failure.strip().splitlines()[-1] if failure.strip() else "no reason recorded"
+            raise SampleError(f"sample {sample.index}: its generation failed ({reason})")
+        raise NotReadyError(f"sample {sample.index} has {len(paths)} of its {self.count} generated images "
+                            f"(generation config {self.config_id})")
+
+
+class GenerateProcessor:
+    """Stable Diffusion variations of one sample; the generation service stores the images itself."""
+
+    def __init__(self, engine: Engine, settings: Settings, *, config_id: int, spec: GenerationSpec, root: Path,
+                 batch_size: int, device: str | None, spec_device: str | None = None) -> None:
+        self.engine, self.config_id, self.spec, self.root, self.batch_size = engine, config_id, spec, root, batch_size
+        self.store = ArtifactStore(settings.artifact_root)
+        self.device = execution_device(settings, spec_device, device)
+        self.precision = resolve_dtype_name(spec.dtype, self.device)
+        self.delay_s = float(os.environ.get(GENERATE_DELAY_ENV) or 0.0)
+        key = ("generator", canonical_json(spec.to_dict()), self.device)
+        self.generator = MODELS.get(key, lambda: SampleGenerator(spec, device=key[2]))
+
+    def finished_ids(self, connection: Connection, samples: Sequence[Any]) -> set[int]:
+        hashes = {sample.content_hash for sample in samples if sample.content_hash}
+        counts = dict(connection.execute(
+            select(GeneratedImage.source_hash, func.count())
+            .where(GeneratedImage.generation_config_id == self.config_id, GeneratedImage.source_hash.in_(hashes))
+            .group_by(GeneratedImage.source_hash)).all()) if hashes else {}
+        return {s.id for s in samples if s.content_hash and counts.get(s.content_hash, 0) >= self.spec.per_sample}
+
+    def process(self, sample: Any) -> Any:
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if not sample.content_hash:
+            raise SampleError(f"sample {sample.index} has no content hash")
+        return self.generator.generate_sample(
+            self.engine, config_id=self.config_id, spec=self.spec, source_path=self.root / sample.relpath,
+            source_hash=sample.content_hash, store=self.store, batch_size=self.batch_size)
+
+    def write(self, connection: Connection, results: list[Any]) -> None:
+        """Nothing to write: generate_sample committed the images."""

@@ -39,14 +39,20 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from difftpt_ops.config import Settings
+from difftpt_ops.core.clock import utcnow
 from difftpt_ops.core.errors import InputError, SampleError, TransientError
 from difftpt_ops.core.specs import MethodSpec
 from difftpt_ops.core.status import SampleStatus, ShardState
 from difftpt_ops.db.session import session_scope
-from difftpt_ops.db.tables import DatasetVersion, OnlineCheckpoint, Prediction, Run, Sample, Shard
+from difftpt_ops.db.tables import DatasetVersion, OnlineCheckpoint, Run, Sample, Shard
 from difftpt_ops.db.tables import SampleError as SampleErrorRow
 from difftpt_ops.db.writes import insert_many_ignore
-from difftpt_ops.services.executor import HEARTBEATS, Lease, ShardTicket, WorkerIdentity, is_reclaimable
+from difftpt_ops.services.reading.reporting import report_progress_throttled
+from difftpt_ops.services.running.contexts import open_run_context
+from difftpt_ops.services.running.dispatch import ShardTicket
+from difftpt_ops.services.running.finalize import finalize_run_if_complete
+from difftpt_ops.services.running.leases import HEARTBEATS, OWNED, Lease, WorkerIdentity, is_reclaimable, release_shard
+from difftpt_ops.services.running.outcomes import Outcome, ShardOutcome, retry_delay_s, stop_requested
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +79,7 @@ _CLAIM_OPEN = (update(Shard.__table__).where(_S.id == bindparam("b_id"), _S.stat
 _CLAIM_TAKEOVER = (update(Shard.__table__).where(_S.id == bindparam("b_id"), _S.state == ShardState.RUNNING.value,
                                                  _S.attempts == bindparam("b_seen"))
                    .values(**_CLAIM_VALUES).returning(*_RETURNED))
-_OWNED = (_S.id == bindparam("b_id")) & (_S.attempts == bindparam("b_token")) & (_S.state == ShardState.RUNNING.value)
-_DONE = update(Shard.__table__).where(_OWNED).values(
+_DONE = update(Shard.__table__).where(OWNED).values(
     samples_done=bindparam("b_done"), samples_failed=bindparam("b_failed"), heartbeat_at=bindparam("b_now"),
     seconds=_S.seconds + bindparam("b_seconds"), state=ShardState.DONE.value, finished_at=bindparam("b_now"),
     error=None)
@@ -93,7 +98,7 @@ def ensure_registered(method: str) -> None:
 
 def is_online_method(name: str) -> bool:
     """True when `name` is a registered method of kind online."""
-    from difftpt_ops.tta.methods import ONLINE, method_names, get_method
+    from difftpt_ops.tta.methods import ONLINE, get_method, method_names
 
     return name in method_names() and get_method(name).kind == ONLINE
 
@@ -156,7 +161,7 @@ class ChainClaim:
 
 def claim_chained(engine: Engine, settings: Settings, shard_id: int, identity: WorkerIdentity) -> ChainClaim | None:
     """Take a shard of an online run if its predecessor is done, or take over one whose worker is gone."""
-    now = _utcnow()
+    now = utcnow()
     params = {"b_id": shard_id, "b_worker": identity.label, "b_gpu": identity.gpu, "b_now": now}
     with engine.begin() as connection:
         row = connection.execute(_CLAIM_OPEN, params).one_or_none()
@@ -245,7 +250,7 @@ class _Context:
     version_id: int
     queue: str
     order: list[int]
-    tune: Any  # services.tuning.RunContext (its processor runs the method through the engine)
+    tune: Any  # services.running.processors.RunContext (its processor runs the method through the engine)
     recorder: _Recorder
     store: Any
 
@@ -277,8 +282,6 @@ _in_memory: weakref.WeakKeyDictionary[Any, tuple[str, int, int]] = weakref.WeakK
 
 
 def _context(engine: Engine, settings: Settings, run_id: int, *, device: str | None, worker: str) -> _Context:
-    from difftpt_ops.services.tuning import open_run_context
-
     key = (str(engine.url), run_id, device, worker)
     tune = open_run_context(engine, settings, run_id, device=device, worker=worker)  # cached there
     if key not in _contexts or _contexts[key].tune is not tune:
@@ -331,7 +334,7 @@ def _advance(context: _Context, position: int, sample: Any, results: _Results | 
         ok = False
         if results is not None:
             results.errors.append({"run_id": run_id, "sample_id": sample.id, "sample_index": sample.index,
-                                   "error": str(exc)[:4000], "created_at": _utcnow()})
+                                   "error": str(exc)[:4000], "created_at": utcnow()})
     if results is not None:
         results.seconds += time.perf_counter() - started
         if ok:
@@ -400,7 +403,7 @@ def _finish(engine: Engine, context: _Context, claim: ChainClaim, results: _Resu
     data = encode_checkpoint(context.recorder.state_dict(), _stack(results.logits),
                              torch.tensor(results.positions, dtype=torch.int64))
     facts = put_checkpoint(context.store, data)
-    now = _utcnow()
+    now = utcnow()
     checkpoint = {"run_id": claim.run_id, "shard_index": claim.index, "position": claim.stop, **facts,
                   "created_at": now}
     params = claim.params(b_done=len(results.rows), b_failed=len(results.errors), b_now=now,
@@ -418,14 +421,12 @@ def _finish(engine: Engine, context: _Context, claim: ChainClaim, results: _Resu
 def _process(engine: Engine, settings: Settings, claim: ChainClaim, context: _Context, lease: Lease,
              progress: Any) -> str:
     """Run one claimed link; returns the outcome's name (done / interrupted / lost)."""
-    from difftpt_ops.services import shards
-
     # 1. The state as the chain left it before this shard.
     _start_state(engine, settings, context, claim)
     # 2. The shard's samples in stream order; nothing is written until the last one.
     results = _Results()
     for position, sample in _samples_at(engine, context, claim.start, claim.stop):
-        if shards._stop_requested.is_set() or lease.lost.is_set():  # noqa: SLF001 - the shutdown flag
+        if stop_requested() or lease.lost.is_set():
             return "lost" if lease.lost.is_set() else "interrupted"
         ok = _advance(context, position, sample, results, claim.run_id)
         if progress is not None:
@@ -434,15 +435,13 @@ def _process(engine: Engine, settings: Settings, claim: ChainClaim, context: _Co
     if not _finish(engine, context, claim, results):
         return "lost"
     _in_memory[context.recorder._tuner] = (str(engine.url), claim.run_id, claim.index)  # noqa: SLF001
-    shards._report_progress(engine, settings, claim.run_id)  # noqa: SLF001 - throttled MLflow progress
+    report_progress_throttled(engine, settings, claim.run_id)
     return "done"
 
 
 def execute_online_shard(engine: Engine, settings: Settings, shard_id: int, *, identity: WorkerIdentity,
                          device: str | None = None, progress: Any = None) -> Any:
     """Run one shard of an online run (see the module docstring); the shard service's contract."""
-    from difftpt_ops.services.shards import Outcome, ShardOutcome, finalize_run_if_complete, release_shard
-
     claim = claim_chained(engine, settings, shard_id, identity)
     if claim is None:
         return ShardOutcome(shard_id, Outcome.SKIPPED)
@@ -454,7 +453,7 @@ def execute_online_shard(engine: Engine, settings: Settings, shard_id: int, *, i
         queue = context.queue
         result = _process(engine, settings, claim, context, lease, progress)
     except KeyboardInterrupt:
-        release_shard(engine, claim, ShardState.PENDING)  # type: ignore[arg-type]
+        release_shard(engine, claim, ShardState.PENDING)
         raise
     except TransientError:
         raise
@@ -465,7 +464,7 @@ def execute_online_shard(engine: Engine, settings: Settings, shard_id: int, *, i
     finally:
         HEARTBEATS.release(lease)
     if result == "interrupted":
-        release_shard(engine, claim, ShardState.QUEUED)  # type: ignore[arg-type]
+        release_shard(engine, claim, ShardState.QUEUED)
         return ShardOutcome(shard_id, Outcome.INTERRUPTED, queue)
     if result == "lost":
         return ShardOutcome(shard_id, Outcome.LOST, queue)
@@ -485,31 +484,22 @@ def _next_link(engine: Engine, claim: ChainClaim, queue: str | None) -> tuple[Sh
 
 def _record_failure(engine: Engine, settings: Settings, claim: ChainClaim, queue: str | None, exc: Exception) -> Any:
     """Retry later, or fail the shard and the rest of the chain (which cannot run without it)."""
-    from difftpt_ops.services.shards import Outcome, ShardOutcome, finalize_run_if_complete, retry_delay_s
-
     retry = not isinstance(exc, InputError) and claim.token < settings.shard_max_attempts
     error = "".join(traceback.format_exception(exc))[-8000:]
     state = ShardState.QUEUED if retry else ShardState.FAILED
     with engine.begin() as connection:
-        connection.execute(update(Shard.__table__).where(_OWNED).values(
-            state=state.value, error=error, **({} if retry else {"finished_at": _utcnow()})), claim.params())
+        connection.execute(update(Shard.__table__).where(OWNED).values(
+            state=state.value, error=error, **({} if retry else {"finished_at": utcnow()})), claim.params())
         if not retry:
             connection.execute(update(Shard.__table__).where(
                 _S.run_id == claim.run_id, _S.index > claim.index, _S.state.in_(_OPEN)).values(
-                state=ShardState.FAILED.value, finished_at=_utcnow(),
+                state=ShardState.FAILED.value, finished_at=utcnow(),
                 error=f"shard {claim.index} of this online run failed; `resume` runs the chain on from there"))
     log.warning("online shard %s attempt %s failed: %s", claim.shard_id, claim.token, exc)
     if retry:
         return ShardOutcome(claim.shard_id, Outcome.RETRY, queue, retry_in_s=retry_delay_s(claim.token), error=exc)
     finalize_run_if_complete(engine, settings, claim.run_id)
     return ShardOutcome(claim.shard_id, Outcome.FAILED, queue, error=exc)
-
-
-def _utcnow() -> Any:
-    from difftpt_ops.services.shards import utcnow
-
-    return utcnow()
-
 
 
 # --- Several orders: submit K runs, summarise them as a group ------------------------------------------------
@@ -523,52 +513,3 @@ def order_sweep(method: str, orders: int) -> str:
     if orders < 1:
         raise InputError("--orders", orders, "must be >= 1")
     return "order_seed=" + ",".join(str(seed) for seed in range(orders))
-
-
-def _identity_without_order(spec: dict[str, Any]) -> str:
-    from difftpt_ops.core.specs import canonical_json
-
-    method = {k: v for k, v in spec.get("method", {}).items() if k != "order_seed"}
-    return canonical_json({**spec, "method": method})
-
-
-def order_group(engine: Engine, run_id: int) -> list[int]:
-    """Ids of the runs whose spec equals this online run's except for the order seed (itself included)."""
-    with session_scope(engine) as session:
-        run = session.get(Run, run_id)
-        if run is None or not is_online_method(run.method):
-            return []
-        candidates = session.execute(select(Run.id, Run.spec).where(
-            Run.method == run.method, Run.dataset_version_id == run.dataset_version_id, Run.kind == run.kind)).all()
-        identity = _identity_without_order(run.spec)
-    return sorted(rid for rid, spec in candidates if _identity_without_order(spec) == identity)
-
-
-def order_group_stats(engine: Engine, run_id: int) -> dict[str, Any] | None:
-    """Top-1 over the runs of one online run's order group: mean, sample standard deviation, min, max.
-
-    None when the run is not online or its group has a single run. Runs count with the samples they have
-    finished (a group is comparable once every run is finished; `states` says whether it is).
-    """
-    import statistics
-
-    from sqlalchemy import case, func
-
-    group = order_group(engine, run_id)
-    if len(group) < 2:
-        return None
-    correct = func.sum(case((Prediction.correct, 1), else_=0))
-    with session_scope(engine) as session:
-        rows = session.execute(select(Prediction.run_id, correct, func.count()).where(
-            Prediction.run_id.in_(group)).group_by(Prediction.run_id)).all()
-        states = dict(session.execute(select(Run.id, Run.state).where(Run.id.in_(group))).all())
-        seeds = {rid: int(spec["method"].get("order_seed", 0))
-                 for rid, spec in session.execute(select(Run.id, Run.spec).where(Run.id.in_(group))).all()}
-    top1 = {rid: int(right or 0) / n for rid, right, n in rows if n}
-    values = list(top1.values())
-    if len(values) < 2:
-        return None
-    return {"runs": group, "order_seeds": [seeds[r] for r in group], "n_runs": len(values),
-            "top1_mean": statistics.fmean(values), "top1_std": statistics.stdev(values),
-            "top1_min": min(values), "top1_max": max(values),
-            "all_finished": all(states[r] in ("finished", "finished_with_failures") for r in group)}

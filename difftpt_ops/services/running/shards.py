@@ -14,48 +14,47 @@ The hot path uses prebuilt Core statements and one transaction per batch: the me
 this bookkeeping alone (bench/system_overhead.py).
 """
 
+
 from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from difftpt_ops.config import Settings
 from difftpt_ops.core.clock import utcnow
 from difftpt_ops.core.errors import InputError, NotReadyError, SampleError, TransientError
-from difftpt_ops.core.status import RunState, SampleStatus, ShardState, check_run_transition
+from difftpt_ops.core.status import SampleStatus, ShardState
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import Run, Sample, Shard
 from difftpt_ops.db.tables import SampleError as SampleErrorRow
 from difftpt_ops.db.writes import insert_many_ignore
-from difftpt_ops.services import reporting
-from difftpt_ops.services.executor import HEARTBEATS, Lease, ShardTicket, WorkerIdentity, is_reclaimable
-from difftpt_ops.services.tuning import RunContext
+from difftpt_ops.services.reading.reporting import report_progress_throttled
+from difftpt_ops.services.running import online
+from difftpt_ops.services.running.contexts import RunContext, open_run_context
+from difftpt_ops.services.running.dispatch import ShardTicket
+from difftpt_ops.services.running.finalize import finalize_run_if_complete
+from difftpt_ops.services.running.leases import HEARTBEATS, OWNED, Lease, WorkerIdentity, is_reclaimable, release_shard
+from difftpt_ops.services.running.outcomes import Outcome, ShardOutcome, retry_delay_s, stop_requested
+from difftpt_ops.services.running.waiting import release_ready
 
 log = logging.getLogger(__name__)
 
 FLUSH_INTERVAL_S = 2.0  # a crash loses at most this much finished work; fast methods commit rarely
 FLUSH_MAX_SAMPLES = 512  # bounds a batch's memory and transaction size
-PROGRESS_REPORT_INTERVAL_S = 5.0
-RETRY_BACKOFF_S = 10.0  # first retry of a failed shard after this, doubling per attempt
-RETRY_BACKOFF_MAX_S = 600.0
 
 ProgressFn = Callable[[int, int], None]  # (samples done, samples failed) since the last call
 
-_stop_requested = threading.Event()
 _S = Shard.__table__.c
 _OPEN = [ShardState.PENDING.value, ShardState.QUEUED.value]
-_OWNED = (_S.id == bindparam("b_id")) & (_S.attempts == bindparam("b_token")) & (_S.state == ShardState.RUNNING.value)
 _CLAIM_VALUES = {"state": ShardState.RUNNING.value, "attempts": _S.attempts + 1, "worker": bindparam("b_worker"),
                  "gpu": bindparam("b_gpu"), "heartbeat_at": bindparam("b_now"), "started_at": bindparam("b_now"),
                  "finished_at": None}
@@ -68,8 +67,8 @@ _CLAIM_TAKEOVER = (update(Shard.__table__).where(_S.id == bindparam("b_id"), _S.
 _SHARD_ROW = select(_S.state, _S.attempts, _S.heartbeat_at, _S.worker).where(_S.id == bindparam("b_id"))
 _COUNTERS = {"samples_done": bindparam("b_done"), "samples_failed": bindparam("b_failed"),
              "heartbeat_at": bindparam("b_now"), "seconds": _S.seconds + bindparam("b_seconds")}
-_FLUSH = update(Shard.__table__).where(_OWNED).values(**_COUNTERS)
-_FLUSH_DONE = update(Shard.__table__).where(_OWNED).values(
+_FLUSH = update(Shard.__table__).where(OWNED).values(**_COUNTERS)
+_FLUSH_DONE = update(Shard.__table__).where(OWNED).values(
     **_COUNTERS, state=ShardState.DONE.value, finished_at=bindparam("b_now"), error=None)
 _C = Sample.__table__.c
 _SAMPLES = (select(_C.id, _C.index, _C.relpath, _C.label, _C.content_hash, _C.status, _C.error)
@@ -78,45 +77,6 @@ _SAMPLES = (select(_C.id, _C.index, _C.relpath, _C.label, _C.content_hash, _C.st
 _ERRORED = select(SampleErrorRow.__table__.c.sample_id).where(
     SampleErrorRow.__table__.c.run_id == bindparam("b_run"),
     SampleErrorRow.__table__.c.sample_id.in_(bindparam("b_ids", expanding=True)))
-# Whether a run has an open shard: an index seek on (run_id, state) that stops at the first one.
-_OPEN_SHARDS = select(_S.id).where(_S.run_id == bindparam("b_run"), _S.state.in_(
-    [*_OPEN, ShardState.RUNNING.value, ShardState.WAITING.value])).limit(1)
-
-
-def request_stop() -> None:
-    """Ask running shards to stop after their current sample (a worker's warm shutdown)."""
-    _stop_requested.set()
-
-
-def clear_stop() -> None:
-    _stop_requested.clear()
-
-
-
-
-class Outcome(StrEnum):
-    DONE = "done"  # every sample has a result or an error row
-    FAILED = "failed"  # failed as a whole, attempts used up (or a non-retryable error)
-    RETRY = "retry"  # failed as a whole; send it again after retry_in_s
-    INTERRUPTED = "interrupted"  # stopped by a shutdown; its finished samples are stored, send it again
-    SKIPPED = "skipped"  # not claimable: done, running elsewhere, or cancelled (a duplicate delivery)
-    LOST = "lost"  # ownership lost while running (cancelled or re-queued as stale)
-    WAITING = "waiting"  # its inputs are not ready (generated images): parked until they are
-
-
-@dataclass(frozen=True)
-class ShardOutcome:
-    """What happened to one delivery of a shard, and what the caller should do next."""
-
-    shard_id: int
-    outcome: Outcome
-    queue: str | None = None
-    retry_in_s: float | None = None
-    processed: int = 0
-    error: Exception | None = None  # why it failed as a whole (FAILED / RETRY)
-    # Shards this one made claimable (tune shards that waited for this generation shard's images):
-    # the caller sends them, after this shard's commit.
-    follow_up: tuple[ShardTicket, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -132,11 +92,6 @@ class Claim:
 
     def params(self, **extra: Any) -> dict[str, Any]:
         return {"b_id": self.shard_id, "b_token": self.token, **extra}
-
-
-def retry_delay_s(attempt: int) -> float:
-    """Backoff before retrying a shard that failed on attempt `attempt` (1-based)."""
-    return min(RETRY_BACKOFF_S * 2 ** max(attempt - 1, 0), RETRY_BACKOFF_MAX_S)
 
 
 def claim_shard(engine: Engine, settings: Settings, shard_id: int, identity: WorkerIdentity) -> Claim | None:
@@ -190,25 +145,8 @@ def _flush(engine: Engine, settings: Settings, claim: Claim, context: RunContext
             transaction.rollback()
             return False
     batch.clear()
-    _report_progress(engine, settings, claim.run_id)
+    report_progress_throttled(engine, settings, claim.run_id)
     return True
-
-
-_next_report: dict[tuple[str, int], float] = {}
-
-
-def _report_progress(engine: Engine, settings: Settings, run_id: int) -> None:
-    """Report progress once this process has worked on the run for PROGRESS_REPORT_INTERVAL_S, then at most
-    that often, and rarer when the hook is slow, so it takes at most about a tenth of a worker's time.
-    The hook reads the database to catch up, so a skipped call loses nothing (and short runs only get
-    the final report)."""
-    key, started = (str(engine.url), run_id), time.monotonic()
-    due = _next_report.setdefault(key, started + PROGRESS_REPORT_INTERVAL_S)
-    if started < due:
-        return
-    reporting.report_progress(engine, settings, run_id)
-    took = time.monotonic() - started
-    _next_report[key] = started + took + max(PROGRESS_REPORT_INTERVAL_S, 9 * took)
 
 
 def _load_samples(engine: Engine, context: RunContext, claim: Claim) -> tuple[list[Any], set[int], int]:
@@ -239,7 +177,7 @@ def _process_samples(engine: Engine, settings: Settings, claim: Claim, context: 
     try:
         for sample in todo:
             # 2. Stop between samples when asked to, or when the shard was cancelled or taken over.
-            if _stop_requested.is_set() or lease.lost.is_set():
+            if stop_requested() or lease.lost.is_set():
                 break
             # 3. Samples that failed at registration are recorded, never fed to a model.
             started = time.perf_counter()
@@ -283,13 +221,6 @@ def _flush_quietly(engine: Engine, settings: Settings, claim: Claim, context: Ru
         log.warning("could not store the last batch of shard %s; resume redoes it", claim.shard_id)
 
 
-def release_shard(engine: Engine, claim: Claim, state: ShardState) -> None:
-    """Give a shard back (interrupt or shutdown) without spending an attempt."""
-    with engine.begin() as connection:
-        connection.execute(update(Shard.__table__).where(_OWNED).values(
-            state=state.value, attempts=claim.token - 1, worker=None, gpu=None, heartbeat_at=None), claim.params())
-
-
 def _record_failure(engine: Engine, settings: Settings, claim: Claim, queue: str | None,
                     exc: Exception) -> ShardOutcome:
     """Store the traceback; queue the shard for a retry, or fail it once its attempts are used up."""
@@ -300,7 +231,7 @@ def _record_failure(engine: Engine, settings: Settings, claim: Claim, queue: str
         values["finished_at"] = utcnow()
     try:
         with engine.begin() as connection:
-            connection.execute(update(Shard.__table__).where(_OWNED).values(**values), claim.params())
+            connection.execute(update(Shard.__table__).where(OWNED).values(**values), claim.params())
     except SQLAlchemyError as db_exc:
         raise TransientError(f"shard {claim.shard_id}: cannot record its failure ({db_exc})") from exc
     log.warning("shard %s attempt %s failed: %s", claim.shard_id, claim.token, exc)
@@ -319,9 +250,6 @@ def execute_shard(engine: Engine, settings: Settings, shard_id: int, *, identity
         device: torch device for the models; None uses the settings' device.
         progress: called after each sample with (done, failed) increments.
     """
-    from difftpt_ops.services import online
-    from difftpt_ops.services.tuning import open_run_context
-
     if online.is_chained_shard(engine, shard_id):  # online runs: one link of an ordered chain at a time
         return online.execute_online_shard(engine, settings, shard_id, identity=identity, device=device,
                                            progress=progress)
@@ -365,13 +293,13 @@ def _record_provenance(engine: Engine, claim: Claim, context: RunContext) -> Non
     if activation is not None:
         facts = {**facts, "activation": activation}
     with engine.begin() as connection:
-        connection.execute(update(Shard.__table__).where(_OWNED).values(provenance=facts), claim.params())
+        connection.execute(update(Shard.__table__).where(OWNED).values(provenance=facts), claim.params())
 
 
 def _park(engine: Engine, claim: Claim, queue: str | None, exc: NotReadyError) -> ShardOutcome:
     """Give the shard back as waiting (no attempt spent): its inputs are not ready yet."""
     with engine.begin() as connection:
-        connection.execute(update(Shard.__table__).where(_OWNED).values(
+        connection.execute(update(Shard.__table__).where(OWNED).values(
             state=ShardState.WAITING.value, attempts=claim.token - 1, worker=None, gpu=None, heartbeat_at=None,
             waiting_reason=str(exc)), claim.params())
     log.info("shard %s waits: %s", claim.shard_id, exc)
@@ -380,42 +308,9 @@ def _park(engine: Engine, claim: Claim, queue: str | None, exc: NotReadyError) -
 
 def _wake_dependents(engine: Engine, claim: Claim, outcome: ShardOutcome) -> ShardOutcome:
     """After a generation shard: the waiting tune shards whose images are now complete become queued."""
-    from difftpt_ops.services.waiting import release_ready
-
     with session_scope(engine) as session:
         config_id = session.scalar(select(Run.generation_config_id).where(Run.id == claim.run_id))
     if config_id is None:
         return outcome
     tickets = tuple(ShardTicket(shard_id, queue) for shard_id, queue in release_ready(engine, config_id=config_id))
     return dataclasses.replace(outcome, follow_up=tickets) if tickets else outcome
-
-
-def final_run_state(failed_shards: int, failed_samples: int) -> RunState:
-    """The terminal state of a run whose shards are all terminal."""
-    if failed_shards:
-        return RunState.FAILED
-    return RunState.FINISHED_WITH_FAILURES if failed_samples else RunState.FINISHED
-
-
-def finalize_run_if_complete(engine: Engine, settings: Settings, run_id: int) -> RunState | None:
-    """Move a run whose shards are all terminal to its final state; once, whoever gets there first."""
-    with engine.connect() as connection:  # the common case, shards still open, costs one index seek
-        if connection.execute(_OPEN_SHARDS, {"b_run": run_id}).first() is not None:
-            return None
-    with session_scope(engine) as session:
-        failed_shards, failed_samples = session.execute(
-            select(func.count().filter(Shard.state == ShardState.FAILED),
-                   func.coalesce(func.sum(Shard.samples_failed), 0)).where(Shard.run_id == run_id)).one()
-        run_state = session.scalar(select(Run.state).where(Run.id == run_id))
-        if session.execute(_OPEN_SHARDS, {"b_run": run_id}).first() is not None or run_state not in (
-                RunState.PENDING, RunState.RUNNING):
-            return None
-        target = final_run_state(failed_shards, failed_samples)
-        check_run_transition(RunState(run_state), target)
-        error = f"{failed_shards} shard(s) failed; `difftpt-ops status {run_id}` shows why" if failed_shards else None
-        moved = session.execute(update(Run).where(Run.id == run_id, Run.state == run_state).values(
-            state=target, finished_at=utcnow(), error=error)).rowcount
-    if moved != 1:
-        return None
-    reporting.report_finished(engine, settings, run_id)
-    return target

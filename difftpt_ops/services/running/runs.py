@@ -1,4 +1,4 @@
-"""Runs: plan or attach, split into shards, run or enqueue them; resume, cancel, status and list.
+"""Runs: plan or attach, split into shards, run or enqueue them; resume and cancel (`status` reads them).
 
 A run is identified by its spec fingerprint. `--limit` is not part of it: it says how much of the run
 to plan now, so a larger limit extends the same run with new shards (earlier results are kept) and a
@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import asdict, dataclass
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import exists, func, select, update
@@ -21,13 +20,13 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from difftpt_ops.config import Settings
+from difftpt_ops.core.clock import utcnow
 from difftpt_ops.core.errors import InputError, NotFoundError, ServiceUnavailableError
 from difftpt_ops.core.specs import (
     GenerateRunSpec,
     GenerationSpec,
     ModelSpec,
     TuneRunSpec,
-    canonical_json,
     method_spec_from,
 )
 from difftpt_ops.core.status import TERMINAL_RUN_STATES, RunState, ShardState, check_run_transition
@@ -42,11 +41,13 @@ from difftpt_ops.db.tables import (
     Shard,
 )
 from difftpt_ops.db.writes import insert_new_ids
-from difftpt_ops.services import executor, online, reporting
-from difftpt_ops.services.executor import Dispatcher, ProgressSink, as_utc
-from difftpt_ops.services.shards import finalize_run_if_complete, utcnow
+from difftpt_ops.services.reading import reporting
+from difftpt_ops.services.running import online
+from difftpt_ops.services.running.dispatch import Dispatcher, queue_open_shards, send_tickets
+from difftpt_ops.services.running.embedded import ProgressSink, run_embedded
+from difftpt_ops.services.running.finalize import finalize_run_if_complete
+from difftpt_ops.services.running.status import is_active
 
-STATUS_WINDOW_S = 60.0  # throughput is measured over this recent window
 MAX_SHARD_SIZE = 10_000  # a shard's sample ids go into one IN (...) list
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
@@ -70,7 +71,6 @@ class SubmitResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
 
 
 def check_execution_args(*, limit: int | None, shard_size: int | None, device: str | None = None,
@@ -102,7 +102,6 @@ def _prepare_dispatch(settings: Settings, dispatcher: Dispatcher | None) -> None
     if dispatcher is None:
         raise ServiceUnavailableError("a broker is configured (DIFFTPT_OPS_BROKER_URL) but no dispatcher was given")
     dispatcher.check()
-
 
 
 def shard_ranges(start: int, stop: int, size: int) -> list[tuple[int, int]]:
@@ -178,7 +177,7 @@ def _latest_generation(session: Session, version: DatasetVersion) -> GenerationC
 def _require_generated_images(session: Session, version: DatasetVersion, config: GenerationConfig | None,
                               needed: int, stop: int, dataset_ref: str) -> None:
     """Embedded runs execute now, so every sample's images must exist before the run is planned."""
-    from difftpt_ops.services.waiting import GenerationNeed, readiness_error
+    from difftpt_ops.services.running.waiting import GenerationNeed, readiness_error
 
     if config is None or needed == 0:
         return
@@ -294,7 +293,7 @@ def submit_generate(engine: Engine, settings: Settings, *, dataset_ref: str, spe
                     dispatcher: Dispatcher | None = None, device: str | None = None,
                     progress: ProgressSink | None = None) -> SubmitResult:
     """Plan a generation run for a dataset version (or attach to the same one) and run or enqueue it."""
-    from difftpt_ops.services.generation import get_or_create_generation_config
+    from difftpt_ops.services.running.generation import get_or_create_generation_config
 
     check_execution_args(limit=limit, shard_size=shard_size, device=device, seed=spec.seed)
     if batch_size < 1:
@@ -319,7 +318,6 @@ def submit_generate(engine: Engine, settings: Settings, *, dataset_ref: str, spe
                                   shard_size=shard_size or settings.shard_size, columns=columns)
     return _start(engine, settings, run, created=created, new=new, dispatcher=dispatcher, device=device,
                   progress=progress)
-
 
 
 def _get_run(session: Session, run_id: int) -> Run:
@@ -360,10 +358,10 @@ def _start(engine: Engine, settings: Settings, run: Run, *, created: bool, new: 
             dispatched = open_shards
             _run_embedded_or_fail(engine, settings, run.id, device=device, progress=progress)
         else:
-            tickets = executor.queue_open_shards(engine, settings, run.id, run.kind, include_queued=include_queued)
+            tickets = queue_open_shards(engine, settings, run.id, run.kind, include_queued=include_queued)
             if tickets:
                 assert dispatcher is not None
-                executor.send_tickets(dispatcher, tickets, run.id)
+                send_tickets(dispatcher, tickets, run.id)
             dispatched = len(tickets)
         finalize_run_if_complete(engine, settings, run.id)
     with session_scope(engine) as session:
@@ -381,7 +379,7 @@ def _run_embedded_or_fail(engine: Engine, settings: Settings, run_id: int, *, de
     is gone) marks the run failed with the reason, so no run is left `running` with nothing behind it.
     Submitting the same spec again (or `resume`) starts it again."""
     try:
-        executor.run_embedded(engine, settings, run_id, device=device, progress=progress)
+        run_embedded(engine, settings, run_id, device=device, progress=progress)
     except (InputError, ServiceUnavailableError) as exc:
         _mark_failed(engine, run_id, str(exc))
         raise
@@ -407,7 +405,7 @@ def resume_run(engine: Engine, settings: Settings, run_id: int, *, dispatcher: D
     be lost with a broker restart) and stale running shards are run or enqueued again.
     Duplicate messages are harmless: a shard is claimed once.
     """
-    from difftpt_ops.services.waiting import generation_need
+    from difftpt_ops.services.running.waiting import generation_need
 
     _prepare_dispatch(settings, dispatcher)
     with session_scope(engine) as session:
@@ -438,139 +436,3 @@ def cancel_run(engine: Engine, settings: Settings, run_id: int) -> dict[str, Any
         run.state, run.finished_at = RunState.CANCELLED, utcnow()
     reporting.report_finished(engine, settings, run_id)
     return {"run_id": run_id, "state": RunState.CANCELLED.value, "shards_cancelled": cancelled}
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return as_utc(moment).isoformat() if moment is not None else None
-
-
-def _counters(session: Session, run_ids: list[int]) -> dict[int, tuple[int, int]]:
-    rows = session.execute(select(Shard.run_id, func.sum(Shard.samples_done), func.sum(Shard.samples_failed))
-                           .where(Shard.run_id.in_(run_ids)).group_by(Shard.run_id)).all()
-    return {run_id: (int(done or 0), int(failed or 0)) for run_id, done, failed in rows}
-
-
-def _run_rows(session: Session, *, run_id: int | None = None, active: bool = False,
-              limit: int | None = None) -> list[Any]:
-    query = (select(Run, Dataset.name, DatasetVersion.version)
-             .join(DatasetVersion, DatasetVersion.id == Run.dataset_version_id)
-             .join(Dataset, Dataset.id == DatasetVersion.dataset_id).order_by(Run.id.desc()))
-    if run_id is not None:
-        query = query.where(Run.id == run_id)
-    if active:
-        query = query.where(Run.state.not_in([state.value for state in TERMINAL_RUN_STATES]))
-    return list(session.execute(query.limit(limit)).all())
-
-
-def _summary(run: Run, dataset: str, version: int, counters: tuple[int, int]) -> dict[str, Any]:
-    done, failed = counters
-    return {"run_id": run.id, "kind": run.kind, "method": run.method, "dataset": f"{dataset}@{version}",
-            "model": run.model_name, "pretrained": run.pretrained, "seed": run.seed, "device": run.device,
-            "precision": run.precision, "settings": run.settings,
-            "state": run.state, "num_samples": run.num_samples, "done": done, "failed": failed,
-            "pending": max(run.num_samples - done - failed, 0), "generation_config_id": run.generation_config_id,
-            "created_at": _iso(run.created_at), "started_at": _iso(run.started_at),
-            "finished_at": _iso(run.finished_at), "error": run.error}
-
-
-def list_runs(engine: Engine, *, limit: int | None = None) -> list[dict[str, Any]]:
-    """Every run, newest first, with its sample counts."""
-    from difftpt_ops.services.features import view_counts
-
-    with session_scope(engine) as session:
-        rows = _run_rows(session, limit=limit)
-        counters = _counters(session, [row[0].id for row in rows])
-        views = view_counts(session, [row[0].id for row in rows])
-    return [{**_summary(run, name, version, counters.get(run.id, (0, 0))), **views[run.id]}
-            for run, name, version in rows]
-
-
-def _details(session: Session, settings: Settings, run: Run, summary: dict[str, Any], now: datetime) -> None:
-    """Add shard counts, throughput, ETA and the active workers to a run's summary."""
-    shards = dict(session.execute(select(Shard.state, func.count()).where(Shard.run_id == run.id)
-                                  .group_by(Shard.state)).all())
-    running = session.execute(select(Shard.index, Shard.worker, Shard.gpu, Shard.heartbeat_at).where(
-        Shard.run_id == run.id, Shard.state == ShardState.RUNNING)).all()
-    failures = session.execute(select(Shard.index, Shard.error).where(
-        Shard.run_id == run.id, Shard.state == ShardState.FAILED).order_by(Shard.index).limit(5)).all()
-    waiting = session.execute(select(Shard.index, Shard.waiting_reason).where(
-        Shard.run_id == run.id, Shard.state == ShardState.WAITING).order_by(Shard.index).limit(5)).all()
-    if is_active(run.state):
-        rate = executor.recent_throughput(session, run, now, window_s=STATUS_WINDOW_S)
-    elif run.started_at and run.finished_at:
-        elapsed = (as_utc(run.finished_at) - as_utc(run.started_at)).total_seconds()
-        rate = (summary["done"] + summary["failed"]) / elapsed if elapsed > 0 else None
-    else:
-        rate = None
-    eta = summary["pending"] / rate if rate and is_active(run.state) else None
-    unit = "samples"
-    if run.kind == "generate" and rate is not None:
-        # A generation run's unit of work is a sample, but what users size and compare is images.
-        rate, unit = rate * int(run.spec.get("generation", {}).get("per_sample", 1)), "images"
-    summary.update(
-        shards=shards, throughput=round(rate, 3) if rate is not None else None, throughput_unit=unit,
-        eta_s=round(eta, 1) if eta is not None else None,
-        workers=executor.active_workers(running, now=now, stale_after_s=settings.stale_after_s),
-        failed_shards=[{"shard": index, "error": (error or "").strip().splitlines()[-1:]} for index, error in failures],
-        waiting_shards=[{"shard": index, "reason": reason} for index, reason in waiting])
-
-
-def run_status(engine: Engine, settings: Settings, run_id: int | None = None) -> list[dict[str, Any]]:
-    """Status of one run, or of the active runs (none when no run is active).
-
-    Raises:
-        NotFoundError: `run_id` names no run.
-    """
-    from difftpt_ops.services.features import view_counts
-
-    now = utcnow()
-    with session_scope(engine) as session:
-        if run_id is not None:
-            rows = _run_rows(session, run_id=run_id)
-            if not rows:
-                raise NotFoundError("RUN", run_id, "no such run; see `difftpt-ops runs list`")
-        else:
-            rows = _run_rows(session, active=True)
-        counters = _counters(session, [row[0].id for row in rows])
-        views = view_counts(session, [row[0].id for row in rows])  # encoded vs read from the feature store
-        out = []
-        for run, name, version in rows:
-            summary = {**_summary(run, name, version, counters.get(run.id, (0, 0))), **views[run.id]}
-            _details(session, settings, run, summary, now)
-            out.append(summary)
-    return out
-
-
-def is_active(state: str) -> bool:
-    """A run that is neither finished, failed nor cancelled."""
-    return RunState(state) not in TERMINAL_RUN_STATES
-
-
-def show_run(engine: Engine, run_id: int) -> dict[str, Any]:
-    """Everything about one run: its summary, full spec, provenance, and the machines its shards ran on.
-
-    `shard_provenance` groups the shards by what ran them (device, precision, host and versions), so a
-    run whose shards ran on two kinds of GPU shows both, each with its shard count.
-
-    Raises:
-        NotFoundError: no such run.
-    """
-    with session_scope(engine) as session:
-        rows = _run_rows(session, run_id=run_id)
-        if not rows:
-            raise NotFoundError("RUN", run_id, "no such run; see `difftpt-ops runs list`")
-        run, name, version = rows[0]
-        summary = _summary(run, name, version, _counters(session, [run.id]).get(run.id, (0, 0)))
-        facts = session.execute(select(Shard.index, Shard.provenance).where(Shard.run_id == run.id)
-                                .order_by(Shard.index)).all()
-        summary.update(fingerprint=run.fingerprint, spec=run.spec, provenance=run.provenance,
-                       mlflow_run_id=run.mlflow_run_id, generation_config_id=run.generation_config_id)
-    groups: dict[str, dict[str, Any]] = {}
-    for index, provenance in facts:
-        if provenance is None:
-            continue
-        key = canonical_json(provenance)
-        group = groups.setdefault(key, {**provenance, "shards": []})
-        group["shards"].append(index)
-    summary["shard_provenance"] = list(groups.values())
-    return summary

@@ -1,0 +1,166 @@
+"""Sending shards to workers: tickets, queueing a run's open shards, and the workers' periodic checks
+that re-queue shards whose worker went silent or whose broker message was lost.
+
+`workers/tasks.py` implements the `Dispatcher` with Celery. Without a broker, `embedded` runs the
+shards in-process instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from sqlalchemy import select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from difftpt_ops.config import Settings
+from difftpt_ops.core.clock import utcnow
+from difftpt_ops.core.errors import ServiceUnavailableError
+from difftpt_ops.core.status import TERMINAL_SHARD_STATES, RunState, ShardState
+from difftpt_ops.db.session import session_scope
+from difftpt_ops.db.tables import Run, Shard
+from difftpt_ops.services.running.finalize import finalize_run_if_complete
+from difftpt_ops.services.running.leases import is_reclaimable
+from difftpt_ops.services.running.processors import QUEUE_OF_KIND
+from difftpt_ops.services.running.waiting import hold_unready, release_ready
+
+log = logging.getLogger(__name__)
+_TERMINAL_SHARD = [state.value for state in TERMINAL_SHARD_STATES]
+
+
+@dataclass(frozen=True)
+class ShardTicket:
+    """One message to send: run shard `shard_id` on `queue`, after `countdown` seconds."""
+
+    shard_id: int
+    queue: str
+    countdown: float = 0.0
+
+
+class Dispatcher(Protocol):
+    """Sends shards to workers (workers/tasks.py implements it with Celery)."""
+
+    def check(self) -> None:
+        """Raise ServiceUnavailableError quickly when the broker cannot be reached."""
+
+    def send(self, tickets: Sequence[ShardTicket]) -> None:
+        """Enqueue the tickets; raise ServiceUnavailableError when the broker is gone."""
+
+
+def queue_open_shards(engine: Engine, settings: Settings, run_id: int, kind: str, *,
+                      include_queued: bool) -> list[ShardTicket]:
+    """Mark the run's pending and reclaimable shards queued; return the tickets to send after the commit."""
+    now, queue = utcnow(), QUEUE_OF_KIND[kind]
+    with session_scope(engine) as session:
+        ids = list(session.scalars(update(Shard).where(
+            Shard.run_id == run_id, Shard.state.in_([ShardState.PENDING, ShardState.WAITING]))
+            .values(state=ShardState.QUEUED, waiting_reason=None).returning(Shard.id)))
+        # Shards whose samples lack their generated images wait instead (waiting.py).
+        ids = hold_unready(session, session.get(Run, run_id), ids)
+        if include_queued:
+            ids += session.scalars(select(Shard.id).where(Shard.run_id == run_id, Shard.state == ShardState.QUEUED,
+                                                          Shard.id.not_in(ids)))
+        running = session.execute(select(Shard.id, Shard.attempts, Shard.heartbeat_at, Shard.worker).where(
+            Shard.run_id == run_id, Shard.state == ShardState.RUNNING)).all()
+        for row in running:
+            if is_reclaimable(row.heartbeat_at, row.worker, now=now, stale_after_s=settings.stale_after_s):
+                ids += _requeue_running(session, row.id, row.attempts)
+    return [ShardTicket(shard_id, queue) for shard_id in sorted(ids)]
+
+
+def _requeue_running(session: Session, shard_id: int, attempts: int) -> list[int]:
+    moved = session.execute(update(Shard).where(
+        Shard.id == shard_id, Shard.state == ShardState.RUNNING, Shard.attempts == attempts,
+    ).values(state=ShardState.QUEUED, worker=None, gpu=None, heartbeat_at=None)).rowcount
+    return [shard_id] if moved == 1 else []
+
+
+def send_tickets(dispatcher: Dispatcher, tickets: list[ShardTicket], run_id: int) -> None:
+    try:
+        dispatcher.send(tickets)
+    except ServiceUnavailableError as exc:
+        raise ServiceUnavailableError(f"{exc}; run {run_id} is planned: `difftpt-ops resume {run_id}` "
+                                      "enqueues it once the broker is back") from exc
+
+
+def requeue_stale_shards(engine: Engine, settings: Settings, dispatcher: Dispatcher) -> int:
+    """The workers' periodic check: re-queue running shards whose worker stopped heartbeating or is gone.
+
+    A shard that lost its worker `shard_max_attempts` times (it may be what kills the worker) fails.
+    A running run whose shards are all terminal (its last worker died before finalizing it) is finalized.
+    Returns the number of shards re-queued.
+    """
+    now, tickets = utcnow(), []
+    with session_scope(engine) as session:
+        rows = session.execute(
+            select(Shard.id, Shard.run_id, Shard.attempts, Shard.heartbeat_at, Shard.worker, Run.kind)
+            .join(Run, Run.id == Shard.run_id)
+            .where(Run.state == RunState.RUNNING, Shard.state == ShardState.RUNNING)).all()
+        for row in rows:
+            if not is_reclaimable(row.heartbeat_at, row.worker, now=now, stale_after_s=settings.stale_after_s):
+                continue
+            if row.attempts >= settings.shard_max_attempts:
+                session.execute(update(Shard).where(
+                    Shard.id == row.id, Shard.state == ShardState.RUNNING, Shard.attempts == row.attempts,
+                ).values(state=ShardState.FAILED, finished_at=now,
+                         error=f"worker {row.worker} stopped heartbeating; {row.attempts} attempts used"))
+            else:
+                tickets += [ShardTicket(i, QUEUE_OF_KIND[row.kind]) for i in
+                            _requeue_running(session, row.id, row.attempts)]
+        open_shard = select(Shard.id).where(Shard.run_id == Run.id, Shard.state.not_in(_TERMINAL_SHARD)).exists()
+        settled = list(session.scalars(select(Run.id).where(Run.state == RunState.RUNNING, ~open_shard)))
+    for run_id in settled:
+        finalize_run_if_complete(engine, settings, run_id)
+    # Waiting shards whose inputs completed (a missed wake-up after a generation shard) become queued.
+    tickets += [ShardTicket(shard_id, queue) for shard_id, queue in release_ready(engine)]
+    if tickets:
+        dispatcher.send(tickets)
+    return len(tickets)
+
+
+class BrokerInspector(Protocol):
+    """A dispatcher that can list the shards its broker holds (Redis can; RabbitMQ keeps its queues on disk)."""
+
+    def enqueued_shard_ids(self) -> set[int] | None:
+        """Shard ids in a broker queue or delivered and not yet acknowledged; None when the broker cannot tell."""
+
+
+def requeue_lost_messages(engine: Engine, settings: Settings, dispatcher: Dispatcher,
+                          missing_since: dict[int, float]) -> int:
+    """The workers' periodic check, second half: send again the queued shards whose message the broker lost.
+
+    Redis without persistence forgets its queues on a restart, while the database still says `queued`: such a
+    run would sit idle until someone typed `resume`. A shard queued in the database but in no broker queue
+    (nor delivered, unacknowledged) for `lost_message_grace_s` is sent again. The grace period covers the
+    moment between the commit that marks a shard queued and the send. `missing_since` (shard id -> monotonic
+    time first seen missing) is the caller's memory between checks. A duplicate message is harmless: a shard
+    is claimed once. Returns the number of shards sent again.
+    """
+    inspect = getattr(dispatcher, "enqueued_shard_ids", None)
+    if inspect is None:
+        return 0
+    with session_scope(engine) as session:  # the database first: a shard sent meanwhile is in the broker next
+        queued = dict(session.execute(
+            select(Shard.id, Run.kind).join(Run, Run.id == Shard.run_id)
+            .where(Shard.state == ShardState.QUEUED, Run.state.in_([RunState.PENDING, RunState.RUNNING]))).all())
+    enqueued = inspect()
+    if enqueued is None:
+        return 0
+    now, due = time.monotonic(), []
+    for shard_id in list(missing_since):
+        if shard_id not in queued or shard_id in enqueued:
+            del missing_since[shard_id]
+    for shard_id, kind in queued.items():
+        if shard_id in enqueued:
+            continue
+        if now - missing_since.setdefault(shard_id, now) >= settings.lost_message_grace_s:
+            due.append(ShardTicket(shard_id, QUEUE_OF_KIND[kind]))
+    if due:
+        dispatcher.send(due)
+        for ticket in due:
+            missing_since.pop(ticket.shard_id, None)
+    return len(due)

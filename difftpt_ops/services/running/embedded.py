@@ -1,0 +1,89 @@
+"""The embedded executor: without a broker (`broker_url` unset), `submit` and `resume` run a run's
+shards here, in this process, one after the other, through the same `execute_shard` the Celery workers
+call; a progress sink sees every sample.
+"""
+
+from __future__ import annotations
+
+import heapq
+import socket
+import time
+from collections import deque
+from typing import Protocol
+
+from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
+
+from difftpt_ops.config import Settings
+from difftpt_ops.core.errors import InputError, ServiceUnavailableError
+from difftpt_ops.core.status import TERMINAL_RUN_STATES, TERMINAL_SHARD_STATES, RunState
+from difftpt_ops.db.session import session_scope
+from difftpt_ops.db.tables import Run, Shard
+from difftpt_ops.services.running.finalize import finalize_run_if_complete
+from difftpt_ops.services.running.leases import WorkerIdentity
+from difftpt_ops.services.running.outcomes import Outcome
+from difftpt_ops.services.running.shards import execute_shard
+
+
+class ProgressSink(Protocol):
+    """What the embedded executor reports to (the CLI draws a progress bar from it)."""
+
+    def start(self, run_id: int, total: int, completed: int) -> None: ...
+
+    def advance(self, done: int, failed: int) -> None: ...
+
+
+def embedded_identity(device: str | None) -> WorkerIdentity:
+    gpu = device if device and device.startswith("cuda") else None
+    return WorkerIdentity(name=f"embedded@{socket.gethostname()}", gpu=gpu)
+
+
+def _open_shards(engine: Engine, run_id: int) -> tuple[list[int], int, int]:
+    """Ids of the run's non-terminal shards in order, and the samples the run has and has finished."""
+    terminal = [state.value for state in TERMINAL_SHARD_STATES]
+    with session_scope(engine) as session:
+        ids = list(session.scalars(select(Shard.id).where(Shard.run_id == run_id, Shard.state.not_in(terminal))
+                                   .order_by(Shard.index)))
+        total, finished = session.execute(
+            select(func.coalesce(func.sum(Shard.stop - Shard.start), 0),
+                   func.coalesce(func.sum(Shard.samples_done + Shard.samples_failed), 0))
+            .where(Shard.run_id == run_id)).one()
+    return ids, int(total), int(finished)
+
+
+def run_embedded(engine: Engine, settings: Settings, run_id: int, *, device: str | None = None,
+                 progress: ProgressSink | None = None) -> RunState | None:
+    """Run the open shards of a run in this process; failed shards are retried after their backoff.
+
+    Returns the run's final state, or None when it is not finished (another process holds a shard,
+    or a shutdown stopped it). Ctrl-C (KeyboardInterrupt) propagates; `resume` finishes the run.
+    """
+    identity = embedded_identity(device)
+    shard_ids, total, finished = _open_shards(engine, run_id)
+    if progress is not None:
+        progress.start(run_id, total, finished)
+    ready, waiting = deque(shard_ids), []  # waiting: a heap of (due time, shard id) for retries
+    while ready or waiting:
+        if not ready:
+            due, shard_id = heapq.heappop(waiting)
+            time.sleep(max(0.0, due - time.monotonic()))
+            ready.append(shard_id)
+        shard_id = ready.popleft()
+        outcome = execute_shard(engine, settings, shard_id, identity=identity, device=device,
+                                progress=progress.advance if progress is not None else None)
+        if isinstance(outcome.error, (InputError, ServiceUnavailableError)):
+            # A setup problem (model weights unreachable, a bad spec) fails every shard the same way:
+            # say so now instead of retrying with backoff. The shard is stored; `resume` continues.
+            raise outcome.error
+        if outcome.outcome == Outcome.RETRY:
+            heapq.heappush(waiting, (time.monotonic() + (outcome.retry_in_s or 0.0), shard_id))
+        elif outcome.outcome == Outcome.INTERRUPTED:
+            return None
+    finalize_run_if_complete(engine, settings, run_id)
+    return _terminal_state(engine, run_id)
+
+
+def _terminal_state(engine: Engine, run_id: int) -> RunState | None:
+    with session_scope(engine) as session:
+        state = RunState(session.scalar(select(Run.state).where(Run.id == run_id)))
+    return state if state in TERMINAL_RUN_STATES else None

@@ -1,0 +1,178 @@
+"""Who holds a shard, and for how long: a worker's identity and liveness, the lease a claim gives it,
+the heartbeats that keep the lease, and giving a shard back.
+
+A claimed shard's attempt count is its owner's token: every write the owner makes matches it, so a
+worker whose shard was re-queued as stale (silent heartbeat, or its process gone) or cancelled writes
+nothing more. `dispatch` re-queues such shards; `shards` and `online` claim them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from sqlalchemy import bindparam, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from difftpt_ops.core.clock import as_utc, utcnow
+from difftpt_ops.core.status import ShardState
+from difftpt_ops.db.tables import Shard
+
+log = logging.getLogger(__name__)
+_S = Shard.__table__.c
+# The rows a shard's owner may write: its id, its token (attempt count when claimed), still running.
+OWNED = (_S.id == bindparam("b_id")) & (_S.attempts == bindparam("b_token")) & (_S.state == ShardState.RUNNING.value)
+
+
+@dataclass(frozen=True)
+class WorkerIdentity:
+    """Who runs a shard: a Celery worker (its hostname) or the embedded executor, and its GPU."""
+
+    name: str
+    gpu: str | None = None
+    host: str = field(default_factory=socket.gethostname)
+    pid: int = field(default_factory=os.getpid)
+
+    @property
+    def label(self) -> str:
+        """Stored on shards and predictions; host and pid let a resume on this host spot a dead worker."""
+        return f"{self.name} ({self.host}:{self.pid})"
+
+
+_LABEL = re.compile(r"^(?P<name>.*) \((?P<host>[^():]*):(?P<pid>\d+)\)$")
+
+
+def worker_name(label: str | None) -> str | None:
+    """The worker name of a stored label, without host and pid."""
+    match = _LABEL.match(label or "")
+    return match["name"] if match else label
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:  # a killed child not yet reaped by its parent still answers kill(0): a zombie
+        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] in {"Z", "X"}
+    except (OSError, IndexError):
+        return False
+
+
+def worker_is_gone(label: str | None) -> bool:
+    """True when `label` names a process on this host that no longer runs (killed, crashed).
+
+    Assumes host names are unique among the machines sharing a database (true for real hosts and
+    for containers with their default host names).
+    """
+    match = _LABEL.match(label or "")
+    if match is None or match["host"] != socket.gethostname():
+        return False
+    return _process_gone(int(match["pid"]))
+
+
+def is_reclaimable(heartbeat_at: datetime | None, worker: str | None, *, now: datetime,
+                   stale_after_s: float) -> bool:
+    """A running shard may be taken over when its heartbeat is stale or its worker is known dead."""
+    if heartbeat_at is None or (now - as_utc(heartbeat_at)).total_seconds() > stale_after_s:
+        return True
+    return worker_is_gone(worker)
+
+
+def active_workers(running: Sequence[Any], *, now: datetime, stale_after_s: float) -> list[dict[str, Any]]:
+    """Worker, GPU and shard of the running shard rows whose worker is alive (fresh heartbeat, not gone)."""
+    return [{"worker": worker_name(row.worker), "gpu": row.gpu, "shard": row.index} for row in running
+            if not is_reclaimable(row.heartbeat_at, row.worker, now=now, stale_after_s=stale_after_s)]
+
+
+class Lease:
+    """Ownership of one claimed shard: `token` guards every write; `lost` is set when a heartbeat finds
+    the shard no longer ours (cancelled, or re-queued as stale)."""
+
+    def __init__(self, engine: Engine, shard_id: int, token: int, interval_s: float) -> None:
+        self.engine, self.shard_id, self.token = engine, shard_id, token
+        self.interval_s = max(interval_s, 0.05)
+        self.due = time.monotonic() + self.interval_s
+        self.lost = threading.Event()
+
+
+_BEAT = (update(Shard.__table__)
+         .where(Shard.__table__.c.id == bindparam("b_id"), Shard.__table__.c.attempts == bindparam("b_token"),
+                Shard.__table__.c.state == ShardState.RUNNING.value)
+         .values(heartbeat_at=bindparam("b_now")))
+
+
+class Heartbeats:
+    """One daemon thread per process heartbeats every shard the process holds (none per shard: cheap)."""
+
+    def __init__(self) -> None:
+        self._leases: dict[int, Lease] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def hold(self, lease: Lease) -> None:
+        with self._lock:
+            self._leases[id(lease)] = lease
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="shard-heartbeats", daemon=True)
+                self._thread.start()
+        self._wake.set()
+
+    def release(self, lease: Lease) -> None:
+        with self._lock:
+            self._leases.pop(id(lease), None)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                leases = list(self._leases.values())
+            now = time.monotonic()
+            for lease in leases:
+                if lease.due <= now:
+                    lease.due = now + lease.interval_s
+                    self._beat(lease)
+            wait = min((lease.due for lease in leases), default=now + 60.0) - time.monotonic()
+            self._wake.wait(max(wait, 0.01))
+            self._wake.clear()
+
+    @staticmethod
+    def _beat(lease: Lease) -> None:
+        try:
+            with lease.engine.begin() as connection:
+                params = {"b_id": lease.shard_id, "b_token": lease.token, "b_now": utcnow()}
+                if connection.execute(_BEAT, params).rowcount != 1:
+                    lease.lost.set()
+        except SQLAlchemyError as exc:  # the next beat or the next batch tells whether this persists
+            log.warning("heartbeat of shard %s failed: %s", lease.shard_id, exc)
+
+
+HEARTBEATS = Heartbeats()
+
+
+class OwnedClaim(Protocol):
+    """A claim on a shard (episodic or chained): its token and the parameters that match OWNED."""
+
+    shard_id: int
+    token: int
+
+    def params(self, **extra: Any) -> dict[str, Any]: ...
+
+
+def release_shard(engine: Engine, claim: OwnedClaim, state: ShardState) -> None:
+    """Give a shard back (interrupt or shutdown) without spending an attempt."""
+    with engine.begin() as connection:
+        connection.execute(update(Shard.__table__).where(OWNED).values(
+            state=state.value, attempts=claim.token - 1, worker=None, gpu=None, heartbeat_at=None), claim.params())

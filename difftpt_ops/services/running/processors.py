@@ -1,0 +1,225 @@
+"""What a run does with one sample, and where its models live in this process.
+
+- `NoopProcessor` (method `noop`): predicts the label without model work, for measuring the system's
+  own overhead. Test hooks, honoured by noop only: DIFFTPT_OPS_NOOP_DELAY_S sleeps that long per
+  sample (to kill a worker mid-run), DIFFTPT_OPS_NOOP_TRACE appends "run_id sample_index pid" per
+  processed sample to that file (to prove a finished sample is not redone).
+- `TuneProcessor` (every registered episodic method): runs the engine's tuner and maps its SampleResult
+  to a Prediction row and ViewScore rows.
+- The other kinds' processors live with what they make: `generation.GenerateProcessor` (generate
+  runs) and `features.FeaturesProcessor` (features runs); `contexts` picks the one a run needs.
+
+Models load once per process and are reused across shards and runs (`MODELS`): keyed by model spec and
+device (the CLIP), by class names and method spec (the tuner built from it), by generation spec (the
+diffusion pipeline).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from sqlalchemy import select
+from sqlalchemy.engine import Connection
+
+from difftpt_ops.config import Settings
+from difftpt_ops.core.clock import utcnow
+from difftpt_ops.core.errors import InputError, SampleError
+from difftpt_ops.db.tables import Prediction, ViewScore
+from difftpt_ops.db.writes import insert_many_ignore
+
+if TYPE_CHECKING:
+    from difftpt_ops.services.running.generation import GeneratedViews
+
+NOOP_DELAY_ENV = "DIFFTPT_OPS_NOOP_DELAY_S"
+NOOP_TRACE_ENV = "DIFFTPT_OPS_NOOP_TRACE"
+QUEUE_OF_KIND = {"tune": "tune", "generate": "generate", "features": "tune"}  # features: GPU work, like tuning
+_MODEL_CACHE_SIZE = 4  # CLIPs and tuners kept per process (a worker usually serves one or two runs)
+
+T = TypeVar("T")
+
+
+class SampleProcessor(Protocol):
+    def finished_ids(self, connection: Connection, samples: Sequence[Any]) -> set[int]:
+        """Ids of `samples` whose result is already stored."""
+
+    def process(self, sample: Any) -> Any:
+        """The result of one sample; raises SampleError when this sample cannot be processed."""
+
+    def write(self, connection: Connection, results: list[Any]) -> None:
+        """Store a batch of results (idempotently) inside the caller's transaction."""
+
+
+@dataclass(frozen=True)
+class RunContext:
+    run_id: int
+    kind: str
+    queue: str
+    dataset_version_id: int
+    processor: SampleProcessor
+    counts_results: bool  # results are only written with the shard's counters (tune, not generate)
+    device: str = "cpu"  # the torch device this process computes the run on
+    precision: str | None = None  # of the frozen weights (tune) or the pipeline (generate)
+    generation_config_id: int | None = None
+
+
+class LRU:
+    """A tiny least-recently-used cache; evicted models are freed with the last reference."""
+
+    def __init__(self, capacity: int) -> None:
+        self._items: OrderedDict[Any, Any] = OrderedDict()
+        self._capacity = capacity
+
+    def get(self, key: Any, build: Callable[[], T]) -> T:
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]  # type: ignore[no-any-return]
+        value = build()
+        self._items[key] = value
+        while len(self._items) > self._capacity:
+            self._items.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self._items.clear()
+
+
+MODELS = LRU(_MODEL_CACHE_SIZE)
+
+
+def resolve_device(settings: Settings, device: str | None) -> str:
+    """The torch device to use: the explicit one, else the settings' (auto: cuda when available)."""
+    chosen = device or settings.device
+    if chosen != "auto":
+        return chosen
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def execution_device(settings: Settings, spec_device: str | None, requested: str | None) -> str:
+    """The torch device to run a run on: the kind its spec names, with the GPU this process was given.
+
+    Raises:
+        InputError: the run is for CUDA and this process has none (it never falls back to the CPU).
+    """
+    if spec_device is None:  # runs planned before the spec named a device
+        return resolve_device(settings, requested)
+    if spec_device != "cuda":
+        return spec_device
+    import torch
+
+    if not torch.cuda.is_available():
+        raise InputError("device", "cuda", "the run is for CUDA but this process has no usable CUDA device; "
+                                           "run it on a GPU worker (`difftpt-ops worker --gpus all`)")
+    for candidate in (requested, settings.device):
+        if candidate and candidate.startswith("cuda"):
+            return candidate
+    return "cuda"
+
+
+class _TuneRows:
+    """Shared by the tuning processors: finished = has a prediction; write = predictions + view scores."""
+
+    run_id: int
+
+    def finished_ids(self, connection: Connection, samples: Sequence[Any]) -> set[int]:
+        ids = [sample.id for sample in samples]
+        return set(connection.execute(select(Prediction.sample_id).where(
+            Prediction.run_id == self.run_id, Prediction.sample_id.in_(ids))).scalars())
+
+    def write(self, connection: Connection, results: list[Any]) -> None:
+        insert_many_ignore(connection, Prediction, [prediction for prediction, _ in results])
+        insert_many_ignore(connection, ViewScore, [view for _, sample_views in results for view in sample_views])
+
+
+class NoopProcessor(_TuneRows):
+    """Predicts the label: no model, no image read. Only the bookkeeping is measured."""
+
+    def __init__(self, run_id: int, worker: str) -> None:
+        self.run_id, self.worker = run_id, worker
+        self.delay_s = float(os.environ.get(NOOP_DELAY_ENV) or 0.0)
+        self.trace = os.environ.get(NOOP_TRACE_ENV) or None
+
+    def process(self, sample: Any) -> Any:
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if self.trace:
+            with open(self.trace, "a", encoding="utf-8") as handle:
+                handle.write(f"{self.run_id} {sample.index} {os.getpid()}\n")
+        label = sample.label
+        prediction = {
+            "run_id": self.run_id, "sample_id": sample.id, "sample_index": sample.index, "label": label,
+            "pred": label, "top5": [label], "correct": True, "top5_correct": True, "zeroshot_pred": label,
+            "zeroshot_correct": True, "entropy_before": None, "entropy_after": None, "confidence_before": None,
+            "confidence_after": None, "n_views": 1, "n_kept": 1, "seconds": 0.0, "worker": self.worker,
+            "created_at": utcnow(),
+        }
+        return prediction, ()
+
+
+class TuneProcessor(_TuneRows):
+    """Zero-shot, TPT or DiffTPT on one sample through the engine's tuner."""
+
+    def __init__(self, *, run_id: int, worker: str, tuner: Any, root: Path, seed: int, augmix: bool,
+                 views: GeneratedViews | None) -> None:
+        self.run_id, self.worker, self.tuner, self.root = run_id, worker, tuner, root
+        self.seed, self.augmix, self.views = seed, augmix, views
+
+    features: Any = None  # services.features.FeatureCache: stored view features are read, not encoded
+
+    def process(self, sample: Any) -> Any:
+        from difftpt_ops.data.images import load_rgb
+
+        started = time.perf_counter()
+        if self.features is not None:
+            result = self.features.run_sample(self.tuner, sample, root=self.root, views=self.views, seed=self.seed,
+                                              augmix=self.augmix)
+            return self._rows(sample, result, time.perf_counter() - started)
+        image = load_rgb(self.root / sample.relpath)
+        generated = self.views.images_for(sample) if self.views is not None else []
+        try:
+            result = self.tuner.run(image, generated=generated, seed=self.seed,
+                                    sample_key=sample.content_hash or str(sample.id), augmix=self.augmix)
+        except InputError as exc:  # about this sample's images, not the run: record it and go on
+            raise SampleError(f"sample {sample.index}: {exc}") from exc
+        return self._rows(sample, result, time.perf_counter() - started)
+
+    def _rows(self, sample: Any, result: Any, seconds: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        for name in ("entropy_before", "entropy_after", "confidence_before", "confidence_after"):
+            value = getattr(result, name, None)
+            if value is not None and not math.isfinite(value):
+                raise SampleError(f"non-finite {name} ({value}) for sample {sample.index}")
+        label, top5 = sample.label, [int(k) for k in result.top5]
+        zeroshot = getattr(result, "zeroshot_pred", None)
+        prediction = {
+            "run_id": self.run_id, "sample_id": sample.id, "sample_index": sample.index, "label": label,
+            "pred": int(result.pred), "top5": top5, "correct": int(result.pred) == label,
+            "top5_correct": label in top5, "zeroshot_pred": zeroshot,
+            "zeroshot_correct": None if zeroshot is None else int(zeroshot) == label,
+            "entropy_before": result.entropy_before, "entropy_after": result.entropy_after,
+            "confidence_before": result.confidence_before, "confidence_after": result.confidence_after,
+            "views_encoded": getattr(result, "views_encoded", 0), "views_read": getattr(result, "views_read", 0),
+            "n_views": result.n_views, "n_kept": result.n_kept, "n_generated": _generated_views(result),
+            "seconds": seconds,  # wall time of the sample: image, views, features (encoded or read), method
+            "worker": self.worker, "created_at": utcnow(),
+        }
+        views = [{"run_id": self.run_id, "sample_id": sample.id, "view_index": view.index, "kind": view.kind,
+                  "cosine": view.cosine, "entropy": view.entropy, "kept": bool(view.kept),
+                  "weight": _finite_or_none(getattr(view, "weight", None))}
+                 for view in (getattr(result, "views", None) or ())]
+        return prediction, views
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def _generated_views(result: Any) -> int:
+    return sum(1 for view in (getattr(result, "views", None) or ()) if view.kind == "generated")

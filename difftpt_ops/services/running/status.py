@@ -1,0 +1,176 @@
+"""What runs are doing: `runs list`, `status` (shard counts, throughput, ETA, live workers, waiting and
+failed shards) and `runs show` (spec, provenance, the machines its shards ran on).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from difftpt_ops.config import Settings
+from difftpt_ops.core.clock import as_utc, utcnow
+from difftpt_ops.core.errors import NotFoundError
+from difftpt_ops.core.specs import canonical_json
+from difftpt_ops.core.status import TERMINAL_RUN_STATES, RunState, ShardState
+from difftpt_ops.db.session import session_scope
+from difftpt_ops.db.tables import Dataset, DatasetVersion, GeneratedImage, Prediction, Run, Shard
+from difftpt_ops.db.tables import SampleError as SampleErrorRow
+from difftpt_ops.services.reading.store import view_counts
+from difftpt_ops.services.running.leases import active_workers
+
+STATUS_WINDOW_S = 60.0  # throughput is measured over this recent window
+
+
+def recent_throughput(session: Session, run: Run, now: datetime, *, window_s: float) -> float | None:
+    """Samples per second of a run over the last `window_s` seconds, from its result rows' timestamps
+    (generate runs: generated images of its config / images per sample)."""
+    if run.started_at is None:
+        return None
+    since = max(now - timedelta(seconds=window_s), as_utc(run.started_at))
+    span = max((now - since).total_seconds(), 1.0)
+    count = session.scalar(select(func.count()).where(
+        SampleErrorRow.run_id == run.id, SampleErrorRow.created_at >= since)) or 0
+    if run.kind == "generate":
+        images = session.scalar(select(func.count()).where(
+            GeneratedImage.generation_config_id == run.generation_config_id, GeneratedImage.created_at >= since)) or 0
+        count += images / max(int(run.spec["generation"].get("per_sample", 1)), 1)
+    else:
+        count += session.scalar(select(func.count()).where(
+            Prediction.run_id == run.id, Prediction.created_at >= since)) or 0
+    return count / span
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return as_utc(moment).isoformat() if moment is not None else None
+
+
+def _counters(session: Session, run_ids: list[int]) -> dict[int, tuple[int, int]]:
+    rows = session.execute(select(Shard.run_id, func.sum(Shard.samples_done), func.sum(Shard.samples_failed))
+                           .where(Shard.run_id.in_(run_ids)).group_by(Shard.run_id)).all()
+    return {run_id: (int(done or 0), int(failed or 0)) for run_id, done, failed in rows}
+
+
+def _run_rows(session: Session, *, run_id: int | None = None, active: bool = False,
+              limit: int | None = None) -> list[Any]:
+    query = (select(Run, Dataset.name, DatasetVersion.version)
+             .join(DatasetVersion, DatasetVersion.id == Run.dataset_version_id)
+             .join(Dataset, Dataset.id == DatasetVersion.dataset_id).order_by(Run.id.desc()))
+    if run_id is not None:
+        query = query.where(Run.id == run_id)
+    if active:
+        query = query.where(Run.state.not_in([state.value for state in TERMINAL_RUN_STATES]))
+    return list(session.execute(query.limit(limit)).all())
+
+
+def _summary(run: Run, dataset: str, version: int, counters: tuple[int, int]) -> dict[str, Any]:
+    done, failed = counters
+    return {"run_id": run.id, "kind": run.kind, "method": run.method, "dataset": f"{dataset}@{version}",
+            "model": run.model_name, "pretrained": run.pretrained, "seed": run.seed, "device": run.device,
+            "precision": run.precision, "settings": run.settings,
+            "state": run.state, "num_samples": run.num_samples, "done": done, "failed": failed,
+            "pending": max(run.num_samples - done - failed, 0), "generation_config_id": run.generation_config_id,
+            "created_at": _iso(run.created_at), "started_at": _iso(run.started_at),
+            "finished_at": _iso(run.finished_at), "error": run.error}
+
+
+def list_runs(engine: Engine, *, limit: int | None = None) -> list[dict[str, Any]]:
+    """Every run, newest first, with its sample counts."""
+    with session_scope(engine) as session:
+        rows = _run_rows(session, limit=limit)
+        counters = _counters(session, [row[0].id for row in rows])
+        views = view_counts(session, [row[0].id for row in rows])
+    return [{**_summary(run, name, version, counters.get(run.id, (0, 0))), **views[run.id]}
+            for run, name, version in rows]
+
+
+def _details(session: Session, settings: Settings, run: Run, summary: dict[str, Any], now: datetime) -> None:
+    """Add shard counts, throughput, ETA and the active workers to a run's summary."""
+    shards = dict(session.execute(select(Shard.state, func.count()).where(Shard.run_id == run.id)
+                                  .group_by(Shard.state)).all())
+    running = session.execute(select(Shard.index, Shard.worker, Shard.gpu, Shard.heartbeat_at).where(
+        Shard.run_id == run.id, Shard.state == ShardState.RUNNING)).all()
+    failures = session.execute(select(Shard.index, Shard.error).where(
+        Shard.run_id == run.id, Shard.state == ShardState.FAILED).order_by(Shard.index).limit(5)).all()
+    waiting = session.execute(select(Shard.index, Shard.waiting_reason).where(
+        Shard.run_id == run.id, Shard.state == ShardState.WAITING).order_by(Shard.index).limit(5)).all()
+    if is_active(run.state):
+        rate = recent_throughput(session, run, now, window_s=STATUS_WINDOW_S)
+    elif run.started_at and run.finished_at:
+        elapsed = (as_utc(run.finished_at) - as_utc(run.started_at)).total_seconds()
+        rate = (summary["done"] + summary["failed"]) / elapsed if elapsed > 0 else None
+    else:
+        rate = None
+    eta = summary["pending"] / rate if rate and is_active(run.state) else None
+    unit = "samples"
+    if run.kind == "generate" and rate is not None:
+        # A generation run's unit of work is a sample, but what users size and compare is images.
+        rate, unit = rate * int(run.spec.get("generation", {}).get("per_sample", 1)), "images"
+    summary.update(
+        shards=shards, throughput=round(rate, 3) if rate is not None else None, throughput_unit=unit,
+        eta_s=round(eta, 1) if eta is not None else None,
+        workers=active_workers(running, now=now, stale_after_s=settings.stale_after_s),
+        failed_shards=[{"shard": index, "error": (error or "").strip().splitlines()[-1:]} for index, error in failures],
+        waiting_shards=[{"shard": index, "reason": reason} for index, reason in waiting])
+
+
+def run_status(engine: Engine, settings: Settings, run_id: int | None = None) -> list[dict[str, Any]]:
+    """Status of one run, or of the active runs (none when no run is active).
+
+    Raises:
+        NotFoundError: `run_id` names no run.
+    """
+    now = utcnow()
+    with session_scope(engine) as session:
+        if run_id is not None:
+            rows = _run_rows(session, run_id=run_id)
+            if not rows:
+                raise NotFoundError("RUN", run_id, "no such run; see `difftpt-ops runs list`")
+        else:
+            rows = _run_rows(session, active=True)
+        counters = _counters(session, [row[0].id for row in rows])
+        views = view_counts(session, [row[0].id for row in rows])  # encoded vs read from the feature store
+        out = []
+        for run, name, version in rows:
+            summary = {**_summary(run, name, version, counters.get(run.id, (0, 0))), **views[run.id]}
+            _details(session, settings, run, summary, now)
+            out.append(summary)
+    return out
+
+
+def is_active(state: str) -> bool:
+    """A run that is neither finished, failed nor cancelled."""
+    return RunState(state) not in TERMINAL_RUN_STATES
+
+
+def show_run(engine: Engine, run_id: int) -> dict[str, Any]:
+    """Everything about one run: its summary, full spec, provenance, and the machines its shards ran on.
+
+    `shard_provenance` groups the shards by what ran them (device, precision, host and versions), so a
+    run whose shards ran on two kinds of GPU shows both, each with its shard count.
+
+    Raises:
+        NotFoundError: no such run.
+    """
+    with session_scope(engine) as session:
+        rows = _run_rows(session, run_id=run_id)
+        if not rows:
+            raise NotFoundError("RUN", run_id, "no such run; see `difftpt-ops runs list`")
+        run, name, version = rows[0]
+        summary = _summary(run, name, version, _counters(session, [run.id]).get(run.id, (0, 0)))
+        facts = session.execute(select(Shard.index, Shard.provenance).where(Shard.run_id == run.id)
+                                .order_by(Shard.index)).all()
+        summary.update(fingerprint=run.fingerprint, spec=run.spec, provenance=run.provenance,
+                       mlflow_run_id=run.mlflow_run_id, generation_config_id=run.generation_config_id)
+    groups: dict[str, dict[str, Any]] = {}
+    for index, provenance in facts:
+        if provenance is None:
+            continue
+        key = canonical_json(provenance)
+        group = groups.setdefault(key, {**provenance, "shards": []})
+        group["shards"].append(index)
+    summary["shard_provenance"] = list(groups.values())
+    return summary
