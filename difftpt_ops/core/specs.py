@@ -113,16 +113,24 @@ class MethodSpec:
         return payload
 
 
+# Class text features of the methods that take `prompts`: "single" is the spec's prompt ("a photo of a
+# {}."); "ensemble" CLIP's 80 ImageNet templates; "tip" Tip-Adapter's 7 of them; a cross-domain dataset's
+# format names the one hand-written prompt the TDA and DMN code bases use for that dataset.
+DATASET_PROMPT_SETS = ("flower102", "dtd", "pets", "cars", "ucf101", "food101", "aircraft", "eurosat")
+PROMPT_SETS = ("single", "ensemble", "tip", *DATASET_PROMPT_SETS)
+
+
 @dataclass(frozen=True)
 class ZeroShotSpec(MethodSpec):
     """Zero-shot CLIP: view 0 with the initial prompt, or with a prompt ensemble's class features."""
 
     method: ClassVar[str] = "zeroshot"
-    # single: the prompt above; ensemble: CLIP's 80 ImageNet templates; tip: Tip-Adapter's 7 of them.
+    # single: the prompt above; ensemble: CLIP's 80 ImageNet templates; tip: Tip-Adapter's 7 of them;
+    # a dataset's prompt (PROMPT_SETS).
     # Left out of to_dict() at "single", so fingerprints of zero-shot runs from before the option are unchanged.
     prompts: str = "single"
 
-    PROMPT_SETS: ClassVar[tuple[str, ...]] = ("single", "ensemble", "tip")
+    PROMPT_SETS: ClassVar[tuple[str, ...]] = PROMPT_SETS
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -105,9 +105,9 @@ def prepare_classifier(clip: ClipLike, class_names: Sequence[str], spec: MethodS
     tower = TextTower(clip.model, name=clip.name)
     init = initial_context(tower, clip.tokenizer, spec.prompt, coop_state=coop_state, seed=init_seed)
     learner = PromptLearner(tower, clip.tokenizer(texts), init, max_groups=max_text_groups)
-    fixed_text = None
-    if method.kind == FORWARD_ONLY:
-        fixed_text = method.fixed_text_features(spec, tower, clip.tokenizer, class_names)  # type: ignore[attr-defined]
+    fixed_text = None  # methods that classify with fixed text features may replace the prompt's (ensembles)
+    if method.kind in (FORWARD_ONLY, ONLINE) and hasattr(method, "fixed_text_features"):
+        fixed_text = method.fixed_text_features(spec, tower, clip.tokenizer, class_names)
     return Tuner(clip=clip, learner=learner, spec=spec, method=method, image_batch=image_batch,
                  view_workers=view_workers, fixed_text=fixed_text)
 

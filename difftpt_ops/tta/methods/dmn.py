@@ -19,6 +19,7 @@ learnable mappings then stay zero):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
@@ -27,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from difftpt_ops.core.specs import MethodSpec, require
+from difftpt_ops.core.specs import PROMPT_SETS, MethodSpec, require
 from difftpt_ops.tta.methods.base import OnlineMethod, StepInputs, StepOutput, ViewPlan, ViewScores, register
+from difftpt_ops.tta.methods.ensemble import PromptSetOption
 
 NAME = "dmn-zs"
 PAPER = "Zhang et al., Dual Memory Networks: A Versatile Adaptation Approach for Vision-Language Models, CVPR 2024"
@@ -161,6 +163,7 @@ class DMNSpec(MethodSpec):
     memory_size: int = 50
     beta: float = 5.5
     dynamic_weight: float = 1.0  # the reference searches it on the test labels; see docs/methods.md
+    prompts: str | None = None  # None: the reference's templates for the dataset (PROMPTS_BY_FORMAT)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -170,14 +173,27 @@ class DMNSpec(MethodSpec):
         require(self.memory_size >= 1, "memory_size", self.memory_size, "must be >= 1")
         require(self.beta >= 0, "beta", self.beta, "must be >= 0")
         require(self.dynamic_weight >= 0, "dynamic_weight", self.dynamic_weight, "must be >= 0")
+        require(self.prompts is None or self.prompts in PROMPT_SETS, "prompts", self.prompts,
+                f"unknown prompt set; choose one of {', '.join(PROMPT_SETS)}")
 
     def params(self) -> DMNParams:
         return DMNParams(memory_size=self.memory_size, beta=self.beta, selection_p=self.selection_p,
                          dynamic_weight=self.dynamic_weight)
 
 
+# The template part of the reference's `--text_prompt tip_cupl` classifier (ClipFixed.get_text_features):
+# the 7 Tip-Adapter templates for the ImageNet sets, Caltech101 and SUN397, one hand-written prompt for the
+# other cross-domain sets (ID_to_prompts). Its CuPL half (GPT-written class descriptions) is not reproduced.
+# An image folder keeps the spec's single prompt.
+PROMPTS_BY_FORMAT: dict[str, str] = {
+    "imagenet": "tip", "imagenet-a": "tip", "imagenet-v2": "tip", "imagenet-r": "tip", "imagenet-sketch": "tip",
+    "caltech101": "tip", "sun397": "tip", "flower102": "flower102", "dtd": "dtd", "pets": "pets", "cars": "cars",
+    "ucf101": "ucf101", "food101": "food101", "aircraft": "aircraft", "eurosat": "eurosat",
+}
+
+
 @register
-class DMNZS(OnlineMethod):
+class DMNZS(PromptSetOption, OnlineMethod):
     name: ClassVar[str] = NAME
     spec_class = DMNSpec
     summary: ClassVar[str] = "training-free dynamic memory of confident test features, read out by similarity"
@@ -186,6 +202,10 @@ class DMNZS(OnlineMethod):
 
     def views(self, spec: DMNSpec) -> ViewPlan:
         return ViewPlan(n_conventional=spec.n_views - 1, augmix=spec.augmix, resolution=spec.resolution)
+
+    def resolve_for_dataset(self, spec: DMNSpec, dataset_format: str) -> DMNSpec:
+        """The spec with the reference's templates for the dataset (called at submit, before the fingerprint)."""
+        return dataclasses.replace(spec, prompts=spec.prompts or PROMPTS_BY_FORMAT.get(dataset_format, "single"))
 
     def init_state(self, spec: DMNSpec, *, n_classes: int, dim: int, device: torch.device) -> dict[str, Tensor]:
         return init_state(n_classes, dim, spec.params())

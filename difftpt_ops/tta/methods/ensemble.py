@@ -2,10 +2,11 @@
 
 CLIP's prompt-engineering recipe, as the TDA, DMN and ZERO code bases build their classifiers: encode every
 (template, class) text, L2-normalise each feature, average over the templates per class, normalise again.
-`single` is the one-template prompt of TPT ("a photo of a {}."), the default of every method here;
-`ensemble` is CLIP's 80 ImageNet templates (the list TDA and DMN use for the ImageNet shifts); `tip` is the
-7-template subset that ZERO's --templates flag uses. The lists ship as data in
-difftpt_ops/data/imagenet_templates.json and are read once, on first use.
+`single` is the one-template prompt of TPT ("a photo of a {}."), the default of the episodic methods;
+`ensemble` is CLIP's 80 ImageNet templates (the list TDA uses for ImageNet-R and -Sketch); `tip` is the
+7-template subset that ZERO's --templates flag, TDA's ImageNet config and DMN use; a cross-domain dataset's
+format names the one prompt TDA and DMN write for it ("{} texture." for DTD). The lists ship as data in
+difftpt_ops/data/imagenet_templates.json and dataset_templates.json and are read once, on first use.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ import torch
 from torch import Tensor
 
 from difftpt_ops.core.errors import InputError, InvalidSpecError
+from difftpt_ops.core.specs import DATASET_PROMPT_SETS, PROMPT_SETS
 from difftpt_ops.tta.text import TextTower, normalise
 
-PROMPT_SETS = ("single", "ensemble", "tip")  # one template; CLIP's 80 ImageNet templates; Tip-Adapter's 7
 TEXT_BATCH = 512  # texts per text-tower call; only bounds memory
 
 
@@ -34,24 +35,27 @@ def check_prompt_set(value: str, *, argument: str = "prompts") -> None:
 
 @cache
 def prompt_templates(prompt_set: str) -> tuple[str, ...]:
-    """The templates of a multi-template prompt set ("ensemble" or "tip")."""
+    """The templates of a prompt set other than "single": "ensemble", "tip", or a dataset's prompt."""
     if prompt_set not in PROMPT_SETS[1:]:
         raise InvalidSpecError("prompts", prompt_set,
                                f"has no template list; choose one of {', '.join(PROMPT_SETS[1:])}")
-    text = resources.files("difftpt_ops.data").joinpath("imagenet_templates.json").read_text(encoding="utf-8")
+    name = "dataset_templates.json" if prompt_set in DATASET_PROMPT_SETS else "imagenet_templates.json"
+    text = resources.files("difftpt_ops.data").joinpath(name).read_text(encoding="utf-8")
     return tuple(json.loads(text)[prompt_set])
 
 
 class PromptSetOption:
-    """Mixin for forward-only methods whose spec has a `prompts` field: fixed text features per prompt set.
+    """Mixin for methods that classify with fixed text features (forward-only and online methods) and whose
+    spec has a `prompts` field: the class text features of that prompt set.
 
-    "single" keeps the engine's prompt (the spec's template through the prompt learner's initial context);
-    the other sets replace it with their template ensemble, computed once per run.
+    "single" (or None, a spec stored before the field existed) keeps the engine's prompt (the spec's
+    template through the prompt learner's initial context); the other sets replace it with their
+    templates' features (normalised, averaged, normalised again), computed once per run.
     """
 
     def fixed_text_features(self, spec: Any, tower: TextTower, tokenizer: Any,
                             class_names: Sequence[str]) -> Tensor | None:
-        prompt_set = str(getattr(spec, "prompts", "single"))
+        prompt_set = str(getattr(spec, "prompts", None) or "single")
         check_prompt_set(prompt_set)
         if prompt_set == "single":
             return None

@@ -33,9 +33,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from difftpt_ops.core.specs import MethodSpec, require
+from difftpt_ops.core.specs import PROMPT_SETS, MethodSpec, require
 from difftpt_ops.tta.losses import marginal_entropy, view_entropy
 from difftpt_ops.tta.methods.base import OnlineMethod, StepInputs, StepOutput, ViewPlan, ViewScores, register
+from difftpt_ops.tta.methods.ensemble import PromptSetOption
 
 NAME = "tda"
 PAPER = "Karmanov et al., Efficient Test-Time Adaptation of Vision-Language Models, CVPR 2024"
@@ -53,6 +54,16 @@ POSITIVE_BY_FORMAT: dict[str, tuple[float, float]] = {
 # single centre crop everywhere else (ImageNet and the cross-domain sets).
 MULTI_VIEW_FORMATS = ("imagenet-a", "imagenet-v2", "imagenet-r", "imagenet-sketch")
 MULTI_VIEW_COUNT = 64
+# The class text features of the reference's `clip_classifier(classnames, dataset.template)`: the 7
+# Tip-Adapter templates for ImageNet, -A, -V2, Caltech101, Stanford Cars and SUN397, CLIP's 80 for -R and
+# -Sketch, one hand-written prompt for the other cross-domain sets. An image folder has no reference
+# template: it keeps the spec's single prompt.
+PROMPTS_BY_FORMAT: dict[str, str] = {
+    "imagenet": "tip", "imagenet-a": "tip", "imagenet-v2": "tip", "imagenet-r": "ensemble",
+    "imagenet-sketch": "ensemble", "caltech101": "tip", "cars": "tip", "sun397": "tip", "dtd": "dtd",
+    "eurosat": "eurosat", "aircraft": "aircraft", "food101": "food101", "flower102": "flower102", "pets": "pets",
+    "ucf101": "ucf101",
+}
 
 
 @dataclass(frozen=True)
@@ -225,10 +236,13 @@ class TDASpec(MethodSpec):
     entropy_upper: float = 0.5
     mask_lower: float = 0.03
     mask_upper: float = 1.0
+    prompts: str | None = None  # None: the reference's templates for the dataset (PROMPTS_BY_FORMAT)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.order_seed >= 0, "order_seed", self.order_seed, "must be >= 0")
+        require(self.prompts is None or self.prompts in PROMPT_SETS, "prompts", self.prompts,
+                f"unknown prompt set; choose one of {', '.join(PROMPT_SETS)}")
         require(self.n_views is None or self.n_views >= 1, "n_views", self.n_views, "must be >= 1")
         require(0.0 < self.selection_p <= 1.0, "selection_p", self.selection_p, "must be in (0, 1]")
         for name in ("pos_shot_capacity", "neg_shot_capacity"):
@@ -258,12 +272,13 @@ def resolve_for_format(spec: TDASpec, dataset_format: str) -> TDASpec:
     n_views = spec.n_views or (MULTI_VIEW_COUNT if dataset_format in MULTI_VIEW_FORMATS else 1)
     return dataclasses.replace(
         spec, n_views=n_views, augmix=n_views > 1 if spec.augmix is None else spec.augmix,
+        prompts=spec.prompts or PROMPTS_BY_FORMAT.get(dataset_format, "single"),
         pos_alpha=alpha if spec.pos_alpha is None else spec.pos_alpha,
         pos_beta=beta if spec.pos_beta is None else spec.pos_beta)
 
 
 @register
-class TDA(OnlineMethod):
+class TDA(PromptSetOption, OnlineMethod):
     name: ClassVar[str] = NAME
     spec_class = TDASpec
     summary: ClassVar[str] = "training-free positive and negative feature caches built along the test stream"
