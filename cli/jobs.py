@@ -41,7 +41,9 @@ DatasetOpt = Annotated[str, typer.Option("--dataset", help="Dataset name (latest
 LimitOpt = Annotated[int | None, typer.Option(
     "--limit", help="Plan only the first N samples; a larger limit later extends the same run.")]
 ShardSizeOpt = Annotated[int | None, typer.Option(
-    "--shard-size", help="Samples per shard (default: the settings' shard_size); new runs only.")]
+    "--shard-size",
+    help="Samples per shard (default: the settings' shard_size, online_shard_size for online methods); new runs "
+         "only.")]
 DeviceOpt = Annotated[str | None, typer.Option(
     "--device", help="Device the run is for: auto (CUDA if this machine has it), cpu, cuda or cuda:N; resolved "
     "at submit and stored in the spec. Workers use their own GPU; a CUDA run never falls back to the CPU.")]

@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     # A shard queued in the database but in no broker queue this long (a broker restart lost it) is sent again.
     lost_message_grace_s: float = Field(120.0, gt=0)
     shard_size: int = Field(64, ge=1)
+    # Online runs: a checkpoint per shard (fsynced file + row) and one shard replayed after a crash; larger
+    # shards keep the checkpoints' share of the time small (bench/online.py).
+    online_shard_size: int = Field(512, ge=1)
     shard_max_attempts: int = Field(3, ge=1)
     mlflow_log_every: int = Field(100, ge=1)  # running top-1 is logged every N samples, not per sample
     sqlite_busy_timeout_ms: int = Field(60_000, ge=0)

@@ -187,3 +187,18 @@ def test_orders_submits_k_runs_and_results_summarise_them(workspace: Path, tmp_p
     assert compared["orders_a"] == compared["orders_b"] == shown
     rejected = runner.invoke(app, ["submit", "tune", "--dataset", "pics", "--method", "tpt", "--orders", "2"])
     assert rejected.exit_code == 2 and "--orders=2" in rejected.output
+
+
+def test_online_runs_default_to_their_own_shard_size(workspace: Path, tmp_path: Path, tiny_models_dir: Path) -> None:
+    """Without --shard-size an online run takes `online_shard_size` (a checkpoint per shard), others `shard_size`."""
+    settings, engine = online_settings(workspace, f"sqlite:///{workspace / 'difftpt.db'}", shard_size="3",
+                                       online_shard_size="4")
+    image_dataset(engine, tmp_path / "images")
+    clip = str(tiny_models_dir / "clip")
+    tda = runs.submit_tune(engine, settings, dataset_ref="pics", method="tda", model=clip, pretrained=None,
+                           limit=8, overrides=OVERRIDES)
+    zeroshot = runs.submit_tune(engine, settings, dataset_ref="pics", method="zeroshot", model=clip, pretrained=None,
+                                limit=6)
+    assert [(s.start, s.stop) for s in shard_rows(engine, tda.run_id)] == [(0, 4), (4, 8)]
+    assert [(s.start, s.stop) for s in shard_rows(engine, zeroshot.run_id)] == [(0, 3), (3, 6)]
+    assert (tda.state, zeroshot.state) == ("finished", "finished")

@@ -58,6 +58,8 @@ def estimate_tune(engine: Engine, settings: Settings, *, dataset_ref: str, metho
                   pretrained: str | None, generation_id: int | None, overrides: dict[str, Any] | None,
                   seed: int, limit: int | None, shard_size: int | None) -> Estimate:
     """The cost of `submit tune` with these arguments. Raises InputError/NotFoundError as submit would."""
+    from difftpt_ops.services.running.runs import default_shard_size
+
     method_spec = method_spec_from(method, overrides or {})
     _check_limits(limit, shard_size)
     with Session(engine) as session:
@@ -70,7 +72,7 @@ def estimate_tune(engine: Engine, settings: Settings, *, dataset_ref: str, metho
         done, planned, shards = _progress(session, existing)
         to_do = samples - min(done, samples)
         new_shards = _new_shards(planned, samples, existing.shard_size if existing else shard_size or
-                                 settings.shard_size)
+                                 default_shard_size(settings, method_spec.method))
         size = int(config.spec.get("size", 0)) if config is not None else 0
         per_image, bytes_source = (_bytes_per_image(session, settings, config, size) if config is not None
                                    else (None, "no generated images"))

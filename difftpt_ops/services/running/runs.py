@@ -104,6 +104,12 @@ def _prepare_dispatch(settings: Settings, dispatcher: Dispatcher | None) -> None
     dispatcher.check()
 
 
+def default_shard_size(settings: Settings, method: str) -> int:
+    """Samples per shard when `--shard-size` is not given: `online_shard_size` for online methods (a
+    checkpoint per shard), `shard_size` for the rest."""
+    return settings.online_shard_size if online.is_online_method(method) else settings.shard_size
+
+
 def shard_ranges(start: int, stop: int, size: int) -> list[tuple[int, int]]:
     """[start, stop) cut into ranges of `size` (the last one shorter)."""
     return [(lo, min(lo + size, stop)) for lo in range(start, stop, size)]
@@ -281,7 +287,7 @@ def submit_tune(engine: Engine, settings: Settings, *, dataset_ref: str, method:
         run, created, new = _plan(session, kind="tune", method=method_spec.method, fingerprint=spec.fingerprint(),
                                   spec=spec.to_dict(), version=version, limit=limit,
                                   generation_config_id=config.id if config else None,
-                                  shard_size=shard_size or settings.shard_size,
+                                  shard_size=shard_size or default_shard_size(settings, method_spec.method),
                                   columns=_run_columns(spec, method_spec))
     # 3. Run or enqueue what is left.
     return _start(engine, settings, run, created=created, new=new, dispatcher=dispatcher, device=device,
