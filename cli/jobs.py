@@ -196,7 +196,7 @@ def submit_tune(
 
         _print_estimate(estimate_tune(engine, settings, dataset_ref=dataset, method=method, model=model,
                                       pretrained=_none_if(pretrained), generation_id=generation, overrides=parsed,
-                                      seed=seed, limit=limit, shard_size=shard_size), as_json)
+                                      seed=seed, limit=limit, shard_size=shard_size, device=device), as_json)
         return
     if sweep or seeds is not None:  # one run per grid point and seed (cli/sweep_cmds.py)
         with progress_bar(settings, as_json) as bar:

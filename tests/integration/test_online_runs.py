@@ -202,3 +202,22 @@ def test_online_runs_default_to_their_own_shard_size(workspace: Path, tmp_path: 
     assert [(s.start, s.stop) for s in shard_rows(engine, tda.run_id)] == [(0, 4), (4, 8)]
     assert [(s.start, s.stop) for s in shard_rows(engine, zeroshot.run_id)] == [(0, 3), (3, 6)]
     assert (tda.state, zeroshot.state) == ("finished", "finished")
+
+
+def test_a_dry_run_finds_the_run_a_submit_resolved_per_dataset(workspace: Path, tmp_path: Path,
+                                                               tiny_models_dir: Path) -> None:
+    """TDA's spec is resolved at submit (per-dataset alpha, beta, views, prompts); the dry run resolves it the
+    same way, so it names the run a submit would attach to and has nothing left to do."""
+    from difftpt_ops.services.running.estimate import estimate_tune
+
+    settings, engine = online_settings(workspace, f"sqlite:///{workspace / 'difftpt.db'}")
+    image_dataset(engine, tmp_path / "images")
+    clip = str(tiny_models_dir / "clip")
+    args = {"dataset_ref": "pics", "method": "tda", "model": clip, "pretrained": None, "generation_id": None,
+            "overrides": OVERRIDES, "seed": 0, "limit": 8, "shard_size": None}
+    before = estimate_tune(engine, settings, **args)  # type: ignore[arg-type]
+    assert (before.existing_run_id, before.samples_to_do) == (None, 8)
+    run = runs.submit_tune(engine, settings, dataset_ref="pics", method="tda", model=clip, pretrained=None, limit=8,
+                           overrides=OVERRIDES)
+    after = estimate_tune(engine, settings, **args)  # type: ignore[arg-type]
+    assert (after.existing_run_id, after.samples_to_do, after.shards_new) == (run.run_id, 0, 0)

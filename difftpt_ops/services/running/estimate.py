@@ -17,8 +17,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from difftpt_ops.config import Settings
-from difftpt_ops.core.errors import InputError, NotFoundError
-from difftpt_ops.core.specs import GenerationSpec, method_spec_from
+from difftpt_ops.core.errors import InputError
+from difftpt_ops.core.specs import GenerationSpec
 from difftpt_ops.core.status import ShardState
 from difftpt_ops.db.tables import DatasetVersion, GeneratedImage, GenerationConfig, Run, Sample, Shard
 from difftpt_ops.storage.artifacts import ArtifactStore
@@ -56,17 +56,20 @@ class Estimate:
 
 def estimate_tune(engine: Engine, settings: Settings, *, dataset_ref: str, method: str, model: str,
                   pretrained: str | None, generation_id: int | None, overrides: dict[str, Any] | None,
-                  seed: int, limit: int | None, shard_size: int | None) -> Estimate:
-    """The cost of `submit tune` with these arguments. Raises InputError/NotFoundError as submit would."""
-    from difftpt_ops.services.running.runs import default_shard_size
+                  seed: int, limit: int | None, shard_size: int | None, device: str | None = None) -> Estimate:
+    """The cost of `submit tune` with these arguments. Raises InputError/NotFoundError as submit would: the
+    spec is resolved by the same function (`runs.resolve_tune_spec`), so the run a submit would attach to is
+    found by its fingerprint."""
+    from difftpt_ops.services.running.runs import default_shard_size, resolve_tune_spec
 
-    method_spec = method_spec_from(method, overrides or {})
     _check_limits(limit, shard_size)
     with Session(engine) as session:
-        version = _version(session, dataset_ref)
+        plan = resolve_tune_spec(session, settings, dataset_ref=dataset_ref, method=method, model=model,
+                                 pretrained=pretrained, generation_id=generation_id, overrides=overrides, seed=seed,
+                                 device=device)
+        version, config, method_spec = plan.version, plan.config, plan.spec.method
         samples = _in_scope(version, limit)
-        existing = _existing_tune_run(session, version, method_spec.to_dict(), model, pretrained, seed)
-        config = _generation_config(session, generation_id) if method_spec.method == "difftpt" else None
+        existing = session.scalar(select(Run).where(Run.fingerprint == plan.spec.fingerprint()))
         n_generated = int(getattr(method_spec, "n_generated", 0) or 0)
         per_unit, time_source = _tune_seconds_per_sample(session, method_spec.method, model)
         done, planned, shards = _progress(session, existing)
@@ -140,19 +143,6 @@ def _in_scope(version: DatasetVersion, limit: int | None) -> int:
     return version.num_samples if limit is None else min(limit, version.num_samples)
 
 
-def _existing_tune_run(session: Session, version: DatasetVersion, method: dict[str, Any], model: str,
-                       pretrained: str | None, seed: int) -> Run | None:
-    """The run a submit would attach to: same method settings, model, seed and dataset content."""
-    for run in session.scalars(select(Run).where(Run.kind == "tune", Run.dataset_version_id == version.id,
-                                                 Run.method == method["method"]).order_by(Run.id)):
-        spec = run.spec
-        if (spec.get("method") == method and spec.get("seed") == seed
-                and (spec.get("model") or {}).get("name") == model
-                and (spec.get("model") or {}).get("pretrained") == pretrained):
-            return run
-    return None
-
-
 def _existing_generate_run(session: Session, version: DatasetVersion, spec: GenerationSpec) -> Run | None:
     for run in session.scalars(select(Run).where(Run.kind == "generate", Run.dataset_version_id == version.id)):
         if run.spec.get("generation") == spec.to_dict():
@@ -172,18 +162,6 @@ def _progress(session: Session, run: Run | None) -> tuple[int, int, int]:
 
 def _new_shards(planned: int, target: int, shard_size: int) -> int:
     return math.ceil(max(0, target - planned) / shard_size)
-
-
-def _generation_config(session: Session, generation_id: int | None) -> GenerationConfig | None:
-    """The config a DiffTPT run would read: the one named, else the latest one with images."""
-    if generation_id is not None:
-        config = session.get(GenerationConfig, generation_id)
-        if config is None:
-            raise NotFoundError("--generation", generation_id, "no such generation config")
-        return config
-    latest = select(GeneratedImage.generation_config_id).order_by(GeneratedImage.id.desc()).limit(1)
-    config_id = session.scalar(latest)
-    return session.get(GenerationConfig, config_id) if config_id is not None else None
 
 
 def _bytes_per_image(session: Session, settings: Settings, config: GenerationConfig | None,

@@ -253,6 +253,38 @@ def _resolve_version(session: Session, dataset_ref: str) -> tuple[Dataset, Datas
     return dataset, version
 
 
+@dataclass(frozen=True)
+class TunePlan:
+    """What a `submit tune` resolves before planning: the run's spec (its identity) and where it reads from."""
+
+    spec: TuneRunSpec
+    dataset: Dataset
+    version: DatasetVersion
+    config: GenerationConfig | None  # the generation config a DiffTPT run reads
+
+
+def resolve_tune_spec(session: Session, settings: Settings, *, dataset_ref: str, method: str, model: str,
+                      pretrained: str | None, generation_id: int | None, overrides: dict[str, Any] | None,
+                      seed: int, device: str | None) -> TunePlan:
+    """The spec `submit tune` plans with these arguments, resolved as it is stored: the method's per-dataset
+    defaults, the device and the precision it implies, the generation config it reads. The dry run uses
+    it too, so it finds the run a submit would attach to by its fingerprint.
+
+    Raises:
+        InputError / NotFoundError: a bad argument, or a dataset or generation that does not exist.
+    """
+    online.ensure_registered(method)
+    method_spec = method_spec_from(method, overrides or {})
+    run_device = resolve_run_device(settings, device)
+    model_spec = run_model_spec(model, pretrained, run_device)
+    dataset, version = _resolve_version(session, dataset_ref)
+    method_spec = online.resolve_for_dataset(method_spec, dataset.format)  # e.g. TDA's per-dataset config
+    config = _generation_for(session, method_spec, version, dataset_ref, generation_id)
+    spec = TuneRunSpec(method=method_spec, model=model_spec, dataset_fingerprint=version.fingerprint,
+                       generation_fingerprint=config.fingerprint if config else None, seed=seed, device=run_device)
+    return TunePlan(spec, dataset, version, config)
+
+
 def submit_tune(engine: Engine, settings: Settings, *, dataset_ref: str, method: str, model: str = "ViT-B-16",
                 pretrained: str | None = "openai", generation_id: int | None = None,
                 overrides: dict[str, Any] | None = None, seed: int = 0, limit: int | None = None,
@@ -268,27 +300,24 @@ def submit_tune(engine: Engine, settings: Settings, *, dataset_ref: str, method:
     check_execution_args(limit=limit, shard_size=shard_size, device=device, seed=seed)
     online.ensure_registered(method)
     method_spec = method_spec_from(method, overrides or {})
-    run_device = resolve_run_device(settings, device)
-    model_spec = run_model_spec(model, pretrained, run_device)
-    _check_model_path(settings, method_spec.method, model_spec)
+    _check_model_path(settings, method_spec.method, run_model_spec(model, pretrained,
+                                                                   resolve_run_device(settings, device)))
     _prepare_dispatch(settings, dispatcher)
-    # 2. Resolve the dataset and the generation config, then plan the run.
+    # 2. Resolve the spec as it is stored (dataset, generation config, device), then plan the run.
     with session_scope(engine) as session:
-        dataset, version = _resolve_version(session, dataset_ref)
-        method_spec = online.resolve_for_dataset(method_spec, dataset.format)  # e.g. TDA's per-dataset config
-        config = _generation_for(session, method_spec, version, dataset_ref, generation_id)
+        plan = resolve_tune_spec(session, settings, dataset_ref=dataset_ref, method=method, model=model,
+                                 pretrained=pretrained, generation_id=generation_id, overrides=overrides, seed=seed,
+                                 device=device)
+        spec, version, config = plan.spec, plan.version, plan.config
         if settings.embedded:
             stop = version.num_samples if limit is None else min(limit, version.num_samples)
-            _require_generated_images(session, version, config, int(getattr(method_spec, "n_generated", 0) or 0),
+            _require_generated_images(session, version, config, int(getattr(spec.method, "n_generated", 0) or 0),
                                       stop, dataset_ref)
-        spec = TuneRunSpec(method=method_spec, model=model_spec, dataset_fingerprint=version.fingerprint,
-                           generation_fingerprint=config.fingerprint if config else None, seed=seed,
-                           device=run_device)
-        run, created, new = _plan(session, kind="tune", method=method_spec.method, fingerprint=spec.fingerprint(),
+        run, created, new = _plan(session, kind="tune", method=spec.method.method, fingerprint=spec.fingerprint(),
                                   spec=spec.to_dict(), version=version, limit=limit,
                                   generation_config_id=config.id if config else None,
-                                  shard_size=shard_size or default_shard_size(settings, method_spec.method),
-                                  columns=_run_columns(spec, method_spec))
+                                  shard_size=shard_size or default_shard_size(settings, spec.method.method),
+                                  columns=_run_columns(spec, spec.method))
     # 3. Run or enqueue what is left.
     return _start(engine, settings, run, created=created, new=new, dispatcher=dispatcher, device=device,
                   progress=progress)
