@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-from sqlalchemy import bindparam, update
+from sqlalchemy import ColumnElement, Row, Update, bindparam, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from difftpt_ops.config import Settings
 from difftpt_ops.core.clock import as_utc, utcnow
 from difftpt_ops.core.status import ShardState
 from difftpt_ops.db.tables import Shard
@@ -31,6 +32,11 @@ log = logging.getLogger(__name__)
 _S = Shard.__table__.c
 # The rows a shard's owner may write: its id, its token (attempt count when claimed), still running.
 OWNED = (_S.id == bindparam("b_id")) & (_S.attempts == bindparam("b_token")) & (_S.state == ShardState.RUNNING.value)
+_OPEN = [ShardState.PENDING.value, ShardState.QUEUED.value]
+_CLAIM_VALUES = {"state": ShardState.RUNNING.value, "attempts": _S.attempts + 1, "worker": bindparam("b_worker"),
+                 "gpu": bindparam("b_gpu"), "heartbeat_at": bindparam("b_now"), "started_at": bindparam("b_now"),
+                 "finished_at": None}
+_SHARD_ROW = select(_S.state, _S.attempts, _S.heartbeat_at, _S.worker).where(_S.id == bindparam("b_id"))
 
 
 @dataclass(frozen=True)
@@ -160,6 +166,45 @@ class Heartbeats:
 
 
 HEARTBEATS = Heartbeats()
+
+
+@dataclass(frozen=True)
+class ClaimStatements:
+    """The two conditional UPDATEs a claim runs, returning `columns` of the claimed shard."""
+
+    open: Update  # an open (pending or queued) shard, when the gate allows
+    takeover: Update  # a running shard whose attempt count is the one seen (its worker gone or silent)
+
+
+def claim_statements(columns: Sequence[Any], *, gate: ColumnElement[bool] | None = None) -> ClaimStatements:
+    """Claim statements returning `columns`; `gate` is an extra condition on opening a shard (an online
+    run's chain: its predecessor is done)."""
+    opening = [_S.id == bindparam("b_id"), _S.state.in_(_OPEN), *([gate] if gate is not None else [])]
+    return ClaimStatements(
+        open=update(Shard.__table__).where(*opening).values(**_CLAIM_VALUES).returning(*columns),
+        takeover=(update(Shard.__table__).where(_S.id == bindparam("b_id"), _S.state == ShardState.RUNNING.value,
+                                                _S.attempts == bindparam("b_seen"))
+                  .values(**_CLAIM_VALUES).returning(*columns)))
+
+
+def claim_row(engine: Engine, settings: Settings, shard_id: int, identity: WorkerIdentity,
+          statements: ClaimStatements) -> Row[Any] | None:
+    """Take ownership of a shard if it is open, or running on a dead or silent worker; None otherwise.
+
+    Each UPDATE is conditional, so of two deliveries of one shard only one gets the row back; its
+    `attempts` is the new owner's token.
+    """
+    now = utcnow()
+    params = {"b_id": shard_id, "b_worker": identity.label, "b_gpu": identity.gpu, "b_now": now}
+    with engine.begin() as connection:
+        row = connection.execute(statements.open, params).one_or_none()
+        if row is None:  # not open: perhaps running on a worker that is gone
+            seen = connection.execute(_SHARD_ROW, {"b_id": shard_id}).one_or_none()
+            if seen is None or seen.state != ShardState.RUNNING or not is_reclaimable(
+                    seen.heartbeat_at, seen.worker, now=now, stale_after_s=settings.stale_after_s):
+                return None
+            row = connection.execute(statements.takeover, {**params, "b_seen": seen.attempts}).one_or_none()
+    return row
 
 
 class OwnedClaim(Protocol):

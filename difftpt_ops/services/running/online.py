@@ -51,7 +51,15 @@ from difftpt_ops.services.reading.reporting import report_progress_throttled
 from difftpt_ops.services.running.contexts import open_run_context
 from difftpt_ops.services.running.dispatch import ShardTicket
 from difftpt_ops.services.running.finalize import finalize_run_if_complete
-from difftpt_ops.services.running.leases import HEARTBEATS, OWNED, Lease, WorkerIdentity, is_reclaimable, release_shard
+from difftpt_ops.services.running.leases import (
+    HEARTBEATS,
+    OWNED,
+    Lease,
+    WorkerIdentity,
+    claim_row,
+    claim_statements,
+    release_shard,
+)
 from difftpt_ops.services.running.outcomes import Outcome, ShardOutcome, retry_delay_s, stop_requested
 
 log = logging.getLogger(__name__)
@@ -66,19 +74,11 @@ _CONTEXT_CACHE_SIZE = 4
 _S = Shard.__table__.c
 _PREVIOUS = Shard.__table__.alias("previous")
 _OPEN = [ShardState.PENDING.value, ShardState.QUEUED.value]
-_CLAIM_VALUES = {"state": ShardState.RUNNING.value, "attempts": _S.attempts + 1, "worker": bindparam("b_worker"),
-                 "gpu": bindparam("b_gpu"), "heartbeat_at": bindparam("b_now"), "started_at": bindparam("b_now"),
-                 "finished_at": None}
-_RETURNED = (_S.run_id, _S.index, _S.start, _S.stop, _S.attempts)
 # The chain's gate: the first shard, or one whose predecessor is done.
 _PREDECESSOR_DONE = (_S.index == 0) | exists(select(_PREVIOUS.c.id).where(
     _PREVIOUS.c.run_id == _S.run_id, _PREVIOUS.c.index == _S.index - 1,
     _PREVIOUS.c.state == ShardState.DONE.value))
-_CLAIM_OPEN = (update(Shard.__table__).where(_S.id == bindparam("b_id"), _S.state.in_(_OPEN), _PREDECESSOR_DONE)
-               .values(**_CLAIM_VALUES).returning(*_RETURNED))
-_CLAIM_TAKEOVER = (update(Shard.__table__).where(_S.id == bindparam("b_id"), _S.state == ShardState.RUNNING.value,
-                                                 _S.attempts == bindparam("b_seen"))
-                   .values(**_CLAIM_VALUES).returning(*_RETURNED))
+_CLAIM = claim_statements((_S.run_id, _S.index, _S.start, _S.stop, _S.attempts), gate=_PREDECESSOR_DONE)
 _DONE = update(Shard.__table__).where(OWNED).values(
     samples_done=bindparam("b_done"), samples_failed=bindparam("b_failed"), heartbeat_at=bindparam("b_now"),
     seconds=_S.seconds + bindparam("b_seconds"), state=ShardState.DONE.value, finished_at=bindparam("b_now"),
@@ -161,20 +161,8 @@ class ChainClaim:
 
 def claim_chained(engine: Engine, settings: Settings, shard_id: int, identity: WorkerIdentity) -> ChainClaim | None:
     """Take a shard of an online run if its predecessor is done, or take over one whose worker is gone."""
-    now = utcnow()
-    params = {"b_id": shard_id, "b_worker": identity.label, "b_gpu": identity.gpu, "b_now": now}
-    with engine.begin() as connection:
-        row = connection.execute(_CLAIM_OPEN, params).one_or_none()
-        if row is None:
-            seen = connection.execute(select(_S.state, _S.attempts, _S.heartbeat_at, _S.worker)
-                                      .where(_S.id == shard_id)).one_or_none()
-            if seen is None or seen.state != ShardState.RUNNING.value or not is_reclaimable(
-                    seen.heartbeat_at, seen.worker, now=now, stale_after_s=settings.stale_after_s):
-                return None
-            row = connection.execute(_CLAIM_TAKEOVER, {**params, "b_seen": seen.attempts}).one_or_none()
-            if row is None:
-                return None
-    return ChainClaim(shard_id, row.run_id, row.index, row.start, row.stop, row.attempts)
+    row = claim_row(engine, settings, shard_id, identity, _CLAIM)
+    return None if row is None else ChainClaim(shard_id, row.run_id, row.index, row.start, row.stop, row.attempts)
 
 
 # --- Checkpoint files ----------------------------------------------------------------------------------------

@@ -42,7 +42,15 @@ from difftpt_ops.services.running import online
 from difftpt_ops.services.running.contexts import RunContext, open_run_context
 from difftpt_ops.services.running.dispatch import ShardTicket
 from difftpt_ops.services.running.finalize import finalize_run_if_complete
-from difftpt_ops.services.running.leases import HEARTBEATS, OWNED, Lease, WorkerIdentity, is_reclaimable, release_shard
+from difftpt_ops.services.running.leases import (
+    HEARTBEATS,
+    OWNED,
+    Lease,
+    WorkerIdentity,
+    claim_row,
+    claim_statements,
+    release_shard,
+)
 from difftpt_ops.services.running.outcomes import Outcome, ShardOutcome, retry_delay_s, stop_requested
 from difftpt_ops.services.running.waiting import release_ready
 
@@ -54,17 +62,7 @@ FLUSH_MAX_SAMPLES = 512  # bounds a batch's memory and transaction size
 ProgressFn = Callable[[int, int], None]  # (samples done, samples failed) since the last call
 
 _S = Shard.__table__.c
-_OPEN = [ShardState.PENDING.value, ShardState.QUEUED.value]
-_CLAIM_VALUES = {"state": ShardState.RUNNING.value, "attempts": _S.attempts + 1, "worker": bindparam("b_worker"),
-                 "gpu": bindparam("b_gpu"), "heartbeat_at": bindparam("b_now"), "started_at": bindparam("b_now"),
-                 "finished_at": None}
-_CLAIMED = (_S.run_id, _S.start, _S.stop, _S.attempts, _S.samples_done, _S.samples_failed)
-_CLAIM_OPEN = (update(Shard.__table__).where(_S.id == bindparam("b_id"), _S.state.in_(_OPEN))
-               .values(**_CLAIM_VALUES).returning(*_CLAIMED))
-_CLAIM_TAKEOVER = (update(Shard.__table__).where(_S.id == bindparam("b_id"), _S.state == ShardState.RUNNING.value,
-                                                 _S.attempts == bindparam("b_seen"))
-                   .values(**_CLAIM_VALUES).returning(*_CLAIMED))
-_SHARD_ROW = select(_S.state, _S.attempts, _S.heartbeat_at, _S.worker).where(_S.id == bindparam("b_id"))
+_CLAIM = claim_statements((_S.run_id, _S.start, _S.stop, _S.attempts, _S.samples_done, _S.samples_failed))
 _COUNTERS = {"samples_done": bindparam("b_done"), "samples_failed": bindparam("b_failed"),
              "heartbeat_at": bindparam("b_now"), "seconds": _S.seconds + bindparam("b_seconds")}
 _FLUSH = update(Shard.__table__).where(OWNED).values(**_COUNTERS)
@@ -96,18 +94,9 @@ class Claim:
 
 def claim_shard(engine: Engine, settings: Settings, shard_id: int, identity: WorkerIdentity) -> Claim | None:
     """Take ownership of a shard if it is pending, queued, or running on a dead or silent worker."""
-    now = utcnow()
-    params = {"b_id": shard_id, "b_worker": identity.label, "b_gpu": identity.gpu, "b_now": now}
-    with engine.begin() as connection:
-        row = connection.execute(_CLAIM_OPEN, params).one_or_none()
-        if row is None:  # not pending or queued: perhaps running on a worker that is gone
-            seen = connection.execute(_SHARD_ROW, {"b_id": shard_id}).one_or_none()
-            if seen is None or seen.state != ShardState.RUNNING or not is_reclaimable(
-                    seen.heartbeat_at, seen.worker, now=now, stale_after_s=settings.stale_after_s):
-                return None
-            row = connection.execute(_CLAIM_TAKEOVER, {**params, "b_seen": seen.attempts}).one_or_none()
-            if row is None:
-                return None
+    row = claim_row(engine, settings, shard_id, identity, _CLAIM)
+    if row is None:
+        return None
     return Claim(shard_id, row.run_id, row.attempts, row.start, row.stop, row.samples_done + row.samples_failed)
 
 
