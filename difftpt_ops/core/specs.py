@@ -492,6 +492,56 @@ class GenerateRunSpec:
                    batch_size=int((payload.get("execution") or {}).get("batch_size", 4)))
 
 
+FEATURE_VIEWS = ("tpt", "difftpt")  # `submit features --views`: whose default views to store
+
+
+@dataclass(frozen=True)
+class FeaturesRunSpec:
+    """A features run: the image features of one method's default views (`views`: tpt or difftpt), encoded
+    by one model over a dataset version (and, for DiffTPT's views, one generation config), on a kind of device.
+
+    Its identity (and fingerprint) is all of it; the method spec of `views` is part of the stored dict, so
+    a change to that method's default views makes another run.
+    """
+
+    views: str
+    model: ModelSpec
+    dataset_fingerprint: str
+    generation_fingerprint: str | None = None
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        _require(self.views in FEATURE_VIEWS, "--views", self.views, f"must be one of {', '.join(FEATURE_VIEWS)}")
+
+    @property
+    def method(self) -> MethodSpec:
+        """The method whose default views the run stores."""
+        return method_spec_from(self.views)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "features", "model": dataclasses.asdict(self.model), "views": self.views,
+                "method": self.method.to_dict(), "dataset_fingerprint": self.dataset_fingerprint,
+                "generation_fingerprint": self.generation_fingerprint, "seed": self.seed, "device": self.device}
+
+    def fingerprint(self) -> str:
+        return fingerprint_of(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, payload: dict[str, Any]) -> FeaturesRunSpec:
+        """Rebuild from `to_dict()` output (a features run row's spec JSON).
+
+        Raises:
+            InvalidSpecError: not a features run spec.
+        """
+        if payload.get("kind") != "features":
+            raise InvalidSpecError("spec.kind", payload.get("kind"), "is not a features run spec")
+        return cls(views=str(payload["views"]), model=ModelSpec(**payload["model"]),
+                   dataset_fingerprint=str(payload["dataset_fingerprint"]),
+                   generation_fingerprint=payload.get("generation_fingerprint"), seed=int(payload.get("seed", 0)),
+                   device=str(payload.get("device", "cpu")))
+
+
 def flatten(payload: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{'a': {'b': 1}} -> {'a.b': 1}: for MLflow params and `--set` keys."""
     flat: dict[str, Any] = {}

@@ -94,3 +94,23 @@ def test_generate_run_spec_round_trips_and_batch_size_is_not_identity() -> None:
         GenerateRunSpec(generation=spec.generation, dataset_fingerprint="ab", batch_size=0)
     with pytest.raises(InvalidSpecError, match="spec.kind"):
         GenerateRunSpec.from_dict({"kind": "tune"})
+
+
+def test_features_run_spec_round_trips_and_keeps_the_stored_layout() -> None:
+    """The typed spec writes the dict features runs have always stored (so their fingerprints stay), and reads it."""
+    import dataclasses as dc
+
+    from difftpt_ops.core.specs import FeaturesRunSpec, ModelSpec, fingerprint_of, method_spec_from
+
+    model = ModelSpec(name="ViT-B-16", pretrained="openai", precision="fp32")
+    spec = FeaturesRunSpec(views="difftpt", model=model, dataset_fingerprint="d" * 64, generation_fingerprint="g" * 64,
+                           seed=3, device="cpu")
+    stored = {"kind": "features", "model": dc.asdict(model), "views": "difftpt",
+              "method": method_spec_from("difftpt").to_dict(), "dataset_fingerprint": "d" * 64,
+              "generation_fingerprint": "g" * 64, "seed": 3, "device": "cpu"}
+    assert spec.to_dict() == stored and spec.fingerprint() == fingerprint_of(stored)
+    assert FeaturesRunSpec.from_dict(stored) == spec
+    with pytest.raises(InvalidSpecError, match="--views"):
+        FeaturesRunSpec(views="zero", model=model, dataset_fingerprint="d" * 64)
+    with pytest.raises(InvalidSpecError, match="spec.kind"):
+        FeaturesRunSpec.from_dict({**stored, "kind": "tune"})

@@ -25,7 +25,7 @@ from sqlalchemy.engine import Connection, Engine
 from difftpt_ops.config import Settings
 from difftpt_ops.core.clock import utcnow
 from difftpt_ops.core.errors import InputError, SampleError
-from difftpt_ops.core.specs import ModelSpec, fingerprint_of, method_spec_from
+from difftpt_ops.core.specs import FEATURE_VIEWS, FeaturesRunSpec, method_spec_from
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import GeneratedImage, Run, ViewFeatures
 from difftpt_ops.db.writes import insert_many_ignore
@@ -33,7 +33,6 @@ from difftpt_ops.services.running.generation import GeneratedViews
 from difftpt_ops.services.running.processors import MODELS, execution_device
 
 FEATURES_KIND = "features"
-VIEW_METHODS = ("tpt", "difftpt")  # `submit features --views`: whose default views to store
 
 
 class FeatureCache:
@@ -229,17 +228,9 @@ class FeaturesProcessor:
         """Nothing to write: the cache stored each sample's file and row as it went."""
 
 
-def features_identity(*, model: ModelSpec, views: str, dataset_fingerprint: str,
-                      generation_fingerprint: str | None, seed: int, device: str) -> dict[str, Any]:
-    """A features run's spec (its fingerprint identifies the run)."""
-    return {"kind": FEATURES_KIND, "model": dataclasses.asdict(model), "views": views,
-            "method": method_spec_from(views).to_dict(), "dataset_fingerprint": dataset_fingerprint,
-            "generation_fingerprint": generation_fingerprint, "seed": seed, "device": device}
-
-
 def check_views(views: str) -> None:
-    if views not in VIEW_METHODS:
-        raise InputError("--views", views, f"must be one of {', '.join(VIEW_METHODS)}")
+    if views not in FEATURE_VIEWS:
+        raise InputError("--views", views, f"must be one of {', '.join(FEATURE_VIEWS)}")
 
 
 def submit_features(engine: Engine, settings: Settings, *, dataset_ref: str, model: str = "ViT-B-16",
@@ -263,13 +254,13 @@ def submit_features(engine: Engine, settings: Settings, *, dataset_ref: str, mod
     with session_scope(engine) as session:
         _, version = runs._resolve_version(session, dataset_ref)
         config = runs._generation_for(session, method_spec, version, dataset_ref, generation_id)
-        identity = features_identity(model=model_spec, views=views, dataset_fingerprint=version.fingerprint,
-                                     generation_fingerprint=config.fingerprint if config else None, seed=seed,
-                                     device=run_device)
+        spec = FeaturesRunSpec(views=views, model=model_spec, dataset_fingerprint=version.fingerprint,
+                               generation_fingerprint=config.fingerprint if config else None, seed=seed,
+                               device=run_device)
         columns = {"model_name": model, "pretrained": pretrained, "seed": seed, "device": run_device,
                    "precision": model_spec.precision, "settings": f"views={views}"}
         run, created, new = runs._plan(session, kind=FEATURES_KIND, method=FEATURES_KIND,
-                                       fingerprint=fingerprint_of(identity), spec=identity, version=version,
+                                       fingerprint=spec.fingerprint(), spec=spec.to_dict(), version=version,
                                        generation_config_id=config.id if config else None, limit=limit,
                                        shard_size=shard_size or settings.shard_size, columns=columns)
     return runs._start(engine, settings, run, created=created, new=new, dispatcher=dispatcher, device=device,
@@ -283,17 +274,16 @@ def build_features_processor(engine: Engine, settings: Settings, run: Run, datas
     from difftpt_ops.models.clip import load_clip
     from difftpt_ops.tta import prepare_classifier
 
-    spec = run.spec
-    method = method_spec_from(spec["views"])
-    model = ModelSpec(**spec["model"])
-    resolved = execution_device(settings, spec.get("device"), device)
+    spec = FeaturesRunSpec.from_dict(run.spec)
+    model = spec.model
+    resolved = execution_device(settings, spec.device, device)
     clip = MODELS.get(("clip", model, resolved), lambda: load_clip(model, resolved))
-    tuner = prepare_classifier(clip, list(dataset.class_names), method)
+    tuner = prepare_classifier(clip, list(dataset.class_names), spec.method)
     n_generated = tuner.plan.n_generated
     views = (GeneratedViews(engine, settings, run.generation_config_id, n_generated)
              if run.generation_config_id is not None and n_generated > 0 else None)
     cache = FeatureCache(engine, settings, model_fingerprint=model_fingerprint_of(clip), model_name=model.name)
-    processor = FeaturesProcessor(cache=cache, tuner=tuner, root=Path(dataset.root), seed=int(spec.get("seed", 0)),
+    processor = FeaturesProcessor(cache=cache, tuner=tuner, root=Path(dataset.root), seed=spec.seed,
                                   augmix=is_cross_domain(dataset.format), views=views)
     processor.device, processor.precision = resolved, clip.precision  # type: ignore[attr-defined]
     return processor

@@ -46,6 +46,7 @@ from difftpt_ops.services.running import online
 from difftpt_ops.services.running.dispatch import Dispatcher, queue_open_shards, send_tickets
 from difftpt_ops.services.running.embedded import ProgressSink, run_embedded
 from difftpt_ops.services.running.finalize import finalize_run_if_complete
+from difftpt_ops.services.running.generation import get_or_create_generation_config, spec_of
 from difftpt_ops.services.running.status import is_active
 
 MAX_SHARD_SIZE = 10_000  # a shard's sample ids go into one IN (...) list
@@ -161,7 +162,7 @@ def _generation_for(session: Session, method: Any, version: DatasetVersion, data
         if config is None:
             raise InputError("--generation", "latest", f"no generation for {dataset_ref}; run `difftpt-ops submit "
                              f"generate --dataset {dataset_ref}` first, or pass --set n_generated=0")
-    per_sample = int(config.spec.get("per_sample", 0))
+    per_sample = spec_of(config).per_sample
     if needed > per_sample:
         raise InputError("n_generated", needed, f"exceeds the {per_sample} images per sample of generation config "
                          f"{config.id}; pass --set n_generated={per_sample} or generate more with "
@@ -192,7 +193,7 @@ def _require_generated_images(session: Session, version: DatasetVersion, config:
     if unready:
         raise InputError("--generation", config.id, f"{unready} of {checked} samples do not have their {needed} "
                          f"generated images yet; run `difftpt-ops submit generate --dataset {dataset_ref} "
-                         f"--per-sample {config.spec.get('per_sample')}` (or `difftpt-ops resume` on that "
+                         f"--per-sample {spec_of(config).per_sample}` (or `difftpt-ops resume` on that "
                          "generation run) first")
 
 
@@ -328,8 +329,6 @@ def submit_generate(engine: Engine, settings: Settings, *, dataset_ref: str, spe
                     dispatcher: Dispatcher | None = None, device: str | None = None,
                     progress: ProgressSink | None = None) -> SubmitResult:
     """Plan a generation run for a dataset version (or attach to the same one) and run or enqueue it."""
-    from difftpt_ops.services.running.generation import get_or_create_generation_config
-
     check_execution_args(limit=limit, shard_size=shard_size, device=device, seed=spec.seed)
     if batch_size < 1:
         raise InputError("--batch-size", batch_size, "must be >= 1")

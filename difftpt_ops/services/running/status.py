@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from difftpt_ops.config import Settings
 from difftpt_ops.core.clock import as_utc, utcnow
 from difftpt_ops.core.errors import NotFoundError
-from difftpt_ops.core.specs import canonical_json
+from difftpt_ops.core.specs import GenerateRunSpec, canonical_json
 from difftpt_ops.core.status import TERMINAL_RUN_STATES, RunState, ShardState
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import Dataset, DatasetVersion, GeneratedImage, Prediction, Run, Shard
@@ -23,6 +23,11 @@ from difftpt_ops.services.reading.store import view_counts
 from difftpt_ops.services.running.leases import active_workers
 
 STATUS_WINDOW_S = 60.0  # throughput is measured over this recent window
+
+
+def _images_per_sample(run: Run) -> int:
+    """A generate run's images per sample (its unit of work is a sample)."""
+    return GenerateRunSpec.from_dict(run.spec).generation.per_sample
 
 
 def recent_throughput(session: Session, run: Run, now: datetime, *, window_s: float) -> float | None:
@@ -37,7 +42,7 @@ def recent_throughput(session: Session, run: Run, now: datetime, *, window_s: fl
     if run.kind == "generate":
         images = session.scalar(select(func.count()).where(
             GeneratedImage.generation_config_id == run.generation_config_id, GeneratedImage.created_at >= since)) or 0
-        count += images / max(int(run.spec["generation"].get("per_sample", 1)), 1)
+        count += images / _images_per_sample(run)
     else:
         count += session.scalar(select(func.count()).where(
             Prediction.run_id == run.id, Prediction.created_at >= since)) or 0
@@ -108,7 +113,7 @@ def _details(session: Session, settings: Settings, run: Run, summary: dict[str, 
     unit = "samples"
     if run.kind == "generate" and rate is not None:
         # A generation run's unit of work is a sample, but what users size and compare is images.
-        rate, unit = rate * int(run.spec.get("generation", {}).get("per_sample", 1)), "images"
+        rate, unit = rate * _images_per_sample(run), "images"
     summary.update(
         shards=shards, throughput=round(rate, 3) if rate is not None else None, throughput_unit=unit,
         eta_s=round(eta, 1) if eta is not None else None,
