@@ -38,7 +38,7 @@ def _run_ids(value: str | None) -> tuple[int, ...]:
 def _print_rich(table: Table) -> None:
     from rich.table import Table
 
-    from difftpt_ops.services.reading.table import display_header, row_texts
+    from difftpt_ops.services.reading.table_render import display_header, row_texts
 
     title = f"{table.metric} (%) of model {table.model or '-'}" + (
         f", paired against {table.baseline}" if table.baseline else "")
@@ -80,7 +80,8 @@ def table(
 ) -> None:
     """Methods as rows, datasets as columns: the latest finished runs of one model, the papers' averages
     (ImageNet + 4 shifts, the 4 shifts, the 10 cross-domain sets) and Holm-corrected McNemar tests."""
-    from difftpt_ops.services.reading.table import FORMATS, TableQuery, build_table, log_table
+    from difftpt_ops.services.reading.table import FORMATS, TableQuery, build_table
+    from difftpt_ops.services.reading.table_render import log_table
 
     if as_json:
         format = "json"
@@ -99,7 +100,7 @@ def table(
 
 
 def _print(result: Table, format: str) -> None:
-    from difftpt_ops.services.reading.table import CSV_COLUMNS, csv_rows, to_latex, to_markdown
+    from difftpt_ops.services.reading.table_render import CSV_COLUMNS, csv_rows, to_latex, to_markdown
 
     if format == "json":
         print_json(result.to_dict())

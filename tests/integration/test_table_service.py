@@ -16,16 +16,8 @@ from sqlalchemy.engine import Engine
 from difftpt_ops.core.errors import InputError
 from difftpt_ops.db.session import get_engine, session_scope, upgrade
 from difftpt_ops.db.tables import DatasetVersion, Run
-from difftpt_ops.services.reading.table import (
-    AVERAGES,
-    TableQuery,
-    build_table,
-    csv_rows,
-    header,
-    load_published,
-    to_latex,
-    to_markdown,
-)
+from difftpt_ops.services.reading.table import AVERAGES, TableQuery, build_table, load_published
+from difftpt_ops.services.reading.table_render import csv_rows, header, to_latex, to_markdown
 from tests.factories import make_dataset, make_dataset_version, make_predictions, make_run
 
 pytestmark = pytest.mark.integration
