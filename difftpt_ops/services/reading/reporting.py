@@ -1,4 +1,5 @@
-"""MLflow reporting of runs: the hooks the shard executor calls, and `difftpt-ops mlflow sync`.
+"""MLflow reporting of runs: the hooks shard execution calls (`running.shards`, `running.online`,
+`running.finalize`), and `difftpt-ops mlflow sync`.
 
 Contract of the hooks: they never raise. If tracking fails, the run is marked `mlflow_sync_needed`
 and `difftpt-ops mlflow sync` catches up later; the database stays the source of truth. Every step
@@ -269,7 +270,7 @@ def _tracking_failed(engine: Engine, settings: Settings, run_id: int, exc: BaseE
                 run_id, type(exc).__name__, _first_line(exc))
     try:
         _set_sync_needed(engine, run_id, True)
-    except Exception:  # noqa: BLE001  the database itself failed; the shard executor will see that too
+    except Exception:  # noqa: BLE001  the database itself failed; shard execution will see that too
         log.exception("could not mark run %s for MLflow sync", run_id)
 
 

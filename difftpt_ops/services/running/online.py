@@ -429,7 +429,7 @@ def _process(engine: Engine, settings: Settings, claim: ChainClaim, context: _Co
 
 def execute_online_shard(engine: Engine, settings: Settings, shard_id: int, *, identity: WorkerIdentity,
                          device: str | None = None, progress: Any = None) -> Any:
-    """Run one shard of an online run (see the module docstring); the shard service's contract."""
+    """Run one shard of an online run (see the module docstring); returns what `shards.execute_shard` returns."""
     claim = claim_chained(engine, settings, shard_id, identity)
     if claim is None:
         return ShardOutcome(shard_id, Outcome.SKIPPED)

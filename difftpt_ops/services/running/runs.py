@@ -5,7 +5,7 @@ to plan now, so a larger limit extends the same run with new shards (earlier res
 smaller one attaches to the run as it is. Shards cover contiguous ranges of sample indices.
 
 With a broker, shards are marked queued and sent to the Celery queue of their kind after the database
-commit; without one (the embedded default) the executor runs them in this process.
+commit (`dispatch`); without one (the embedded default) `embedded` runs them in this process.
 """
 
 from __future__ import annotations
