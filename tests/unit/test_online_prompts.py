@@ -83,3 +83,13 @@ def test_unresolved_or_single_prompts_keep_the_specs_prompt(clip: LoadedClip) ->
 def test_an_unknown_prompt_set_is_refused_naming_it(method: str) -> None:
     with pytest.raises(InvalidSpecError, match="prompts.*photos"):
         method_spec_from(method, {"prompts": "photos"})
+
+
+@pytest.mark.parametrize("spec_class", [TDASpec, DMNSpec])
+def test_single_is_left_out_of_the_stored_spec_so_older_runs_keep_their_identity(spec_class: type) -> None:
+    """Runs stored before `prompts` existed used the single prompt: an explicit `single` stores the same dict."""
+    from difftpt_ops.core.specs import method_spec_from_dict
+
+    single = spec_class(prompts="single").to_dict()
+    assert "prompts" not in single and spec_class(prompts="tip").to_dict()["prompts"] == "tip"
+    assert method_spec_from_dict(single).prompts is None  # read back: no fixed features, the single prompt

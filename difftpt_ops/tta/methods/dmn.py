@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -175,6 +175,13 @@ class DMNSpec(MethodSpec):
         require(self.dynamic_weight >= 0, "dynamic_weight", self.dynamic_weight, "must be >= 0")
         require(self.prompts is None or self.prompts in PROMPT_SETS, "prompts", self.prompts,
                 f"unknown prompt set; choose one of {', '.join(PROMPT_SETS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Left out at "single": runs from before `prompts` existed used the single prompt, and keep their identity."""
+        payload = super().to_dict()
+        if payload["prompts"] == "single":
+            del payload["prompts"]
+        return payload
 
     def params(self) -> DMNParams:
         return DMNParams(memory_size=self.memory_size, beta=self.beta, selection_p=self.selection_p,

@@ -28,7 +28,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -254,6 +254,13 @@ class TDASpec(MethodSpec):
                 f"must be below entropy_upper ({self.entropy_upper})")
         require(self.mask_lower < self.mask_upper, "mask_lower", self.mask_lower,
                 f"must be below mask_upper ({self.mask_upper})")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Left out at "single": runs from before `prompts` existed used the single prompt, and keep their identity."""
+        payload = super().to_dict()
+        if payload["prompts"] == "single":
+            del payload["prompts"]
+        return payload
 
     def params(self) -> TDAParams:
         """The step's numbers (unresolved fields take imagenet.yaml's values)."""
