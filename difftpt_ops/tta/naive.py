@@ -58,10 +58,9 @@ class NaiveTuner:
         self.ctx = nn.Parameter(init.to(self.device))
         # A copy: on the CPU `.to` returns `init` itself, so the parameter and its reset value would share memory.
         self.ctx_init = init.to(self.device).clone()
-        self.fixed_text = None
-        if self.method.kind == FORWARD_ONLY:
-            self.fixed_text = self.method.fixed_text_features(  # type: ignore[attr-defined]
-                spec, self.tower, clip.tokenizer, class_names)
+        self.fixed_text = None  # as the engine: methods with fixed text features (prompt sets) use them
+        if self.method.kind in (FORWARD_ONLY, ONLINE) and hasattr(self.method, "fixed_text_features"):
+            self.fixed_text = self.method.fixed_text_features(spec, self.tower, clip.tokenizer, class_names)
         self.state: Any = None
 
     def run(self, image: object, *, generated: Sequence[object] = (), seed: int, sample_key: str | int,

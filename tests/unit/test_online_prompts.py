@@ -93,3 +93,20 @@ def test_single_is_left_out_of_the_stored_spec_so_older_runs_keep_their_identity
     single = spec_class(prompts="single").to_dict()
     assert "prompts" not in single and spec_class(prompts="tip").to_dict()["prompts"] == "tip"
     assert method_spec_from_dict(single).prompts is None  # read back: no fixed features, the single prompt
+
+
+@pytest.mark.parametrize("spec", [TDASpec(prompts="tip", n_views=4), DMNSpec(prompts="dtd", n_views=4),
+                                  TDASpec(prompts="ensemble")], ids=["tda-tip", "dmn-dtd", "tda-ensemble"])
+def test_engine_equals_the_naive_formulation_with_a_prompt_set(clip: LoadedClip, spec: object) -> None:
+    """The oracle reads the same class text features as the engine, and both carry the state in order."""
+    from difftpt_ops.tta.naive import NaiveTuner
+    from tests.unit.tta_support import random_image
+
+    fast = prepare_classifier(clip, CLASS_NAMES, spec)  # type: ignore[arg-type]
+    naive = NaiveTuner(clip, CLASS_NAMES, spec)  # type: ignore[arg-type]
+    assert naive.fixed_text is not None
+    for sample in range(4):
+        image = random_image(sample)
+        a = fast.run(image, seed=5, sample_key=sample)
+        b = naive.run(image, seed=5, sample_key=sample)
+        assert (a.pred, a.top5) == (b.pred, b.top5), f"sample {sample}"
