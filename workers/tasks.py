@@ -139,9 +139,8 @@ def worker_gpu() -> str | None:
           retry_jitter=True, max_retries=None)
 def execute_shard(self: Any, shard_id: int) -> str:
     """Run one shard; a shard to retry (or interrupted by shutdown) is sent again."""
-    from difftpt_ops.services.running.dispatch import ShardTicket
     from difftpt_ops.services.running.leases import WorkerIdentity
-    from difftpt_ops.services.running.outcomes import Outcome
+    from difftpt_ops.services.running.outcomes import Outcome, ShardTicket
     from difftpt_ops.services.running.shards import execute_shard as run_shard
 
     settings, engine = _settings_and_engine()

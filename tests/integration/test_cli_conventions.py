@@ -127,6 +127,13 @@ def test_dry_runs_write_nothing_and_measure_what_they_can(ws: Path, tiny_models_
     tune = json.loads(ok(ws, "submit", "tune", "--dataset", DATASET, "--method", "tpt", "--dry-run",
                          "--json").stdout)
     assert (tune["samples"], tune["samples_to_do"], tune["shards_new"]) == (27, 27, 1)
+    # DiffTPT before any generation: an estimate (no run can exist yet), not the error a submit gives.
+    diff = json.loads(ok(ws, "submit", "tune", "--dataset", DATASET, "--method", "difftpt", "--dry-run",
+                         "--json").stdout)
+    assert (diff["samples_to_do"], diff["existing_run_id"]) == (27, None)
+    assert diff["bytes_source"].startswith("no generation for")
+    bad = cli(ws, "submit", "tune", "--dataset", DATASET, "--method", "tpt", "--dry-run", "--device", "gpu0")
+    assert bad.returncode == 2 and "--device" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     assert _row_counts(ws) == before and _files(ws / "artifacts") == files
 
     ok(ws, *gen_args, "--per-sample", "2")  # real: 8 images

@@ -49,7 +49,8 @@ def _make(engine: Engine, layout: dict[str, tuple[str, list[str]]], *, model: st
             version = make_dataset_version(session, n_samples=n, dataset=dataset)
             for method in methods:
                 for seed in seeds:
-                    run = make_run(session, version, method=method, spec=_spec(method, model, version.fingerprint, seed))
+                    spec = _spec(method, model, version.fingerprint, seed)
+                    run = make_run(session, version, method=method, spec=spec)
                     accuracy = rng.uniform(0.3, 0.8)
                     make_predictions(session, run, [rng.random() < accuracy for _ in range(n)],
                                      zeroshot_mask=[rng.random() < 0.5 for _ in range(n)])

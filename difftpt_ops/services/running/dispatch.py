@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 from sqlalchemy import select, update
@@ -25,20 +24,12 @@ from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import Run, Shard
 from difftpt_ops.services.running.finalize import finalize_run_if_complete
 from difftpt_ops.services.running.leases import is_reclaimable
+from difftpt_ops.services.running.outcomes import ShardTicket
 from difftpt_ops.services.running.processors import QUEUE_OF_KIND
 from difftpt_ops.services.running.waiting import hold_unready, release_ready
 
 log = logging.getLogger(__name__)
 _TERMINAL_SHARD = [state.value for state in TERMINAL_SHARD_STATES]
-
-
-@dataclass(frozen=True)
-class ShardTicket:
-    """One message to send: run shard `shard_id` on `queue`, after `countdown` seconds."""
-
-    shard_id: int
-    queue: str
-    countdown: float = 0.0
 
 
 class Dispatcher(Protocol):

@@ -60,13 +60,13 @@ def estimate_tune(engine: Engine, settings: Settings, *, dataset_ref: str, metho
     """The cost of `submit tune` with these arguments. Raises InputError/NotFoundError as submit would: the
     spec is resolved by the same function (`runs.resolve_tune_spec`), so the run a submit would attach to is
     found by its fingerprint."""
-    from difftpt_ops.services.running.runs import default_shard_size, resolve_tune_spec
+    from difftpt_ops.services.running.runs import check_execution_args, default_shard_size, resolve_tune_spec
 
-    _check_limits(limit, shard_size)
+    check_execution_args(limit=limit, shard_size=shard_size, device=device, seed=seed)
     with Session(engine) as session:
         plan = resolve_tune_spec(session, settings, dataset_ref=dataset_ref, method=method, model=model,
                                  pretrained=pretrained, generation_id=generation_id, overrides=overrides, seed=seed,
-                                 device=device)
+                                 device=device, generation_missing_ok=True)
         version, config, method_spec = plan.version, plan.config, plan.spec.method
         samples = _in_scope(version, limit)
         existing = session.scalar(select(Run).where(Run.fingerprint == plan.spec.fingerprint()))
@@ -78,7 +78,7 @@ def estimate_tune(engine: Engine, settings: Settings, *, dataset_ref: str, metho
                                  default_shard_size(settings, method_spec.method))
         size = int(config.spec.get("size", 0)) if config is not None else 0
         per_image, bytes_source = (_bytes_per_image(session, settings, config, size) if config is not None
-                                   else (None, "no generated images"))
+                                   else (None, _no_images(n_generated, dataset_ref)))
     return Estimate(kind="tune", method=method_spec.method, dataset=_name(version, dataset_ref), samples=samples,
                     samples_to_do=to_do, existing_run_id=existing.id if existing else None,
                     shards_total=shards + new_shards, shards_new=new_shards, images_to_generate=0,
@@ -92,9 +92,9 @@ def estimate_generate(engine: Engine, settings: Settings, *, dataset_ref: str, s
     """The cost of `submit generate` with this spec: images still missing, their disk and time."""
     from difftpt_ops.models.diffusion import resolve_dtype_name
     from difftpt_ops.services.running.generation import count_missing
-    from difftpt_ops.services.running.runs import resolve_run_device
+    from difftpt_ops.services.running.runs import check_execution_args, resolve_run_device
 
-    _check_limits(limit, shard_size)
+    check_execution_args(limit=limit, shard_size=shard_size, device=device, seed=spec.seed)
     # As submit does: "auto" dtype resolved on the run's device, so the config is the one submit would use.
     spec = dataclasses.replace(spec, dtype=resolve_dtype_name(spec.dtype, resolve_run_device(settings, device)))
     with Session(engine) as session:
@@ -119,11 +119,11 @@ def estimate_generate(engine: Engine, settings: Settings, *, dataset_ref: str, s
                     seconds=None if per_unit is None else per_unit * missing, time_source=time_source)
 
 
-def _check_limits(limit: int | None, shard_size: int | None) -> None:
-    if limit is not None and limit < 1:
-        raise InputError("--limit", limit, "must be >= 1")
-    if shard_size is not None and shard_size < 1:
-        raise InputError("--shard-size", shard_size, "must be >= 1")
+def _no_images(n_generated: int, dataset_ref: str) -> str:
+    if n_generated == 0:
+        return "no generated images"
+    return (f"no generation for {dataset_ref} yet: `difftpt-ops submit generate --dataset {dataset_ref}` first "
+            f"({n_generated} images per sample)")
 
 
 def _version(session: Session, dataset_ref: str) -> DatasetVersion:

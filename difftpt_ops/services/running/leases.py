@@ -210,8 +210,11 @@ def claim_row(engine: Engine, settings: Settings, shard_id: int, identity: Worke
 class OwnedClaim(Protocol):
     """A claim on a shard (episodic or chained): its token and the parameters that match OWNED."""
 
-    shard_id: int
-    token: int
+    @property
+    def shard_id(self) -> int: ...
+
+    @property
+    def token(self) -> int: ...
 
     def params(self, **extra: Any) -> dict[str, Any]: ...
 

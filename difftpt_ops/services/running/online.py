@@ -49,7 +49,6 @@ from difftpt_ops.db.tables import SampleError as SampleErrorRow
 from difftpt_ops.db.writes import insert_many_ignore
 from difftpt_ops.services.reading.reporting import report_progress_throttled
 from difftpt_ops.services.running.contexts import open_run_context
-from difftpt_ops.services.running.dispatch import ShardTicket
 from difftpt_ops.services.running.finalize import finalize_run_if_complete
 from difftpt_ops.services.running.leases import (
     HEARTBEATS,
@@ -60,7 +59,7 @@ from difftpt_ops.services.running.leases import (
     claim_statements,
     release_shard,
 )
-from difftpt_ops.services.running.outcomes import Outcome, ShardOutcome, retry_delay_s, stop_requested
+from difftpt_ops.services.running.outcomes import Outcome, ShardOutcome, ShardTicket, retry_delay_s, stop_requested
 
 log = logging.getLogger(__name__)
 
@@ -428,7 +427,7 @@ def _process(engine: Engine, settings: Settings, claim: ChainClaim, context: _Co
 
 
 def execute_online_shard(engine: Engine, settings: Settings, shard_id: int, *, identity: WorkerIdentity,
-                         device: str | None = None, progress: Any = None) -> Any:
+                         device: str | None = None, progress: Any = None) -> ShardOutcome:
     """Run one shard of an online run (see the module docstring); returns what `shards.execute_shard` returns."""
     claim = claim_chained(engine, settings, shard_id, identity)
     if claim is None:
@@ -470,7 +469,8 @@ def _next_link(engine: Engine, claim: ChainClaim, queue: str | None) -> tuple[Sh
     return (ShardTicket(int(next_id), queue or "tune"),) if next_id is not None else ()
 
 
-def _record_failure(engine: Engine, settings: Settings, claim: ChainClaim, queue: str | None, exc: Exception) -> Any:
+def _record_failure(engine: Engine, settings: Settings, claim: ChainClaim, queue: str | None,
+                    exc: Exception) -> ShardOutcome:
     """Retry later, or fail the shard and the rest of the chain (which cannot run without it)."""
     retry = not isinstance(exc, InputError) and claim.token < settings.shard_max_attempts
     error = "".join(traceback.format_exception(exc))[-8000:]

@@ -1,5 +1,6 @@
-"""What one delivery of a shard came to (`ShardOutcome`), the retry backoff, and the process-wide stop
-flag a worker's warm shutdown sets; shared by episodic shards (`shards`) and online chains (`online`).
+"""What one delivery of a shard came to (`ShardOutcome`), the tickets it leaves to send (`ShardTicket`), the
+retry backoff, and the process-wide stop flag a worker's warm shutdown sets; shared by episodic shards
+(`shards`) and online chains (`online`), and the bottom of `running` with `leases` and `finalize`.
 """
 
 from __future__ import annotations
@@ -8,11 +9,8 @@ import threading
 from dataclasses import dataclass
 from enum import StrEnum
 
-from difftpt_ops.services.running.dispatch import ShardTicket
-
 RETRY_BACKOFF_S = 10.0  # first retry of a failed shard after this, doubling per attempt
 RETRY_BACKOFF_MAX_S = 600.0
-
 
 _stop_requested = threading.Event()
 
@@ -29,6 +27,15 @@ def clear_stop() -> None:
 def stop_requested() -> bool:
     """True once a shutdown asked running shards to stop."""
     return _stop_requested.is_set()
+
+
+@dataclass(frozen=True)
+class ShardTicket:
+    """One message to send: run shard `shard_id` on `queue`, after `countdown` seconds."""
+
+    shard_id: int
+    queue: str
+    countdown: float = 0.0
 
 
 class Outcome(StrEnum):

@@ -172,7 +172,7 @@ class TuneProcessor(_TuneRows):
         self.run_id, self.worker, self.tuner, self.root = run_id, worker, tuner, root
         self.seed, self.augmix, self.views = seed, augmix, views
 
-    features: Any = None  # services.features.FeatureCache: stored view features are read, not encoded
+    features: Any = None  # running.features.FeatureCache: stored view features are read, not encoded
 
     def process(self, sample: Any) -> Any:
         from difftpt_ops.data.images import load_rgb

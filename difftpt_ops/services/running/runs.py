@@ -141,11 +141,12 @@ def _plan(session: Session, *, kind: str, method: str, fingerprint: str, spec: d
 
 
 def _generation_for(session: Session, method: Any, version: DatasetVersion, dataset_ref: str,
-                    generation_id: int | None) -> GenerationConfig | None:
+                    generation_id: int | None, *, missing_ok: bool = False) -> GenerationConfig | None:
     """The generation config a run reads: the one named, else the latest planned or filled for this dataset.
 
     A run that reads generated images is bound to one config, whose images per sample must cover the
-    spec's n_generated: the run reads exactly that many per sample, never fewer.
+    spec's n_generated: the run reads exactly that many per sample, never fewer. `missing_ok`: None when
+    the dataset has no generation yet instead of an error (a dry run planned before `submit generate`).
     """
     needed = int(getattr(method, "n_generated", 0) or 0)
     if needed == 0:
@@ -159,6 +160,8 @@ def _generation_for(session: Session, method: Any, version: DatasetVersion, data
             raise NotFoundError("--generation", generation_id, "no such generation config")
     else:
         config = _latest_generation(session, version)
+        if config is None and missing_ok:
+            return None
         if config is None:
             raise InputError("--generation", "latest", f"no generation for {dataset_ref}; run `difftpt-ops submit "
                              f"generate --dataset {dataset_ref}` first, or pass --set n_generated=0")
@@ -266,10 +269,11 @@ class TunePlan:
 
 def resolve_tune_spec(session: Session, settings: Settings, *, dataset_ref: str, method: str, model: str,
                       pretrained: str | None, generation_id: int | None, overrides: dict[str, Any] | None,
-                      seed: int, device: str | None) -> TunePlan:
+                      seed: int, device: str | None, generation_missing_ok: bool = False) -> TunePlan:
     """The spec `submit tune` plans with these arguments, resolved as it is stored: the method's per-dataset
     defaults, the device and the precision it implies, the generation config it reads. The dry run uses
-    it too, so it finds the run a submit would attach to by its fingerprint.
+    it too, so it finds the run a submit would attach to by its fingerprint (`generation_missing_ok`: a
+    DiffTPT dry run before `submit generate`, which has no config yet and so no run either).
 
     Raises:
         InputError / NotFoundError: a bad argument, or a dataset or generation that does not exist.
@@ -280,7 +284,8 @@ def resolve_tune_spec(session: Session, settings: Settings, *, dataset_ref: str,
     model_spec = run_model_spec(model, pretrained, run_device)
     dataset, version = _resolve_version(session, dataset_ref)
     method_spec = online.resolve_for_dataset(method_spec, dataset.format)  # e.g. TDA's per-dataset config
-    config = _generation_for(session, method_spec, version, dataset_ref, generation_id)
+    config = _generation_for(session, method_spec, version, dataset_ref, generation_id,
+                             missing_ok=generation_missing_ok)
     spec = TuneRunSpec(method=method_spec, model=model_spec, dataset_fingerprint=version.fingerprint,
                        generation_fingerprint=config.fingerprint if config else None, seed=seed, device=run_device)
     return TunePlan(spec, dataset, version, config)

@@ -40,7 +40,6 @@ from difftpt_ops.db.writes import insert_many_ignore
 from difftpt_ops.services.reading.reporting import report_progress_throttled
 from difftpt_ops.services.running import online
 from difftpt_ops.services.running.contexts import RunContext, open_run_context
-from difftpt_ops.services.running.dispatch import ShardTicket
 from difftpt_ops.services.running.finalize import finalize_run_if_complete
 from difftpt_ops.services.running.leases import (
     HEARTBEATS,
@@ -51,7 +50,7 @@ from difftpt_ops.services.running.leases import (
     claim_statements,
     release_shard,
 )
-from difftpt_ops.services.running.outcomes import Outcome, ShardOutcome, retry_delay_s, stop_requested
+from difftpt_ops.services.running.outcomes import Outcome, ShardOutcome, ShardTicket, retry_delay_s, stop_requested
 from difftpt_ops.services.running.waiting import release_ready
 
 log = logging.getLogger(__name__)
