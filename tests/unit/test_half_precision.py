@@ -177,3 +177,22 @@ def test_naive_formulation_runs_in_bf16(clip32: LoadedClip, clip16: LoadedClip) 
         a = half.run(image, seed=5, sample_key=sample)
         b = full.run(image, seed=5, sample_key=sample)
         assert (a.pred, a.zeroshot_pred) == (b.pred, b.zeroshot_pred)
+
+
+@pytest.mark.parametrize("prompts", ["tip", "dtd"])
+@pytest.mark.parametrize("method", ["tda", "dmn-zs"])
+def test_online_methods_with_a_prompt_set_in_bf16(clip32: LoadedClip, clip16: LoadedClip, method: str,
+                                                  prompts: str) -> None:
+    """The prompt-set text features are built by the bf16 tower (finite, fp32 out) and the online step carries
+    its state in order: the same predictions as fp32 over a short stream."""
+    spec = method_spec_from(method, {"prompts": prompts, "n_views": "4"})
+    tuner16 = prepare_classifier(clip16, CLASS_NAMES, spec)
+    tuner32 = prepare_classifier(clip32, CLASS_NAMES, spec)
+    text = tuner16._initial_text_features()  # noqa: SLF001 - the fixed features every online step reads
+    assert text.dtype == torch.float32 and torch.isfinite(text).all()
+    for sample in range(4):
+        image = random_image(sample)
+        half = tuner16.run(image, seed=5, sample_key=sample)
+        full = tuner32.run(image, seed=5, sample_key=sample)
+        assert half.pred == full.pred, f"sample {sample}"
+        assert np.isfinite([half.entropy_after, half.confidence_after]).all()
