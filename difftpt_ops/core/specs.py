@@ -100,6 +100,9 @@ class MethodSpec:
     features: str = "store"
 
     FEATURE_MODES: ClassVar[tuple[str, ...]] = ("store", "recompute")
+    # Fields left out of to_dict() at the value given: options added after runs were stored, at the value
+    # those runs used, so their fingerprints stay. Subclasses extend it.
+    OMITTED_AT: ClassVar[dict[str, Any]] = {"features": "store"}
 
     def __post_init__(self) -> None:
         _require(self.resolution >= 16, "resolution", self.resolution, "must be >= 16")
@@ -108,9 +111,8 @@ class MethodSpec:
 
     def to_dict(self) -> dict[str, Any]:
         payload = {"method": self.method, **dataclasses.asdict(self)}
-        if payload["features"] == "store":
-            del payload["features"]
-        return payload
+        return {key: value for key, value in payload.items()
+                if key not in self.OMITTED_AT or value != self.OMITTED_AT[key]}
 
 
 # Class text features of the methods that take `prompts`: "single" is the spec's prompt ("a photo of a
@@ -131,17 +133,12 @@ class ZeroShotSpec(MethodSpec):
     prompts: str = "single"
 
     PROMPT_SETS: ClassVar[tuple[str, ...]] = PROMPT_SETS
+    OMITTED_AT: ClassVar[dict[str, Any]] = {**MethodSpec.OMITTED_AT, "prompts": "single"}
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _require(self.prompts in self.PROMPT_SETS, "prompts", self.prompts,
                  f"unknown prompt set; choose one of {', '.join(self.PROMPT_SETS)}")
-
-    def to_dict(self) -> dict[str, Any]:
-        payload = super().to_dict()
-        if payload["prompts"] == "single":
-            del payload["prompts"]
-        return payload
 
 
 @dataclass(frozen=True)
@@ -444,8 +441,7 @@ class TuneRunSpec:
         Raises:
             InvalidSpecError: not a tune spec, or a method spec that no longer validates.
         """
-        if payload.get("kind", "tune") != "tune":
-            raise InvalidSpecError("spec.kind", payload.get("kind"), "is not a tune run spec")
+        _check_kind(payload, "tune", default="tune")
         return cls(method=method_spec_from_dict(payload["method"]), model=ModelSpec(**payload["model"]),
                    dataset_fingerprint=str(payload["dataset_fingerprint"]),
                    generation_fingerprint=payload.get("generation_fingerprint"),
@@ -485,8 +481,7 @@ class GenerateRunSpec:
         Raises:
             InvalidSpecError: not a generate run spec.
         """
-        if payload.get("kind") != "generate":
-            raise InvalidSpecError("spec.kind", payload.get("kind"), "is not a generate run spec")
+        _check_kind(payload, "generate")
         return cls(generation=GenerationSpec(**payload["generation"]),
                    dataset_fingerprint=str(payload["dataset_fingerprint"]), device=str(payload.get("device", "cpu")),
                    batch_size=int((payload.get("execution") or {}).get("batch_size", 4)))
@@ -534,12 +529,17 @@ class FeaturesRunSpec:
         Raises:
             InvalidSpecError: not a features run spec.
         """
-        if payload.get("kind") != "features":
-            raise InvalidSpecError("spec.kind", payload.get("kind"), "is not a features run spec")
+        _check_kind(payload, "features")
         return cls(views=str(payload["views"]), model=ModelSpec(**payload["model"]),
                    dataset_fingerprint=str(payload["dataset_fingerprint"]),
                    generation_fingerprint=payload.get("generation_fingerprint"), seed=int(payload.get("seed", 0)),
                    device=str(payload.get("device", "cpu")))
+
+
+def _check_kind(payload: dict[str, Any], kind: str, *, default: str | None = None) -> None:
+    """A stored run spec is of `kind` (`default`: what a spec without a `kind` key is)."""
+    if payload.get("kind", default) != kind:
+        raise InvalidSpecError("spec.kind", payload.get("kind"), f"is not a {kind} run spec")
 
 
 def flatten(payload: dict[str, Any], prefix: str = "") -> dict[str, Any]:

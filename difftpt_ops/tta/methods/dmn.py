@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from difftpt_ops.core.specs import PROMPT_SETS, MethodSpec, require
+from difftpt_ops.core.specs import MethodSpec, require
 from difftpt_ops.tta.methods.base import OnlineMethod, StepInputs, StepOutput, ViewPlan, ViewScores, register
-from difftpt_ops.tta.methods.ensemble import PromptSetOption
+from difftpt_ops.tta.methods.ensemble import PromptSetOption, check_prompt_set
 
 NAME = "dmn-zs"
 PAPER = "Zhang et al., Dual Memory Networks: A Versatile Adaptation Approach for Vision-Language Models, CVPR 2024"
@@ -164,6 +164,8 @@ class DMNSpec(MethodSpec):
     beta: float = 5.5
     dynamic_weight: float = 1.0  # the reference searches it on the test labels; see docs/methods.md
     prompts: str | None = None  # None: the reference's templates for the dataset (PROMPTS_BY_FORMAT)
+    # Runs from before `prompts` existed used the single prompt: left out at "single", they keep their identity.
+    OMITTED_AT: ClassVar[dict[str, Any]] = {**MethodSpec.OMITTED_AT, "prompts": "single"}
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -173,15 +175,8 @@ class DMNSpec(MethodSpec):
         require(self.memory_size >= 1, "memory_size", self.memory_size, "must be >= 1")
         require(self.beta >= 0, "beta", self.beta, "must be >= 0")
         require(self.dynamic_weight >= 0, "dynamic_weight", self.dynamic_weight, "must be >= 0")
-        require(self.prompts is None or self.prompts in PROMPT_SETS, "prompts", self.prompts,
-                f"unknown prompt set; choose one of {', '.join(PROMPT_SETS)}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Left out at "single": runs from before `prompts` existed used the single prompt, and keep their identity."""
-        payload = super().to_dict()
-        if payload["prompts"] == "single":
-            del payload["prompts"]
-        return payload
+        if self.prompts is not None:
+            check_prompt_set(self.prompts)
 
     def params(self) -> DMNParams:
         return DMNParams(memory_size=self.memory_size, beta=self.beta, selection_p=self.selection_p,

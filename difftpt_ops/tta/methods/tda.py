@@ -33,10 +33,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from difftpt_ops.core.specs import PROMPT_SETS, MethodSpec, require
+from difftpt_ops.core.specs import MethodSpec, require
 from difftpt_ops.tta.losses import marginal_entropy, view_entropy
 from difftpt_ops.tta.methods.base import OnlineMethod, StepInputs, StepOutput, ViewPlan, ViewScores, register
-from difftpt_ops.tta.methods.ensemble import PromptSetOption
+from difftpt_ops.tta.methods.ensemble import PromptSetOption, check_prompt_set
 
 NAME = "tda"
 PAPER = "Karmanov et al., Efficient Test-Time Adaptation of Vision-Language Models, CVPR 2024"
@@ -237,12 +237,14 @@ class TDASpec(MethodSpec):
     mask_lower: float = 0.03
     mask_upper: float = 1.0
     prompts: str | None = None  # None: the reference's templates for the dataset (PROMPTS_BY_FORMAT)
+    # Runs from before `prompts` existed used the single prompt: left out at "single", they keep their identity.
+    OMITTED_AT: ClassVar[dict[str, Any]] = {**MethodSpec.OMITTED_AT, "prompts": "single"}
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.order_seed >= 0, "order_seed", self.order_seed, "must be >= 0")
-        require(self.prompts is None or self.prompts in PROMPT_SETS, "prompts", self.prompts,
-                f"unknown prompt set; choose one of {', '.join(PROMPT_SETS)}")
+        if self.prompts is not None:
+            check_prompt_set(self.prompts)
         require(self.n_views is None or self.n_views >= 1, "n_views", self.n_views, "must be >= 1")
         require(0.0 < self.selection_p <= 1.0, "selection_p", self.selection_p, "must be in (0, 1]")
         for name in ("pos_shot_capacity", "neg_shot_capacity"):
@@ -254,13 +256,6 @@ class TDASpec(MethodSpec):
                 f"must be below entropy_upper ({self.entropy_upper})")
         require(self.mask_lower < self.mask_upper, "mask_lower", self.mask_lower,
                 f"must be below mask_upper ({self.mask_upper})")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Left out at "single": runs from before `prompts` existed used the single prompt, and keep their identity."""
-        payload = super().to_dict()
-        if payload["prompts"] == "single":
-            del payload["prompts"]
-        return payload
 
     def params(self) -> TDAParams:
         """The step's numbers (unresolved fields take imagenet.yaml's values)."""
