@@ -60,13 +60,19 @@ def estimate_tune(engine: Engine, settings: Settings, *, dataset_ref: str, metho
     """The cost of `submit tune` with these arguments. Raises InputError/NotFoundError as submit would: the
     spec is resolved by the same function (`runs.resolve_tune_spec`), so the run a submit would attach to is
     found by its fingerprint."""
-    from difftpt_ops.services.running.runs import check_execution_args, default_shard_size, resolve_tune_spec
+    from difftpt_ops.services.running.runs import (
+        check_execution_args,
+        default_shard_size,
+        resolve_tune_spec,
+        tune_choice,
+    )
 
     check_execution_args(limit=limit, shard_size=shard_size, device=device, seed=seed)
+    choice = tune_choice(settings, method=method, overrides=overrides, model=model, pretrained=pretrained,
+                         device=device)
     with Session(engine) as session:
-        plan = resolve_tune_spec(session, settings, dataset_ref=dataset_ref, method=method, model=model,
-                                 pretrained=pretrained, generation_id=generation_id, overrides=overrides, seed=seed,
-                                 device=device, generation_missing_ok=True)
+        plan = resolve_tune_spec(session, choice, dataset_ref=dataset_ref, generation_id=generation_id, seed=seed,
+                                 generation_missing_ok=True)
         version, config, method_spec = plan.version, plan.config, plan.spec.method
         samples = _in_scope(version, limit)
         existing = session.scalar(select(Run).where(Run.fingerprint == plan.spec.fingerprint()))

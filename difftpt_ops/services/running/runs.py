@@ -25,6 +25,7 @@ from difftpt_ops.core.errors import InputError, NotFoundError, ServiceUnavailabl
 from difftpt_ops.core.specs import (
     GenerateRunSpec,
     GenerationSpec,
+    MethodSpec,
     ModelSpec,
     TuneRunSpec,
     method_spec_from,
@@ -267,27 +268,46 @@ class TunePlan:
     config: GenerationConfig | None  # the generation config a DiffTPT run reads
 
 
-def resolve_tune_spec(session: Session, settings: Settings, *, dataset_ref: str, method: str, model: str,
-                      pretrained: str | None, generation_id: int | None, overrides: dict[str, Any] | None,
-                      seed: int, device: str | None, generation_missing_ok: bool = False) -> TunePlan:
-    """The spec `submit tune` plans with these arguments, resolved as it is stored: the method's per-dataset
-    defaults, the device and the precision it implies, the generation config it reads. The dry run uses
-    it too, so it finds the run a submit would attach to by its fingerprint (`generation_missing_ok`: a
-    DiffTPT dry run before `submit generate`, which has no config yet and so no run either).
+@dataclass(frozen=True)
+class TuneChoice:
+    """What a `submit tune` settles before the database: the method spec (validated, not yet resolved per
+    dataset), the model spec and the kind of device."""
+
+    method: MethodSpec
+    model: ModelSpec
+    device: str
+
+
+def tune_choice(settings: Settings, *, method: str, overrides: dict[str, Any] | None, model: str,
+                pretrained: str | None, device: str | None) -> TuneChoice:
+    """The method spec with its overrides, the device the run is for and the model precision it implies.
 
     Raises:
-        InputError / NotFoundError: a bad argument, or a dataset or generation that does not exist.
+        InputError: an unknown method or field, a bad value, a device this machine does not have.
     """
     online.ensure_registered(method)
     method_spec = method_spec_from(method, overrides or {})
     run_device = resolve_run_device(settings, device)
-    model_spec = run_model_spec(model, pretrained, run_device)
+    return TuneChoice(method_spec, run_model_spec(model, pretrained, run_device), run_device)
+
+
+def resolve_tune_spec(session: Session, choice: TuneChoice, *, dataset_ref: str, generation_id: int | None,
+                      seed: int, generation_missing_ok: bool = False) -> TunePlan:
+    """The spec `submit tune` plans, resolved as it is stored: the method's per-dataset defaults and the
+    generation config it reads. The dry run uses it too, so it finds the run a submit would attach to by
+    its fingerprint (`generation_missing_ok`: a DiffTPT dry run before `submit generate`, which has no
+    config yet and so no run either).
+
+    Raises:
+        InputError / NotFoundError: a dataset or generation that does not exist, or one that cannot serve.
+    """
     dataset, version = _resolve_version(session, dataset_ref)
-    method_spec = online.resolve_for_dataset(method_spec, dataset.format)  # e.g. TDA's per-dataset config
+    method_spec = online.resolve_for_dataset(choice.method, dataset.format)  # e.g. TDA's per-dataset config
     config = _generation_for(session, method_spec, version, dataset_ref, generation_id,
                              missing_ok=generation_missing_ok)
-    spec = TuneRunSpec(method=method_spec, model=model_spec, dataset_fingerprint=version.fingerprint,
-                       generation_fingerprint=config.fingerprint if config else None, seed=seed, device=run_device)
+    spec = TuneRunSpec(method=method_spec, model=choice.model, dataset_fingerprint=version.fingerprint,
+                       generation_fingerprint=config.fingerprint if config else None, seed=seed,
+                       device=choice.device)
     return TunePlan(spec, dataset, version, config)
 
 
@@ -304,16 +324,13 @@ def submit_tune(engine: Engine, settings: Settings, *, dataset_ref: str, method:
     """
     # 1. Validate everything that needs no database.
     check_execution_args(limit=limit, shard_size=shard_size, device=device, seed=seed)
-    online.ensure_registered(method)
-    method_spec = method_spec_from(method, overrides or {})
-    _check_model_path(settings, method_spec.method, run_model_spec(model, pretrained,
-                                                                   resolve_run_device(settings, device)))
+    choice = tune_choice(settings, method=method, overrides=overrides, model=model, pretrained=pretrained,
+                         device=device)
+    _check_model_path(settings, choice.method.method, choice.model)
     _prepare_dispatch(settings, dispatcher)
-    # 2. Resolve the spec as it is stored (dataset, generation config, device), then plan the run.
+    # 2. Resolve the spec as it is stored (per-dataset defaults, generation config), then plan the run.
     with session_scope(engine) as session:
-        plan = resolve_tune_spec(session, settings, dataset_ref=dataset_ref, method=method, model=model,
-                                 pretrained=pretrained, generation_id=generation_id, overrides=overrides, seed=seed,
-                                 device=device)
+        plan = resolve_tune_spec(session, choice, dataset_ref=dataset_ref, generation_id=generation_id, seed=seed)
         spec, version, config = plan.spec, plan.version, plan.config
         if settings.embedded:
             stop = version.num_samples if limit is None else min(limit, version.num_samples)
