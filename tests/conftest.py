@@ -8,8 +8,12 @@ chosen per test run.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +32,40 @@ POSTGRES_ADMIN_URL = os.environ.get(
     "DIFFTPT_OPS_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 REDIS_URL = os.environ.get("DIFFTPT_OPS_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+
+
+def _worker_processes() -> set[int]:
+    """Pids of `difftpt-ops worker` supervisors and their Celery children running on this machine."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"workers.celery_app" in argv or (b"cli.main" in argv and b"worker" in argv):
+            found.add(int(entry.name))
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_worker_outlives_its_test() -> Iterator[None]:
+    """A worker a test started must not live on: still consuming from a reused Redis database number, it
+    would take the next test's messages and answer them from the wrong database."""
+    if not Path("/proc").is_dir():
+        yield
+        return
+    before = _worker_processes()
+    yield
+    deadline = time.monotonic() + 10
+    while (left := _worker_processes() - before) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    if left:
+        warnings.warn(f"killed worker processes a test left running: {sorted(left)}", stacklevel=1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -147,12 +148,18 @@ def child_specs(settings: Settings, *, gpus: list[str | None], queues: list[str]
     return specs
 
 
-def _die_with_parent() -> None:
+def _die_with(supervisor_pid: int) -> Callable[[], None]:
     """Linux: the child gets SIGTERM if the supervisor is killed, instead of running on orphaned."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+
+    def set_parent_death_signal() -> None:
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != supervisor_pid:  # it died between fork and prctl: no signal will come
+            os._exit(1)
+
+    return set_parent_death_signal
 
 
 def _say(message: str) -> None:
@@ -178,7 +185,7 @@ class Supervisor:
         self._stop = threading.Event()
 
     def _start(self, child: _Child) -> None:
-        preexec = _die_with_parent if sys.platform.startswith("linux") else None
+        preexec = _die_with(os.getpid()) if sys.platform.startswith("linux") else None
         child.process = subprocess.Popen(child.spec.argv, env=child.spec.env, cwd=str(REPO_ROOT),  # noqa: S603
                                          start_new_session=True, preexec_fn=preexec)
         child.started = time.monotonic()

@@ -124,6 +124,12 @@ class RecordingDispatcher:
         self.tickets.extend(tickets)
 
 
+def _others_connected(client: Any, number: int) -> bool:
+    """Another connection on database `number` (a worker left running would take our messages)."""
+    me = client.client_id()
+    return any(int(c["db"]) == number and int(c["id"]) != me for c in client.client_list())
+
+
 @contextmanager
 def redis_db() -> Iterator[str]:
     """A Redis database number no one else uses, claimed with a key, flushed before and after."""
@@ -134,7 +140,7 @@ def redis_db() -> Iterator[str]:
         client = redis.Redis.from_url(f"{REDIS_URL}/{number}")
         if not client.set("difftpt-test-claim", token, nx=True, ex=1800):
             continue
-        if client.dbsize() > 1:  # someone's data without our claim key: leave it alone
+        if client.dbsize() > 1 or _others_connected(client, number):  # someone's data, or a live consumer
             client.delete("difftpt-test-claim")
             continue
         try:

@@ -47,13 +47,21 @@ def _partly_done(engine, run_id: int) -> bool:  # type: ignore[no-untyped-def]
 
 def _slow_run_partly_done(settings, engine, broker: str, tmp_path: Path, *, samples: int,  # type: ignore[no-untyped-def]
                           shard_size: int):
-    """A traced, slowed-down worker running a noop run, returned once a shard has flushed some samples."""
+    """A traced, slowed-down worker running a noop run, returned once a shard has flushed some samples.
+
+    A shard flushes every 2 s (shards.FLUSH_INTERVAL_S) at 0.1 s a sample, so a shard of n samples is seen
+    part done for about (n/10 - 2) s: shards of 40 or more leave the poll a window of 2 s or more."""
     add_dataset(engine, "toy", samples)
     env = worker_env(settings, broker, noop_trace=str(tmp_path / "t1"), noop_delay_s="0.1")
     worker = start_worker(env, tmp_path / "w1")
     result = runs.submit_tune(engine, settings, dataset_ref="toy", method="noop", shard_size=shard_size,
                               dispatcher=dispatcher_for(settings))
-    wait_for(lambda: _partly_done(engine, result.run_id), timeout=90, what="a shard flushed part of its samples")
+    try:
+        wait_for(lambda: _partly_done(engine, result.run_id), timeout=90, what="a shard flushed part of its samples")
+    except AssertionError as exc:
+        shards = [(s.state, s.samples_done, s.stop - s.start, s.worker) for s in shard_rows(engine, result.run_id)]
+        log = (tmp_path / "w1").read_text(errors="replace")[-3000:]
+        raise AssertionError(f"{exc}; shards (state, done, size, worker): {shards}; worker log tail:\n{log}") from None
     return worker, result
 
 
@@ -62,10 +70,10 @@ def test_kill_9_mid_shard_then_a_new_worker_and_resume(workspace: Path, database
     with redis_db() as broker:
         settings = make_settings(workspace, database_url, broker_url=broker, stale_after_s="3")
         engine = open_engine(settings)
-        first, result = _slow_run_partly_done(settings, engine, broker, tmp_path, samples=60, shard_size=30)
+        first, result = _slow_run_partly_done(settings, engine, broker, tmp_path, samples=80, shard_size=40)
         kill_worker(first)
         committed = _committed(engine, result.run_id)
-        assert 0 < len(committed) < 60
+        assert 0 < len(committed) < 80
         second = start_worker(worker_env(settings, broker, noop_trace=str(tmp_path / "t2"), noop_delay_s="0.1"),
                               tmp_path / "w2")
         try:
@@ -74,10 +82,10 @@ def test_kill_9_mid_shard_then_a_new_worker_and_resume(workspace: Path, database
             wait_for(lambda: run_state(engine, result.run_id) == "finished", timeout=120, what="the resumed run")
         finally:
             kill_worker(second)  # clean shutdown is tested in test_worker_e2e
-    assert count(engine, Prediction, result.run_id) == distinct_predictions(engine, result.run_id) == 60
+    assert count(engine, Prediction, result.run_id) == distinct_predictions(engine, result.run_id) == 80
     redone = read_trace(tmp_path / "t2")
     assert not committed & set(redone), "a sample finished before the kill was processed again"
-    assert len(redone) == len(set(redone)) and set(redone) | committed == set(range(60))
+    assert len(redone) == len(set(redone)) and set(redone) | committed == set(range(80))
 
 
 def _redis_server(port: int, directory: Path) -> subprocess.Popen[bytes]:
@@ -155,7 +163,7 @@ def test_sigterm_mid_shard_requeues_it_and_exits_0(workspace: Path, tmp_path: Pa
     with redis_db() as broker:
         settings = make_settings(workspace, f"sqlite:///{workspace / 'difftpt.db'}", broker_url=broker)
         engine = open_engine(settings)
-        first, result = _slow_run_partly_done(settings, engine, broker, tmp_path, samples=40, shard_size=40)
+        first, result = _slow_run_partly_done(settings, engine, broker, tmp_path, samples=80, shard_size=80)
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=20) == 0
         [shard] = shard_rows(engine, result.run_id)
@@ -166,5 +174,5 @@ def test_sigterm_mid_shard_requeues_it_and_exits_0(workspace: Path, tmp_path: Pa
             wait_for(lambda: run_state(engine, result.run_id) == "finished", timeout=90, what="the run")
         finally:
             kill_worker(second)
-    assert distinct_predictions(engine, result.run_id) == count(engine, Prediction, result.run_id) == 40
+    assert distinct_predictions(engine, result.run_id) == count(engine, Prediction, result.run_id) == 80
     assert not stored & set(read_trace(tmp_path / "t2"))
