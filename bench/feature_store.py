@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.tta_speed import class_names  # noqa: E402
 from difftpt_ops.config import load_settings  # noqa: E402
-from difftpt_ops.core.specs import ModelSpec, method_spec_from  # noqa: E402
+from difftpt_ops.core.method_specs import method_spec_from  # noqa: E402
+from difftpt_ops.core.specs import ModelSpec  # noqa: E402
 from difftpt_ops.models.clip import load_clip  # noqa: E402
 from difftpt_ops.services.reading.store import store_size  # noqa: E402
 from difftpt_ops.services.running.features import FeatureCache, model_fingerprint_of  # noqa: E402

@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tta_speed import class_names, synthetic_sample  # noqa: E402
 
-from difftpt_ops.core.specs import ModelSpec, method_spec_from  # noqa: E402
+from difftpt_ops.core.method_specs import method_spec_from  # noqa: E402
+from difftpt_ops.core.specs import ModelSpec  # noqa: E402
 from difftpt_ops.models.clip import LoadedClip, load_clip  # noqa: E402
 from difftpt_ops.tta import prepare_classifier  # noqa: E402
 from difftpt_ops.tta.engine import Tuner  # noqa: E402

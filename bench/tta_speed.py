@@ -33,7 +33,8 @@ from PIL import Image  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from difftpt_ops.core.specs import ModelSpec, method_spec_from  # noqa: E402
+from difftpt_ops.core.method_specs import method_spec_from  # noqa: E402
+from difftpt_ops.core.specs import ModelSpec  # noqa: E402
 from difftpt_ops.models.clip import LoadedClip, load_clip  # noqa: E402
 from difftpt_ops.tta import prepare_classifier  # noqa: E402
 from difftpt_ops.tta.naive import NaiveTuner  # noqa: E402

@@ -4,7 +4,8 @@ A pydantic-settings model validates every value once, when the settings are read
 size of 0, a negative heartbeat interval, a word where a number belongs) stops the command with one line
 naming the variable (or the TOML file and key) and the value, before anything runs.
 
-Experiment settings never live here: they are frozen specs (core/specs.py) stored with each run.
+Experiment settings never live here: they are frozen specs (core/specs.py, method_specs.py, run_specs.py)
+stored with each run.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ def episodic_methods() -> tuple[str, ...]:
 
 
 def _needs_generated(method: str, overrides: dict[str, str]) -> bool:
-    from difftpt_ops.core.specs import method_spec_from
+    from difftpt_ops.core.method_specs import method_spec_from
     from difftpt_ops.tta.methods import get_method
 
     return get_method(method).views(method_spec_from(method, overrides)).n_generated > 0

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from difftpt_ops.core.errors import InvalidSpecError, SampleError
-from difftpt_ops.core.specs import MethodSpec
+from difftpt_ops.core.method_specs import MethodSpec
 from difftpt_ops.tta.losses import view_entropy
 from difftpt_ops.tta.methods import (
     FORWARD_ONLY,

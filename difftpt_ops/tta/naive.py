@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from difftpt_ops.core.specs import MethodSpec
+from difftpt_ops.core.method_specs import MethodSpec
 from difftpt_ops.tta.methods import FORWARD_ONLY, ONLINE, PROMPT_TUNING, StepInputs, method_of
 from difftpt_ops.tta.prompts import class_prompt_texts, initial_context
 from difftpt_ops.tta.text import ClipLike, TextTower, normalise

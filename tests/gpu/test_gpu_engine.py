@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from difftpt_ops.core.specs import ModelSpec, method_spec_from
+from difftpt_ops.core.method_specs import method_spec_from
+from difftpt_ops.core.specs import ModelSpec
 from difftpt_ops.models.clip import LoadedClip, load_clip
 from difftpt_ops.models.tiny_clip import make_tiny_clip
 from difftpt_ops.tta import prepare_classifier

@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 from PIL import Image  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 
-from difftpt_ops.core.specs import method_spec_from  # noqa: E402
+from difftpt_ops.core.method_specs import method_spec_from  # noqa: E402
 from difftpt_ops.db.session import session_scope  # noqa: E402
 from difftpt_ops.db.tables import GeneratedImage, Prediction, Run, ViewFeatures  # noqa: E402
 from difftpt_ops.models.clip import LoadedClip  # noqa: E402

@@ -16,9 +16,10 @@ torch = pytest.importorskip("torch")
 from sqlalchemy import select  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from difftpt_ops.core import specs  # noqa: E402
+from difftpt_ops.core import method_specs, run_specs  # noqa: E402
 from difftpt_ops.core.errors import InvalidSpecError  # noqa: E402
-from difftpt_ops.core.specs import MethodSpec, ModelSpec, method_spec_from, require  # noqa: E402
+from difftpt_ops.core.method_specs import MethodSpec, method_spec_from  # noqa: E402
+from difftpt_ops.core.specs import ModelSpec, require  # noqa: E402
 from difftpt_ops.db.session import session_scope  # noqa: E402
 from difftpt_ops.db.tables import Prediction, Sample, ViewScore  # noqa: E402
 from difftpt_ops.models.clip import load_clip  # noqa: E402
@@ -127,8 +128,8 @@ def test_a_method_defined_in_a_test_module_runs_through_submit_tune(
 
 def test_registry_feeds_specs_and_errors(meanview: type[MeanView]) -> None:
     assert {"zeroshot", "tpt", "difftpt", "meanview-test"} <= set(method_names())
-    assert set(specs.USER_METHODS) == set(method_names())
-    assert specs.METHOD_SPECS["meanview-test"] is MeanViewSpec
+    assert set(method_specs.USER_METHODS) == set(method_names())
+    assert method_specs.METHOD_SPECS["meanview-test"] is MeanViewSpec
     assert method_spec_from("meanview-test", {"n_views": "5"}) == MeanViewSpec(n_views=5)
     with pytest.raises(InvalidSpecError) as info:
         method_spec_from("meanview-test", {"n_views": "0"})
@@ -138,7 +139,7 @@ def test_registry_feeds_specs_and_errors(meanview: type[MeanView]) -> None:
     unregister("meanview-test")
     with pytest.raises(InvalidSpecError) as info:
         get_method("meanview-test")
-    assert info.value.argument == "--method" and "meanview-test" not in specs.USER_METHODS
+    assert info.value.argument == "--method" and "meanview-test" not in method_specs.USER_METHODS
     register(MeanView)  # the fixture unregisters it again
 
 
@@ -151,12 +152,12 @@ def test_registration_refuses_inconsistent_methods() -> None:
 
     class Impostor(MeanView):
         name: ClassVar[str] = "tpt"
-        spec_class = specs.TPTSpec
+        spec_class = method_specs.TPTSpec
 
     for cls, problem in ((WrongSpecName, "spec_class.method"), (NoKind, "kind"), (Impostor, "already registered")):
         with pytest.raises(ValueError, match=problem):
             register(cls)
-    assert get_method("tpt").spec_class is specs.TPTSpec
+    assert get_method("tpt").spec_class is method_specs.TPTSpec
 
 
 def test_methods_list_shows_the_registry(meanview: type[MeanView]) -> None:
@@ -198,14 +199,14 @@ def test_bad_feature_options_are_one_line_errors(cli_env: dict[str, str]) -> Non
 
 
 def test_tune_run_spec_round_trips_typed() -> None:
-    spec = specs.TuneRunSpec(method=method_spec_from("difftpt", {"steps": "2", "features": "recompute"}),
+    spec = run_specs.TuneRunSpec(method=method_spec_from("difftpt", {"steps": "2", "features": "recompute"}),
                              model=ModelSpec(name="RN50", precision="fp32"), dataset_fingerprint="d" * 64,
                              generation_fingerprint="g" * 64, seed=3)
-    again = specs.TuneRunSpec.from_dict(spec.to_dict())
+    again = run_specs.TuneRunSpec.from_dict(spec.to_dict())
     assert again == spec and again.fingerprint() == spec.fingerprint()
-    assert isinstance(again.method, specs.DiffTPTSpec) and again.method.steps == 2
+    assert isinstance(again.method, method_specs.DiffTPTSpec) and again.method.steps == 2
     with pytest.raises(InvalidSpecError):
-        specs.TuneRunSpec.from_dict({**spec.to_dict(), "kind": "generate"})
+        run_specs.TuneRunSpec.from_dict({**spec.to_dict(), "kind": "generate"})
 
 
 def test_a_fresh_process_knows_every_registered_method() -> None:
@@ -213,7 +214,7 @@ def test_a_fresh_process_knows_every_registered_method() -> None:
     import subprocess
     import sys
 
-    code = ("import sys; from difftpt_ops.core import specs; names = specs.USER_METHODS; "
+    code = ("import sys; from difftpt_ops.core import method_specs as specs; names = specs.USER_METHODS; "
             "[specs.method_spec_from(n) for n in names]; print(','.join(names))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2]).stdout.strip()

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 from sqlalchemy import select
 
-from difftpt_ops.core.specs import ModelSpec, method_spec_from
+from difftpt_ops.core.method_specs import method_spec_from
+from difftpt_ops.core.specs import ModelSpec
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import Prediction, ViewScore
 from difftpt_ops.models.clip import load_clip

@@ -16,7 +16,8 @@ from PIL import Image
 
 torch = pytest.importorskip("torch")
 
-from difftpt_ops.core.specs import GenerationSpec, ModelSpec, method_spec_from  # noqa: E402
+from difftpt_ops.core.method_specs import method_spec_from  # noqa: E402
+from difftpt_ops.core.specs import GenerationSpec, ModelSpec  # noqa: E402
 from difftpt_ops.models import diffusion  # noqa: E402
 from difftpt_ops.models.clip import LoadedClip, load_clip  # noqa: E402
 from difftpt_ops.models.tiny_clip import make_tiny_clip  # noqa: E402

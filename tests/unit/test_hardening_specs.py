@@ -8,7 +8,7 @@ from typing import Literal
 import pytest
 
 from difftpt_ops.core.errors import InvalidSpecError
-from difftpt_ops.core.specs import _coerce, _field_type, method_spec_from
+from difftpt_ops.core.method_specs import _coerce, _field_type, method_spec_from
 
 pytestmark = pytest.mark.unit
 

@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from difftpt_ops.core.errors import InvalidSpecError  # noqa: E402
-from difftpt_ops.core.specs import method_spec_from  # noqa: E402
+from difftpt_ops.core.method_specs import method_spec_from  # noqa: E402
 from difftpt_ops.models.clip import LoadedClip  # noqa: E402
 from difftpt_ops.tta import prepare_classifier  # noqa: E402
 from difftpt_ops.tta.losses import marginal_entropy  # noqa: E402

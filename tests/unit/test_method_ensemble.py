@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from difftpt_ops.core.errors import InvalidSpecError  # noqa: E402
-from difftpt_ops.core.specs import ZeroShotSpec, method_spec_from, method_spec_from_dict  # noqa: E402
+from difftpt_ops.core.method_specs import ZeroShotSpec, method_spec_from, method_spec_from_dict  # noqa: E402
 from difftpt_ops.models.clip import LoadedClip  # noqa: E402
 from difftpt_ops.tta import prepare_classifier  # noqa: E402
 from difftpt_ops.tta.methods import get_method  # noqa: E402

@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from difftpt_ops.core.errors import InvalidSpecError  # noqa: E402
-from difftpt_ops.core.specs import method_spec_from  # noqa: E402
+from difftpt_ops.core.method_specs import method_spec_from  # noqa: E402
 from difftpt_ops.tta.methods import StepInputs, get_method  # noqa: E402
 from difftpt_ops.tta.methods.zero import ZeroSpec, vote_logits, zero_predict  # noqa: E402
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from difftpt_ops.core.specs import method_spec_from
+from difftpt_ops.core.method_specs import method_spec_from
 from difftpt_ops.tta.naive import NaiveTuner
 from tests.unit.tta_support import CLASS_NAMES, random_image, tiny_clip
 

@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from difftpt_ops.core.errors import InvalidSpecError  # noqa: E402
-from difftpt_ops.core.specs import DATASET_PROMPT_SETS, method_spec_from  # noqa: E402
+from difftpt_ops.core.method_specs import DATASET_PROMPT_SETS, method_spec_from  # noqa: E402
 from difftpt_ops.data.formats import CROSS_DOMAIN_FORMATS, IMAGENET_FORMATS  # noqa: E402
 from difftpt_ops.models.clip import LoadedClip  # noqa: E402
 from difftpt_ops.tta import prepare_classifier  # noqa: E402
@@ -88,7 +88,7 @@ def test_an_unknown_prompt_set_is_refused_naming_it(method: str) -> None:
 @pytest.mark.parametrize("spec_class", [TDASpec, DMNSpec])
 def test_single_is_left_out_of_the_stored_spec_so_older_runs_keep_their_identity(spec_class: type) -> None:
     """Runs stored before `prompts` existed used the single prompt: an explicit `single` stores the same dict."""
-    from difftpt_ops.core.specs import method_spec_from_dict
+    from difftpt_ops.core.method_specs import method_spec_from_dict
 
     single = spec_class(prompts="single").to_dict()
     assert "prompts" not in single and spec_class(prompts="tip").to_dict()["prompts"] == "tip"

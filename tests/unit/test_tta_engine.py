@@ -9,7 +9,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from difftpt_ops.core.errors import InputError, InvalidSpecError, SampleError  # noqa: E402
-from difftpt_ops.core.specs import NoopSpec, PromptSpec, TPTSpec, method_spec_from  # noqa: E402
+from difftpt_ops.core.method_specs import NoopSpec, TPTSpec, method_spec_from  # noqa: E402
+from difftpt_ops.core.specs import PromptSpec  # noqa: E402
 from difftpt_ops.models.clip import LoadedClip, read_coop_checkpoint  # noqa: E402
 from difftpt_ops.tta import SampleResult, prepare_classifier  # noqa: E402
 from difftpt_ops.tta.naive import NaiveTuner  # noqa: E402

@@ -13,7 +13,8 @@ from sqlalchemy.engine import Engine
 
 from difftpt_ops.config import Settings
 from difftpt_ops.core.errors import InputError, NotFoundError
-from difftpt_ops.core.specs import GenerateRunSpec, TuneRunSpec, canonical_json
+from difftpt_ops.core.run_specs import GenerateRunSpec, TuneRunSpec
+from difftpt_ops.core.specs import canonical_json
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import Dataset, DatasetVersion, Run
 from difftpt_ops.services.running.features import build_features_processor, feature_cache_for

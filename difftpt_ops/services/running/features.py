@@ -25,7 +25,8 @@ from sqlalchemy.engine import Connection, Engine
 from difftpt_ops.config import Settings
 from difftpt_ops.core.clock import utcnow
 from difftpt_ops.core.errors import InputError, SampleError
-from difftpt_ops.core.specs import FEATURE_VIEWS, FeaturesRunSpec, method_spec_from
+from difftpt_ops.core.method_specs import method_spec_from
+from difftpt_ops.core.run_specs import FEATURE_VIEWS, FeaturesRunSpec
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import GeneratedImage, Run, ViewFeatures
 from difftpt_ops.db.writes import insert_many_ignore

@@ -41,7 +41,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from difftpt_ops.config import Settings
 from difftpt_ops.core.clock import utcnow
 from difftpt_ops.core.errors import InputError, SampleError, TransientError
-from difftpt_ops.core.specs import MethodSpec
+from difftpt_ops.core.method_specs import MethodSpec
 from difftpt_ops.core.status import SampleStatus, ShardState
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import DatasetVersion, OnlineCheckpoint, Run, Sample, Shard
@@ -89,7 +89,7 @@ _DONE = update(Shard.__table__).where(OWNED).values(
 
 def ensure_registered(method: str) -> None:
     """Load the method registry when `method` is not a built-in spec (it imports torch: only when needed)."""
-    from difftpt_ops.core.specs import METHOD_SPECS
+    from difftpt_ops.core.method_specs import METHOD_SPECS
 
     if method not in METHOD_SPECS:
         import difftpt_ops.tta.methods  # noqa: F401 - registers every method's spec class

@@ -22,14 +22,9 @@ from sqlalchemy.orm import Session
 from difftpt_ops.config import Settings
 from difftpt_ops.core.clock import utcnow
 from difftpt_ops.core.errors import InputError, NotFoundError, ServiceUnavailableError
-from difftpt_ops.core.specs import (
-    GenerateRunSpec,
-    GenerationSpec,
-    MethodSpec,
-    ModelSpec,
-    TuneRunSpec,
-    method_spec_from,
-)
+from difftpt_ops.core.method_specs import MethodSpec, method_spec_from
+from difftpt_ops.core.run_specs import GenerateRunSpec, TuneRunSpec
+from difftpt_ops.core.specs import GenerationSpec, ModelSpec
 from difftpt_ops.core.status import TERMINAL_RUN_STATES, RunState, ShardState, check_run_transition
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import (

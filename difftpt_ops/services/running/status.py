@@ -14,7 +14,8 @@ from sqlalchemy.orm import Session
 from difftpt_ops.config import Settings
 from difftpt_ops.core.clock import as_utc, utcnow
 from difftpt_ops.core.errors import NotFoundError
-from difftpt_ops.core.specs import GenerateRunSpec, canonical_json
+from difftpt_ops.core.run_specs import GenerateRunSpec
+from difftpt_ops.core.specs import canonical_json
 from difftpt_ops.core.status import TERMINAL_RUN_STATES, RunState, ShardState
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import Dataset, DatasetVersion, GeneratedImage, Prediction, Run, Shard

@@ -19,7 +19,8 @@ from sqlalchemy.engine import Engine
 
 from difftpt_ops.config import Settings
 from difftpt_ops.core.errors import InputError
-from difftpt_ops.core.specs import fingerprint_of, method_spec_from
+from difftpt_ops.core.method_specs import method_spec_from
+from difftpt_ops.core.specs import fingerprint_of
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import Run, Sweep, SweepRun
 from difftpt_ops.db.writes import insert_ignore, insert_new_ids

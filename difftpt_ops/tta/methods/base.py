@@ -82,7 +82,7 @@ import torch
 from torch import Tensor
 
 from difftpt_ops.core.errors import InvalidSpecError
-from difftpt_ops.core.specs import MethodSpec, register_method_spec, unregister_method_spec
+from difftpt_ops.core.method_specs import MethodSpec, register_method_spec, unregister_method_spec
 from difftpt_ops.tta.losses import marginal_entropy, view_entropy
 from difftpt_ops.tta.text import TextTower, normalise
 

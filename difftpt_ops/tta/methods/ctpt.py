@@ -27,7 +27,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from difftpt_ops.core.specs import MethodSpec, require
+from difftpt_ops.core.method_specs import MethodSpec
+from difftpt_ops.core.specs import require
 from difftpt_ops.tta.losses import marginal_entropy
 from difftpt_ops.tta.methods.base import register
 from difftpt_ops.tta.methods.tpt import TPT

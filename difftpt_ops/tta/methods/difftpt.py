@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from difftpt_ops.core.specs import DiffTPTSpec
+from difftpt_ops.core.method_specs import DiffTPTSpec
 from difftpt_ops.tta.losses import view_entropy
 from difftpt_ops.tta.methods.base import (
     PromptTuningMethod,

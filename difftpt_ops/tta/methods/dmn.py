@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from difftpt_ops.core.specs import MethodSpec, require
+from difftpt_ops.core.method_specs import MethodSpec
+from difftpt_ops.core.specs import require
 from difftpt_ops.tta.methods.base import OnlineMethod, StepInputs, StepOutput, ViewPlan, ViewScores, register
 from difftpt_ops.tta.methods.ensemble import PromptSetOption, check_prompt_set
 

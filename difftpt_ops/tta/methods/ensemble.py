@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from difftpt_ops.core.errors import InputError, InvalidSpecError
-from difftpt_ops.core.specs import DATASET_PROMPT_SETS, PROMPT_SETS
+from difftpt_ops.core.method_specs import DATASET_PROMPT_SETS, PROMPT_SETS
 from difftpt_ops.tta.text import TextTower, normalise
 
 TEXT_BATCH = 512  # texts per text-tower call; only bounds memory

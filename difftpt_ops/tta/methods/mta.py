@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from difftpt_ops.core.errors import InvalidSpecError
-from difftpt_ops.core.specs import MethodSpec
+from difftpt_ops.core.method_specs import MethodSpec
 from difftpt_ops.tta.methods.base import ForwardOnlyMethod, StepInputs, StepOutput, ViewPlan, ViewScores, register
 from difftpt_ops.tta.methods.ensemble import PromptSetOption, check_prompt_set
 

@@ -33,7 +33,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from difftpt_ops.core.specs import MethodSpec, require
+from difftpt_ops.core.method_specs import MethodSpec
+from difftpt_ops.core.specs import require
 from difftpt_ops.tta.losses import marginal_entropy, view_entropy
 from difftpt_ops.tta.methods.base import OnlineMethod, StepInputs, StepOutput, ViewPlan, ViewScores, register
 from difftpt_ops.tta.methods.ensemble import PromptSetOption, check_prompt_set

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import torch
 
-from difftpt_ops.core.specs import TPTSpec
+from difftpt_ops.core.method_specs import TPTSpec
 from difftpt_ops.tta.losses import view_entropy
 from difftpt_ops.tta.methods.base import (
     PromptTuningMethod,

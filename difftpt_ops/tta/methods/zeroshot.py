@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from difftpt_ops.core.specs import ZeroShotSpec
+from difftpt_ops.core.method_specs import ZeroShotSpec
 from difftpt_ops.tta.methods.base import ForwardOnlyMethod, StepInputs, StepOutput, ViewScores, register
 from difftpt_ops.tta.methods.ensemble import PromptSetOption
 

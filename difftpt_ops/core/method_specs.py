@@ -1,0 +1,305 @@
+"""Method specs: one frozen class per method with its reference defaults, and the `--set` parser.
+
+The method registry (difftpt_ops.tta.methods) registers each method's spec class here; the built-in ones
+are listed up front so that code importing only core sees them. Fingerprints and the shared specs are in
+`specs`; the run specs in `run_specs`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from difftpt_ops.core.errors import InvalidSpecError
+from difftpt_ops.core.specs import PromptSpec, require
+
+
+def _check_ratio(name: str, value: float) -> None:
+    require(0.0 < value <= 1.0, name, value, "must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """Base of the method specs; `method` names the algorithm."""
+
+    method: ClassVar[str] = ""
+    prompt: PromptSpec = field(default_factory=PromptSpec)
+    resolution: int = 224
+    # "store": read the views' image features from the feature store, encoding only what it lacks;
+    # "recompute": encode every view (same results; for checking the store). Left out of to_dict() at its
+    # default, so fingerprints of specs that never set it are unchanged.
+    features: str = "store"
+
+    FEATURE_MODES: ClassVar[tuple[str, ...]] = ("store", "recompute")
+    # Fields left out of to_dict() at the value given: options added after runs were stored, at the value
+    # those runs used, so their fingerprints stay. Subclasses extend it.
+    OMITTED_AT: ClassVar[dict[str, Any]] = {"features": "store"}
+
+    def __post_init__(self) -> None:
+        require(self.resolution >= 16, "resolution", self.resolution, "must be >= 16")
+        require(self.features in self.FEATURE_MODES, "features", self.features,
+                 f"must be one of {', '.join(self.FEATURE_MODES)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        payload = {"method": self.method, **dataclasses.asdict(self)}
+        return {key: value for key, value in payload.items()
+                if key not in self.OMITTED_AT or value != self.OMITTED_AT[key]}
+
+
+# Class text features of the methods that take `prompts`: "single" is the spec's prompt ("a photo of a
+# {}."); "ensemble" CLIP's 80 ImageNet templates; "tip" Tip-Adapter's 7 of them; a cross-domain dataset's
+# format names the one hand-written prompt the TDA and DMN code bases use for that dataset.
+DATASET_PROMPT_SETS = ("flower102", "dtd", "pets", "cars", "ucf101", "food101", "aircraft", "eurosat")
+PROMPT_SETS = ("single", "ensemble", "tip", *DATASET_PROMPT_SETS)
+
+
+@dataclass(frozen=True)
+class ZeroShotSpec(MethodSpec):
+    """Zero-shot CLIP: view 0 with the initial prompt, or with a prompt ensemble's class features."""
+
+    method: ClassVar[str] = "zeroshot"
+    # single: the prompt above; ensemble: CLIP's 80 ImageNet templates; tip: Tip-Adapter's 7 of them;
+    # a dataset's prompt (PROMPT_SETS).
+    # Left out of to_dict() at "single", so fingerprints of zero-shot runs from before the option are unchanged.
+    prompts: str = "single"
+
+    PROMPT_SETS: ClassVar[tuple[str, ...]] = PROMPT_SETS
+    OMITTED_AT: ClassVar[dict[str, Any]] = {**MethodSpec.OMITTED_AT, "prompts": "single"}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.prompts in self.PROMPT_SETS, "prompts", self.prompts,
+                 f"unknown prompt set; choose one of {', '.join(self.PROMPT_SETS)}")
+
+
+@dataclass(frozen=True)
+class TPTSpec(MethodSpec):
+    """TPT (Shu et al. 2022) with the reference defaults."""
+
+    method: ClassVar[str] = "tpt"
+    n_views: int = 64  # view 0 (resize + center crop) plus n_views - 1 random crops
+    selection_p: float = 0.1  # keep int(n_views * p) lowest-entropy views
+    steps: int = 1
+    lr: float = 5e-3
+    weight_decay: float = 0.01  # AdamW's default, as the reference uses it
+    augmix: bool | None = None  # None: as the reference, on for the cross-domain sets only
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.n_views >= 1, "n_views", self.n_views, "must be >= 1")
+        _check_ratio("selection_p", self.selection_p)
+        require(self.steps >= 0, "steps", self.steps, "must be >= 0")
+        require(self.lr > 0, "lr", self.lr, "must be > 0")
+        require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class DiffTPTSpec(MethodSpec):
+    """DiffTPT (Feng et al. 2023): TPT views plus Stable Diffusion variations, cosine then entropy filter."""
+
+    method: ClassVar[str] = "difftpt"
+    n_conventional: int = 64  # random-crop views besides the original
+    n_generated: int = 63  # generated variations read per sample (fewer if fewer exist)
+    selection_cosine: float = 0.8  # keep int(n_candidates * ratio) views most similar to the original
+    selection_entropy: float = 0.3  # then keep int(n * ratio) lowest-entropy views of those plus the original
+    steps: int = 4
+    lr: float = 5e-3
+    weight_decay: float = 0.01
+    cosine_on: str = "logits"  # the reference code; "features" is the paper's description
+    filter_mode: str = "chained"  # the reference code; "parallel" is the paper's separate filters per view kind
+    augmix: bool | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.n_conventional >= 0, "n_conventional", self.n_conventional, "must be >= 0")
+        require(self.n_generated >= 0, "n_generated", self.n_generated, "must be >= 0")
+        _check_ratio("selection_cosine", self.selection_cosine)
+        _check_ratio("selection_entropy", self.selection_entropy)
+        require(self.steps >= 0, "steps", self.steps, "must be >= 0")
+        require(self.lr > 0, "lr", self.lr, "must be > 0")
+        require(self.cosine_on in {"logits", "features"}, "cosine_on", self.cosine_on,
+                 "must be 'logits' or 'features'")
+        require(self.filter_mode in {"chained", "parallel"}, "filter_mode", self.filter_mode,
+                 "must be 'chained' or 'parallel'")
+
+
+@dataclass(frozen=True)
+class NoopSpec(MethodSpec):
+    """Bookkeeping only: predicts the label without model work. For measuring system overhead."""
+
+    method: ClassVar[str] = "noop"
+
+
+# Spec classes by method name. The method registry (difftpt_ops.tta.methods) registers each method's spec
+# class here when its module is imported; the built-in ones are listed up front so that code importing only
+# core (tests, spec parsing) sees them. `noop` is bookkeeping, never a registered method.
+METHOD_SPECS: dict[str, type[MethodSpec]] = {
+    cls.method: cls for cls in (ZeroShotSpec, TPTSpec, DiffTPTSpec, NoopSpec)
+}
+_INTERNAL_METHODS = frozenset({"noop"})
+
+
+def register_method_spec(cls: type[MethodSpec]) -> None:
+    """Make `cls` the spec class of method `cls.method` (called by the method registry)."""
+    METHOD_SPECS[cls.method] = cls
+
+
+def unregister_method_spec(method: str) -> None:
+    """Forget a registered spec class (throw-away methods in tests); the built-in ones stay."""
+    if method not in {"zeroshot", "tpt", "difftpt", "noop"}:
+        METHOD_SPECS.pop(method, None)
+
+
+# The package whose import registers every method. Named here, not imported: core stays free of torch, and
+# parsing the built-in specs never loads the methods; a name core does not know yet loads them first.
+REGISTRY_MODULE = "difftpt_ops.tta.methods"
+
+
+def _load_registry() -> None:
+    import importlib
+
+    importlib.import_module(REGISTRY_MODULE)
+
+
+def _spec_class(method: str) -> type[MethodSpec] | None:
+    if method not in METHOD_SPECS:
+        _load_registry()
+    return METHOD_SPECS.get(method)
+
+
+def user_methods() -> tuple[str, ...]:
+    """Method names a user may submit, in registration order (every registered method)."""
+    _load_registry()
+    return tuple(name for name in METHOD_SPECS if name not in _INTERNAL_METHODS)
+
+
+def __getattr__(name: str) -> Any:
+    # USER_METHODS follows the registry: computed on each access, so methods registered later appear.
+    if name == "USER_METHODS":
+        return user_methods()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_TRUE_WORDS = ("true", "yes", "on", "1")
+_FALSE_WORDS = ("false", "no", "off", "0")
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
+def _field_type(cls: type, name: str) -> Any:
+    """The resolved annotation of dataclass field `name` of `cls` (any spec class, wherever it is defined)."""
+    return typing.get_type_hints(cls)[name]
+
+
+def _coerce(value: Any, field_type: Any, key: str) -> Any:
+    """Parse a `--set` string by the field's annotation: bool, int, float, str, Literal, or X | None.
+
+    Raises:
+        InvalidSpecError: naming `--set <key>`, the value and what the field accepts.
+    """
+    if not isinstance(value, str):
+        return value
+    members = typing.get_args(field_type) if typing.get_origin(field_type) in (typing.Union, types.UnionType) else ()
+    optional = type(None) in members
+    if optional:
+        field_type = next(m for m in members if m is not type(None))  # X | None: parse as X
+    lowered = value.strip().lower()
+    if lowered in {"none", "null"}:
+        if optional:
+            return None  # optional fields (ctx_init, augmix, coop_checkpoint)
+        raise InvalidSpecError(f"--set {key}", value, f"is required; {_accepted(field_type)}")
+    parsed = _parse_as(value.strip(), lowered, field_type)
+    if parsed is _INVALID:
+        none = ", or none" if optional else ""
+        raise InvalidSpecError(f"--set {key}", value, f"{_accepted(field_type)}{none}")
+    return parsed
+
+
+_INVALID = object()
+
+
+def _parse_as(value: str, lowered: str, field_type: Any) -> Any:
+    """`value` as `field_type`, or _INVALID."""
+    if field_type is bool:
+        return True if lowered in _TRUE_WORDS else False if lowered in _FALSE_WORDS else _INVALID
+    if field_type is int:
+        return int(value) if _INTEGER.fullmatch(value) else _INVALID
+    if field_type is float:
+        try:
+            number = float(value)
+        except ValueError:
+            return _INVALID
+        return number if math.isfinite(number) else _INVALID
+    if typing.get_origin(field_type) is typing.Literal:
+        return value if value in typing.get_args(field_type) else _INVALID
+    return value
+
+
+def _accepted(field_type: Any) -> str:
+    """What a field of this type accepts, for an error message."""
+    if field_type is bool:
+        return f"must be one of {', '.join(_TRUE_WORDS + _FALSE_WORDS)}"
+    if field_type is int:
+        return "must be a whole number (e.g. 4)"
+    if field_type is float:
+        return "must be a finite number (e.g. 0.5)"
+    if typing.get_origin(field_type) is typing.Literal:
+        return f"must be one of {', '.join(map(str, typing.get_args(field_type)))}"
+    return f"must be a {getattr(field_type, '__name__', field_type)}"
+
+
+def _valid_fields(cls: type) -> str:
+    """The `--set` keys a method spec accepts: its own fields, then the prompt's as prompt.X."""
+    own = [f.name for f in dataclasses.fields(cls) if f.name != "prompt"]
+    return ", ".join(own + [f"prompt.{f.name}" for f in dataclasses.fields(PromptSpec)])
+
+
+def method_spec_from(method: str, overrides: dict[str, Any] | None = None) -> MethodSpec:
+    """Build a method spec with the reference defaults, then apply `overrides` (prompt fields as prompt.X).
+
+    Raises:
+        InvalidSpecError: unknown method, unknown field, or a value out of range.
+    """
+    if _spec_class(method) is None:
+        raise InvalidSpecError("--method", method, f"unknown method; choose one of {', '.join(user_methods())}")
+    cls = METHOD_SPECS[method]
+    defaults = cls()
+    top: dict[str, Any] = {}
+    prompt: dict[str, Any] = {}
+    for key, value in (overrides or {}).items():
+        if key.startswith("prompt."):
+            sub = key.removeprefix("prompt.")
+            if sub not in {f.name for f in dataclasses.fields(PromptSpec)}:
+                raise InvalidSpecError("--set", key, f"unknown prompt field; valid: {_valid_fields(cls)}")
+            prompt[sub] = _coerce(value, _field_type(PromptSpec, sub), key)
+        elif key in {f.name for f in dataclasses.fields(cls)} and key != "prompt":
+            top[key] = _coerce(value, _field_type(cls, key), key)
+        else:
+            raise InvalidSpecError("--set", key, f"unknown field of the {method} spec; valid: {_valid_fields(cls)}")
+    try:
+        if prompt:
+            if "n_ctx" in prompt and "ctx_init" not in prompt:
+                prompt["ctx_init"] = None
+            top["prompt"] = dataclasses.replace(defaults.prompt, **prompt)
+        return dataclasses.replace(defaults, **top)
+    except (TypeError, ValueError) as exc:
+        raise InvalidSpecError("--set", overrides, str(exc)) from exc
+
+
+def method_spec_from_dict(payload: dict[str, Any]) -> MethodSpec:
+    """Rebuild a method spec from `MethodSpec.to_dict()` output."""
+    data = dict(payload)
+    method = data.pop("method")
+    if _spec_class(method) is None:
+        raise InvalidSpecError("method", method, f"unknown method; choose one of {', '.join(user_methods())}")
+    prompt = PromptSpec(**data.pop("prompt", {}))
+    cls = METHOD_SPECS[method]
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise InvalidSpecError("method", method, f"stored spec has unknown fields {unknown}")
+    return cls(prompt=prompt, **data)
