@@ -100,16 +100,16 @@ def memory_probs(state: dict[str, Tensor], feature: Tensor, text: Tensor, *, sca
     read-out twice; here each is normalised once, which changes results only at the level of rounding.
     """
     memory, count = state["features"], state["count"]
-    size = memory.shape[1]
     query = F.normalize(feature, dim=-1)
-    # Slots: the filled memory slots (empty ones are zero vectors in the reference: they add nothing, so only
-    # filled ones are visited) and each class's text feature.
-    filled = torch.arange(size).unsqueeze(0) < count.unsqueeze(1)
-    stored = memory[filled]
-    weight_memory = torch.exp(-beta * (1.0 - stored @ query))
+    # A class's filled slots are a prefix of its row (slots fill in order and are only ever replaced), and an
+    # empty slot is a zero vector, which adds nothing to the read-out (as in the reference). So the first
+    # max(count) slots of every class hold all there is: read in place, without gathering (a copy of up to
+    # the whole memory per sample).
+    used = memory[:, : int(count.max())]  # (classes, k, dim), a view
+    # (einsum: `used @ query` would copy the strided view first)
+    weight_memory = torch.exp(-beta * (1.0 - torch.einsum("ckd,d->ck", used, query)))
     weight_text = torch.exp(-beta * (1.0 - text @ query))
-    adaptive = (weight_text.unsqueeze(1) * text).index_add(0, filled.nonzero()[:, 0],
-                                                           weight_memory.unsqueeze(1) * stored)
+    adaptive = weight_text.unsqueeze(1) * text + torch.bmm(weight_memory.unsqueeze(1), used).squeeze(1)
     return (scale * F.normalize(adaptive, dim=-1) @ feature).softmax(-1)
 
 
