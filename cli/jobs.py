@@ -178,7 +178,7 @@ def submit_tune(
     dry_run: DryRunOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Evaluate a method on a dataset: zero-shot CLIP, TPT or DiffTPT, one prediction per sample."""
+    """Evaluate a registered method on a dataset, one prediction per sample (`methods list` shows the methods)."""
     from difftpt_ops.services.running import online
     from difftpt_ops.services.running.runs import submit_tune as submit
 
