@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses as dc
+
 import pytest
 
 from difftpt_ops.core.errors import InvalidSpecError
 from difftpt_ops.core.method_specs import DiffTPTSpec, TPTSpec, method_spec_from, method_spec_from_dict
-from difftpt_ops.core.run_specs import TuneRunSpec
-from difftpt_ops.core.specs import GenerationSpec, ModelSpec, flatten
+from difftpt_ops.core.run_specs import FeaturesRunSpec, GenerateRunSpec, TuneRunSpec
+from difftpt_ops.core.specs import GenerationSpec, ModelSpec, fingerprint_of, flatten
 
 pytestmark = pytest.mark.unit
 
@@ -74,9 +76,6 @@ def test_flatten() -> None:
 
 def test_generate_run_spec_round_trips_and_batch_size_is_not_identity() -> None:
     """A generate run's spec is typed: from_dict(to_dict()) is equal; the batch size is execution only."""
-    from difftpt_ops.core.run_specs import GenerateRunSpec
-    from difftpt_ops.core.specs import GenerationSpec
-
     spec = GenerateRunSpec(generation=GenerationSpec(steps=10, per_sample=4, dtype="fp16"), dataset_fingerprint="ab",
                            device="cuda", batch_size=8)
     assert GenerateRunSpec.from_dict(spec.to_dict()) == spec
@@ -92,12 +91,6 @@ def test_generate_run_spec_round_trips_and_batch_size_is_not_identity() -> None:
 
 def test_features_run_spec_round_trips_and_keeps_the_stored_layout() -> None:
     """The typed spec writes the dict features runs have always stored (so their fingerprints stay), and reads it."""
-    import dataclasses as dc
-
-    from difftpt_ops.core.method_specs import method_spec_from
-    from difftpt_ops.core.run_specs import FeaturesRunSpec
-    from difftpt_ops.core.specs import ModelSpec, fingerprint_of
-
     model = ModelSpec(name="ViT-B-16", pretrained="openai", precision="fp32")
     spec = FeaturesRunSpec(views="difftpt", model=model, dataset_fingerprint="d" * 64, generation_fingerprint="g" * 64,
                            seed=3, device="cpu")
