@@ -56,7 +56,7 @@ def install_synthetic_features() -> None:
     """Patch the feature source and the text features (in this process) as described in the docstring."""
     import torch
 
-    from difftpt_ops.services.running import features, online
+    from difftpt_ops.services.running import checkpoints, features
     from difftpt_ops.tta import engine
 
     text = torch.nn.functional.normalize(torch.randn(N_CLASSES, DIM, generator=torch.Generator().manual_seed(0)),
@@ -72,13 +72,13 @@ def install_synthetic_features() -> None:
     features.FeatureCache.features_for = features_for  # type: ignore[method-assign]
     engine.Tuner._initial_text_features = lambda self: text  # type: ignore[method-assign]
     if os.environ.get(NO_CHECKPOINTS_ENV) == "1":
-        online.encode_checkpoint = lambda state, logits, positions: b""  # type: ignore[assignment]
-        online.put_checkpoint = lambda store, data: {  # type: ignore[assignment]
+        checkpoints.encode_checkpoint = lambda state, logits, positions: b""  # type: ignore[assignment]
+        checkpoints.put_checkpoint = lambda store, data: {  # type: ignore[assignment]
             "artifact_key": "0" * 64 + ".st", "content_hash": "0" * 64, "size_bytes": 0}
     # The three steps a checkpoint adds (state_dict is only called for checkpoints).
     engine.Tuner.state_dict = _timed(engine.Tuner.state_dict)  # type: ignore[method-assign]
-    online.encode_checkpoint = _timed(online.encode_checkpoint)  # type: ignore[assignment]
-    online.put_checkpoint = _timed(online.put_checkpoint)  # type: ignore[assignment]
+    checkpoints.encode_checkpoint = _timed(checkpoints.encode_checkpoint)  # type: ignore[assignment]
+    checkpoints.put_checkpoint = _timed(checkpoints.put_checkpoint)  # type: ignore[assignment]
 
 
 def _timed(function: Any) -> Any:
@@ -179,16 +179,16 @@ def measure_embedded(engine: Any, settings: Any, clip: Path, n: int, shard_size:
                      log: Path) -> Timings:
     """samples/s per method with and without checkpoints, alternating `repeats` times, best of each (the box
     is shared: the best run is the one least disturbed). Every run has its own order seed: a new run."""
-    from difftpt_ops.services.running import online
+    from difftpt_ops.services.running import checkpoints as files
 
     timings = Timings()
-    real = (online.encode_checkpoint, online.put_checkpoint)
+    real = (files.encode_checkpoint, files.put_checkpoint)
     for method in METHODS:
         _submit(engine, settings, method=method, dataset="warm", clip=clip, shard_size=shard_size, order_seed=0)
         for rep in range(repeats):
             for checkpoints in (True, False):
                 os.environ[NO_CHECKPOINTS_ENV] = "0" if checkpoints else "1"
-                online.encode_checkpoint, online.put_checkpoint = real
+                files.encode_checkpoint, files.put_checkpoint = real
                 install_synthetic_features()
                 checkpoint_seconds(log)
                 started = time.perf_counter()
@@ -199,7 +199,7 @@ def measure_embedded(engine: Any, settings: Any, clip: Path, n: int, shard_size:
                 timings.add(method, checkpoints=checkpoints, n=n, elapsed=elapsed, checkpoint_s=checkpoint_seconds(log))
                 say(f"embedded {method} {'with' if checkpoints else 'without'} checkpoints: {n} samples in "
                     f"{elapsed:.2f} s")
-    online.encode_checkpoint, online.put_checkpoint = real
+    files.encode_checkpoint, files.put_checkpoint = real
     os.environ.pop(NO_CHECKPOINTS_ENV, None)
     return timings
 

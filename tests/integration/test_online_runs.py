@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import OnlineCheckpoint, Prediction
-from difftpt_ops.services.running import contexts, online, outcomes, runs, shards
+from difftpt_ops.services.running import checkpoints, contexts, online, outcomes, runs, shards
 from difftpt_ops.services.running.leases import WorkerIdentity
 from tests.integration.test_jobs_support import RecordingDispatcher, count, distinct_predictions, shard_rows
 from tests.integration.test_online_support import (
@@ -61,19 +61,19 @@ def test_online_run_is_an_ordered_checkpointed_chain(workspace: Path, database_u
     assert (result.state, result.shards_total) == ("finished", -(-N_SAMPLES // SHARD_SIZE))
     assert count(engine, Prediction, result.run_id) == distinct_predictions(engine, result.run_id) == N_SAMPLES
     with session_scope(engine) as session:
-        checkpoints = session.execute(select(OnlineCheckpoint.shard_index, OnlineCheckpoint.position)
-                                      .where(OnlineCheckpoint.run_id == result.run_id)
-                                      .order_by(OnlineCheckpoint.shard_index)).all()
-    assert [tuple(c) for c in checkpoints] == [(s.index, s.stop) for s in shard_rows(engine, result.run_id)]
-    for index, data in online.shard_checkpoints(engine, settings, result.run_id):
-        _, logits, positions = online.decode_checkpoint(data)
+        rows = session.execute(select(OnlineCheckpoint.shard_index, OnlineCheckpoint.position)
+                               .where(OnlineCheckpoint.run_id == result.run_id)
+                               .order_by(OnlineCheckpoint.shard_index)).all()
+    assert [tuple(c) for c in rows] == [(s.index, s.stop) for s in shard_rows(engine, result.run_id)]
+    for index, data in checkpoints.shard_checkpoints(engine, settings, result.run_id):
+        _, logits, positions = checkpoints.decode_checkpoint(data)
         shard = shard_rows(engine, result.run_id)[index]
         assert positions.tolist() == list(range(shard.start, shard.stop)) and logits.shape == (len(positions), 3)
     # Stored predictions follow the stored logits of the sample at each stream position.
     order = online.stream_order(N_SAMPLES, 0)
     stored = predictions(engine, result.run_id)
-    for index, data in online.shard_checkpoints(engine, settings, result.run_id):
-        _, logits, positions = online.decode_checkpoint(data)
+    for index, data in checkpoints.shard_checkpoints(engine, settings, result.run_id):
+        _, logits, positions = checkpoints.decode_checkpoint(data)
         for position, row in zip(positions.tolist(), logits, strict=True):
             assert stored[order[position]][0] == int(row.argmax())
 
@@ -90,15 +90,15 @@ def test_a_damaged_checkpoint_is_detected_and_the_previous_one_used(workspace: P
     with session_scope(engine) as session:
         newest = session.scalars(select(OnlineCheckpoint).where(OnlineCheckpoint.run_id == first.run_id)
                                  .order_by(OnlineCheckpoint.shard_index.desc())).first()
-        path = online.checkpoint_store(settings).path(newest.artifact_key)
+        path = checkpoints.checkpoint_store(settings).path(newest.artifact_key)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     contexts.clear_caches()
     online._in_memory.clear()  # another process: the state must come from the files
-    assert [d is None for _, d in online.shard_checkpoints(engine, settings, first.run_id)] == [False, False, True]
+    assert [d is None for _, d in checkpoints.shard_checkpoints(engine, settings, first.run_id)] == [False, False, True]
     rest = _submit(engine, settings, tiny_models_dir / "clip")
     assert (rest.run_id, rest.state) == (first.run_id, "finished")
-    assert all(d is not None for _, d in online.shard_checkpoints(engine, settings, first.run_id))
+    assert all(d is not None for _, d in checkpoints.shard_checkpoints(engine, settings, first.run_id))
     assert_same_run(engine, settings, first.run_id, *reference())
 
 

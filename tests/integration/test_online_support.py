@@ -12,7 +12,7 @@ from sqlalchemy.engine import Engine
 from difftpt_ops.config import Settings
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import Prediction
-from difftpt_ops.services.running import online
+from difftpt_ops.services.running import checkpoints
 from tests.integration.test_jobs_support import add_dataset, make_settings, open_engine
 
 N_SAMPLES = 18
@@ -47,9 +47,9 @@ def predictions(engine: Engine, run_id: int) -> dict[int, tuple[int, float | Non
 def stored_logits(engine: Engine, settings: Settings, run_id: int) -> dict[int, Any]:
     """stream position -> prediction logits, from the run's (intact) checkpoint files."""
     found: dict[int, Any] = {}
-    for index, data in online.shard_checkpoints(engine, settings, run_id):
+    for index, data in checkpoints.shard_checkpoints(engine, settings, run_id):
         assert data is not None, f"checkpoint of shard {index} is damaged"
-        _, logits, positions = online.decode_checkpoint(data)
+        _, logits, positions = checkpoints.decode_checkpoint(data)
         found.update({int(p): row for p, row in zip(positions.tolist(), logits, strict=True)})
     return found
 

@@ -10,7 +10,7 @@ of positions in that order and form a chain:
 - The task that finishes shard k hands shard k+1 to its caller as a follow-up ticket, sent after the commit
   (the embedded executor just runs the shards in order).
 - After the last sample of shard k, the method's state (and the shard's prediction logits) is written as a
-  safetensors file to the artifact store, then one transaction stores the shard's predictions, the
+  safetensors file to the artifact store (`checkpoints`), then one transaction stores the shard's predictions, the
   checkpoint row pointing at that file and the shard's `done`: the file always exists before its row, and
   a shard's predictions never exist without the state that follows them.
 - A shard starts from the newest checkpoint of an earlier shard whose file is intact (size and sha256 as the
@@ -24,7 +24,6 @@ the resume point, and the shard is re-queued like any other (heartbeat, stale ch
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 import time
@@ -48,6 +47,7 @@ from difftpt_ops.db.tables import DatasetVersion, OnlineCheckpoint, Run, Sample,
 from difftpt_ops.db.tables import SampleError as SampleErrorRow
 from difftpt_ops.db.writes import insert_many_ignore
 from difftpt_ops.services.reading.reporting import report_progress_throttled
+from difftpt_ops.services.running import checkpoints
 from difftpt_ops.services.running.contexts import open_run_context
 from difftpt_ops.services.running.finalize import finalize_run_if_complete
 from difftpt_ops.services.running.leases import (
@@ -63,11 +63,6 @@ from difftpt_ops.services.running.outcomes import Outcome, ShardOutcome, ShardTi
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_NAMESPACE = "online"
-CHECKPOINT_SUFFIX = ".st"  # safetensors; the artifact store allows suffixes of at most 8 characters
-STATE_PREFIX = "state."  # checkpoint tensors: the method's state_dict under this prefix, plus the shard's
-LOGITS_KEY = "logits"  # prediction logits (n_samples, n_classes) and
-POSITIONS_KEY = "positions"  # the stream positions they belong to
 _CONTEXT_CACHE_SIZE = 4
 
 _S = Shard.__table__.c
@@ -164,68 +159,6 @@ def claim_chained(engine: Engine, settings: Settings, shard_id: int, identity: W
     return None if row is None else ChainClaim(shard_id, row.run_id, row.index, row.start, row.stop, row.attempts)
 
 
-# --- Checkpoint files ----------------------------------------------------------------------------------------
-
-
-def encode_checkpoint(state: dict[str, Any], logits: Any, positions: Any) -> bytes:
-    """The safetensors bytes of a checkpoint: the state's tensors, the shard's logits and their positions."""
-    from safetensors.torch import save
-
-    tensors = {f"{STATE_PREFIX}{name}": tensor.detach().cpu().contiguous() for name, tensor in state.items()}
-    tensors[LOGITS_KEY] = logits.detach().cpu().float().contiguous()
-    tensors[POSITIONS_KEY] = positions.detach().cpu().contiguous()
-    return save(tensors)
-
-
-def decode_checkpoint(data: bytes) -> tuple[dict[str, Any], Any, Any]:
-    """(state tensors, logits, positions) of checkpoint bytes."""
-    from safetensors.torch import load
-
-    tensors = load(data)
-    state = {name.removeprefix(STATE_PREFIX): t for name, t in tensors.items() if name.startswith(STATE_PREFIX)}
-    return state, tensors[LOGITS_KEY], tensors[POSITIONS_KEY]
-
-
-def checkpoint_store(settings: Settings) -> Any:
-    from difftpt_ops.storage.artifacts import ArtifactStore
-
-    return ArtifactStore(settings.artifact_root, namespace=CHECKPOINT_NAMESPACE)
-
-
-def put_checkpoint(store: Any, data: bytes) -> dict[str, Any]:
-    """Write checkpoint bytes under their content key (fsynced, atomic); the row's file facts."""
-    digest = hashlib.sha256(data).hexdigest()
-    store.put(f"{digest}{CHECKPOINT_SUFFIX}", data)
-    return {"artifact_key": f"{digest}{CHECKPOINT_SUFFIX}", "content_hash": digest, "size_bytes": len(data)}
-
-
-def read_checkpoint(store: Any, row: Any) -> bytes | None:
-    """The bytes of a checkpoint row's file when they are intact; a damaged file is moved aside (so that a
-    replay can write it again) and None is returned."""
-    path = store.path(row.artifact_key)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        log.warning("checkpoint %s of run %s shard %s is missing", row.artifact_key, row.run_id, row.shard_index)
-        return None
-    if len(data) == row.size_bytes and hashlib.sha256(data).hexdigest() == row.content_hash:
-        return data
-    log.warning("checkpoint %s of run %s shard %s is damaged (%d of %d bytes); using an earlier one",
-                row.artifact_key, row.run_id, row.shard_index, len(data), row.size_bytes)
-    path.rename(path.with_name(f"{path.name}.damaged-{int(time.time() * 1000)}"))
-    return None
-
-
-def shard_checkpoints(engine: Engine, settings: Settings, run_id: int) -> list[tuple[int, bytes | None]]:
-    """(shard index, intact bytes or None) of every checkpoint of a run, in chain order (tests, inspection)."""
-    store = checkpoint_store(settings)
-    with session_scope(engine) as session:
-        rows = session.scalars(select(OnlineCheckpoint).where(OnlineCheckpoint.run_id == run_id)
-                               .order_by(OnlineCheckpoint.shard_index)).all()
-        session.expunge_all()
-    return [(row.shard_index, read_checkpoint(store, row)) for row in rows]
-
-
 # --- Executing one link --------------------------------------------------------------------------------------
 
 
@@ -281,7 +214,7 @@ def _context(engine: Engine, settings: Settings, run_id: int, *, device: str | N
         processor.tuner = recorder
         order = stream_order(int(n_samples), int(spec["method"].get("order_seed", 0)))
         _contexts[key] = _Context(run_id, tune.dataset_version_id, tune.queue, order, tune, recorder,
-                                  checkpoint_store(settings))
+                                  checkpoints.checkpoint_store(settings))
         while len(_contexts) > _CONTEXT_CACHE_SIZE:
             _contexts.popitem(last=False)
     return _contexts[key]
@@ -347,9 +280,9 @@ def _start_state(engine: Engine, settings: Settings, context: _Context, claim: C
     base, position = -1, 0
     tuner.reset_state()
     for row in rows:
-        data = read_checkpoint(context.store, row)
+        data = checkpoints.read_checkpoint(context.store, row)
         if data is not None:
-            state, _, _ = decode_checkpoint(data)
+            state, _, _ = checkpoints.decode_checkpoint(data)
             tuner.load_state_dict(state)
             base, position = row.shard_index, row.position
             break
@@ -368,9 +301,9 @@ def _start_state(engine: Engine, settings: Settings, context: _Context, claim: C
 def _rewrite(context: _Context, row: Any, replay: _Results) -> None:
     import torch
 
-    data = encode_checkpoint(context.recorder.state_dict(), _stack(replay.logits),
+    data = checkpoints.encode_checkpoint(context.recorder.state_dict(), _stack(replay.logits),
                              torch.tensor(replay.positions, dtype=torch.int64))
-    facts = put_checkpoint(context.store, data)
+    facts = checkpoints.put_checkpoint(context.store, data)
     if facts["content_hash"] != row.content_hash:
         log.warning("replayed shard %s of run %s gives a different state than its checkpoint row records",
                     row.shard_index, row.run_id)
@@ -387,9 +320,9 @@ def _finish(engine: Engine, context: _Context, claim: ChainClaim, results: _Resu
     False when the shard is no longer ours (the transaction is rolled back)."""
     import torch
 
-    data = encode_checkpoint(context.recorder.state_dict(), _stack(results.logits),
+    data = checkpoints.encode_checkpoint(context.recorder.state_dict(), _stack(results.logits),
                              torch.tensor(results.positions, dtype=torch.int64))
-    facts = put_checkpoint(context.store, data)
+    facts = checkpoints.put_checkpoint(context.store, data)
     now = utcnow()
     checkpoint = {"run_id": claim.run_id, "shard_index": claim.index, "position": claim.stop, **facts,
                   "created_at": now}
