@@ -57,6 +57,18 @@ class MethodSpec:
 DATASET_PROMPT_SETS = ("flower102", "dtd", "pets", "cars", "ucf101", "food101", "aircraft", "eurosat")
 PROMPT_SETS = ("single", "ensemble", "tip", *DATASET_PROMPT_SETS)
 
+# Class descriptions (CuPL-style: sentences per class name, a JSON file the user supplies) are averaged in with
+# the templates. At submit the file's path becomes the key of its stored content, "sha256:" + 64 hex digits,
+# so the run's identity is the text itself, not where the file was.
+DESCRIPTIONS_KEY = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+def check_descriptions(value: str | None) -> None:
+    """None, a stored key, or (before submit resolves it) the path of a JSON file: a non-empty string."""
+    if value is not None:
+        require(isinstance(value, str) and value.strip() != "", "descriptions", value,
+                "must be the path of a JSON file of class descriptions")
+
 
 @dataclass(frozen=True)
 class ZeroShotSpec(MethodSpec):
@@ -67,14 +79,16 @@ class ZeroShotSpec(MethodSpec):
     # a dataset's prompt (PROMPT_SETS).
     # Left out of to_dict() at "single", so fingerprints of zero-shot runs from before the option are unchanged.
     prompts: str = "single"
+    descriptions: str | None = None  # class descriptions averaged in with the prompts (see DESCRIPTIONS_KEY)
 
     PROMPT_SETS: ClassVar[tuple[str, ...]] = PROMPT_SETS
-    OMITTED_AT: ClassVar[dict[str, Any]] = {**MethodSpec.OMITTED_AT, "prompts": "single"}
+    OMITTED_AT: ClassVar[dict[str, Any]] = {**MethodSpec.OMITTED_AT, "prompts": "single", "descriptions": None}
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.prompts in self.PROMPT_SETS, "prompts", self.prompts,
                  f"unknown prompt set; choose one of {', '.join(self.PROMPT_SETS)}")
+        check_descriptions(self.descriptions)
 
 
 @dataclass(frozen=True)

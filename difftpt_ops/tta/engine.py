@@ -31,7 +31,6 @@ from difftpt_ops.core.errors import InvalidSpecError, SampleError
 from difftpt_ops.core.method_specs import MethodSpec
 from difftpt_ops.tta.losses import view_entropy
 from difftpt_ops.tta.methods import (
-    FORWARD_ONLY,
     ONLINE,
     PROMPT_TUNING,
     Method,
@@ -39,6 +38,7 @@ from difftpt_ops.tta.methods import (
     TuningPlan,
     ViewPlan,
     ViewScores,
+    fixed_text_of,
     method_of,
 )
 from difftpt_ops.tta.prompts import PromptLearner, class_prompt_texts, initial_context
@@ -84,18 +84,21 @@ class SampleResult:
 
 def prepare_classifier(clip: ClipLike, class_names: Sequence[str], spec: MethodSpec, *,
                        coop_state: Mapping[str, Any] | Tensor | None = None, init_seed: int = 0,
-                       image_batch: int = 128, max_text_groups: int = 4, view_workers: int = 1) -> Tuner:
+                       image_batch: int = 128, max_text_groups: int = 4, view_workers: int = 1,
+                       descriptions: Mapping[str, Sequence[str]] | None = None) -> Tuner:
     """Build the tuner for one model, class list and method spec; tokenises and embeds every prompt once.
 
     `coop_state` is a loaded CoOp checkpoint (models.clip.read_coop_checkpoint) when spec.prompt names one.
     `init_seed` draws a random context when spec.prompt.ctx_init is None (the run's seed). `image_batch`
     bounds how many views go through the image encoder at once; `max_text_groups` how many length groups the
     prompts form; `view_workers` how many threads build a sample's views (none of these change results).
+    `descriptions` is the class descriptions file's content (class name -> sentences) when the spec names one.
 
     Raises:
         InputError: empty class list.
         InvalidSpecError: a method that is not registered (noop), a CoOp ctx of the wrong size, a ctx_init
-            that does not tokenise to n_ctx tokens, a checkpoint named in the spec but not passed.
+            that does not tokenise to n_ctx tokens, a checkpoint or descriptions named in the spec but not
+            passed.
     """
     method = method_of(spec)
     texts = class_prompt_texts(class_names, spec.prompt)
@@ -105,9 +108,7 @@ def prepare_classifier(clip: ClipLike, class_names: Sequence[str], spec: MethodS
     tower = TextTower(clip.model, name=clip.name)
     init = initial_context(tower, clip.tokenizer, spec.prompt, coop_state=coop_state, seed=init_seed)
     learner = PromptLearner(tower, clip.tokenizer(texts), init, max_groups=max_text_groups)
-    fixed_text = None  # methods that classify with fixed text features may replace the prompt's (ensembles)
-    if method.kind in (FORWARD_ONLY, ONLINE) and hasattr(method, "fixed_text_features"):
-        fixed_text = method.fixed_text_features(spec, tower, clip.tokenizer, class_names)
+    fixed_text = fixed_text_of(method, spec, tower, clip.tokenizer, class_names, descriptions)
     return Tuner(clip=clip, learner=learner, spec=spec, method=method, image_batch=image_batch,
                  view_workers=view_workers, fixed_text=fixed_text)
 

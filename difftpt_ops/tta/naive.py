@@ -11,7 +11,7 @@ are not speed-ups. Online methods run their `step` on the naive features with a 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from difftpt_ops.core.method_specs import MethodSpec
-from difftpt_ops.tta.methods import FORWARD_ONLY, ONLINE, PROMPT_TUNING, StepInputs, method_of
+from difftpt_ops.tta.methods import ONLINE, PROMPT_TUNING, StepInputs, fixed_text_of, method_of
 from difftpt_ops.tta.prompts import class_prompt_texts, initial_context
 from difftpt_ops.tta.text import ClipLike, TextTower, normalise
 from difftpt_ops.tta.views import build_views
@@ -41,7 +41,7 @@ class NaiveTuner:
     forward, the method's naive formulation of its selection or step."""
 
     def __init__(self, clip: ClipLike, class_names: Sequence[str], spec: MethodSpec, *, init_seed: int = 0,
-                 view_workers: int = 1) -> None:
+                 view_workers: int = 1, descriptions: Mapping[str, Sequence[str]] | None = None) -> None:
         self.method = method_of(spec)
         self.model = clip.model
         self.spec = spec
@@ -58,9 +58,8 @@ class NaiveTuner:
         self.ctx = nn.Parameter(init.to(self.device))
         # A copy: on the CPU `.to` returns `init` itself, so the parameter and its reset value would share memory.
         self.ctx_init = init.to(self.device).clone()
-        self.fixed_text = None  # as the engine: methods with fixed text features (prompt sets) use them
-        if self.method.kind in (FORWARD_ONLY, ONLINE) and hasattr(self.method, "fixed_text_features"):
-            self.fixed_text = self.method.fixed_text_features(spec, self.tower, clip.tokenizer, class_names)
+        # As the engine: methods with fixed text features (prompt sets, descriptions) use them.
+        self.fixed_text = fixed_text_of(self.method, spec, self.tower, clip.tokenizer, class_names, descriptions)
         self.state: Any = None
 
     def run(self, image: object, *, generated: Sequence[object] = (), seed: int, sample_key: str | int,

@@ -17,6 +17,7 @@ from difftpt_ops.core.run_specs import GenerateRunSpec, TuneRunSpec
 from difftpt_ops.core.specs import canonical_json
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import Dataset, DatasetVersion, Run
+from difftpt_ops.services.running.descriptions import descriptions_for
 from difftpt_ops.services.running.features import build_features_processor, feature_cache_for
 from difftpt_ops.services.running.generation import GeneratedViews, GenerateProcessor
 from difftpt_ops.services.running.processors import (
@@ -70,7 +71,8 @@ def _build_tune_processor(engine: Engine, settings: Settings, run: Run, dataset:
 
     def build_tuner() -> Any:
         coop_state = read_coop_checkpoint(checkpoint) if checkpoint else None
-        return prepare_classifier(clip, list(class_names), method, coop_state=coop_state, init_seed=init_seed)
+        return prepare_classifier(clip, list(class_names), method, coop_state=coop_state, init_seed=init_seed,
+                                  descriptions=descriptions_for(settings, method))
 
     tuner = MODELS.get(("tuner", model, resolved, class_names, canonical_json(method.to_dict()), init_seed),
                         build_tuner)

@@ -71,8 +71,8 @@ def estimate_tune(engine: Engine, settings: Settings, *, dataset_ref: str, metho
     choice = tune_choice(settings, method=method, overrides=overrides, model=model, pretrained=pretrained,
                          device=device)
     with Session(engine) as session:
-        plan = resolve_tune_spec(session, choice, dataset_ref=dataset_ref, generation_id=generation_id, seed=seed,
-                                 generation_missing_ok=True)
+        plan = resolve_tune_spec(session, settings, choice, dataset_ref=dataset_ref, generation_id=generation_id,
+                                 seed=seed, generation_missing_ok=True)
         version, config, method_spec = plan.version, plan.config, plan.spec.method
         samples = _in_scope(version, limit)
         existing = session.scalar(select(Run).where(Run.fingerprint == plan.spec.fingerprint()))

@@ -39,6 +39,7 @@ from difftpt_ops.db.tables import (
 from difftpt_ops.db.writes import insert_new_ids
 from difftpt_ops.services.reading import reporting
 from difftpt_ops.services.running import online
+from difftpt_ops.services.running.descriptions import resolve_descriptions, store_descriptions
 from difftpt_ops.services.running.dispatch import Dispatcher, queue_open_shards, send_tickets
 from difftpt_ops.services.running.embedded import ProgressSink, run_embedded
 from difftpt_ops.services.running.finalize import finalize_run_if_complete
@@ -261,6 +262,7 @@ class TunePlan:
     dataset: Dataset
     version: DatasetVersion
     config: GenerationConfig | None  # the generation config a DiffTPT run reads
+    descriptions: bytes | None = None  # a class descriptions file named by path: the bytes submit stores
 
 
 @dataclass(frozen=True)
@@ -286,24 +288,26 @@ def tune_choice(settings: Settings, *, method: str, overrides: dict[str, Any] | 
     return TuneChoice(method_spec, run_model_spec(model, pretrained, run_device), run_device)
 
 
-def resolve_tune_spec(session: Session, choice: TuneChoice, *, dataset_ref: str, generation_id: int | None,
-                      seed: int, generation_missing_ok: bool = False) -> TunePlan:
+def resolve_tune_spec(session: Session, settings: Settings, choice: TuneChoice, *, dataset_ref: str,
+                      generation_id: int | None, seed: int, generation_missing_ok: bool = False) -> TunePlan:
     """The spec `submit tune` plans, resolved as it is stored: the method's per-dataset defaults and the
     generation config it reads. The dry run uses it too, so it finds the run a submit would attach to by
     its fingerprint (`generation_missing_ok`: a DiffTPT dry run before `submit generate`, which has no
-    config yet and so no run either).
+    config yet and so no run either). A class descriptions file named by path becomes the key of its
+    content; the plan carries the bytes for submit to store (a dry run stores nothing).
 
     Raises:
         InputError / NotFoundError: a dataset or generation that does not exist, or one that cannot serve.
     """
     dataset, version = _resolve_version(session, dataset_ref)
     method_spec = online.resolve_for_dataset(choice.method, dataset.format)  # e.g. TDA's per-dataset config
+    method_spec, descriptions = resolve_descriptions(settings, method_spec, dataset.class_names)
     config = _generation_for(session, method_spec, version, dataset_ref, generation_id,
                              missing_ok=generation_missing_ok)
     spec = TuneRunSpec(method=method_spec, model=choice.model, dataset_fingerprint=version.fingerprint,
                        generation_fingerprint=config.fingerprint if config else None, seed=seed,
                        device=choice.device)
-    return TunePlan(spec, dataset, version, config)
+    return TunePlan(spec, dataset, version, config, descriptions)
 
 
 def submit_tune(engine: Engine, settings: Settings, *, dataset_ref: str, method: str, model: str = "ViT-B-16",
@@ -325,8 +329,11 @@ def submit_tune(engine: Engine, settings: Settings, *, dataset_ref: str, method:
     _prepare_dispatch(settings, dispatcher)
     # 2. Resolve the spec as it is stored (per-dataset defaults, generation config), then plan the run.
     with session_scope(engine) as session:
-        plan = resolve_tune_spec(session, choice, dataset_ref=dataset_ref, generation_id=generation_id, seed=seed)
+        plan = resolve_tune_spec(session, settings, choice, dataset_ref=dataset_ref, generation_id=generation_id,
+                                 seed=seed)
         spec, version, config = plan.spec, plan.version, plan.config
+        if plan.descriptions is not None:  # the file before the run that names it
+            store_descriptions(settings, spec.method.descriptions, plan.descriptions)  # type: ignore[attr-defined]
         if settings.embedded:
             stop = version.num_samples if limit is None else min(limit, version.num_samples)
             _require_generated_images(session, version, config, int(getattr(spec.method, "n_generated", 0) or 0),

@@ -26,6 +26,7 @@ from difftpt_ops.tta.methods.base import (
     ViewPlan,
     ViewScores,
     find_method,
+    fixed_text_of,
     get_method,
     method_names,
     method_of,
@@ -49,5 +50,6 @@ _load_all()
 __all__ = [
     "ENSEMBLE", "FORWARD_ONLY", "KINDS", "ONLINE", "PROMPT_TUNING", "SINGLE_TEMPLATE", "ForwardOnlyMethod",
     "Method", "OnlineMethod", "PromptTuningMethod", "StepInputs", "StepOutput", "TuningPlan", "ViewPlan",
-    "ViewScores", "find_method", "get_method", "method_names", "method_of", "register", "registered", "unregister",
+    "ViewScores", "find_method", "fixed_text_of", "get_method", "method_names", "method_of", "register",
+    "registered", "unregister",
 ]

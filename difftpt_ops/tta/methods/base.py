@@ -198,8 +198,10 @@ class Method:
         raise NotImplementedError(f"{self.name} has no naive formulation")
 
     def defaults(self) -> dict[str, Any]:
-        """The spec's reference defaults as a plain dict (for `methods list`)."""
-        return self.spec_class().to_dict()
+        """Every `--set` field of the spec with its reference default (for `methods list`), including the
+        ones the stored spec leaves out at their default (`prompts`, `descriptions`, `features`)."""
+        spec = self.spec_class()
+        return {"method": spec.method, **dataclasses.asdict(spec)}
 
     def describe(self) -> dict[str, Any]:
         """Name, kind, summary, paper, reference and defaults: one `methods list --json` entry."""
@@ -337,6 +339,26 @@ def method_names() -> tuple[str, ...]:
 
 def registered() -> tuple[Method, ...]:
     return tuple(_REGISTRY.values())
+
+
+def fixed_text_of(method: Method, spec: Any, tower: TextTower, tokenizer: Any, class_names: Sequence[str],
+                  descriptions: Mapping[str, Sequence[str]] | None = None) -> Tensor | None:
+    """The fixed class text features a method classifies with (prompt sets, descriptions), or None: the prompt
+    learner's. `descriptions` is the content of the file the spec's `descriptions` names (None when it names
+    none); the engine and the naive formulation both build their features here.
+
+    Raises:
+        InvalidSpecError: the spec names descriptions that were not passed, or a method that cannot use them.
+    """
+    wanted = getattr(spec, "descriptions", None)
+    if wanted is not None and descriptions is None:
+        raise InvalidSpecError("descriptions", wanted, "are named in the spec but were not loaded; pass "
+                                                       "descriptions=the file's class -> sentences mapping")
+    if method.kind not in (FORWARD_ONLY, ONLINE) or not hasattr(method, "fixed_text_features"):
+        return None
+    if wanted is None:
+        return method.fixed_text_features(spec, tower, tokenizer, class_names)
+    return method.fixed_text_features(spec, tower, tokenizer, class_names, descriptions=descriptions)
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from difftpt_ops.core.method_specs import MethodSpec
+from difftpt_ops.core.method_specs import MethodSpec, check_descriptions
 from difftpt_ops.core.specs import require
 from difftpt_ops.tta.methods.base import OnlineMethod, StepInputs, StepOutput, ViewPlan, ViewScores, register
 from difftpt_ops.tta.methods.ensemble import PromptSetOption, check_prompt_set
@@ -165,8 +165,10 @@ class DMNSpec(MethodSpec):
     beta: float = 5.5
     dynamic_weight: float = 1.0  # the reference searches it on the test labels; see docs/methods.md
     prompts: str | None = None  # None: the reference's templates for the dataset (PROMPTS_BY_FORMAT)
+    # The CuPL half of the reference's classifier: a JSON file of class descriptions the user supplies.
+    descriptions: str | None = None
     # Runs from before `prompts` existed used the single prompt: left out at "single", they keep their identity.
-    OMITTED_AT: ClassVar[dict[str, Any]] = {**MethodSpec.OMITTED_AT, "prompts": "single"}
+    OMITTED_AT: ClassVar[dict[str, Any]] = {**MethodSpec.OMITTED_AT, "prompts": "single", "descriptions": None}
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -178,6 +180,7 @@ class DMNSpec(MethodSpec):
         require(self.dynamic_weight >= 0, "dynamic_weight", self.dynamic_weight, "must be >= 0")
         if self.prompts is not None:
             check_prompt_set(self.prompts)
+        check_descriptions(self.descriptions)
 
     def params(self) -> DMNParams:
         return DMNParams(memory_size=self.memory_size, beta=self.beta, selection_p=self.selection_p,
@@ -186,8 +189,9 @@ class DMNSpec(MethodSpec):
 
 # The template part of the reference's `--text_prompt tip_cupl` classifier (ClipFixed.get_text_features):
 # the 7 Tip-Adapter templates for the ImageNet sets, Caltech101 and SUN397, one hand-written prompt for the
-# other cross-domain sets (ID_to_prompts). Its CuPL half (GPT-written class descriptions) is not reproduced.
-# An image folder keeps the spec's single prompt.
+# other cross-domain sets (ID_to_prompts). Its CuPL half (GPT-written class descriptions, JSON files the
+# reference ships) is not shipped here: `--set descriptions=FILE` averages a user-supplied file in with the
+# templates, as the reference does. An image folder keeps the spec's single prompt.
 PROMPTS_BY_FORMAT: dict[str, str] = {
     "imagenet": "tip", "imagenet-a": "tip", "imagenet-v2": "tip", "imagenet-r": "tip", "imagenet-sketch": "tip",
     "caltech101": "tip", "sun397": "tip", "flower102": "flower102", "dtd": "dtd", "pets": "pets", "cars": "cars",

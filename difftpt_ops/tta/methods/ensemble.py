@@ -7,12 +7,15 @@ CLIP's prompt-engineering recipe, as the TDA, DMN and ZERO code bases build thei
 7-template subset that ZERO's --templates flag, TDA's ImageNet config and DMN use; a cross-domain dataset's
 format names the one prompt TDA and DMN write for it ("{} texture." for DTD). The lists ship as data in
 difftpt_ops/data/imagenet_templates.json and dataset_templates.json and are read once, on first use.
+
+Class descriptions (CuPL: sentences per class, e.g. GPT-written) are averaged in with a class's prompt texts
+when the spec names a descriptions file, as DMN's `tip_cupl` classifier does; the text comes from the user.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -22,6 +25,7 @@ from torch import Tensor
 
 from difftpt_ops.core.errors import InputError, InvalidSpecError
 from difftpt_ops.core.method_specs import DATASET_PROMPT_SETS, PROMPT_SETS
+from difftpt_ops.tta.prompts import class_prompt_texts
 from difftpt_ops.tta.text import TextTower, normalise
 
 TEXT_BATCH = 512  # texts per text-tower call; only bounds memory
@@ -53,13 +57,50 @@ class PromptSetOption:
     templates' features (normalised, averaged, normalised again), computed once per run.
     """
 
-    def fixed_text_features(self, spec: Any, tower: TextTower, tokenizer: Any,
-                            class_names: Sequence[str]) -> Tensor | None:
+    def fixed_text_features(self, spec: Any, tower: TextTower, tokenizer: Any, class_names: Sequence[str], *,
+                            descriptions: Mapping[str, Sequence[str]] | None = None) -> Tensor | None:
         prompt_set = str(getattr(spec, "prompts", None) or "single")
         check_prompt_set(prompt_set)
+        if descriptions is not None:
+            return described_text_features(tower, tokenizer, _prompt_texts(spec, prompt_set, class_names),
+                                           class_descriptions(descriptions, class_names))
         if prompt_set == "single":
             return None
         return prompt_set_text_features(tower, tokenizer, class_names, prompt_templates(prompt_set))
+
+
+def _prompt_texts(spec: Any, prompt_set: str, class_names: Sequence[str]) -> list[list[str]]:
+    """Per class, the prompt set's texts: its templates filled with the name, or the spec's single prompt."""
+    if prompt_set != "single":
+        templates = prompt_templates(prompt_set)
+        return [[t.format(name.replace("_", " ")) for t in templates] for name in class_names]
+    if spec.prompt.ctx_init is None or spec.prompt.coop_checkpoint:
+        raise InvalidSpecError("descriptions", spec.descriptions, "are averaged with prompt texts; a random or "
+                               "CoOp context has none: choose a prompt set or a ctx_init")
+    return [[text] for text in class_prompt_texts(class_names, spec.prompt)]
+
+
+def class_descriptions(descriptions: Mapping[str, Sequence[str]], class_names: Sequence[str]) -> list[list[str]]:
+    """Each class's descriptions, looked up by its name with underscores as spaces (the reference's key)."""
+    missing = [name for name in class_names if name.replace("_", " ") not in descriptions]
+    if missing:
+        raise InputError("descriptions", missing[0], f"has no descriptions ({len(missing)} classes lack them)")
+    return [list(descriptions[name.replace("_", " ")]) for name in class_names]
+
+
+def described_text_features(tower: TextTower, tokenizer: Any, prompt_texts: Sequence[Sequence[str]],
+                            descriptions: Sequence[Sequence[str]], *, batch: int = TEXT_BATCH) -> Tensor:
+    """Normalised class features (n_classes, d) of each class's prompt texts plus its descriptions: every text
+    normalised, averaged over all of that class's texts at once (templates and descriptions alike, as DMN's
+    tip_cupl classifier does), normalised again. Classes may have different numbers of texts."""
+    texts = [list(own) + list(extra) for own, extra in zip(prompt_texts, descriptions, strict=True)]
+    if any(not own for own in texts):
+        raise InputError("descriptions", "[]", "every class needs at least one text")
+    owner = torch.repeat_interleave(torch.arange(len(texts)), torch.tensor([len(own) for own in texts]))
+    features = normalise(encode_texts(tower, tokenizer([t for own in texts for t in own]), batch=batch))
+    sums = torch.zeros(len(texts), features.shape[1], dtype=features.dtype).index_add_(0, owner, features.cpu())
+    means = sums / torch.bincount(owner, minlength=len(texts)).unsqueeze(1).to(sums.dtype)
+    return normalise(means).to(features.device)
 
 
 def ensemble_text_features(per_template: Tensor) -> Tensor:

@@ -1,0 +1,134 @@
+"""Class descriptions files: sentences per class name (CuPL-style, e.g. GPT-written), averaged in with the
+prompt texts of methods whose spec has a `descriptions` field (zero-shot, DMN-ZS).
+
+The user names a JSON file at submit (`--set descriptions=FILE`): an object mapping class names (underscores
+as spaces, the names the dataset prompts with) to lists of sentences. Submit checks that it covers every
+class of the dataset, stores its canonical JSON in the artifact store under its sha256 and writes the key,
+"sha256:<hex>", into the spec: the run's identity is the text, not the path, and a worker on another machine
+reads it from the shared store. A stored key can be given instead of a path (a resubmit, a sweep).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from difftpt_ops.config import Settings
+from difftpt_ops.core.errors import InputError
+from difftpt_ops.core.method_specs import DESCRIPTIONS_KEY, MethodSpec
+
+NAMESPACE = "descriptions"
+SUFFIX = ".json"
+KEY_PREFIX = "sha256:"
+ARGUMENT = "--set descriptions"
+
+
+@dataclass(frozen=True)
+class Descriptions:
+    """A descriptions file's content, its canonical bytes and the key they are stored under."""
+
+    by_class: dict[str, list[str]]
+    data: bytes
+    key: str  # "sha256:<hex>"
+
+
+def _store(settings: Settings) -> Any:
+    from difftpt_ops.storage.artifacts import ArtifactStore
+
+    return ArtifactStore(settings.artifact_root, namespace=NAMESPACE)
+
+
+def _artifact_key(key: str) -> str:
+    return f"{key.removeprefix(KEY_PREFIX)}{SUFFIX}"
+
+
+def parse_descriptions(raw: bytes, source: str) -> Descriptions:
+    """Validate a descriptions file's bytes: a JSON object of class name -> non-empty list of strings.
+
+    Raises:
+        InputError: naming the file, for anything else.
+    """
+    try:
+        payload = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(ARGUMENT, source, f"is not a JSON file ({exc.__class__.__name__}: {exc})") from exc
+    if not isinstance(payload, dict) or not payload:
+        raise InputError(ARGUMENT, source, "must hold a JSON object mapping class names to lists of sentences")
+    for name, sentences in payload.items():
+        if not (isinstance(sentences, list) and sentences and all(isinstance(s, str) and s.strip()
+                                                                  for s in sentences)):
+            raise InputError(ARGUMENT, source, f"class {name!r} must map to a non-empty list of non-empty strings")
+    by_class = {str(name): list(sentences) for name, sentences in payload.items()}
+    data = json.dumps(by_class, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return Descriptions(by_class, data, KEY_PREFIX + hashlib.sha256(data).hexdigest())
+
+
+def check_covers(by_class: Mapping[str, Sequence[str]], class_names: Sequence[str], source: str) -> None:
+    """Every class the dataset prompts with has descriptions (its name with underscores as spaces)."""
+    missing = [name for name in class_names if name.replace("_", " ") not in by_class]
+    if missing:
+        shown = ", ".join(repr(name) for name in missing[:3])
+        raise InputError(ARGUMENT, source, f"has no descriptions for {len(missing)} of the dataset's "
+                                           f"{len(class_names)} classes (e.g. {shown})")
+
+
+def read_file(path: str) -> Descriptions:
+    file = Path(path).expanduser()
+    try:
+        raw = file.read_bytes()
+    except OSError as exc:
+        raise InputError(ARGUMENT, path, f"cannot be read ({exc.strerror or exc.__class__.__name__})") from exc
+    return parse_descriptions(raw, path)
+
+
+def load_descriptions(settings: Settings, key: str) -> dict[str, list[str]]:
+    """The stored descriptions under `key`, checked against it.
+
+    Raises:
+        InputError: no such stored file, or one whose bytes no longer match their key.
+    """
+    if not DESCRIPTIONS_KEY.match(key):
+        raise InputError(ARGUMENT, key, "is not a stored descriptions key (sha256:<64 hex digits>); pass the "
+                                        "JSON file's path at submit")
+    try:
+        raw = _store(settings).read_bytes(_artifact_key(key))
+    except FileNotFoundError as exc:
+        raise InputError(ARGUMENT, key, f"is not in the artifact store ({settings.artifact_root}); submit "
+                                        "with the JSON file's path to store it again") from exc
+    loaded = parse_descriptions(raw, key)
+    if loaded.key != key:
+        raise InputError(ARGUMENT, key, "the stored file was changed since it was stored (its sha256 differs)")
+    return loaded.by_class
+
+
+def resolve_descriptions(settings: Settings, spec: MethodSpec, class_names: Sequence[str]) -> tuple[MethodSpec,
+                                                                                                  bytes | None]:
+    """The spec with a descriptions path replaced by its key, and the bytes to store (None: nothing to store).
+
+    Reads and checks only; `store_descriptions` writes, so a dry run stores nothing.
+    """
+    value = getattr(spec, "descriptions", None)
+    if value is None:
+        return spec, None
+    if DESCRIPTIONS_KEY.match(value):
+        check_covers(load_descriptions(settings, value), class_names, value)
+        return spec, None
+    loaded = read_file(value)
+    check_covers(loaded.by_class, class_names, value)
+    return dataclasses.replace(spec, descriptions=loaded.key), loaded.data  # type: ignore[call-arg]
+
+
+def store_descriptions(settings: Settings, key: str, data: bytes) -> None:
+    """Write a descriptions file's canonical bytes under its key (atomic; an existing copy is kept)."""
+    _store(settings).put(_artifact_key(key), data)
+
+
+def descriptions_for(settings: Settings, spec: Any) -> Mapping[str, Sequence[str]] | None:
+    """What the engine needs for a stored spec: the descriptions it names, or None."""
+    key = getattr(spec, "descriptions", None)
+    return None if key is None else load_descriptions(settings, key)

@@ -1,0 +1,163 @@
+"""Class descriptions through `submit tune` (embedded, SQLite and PostgreSQL) and the CLI: the file becomes a
+stored key in the spec, the predictions are the engine's with those descriptions, a resubmit attaches, a dry
+run stores nothing, and a bad file is refused in one line with nothing stored."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from sqlalchemy import func, select
+
+from difftpt_ops.core.errors import InputError
+from difftpt_ops.core.method_specs import method_spec_from
+from difftpt_ops.core.specs import ModelSpec
+from difftpt_ops.db.session import session_scope
+from difftpt_ops.db.tables import Prediction, Run
+from difftpt_ops.models.clip import load_clip
+from difftpt_ops.services.reading import reporting
+from difftpt_ops.services.running import contexts, descriptions, estimate, runs
+from difftpt_ops.tta import prepare_classifier
+from tests.integration.test_jobs_support import REPO_ROOT, add_dataset, make_settings, open_engine
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
+
+N_SAMPLES = 4
+CLASSES = ["class0", "class1"]
+TEXTS = {"class0": ["a bright red square.", "a red tile on a wall."], "class1": ["a dark blue square."]}
+
+
+def _images(root: Path) -> list[str]:
+    relpaths = []
+    for i in range(N_SAMPLES):
+        relpath = f"class{i % 2}/{i}.png"
+        (root / relpath).parent.mkdir(parents=True, exist_ok=True)
+        pixels = bytes((x * 5 + y * 11 + i * 40) % 256 for y in range(40) for x in range(48) for _ in range(3))
+        Image.frombytes("RGB", (48, 40), pixels).save(root / relpath)
+        relpaths.append(relpath)
+    return relpaths
+
+
+def _write(path: Path, payload: object) -> str:
+    path.write_text(json.dumps(payload), encoding="utf-8")
+    return str(path)
+
+
+def _runs(engine: object) -> int:
+    with session_scope(engine) as session:  # type: ignore[arg-type]
+        return int(session.scalar(select(func.count()).select_from(Run)) or 0)
+
+
+def _stored_files(settings: object) -> list[Path]:
+    base = Path(settings.artifact_root) / descriptions.NAMESPACE  # type: ignore[attr-defined]
+    return sorted(base.rglob("*.json")) if base.is_dir() else []
+
+
+@pytest.mark.parametrize("method", ["zeroshot", "dmn-zs"])
+def test_descriptions_file_becomes_a_stored_key_and_shapes_the_predictions(
+        method: str, workspace: Path, database_url: str, tmp_path: Path, tiny_models_dir: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(reporting, "report_progress", lambda *_: None)
+    monkeypatch.setattr(reporting, "report_finished", lambda *_: None)
+    monkeypatch.setattr(reporting, "_next_report", {})
+    contexts.clear_caches()
+    settings = make_settings(workspace, database_url, device="cpu")
+    engine = open_engine(settings)
+    root = tmp_path / "images"
+    relpaths = _images(root)
+    add_dataset(engine, "pics", N_SAMPLES, root=root, classes=2, relpaths=relpaths)
+    clip_dir = str(tiny_models_dir / "clip")
+    overrides = {"prompts": "tip", "descriptions": _write(tmp_path / "cupl.json", TEXTS)}
+    if method == "dmn-zs":
+        overrides["n_views"] = "4"
+    submit = dict(dataset_ref="pics", method=method, model=clip_dir, pretrained=None)
+
+    # A dry run resolves the same spec but stores nothing.
+    estimate.estimate_tune(engine, settings, generation_id=None, overrides=dict(overrides), seed=0, limit=None,
+                           shard_size=None, **submit)
+    assert _stored_files(settings) == []
+
+    result = runs.submit_tune(engine, settings, overrides=dict(overrides), **submit)
+    assert result.state == "finished"
+    with session_scope(engine) as session:
+        spec = session.get(Run, result.run_id).spec  # type: ignore[union-attr]
+        preds = [p.pred for p in session.scalars(select(Prediction).where(Prediction.run_id == result.run_id)
+                                                 .order_by(Prediction.sample_id))]
+    key = spec["method"]["descriptions"]
+    digest = hashlib.sha256(json.dumps(TEXTS, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    assert key == f"sha256:{digest}"
+    assert [p.name for p in _stored_files(settings)] == [f"{digest}.json"]
+    assert descriptions.load_descriptions(settings, key) == TEXTS
+
+    # The same predictions as the engine given the file's content (zero-shot: per sample, keyed by content hash).
+    if method == "zeroshot":
+        clip = load_clip(ModelSpec(name=clip_dir, pretrained=None))
+        tuner = prepare_classifier(clip, CLASSES, method_spec_from(method, {**overrides, "descriptions": key}),
+                                   descriptions=TEXTS)
+        expected = [tuner.run(Image.open(root / relpath), seed=0,
+                              sample_key=hashlib.sha256(f"pics:{i}".encode()).hexdigest()).pred
+                    for i, relpath in enumerate(relpaths)]
+        assert preds == expected
+
+    # The same text under another path, or the key itself: the same run. Other text: another run.
+    again = runs.submit_tune(engine, settings, overrides={**overrides, "descriptions": _write(
+        tmp_path / "copy.json", {"class1": TEXTS["class1"], "class0": TEXTS["class0"]})}, **submit)
+    by_key = runs.submit_tune(engine, settings, overrides={**overrides, "descriptions": key}, **submit)
+    assert again.run_id == by_key.run_id == result.run_id and not again.created
+    other = runs.submit_tune(engine, settings, overrides={**overrides, "descriptions": _write(
+        tmp_path / "other.json", {**TEXTS, "class1": ["a navy blue square."]})}, **submit)
+    assert other.run_id != result.run_id and len(_stored_files(settings)) == 2
+
+
+def test_bad_descriptions_are_refused_naming_the_file_and_nothing_is_stored(
+        workspace: Path, tmp_path: Path, tiny_models_dir: Path) -> None:
+    settings = make_settings(workspace, f"sqlite:///{workspace / 'difftpt.db'}", device="cpu")
+    engine = open_engine(settings)
+    root = tmp_path / "images"
+    add_dataset(engine, "pics", N_SAMPLES, root=root, classes=2, relpaths=_images(root))
+    submit = dict(dataset_ref="pics", method="zeroshot", model=str(tiny_models_dir / "clip"), pretrained=None)
+    cases = {
+        "missing a class": (_write(tmp_path / "partial.json", {"class0": ["x."]}), "1 of the dataset's 2 classes"),
+        "not an object": (_write(tmp_path / "list.json", ["a", "b"]), "JSON object"),
+        "empty list": (_write(tmp_path / "empty.json", {"class0": [], "class1": ["y."]}), "non-empty list"),
+        "no such file": (str(tmp_path / "absent.json"), "cannot be read"),
+        "unknown key": ("sha256:" + "0" * 64, "not in the artifact store"),
+    }
+    (tmp_path / "broken.json").write_text("{not json", encoding="utf-8")
+    cases["broken JSON"] = (str(tmp_path / "broken.json"), "not a JSON file")
+    for name, (value, says) in cases.items():
+        with pytest.raises(InputError, match="descriptions") as caught:
+            runs.submit_tune(engine, settings, overrides={"descriptions": value}, **submit)
+        assert says in str(caught.value) and value in str(caught.value), name
+    assert _runs(engine) == 0 and _stored_files(settings) == []
+
+
+def test_cli_refuses_a_file_missing_classes_in_one_line(tmp_path: Path, tiny_models_dir: Path) -> None:
+    import os
+
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DIFFTPT_OPS_")}
+    env.update({"DIFFTPT_OPS_WORKSPACE": str(workspace), "HF_HUB_OFFLINE": "1", "COLUMNS": "250",
+                "PYTHONPATH": str(REPO_ROOT), "DIFFTPT_OPS_MLFLOW_TRACKING_URI": "none"})
+    root = tmp_path / "images"
+    _images(root)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "cli.main", *args], env=env, cwd=REPO_ROOT,
+                              capture_output=True, text=True, timeout=300, check=False)
+
+    assert cli("data", "add", "pics", "--root", str(root)).returncode == 0
+    partial = _write(tmp_path / "partial.json", {"class0": ["a red square."]})
+    done = cli("submit", "tune", "--dataset", "pics", "--method", "zeroshot", "--model",
+               str(tiny_models_dir / "clip"), "--pretrained", "none", "--set", f"descriptions={partial}")
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert "descriptions" in lines[0] and partial in lines[0] and "class1" in lines[0], lines[0]
+    listed = cli("runs", "list", "--json")
+    assert listed.returncode == 0 and json.loads(listed.stdout) == []
