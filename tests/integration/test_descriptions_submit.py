@@ -20,27 +20,22 @@ from difftpt_ops.core.specs import ModelSpec
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import Prediction, Run
 from difftpt_ops.models.clip import load_clip
-from difftpt_ops.services.reading import reporting
-from difftpt_ops.services.running import contexts, descriptions, estimate, runs
+from difftpt_ops.services.running import descriptions, estimate, runs
 from difftpt_ops.tta import prepare_classifier
-from tests.integration.test_jobs_support import REPO_ROOT, add_dataset, make_settings, open_engine
+from tests.integration.test_jobs_support import (
+    REPO_ROOT,
+    add_dataset,
+    make_settings,
+    open_engine,
+    quiet_run_machinery,
+    write_pngs,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 N_SAMPLES = 4
 CLASSES = ["class0", "class1"]
 TEXTS = {"class0": ["a bright red square.", "a red tile on a wall."], "class1": ["a dark blue square."]}
-
-
-def _images(root: Path) -> list[str]:
-    relpaths = []
-    for i in range(N_SAMPLES):
-        relpath = f"class{i % 2}/{i}.png"
-        (root / relpath).parent.mkdir(parents=True, exist_ok=True)
-        pixels = bytes((x * 5 + y * 11 + i * 40) % 256 for y in range(40) for x in range(48) for _ in range(3))
-        Image.frombytes("RGB", (48, 40), pixels).save(root / relpath)
-        relpaths.append(relpath)
-    return relpaths
 
 
 def _write(path: Path, payload: object) -> str:
@@ -62,14 +57,11 @@ def _stored_files(settings: object) -> list[Path]:
 def test_descriptions_file_becomes_a_stored_key_and_shapes_the_predictions(
         method: str, workspace: Path, database_url: str, tmp_path: Path, tiny_models_dir: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(reporting, "report_progress", lambda *_: None)
-    monkeypatch.setattr(reporting, "report_finished", lambda *_: None)
-    monkeypatch.setattr(reporting, "_next_report", {})
-    contexts.clear_caches()
+    quiet_run_machinery(monkeypatch)
     settings = make_settings(workspace, database_url, device="cpu")
     engine = open_engine(settings)
     root = tmp_path / "images"
-    relpaths = _images(root)
+    relpaths = write_pngs(root, N_SAMPLES)
     add_dataset(engine, "pics", N_SAMPLES, root=root, classes=2, relpaths=relpaths)
     clip_dir = str(tiny_models_dir / "clip")
     overrides = {"prompts": "tip", "descriptions": _write(tmp_path / "cupl.json", TEXTS)}
@@ -119,7 +111,7 @@ def test_bad_descriptions_are_refused_naming_the_file_and_nothing_is_stored(
     settings = make_settings(workspace, f"sqlite:///{workspace / 'difftpt.db'}", device="cpu")
     engine = open_engine(settings)
     root = tmp_path / "images"
-    add_dataset(engine, "pics", N_SAMPLES, root=root, classes=2, relpaths=_images(root))
+    add_dataset(engine, "pics", N_SAMPLES, root=root, classes=2, relpaths=write_pngs(root, N_SAMPLES))
     submit = dict(dataset_ref="pics", method="zeroshot", model=str(tiny_models_dir / "clip"), pretrained=None)
     cases = {
         "missing a class": (_write(tmp_path / "partial.json", {"class0": ["x."]}), "1 of the dataset's 2 classes"),
@@ -146,7 +138,7 @@ def test_cli_refuses_a_file_missing_classes_in_one_line(tmp_path: Path, tiny_mod
     env.update({"DIFFTPT_OPS_WORKSPACE": str(workspace), "HF_HUB_OFFLINE": "1", "COLUMNS": "250",
                 "PYTHONPATH": str(REPO_ROOT), "DIFFTPT_OPS_MLFLOW_TRACKING_URI": "none"})
     root = tmp_path / "images"
-    _images(root)
+    write_pngs(root, N_SAMPLES)
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "cli.main", *args], env=env, cwd=REPO_ROOT,
