@@ -1,4 +1,5 @@
-"""Class descriptions (CuPL-style sentences per class) averaged in with the prompt texts: zero-shot and DMN-ZS.
+"""Class descriptions (CuPL-style sentences per class) averaged in with the prompt texts, for every method that
+takes `prompts` (zero-shot, ZERO, MTA, TDA, DMN-ZS).
 
 The oracle is DMN's `tip_cupl` classifier written out plainly: per class, the templates filled with the name
 followed by that class's descriptions, each encoded by CLIP's own encode_text on padded 77-token prompts and
@@ -18,6 +19,9 @@ from difftpt_ops.models.clip import LoadedClip  # noqa: E402
 from difftpt_ops.tta import prepare_classifier  # noqa: E402
 from difftpt_ops.tta.methods.dmn import DMNSpec  # noqa: E402
 from difftpt_ops.tta.methods.ensemble import prompt_templates  # noqa: E402
+from difftpt_ops.tta.methods.mta import MTASpec  # noqa: E402
+from difftpt_ops.tta.methods.tda import TDASpec  # noqa: E402
+from difftpt_ops.tta.methods.zero import ZeroSpec  # noqa: E402
 from tests.unit.tta_support import CLASS_NAMES, random_image, tiny_clip  # noqa: E402
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
@@ -53,7 +57,10 @@ def reference_classifier(clip: LoadedClip, templates: tuple[str, ...],
     (DMNSpec(prompts="dtd", descriptions=KEY), prompt_templates("dtd")),
     (ZeroShotSpec(prompts="ensemble", descriptions=KEY), prompt_templates("ensemble")),
     (ZeroShotSpec(descriptions=KEY), ("a photo of a {}.",)),
-], ids=["dmn-tip", "dmn-dtd", "zeroshot-ensemble", "zeroshot-single"])
+    (TDASpec(prompts="tip", descriptions=KEY), prompt_templates("tip")),
+    (ZeroSpec(descriptions=KEY), ("a photo of a {}.",)),
+    (MTASpec(prompts="pets", descriptions=KEY), prompt_templates("pets")),
+], ids=["dmn-tip", "dmn-dtd", "zeroshot-ensemble", "zeroshot-single", "tda-tip", "zero-single", "mta-pets"])
 def test_text_features_equal_the_references_tip_cupl_classifier(clip: LoadedClip, spec: object,
                                                                 templates: tuple[str, ...]) -> None:
     tuner = prepare_classifier(clip, CLASS_NAMES, spec, descriptions=DESCRIPTIONS)  # type: ignore[arg-type]
@@ -92,7 +99,7 @@ def test_a_random_context_has_no_text_to_average_with(clip: LoadedClip) -> None:
         prepare_classifier(clip, CLASS_NAMES, spec, descriptions=DESCRIPTIONS)
 
 
-@pytest.mark.parametrize("method", ["zeroshot", "dmn-zs"])
+@pytest.mark.parametrize("method", ["zeroshot", "zero", "mta", "tda", "dmn-zs"])
 def test_no_descriptions_is_left_out_of_the_stored_spec(method: str) -> None:
     """Runs stored before the field existed keep their fingerprints; a key is stored and read back."""
     plain = method_spec_from(method)

@@ -23,13 +23,13 @@ floored at machine epsilon (see `gaussian_kernel`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from difftpt_ops.core.errors import InvalidSpecError
-from difftpt_ops.core.method_specs import MethodSpec
+from difftpt_ops.core.method_specs import MethodSpec, check_descriptions
 from difftpt_ops.tta.methods.base import ForwardOnlyMethod, StepInputs, StepOutput, ViewPlan, ViewScores, register
 from difftpt_ops.tta.methods.ensemble import PromptSetOption, check_prompt_set
 
@@ -47,6 +47,8 @@ class MTASpec(MethodSpec):
     tol: float = 1e-6  # inner loops stop when the L2 change is below this
     prompts: str = "single"
     augmix: bool | None = False
+    descriptions: str | None = None  # class descriptions averaged in with the prompts (docs/methods.md)
+    OMITTED_AT: ClassVar[dict[str, Any]] = {**MethodSpec.OMITTED_AT, "descriptions": None}
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -63,6 +65,7 @@ class MTASpec(MethodSpec):
         if not self.tol >= 0:
             raise InvalidSpecError("tol", self.tol, "must be >= 0")
         check_prompt_set(self.prompts)
+        check_descriptions(self.descriptions)
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from difftpt_ops.core.method_specs import MethodSpec
+from difftpt_ops.core.method_specs import MethodSpec, check_descriptions
 from difftpt_ops.core.specs import require
 from difftpt_ops.tta.losses import marginal_entropy, view_entropy
 from difftpt_ops.tta.methods.base import OnlineMethod, StepInputs, StepOutput, ViewPlan, ViewScores, register
@@ -238,14 +238,16 @@ class TDASpec(MethodSpec):
     mask_lower: float = 0.03
     mask_upper: float = 1.0
     prompts: str | None = None  # None: the reference's templates for the dataset (PROMPTS_BY_FORMAT)
+    descriptions: str | None = None  # class descriptions averaged in with the prompts (docs/methods.md)
     # Runs from before `prompts` existed used the single prompt: left out at "single", they keep their identity.
-    OMITTED_AT: ClassVar[dict[str, Any]] = {**MethodSpec.OMITTED_AT, "prompts": "single"}
+    OMITTED_AT: ClassVar[dict[str, Any]] = {**MethodSpec.OMITTED_AT, "prompts": "single", "descriptions": None}
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.order_seed >= 0, "order_seed", self.order_seed, "must be >= 0")
         if self.prompts is not None:
             check_prompt_set(self.prompts)
+        check_descriptions(self.descriptions)
         require(self.n_views is None or self.n_views >= 1, "n_views", self.n_views, "must be >= 1")
         require(0.0 < self.selection_p <= 1.0, "selection_p", self.selection_p, "must be in (0, 1]")
         for name in ("pos_shot_capacity", "neg_shot_capacity"):

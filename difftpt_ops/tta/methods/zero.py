@@ -22,13 +22,13 @@ When int(N * gamma) is 0 nothing votes, every class ties, and the greedy walk gi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from difftpt_ops.core.errors import InvalidSpecError
-from difftpt_ops.core.method_specs import MethodSpec
+from difftpt_ops.core.method_specs import MethodSpec, check_descriptions
 from difftpt_ops.tta.losses import view_entropy
 from difftpt_ops.tta.methods.base import ForwardOnlyMethod, StepInputs, StepOutput, ViewPlan, ViewScores, register
 from difftpt_ops.tta.methods.ensemble import PromptSetOption, check_prompt_set
@@ -46,6 +46,8 @@ class ZeroSpec(MethodSpec):
     prompts: str = "single"  # single | ensemble (CLIP's 80 templates) | tip (7); the code's --templates is tip
     tie_break: str = "code"  # code: as the reference, including its fallback; tied: fallback among tied classes
     augmix: bool | None = False  # the reference never uses AugMix
+    descriptions: str | None = None  # class descriptions averaged in with the prompts (docs/methods.md)
+    OMITTED_AT: ClassVar[dict[str, Any]] = {**MethodSpec.OMITTED_AT, "descriptions": None}
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -54,6 +56,7 @@ class ZeroSpec(MethodSpec):
         if not 0.0 < self.gamma <= 1.0:
             raise InvalidSpecError("gamma", self.gamma, "must be in (0, 1]")
         check_prompt_set(self.prompts)
+        check_descriptions(self.descriptions)
         if self.tie_break not in TIE_BREAKS:
             raise InvalidSpecError("tie_break", self.tie_break, f"must be one of {', '.join(TIE_BREAKS)}")
 
