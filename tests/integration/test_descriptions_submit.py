@@ -18,9 +18,9 @@ from difftpt_ops.core.errors import InputError
 from difftpt_ops.core.method_specs import method_spec_from
 from difftpt_ops.core.specs import ModelSpec
 from difftpt_ops.db.session import session_scope
-from difftpt_ops.db.tables import Prediction, Run
+from difftpt_ops.db.tables import Prediction, Run, Sweep
 from difftpt_ops.models.clip import load_clip
-from difftpt_ops.services.running import descriptions, estimate, runs
+from difftpt_ops.services.running import descriptions, estimate, runs, sweeps
 from difftpt_ops.tta import prepare_classifier
 from tests.integration.test_jobs_support import (
     REPO_ROOT,
@@ -43,9 +43,20 @@ def _write(path: Path, payload: object) -> str:
     return str(path)
 
 
-def _runs(engine: object) -> int:
+def _count(engine: object, table: object) -> int:
     with session_scope(engine) as session:  # type: ignore[arg-type]
-        return int(session.scalar(select(func.count()).select_from(Run)) or 0)
+        return int(session.scalar(select(func.count()).select_from(table)) or 0)  # type: ignore[arg-type]
+
+
+def _runs(engine: object) -> int:
+    return _count(engine, Run)
+
+
+def _stored(engine: object, run_id: int) -> list[tuple[int, float]]:
+    """(pred, confidence_after) of a run's predictions in sample order."""
+    with session_scope(engine) as session:  # type: ignore[arg-type]
+        rows = session.scalars(select(Prediction).where(Prediction.run_id == run_id).order_by(Prediction.sample_id))
+        return [(p.pred, float(p.confidence_after)) for p in rows]  # type: ignore[arg-type]
 
 
 def _stored_files(settings: object) -> list[Path]:
@@ -78,23 +89,27 @@ def test_descriptions_file_becomes_a_stored_key_and_shapes_the_predictions(
     assert result.state == "finished"
     with session_scope(engine) as session:
         spec = session.get(Run, result.run_id).spec  # type: ignore[union-attr]
-        preds = [p.pred for p in session.scalars(select(Prediction).where(Prediction.run_id == result.run_id)
-                                                 .order_by(Prediction.sample_id))]
+    stored = _stored(engine, result.run_id)
     key = spec["method"]["descriptions"]
     digest = hashlib.sha256(json.dumps(TEXTS, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     assert key == f"sha256:{digest}"
     assert [p.name for p in _stored_files(settings)] == [f"{digest}.json"]
     assert descriptions.load_descriptions(settings, key) == TEXTS
 
-    # The same predictions as the engine given the file's content (zero-shot: per sample, keyed by content hash).
+    # The run classified with the descriptions: its confidences differ from the same run without them, and
+    # (zero-shot, per sample) equal the engine's given the file's content.
+    plain = runs.submit_tune(engine, settings, overrides={k: v for k, v in overrides.items() if k != "descriptions"},
+                             **submit)
+    assert [c for _, c in _stored(engine, plain.run_id)] != pytest.approx([c for _, c in stored], abs=1e-6)
     if method == "zeroshot":
         clip = load_clip(ModelSpec(name=clip_dir, pretrained=None))
         tuner = prepare_classifier(clip, CLASSES, method_spec_from(method, {**overrides, "descriptions": key}),
                                    descriptions=TEXTS)
         expected = [tuner.run(Image.open(root / relpath), seed=0,
-                              sample_key=hashlib.sha256(f"pics:{i}".encode()).hexdigest()).pred
+                              sample_key=hashlib.sha256(f"pics:{i}".encode()).hexdigest())
                     for i, relpath in enumerate(relpaths)]
-        assert preds == expected
+        assert [p for p, _ in stored] == [r.pred for r in expected]
+        assert [c for _, c in stored] == pytest.approx([r.confidence_after for r in expected], abs=1e-5)
 
     # The same text under another path, or the key itself: the same run. Other text: another run.
     again = runs.submit_tune(engine, settings, overrides={**overrides, "descriptions": _write(
@@ -122,11 +137,59 @@ def test_bad_descriptions_are_refused_naming_the_file_and_nothing_is_stored(
     }
     (tmp_path / "broken.json").write_text("{not json", encoding="utf-8")
     cases["broken JSON"] = (str(tmp_path / "broken.json"), "not a JSON file")
+    good = _write(tmp_path / "good.json", TEXTS)
+    cases["a random context"] = (good, "a random or CoOp context has none")
     for name, (value, says) in cases.items():
+        extra = {"prompt.ctx_init": "none"} if name == "a random context" else {}
         with pytest.raises(InputError, match="descriptions") as caught:
-            runs.submit_tune(engine, settings, overrides={"descriptions": value}, **submit)
+            runs.submit_tune(engine, settings, overrides={"descriptions": value, **extra}, **submit)
         assert says in str(caught.value) and value in str(caught.value), name
-    assert _runs(engine) == 0 and _stored_files(settings) == []
+    # A sweep over a good and a bad file fails before anything is written: no sweep, no run, no file.
+    for grid in ({"descriptions": [good, str(tmp_path / "partial.json")]},
+                 {"descriptions": [good], "prompt.ctx_init": ["a_photo_of_a", "none"]}):
+        with pytest.raises(InputError, match="descriptions"):
+            sweeps.submit_sweep(engine, settings, grid=grid, seeds=[0], **submit)
+    assert _runs(engine) == 0 and _count(engine, Sweep) == 0 and _stored_files(settings) == []
+
+
+def test_a_sweep_is_identified_by_the_texts_not_the_paths(
+        workspace: Path, tmp_path: Path, tiny_models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its grid holds the stored keys: the same texts under other paths are the same sweep and runs."""
+    quiet_run_machinery(monkeypatch)
+    settings = make_settings(workspace, f"sqlite:///{workspace / 'difftpt.db'}", device="cpu")
+    engine = open_engine(settings)
+    root = tmp_path / "images"
+    add_dataset(engine, "pics", N_SAMPLES, root=root, classes=2, relpaths=write_pngs(root, N_SAMPLES))
+    submit = dict(dataset_ref="pics", method="zeroshot", model=str(tiny_models_dir / "clip"), pretrained=None)
+    other = {**TEXTS, "class1": ["a navy blue square."]}
+    first = sweeps.submit_sweep(engine, settings, grid={"descriptions": [
+        _write(tmp_path / "a.json", TEXTS), _write(tmp_path / "b.json", other)]}, seeds=[0], **submit)
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    again = sweeps.submit_sweep(engine, settings, grid={"descriptions": [
+        _write(moved / "a.json", TEXTS), _write(moved / "b.json", other)]}, seeds=[0], **submit)
+    assert first.created and not again.created and again.sweep_id == first.sweep_id and again.new_runs == 0
+    assert all(p["point"]["descriptions"].startswith("sha256:") for p in first.points)
+    assert _runs(engine) == 2 and len(_stored_files(settings)) == 2
+
+
+def test_a_stored_file_changed_by_hand_is_named_and_restored_by_the_path(
+        workspace: Path, tmp_path: Path, tiny_models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    quiet_run_machinery(monkeypatch)
+    settings = make_settings(workspace, f"sqlite:///{workspace / 'difftpt.db'}", device="cpu")
+    engine = open_engine(settings)
+    root = tmp_path / "images"
+    add_dataset(engine, "pics", N_SAMPLES, root=root, classes=2, relpaths=write_pngs(root, N_SAMPLES))
+    submit = dict(dataset_ref="pics", method="zeroshot", model=str(tiny_models_dir / "clip"), pretrained=None)
+    path = _write(tmp_path / "cupl.json", TEXTS)
+    result = runs.submit_tune(engine, settings, overrides={"descriptions": path}, **submit)
+    [stored] = _stored_files(settings)
+    stored.write_text(json.dumps({**TEXTS, "class1": ["edited."]}), encoding="utf-8")
+    key = f"sha256:{stored.stem}"
+    with pytest.raises(InputError, match="changed since it was stored.*path"):
+        descriptions.load_descriptions(settings, key)
+    again = runs.submit_tune(engine, settings, overrides={"descriptions": path}, **submit)
+    assert again.run_id == result.run_id and descriptions.load_descriptions(settings, key) == TEXTS
 
 
 def test_cli_refuses_a_file_missing_classes_in_one_line(tmp_path: Path, tiny_models_dir: Path) -> None:

@@ -8,6 +8,9 @@ normalised, their mean over all of the class's texts, normalised again.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -66,11 +69,14 @@ def test_text_features_equal_the_references_tip_cupl_classifier(clip: LoadedClip
     tuner = prepare_classifier(clip, CLASS_NAMES, spec, descriptions=DESCRIPTIONS)  # type: ignore[arg-type]
     expected = reference_classifier(clip, templates, DESCRIPTIONS)
     torch.testing.assert_close(tuner._initial_text_features().float(), expected, atol=1e-5, rtol=0)  # noqa: SLF001
-    without = prepare_classifier(clip, CLASS_NAMES, DMNSpec(prompts="tip"))._initial_text_features()  # noqa: SLF001
+    plain = prepare_classifier(clip, CLASS_NAMES, dataclasses.replace(spec, descriptions=None))  # type: ignore[type-var]
+    without = plain._initial_text_features()  # noqa: SLF001
     assert not torch.allclose(without.float(), expected, atol=1e-3)  # the descriptions change the classifier
 
 
 def test_engine_equals_the_naive_formulation_with_descriptions(clip: LoadedClip) -> None:
+    """Both read the same class features (the test above checks them against the reference's recipe); this
+    checks that the naive formulation takes descriptions too, so the equivalence tests cover such specs."""
     from difftpt_ops.tta.naive import NaiveTuner
 
     spec = DMNSpec(prompts="tip", descriptions=KEY, n_views=4)
@@ -109,3 +115,15 @@ def test_no_descriptions_is_left_out_of_the_stored_spec(method: str) -> None:
     assert method_spec_from_dict(named.to_dict()) == named
     with pytest.raises(InvalidSpecError, match="descriptions"):
         method_spec_from(method, {"descriptions": " "})
+
+
+def test_a_missing_class_is_named_as_the_file_must_key_it() -> None:
+    """Keys are class names with underscores as spaces (the reference's lookup): the message shows that form."""
+    from difftpt_ops.services.running.descriptions import check_covers, parse_descriptions
+
+    parsed = parse_descriptions(json.dumps({"tench": ["a fish."]}).encode(), "f.json")
+    with pytest.raises(InputError, match="descriptions=f.json.*1 of the dataset's 2 classes.*'great white shark'"):
+        check_covers(parsed.by_class, ["tench", "great_white_shark"], "f.json")
+    # The same texts in another key order or spacing are the same file: one key.
+    again = parse_descriptions(b'{ "tench" : [ "a fish." ] }', "g.json")
+    assert again.key == parsed.key and again.data == parsed.data

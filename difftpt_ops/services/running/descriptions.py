@@ -71,9 +71,9 @@ def parse_descriptions(raw: bytes, source: str) -> Descriptions:
 
 def check_covers(by_class: Mapping[str, Sequence[str]], class_names: Sequence[str], source: str) -> None:
     """Every class the dataset prompts with has descriptions (its name with underscores as spaces)."""
-    missing = [name for name in class_names if name.replace("_", " ") not in by_class]
+    missing = [name.replace("_", " ") for name in class_names if name.replace("_", " ") not in by_class]
     if missing:
-        shown = ", ".join(repr(name) for name in missing[:3])
+        shown = ", ".join(repr(name) for name in missing[:3])  # as the file must key them
         raise InputError(ARGUMENT, source, f"has no descriptions for {len(missing)} of the dataset's "
                                            f"{len(class_names)} classes (e.g. {shown})")
 
@@ -103,8 +103,32 @@ def load_descriptions(settings: Settings, key: str) -> dict[str, list[str]]:
                                         "with the JSON file's path to store it again") from exc
     loaded = parse_descriptions(raw, key)
     if loaded.key != key:
-        raise InputError(ARGUMENT, key, "the stored file was changed since it was stored (its sha256 differs)")
+        raise InputError(ARGUMENT, key, "the stored file was changed since it was stored (its sha256 differs); "
+                                        "submit with the JSON file's path to store it again")
     return loaded.by_class
+
+
+def checked_descriptions(settings: Settings, value: str, class_names: Sequence[str]) -> tuple[str, bytes | None]:
+    """(key, canonical bytes to store) of a descriptions value, a file's path or a stored key (bytes None),
+    checked to cover every class. Reads only."""
+    if DESCRIPTIONS_KEY.match(value):
+        check_covers(load_descriptions(settings, value), class_names, value)
+        return value, None
+    loaded = read_file(value)
+    check_covers(loaded.by_class, class_names, value)
+    return loaded.key, loaded.data
+
+
+def check_has_prompt_text(spec: MethodSpec) -> None:
+    """Descriptions are averaged with the class prompts' texts: refuse a spec whose prompt has none (the single
+    prompt with a random or CoOp context). Call it on the spec as the dataset resolves it (DMN's, TDA's
+    per-dataset prompts)."""
+    value = getattr(spec, "descriptions", None)
+    if value is None or (getattr(spec, "prompts", None) or "single") != "single":
+        return
+    if spec.prompt.ctx_init is None or spec.prompt.coop_checkpoint:
+        raise InputError(ARGUMENT, value, "are averaged with the prompt's text, and a random or CoOp context has "
+                                          "none: choose a template set (--set prompts=tip) or a prompt.ctx_init")
 
 
 def resolve_descriptions(settings: Settings, spec: MethodSpec, class_names: Sequence[str]) -> tuple[MethodSpec,
@@ -116,17 +140,18 @@ def resolve_descriptions(settings: Settings, spec: MethodSpec, class_names: Sequ
     value = getattr(spec, "descriptions", None)
     if value is None:
         return spec, None
-    if DESCRIPTIONS_KEY.match(value):
-        check_covers(load_descriptions(settings, value), class_names, value)
-        return spec, None
-    loaded = read_file(value)
-    check_covers(loaded.by_class, class_names, value)
-    return dataclasses.replace(spec, descriptions=loaded.key), loaded.data  # type: ignore[call-arg]
+    check_has_prompt_text(spec)
+    key, data = checked_descriptions(settings, value, class_names)
+    return dataclasses.replace(spec, descriptions=key), data  # type: ignore[call-arg]
 
 
 def store_descriptions(settings: Settings, key: str, data: bytes) -> None:
-    """Write a descriptions file's canonical bytes under its key (atomic; an existing copy is kept)."""
-    _store(settings).put(_artifact_key(key), data)
+    """Write a descriptions file's canonical bytes under its key (atomic). A stored copy whose bytes no longer
+    match the key (edited by hand) is replaced: the bytes are the key's by construction."""
+    store, name = _store(settings), _artifact_key(key)
+    if store.put(name, data).sha256 != key.removeprefix(KEY_PREFIX):
+        store.path(name).unlink(missing_ok=True)
+        store.put(name, data)
 
 
 def descriptions_for(settings: Settings, spec: Any) -> Mapping[str, Sequence[str]] | None:

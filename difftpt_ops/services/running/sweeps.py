@@ -4,7 +4,8 @@
 (3 x 2 x 2 = 12 runs) and submits each point through `runs.submit_tune`, so every run is an ordinary
 run identified by its spec: resubmitting the sweep attaches to the same runs and makes none, and all
 of them share generated images (cached by content). The sweep itself is a row identified by what was
-asked, and `sweep_runs` links it to its runs with their grid point.
+asked, and `sweep_runs` links it to its runs with their grid point. Class descriptions files are the
+exception to "what was asked": they are checked and stored first and recorded by the key of their text.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 MAX_UNCONFIRMED_RUNS = 200  # a bigger sweep needs --yes: it is hours of GPU time to cancel by hand
 SWEEP_TAG = "difftpt.sweep"
+DESCRIPTIONS = "descriptions"  # a file's path in what was asked; the key of its stored content in the sweep
 
 
 def parse_sweep(items: list[str] | None) -> dict[str, list[str]]:
@@ -124,8 +126,11 @@ def submit_sweep(engine: Engine, settings: Settings, *, dataset_ref: str, method
     submit_args.pop("seed", None)
     points = grid_points(grid, seeds)
     _check_plan(method, overrides, grid, points, confirmed)
-    # 2. The sweep row, identified by what was asked (dataset as named, resolved by its fingerprint below).
-    version_fp = _dataset_fingerprint(engine, dataset_ref)
+    dataset, version_fp = _dataset(engine, dataset_ref)
+    if DESCRIPTIONS in overrides or DESCRIPTIONS in grid:
+        overrides, grid = _descriptions_as_keys(settings, method, dataset, overrides, grid, points)
+        points = grid_points(grid, seeds)
+    # 2. The sweep row, identified by what was asked (dataset as named, resolved by its fingerprint).
     identity = {"dataset_fingerprint": version_fp, "method": method, "overrides": overrides, "grid": grid,
                 "seeds": seeds, "model": submit_args.get("model"), "pretrained": submit_args.get("pretrained"),
                 "generation_id": submit_args.get("generation_id")}
@@ -144,12 +149,41 @@ def submit_sweep(engine: Engine, settings: Settings, *, dataset_ref: str, method
     return result
 
 
-def _dataset_fingerprint(engine: Engine, dataset_ref: str) -> str:
+def _dataset(engine: Engine, dataset_ref: str) -> tuple[Any, str]:
+    """The dataset row (detached) and the fingerprint of the version `dataset_ref` names."""
     from difftpt_ops.services.datasets import resolve_dataset_version
 
     with session_scope(engine) as session:
-        _, version = resolve_dataset_version(session, dataset_ref)
-        return version.fingerprint
+        dataset, version = resolve_dataset_version(session, dataset_ref)
+        session.expunge(dataset)
+        return dataset, version.fingerprint
+
+
+def _descriptions_as_keys(settings: Settings, method: str, dataset: Any, overrides: dict[str, Any],
+                          grid: dict[str, list[str]], points: list[dict[str, Any]]
+                          ) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """Every descriptions file the sweep names, checked (it covers the classes; the points' prompts have text
+    to average it with) before any is stored, then stored and replaced by its key: the sweep's identity is the
+    text, and no point fails on its file half-way through the grid."""
+    from difftpt_ops.services.running.descriptions import (
+        check_has_prompt_text,
+        checked_descriptions,
+        store_descriptions,
+    )
+    from difftpt_ops.services.running.online import resolve_for_dataset
+
+    values = [overrides[DESCRIPTIONS]] if DESCRIPTIONS in overrides else grid[DESCRIPTIONS]
+    checked = {value: checked_descriptions(settings, str(value), dataset.class_names) for value in values}
+    for point in points:
+        knobs = {k: v for k, v in point.items() if k != "seed"}
+        spec = method_spec_from(method, {**overrides, **knobs})
+        check_has_prompt_text(resolve_for_dataset(spec, dataset.format))
+    for key, data in checked.values():
+        if data is not None:
+            store_descriptions(settings, key, data)
+    if DESCRIPTIONS in overrides:
+        return {**overrides, DESCRIPTIONS: checked[overrides[DESCRIPTIONS]][0]}, grid
+    return overrides, {**grid, DESCRIPTIONS: list(dict.fromkeys(checked[v][0] for v in grid[DESCRIPTIONS]))}
 
 
 def _tag_mlflow(engine: Engine, settings: Settings, run_ids: list[int]) -> None:
