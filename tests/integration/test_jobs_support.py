@@ -206,10 +206,15 @@ def kill_worker(process: subprocess.Popen[bytes], children: Sequence[int] | None
     process.wait()
 
 
-def wait_ready(log: Path, workers: int = 1, *, timeout: float = 60) -> None:
-    """Wait until `workers` Celery workers logged that they are ready."""
-    wait_for(lambda: log.exists() and log.read_text(errors="replace").count(" ready.") >= workers, timeout=timeout,
-             what=f"{workers} worker(s) ready (log: {log})")
+def wait_ready(log: Path, workers: int = 1, *, timeout: float = 120) -> None:
+    """Wait until `workers` Celery workers logged that they are ready. A worker imports torch, transformers and
+    diffusers before its banner (worker_init): seconds alone, much longer on a 2-core box running other tests."""
+    try:
+        wait_for(lambda: log.exists() and log.read_text(errors="replace").count(" ready.") >= workers,
+                 timeout=timeout, what=f"{workers} worker(s) ready (log: {log})")
+    except AssertionError as exc:
+        tail = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else ["(no log)"]
+        raise AssertionError(f"{exc}; its log ends:\n" + "\n".join(tail)) from None
 
 
 def free_port() -> int:
