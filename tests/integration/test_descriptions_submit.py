@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -62,6 +63,16 @@ def _stored(engine: object, run_id: int) -> list[tuple[int, float]]:
 def _stored_files(settings: object) -> list[Path]:
     base = Path(settings.artifact_root) / descriptions.NAMESPACE  # type: ignore[attr-defined]
     return sorted(base.rglob("*.json")) if base.is_dir() else []
+
+
+def _zeroshot_on_pics(workspace: Path, tmp_path: Path, tiny_models_dir: Path) -> tuple[Any, Any, dict[str, Any]]:
+    """Settings and engine of an embedded SQLite workspace holding dataset `pics`, and zero-shot submit args."""
+    settings = make_settings(workspace, f"sqlite:///{workspace / 'difftpt.db'}", device="cpu")
+    engine = open_engine(settings)
+    root = tmp_path / "images"
+    add_dataset(engine, "pics", N_SAMPLES, root=root, classes=2, relpaths=write_pngs(root, N_SAMPLES))
+    return settings, engine, dict(dataset_ref="pics", method="zeroshot", model=str(tiny_models_dir / "clip"),
+                                  pretrained=None)
 
 
 @pytest.mark.parametrize("method", ["zeroshot", "dmn-zs"])
@@ -123,11 +134,7 @@ def test_descriptions_file_becomes_a_stored_key_and_shapes_the_predictions(
 
 def test_bad_descriptions_are_refused_naming_the_file_and_nothing_is_stored(
         workspace: Path, tmp_path: Path, tiny_models_dir: Path) -> None:
-    settings = make_settings(workspace, f"sqlite:///{workspace / 'difftpt.db'}", device="cpu")
-    engine = open_engine(settings)
-    root = tmp_path / "images"
-    add_dataset(engine, "pics", N_SAMPLES, root=root, classes=2, relpaths=write_pngs(root, N_SAMPLES))
-    submit = dict(dataset_ref="pics", method="zeroshot", model=str(tiny_models_dir / "clip"), pretrained=None)
+    settings, engine, submit = _zeroshot_on_pics(workspace, tmp_path, tiny_models_dir)
     cases = {
         "missing a class": (_write(tmp_path / "partial.json", {"class0": ["x."]}), "1 of the dataset's 2 classes"),
         "not an object": (_write(tmp_path / "list.json", ["a", "b"]), "JSON object"),
@@ -156,11 +163,7 @@ def test_a_sweep_is_identified_by_the_texts_not_the_paths(
         workspace: Path, tmp_path: Path, tiny_models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Its grid holds the stored keys: the same texts under other paths are the same sweep and runs."""
     quiet_run_machinery(monkeypatch)
-    settings = make_settings(workspace, f"sqlite:///{workspace / 'difftpt.db'}", device="cpu")
-    engine = open_engine(settings)
-    root = tmp_path / "images"
-    add_dataset(engine, "pics", N_SAMPLES, root=root, classes=2, relpaths=write_pngs(root, N_SAMPLES))
-    submit = dict(dataset_ref="pics", method="zeroshot", model=str(tiny_models_dir / "clip"), pretrained=None)
+    settings, engine, submit = _zeroshot_on_pics(workspace, tmp_path, tiny_models_dir)
     other = {**TEXTS, "class1": ["a navy blue square."]}
     first = sweeps.submit_sweep(engine, settings, grid={"descriptions": [
         _write(tmp_path / "a.json", TEXTS), _write(tmp_path / "b.json", other)]}, seeds=[0], **submit)
@@ -176,11 +179,7 @@ def test_a_sweep_is_identified_by_the_texts_not_the_paths(
 def test_a_stored_file_changed_by_hand_is_named_and_restored_by_the_path(
         workspace: Path, tmp_path: Path, tiny_models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     quiet_run_machinery(monkeypatch)
-    settings = make_settings(workspace, f"sqlite:///{workspace / 'difftpt.db'}", device="cpu")
-    engine = open_engine(settings)
-    root = tmp_path / "images"
-    add_dataset(engine, "pics", N_SAMPLES, root=root, classes=2, relpaths=write_pngs(root, N_SAMPLES))
-    submit = dict(dataset_ref="pics", method="zeroshot", model=str(tiny_models_dir / "clip"), pretrained=None)
+    settings, engine, submit = _zeroshot_on_pics(workspace, tmp_path, tiny_models_dir)
     path = _write(tmp_path / "cupl.json", TEXTS)
     result = runs.submit_tune(engine, settings, overrides={"descriptions": path}, **submit)
     [stored] = _stored_files(settings)
