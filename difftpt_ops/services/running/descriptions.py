@@ -26,7 +26,7 @@ from difftpt_ops.core.method_specs import DESCRIPTIONS_KEY, MethodSpec
 NAMESPACE = "descriptions"
 SUFFIX = ".json"
 KEY_PREFIX = "sha256:"
-ARGUMENT = "--set descriptions"
+ARGUMENT = "descriptions"  # given with --set or --sweep
 
 
 @dataclass(frozen=True)
