@@ -45,9 +45,12 @@ class MethodSpec:
         require(self.features in self.FEATURE_MODES, "features", self.features,
                  f"must be one of {', '.join(self.FEATURE_MODES)}")
 
+    def all_fields(self) -> dict[str, Any]:
+        """Every field with its value, the method's name first (`to_dict` leaves some out at OMITTED_AT)."""
+        return {"method": self.method, **dataclasses.asdict(self)}
+
     def to_dict(self) -> dict[str, Any]:
-        payload = {"method": self.method, **dataclasses.asdict(self)}
-        return {key: value for key, value in payload.items()
+        return {key: value for key, value in self.all_fields().items()
                 if key not in self.OMITTED_AT or value != self.OMITTED_AT[key]}
 
 
@@ -68,6 +71,24 @@ def check_descriptions(value: str | None) -> None:
     if value is not None:
         require(isinstance(value, str) and value.strip() != "", "descriptions", value,
                 "must be the path of a JSON file of class descriptions")
+
+
+def description_key(class_name: str) -> str:
+    """The key a class's descriptions are filed under: its name with underscores as spaces (the reference's)."""
+    return class_name.replace("_", " ")
+
+
+def missing_descriptions(by_class: Any, class_names: Any) -> list[str]:
+    """The keys of the classes `by_class` (key -> sentences) has no descriptions for, in class order."""
+    return [description_key(name) for name in class_names if description_key(name) not in by_class]
+
+
+def prompt_has_text(spec: Any) -> bool:
+    """Whether the spec's class prompts are texts descriptions can be averaged with: a template set, or the
+    single prompt with a ctx_init (a random or CoOp context has no text)."""
+    if (getattr(spec, "prompts", None) or "single") != "single":
+        return True
+    return spec.prompt.ctx_init is not None and not spec.prompt.coop_checkpoint
 
 
 @dataclass(frozen=True)

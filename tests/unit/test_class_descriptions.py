@@ -1,9 +1,10 @@
 """Class descriptions (CuPL-style sentences per class) averaged in with the prompt texts, for every method that
 takes `prompts` (zero-shot, ZERO, MTA, TDA, DMN-ZS).
 
-The oracle is DMN's `tip_cupl` classifier written out plainly: per class, the templates filled with the name
-followed by that class's descriptions, each encoded by CLIP's own encode_text on padded 77-token prompts and
-normalised, their mean over all of the class's texts, normalised again.
+The oracle (test_method_ensemble.clip_ensemble with descriptions) is DMN's `tip_cupl` classifier written out
+plainly: per class, the templates filled with the name followed by that class's descriptions, each encoded by
+CLIP's own encode_text on padded 77-token prompts and normalised, their mean over all of the class's texts,
+normalised again.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from difftpt_ops.tta.methods.ensemble import prompt_templates  # noqa: E402
 from difftpt_ops.tta.methods.mta import MTASpec  # noqa: E402
 from difftpt_ops.tta.methods.tda import TDASpec  # noqa: E402
 from difftpt_ops.tta.methods.zero import ZeroSpec  # noqa: E402
+from tests.unit.test_method_ensemble import clip_ensemble  # noqa: E402
 from tests.unit.tta_support import CLASS_NAMES, random_image, tiny_clip  # noqa: E402
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
@@ -41,20 +43,6 @@ def clip(tmp_path_factory: pytest.TempPathFactory) -> LoadedClip:
     return tiny_clip(tmp_path_factory.mktemp("tiny") / "clip")
 
 
-def reference_classifier(clip: LoadedClip, templates: tuple[str, ...],
-                         descriptions: dict[str, list[str]]) -> torch.Tensor:
-    per_class = []
-    with torch.no_grad():
-        for name in CLASS_NAMES:
-            name = name.replace("_", " ")
-            texts = [t.format(name) for t in templates] + descriptions[name]
-            features = clip.model.encode_text(clip.tokenizer(texts)).float()
-            features = features / features.norm(dim=-1, keepdim=True)
-            mean = features.mean(dim=0)
-            per_class.append(mean / mean.norm())
-    return torch.stack(per_class)
-
-
 @pytest.mark.parametrize(("spec", "templates"), [
     (DMNSpec(prompts="tip", descriptions=KEY), prompt_templates("tip")),
     (DMNSpec(prompts="dtd", descriptions=KEY), prompt_templates("dtd")),
@@ -67,7 +55,7 @@ def reference_classifier(clip: LoadedClip, templates: tuple[str, ...],
 def test_text_features_equal_the_references_tip_cupl_classifier(clip: LoadedClip, spec: object,
                                                                 templates: tuple[str, ...]) -> None:
     tuner = prepare_classifier(clip, CLASS_NAMES, spec, descriptions=DESCRIPTIONS)  # type: ignore[arg-type]
-    expected = reference_classifier(clip, templates, DESCRIPTIONS)
+    expected = clip_ensemble(clip, templates, DESCRIPTIONS)
     torch.testing.assert_close(tuner._initial_text_features().float(), expected, atol=1e-5, rtol=0)  # noqa: SLF001
     plain = prepare_classifier(clip, CLASS_NAMES, dataclasses.replace(spec, descriptions=None))  # type: ignore[type-var]
     without = plain._initial_text_features()  # noqa: SLF001

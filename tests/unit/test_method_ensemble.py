@@ -29,12 +29,15 @@ def clip(tmp_path_factory: pytest.TempPathFactory) -> LoadedClip:
     return tiny_clip(tmp_path_factory.mktemp("tiny") / "clip")
 
 
-def clip_ensemble(clip: LoadedClip, templates: tuple[str, ...]) -> torch.Tensor:
-    """CLIP's recipe with its own encode_text on padded 77-token prompts: normalise, average, normalise."""
+def clip_ensemble(clip: LoadedClip, templates: tuple[str, ...],
+                  descriptions: dict[str, list[str]] | None = None) -> torch.Tensor:
+    """CLIP's recipe with its own encode_text on padded 77-token prompts: normalise, average, normalise. With
+    `descriptions` (keyed by name with spaces), DMN's tip_cupl: a class's sentences join its templates' texts."""
     per_class = []
     with torch.no_grad():
         for name in CLASS_NAMES:
-            texts = [t.format(name.replace("_", " ")) for t in templates]
+            name = name.replace("_", " ")
+            texts = [t.format(name) for t in templates] + (descriptions[name] if descriptions is not None else [])
             features = clip.model.encode_text(clip.tokenizer(texts)).float()
             features = features / features.norm(dim=-1, keepdim=True)
             mean = features.mean(dim=0)

@@ -21,7 +21,7 @@ from typing import Any
 
 from difftpt_ops.config import Settings
 from difftpt_ops.core.errors import InputError
-from difftpt_ops.core.method_specs import DESCRIPTIONS_KEY, MethodSpec
+from difftpt_ops.core.method_specs import DESCRIPTIONS_KEY, MethodSpec, missing_descriptions, prompt_has_text
 
 NAMESPACE = "descriptions"
 SUFFIX = ".json"
@@ -71,7 +71,7 @@ def parse_descriptions(raw: bytes, source: str) -> Descriptions:
 
 def check_covers(by_class: Mapping[str, Sequence[str]], class_names: Sequence[str], source: str) -> None:
     """Every class the dataset prompts with has descriptions (its name with underscores as spaces)."""
-    missing = [name.replace("_", " ") for name in class_names if name.replace("_", " ") not in by_class]
+    missing = missing_descriptions(by_class, class_names)
     if missing:
         shown = ", ".join(repr(name) for name in missing[:3])  # as the file must key them
         raise InputError(ARGUMENT, source, f"has no descriptions for {len(missing)} of the dataset's "
@@ -124,9 +124,7 @@ def check_has_prompt_text(spec: MethodSpec) -> None:
     prompt with a random or CoOp context). Call it on the spec as the dataset resolves it (DMN's, TDA's
     per-dataset prompts)."""
     value = getattr(spec, "descriptions", None)
-    if value is None or (getattr(spec, "prompts", None) or "single") != "single":
-        return
-    if spec.prompt.ctx_init is None or spec.prompt.coop_checkpoint:
+    if value is not None and not prompt_has_text(spec):
         raise InputError(ARGUMENT, value, "are averaged with the prompt's text, and a random or CoOp context has "
                                           "none: choose a template set (--set prompts=tip) or a prompt.ctx_init")
 

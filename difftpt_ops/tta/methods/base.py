@@ -200,8 +200,7 @@ class Method:
     def defaults(self) -> dict[str, Any]:
         """Every `--set` field of the spec with its reference default (for `methods list`), including the
         ones the stored spec leaves out at their default (`prompts`, `descriptions`, `features`)."""
-        spec = self.spec_class()
-        return {"method": spec.method, **dataclasses.asdict(spec)}
+        return self.spec_class().all_fields()
 
     def describe(self) -> dict[str, Any]:
         """Name, kind, summary, paper, reference and defaults: one `methods list --json` entry."""

@@ -24,7 +24,13 @@ import torch
 from torch import Tensor
 
 from difftpt_ops.core.errors import InputError, InvalidSpecError
-from difftpt_ops.core.method_specs import DATASET_PROMPT_SETS, PROMPT_SETS
+from difftpt_ops.core.method_specs import (
+    DATASET_PROMPT_SETS,
+    PROMPT_SETS,
+    description_key,
+    missing_descriptions,
+    prompt_has_text,
+)
 from difftpt_ops.tta.prompts import class_prompt_texts
 from difftpt_ops.tta.text import TextTower, normalise
 
@@ -71,21 +77,21 @@ class PromptSetOption:
 
 def _prompt_texts(spec: Any, prompt_set: str, class_names: Sequence[str]) -> list[list[str]]:
     """Per class, the prompt set's texts: its templates filled with the name, or the spec's single prompt."""
+    if not prompt_has_text(spec):
+        raise InvalidSpecError("descriptions", spec.descriptions, "are averaged with prompt texts; a random or "
+                               "CoOp context has none: choose a prompt set or a ctx_init")
     if prompt_set != "single":
         templates = prompt_templates(prompt_set)
         return [[t.format(name.replace("_", " ")) for t in templates] for name in class_names]
-    if spec.prompt.ctx_init is None or spec.prompt.coop_checkpoint:
-        raise InvalidSpecError("descriptions", spec.descriptions, "are averaged with prompt texts; a random or "
-                               "CoOp context has none: choose a prompt set or a ctx_init")
     return [[text] for text in class_prompt_texts(class_names, spec.prompt)]
 
 
 def class_descriptions(descriptions: Mapping[str, Sequence[str]], class_names: Sequence[str]) -> list[list[str]]:
     """Each class's descriptions, looked up by its name with underscores as spaces (the reference's key)."""
-    missing = [name for name in class_names if name.replace("_", " ") not in descriptions]
+    missing = missing_descriptions(descriptions, class_names)
     if missing:
         raise InputError("descriptions", missing[0], f"has no descriptions ({len(missing)} classes lack them)")
-    return [list(descriptions[name.replace("_", " ")]) for name in class_names]
+    return [list(descriptions[description_key(name)]) for name in class_names]
 
 
 def described_text_features(tower: TextTower, tokenizer: Any, prompt_texts: Sequence[Sequence[str]],
