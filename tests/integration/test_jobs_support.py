@@ -101,13 +101,21 @@ def read_trace(path: Path) -> list[int]:
     return [int(line.split()[1]) for line in path.read_text().splitlines() if line.strip()]
 
 
-def wait_for(predicate: Callable[[], bool], *, timeout: float, what: str, interval: float = 0.2) -> None:
+def wait_for(predicate: Callable[[], bool], *, timeout: float, what: str, interval: float = 0.2,
+             explain: Callable[[], str] | None = None) -> None:
+    """Poll `predicate` until it holds; on timeout fail naming `what`, plus what `explain()` says then."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}" + (f"; {explain()}" if explain else ""))
+
+
+def log_tail(log: Path, lines: int = 15) -> str:
+    """The last lines of a worker's log, for a failure message."""
+    text = log.read_text(errors="replace").splitlines()[-lines:] if log.exists() else ["(no log)"]
+    return "its log ends:\n" + "\n".join(text)
 
 
 class RecordingDispatcher:
@@ -209,12 +217,8 @@ def kill_worker(process: subprocess.Popen[bytes], children: Sequence[int] | None
 def wait_ready(log: Path, workers: int = 1, *, timeout: float = 120) -> None:
     """Wait until `workers` Celery workers logged that they are ready. A worker imports torch, transformers and
     diffusers before its banner (worker_init): seconds alone, much longer on a 2-core box running other tests."""
-    try:
-        wait_for(lambda: log.exists() and log.read_text(errors="replace").count(" ready.") >= workers,
-                 timeout=timeout, what=f"{workers} worker(s) ready (log: {log})")
-    except AssertionError as exc:
-        tail = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else ["(no log)"]
-        raise AssertionError(f"{exc}; its log ends:\n" + "\n".join(tail)) from None
+    wait_for(lambda: log.exists() and log.read_text(errors="replace").count(" ready.") >= workers,
+             timeout=timeout, what=f"{workers} worker(s) ready (log: {log})", explain=lambda: log_tail(log))
 
 
 def free_port() -> int:

@@ -20,6 +20,7 @@ from tests.integration.test_jobs_support import (
     count,
     distinct_predictions,
     kill_worker,
+    log_tail,
     make_settings,
     open_engine,
     read_trace,
@@ -56,12 +57,13 @@ def _slow_run_partly_done(settings, engine, broker: str, tmp_path: Path, *, samp
     worker = start_worker(env, tmp_path / "w1")
     result = runs.submit_tune(engine, settings, dataset_ref="toy", method="noop", shard_size=shard_size,
                               dispatcher=dispatcher_for(settings))
-    try:
-        wait_for(lambda: _partly_done(engine, result.run_id), timeout=90, what="a shard flushed part of its samples")
-    except AssertionError as exc:
+
+    def explain() -> str:
         shards = [(s.state, s.samples_done, s.stop - s.start, s.worker) for s in shard_rows(engine, result.run_id)]
-        log = (tmp_path / "w1").read_text(errors="replace")[-3000:]
-        raise AssertionError(f"{exc}; shards (state, done, size, worker): {shards}; worker log tail:\n{log}") from None
+        return f"shards (state, done, size, worker): {shards}; {log_tail(tmp_path / 'w1', 40)}"
+
+    wait_for(lambda: _partly_done(engine, result.run_id), timeout=90, what="a shard flushed part of its samples",
+             explain=explain)
     return worker, result
 
 
