@@ -26,11 +26,20 @@ from difftpt_ops.tta import prepare_classifier
 from tests.integration.test_jobs_support import (
     REPO_ROOT,
     add_dataset,
+    kill_worker,
+    log_tail,
     make_settings,
     open_engine,
     quiet_run_machinery,
+    redis_db,
+    run_state,
+    start_worker,
+    wait_for,
+    wait_ready,
+    worker_env,
     write_pngs,
 )
+from workers.tasks import dispatcher_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -58,6 +67,18 @@ def _stored(engine: object, run_id: int) -> list[tuple[int, float]]:
     with session_scope(engine) as session:  # type: ignore[arg-type]
         rows = session.scalars(select(Prediction).where(Prediction.run_id == run_id).order_by(Prediction.sample_id))
         return [(p.pred, float(p.confidence_after)) for p in rows]  # type: ignore[arg-type]
+
+
+def _assert_engine_results(stored: list[tuple[int, float]], clip_dir: str, overrides: dict[str, str], root: Path,
+                           relpaths: list[str]) -> None:
+    """A zero-shot run's stored (pred, confidence) are the engine's given TEXTS (per sample, seed 0)."""
+    clip = load_clip(ModelSpec(name=clip_dir, pretrained=None))
+    tuner = prepare_classifier(clip, CLASSES, method_spec_from("zeroshot", overrides), descriptions=TEXTS)
+    expected = [tuner.run(Image.open(root / relpath), seed=0,
+                          sample_key=hashlib.sha256(f"pics:{i}".encode()).hexdigest())
+                for i, relpath in enumerate(relpaths)]
+    assert [p for p, _ in stored] == [r.pred for r in expected]
+    assert [c for _, c in stored] == pytest.approx([r.confidence_after for r in expected], abs=1e-5)
 
 
 def _stored_files(settings: object) -> list[Path]:
@@ -113,14 +134,7 @@ def test_descriptions_file_becomes_a_stored_key_and_shapes_the_predictions(
                              **submit)
     assert [c for _, c in _stored(engine, plain.run_id)] != pytest.approx([c for _, c in stored], abs=1e-6)
     if method == "zeroshot":
-        clip = load_clip(ModelSpec(name=clip_dir, pretrained=None))
-        tuner = prepare_classifier(clip, CLASSES, method_spec_from(method, {**overrides, "descriptions": key}),
-                                   descriptions=TEXTS)
-        expected = [tuner.run(Image.open(root / relpath), seed=0,
-                              sample_key=hashlib.sha256(f"pics:{i}".encode()).hexdigest())
-                    for i, relpath in enumerate(relpaths)]
-        assert [p for p, _ in stored] == [r.pred for r in expected]
-        assert [c for _, c in stored] == pytest.approx([r.confidence_after for r in expected], abs=1e-5)
+        _assert_engine_results(stored, clip_dir, {**overrides, "descriptions": key}, root, relpaths)
 
     # The same text under another path, or the key itself: the same run. Other text: another run.
     again = runs.submit_tune(engine, settings, overrides={**overrides, "descriptions": _write(
@@ -215,3 +229,30 @@ def test_cli_refuses_a_file_missing_classes_in_one_line(tmp_path: Path, tiny_mod
     assert "descriptions" in lines[0] and partial in lines[0] and "class1" in lines[0], lines[0]
     listed = cli("runs", "list", "--json")
     assert listed.returncode == 0 and json.loads(listed.stdout) == []
+
+
+def test_a_worker_reads_the_stored_descriptions(workspace: Path, tmp_path: Path, tiny_models_dir: Path) -> None:
+    """A real worker on Redis, another process than the submit: it reads the file from the artifact store and
+    its predictions are the engine's given the texts."""
+    with redis_db() as broker:
+        settings = make_settings(workspace, f"sqlite:///{workspace / 'difftpt.db'}", broker_url=broker, device="cpu")
+        engine = open_engine(settings)
+        root = tmp_path / "images"
+        relpaths = write_pngs(root, N_SAMPLES)
+        add_dataset(engine, "pics", N_SAMPLES, root=root, classes=2, relpaths=relpaths)
+        clip_dir = str(tiny_models_dir / "clip")
+        overrides = {"prompts": "tip", "descriptions": _write(tmp_path / "cupl.json", TEXTS)}
+        log = tmp_path / "worker.log"
+        worker = start_worker(worker_env(settings, broker, device="cpu"), log)
+        try:
+            wait_ready(log)
+            result = runs.submit_tune(engine, settings, dataset_ref="pics", method="zeroshot", model=clip_dir,
+                                      pretrained=None, overrides=dict(overrides), dispatcher=dispatcher_for(settings))
+            wait_for(lambda: run_state(engine, result.run_id) == "finished", timeout=180, what="the run",
+                     explain=lambda: log_tail(log))
+        finally:
+            kill_worker(worker)
+        with session_scope(engine) as session:
+            key = session.get(Run, result.run_id).spec["method"]["descriptions"]  # type: ignore[union-attr]
+    _assert_engine_results(_stored(engine, result.run_id), clip_dir, {**overrides, "descriptions": key}, root,
+                           relpaths)
