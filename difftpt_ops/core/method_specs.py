@@ -56,9 +56,10 @@ class MethodSpec:
 
 # Class text features of the methods that take `prompts`: "single" is the spec's prompt ("a photo of a
 # {}."); "ensemble" CLIP's 80 ImageNet templates; "tip" Tip-Adapter's 7 of them; a cross-domain dataset's
-# format names the one hand-written prompt the TDA and DMN code bases use for that dataset.
+# format names the one hand-written prompt the TDA and DMN code bases use for that dataset; "cars-dpe" the two
+# templates of DPE's Stanford Cars.
 DATASET_PROMPT_SETS = ("flower102", "dtd", "pets", "cars", "ucf101", "food101", "aircraft", "eurosat")
-PROMPT_SETS = ("single", "ensemble", "tip", *DATASET_PROMPT_SETS)
+PROMPT_SETS = ("single", "ensemble", "tip", *DATASET_PROMPT_SETS, "cars-dpe")
 
 # Class descriptions (CuPL-style: sentences per class name, a JSON file the user supplies) are averaged in with
 # the templates. At submit the file's path becomes the key of its stored content, "sha256:" + 64 hex digits,

@@ -8,9 +8,14 @@ import torch
 from torch import Tensor
 
 
+def at_least_fp32(tensor: Tensor) -> Tensor:
+    """fp32, or fp64 left as it is (the equivalence tests compute in fp64)."""
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
+
+
 def view_entropy(logits: Tensor) -> Tensor:
-    """Entropy of each row's softmax, (n_views,), in fp32."""
-    logits = logits.float()
+    """Entropy of each row's softmax, (n_views,), in fp32 (fp64 for fp64 logits)."""
+    logits = at_least_fp32(logits)
     return -(logits.softmax(dim=-1) * logits.log_softmax(dim=-1)).sum(dim=-1)
 
 
@@ -21,7 +26,7 @@ def marginal_entropy(logits: Tensor) -> Tensor:
     minus log N (not the mean of log-probabilities, not the mean of logits), clamped to the dtype's
     minimum so that exp(-inf) * -inf cannot produce NaN.
     """
-    logits = logits.float()
+    logits = at_least_fp32(logits)
     log_probs = logits - logits.logsumexp(dim=-1, keepdim=True)
     mean_log_prob = log_probs.logsumexp(dim=0) - math.log(log_probs.shape[0])
     mean_log_prob = mean_log_prob.clamp(min=torch.finfo(mean_log_prob.dtype).min)

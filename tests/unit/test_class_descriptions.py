@@ -22,6 +22,7 @@ from difftpt_ops.core.specs import PromptSpec  # noqa: E402
 from difftpt_ops.models.clip import LoadedClip  # noqa: E402
 from difftpt_ops.tta import prepare_classifier  # noqa: E402
 from difftpt_ops.tta.methods.dmn import DMNSpec  # noqa: E402
+from difftpt_ops.tta.methods.dpe import DPESpec  # noqa: E402
 from difftpt_ops.tta.methods.ensemble import prompt_templates  # noqa: E402
 from difftpt_ops.tta.methods.mta import MTASpec  # noqa: E402
 from difftpt_ops.tta.methods.tda import TDASpec  # noqa: E402
@@ -51,7 +52,9 @@ def clip(tmp_path_factory: pytest.TempPathFactory) -> LoadedClip:
     (TDASpec(prompts="tip", descriptions=KEY), prompt_templates("tip")),
     (ZeroSpec(descriptions=KEY), ("a photo of a {}.",)),
     (MTASpec(prompts="pets", descriptions=KEY), prompt_templates("pets")),
-], ids=["dmn-tip", "dmn-dtd", "zeroshot-ensemble", "zeroshot-single", "tda-tip", "zero-single", "mta-pets"])
+    (DPESpec(prompts="cars-dpe", descriptions=KEY), prompt_templates("cars-dpe")),
+], ids=["dmn-tip", "dmn-dtd", "zeroshot-ensemble", "zeroshot-single", "tda-tip", "zero-single", "mta-pets",
+        "dpe-cars"])
 def test_text_features_equal_the_references_tip_cupl_classifier(clip: LoadedClip, spec: object,
                                                                 templates: tuple[str, ...]) -> None:
     tuner = prepare_classifier(clip, CLASS_NAMES, spec, descriptions=DESCRIPTIONS)  # type: ignore[arg-type]
@@ -93,7 +96,7 @@ def test_a_random_context_has_no_text_to_average_with(clip: LoadedClip) -> None:
         prepare_classifier(clip, CLASS_NAMES, spec, descriptions=DESCRIPTIONS)
 
 
-@pytest.mark.parametrize("method", ["zeroshot", "zero", "mta", "tda", "dmn-zs"])
+@pytest.mark.parametrize("method", ["zeroshot", "zero", "mta", "tda", "dmn-zs", "dpe"])
 def test_no_descriptions_is_left_out_of_the_stored_spec(method: str) -> None:
     """Runs stored before the field existed keep their fingerprints; a key is stored and read back."""
     plain = method_spec_from(method)

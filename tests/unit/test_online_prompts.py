@@ -1,4 +1,5 @@
-"""TDA and DMN-ZS classify with their references' class text features: per-dataset templates, resolved at submit."""
+"""TDA, DMN-ZS and DPE classify with their references' class text features: per-dataset templates, resolved at
+submit."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from difftpt_ops.models.clip import LoadedClip  # noqa: E402
 from difftpt_ops.tta import prepare_classifier  # noqa: E402
 from difftpt_ops.tta.methods import get_method  # noqa: E402
 from difftpt_ops.tta.methods.dmn import DMNSpec  # noqa: E402
+from difftpt_ops.tta.methods.dpe import DPESpec  # noqa: E402
 from difftpt_ops.tta.methods.ensemble import prompt_templates  # noqa: E402
 from difftpt_ops.tta.methods.tda import TDASpec  # noqa: E402
 from tests.unit.test_method_ensemble import clip_ensemble  # noqa: E402
@@ -79,13 +81,13 @@ def test_unresolved_or_single_prompts_keep_the_specs_prompt(clip: LoadedClip) ->
     assert not torch.allclose(single.float(), clip_ensemble(clip, prompt_templates("tip")), atol=1e-3)
 
 
-@pytest.mark.parametrize("method", ["tda", "dmn-zs"])
+@pytest.mark.parametrize("method", ["tda", "dmn-zs", "dpe"])
 def test_an_unknown_prompt_set_is_refused_naming_it(method: str) -> None:
     with pytest.raises(InvalidSpecError, match="prompts.*photos"):
         method_spec_from(method, {"prompts": "photos"})
 
 
-@pytest.mark.parametrize("spec_class", [TDASpec, DMNSpec])
+@pytest.mark.parametrize("spec_class", [TDASpec, DMNSpec, DPESpec])
 def test_single_is_left_out_of_the_stored_spec_so_older_runs_keep_their_identity(spec_class: type) -> None:
     """Runs stored before `prompts` existed used the single prompt: an explicit `single` stores the same dict."""
     from difftpt_ops.core.method_specs import method_spec_from_dict
@@ -96,7 +98,9 @@ def test_single_is_left_out_of_the_stored_spec_so_older_runs_keep_their_identity
 
 
 @pytest.mark.parametrize("spec", [TDASpec(prompts="tip", n_views=4), DMNSpec(prompts="dtd", n_views=4),
-                                  TDASpec(prompts="ensemble")], ids=["tda-tip", "dmn-dtd", "tda-ensemble"])
+                                  TDASpec(prompts="ensemble"), DPESpec(prompts="cars-dpe", n_views=16),
+                                  DPESpec(prompts="tip", predict_from_kept=True, n_views=16)],
+                         ids=["tda-tip", "dmn-dtd", "tda-ensemble", "dpe-cars", "dpe-kept"])
 def test_engine_equals_the_naive_formulation_with_a_prompt_set(clip: LoadedClip, spec: object) -> None:
     """The oracle reads the same class text features as the engine, and both carry the state in order."""
     from difftpt_ops.tta.naive import NaiveTuner

@@ -25,7 +25,6 @@ from torch import Tensor
 
 from difftpt_ops.core.errors import InputError, InvalidSpecError
 from difftpt_ops.core.method_specs import (
-    DATASET_PROMPT_SETS,
     PROMPT_SETS,
     description_key,
     missing_descriptions,
@@ -35,6 +34,7 @@ from difftpt_ops.tta.prompts import class_prompt_texts
 from difftpt_ops.tta.text import TextTower, normalise
 
 TEXT_BATCH = 512  # texts per text-tower call; only bounds memory
+IMAGENET_PROMPT_SETS = ("ensemble", "tip")  # in imagenet_templates.json; the others in dataset_templates.json
 
 
 def check_prompt_set(value: str, *, argument: str = "prompts") -> None:
@@ -49,7 +49,7 @@ def prompt_templates(prompt_set: str) -> tuple[str, ...]:
     if prompt_set not in PROMPT_SETS[1:]:
         raise InvalidSpecError("prompts", prompt_set,
                                f"has no template list; choose one of {', '.join(PROMPT_SETS[1:])}")
-    name = "dataset_templates.json" if prompt_set in DATASET_PROMPT_SETS else "imagenet_templates.json"
+    name = "imagenet_templates.json" if prompt_set in IMAGENET_PROMPT_SETS else "dataset_templates.json"
     text = resources.files("difftpt_ops.data").joinpath(name).read_text(encoding="utf-8")
     return tuple(json.loads(text)[prompt_set])
 

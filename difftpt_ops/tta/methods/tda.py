@@ -35,6 +35,7 @@ from torch import Tensor
 
 from difftpt_ops.core.method_specs import MethodSpec, check_descriptions
 from difftpt_ops.core.specs import require
+from difftpt_ops.tta.caches import file_entry
 from difftpt_ops.tta.losses import marginal_entropy, view_entropy
 from difftpt_ops.tta.methods.base import OnlineMethod, StepInputs, StepOutput, ViewPlan, ViewScores, register
 from difftpt_ops.tta.methods.ensemble import PromptSetOption, check_prompt_set
@@ -122,30 +123,6 @@ def summarise_views(features: Tensor, logits: Tensor,
             kept.softmax(-1).mean(0), order)
 
 
-def _insert(state: dict[str, Tensor], prefix: str, label: int, key: Tensor, entropy: float,
-            mask: Tensor | None) -> None:
-    """File one entry into a class's slots: append while there is room, else replace the worst if better."""
-    keys, entropies, count = state[f"{prefix}_keys"], state[f"{prefix}_entropy"], state[f"{prefix}_count"]
-    capacity, used = keys.shape[1], int(count[label])
-    if used == capacity:
-        if not entropy < float(entropies[label, capacity - 1]):
-            return
-        used -= 1  # the highest-entropy entry (the last) drops out
-    # Stable order by entropy: the new entry goes after the entries with an equal or lower entropy.
-    position = int((entropies[label, :used] <= entropy).sum())
-    tail = slice(position + 1, used + 1)
-    moved = slice(position, used)
-    keys[label, tail] = keys[label, moved].clone()
-    entropies[label, tail] = entropies[label, moved].clone()
-    keys[label, position] = key
-    entropies[label, position] = entropy
-    if mask is not None:
-        masks = state["neg_mask"]
-        masks[label, tail] = masks[label, moved].clone()
-        masks[label, position] = mask
-    count[label] = used + 1
-
-
 def _affinity(feature: Tensor, keys: Tensor, count: Tensor, beta: float) -> Tensor:
     """exp(-(beta - beta * f.k)) per slot, (n_classes, capacity); empty slots weigh 0."""
     affinity = keys @ feature
@@ -175,11 +152,11 @@ def step(state: dict[str, Tensor], features: Tensor, logits: Tensor, *,
     feature, logits, entropy, probs, kept = summarise_views(features, logits, params.selection_p)
     label = int(logits.argmax())
     if params.pos_enabled:
-        _insert(state, "pos", label, feature, entropy, None)
+        file_entry(state, "pos", label, feature, entropy, None)
     normalised = entropy / math.log2(logits.shape[-1])
     if params.neg_enabled and params.entropy_lower < normalised < params.entropy_upper:
         mask = (probs > params.mask_lower) & (probs < params.mask_upper)
-        _insert(state, "neg", label, feature, entropy, mask)
+        file_entry(state, "neg", label, feature, entropy, mask)
     final = logits + cache_logits(state, feature, params)
     return StepResult(final, logits, entropy, int(features.shape[0]), kept), state
 

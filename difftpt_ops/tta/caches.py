@@ -1,0 +1,36 @@
+"""Per-class feature caches sorted by entropy, as TDA's and DPE's reference code keep them (`update_cache`).
+
+A cache is three tensors of a state dict under one prefix: `<prefix>_keys` (n_classes, capacity, dim),
+`<prefix>_entropy` (n_classes, capacity, inf where empty) and `<prefix>_count` (n_classes,), plus
+`<prefix>_mask` (n_classes, capacity, n_classes) for a cache whose entries carry a class mask (TDA's negative
+one); a class's filled slots are a prefix of its row, sorted by entropy. Pure torch.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+
+def file_entry(state: dict[str, Tensor], prefix: str, label: int, key: Tensor, entropy: float,
+               mask: Tensor | None) -> None:
+    """File one entry into a class's slots: append while there is room, else replace the worst if better
+    (the reference's `update_cache`, which DPE's code keeps unchanged); `mask` goes with the entry when given."""
+    keys, entropies, count = state[f"{prefix}_keys"], state[f"{prefix}_entropy"], state[f"{prefix}_count"]
+    capacity, used = keys.shape[1], int(count[label])
+    if used == capacity:
+        if not entropy < float(entropies[label, capacity - 1]):
+            return
+        used -= 1  # the highest-entropy entry (the last) drops out
+    # Stable order by entropy: the new entry goes after the entries with an equal or lower entropy.
+    position = int((entropies[label, :used] <= entropy).sum())
+    tail = slice(position + 1, used + 1)
+    moved = slice(position, used)
+    keys[label, tail] = keys[label, moved].clone()
+    entropies[label, tail] = entropies[label, moved].clone()
+    keys[label, position] = key
+    entropies[label, position] = entropy
+    if mask is not None:
+        masks = state[f"{prefix}_mask"]
+        masks[label, tail] = masks[label, moved].clone()
+        masks[label, position] = mask
+    count[label] = used + 1

@@ -1,0 +1,340 @@
+"""DPE (Zhang et al., NeurIPS 2024): Dual Prototype Evolving, textual and visual class prototypes that evolve
+along the test stream, with residuals tuned on each test sample.
+
+Pure torch, no I/O. The state (`init_state`) holds the evolving textual prototypes, the number of times they
+evolved and a positive cache of confident features per class; `step` advances it by one test sample.
+`state_dict` / `load_state_dict` turn it into a compact dict of tensors for a safetensors checkpoint and
+back. The formulation follows the reference code (zhangce01/DPE-CLIP, main_dpe.py and utils.py):
+
+1. Text prototypes W = the evolving prototypes G, each class normalised (G starts as the classifier's text
+   features). CLIP logits `scale * f @ W^T` for every view; with one view, its feature, logits and softmax
+   entropy are the sample's; with several, the 10% lowest-entropy views are kept and the sample's feature is
+   the mean of their features (not re-normalised), its logits the mean of their logits, its entropy the
+   entropy of their mean probability (TDA's summary).
+2. The pseudo-label (argmax of those logits) files (feature, entropy / log2(n_classes)) into the positive
+   cache of that class: appended while the class holds fewer than `shot_capacity` entries, otherwise
+   replacing the highest-entropy entry when the new one is lower (TDA's positive cache). The reference
+   divides a natural-log entropy by log2, kept as is.
+3. A visual prototype per cached class: the mean of its cached features. Two residuals start at zero: one on
+   every text prototype, one on every visual prototype. The loss is the entropy of softmax(final logits),
+   where final = scale * f @ normalise(G + R_text)^T + alpha * exp(-(beta - beta * f @ normalise(P + R_vis)^T))
+   @ one_hot(cached classes), plus `align` times the InfoNCE loss (temperature 0.01) between each cached
+   class's visual prototype and its text prototype, the other cached classes being the negatives. One AdamW
+   step (eps 1e-3, weight decay 0.1; the learning rates `lr_text` and `lr_image`) updates both residuals.
+   From zero, that first step is exactly R = -lr * g / (|g| + eps), which is what this module computes.
+4. The prediction: the same final logits with the updated residuals for the original view's feature (for
+   ImageNet-A the reference reuses the kept views' mean feature and logits instead, recomputed with the
+   updated text prototypes: `predict_from_kept`).
+5. Evolution: when the entropy of the prediction's softmax divided by log2(n_classes) is below
+   `evolve_threshold` (0.1), G becomes the running mean of itself and the updated text prototypes:
+   with k the number of evolutions so far including this one, G = G * k / (k + 1) + W' / (k + 1). G is not
+   re-normalised (the reference leaves that line commented out); step 1 normalises each use.
+
+The residuals are per sample and never kept; the visual cache evolves by its entries, the text prototypes by
+the running mean. The reference runs in half precision on a GPU (residuals in fp16 under autocast); this runs
+in fp32, which changes results only at the level of rounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from difftpt_ops.core.method_specs import MethodSpec, check_descriptions
+from difftpt_ops.core.specs import require
+from difftpt_ops.tta.caches import file_entry
+from difftpt_ops.tta.losses import marginal_entropy, view_entropy
+from difftpt_ops.tta.methods.base import OnlineMethod, StepInputs, StepOutput, ViewPlan, ViewScores, register
+from difftpt_ops.tta.methods.ensemble import PromptSetOption, check_prompt_set
+
+NAME = "dpe"
+PAPER = ("Zhang et al., Dual Prototype Evolving for Test-Time Generalization of Vision-Language Models, "
+         "NeurIPS 2024")
+REFERENCE = "https://github.com/zhangce01/DPE-CLIP"
+ADAM_EPS = 1e-3  # the reference's AdamW eps for both residuals
+INFO_NCE_TEMPERATURE = 0.01
+
+
+@dataclass(frozen=True)
+class DPEParams:
+    """The numbers DPE's step needs (the reference's configs/imagenet.yaml by default)."""
+
+    shot_capacity: int = 3
+    alpha: float = 6.0
+    beta: float = 5.0
+    lr_text: float = 0.0006
+    lr_image: float = 0.0006
+    align: float = 0.5
+    selection_p: float = 0.1  # share of the views kept when a sample has several
+    evolve_threshold: float = 0.1
+    predict_from_kept: bool = False  # ImageNet-A in the reference: predict from the kept views, not view 0
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one sample gets: the adapted logits and what they were adapted from."""
+
+    logits: Tensor  # (n_classes,) final logits with the tuned residuals
+    clip_logits: Tensor  # (n_classes,) the sample's logits with the evolving text prototypes, before tuning
+    entropy: float  # of the sample's summary, divided by log2(n_classes) (the cache ranking key)
+    evolved: bool  # whether this sample moved the text prototypes
+    kept: Tensor  # (k,) indices of the views the sample's summary used
+
+
+def init_state(n_classes: int, dim: int, params: DPEParams, device: torch.device | None = None,
+               dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """Empty cache, no text prototypes yet (the first step copies the classifier's), no evolution. `dtype`
+    is the computation's (fp32; fp64 for the equivalence tests)."""
+    return {
+        "text": torch.zeros(0, dim, device=device, dtype=dtype),
+        "evolutions": torch.zeros((), dtype=torch.int64, device=device),
+        "pos_keys": torch.zeros(n_classes, params.shot_capacity, dim, device=device, dtype=dtype),
+        "pos_entropy": torch.full((n_classes, params.shot_capacity), math.inf, device=device, dtype=dtype),
+        "pos_count": torch.zeros(n_classes, dtype=torch.int64, device=device),
+    }
+
+
+def summarise_views(features: Tensor, logits: Tensor, selection_p: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(feature, logits, entropy, kept view indices) of one sample from its views' features and logits."""
+    if logits.shape[0] == 1:
+        return features[0], logits[0], view_entropy(logits)[0], torch.zeros(1, dtype=torch.long)
+    keep = max(1, int(logits.shape[0] * selection_p))  # the reference's int() alone keeps none of < 10 views
+    order = torch.argsort(view_entropy(logits), stable=True)[:keep]
+    kept = logits[order]
+    return features[order].mean(0), kept.mean(0), marginal_entropy(kept), order.cpu()
+
+
+def visual_prototypes(state: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """The cached classes in ascending order and the mean of each one's cached features, (k,) and (k, dim)."""
+    count = state["pos_count"]
+    classes = torch.nonzero(count > 0).flatten()
+    # Empty slots are zero (they are filled in order and only replaced), so a sum over all slots is the sum of
+    # the filled ones.
+    sums = state["pos_keys"][classes].sum(1)
+    return classes, sums / count[classes].unsqueeze(1).to(sums.dtype)
+
+
+def final_logits(feature: Tensor, clip_logits: Tensor, keys: Tensor, classes: Tensor, *, alpha: float,
+                 beta: float) -> Tensor:
+    """CLIP logits plus the positive cache's: alpha * exp(-(beta - beta * f.k)) on each cached class."""
+    affinity = (-(beta - beta * (keys @ feature))).exp()
+    return clip_logits.index_add(0, classes, alpha * affinity)
+
+
+def _softmax_entropy(logits: Tensor) -> Tensor:
+    return -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+
+
+def _tuned_residuals(text: Tensor, feature: Tensor, prototypes: Tensor, classes: Tensor, *, scale: float,
+                     params: DPEParams) -> tuple[Tensor, Tensor]:
+    """The text and visual residuals after the reference's single AdamW step from zero."""
+    with torch.enable_grad():
+        text_residual = torch.zeros_like(text, requires_grad=True)
+        visual_residual = torch.zeros_like(prototypes, requires_grad=True)
+        prototypes_text = F.normalize(text + text_residual, dim=-1)
+        keys = F.normalize(prototypes + visual_residual, dim=-1)
+        logits = final_logits(feature, scale * (prototypes_text @ feature), keys, classes, alpha=params.alpha,
+                              beta=params.beta)
+        # InfoNCE between the cached classes' visual and text prototypes (both unit rows already).
+        similarity = keys @ prototypes_text[classes].t() / INFO_NCE_TEMPERATURE
+        alignment = F.cross_entropy(similarity, torch.arange(len(classes), device=similarity.device))
+        loss = _softmax_entropy(logits) + params.align * alignment
+        grad_text, grad_visual = torch.autograd.grad(loss, [text_residual, visual_residual])
+    # AdamW's first step from a zero parameter: bias-corrected moments g and g^2, no decay to apply.
+    return (-params.lr_text * grad_text / (grad_text.abs() + ADAM_EPS),
+            -params.lr_image * grad_visual / (grad_visual.abs() + ADAM_EPS))
+
+
+def step(state: dict[str, Tensor], features: Tensor, text: Tensor, *, scale: float,
+         params: DPEParams) -> tuple[StepResult, dict[str, Tensor]]:
+    """Adapt to one sample and predict it: `features` are its views' normalised features (view 0 first),
+    `text` the classifier's normalised class text features (n_classes, dim) and `scale` CLIP's logit scale.
+    The state is updated in place and returned. Computes in the state's dtype (fp32 unless made otherwise).
+    """
+    features = features.to(state["pos_keys"].dtype)
+    if state["text"].numel() == 0:
+        state["text"] = text.to(state["pos_keys"].dtype).clone()
+    prototypes_text = state["text"]
+    n_classes = prototypes_text.shape[0]
+    logits = scale * features @ F.normalize(prototypes_text, dim=-1).t()
+    feature, clip_logits, entropy, kept = summarise_views(features, logits, params.selection_p)
+    normalised_entropy = float(entropy) / math.log2(n_classes)
+    file_entry(state, "pos", int(clip_logits.argmax()), feature, normalised_entropy, None)
+    classes, prototypes = visual_prototypes(state)
+    text_residual, visual_residual = _tuned_residuals(prototypes_text, feature, prototypes, classes, scale=scale,
+                                                      params=params)
+    tuned_text = F.normalize(prototypes_text + text_residual, dim=-1)
+    keys = F.normalize(prototypes + visual_residual, dim=-1)
+    if params.predict_from_kept:
+        query, query_logits, _, _ = summarise_views(features, scale * features @ tuned_text.t(), params.selection_p)
+    else:
+        query = features[0]
+        query_logits = scale * (tuned_text @ query)
+    prediction = final_logits(query, query_logits, keys, classes, alpha=params.alpha, beta=params.beta)
+    evolved = float(_softmax_entropy(prediction)) / math.log2(n_classes) < params.evolve_threshold
+    if evolved:
+        k = int(state["evolutions"]) + 1
+        state["text"] = prototypes_text * (k / (k + 1)) + tuned_text * (1 / (k + 1))
+        state["evolutions"] = state["evolutions"] + 1
+    return StepResult(prediction, clip_logits, normalised_entropy, evolved, kept), state
+
+
+def state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A compact CPU copy for a checkpoint: the text prototypes and the filled cache slots."""
+    filled = torch.arange(state["pos_keys"].shape[1], device=state["pos_count"].device).unsqueeze(0) \
+        < state["pos_count"].unsqueeze(1)
+    return {"text": state["text"].cpu().contiguous(), "evolutions": state["evolutions"].cpu().clone(),
+            "pos_count": state["pos_count"].cpu().clone(), "pos_keys": state["pos_keys"][filled].cpu().contiguous(),
+            "pos_entropy": state["pos_entropy"][filled].cpu().contiguous(),
+            "shape": torch.tensor(state["pos_keys"].shape, dtype=torch.int64)}
+
+
+def load_state_dict(saved: Mapping[str, Tensor], device: torch.device | None = None) -> dict[str, Tensor]:
+    """Rebuild the full state (on `device`) from `state_dict` output."""
+    n_classes, capacity, dim = (int(v) for v in saved["shape"])
+    state = init_state(n_classes, dim, DPEParams(shot_capacity=capacity))
+    state["text"] = saved["text"].clone()
+    state["evolutions"] = saved["evolutions"].clone()
+    state["pos_count"] = saved["pos_count"].clone()
+    filled = torch.arange(capacity).unsqueeze(0) < state["pos_count"].unsqueeze(1)
+    state["pos_keys"][filled] = saved["pos_keys"]
+    state["pos_entropy"][filled] = saved["pos_entropy"]
+    return {name: tensor.to(device) for name, tensor in state.items()} if device is not None else state
+
+
+# --- The registered method ---------------------------------------------------------------------------------
+
+
+# Per-dataset (alpha, beta, lr_text, lr_image, align) of the reference's configs/*.yaml (every one also has
+# shot_capacity 3 and the cache enabled).
+CONFIG_BY_FORMAT: dict[str, tuple[float, float, float, float, float]] = {
+    "imagenet": (6.0, 5.0, 0.0006, 0.0006, 0.5), "imagenet-a": (6.0, 5.0, 0.0003, 0.0003, 2.5),
+    "imagenet-v2": (3.0, 8.0, 0.0005, 0.0005, 0.5), "imagenet-r": (3.0, 8.0, 0.0006, 0.0006, 0.0),
+    "imagenet-sketch": (7.0, 7.45, 0.0006, 0.0006, 0.2), "caltech101": (15.0, 5.0, 0.0006, 0.0006, 0.2),
+    "dtd": (6.0, 3.0, 0.0006, 0.0006, 0.2), "eurosat": (3.0, 8.0, 0.00005, 0.00005, 0.2),
+    "aircraft": (6.0, 2.0, 0.0006, 0.0006, 0.2), "food101": (3.0, 1.0, 0.0002, 0.0002, 0.2),
+    "flower102": (2.5, 5.0, 0.0001, 0.0001, 0.2), "pets": (4.0, 7.0, 0.00005, 0.00005, 0.2),
+    "cars": (3.0, 7.0, 0.0001, 0.0001, 1.5), "sun397": (6.0, 3.0, 0.0002, 0.0002, 0.2),
+    "ucf101": (9.0, 8.0, 0.0004, 0.0004, 0.2),
+}
+# The reference feeds 63 AugMix views plus the original for ImageNet and its four shifts, and the single
+# centre crop for the cross-domain sets.
+MULTI_VIEW_FORMATS = ("imagenet", "imagenet-a", "imagenet-v2", "imagenet-r", "imagenet-sketch")
+MULTI_VIEW_COUNT = 64
+PREDICT_FROM_KEPT_FORMATS = ("imagenet-a",)
+# The template half of the reference's classifier (its datasets' `template`: TDA's, except two templates of its
+# own for Stanford Cars; its 7 Tip-Adapter templates are ours in another order, which changes the average
+# only by rounding); the other half, the CuPL class descriptions it always averages in, comes from
+# `--set descriptions=FILE`. An image folder has no reference template: it keeps the spec's single prompt.
+PROMPTS_BY_FORMAT: dict[str, str] = {
+    "imagenet": "tip", "imagenet-a": "tip", "imagenet-v2": "tip", "imagenet-r": "ensemble",
+    "imagenet-sketch": "ensemble", "caltech101": "tip", "cars": "cars-dpe", "sun397": "tip", "dtd": "dtd",
+    "eurosat": "eurosat", "aircraft": "aircraft", "food101": "food101", "flower102": "flower102", "pets": "pets",
+    "ucf101": "ucf101",
+}
+
+
+@dataclass(frozen=True)
+class DPESpec(MethodSpec):
+    """DPE with the reference's settings. None: taken from the reference for the run's dataset
+    (`resolve_for_format`); set a value to override it."""
+
+    method: ClassVar[str] = NAME
+    order_seed: int = 0  # the stream order: a seeded permutation of the dataset version's samples
+    n_views: int | None = None  # None: 64 (AugMix) for ImageNet and its shifts, 1 elsewhere
+    augmix: bool | None = None  # None: on exactly when n_views > 1, as the reference's loader
+    selection_p: float = 0.1
+    shot_capacity: int = 3
+    alpha: float | None = None  # None: the dataset's config (imagenet.yaml: 6.0)
+    beta: float | None = None  # None: the dataset's config (imagenet.yaml: 5.0)
+    lr_text: float | None = None  # None: the dataset's config (imagenet.yaml: 0.0006)
+    lr_image: float | None = None  # None: the dataset's config (imagenet.yaml: 0.0006)
+    align: float | None = None  # None: the dataset's config (imagenet.yaml: 0.5)
+    evolve_threshold: float = 0.1
+    predict_from_kept: bool | None = None  # None: on for ImageNet-A only, as the reference
+    prompts: str | None = None  # None: the reference's templates for the dataset (PROMPTS_BY_FORMAT)
+    descriptions: str | None = None  # the CuPL half of the reference's classifier (docs/methods.md)
+    OMITTED_AT: ClassVar[dict[str, Any]] = {**MethodSpec.OMITTED_AT, "prompts": "single", "descriptions": None}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.order_seed >= 0, "order_seed", self.order_seed, "must be >= 0")
+        if self.prompts is not None:
+            check_prompt_set(self.prompts)
+        check_descriptions(self.descriptions)
+        require(self.n_views is None or self.n_views >= 1, "n_views", self.n_views, "must be >= 1")
+        require(0.0 < self.selection_p <= 1.0, "selection_p", self.selection_p, "must be in (0, 1]")
+        require(self.shot_capacity >= 1, "shot_capacity", self.shot_capacity, "must be >= 1")
+        for name in ("alpha", "beta", "lr_text", "lr_image", "align"):
+            value = getattr(self, name)
+            require(value is None or value >= 0, name, value, "must be >= 0")
+        require(self.evolve_threshold >= 0, "evolve_threshold", self.evolve_threshold, "must be >= 0")
+
+    def params(self) -> DPEParams:
+        """The step's numbers (unresolved fields take imagenet.yaml's values)."""
+        alpha, beta, lr_text, lr_image, align = CONFIG_BY_FORMAT["imagenet"]
+        return DPEParams(
+            shot_capacity=self.shot_capacity, alpha=_or(self.alpha, alpha), beta=_or(self.beta, beta),
+            lr_text=_or(self.lr_text, lr_text), lr_image=_or(self.lr_image, lr_image), align=_or(self.align, align),
+            selection_p=self.selection_p, evolve_threshold=self.evolve_threshold,
+            predict_from_kept=bool(self.predict_from_kept))
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
+def resolve_for_format(spec: DPESpec, dataset_format: str) -> DPESpec:
+    """Fill the None fields from the reference's config for a dataset format (ImageNet's for others)."""
+    alpha, beta, lr_text, lr_image, align = CONFIG_BY_FORMAT.get(dataset_format, CONFIG_BY_FORMAT["imagenet"])
+    n_views = spec.n_views or (MULTI_VIEW_COUNT if dataset_format in MULTI_VIEW_FORMATS else 1)
+    return dataclasses.replace(
+        spec, n_views=n_views, augmix=n_views > 1 if spec.augmix is None else spec.augmix,
+        prompts=spec.prompts or PROMPTS_BY_FORMAT.get(dataset_format, "single"),
+        alpha=_or(spec.alpha, alpha), beta=_or(spec.beta, beta), lr_text=_or(spec.lr_text, lr_text),
+        lr_image=_or(spec.lr_image, lr_image), align=_or(spec.align, align),
+        predict_from_kept=(dataset_format in PREDICT_FROM_KEPT_FORMATS if spec.predict_from_kept is None
+                           else spec.predict_from_kept))
+
+
+@register
+class DPE(PromptSetOption, OnlineMethod):
+    name: ClassVar[str] = NAME
+    spec_class = DPESpec
+    summary: ClassVar[str] = ("text and visual class prototypes evolving along the test stream, with residuals "
+                              "tuned per sample")
+    paper: ClassVar[str] = PAPER
+    reference: ClassVar[str] = "zhangce01/DPE-CLIP"
+
+    def views(self, spec: DPESpec) -> ViewPlan:
+        n_views = spec.n_views or 1
+        augmix = n_views > 1 if spec.augmix is None else spec.augmix
+        return ViewPlan(n_conventional=n_views - 1, augmix=augmix, resolution=spec.resolution)
+
+    def resolve_for_dataset(self, spec: DPESpec, dataset_format: str) -> DPESpec:
+        """The spec with the reference's config for the dataset (called at submit, before the fingerprint)."""
+        return resolve_for_format(spec, dataset_format)
+
+    def init_state(self, spec: DPESpec, *, n_classes: int, dim: int, device: torch.device) -> dict[str, Tensor]:
+        return init_state(n_classes, dim, spec.params(), device)
+
+    def step(self, spec: DPESpec, state: dict[str, Tensor],
+             inputs: StepInputs) -> tuple[StepOutput, dict[str, Tensor]]:
+        result, state = step(state, inputs.image_features, inputs.text_features, scale=float(inputs.logit_scale),
+                             params=spec.params())
+        scores = ViewScores.of(inputs.logits, result.kept)
+        return StepOutput(logits=result.logits.to(inputs.logits.device), scores=scores), state
+
+    def state_dict(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        return state_dict(state)
+
+    def load_state_dict(self, spec: DPESpec, tensors: Mapping[str, Tensor], *,
+                        device: torch.device) -> dict[str, Tensor]:
+        return load_state_dict(tensors, device)
