@@ -193,16 +193,20 @@ class PlainProgress:
         self._started_at = self._last_line_at = 0.0
         self._last_line_completed: int | None = None
         self._lock = threading.Lock()
-        self._stopped = threading.Event()
         # A sample can take longer than the interval (model loading, a slow GPU): a timer keeps the lines steady.
-        self._ticker = threading.Thread(target=self._tick, name="progress-lines", daemon=True) if ticker else None
+        # One timer per run: the runs of a sweep share the sink, each started in turn.
+        self._ticks = ticker
+        self._stopped = threading.Event()
 
     def start(self, run_id: int, total: int, completed: int) -> None:
+        self.stop()  # the previous run of a sweep (the executor starts each run; stop comes once, at the end)
         self._label, self._total, self._completed, self._start_completed = f"run {run_id}", total, completed, completed
         self._started_at = self._clock()
+        self._last_line_completed = None
         self._line()
-        if self._ticker is not None:
-            self._ticker.start()
+        self._stopped = threading.Event()
+        if self._ticks:
+            threading.Thread(target=self._tick, args=(self._stopped,), name="progress-lines", daemon=True).start()
 
     def advance(self, done: int, failed: int) -> None:
         self._completed += done + failed
@@ -214,8 +218,8 @@ class PlainProgress:
         if self._label and self._last_line_completed != self._completed:
             self._line()
 
-    def _tick(self) -> None:
-        while not self._stopped.wait(self._interval / 4):
+    def _tick(self, stopped: threading.Event) -> None:
+        while not stopped.wait(self._interval / 4):
             if self._clock() - self._last_line_at >= self._interval:
                 self._line()
 

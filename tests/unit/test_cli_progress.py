@@ -64,3 +64,20 @@ def test_lines_keep_coming_while_one_sample_takes_long() -> None:
     sink.stop()
     assert 3 <= len(lines) <= 6  # start, then about one per 0.2 s (a loaded machine may skip one)
     assert all(line.startswith("run 5: 0/10 samples") for line in lines)
+
+
+@pytest.mark.parametrize("ticker", [False, True])
+def test_one_sink_serves_the_runs_of_a_sweep_in_turn(ticker: bool) -> None:
+    """A sweep's runs share one sink, as the embedded executor uses it: each run is started, stop comes once
+    at the end. Every run gets its start and final lines, and with the timer on a second start is not refused
+    (a thread can be started only once)."""
+    lines: list[str] = []
+    clock = Clock()
+    sink = PlainProgress(lines.append, interval_s=60.0, clock=clock, ticker=ticker)
+    for run_id in (4, 5, 6):
+        sink.start(run_id, total=3, completed=0)
+        clock.now += 3.0
+        sink.advance(3, 0)
+    sink.stop()
+    assert lines == [line for run_id in (4, 5, 6) for line in (f"run {run_id}: 0/3 samples, - samples/s, ETA ?",
+                                                                 f"run {run_id}: 3/3 samples, 1.00 samples/s, ETA 0m00s")]
