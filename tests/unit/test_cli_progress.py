@@ -79,5 +79,8 @@ def test_one_sink_serves_the_runs_of_a_sweep_in_turn(ticker: bool) -> None:
         clock.now += 3.0
         sink.advance(3, 0)
     sink.stop()
-    assert lines == [line for run_id in (4, 5, 6) for line in (f"run {run_id}: 0/3 samples, - samples/s, ETA ?",
-                                                                 f"run {run_id}: 3/3 samples, 1.00 samples/s, ETA 0m00s")]
+    expected = []
+    for run_id in (4, 5, 6):
+        expected += [f"run {run_id}: 0/3 samples, - samples/s, ETA ?",
+                     f"run {run_id}: 3/3 samples, 1.00 samples/s, ETA 0m00s"]
+    assert lines == expected
