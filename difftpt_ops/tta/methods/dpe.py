@@ -21,18 +21,26 @@ back. The formulation follows the reference code (zhangce01/DPE-CLIP, main_dpe.p
    @ one_hot(cached classes), plus `align` times the InfoNCE loss (temperature 0.01) between each cached
    class's visual prototype and its text prototype, the other cached classes being the negatives. One AdamW
    step (eps 1e-3, weight decay 0.1; the learning rates `lr_text` and `lr_image`) updates both residuals.
-   From zero, that first step is exactly R = -lr * g / (|g| + eps), which is what this module computes.
+   From zero that first step is R = -lr * g / (|g| + eps) in exact arithmetic (`residual_dtype="fp32"`).
+   The reference's residuals are fp16 parameters, so torch's AdamW computes the step in fp16, op by op, and
+   its second moment 0.001 * g^2 underflows to zero for |g| below about 5.5e-3: the step there is
+   -lr * g / eps, up to 6 times the exact one. `residual_dtype="fp16"` (the default) rounds each of the
+   optimiser's ops to fp16 as torch does (`adamw_first_step`; tested against torch's AdamW on fp16
+   parameters).
 4. The prediction: the same final logits with the updated residuals for the original view's feature (for
-   ImageNet-A the reference reuses the kept views' mean feature and logits instead, recomputed with the
-   updated text prototypes: `predict_from_kept`).
+   ImageNet-A the reference instead selects the lowest-entropy views again with the updated text prototypes
+   and predicts from their mean feature and mean logits: `predict_from_kept`).
 5. Evolution: when the entropy of the prediction's softmax divided by log2(n_classes) is below
    `evolve_threshold` (0.1), G becomes the running mean of itself and the updated text prototypes:
    with k the number of evolutions so far including this one, G = G * k / (k + 1) + W' / (k + 1). G is not
    re-normalised (the reference leaves that line commented out); step 1 normalises each use.
 
 The residuals are per sample and never kept; the visual cache evolves by its entries, the text prototypes by
-the running mean. The reference runs in half precision on a GPU (residuals in fp16 under autocast); this runs
-in fp32, which changes results only at the level of rounding.
+the running mean. Apart from the optimiser step, the reference runs in half precision on a GPU (fp16 weights
+under autocast); this runs in fp32, which changes results only at the level of rounding. The reference
+multiplies by 100, OpenAI CLIP's logit scale; this uses the model's own. `step` takes its gradient with
+`torch.enable_grad()`, so it runs under `torch.no_grad()` (as the engine calls it), not under
+`torch.inference_mode()`.
 """
 
 from __future__ import annotations
@@ -59,7 +67,10 @@ PAPER = ("Zhang et al., Dual Prototype Evolving for Test-Time Generalization of 
          "NeurIPS 2024")
 REFERENCE = "https://github.com/zhangce01/DPE-CLIP"
 ADAM_EPS = 1e-3  # the reference's AdamW eps for both residuals
+ADAM_BETAS = (0.9, 0.999)  # torch's defaults, which the reference keeps
+ADAM_WEIGHT_DECAY = 0.1  # no effect on a first step from zero
 INFO_NCE_TEMPERATURE = 0.01
+RESIDUAL_DTYPES = ("fp16", "fp32")
 
 
 @dataclass(frozen=True)
@@ -75,6 +86,7 @@ class DPEParams:
     selection_p: float = 0.1  # share of the views kept when a sample has several
     evolve_threshold: float = 0.1
     predict_from_kept: bool = False  # ImageNet-A in the reference: predict from the kept views, not view 0
+    residual_dtype: str = "fp16"  # the precision of the optimiser's step: the reference's fp16, or exact fp32
 
 
 @dataclass(frozen=True)
@@ -132,6 +144,29 @@ def _softmax_entropy(logits: Tensor) -> Tensor:
     return -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
 
 
+def adamw_first_step(grad: Tensor, lr: float, residual_dtype: str) -> Tensor:
+    """The value of a zero parameter after torch's AdamW takes its first step with gradient `grad` (eps 1e-3).
+
+    "fp32": the exact step, -lr * g / (|g| + eps) (the bias corrections cancel the moments' (1 - beta)
+    factors; weight decay scales zero). "fp16": a parameter of that dtype, as the reference's residuals are:
+    torch computes each op in fp32 and rounds its result to fp16, so the second moment 0.001 * g^2 underflows
+    for small gradients and their step becomes -lr * g / eps. Returned in `grad`'s dtype.
+    """
+    if residual_dtype == "fp32":
+        return -lr * grad / (grad.abs() + ADAM_EPS)
+
+    def fp16(values: Tensor) -> Tensor:  # an fp16 op's result: computed in fp32, rounded once
+        return values.to(torch.float16).float()
+
+    beta1, beta2 = ADAM_BETAS
+    g = fp16(grad)  # autograd casts the gradient to the parameter's dtype
+    exp_avg = fp16((1 - beta1) * g)  # exp_avg.lerp_(grad, 1 - beta1) from zero
+    exp_avg_sq = fp16((1 - beta2) * g * g)  # exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = fp16(fp16(fp16(exp_avg_sq.sqrt()) / math.sqrt(1 - beta2)) + ADAM_EPS)  # (sqrt / bc2_sqrt).add_(eps)
+    step = fp16(-(lr / (1 - beta1)) * exp_avg / denom)  # param.addcdiv_(exp_avg, denom, value=-step_size)
+    return step.to(grad.dtype)
+
+
 def _tuned_residuals(text: Tensor, feature: Tensor, prototypes: Tensor, classes: Tensor, *, scale: float,
                      params: DPEParams) -> tuple[Tensor, Tensor]:
     """The text and visual residuals after the reference's single AdamW step from zero."""
@@ -147,9 +182,8 @@ def _tuned_residuals(text: Tensor, feature: Tensor, prototypes: Tensor, classes:
         alignment = F.cross_entropy(similarity, torch.arange(len(classes), device=similarity.device))
         loss = _softmax_entropy(logits) + params.align * alignment
         grad_text, grad_visual = torch.autograd.grad(loss, [text_residual, visual_residual])
-    # AdamW's first step from a zero parameter: bias-corrected moments g and g^2, no decay to apply.
-    return (-params.lr_text * grad_text / (grad_text.abs() + ADAM_EPS),
-            -params.lr_image * grad_visual / (grad_visual.abs() + ADAM_EPS))
+    return (adamw_first_step(grad_text, params.lr_text, params.residual_dtype),
+            adamw_first_step(grad_visual, params.lr_image, params.residual_dtype))
 
 
 def step(state: dict[str, Tensor], features: Tensor, text: Tensor, *, scale: float,
@@ -190,7 +224,7 @@ def state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """A compact CPU copy for a checkpoint: the text prototypes and the filled cache slots."""
     filled = torch.arange(state["pos_keys"].shape[1], device=state["pos_count"].device).unsqueeze(0) \
         < state["pos_count"].unsqueeze(1)
-    return {"text": state["text"].cpu().contiguous(), "evolutions": state["evolutions"].cpu().clone(),
+    return {"text": state["text"].cpu().clone(), "evolutions": state["evolutions"].cpu().clone(),
             "pos_count": state["pos_count"].cpu().clone(), "pos_keys": state["pos_keys"][filled].cpu().contiguous(),
             "pos_entropy": state["pos_entropy"][filled].cpu().contiguous(),
             "shape": torch.tensor(state["pos_keys"].shape, dtype=torch.int64)}
@@ -199,7 +233,7 @@ def state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
 def load_state_dict(saved: Mapping[str, Tensor], device: torch.device | None = None) -> dict[str, Tensor]:
     """Rebuild the full state (on `device`) from `state_dict` output."""
     n_classes, capacity, dim = (int(v) for v in saved["shape"])
-    state = init_state(n_classes, dim, DPEParams(shot_capacity=capacity))
+    state = init_state(n_classes, dim, DPEParams(shot_capacity=capacity), dtype=saved["pos_keys"].dtype)
     state["text"] = saved["text"].clone()
     state["evolutions"] = saved["evolutions"].clone()
     state["pos_count"] = saved["pos_count"].clone()
@@ -259,6 +293,7 @@ class DPESpec(MethodSpec):
     align: float | None = None  # None: the dataset's config (imagenet.yaml: 0.5)
     evolve_threshold: float = 0.1
     predict_from_kept: bool | None = None  # None: on for ImageNet-A only, as the reference
+    residual_dtype: str = "fp16"  # the optimiser step's precision: "fp16" as the reference's, "fp32" exact
     prompts: str | None = None  # None: the reference's templates for the dataset (PROMPTS_BY_FORMAT)
     descriptions: str | None = None  # the CuPL half of the reference's classifier (docs/methods.md)
     OMITTED_AT: ClassVar[dict[str, Any]] = {**MethodSpec.OMITTED_AT, "prompts": "single", "descriptions": None}
@@ -276,6 +311,8 @@ class DPESpec(MethodSpec):
             value = getattr(self, name)
             require(value is None or value >= 0, name, value, "must be >= 0")
         require(self.evolve_threshold >= 0, "evolve_threshold", self.evolve_threshold, "must be >= 0")
+        require(self.residual_dtype in RESIDUAL_DTYPES, "residual_dtype", self.residual_dtype,
+                f"must be one of {', '.join(RESIDUAL_DTYPES)}")
 
     def params(self) -> DPEParams:
         """The step's numbers (unresolved fields take imagenet.yaml's values)."""
@@ -284,7 +321,7 @@ class DPESpec(MethodSpec):
             shot_capacity=self.shot_capacity, alpha=_or(self.alpha, alpha), beta=_or(self.beta, beta),
             lr_text=_or(self.lr_text, lr_text), lr_image=_or(self.lr_image, lr_image), align=_or(self.align, align),
             selection_p=self.selection_p, evolve_threshold=self.evolve_threshold,
-            predict_from_kept=bool(self.predict_from_kept))
+            predict_from_kept=bool(self.predict_from_kept), residual_dtype=self.residual_dtype)
 
 
 def _or(value: float | None, default: float) -> float:
