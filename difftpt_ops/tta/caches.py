@@ -1,4 +1,5 @@
-"""Per-class feature caches sorted by entropy, as TDA's and DPE's reference code keep them (`update_cache`).
+"""Per-class feature caches sorted by entropy, as TDA's, DPE's and BoostAdapter's reference code keep them
+(`update_cache`), their affinities, and TDA's summary of a sample's views.
 
 A cache is three tensors of a state dict under one prefix: `<prefix>_keys` (n_classes, capacity, dim),
 `<prefix>_entropy` (n_classes, capacity, inf where empty) and `<prefix>_count` (n_classes,), plus
@@ -8,7 +9,10 @@ one); a class's filled slots are a prefix of its row, sorted by entropy. Pure to
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
+
+from difftpt_ops.tta.losses import marginal_entropy, view_entropy
 
 
 def file_entry(state: dict[str, Tensor], prefix: str, label: int, key: Tensor, entropy: float,
@@ -34,3 +38,25 @@ def file_entry(state: dict[str, Tensor], prefix: str, label: int, key: Tensor, e
         masks[label, tail] = masks[label, moved].clone()
         masks[label, position] = mask
     count[label] = used + 1
+
+
+def affinity(feature: Tensor, keys: Tensor, count: Tensor, beta: float) -> Tensor:
+    """exp(-(beta - beta * f.k)) per slot, (n_classes, capacity); empty slots weigh 0."""
+    similarity = keys @ feature
+    weights = (-(beta - beta * similarity)).exp()
+    filled = torch.arange(keys.shape[1], device=count.device).unsqueeze(0) < count.unsqueeze(1)
+    return weights * filled
+
+
+def summarise_views(features: Tensor, logits: Tensor,
+                    selection_p: float) -> tuple[Tensor, Tensor, float, Tensor, Tensor]:
+    """(feature, logits, entropy, probability map, kept view indices) of one sample from its views."""
+    logits = logits.float()
+    if logits.shape[0] == 1:
+        return (features[0].float(), logits[0], float(view_entropy(logits)[0]), logits[0].softmax(-1),
+                torch.zeros(1, dtype=torch.long))
+    keep = max(1, int(logits.shape[0] * selection_p))  # the reference's int() alone keeps none of < 10 views
+    order = torch.argsort(view_entropy(logits), stable=True)[:keep]
+    kept = logits[order]
+    return (features[order].float().mean(0), kept.mean(0), float(marginal_entropy(kept)),
+            kept.softmax(-1).mean(0), order)

@@ -56,7 +56,7 @@ def reference(tmp_path: Path, tiny_models_dir: Path):  # type: ignore[no-untyped
     return get
 
 
-@pytest.mark.parametrize("method", ["tda", "dmn-zs", "dpe"])
+@pytest.mark.parametrize("method", ["tda", "dmn-zs", "dpe", "boostadapter"])
 def test_online_run_is_an_ordered_checkpointed_chain(workspace: Path, database_url: str, tmp_path: Path,
                                                      tiny_models_dir: Path, method: str) -> None:
     """One prediction per sample, one checkpoint per shard covering its stream positions, in the seeded order."""
@@ -83,7 +83,7 @@ def test_online_run_is_an_ordered_checkpointed_chain(workspace: Path, database_u
             assert stored[order[position]][0] == int(row.argmax())
 
 
-@pytest.mark.parametrize("method", ["tda", "dpe"])
+@pytest.mark.parametrize("method", ["tda", "dpe", "boostadapter"])
 def test_a_damaged_checkpoint_is_detected_and_the_previous_one_used(workspace: Path, database_url: str,
                                                                     tmp_path: Path, tiny_models_dir: Path,
                                                                     reference, method: str) -> None:  # type: ignore[no-untyped-def]

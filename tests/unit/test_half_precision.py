@@ -181,7 +181,7 @@ def test_naive_formulation_runs_in_bf16(clip32: LoadedClip, clip16: LoadedClip) 
 
 
 @pytest.mark.parametrize("prompts", ["tip", "dtd"])
-@pytest.mark.parametrize("method", ["tda", "dmn-zs", "dpe"])
+@pytest.mark.parametrize("method", ["tda", "dmn-zs", "dpe", "boostadapter"])
 def test_online_methods_with_a_prompt_set_in_bf16(clip32: LoadedClip, clip16: LoadedClip, method: str,
                                                   prompts: str) -> None:
     """The prompt-set text features are built by the bf16 tower (finite, fp32 out) and the online step carries

@@ -1,5 +1,5 @@
-"""TDA, DMN-ZS and DPE classify with their references' class text features: per-dataset templates, resolved at
-submit."""
+"""TDA, DMN-ZS, DPE and BoostAdapter classify with their references' class text features: per-dataset
+templates, resolved at submit."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from difftpt_ops.data.formats import CROSS_DOMAIN_FORMATS, IMAGENET_FORMATS  # n
 from difftpt_ops.models.clip import LoadedClip  # noqa: E402
 from difftpt_ops.tta import prepare_classifier  # noqa: E402
 from difftpt_ops.tta.methods import get_method  # noqa: E402
+from difftpt_ops.tta.methods.boostadapter import BoostAdapterSpec  # noqa: E402
 from difftpt_ops.tta.methods.dmn import DMNSpec  # noqa: E402
 from difftpt_ops.tta.methods.dpe import DPESpec  # noqa: E402
 from difftpt_ops.tta.methods.ensemble import prompt_templates  # noqa: E402
@@ -45,7 +46,8 @@ def _templates(value: str | list[str]) -> tuple[str, ...]:
     return prompt_templates(value) if isinstance(value, str) else tuple(value)
 
 
-@pytest.mark.parametrize(("method", "expected"), [("tda", TDA_TEMPLATES), ("dmn-zs", DMN_TEMPLATES)])
+@pytest.mark.parametrize(("method", "expected"), [("tda", TDA_TEMPLATES), ("dmn-zs", DMN_TEMPLATES),
+                                                  ("boostadapter", TDA_TEMPLATES)])
 def test_each_dataset_resolves_to_the_references_templates(method: str, expected: dict[str, object]) -> None:
     resolver = get_method(method).resolve_for_dataset  # type: ignore[attr-defined]
     for dataset_format in (*IMAGENET_FORMATS, *CROSS_DOMAIN_FORMATS):
@@ -81,7 +83,7 @@ def test_unresolved_or_single_prompts_keep_the_specs_prompt(clip: LoadedClip) ->
     assert not torch.allclose(single.float(), clip_ensemble(clip, prompt_templates("tip")), atol=1e-3)
 
 
-@pytest.mark.parametrize("method", ["tda", "dmn-zs", "dpe"])
+@pytest.mark.parametrize("method", ["tda", "dmn-zs", "dpe", "boostadapter"])
 def test_an_unknown_prompt_set_is_refused_naming_it(method: str) -> None:
     with pytest.raises(InvalidSpecError, match="prompts.*photos"):
         method_spec_from(method, {"prompts": "photos"})
@@ -99,8 +101,9 @@ def test_single_is_left_out_of_the_stored_spec_so_older_runs_keep_their_identity
 
 @pytest.mark.parametrize("spec", [TDASpec(prompts="tip", n_views=4), DMNSpec(prompts="dtd", n_views=4),
                                   TDASpec(prompts="ensemble"), DPESpec(prompts="cars-dpe", n_views=16),
-                                  DPESpec(prompts="tip", predict_from_kept=True, n_views=16)],
-                         ids=["tda-tip", "dmn-dtd", "tda-ensemble", "dpe-cars", "dpe-kept"])
+                                  DPESpec(prompts="tip", predict_from_kept=True, n_views=16),
+                                  BoostAdapterSpec(prompts="dtd", n_views=20, summary_from_original=True)],
+                         ids=["tda-tip", "dmn-dtd", "tda-ensemble", "dpe-cars", "dpe-kept", "boost-dtd"])
 def test_engine_equals_the_naive_formulation_with_a_prompt_set(clip: LoadedClip, spec: object) -> None:
     """The oracle reads the same class text features as the engine, and both carry the state in order."""
     from difftpt_ops.tta.naive import NaiveTuner

@@ -1,6 +1,6 @@
 """Class descriptions files: sentences per class name (CuPL-style, e.g. GPT-written), averaged in with the
 prompt texts of methods whose spec has a `descriptions` field (those that take `prompts`: zero-shot, ZERO,
-MTA, TDA, DMN-ZS, DPE).
+MTA, TDA, DMN-ZS, DPE, BoostAdapter).
 
 The user names a JSON file at submit (`--set descriptions=FILE`): an object mapping class names (underscores
 as spaces, the names the dataset prompts with) to lists of sentences. Submit checks that it covers every

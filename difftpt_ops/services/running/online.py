@@ -1,4 +1,5 @@
-"""Online runs: a method that carries state from sample to sample (TDA, DMN-ZS, DPE), run as an ordered chain.
+"""Online runs: a method that carries state from sample to sample (TDA, DMN-ZS, DPE, BoostAdapter), run as an
+ordered chain.
 
 An online run processes the samples of its dataset version one after another, in the order of a seeded
 permutation (the spec's `order_seed`, so the order is part of the run's identity). Its shards are ranges
@@ -101,7 +102,7 @@ _CORE_METHODS = frozenset({"noop", "zeroshot", "tpt", "difftpt"})  # the spec cl
 
 
 def resolve_for_dataset(spec: MethodSpec, dataset_format: str) -> MethodSpec:
-    """The spec with its dataset-dependent defaults filled in (TDA's or DPE's per-dataset configs); others
+    """The spec with its dataset-dependent defaults filled in (the online methods' per-dataset configs); others
     unchanged."""
     if spec.method in _CORE_METHODS:  # no dataset-dependent defaults; and no torch import for a resubmit
         return spec

@@ -35,8 +35,7 @@ from torch import Tensor
 
 from difftpt_ops.core.method_specs import MethodSpec, check_descriptions
 from difftpt_ops.core.specs import require
-from difftpt_ops.tta.caches import file_entry
-from difftpt_ops.tta.losses import marginal_entropy, view_entropy
+from difftpt_ops.tta.caches import affinity, file_entry, summarise_views
 from difftpt_ops.tta.methods.base import OnlineMethod, StepInputs, StepOutput, ViewPlan, ViewScores, register
 from difftpt_ops.tta.methods.ensemble import PromptSetOption, check_prompt_set
 
@@ -109,36 +108,14 @@ def init_state(n_classes: int, dim: int, params: TDAParams) -> dict[str, Tensor]
     return state
 
 
-def summarise_views(features: Tensor, logits: Tensor,
-                    selection_p: float) -> tuple[Tensor, Tensor, float, Tensor, Tensor]:
-    """(feature, logits, entropy, probability map, kept view indices) of one sample from its views."""
-    logits = logits.float()
-    if logits.shape[0] == 1:
-        return (features[0].float(), logits[0], float(view_entropy(logits)[0]), logits[0].softmax(-1),
-                torch.zeros(1, dtype=torch.long))
-    keep = max(1, int(logits.shape[0] * selection_p))  # the reference's int() alone keeps none of < 10 views
-    order = torch.argsort(view_entropy(logits), stable=True)[:keep]
-    kept = logits[order]
-    return (features[order].float().mean(0), kept.mean(0), float(marginal_entropy(kept)),
-            kept.softmax(-1).mean(0), order)
-
-
-def _affinity(feature: Tensor, keys: Tensor, count: Tensor, beta: float) -> Tensor:
-    """exp(-(beta - beta * f.k)) per slot, (n_classes, capacity); empty slots weigh 0."""
-    affinity = keys @ feature
-    weights = (-(beta - beta * affinity)).exp()
-    filled = torch.arange(keys.shape[1]).unsqueeze(0) < count.unsqueeze(1)
-    return weights * filled
-
-
 def cache_logits(state: dict[str, Tensor], feature: Tensor, params: TDAParams) -> Tensor:
     """The caches' correction to the CLIP logits for `feature`: positive minus negative."""
     correction = torch.zeros(state["pos_count"].shape[0])
     if params.pos_enabled:
-        weights = _affinity(feature, state["pos_keys"], state["pos_count"], params.pos_beta)
+        weights = affinity(feature, state["pos_keys"], state["pos_count"], params.pos_beta)
         correction = correction + params.pos_alpha * weights.sum(1)  # one-hot values: a class sums its own slots
     if params.neg_enabled and bool(state["neg_count"].any()):
-        weights = _affinity(feature, state["neg_keys"], state["neg_count"], params.neg_beta)
+        weights = affinity(feature, state["neg_keys"], state["neg_count"], params.neg_beta)
         masks = state["neg_mask"].flatten(0, 1).float()
         correction = correction - params.neg_alpha * (weights.flatten() @ masks)
     return correction
