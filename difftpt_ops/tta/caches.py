@@ -4,7 +4,8 @@
 A cache is three tensors of a state dict under one prefix: `<prefix>_keys` (n_classes, capacity, dim),
 `<prefix>_entropy` (n_classes, capacity, inf where empty) and `<prefix>_count` (n_classes,), plus
 `<prefix>_mask` (n_classes, capacity, n_classes) for a cache whose entries carry a class mask (TDA's negative
-one); a class's filled slots are a prefix of its row, sorted by entropy. Pure torch.
+one); a class's filled slots are a prefix of its row, sorted by entropy when filed with `file_entry` (a
+first-in-first-out cache, BoostAdapter's negative one, keeps them in arrival order). Pure torch.
 """
 
 from __future__ import annotations
