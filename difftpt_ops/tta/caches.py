@@ -10,6 +10,9 @@ first-in-first-out cache, BoostAdapter's negative one, keeps them in arrival ord
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor
 
@@ -61,3 +64,44 @@ def summarise_views(features: Tensor, logits: Tensor,
     kept = logits[order]
     return (features[order].float().mean(0), kept.mean(0), float(marginal_entropy(kept)),
             kept.softmax(-1).mean(0), order)
+
+
+def two_caches(n_classes: int, dim: int, pos_capacity: int, neg_capacity: int) -> dict[str, Tensor]:
+    """TDA's state: empty positive and negative caches, per class `capacity` slots of (key, entropy), plus the
+    negative entries' class masks."""
+    state = {}
+    for prefix, capacity in (("pos", pos_capacity), ("neg", neg_capacity)):
+        state[f"{prefix}_keys"] = torch.zeros(n_classes, capacity, dim)
+        state[f"{prefix}_entropy"] = torch.full((n_classes, capacity), math.inf)
+        state[f"{prefix}_count"] = torch.zeros(n_classes, dtype=torch.int64)
+    state["neg_mask"] = torch.zeros(n_classes, neg_capacity, n_classes, dtype=torch.bool)
+    return state
+
+
+def _filled(state: Mapping[str, Tensor], prefix: str) -> Tensor:
+    return torch.arange(state[f"{prefix}_keys"].shape[1]).unsqueeze(0) < state[f"{prefix}_count"].unsqueeze(1)
+
+
+def two_caches_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A compact copy of `two_caches` state for a checkpoint: only the filled slots, each class's in order."""
+    out = {"pos_count": state["pos_count"].clone(), "neg_count": state["neg_count"].clone(),
+           "shape": torch.tensor([*state["pos_keys"].shape, state["neg_keys"].shape[1]], dtype=torch.int64)}
+    for prefix in ("pos", "neg"):
+        filled = _filled(state, prefix)
+        out[f"{prefix}_keys"] = state[f"{prefix}_keys"][filled].contiguous()
+        out[f"{prefix}_entropy"] = state[f"{prefix}_entropy"][filled].contiguous()
+    out["neg_mask"] = state["neg_mask"][_filled(state, "neg")].contiguous()
+    return out
+
+
+def load_two_caches(saved: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Rebuild the full state from `two_caches_state_dict` output."""
+    n_classes, pos_capacity, dim, neg_capacity = (int(v) for v in saved["shape"])
+    state = two_caches(n_classes, dim, pos_capacity, neg_capacity)
+    for prefix in ("pos", "neg"):
+        state[f"{prefix}_count"] = saved[f"{prefix}_count"].clone()
+        filled = _filled(state, prefix)
+        state[f"{prefix}_keys"][filled] = saved[f"{prefix}_keys"]
+        state[f"{prefix}_entropy"][filled] = saved[f"{prefix}_entropy"]
+    state["neg_mask"][_filled(state, "neg")] = saved["neg_mask"]
+    return state

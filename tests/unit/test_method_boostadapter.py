@@ -18,6 +18,7 @@ from safetensors.torch import save as save_safetensors
 from difftpt_ops.core.errors import InvalidSpecError
 from difftpt_ops.core.method_specs import method_spec_from
 from difftpt_ops.data.formats import CROSS_DOMAIN_FORMATS, IMAGENET_FORMATS
+from difftpt_ops.tta.caches import load_two_caches, two_caches_state_dict
 from difftpt_ops.tta.methods import boostadapter, get_method
 
 pytestmark = pytest.mark.unit
@@ -149,7 +150,7 @@ def test_checkpointed_state_continues_exactly() -> None:
     state = boostadapter.init_state(5, 16, params)
     for index, views in enumerate(samples):
         if index in (0, 37, 80):
-            state = boostadapter.load_state_dict(load_safetensors(save_safetensors(boostadapter.state_dict(state))))
+            state = load_two_caches(load_safetensors(save_safetensors(two_caches_state_dict(state))))
         result, state = boostadapter.step(state, views, 12.0 * views @ text.t(), params=params)
         assert torch.equal(result.logits, straight[index].logits), f"sample {index}"
 

@@ -2,8 +2,8 @@
 own augmented views (regional bootstrapping).
 
 Pure torch, no I/O. The state is TDA's: a positive and a negative cache of test features per class, advanced
-one test sample at a time by `step`; `state_dict` / `load_state_dict` give a compact dict of tensors for a
-safetensors checkpoint and back. The formulation follows the reference code (taolinzhang/BoostAdapter,
+one test sample at a time by `step`; `caches.two_caches_state_dict` / `load_two_caches` give a compact dict of
+tensors for a safetensors checkpoint and back. The formulation follows the reference code (taolinzhang/BoostAdapter,
 runner.py `run_test_tda` with `--mode boostadapter`, and utils.py):
 
 1. CLIP logits `scale * f @ W^T` for every view (the original and `n_views - 1` random resized crops with a
@@ -38,7 +38,14 @@ from torch import Tensor
 
 from difftpt_ops.core.method_specs import MethodSpec, check_descriptions
 from difftpt_ops.core.specs import require
-from difftpt_ops.tta.caches import affinity, file_entry, summarise_views
+from difftpt_ops.tta.caches import (
+    affinity,
+    file_entry,
+    load_two_caches,
+    summarise_views,
+    two_caches,
+    two_caches_state_dict,
+)
 from difftpt_ops.tta.losses import view_entropy
 from difftpt_ops.tta.methods.base import OnlineMethod, StepInputs, StepOutput, ViewPlan, ViewScores, register
 from difftpt_ops.tta.methods.ensemble import PromptSetOption, check_prompt_set
@@ -80,14 +87,8 @@ class StepResult:
 
 
 def init_state(n_classes: int, dim: int, params: BoostParams) -> dict[str, Tensor]:
-    """Empty caches: per class `capacity` slots of (key, entropy), plus the negative masks."""
-    state = {}
-    for prefix, capacity in (("pos", params.pos_shot_capacity), ("neg", params.neg_shot_capacity)):
-        state[f"{prefix}_keys"] = torch.zeros(n_classes, capacity, dim)
-        state[f"{prefix}_entropy"] = torch.full((n_classes, capacity), math.inf)
-        state[f"{prefix}_count"] = torch.zeros(n_classes, dtype=torch.int64)
-    state["neg_mask"] = torch.zeros(n_classes, params.neg_shot_capacity, n_classes, dtype=torch.bool)
-    return state
+    """Empty caches: per class `capacity` slots of (key, entropy), plus the negative masks (TDA's layout)."""
+    return two_caches(n_classes, dim, params.pos_shot_capacity, params.neg_shot_capacity)
 
 
 def file_first_in_first_out(state: dict[str, Tensor], prefix: str, label: int, key: Tensor, entropy: float,
@@ -165,33 +166,6 @@ def step(state: dict[str, Tensor], features: Tensor, logits: Tensor, *,
     if params.neg_enabled:
         final = final - negative_logits(state, feature, params)
     return StepResult(final, clip_logits, entropy, chosen), state
-
-
-def state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """A compact copy for a checkpoint: only filled slots are kept (caches start almost empty)."""
-    out = {"pos_count": state["pos_count"].clone(), "neg_count": state["neg_count"].clone(),
-           "shape": torch.tensor([*state["pos_keys"].shape, state["neg_keys"].shape[1]], dtype=torch.int64)}
-    for prefix in ("pos", "neg"):
-        filled = torch.arange(state[f"{prefix}_keys"].shape[1]).unsqueeze(0) < state[f"{prefix}_count"].unsqueeze(1)
-        out[f"{prefix}_keys"] = state[f"{prefix}_keys"][filled].contiguous()
-        out[f"{prefix}_entropy"] = state[f"{prefix}_entropy"][filled].contiguous()
-    filled = torch.arange(state["neg_keys"].shape[1]).unsqueeze(0) < state["neg_count"].unsqueeze(1)
-    out["neg_mask"] = state["neg_mask"][filled].contiguous()
-    return out
-
-
-def load_state_dict(saved: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Rebuild the full state from `state_dict` output."""
-    n_classes, pos_capacity, dim, neg_capacity = (int(v) for v in saved["shape"])
-    state = init_state(n_classes, dim, BoostParams(pos_shot_capacity=pos_capacity, neg_shot_capacity=neg_capacity))
-    for prefix in ("pos", "neg"):
-        state[f"{prefix}_count"] = saved[f"{prefix}_count"].clone()
-        filled = torch.arange(state[f"{prefix}_keys"].shape[1]).unsqueeze(0) < state[f"{prefix}_count"].unsqueeze(1)
-        state[f"{prefix}_keys"][filled] = saved[f"{prefix}_keys"]
-        state[f"{prefix}_entropy"][filled] = saved[f"{prefix}_entropy"]
-        if prefix == "neg":
-            state["neg_mask"][filled] = saved["neg_mask"]
-    return state
 
 
 # --- The registered method ---------------------------------------------------------------------------------
@@ -326,8 +300,8 @@ class BoostAdapter(PromptSetOption, OnlineMethod):
         return StepOutput(logits=result.logits.to(inputs.logits.device), scores=scores), state
 
     def state_dict(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
-        return state_dict(state)
+        return two_caches_state_dict(state)  # slots in order: the FIFO cache's oldest entry stays first
 
     def load_state_dict(self, spec: BoostAdapterSpec, tensors: Mapping[str, Tensor], *,
                         device: torch.device) -> dict[str, Tensor]:
-        return load_state_dict(tensors)
+        return load_two_caches(tensors)

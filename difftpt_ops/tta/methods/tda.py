@@ -35,7 +35,14 @@ from torch import Tensor
 
 from difftpt_ops.core.method_specs import MethodSpec, check_descriptions
 from difftpt_ops.core.specs import require
-from difftpt_ops.tta.caches import affinity, file_entry, summarise_views
+from difftpt_ops.tta.caches import (
+    affinity,
+    file_entry,
+    load_two_caches,
+    summarise_views,
+    two_caches,
+    two_caches_state_dict,
+)
 from difftpt_ops.tta.methods.base import OnlineMethod, StepInputs, StepOutput, ViewPlan, ViewScores, register
 from difftpt_ops.tta.methods.ensemble import PromptSetOption, check_prompt_set
 
@@ -99,13 +106,7 @@ class StepResult:
 
 def init_state(n_classes: int, dim: int, params: TDAParams) -> dict[str, Tensor]:
     """Empty caches: per class `capacity` slots of (key, entropy), plus the negative masks."""
-    state = {}
-    for prefix, capacity in (("pos", params.pos_shot_capacity), ("neg", params.neg_shot_capacity)):
-        state[f"{prefix}_keys"] = torch.zeros(n_classes, capacity, dim)
-        state[f"{prefix}_entropy"] = torch.full((n_classes, capacity), math.inf)
-        state[f"{prefix}_count"] = torch.zeros(n_classes, dtype=torch.int64)
-    state["neg_mask"] = torch.zeros(n_classes, params.neg_shot_capacity, n_classes, dtype=torch.bool)
-    return state
+    return two_caches(n_classes, dim, params.pos_shot_capacity, params.neg_shot_capacity)
 
 
 def cache_logits(state: dict[str, Tensor], feature: Tensor, params: TDAParams) -> Tensor:
@@ -140,30 +141,12 @@ def step(state: dict[str, Tensor], features: Tensor, logits: Tensor, *,
 
 def state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """A compact copy for a checkpoint: only filled slots are kept (caches start almost empty)."""
-    out = {"pos_count": state["pos_count"].clone(), "neg_count": state["neg_count"].clone(),
-           "shape": torch.tensor([*state["pos_keys"].shape, state["neg_keys"].shape[1]], dtype=torch.int64)}
-    for prefix in ("pos", "neg"):
-        filled = torch.arange(state[f"{prefix}_keys"].shape[1]).unsqueeze(0) < state[f"{prefix}_count"].unsqueeze(1)
-        out[f"{prefix}_keys"] = state[f"{prefix}_keys"][filled].contiguous()
-        out[f"{prefix}_entropy"] = state[f"{prefix}_entropy"][filled].contiguous()
-        if prefix == "neg":
-            out["neg_mask"] = state["neg_mask"][filled].contiguous()
-    return out
+    return two_caches_state_dict(state)
 
 
-def load_state_dict(saved: dict[str, Tensor]) -> dict[str, Tensor]:
+def load_state_dict(saved: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Rebuild the full state from `state_dict` output."""
-    n_classes, pos_capacity, dim, neg_capacity = (int(v) for v in saved["shape"])
-    params = TDAParams(pos_shot_capacity=pos_capacity, neg_shot_capacity=neg_capacity)
-    state = init_state(n_classes, dim, params)
-    for prefix in ("pos", "neg"):
-        state[f"{prefix}_count"] = saved[f"{prefix}_count"].clone()
-        filled = torch.arange(state[f"{prefix}_keys"].shape[1]).unsqueeze(0) < state[f"{prefix}_count"].unsqueeze(1)
-        state[f"{prefix}_keys"][filled] = saved[f"{prefix}_keys"]
-        state[f"{prefix}_entropy"][filled] = saved[f"{prefix}_entropy"]
-        if prefix == "neg":
-            state["neg_mask"][filled] = saved["neg_mask"]
-    return state
+    return load_two_caches(saved)
 
 
 # --- The registered method ---------------------------------------------------------------------------------
@@ -267,4 +250,4 @@ class TDA(PromptSetOption, OnlineMethod):
 
     def load_state_dict(self, spec: TDASpec, tensors: Mapping[str, Tensor], *,
                         device: torch.device) -> dict[str, Tensor]:
-        return load_state_dict(dict(tensors))
+        return load_state_dict(tensors)
