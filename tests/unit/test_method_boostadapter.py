@@ -20,20 +20,9 @@ from difftpt_ops.core.method_specs import method_spec_from
 from difftpt_ops.data.formats import CROSS_DOMAIN_FORMATS, IMAGENET_FORMATS
 from difftpt_ops.tta.caches import load_two_caches, two_caches_state_dict
 from difftpt_ops.tta.methods import boostadapter, get_method
+from tests.unit.tta_support import feature_stream
 
 pytestmark = pytest.mark.unit
-
-
-def _stream(n: int, n_classes: int, dim: int, views: int, seed: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Normalised view features drawn near random class directions, so predictions and entropies vary."""
-    g = torch.Generator().manual_seed(seed)
-    text = F.normalize(torch.randn(n_classes, dim, generator=g), dim=-1)
-    samples = []
-    for _ in range(n):
-        label = int(torch.randint(n_classes, (1,), generator=g))
-        base = text[label] + 0.9 * torch.randn(dim, generator=g) / math.sqrt(dim) * 4
-        samples.append(F.normalize(base + 0.3 * torch.randn(views, dim, generator=g), dim=-1))
-    return samples, text
 
 
 # --- The reference's loop, written out -------------------------------------------------------------------
@@ -120,7 +109,7 @@ def _run(samples: list[torch.Tensor], text: torch.Tensor, scale: float,
 @pytest.mark.parametrize(("views", "from_original"), [(1, False), (30, False), (30, True), (8, True)])
 def test_boostadapter_matches_the_reference_formulation(views: int, from_original: bool) -> None:
     """Every sample's final logits equal the reference loop's, with both caches full and evicting."""
-    samples, text = _stream(300, 6, 16, views, seed=views + int(from_original))
+    samples, text = feature_stream(300, 6, 16, views, seed=views + int(from_original))
     params = boostadapter.BoostParams(summary_from_original=from_original)
     scale = 12.0  # softer than CLIP's 100, so many samples land in the negative cache's entropy window
     expected = _oracle(samples, text, scale, params)
@@ -135,7 +124,7 @@ def test_boostadapter_matches_the_reference_formulation(views: int, from_origina
 
 def test_boosting_and_fifo_change_predictions_against_tda() -> None:
     """The boosting views matter: with them some predictions differ from the same caches without them."""
-    samples, text = _stream(200, 6, 16, 30, seed=3)
+    samples, text = feature_stream(200, 6, 16, 30, seed=3)
     boosted, _ = _run(samples, text, 12.0, boostadapter.BoostParams(summary_from_original=True))
     plain, _ = _run(samples, text, 12.0, boostadapter.BoostParams(summary_from_original=True, pos_alpha=2.0,
                                                                   delta=0))
@@ -144,7 +133,7 @@ def test_boosting_and_fifo_change_predictions_against_tda() -> None:
 
 def test_checkpointed_state_continues_exactly() -> None:
     """Saving the state through safetensors bytes mid-stream and loading it changes no later result."""
-    samples, text = _stream(120, 5, 16, 20, seed=7)
+    samples, text = feature_stream(120, 5, 16, 20, seed=7)
     params = boostadapter.BoostParams()
     straight, _ = _run(samples, text, 12.0, params)
     state = boostadapter.init_state(5, 16, params)

@@ -18,20 +18,9 @@ from difftpt_ops.core.method_specs import method_spec_from
 from difftpt_ops.data.formats import CROSS_DOMAIN_FORMATS, IMAGENET_FORMATS
 from difftpt_ops.tta.methods import dpe, get_method
 from difftpt_ops.tta.methods.ensemble import prompt_templates
+from tests.unit.tta_support import feature_stream
 
 pytestmark = pytest.mark.unit
-
-
-def _stream(n: int, n_classes: int, dim: int, views: int, seed: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Normalised view features drawn near random class directions, so predictions and entropies vary."""
-    g = torch.Generator().manual_seed(seed)
-    text = F.normalize(torch.randn(n_classes, dim, generator=g), dim=-1)
-    samples = []
-    for _ in range(n):
-        label = int(torch.randint(n_classes, (1,), generator=g))
-        base = text[label] + 0.9 * torch.randn(dim, generator=g) / math.sqrt(dim) * 4
-        samples.append(F.normalize(base + 0.3 * torch.randn(views, dim, generator=g), dim=-1))
-    return samples, text
 
 
 # --- The reference's loop, written out -------------------------------------------------------------------
@@ -154,7 +143,7 @@ def test_dpe_matches_the_reference_formulation_in_fp64(views: int, predict_from_
     """Every sample's final logits equal the reference loop's to 1e-9 in fp64, with the cache full and evicting
     and the text prototypes evolving many times (both computations run in fp64, so rounding cannot hide a
     difference in the formulation; with fp16 residuals both round the optimiser's step the same way)."""
-    samples, text = _stream(240, 6, 16, views, seed=views + int(predict_from_kept))
+    samples, text = feature_stream(240, 6, 16, views, seed=views + int(predict_from_kept))
     samples, text = [views.double() for views in samples], text.double()
     # Larger learning rates than the reference's 0.0006, so the residuals move the predictions visibly.
     params = dpe.DPEParams(lr_text=0.01, lr_image=0.01, evolve_threshold=0.3, predict_from_kept=predict_from_kept,
@@ -170,7 +159,7 @@ def test_dpe_matches_the_reference_formulation_in_fp64(views: int, predict_from_
 
 def test_the_reference_defaults_in_fp32_match_the_reference_formulation() -> None:
     """In fp32, at CLIP's scale and the reference's settings, the same predictions and logits up to rounding."""
-    samples, text = _stream(120, 5, 16, 8, seed=4)
+    samples, text = feature_stream(120, 5, 16, 8, seed=4)
     params = dpe.DPEParams()
     expected = _oracle_dpe(samples, text, 100.0, params)
     results, state = _run(samples, text, 100.0, params)
@@ -207,7 +196,7 @@ def test_the_first_step_is_torchs_adamw_on_a_zero_parameter(foreach: bool) -> No
 
 def test_tuning_and_evolution_change_predictions() -> None:
     """The residuals and the evolving prototypes are not no-ops: some predictions differ from the cache alone."""
-    samples, text = _stream(200, 6, 16, 1, seed=3)
+    samples, text = feature_stream(200, 6, 16, 1, seed=3)
     tuned, _ = _run(samples, text, 12.0, dpe.DPEParams(lr_text=0.05, lr_image=0.05, evolve_threshold=0.5))
     frozen, _ = _run(samples, text, 12.0, dpe.DPEParams(lr_text=0.0, lr_image=0.0, evolve_threshold=0.0))
     assert sum(int(a.logits.argmax() != b.logits.argmax()) for a, b in zip(tuned, frozen, strict=True)) > 0
@@ -217,7 +206,7 @@ def test_tuning_and_evolution_change_predictions() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_checkpointed_state_continues_exactly(dtype: torch.dtype) -> None:
     """Saving the state through safetensors bytes mid-stream and loading it changes no later result."""
-    samples, text = _stream(90, 5, 16, 4, seed=7)
+    samples, text = feature_stream(90, 5, 16, 4, seed=7)
     samples, text = [views.to(dtype) for views in samples], text.to(dtype)
     params = dpe.DPEParams(lr_text=0.01, evolve_threshold=0.3)
     straight, final = _run(samples, text, 12.0, params)

@@ -12,20 +12,9 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from difftpt_ops.tta.methods import dmn, tda
+from tests.unit.tta_support import feature_stream
 
 pytestmark = pytest.mark.unit
-
-
-def _stream(n: int, n_classes: int, dim: int, views: int, seed: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Normalised view features drawn near random class directions, so predictions and entropies vary."""
-    g = torch.Generator().manual_seed(seed)
-    text = F.normalize(torch.randn(n_classes, dim, generator=g), dim=-1)
-    samples = []
-    for _ in range(n):
-        label = int(torch.randint(n_classes, (1,), generator=g))
-        base = text[label] + 0.9 * torch.randn(dim, generator=g) / math.sqrt(dim) * 4
-        samples.append(F.normalize(base + 0.3 * torch.randn(views, dim, generator=g), dim=-1))
-    return samples, text
 
 
 # --- TDA: dict-of-lists caches, sorted with Python's stable sort, as the reference keeps them ----------------
@@ -88,7 +77,7 @@ def _oracle_tda(samples: list[torch.Tensor], text: torch.Tensor, scale: float, p
 @pytest.mark.parametrize("views", [1, 20])
 def test_tda_matches_the_reference_formulation(views: int) -> None:
     """Every sample's final logits equal the dict-of-lists formulation, with both caches filled and evicting."""
-    samples, text = _stream(300, 6, 16, views, seed=views)
+    samples, text = feature_stream(300, 6, 16, views, seed=views)
     params = tda.TDAParams()
     scale = 12.0  # softer than CLIP's 100, so many samples land in the negative cache's entropy window
     expected = _oracle_tda(samples, text, scale, params)
@@ -104,7 +93,7 @@ def test_tda_matches_the_reference_formulation(views: int) -> None:
 
 def test_tda_caches_change_predictions() -> None:
     """The adapter is not a no-op: some predictions differ from CLIP's."""
-    samples, text = _stream(200, 6, 16, 1, seed=3)
+    samples, text = feature_stream(200, 6, 16, 1, seed=3)
     params = tda.TDAParams(pos_alpha=5.0)
     state = tda.init_state(6, 16, params)
     changed = 0
@@ -153,7 +142,7 @@ def _oracle_dmn(samples: list[torch.Tensor], text: torch.Tensor, scale: float, p
 @pytest.mark.parametrize("views", [1, 32])
 def test_dmn_matches_the_reference_formulation(views: int) -> None:
     """Every sample's combined prediction equals the masked-memory formulation, with memories full and evicting."""
-    samples, text = _stream(260, 5, 16, views, seed=10 + views)
+    samples, text = feature_stream(260, 5, 16, views, seed=10 + views)
     params = dmn.DMNParams(memory_size=8)
     expected = _oracle_dmn(samples, text, 20.0, params)
     state = dmn.init_state(5, 16, params)
@@ -175,7 +164,7 @@ def _advance(module, state, views, text, params):  # type: ignore[no-untyped-def
 @pytest.mark.parametrize("module,params", [(tda, tda.TDAParams()), (dmn, dmn.DMNParams(memory_size=8))])
 def test_checkpointed_state_continues_exactly(module, params) -> None:  # type: ignore[no-untyped-def]
     """Saving the state through safetensors bytes mid-stream and loading it changes no later result."""
-    samples, text = _stream(120, 5, 16, 4, seed=7)
+    samples, text = feature_stream(120, 5, 16, 4, seed=7)
     full = module.init_state(5, 16, params)
     straight = []
     for views in samples:
@@ -192,7 +181,7 @@ def test_checkpointed_state_continues_exactly(module, params) -> None:  # type: 
         assert torch.equal(a, b)
 
 
-def test_order_seed_changes_predictions_on_a_crafted_stream() -> None:
+def test_order_seed_changes_predictions_on_a_craftedfeature_stream() -> None:
     """An ambiguous sample is predicted by CLIP's logits when it comes first, and pulled to the class of three
     confident near neighbours when the order puts them before it."""
     from difftpt_ops.services.running.online import stream_order

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from difftpt_ops.core.specs import ModelSpec
@@ -27,3 +30,16 @@ def random_image(seed: int, size: tuple[int, int] = (120, 90)) -> Image.Image:
     gradient = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
     noise = rng.integers(0, 128, (height, width, 3)).astype(np.float32)
     return Image.fromarray(np.clip(gradient * 0.5 + noise, 0, 255).astype(np.uint8))
+
+
+def feature_stream(n: int, n_classes: int, dim: int, views: int, seed: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """An online method's test stream: normalised view features (views, dim) per sample, drawn near random
+    class directions (the returned text features), so predictions and entropies vary."""
+    g = torch.Generator().manual_seed(seed)
+    text = F.normalize(torch.randn(n_classes, dim, generator=g), dim=-1)
+    samples = []
+    for _ in range(n):
+        label = int(torch.randint(n_classes, (1,), generator=g))
+        base = text[label] + 0.9 * torch.randn(dim, generator=g) / math.sqrt(dim) * 4
+        samples.append(F.normalize(base + 0.3 * torch.randn(views, dim, generator=g), dim=-1))
+    return samples, text

@@ -36,8 +36,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from difftpt_ops.core.method_specs import MethodSpec, check_descriptions
-from difftpt_ops.core.specs import require
+from difftpt_ops.core.method_specs import MethodSpec
 from difftpt_ops.tta.caches import (
     affinity,
     file_entry,
@@ -47,8 +46,9 @@ from difftpt_ops.tta.caches import (
     two_caches_state_dict,
 )
 from difftpt_ops.tta.losses import view_entropy
+from difftpt_ops.tta.methods._online_specs import check_non_negative, check_stream_settings, check_two_caches
 from difftpt_ops.tta.methods.base import OnlineMethod, StepInputs, StepOutput, ViewPlan, ViewScores, register
-from difftpt_ops.tta.methods.ensemble import PromptSetOption, check_prompt_set
+from difftpt_ops.tta.methods.ensemble import PromptSetOption
 
 NAME = "boostadapter"
 PAPER = ("Zhang et al., BoostAdapter: Improving Test-Time Adaptation via Regional Bootstrapping, NeurIPS 2024")
@@ -200,22 +200,9 @@ class BoostAdapterSpec(MethodSpec):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(self.order_seed >= 0, "order_seed", self.order_seed, "must be >= 0")
-        if self.prompts is not None:
-            check_prompt_set(self.prompts)
-        check_descriptions(self.descriptions)
-        require(self.n_views is None or self.n_views >= 1, "n_views", self.n_views, "must be >= 1")
-        require(0.0 < self.selection_p <= 1.0, "selection_p", self.selection_p, "must be in (0, 1]")
-        for name in ("pos_shot_capacity", "neg_shot_capacity"):
-            require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
-        require(self.delta is None or self.delta >= 0, "delta", self.delta, "must be >= 0")
-        for name in ("pos_alpha", "pos_beta", "neg_alpha", "neg_beta"):
-            value = getattr(self, name)
-            require(value is None or value >= 0, name, value, "must be >= 0")
-        require(self.entropy_lower < self.entropy_upper, "entropy_lower", self.entropy_lower,
-                f"must be below entropy_upper ({self.entropy_upper})")
-        require(self.mask_lower < self.mask_upper, "mask_lower", self.mask_lower,
-                f"must be below mask_upper ({self.mask_upper})")
+        check_stream_settings(self)
+        check_two_caches(self)
+        check_non_negative(self, "delta")
 
     def params(self) -> BoostParams:
         """The step's numbers (unresolved fields take imagenet_a.yaml's values)."""

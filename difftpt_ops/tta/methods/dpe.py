@@ -55,12 +55,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from difftpt_ops.core.method_specs import MethodSpec, check_descriptions
+from difftpt_ops.core.method_specs import MethodSpec
 from difftpt_ops.core.specs import require
 from difftpt_ops.tta.caches import file_entry
 from difftpt_ops.tta.losses import marginal_entropy, view_entropy
+from difftpt_ops.tta.methods._online_specs import check_non_negative, check_stream_settings, original_plus_crops
 from difftpt_ops.tta.methods.base import OnlineMethod, StepInputs, StepOutput, ViewPlan, ViewScores, register
-from difftpt_ops.tta.methods.ensemble import PromptSetOption, check_prompt_set
+from difftpt_ops.tta.methods.ensemble import PromptSetOption
 
 NAME = "dpe"
 PAPER = ("Zhang et al., Dual Prototype Evolving for Test-Time Generalization of Vision-Language Models, "
@@ -300,16 +301,9 @@ class DPESpec(MethodSpec):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(self.order_seed >= 0, "order_seed", self.order_seed, "must be >= 0")
-        if self.prompts is not None:
-            check_prompt_set(self.prompts)
-        check_descriptions(self.descriptions)
-        require(self.n_views is None or self.n_views >= 1, "n_views", self.n_views, "must be >= 1")
-        require(0.0 < self.selection_p <= 1.0, "selection_p", self.selection_p, "must be in (0, 1]")
+        check_stream_settings(self)
         require(self.shot_capacity >= 1, "shot_capacity", self.shot_capacity, "must be >= 1")
-        for name in ("alpha", "beta", "lr_text", "lr_image", "align"):
-            value = getattr(self, name)
-            require(value is None or value >= 0, name, value, "must be >= 0")
+        check_non_negative(self, "alpha", "beta", "lr_text", "lr_image", "align")
         require(self.evolve_threshold >= 0, "evolve_threshold", self.evolve_threshold, "must be >= 0")
         require(self.residual_dtype in RESIDUAL_DTYPES, "residual_dtype", self.residual_dtype,
                 f"must be one of {', '.join(RESIDUAL_DTYPES)}")
@@ -351,9 +345,7 @@ class DPE(PromptSetOption, OnlineMethod):
     reference: ClassVar[str] = "zhangce01/DPE-CLIP"
 
     def views(self, spec: DPESpec) -> ViewPlan:
-        n_views = spec.n_views or 1
-        augmix = n_views > 1 if spec.augmix is None else spec.augmix
-        return ViewPlan(n_conventional=n_views - 1, augmix=augmix, resolution=spec.resolution)
+        return original_plus_crops(spec)
 
     def resolve_for_dataset(self, spec: DPESpec, dataset_format: str) -> DPESpec:
         """The spec with the reference's config for the dataset (called at submit, before the fingerprint)."""
