@@ -272,3 +272,25 @@ def test_each_dataset_resolves_to_the_references_views_templates_and_config() ->
 def test_bad_settings_are_refused_naming_the_field(field: str, value: str) -> None:
     with pytest.raises(InvalidSpecError, match=field):
         method_spec_from("dpe", {field: value})
+
+
+def test_the_coop_variant_classifies_with_the_coop_prompt(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The reference's --coop classifier (one prompt whose 4 context words are CoOp's learned vectors) is the
+    single prompt with a CoOp checkpoint: the features every DPE step reads are the prompt learner's with that
+    context, as TPT's initial prompt is."""
+    from difftpt_ops.models.clip import read_coop_checkpoint
+    from difftpt_ops.tta import prepare_classifier
+    from tests.unit.tta_support import CLASS_NAMES, tiny_clip
+
+    clip = tiny_clip(tmp_path / "clip")
+    path = tmp_path / "coop.pth"
+    torch.save({"state_dict": {"ctx": torch.randn(4, 64, generator=torch.Generator().manual_seed(0))}}, path)
+    coop = {"prompts": "single", "prompt.coop_checkpoint": str(path)}
+    state = read_coop_checkpoint(path)
+    with_coop = prepare_classifier(clip, CLASS_NAMES, method_spec_from("dpe", coop), coop_state=state)
+    tpt = prepare_classifier(clip, CLASS_NAMES, method_spec_from("tpt", {"prompt.coop_checkpoint": str(path)}),
+                             coop_state=state)
+    plain = prepare_classifier(clip, CLASS_NAMES, method_spec_from("dpe", {"prompts": "single"}))
+    text = with_coop._initial_text_features()  # noqa: SLF001 - what every online step reads
+    assert torch.equal(text, tpt._initial_text_features())  # noqa: SLF001
+    assert not torch.allclose(text, plain._initial_text_features(), atol=1e-3)  # noqa: SLF001
