@@ -200,9 +200,11 @@ class PlainProgress:
 
     def start(self, run_id: int, total: int, completed: int) -> None:
         self.stop()  # the previous run of a sweep (the executor starts each run; stop comes once, at the end)
-        self._label, self._total, self._completed, self._start_completed = f"run {run_id}", total, completed, completed
-        self._started_at = self._clock()
-        self._last_line_completed = None
+        with self._lock:  # the previous run's timer may still be writing a line
+            self._label, self._total = f"run {run_id}", total
+            self._completed = self._start_completed = completed
+            self._started_at = self._clock()
+            self._last_line_completed = None
         self._line()
         self._stopped = threading.Event()
         if self._ticks:

@@ -1,5 +1,5 @@
 """Class descriptions (CuPL-style sentences per class) averaged in with the prompt texts, for every method that
-takes `prompts` (zero-shot, ZERO, MTA, TDA, DMN-ZS).
+takes `prompts` (zero-shot, ZERO, MTA, TDA, DMN-ZS, DPE, BoostAdapter).
 
 The oracle (test_method_ensemble.clip_ensemble with descriptions) is DMN's `tip_cupl` classifier written out
 plainly: per class, the templates filled with the name followed by that class's descriptions, each encoded by

@@ -181,7 +181,7 @@ def test_checkpointed_state_continues_exactly(module, params) -> None:  # type: 
         assert torch.equal(a, b)
 
 
-def test_order_seed_changes_predictions_on_a_craftedfeature_stream() -> None:
+def test_order_seed_changes_predictions_on_a_crafted_stream() -> None:
     """An ambiguous sample is predicted by CLIP's logits when it comes first, and pulled to the class of three
     confident near neighbours when the order puts them before it."""
     from difftpt_ops.services.running.online import stream_order

@@ -89,7 +89,7 @@ def test_an_unknown_prompt_set_is_refused_naming_it(method: str) -> None:
         method_spec_from(method, {"prompts": "photos"})
 
 
-@pytest.mark.parametrize("spec_class", [TDASpec, DMNSpec, DPESpec])
+@pytest.mark.parametrize("spec_class", [TDASpec, DMNSpec, DPESpec, BoostAdapterSpec])
 def test_single_is_left_out_of_the_stored_spec_so_older_runs_keep_their_identity(spec_class: type) -> None:
     """Runs stored before `prompts` existed used the single prompt: an explicit `single` stores the same dict."""
     from difftpt_ops.core.method_specs import method_spec_from_dict

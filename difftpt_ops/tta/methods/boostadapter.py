@@ -83,7 +83,7 @@ class StepResult:
     logits: Tensor  # (n_classes,) final logits
     clip_logits: Tensor  # (n_classes,) CLIP logits of the sample's summary
     entropy: float  # of the sample's summary (the cache ranking key)
-    kept: Tensor  # (k,) the views taken as boosting samples, in ascending entropy
+    kept: Tensor  # (k,) the views the prediction used: the summary's, then the boosting samples not among them
 
 
 def init_state(n_classes: int, dim: int, params: BoostParams) -> dict[str, Tensor]:
@@ -153,8 +153,9 @@ def step(state: dict[str, Tensor], features: Tensor, logits: Tensor, *,
     if params.summary_from_original:
         feature, clip_logits = features[0], logits[0]
         entropy, probs = float(view_entropy(logits[:1])[0]), logits[0].softmax(-1)
+        summarised = torch.zeros(1, dtype=torch.long)
     else:
-        feature, clip_logits, entropy, probs, _ = summarise_views(features, logits, params.selection_p)
+        feature, clip_logits, entropy, probs, summarised = summarise_views(features, logits, params.selection_p)
     label = int(clip_logits.argmax())
     file_entry(state, "pos", label, feature, entropy, None)
     positive, chosen = boosted_positive_logits(state, feature, features, logits, params)
@@ -165,7 +166,9 @@ def step(state: dict[str, Tensor], features: Tensor, logits: Tensor, *,
     final = clip_logits + positive
     if params.neg_enabled:
         final = final - negative_logits(state, feature, params)
-    return StepResult(final, clip_logits, entropy, chosen), state
+    boosting = [index for index in chosen.tolist() if index not in set(summarised.tolist())]
+    kept = torch.cat([summarised, torch.tensor(boosting, dtype=torch.long)])
+    return StepResult(final, clip_logits, entropy, kept), state
 
 
 # --- The registered method ---------------------------------------------------------------------------------
@@ -180,7 +183,7 @@ class BoostAdapterSpec(MethodSpec):
     order_seed: int = 0  # the stream order: a seeded permutation of the dataset version's samples
     n_views: int | None = None  # None: 64 (--views 64: the original and 63 crops), 1 for ImageNet itself
     augmix: bool = False  # the reference's AugMixAugmenter(..., augmix=False): crops and flips only
-    selection_p: float = 0.1
+    selection_p: float = 0.1  # the views summarising the sample (kept-views summary); boosting takes 10% always
     summary_from_original: bool | None = None  # None: on for the cross-domain sets (infer_ori_image)
     pos_shot_capacity: int = 3
     pos_alpha: float | None = None  # None: the dataset's config
@@ -238,8 +241,8 @@ VIEW_COUNT = 64
 # The reference's `infer_ori_image`: the sample is summarised by its original view on the cross-domain sets.
 ORIGINAL_SUMMARY_FORMATS = ("caltech101", "dtd", "eurosat", "aircraft", "food101", "flower102", "pets", "cars",
                             "sun397", "ucf101")
-# TDA's templates: the stored dataset modules (ImageNet-V2 and -Sketch, and ImageNet in a fuller copy of the
-# repository) set TDA's `template` lists; the others are not stored, and the code is TDA's.
+# TDA's templates: the dataset modules that could be read (ImageNet-V2's and -Sketch's) set TDA's `template`
+# lists, and the runner is TDA's code.
 PROMPTS_BY_FORMAT: dict[str, str] = {
     "imagenet": "tip", "imagenet-a": "tip", "imagenet-v2": "tip", "imagenet-r": "ensemble",
     "imagenet-sketch": "ensemble", "caltech101": "tip", "cars": "tip", "sun397": "tip", "dtd": "dtd",

@@ -24,9 +24,9 @@ back. The formulation follows the reference code (zhangce01/DPE-CLIP, main_dpe.p
    From zero that first step is R = -lr * g / (|g| + eps) in exact arithmetic (`residual_dtype="fp32"`).
    The reference's residuals are fp16 parameters, so torch's AdamW computes the step in fp16, op by op, and
    its second moment 0.001 * g^2 underflows to zero for |g| below about 5.5e-3: the step there is
-   -lr * g / eps, up to 6 times the exact one. `residual_dtype="fp16"` (the default) rounds each of the
-   optimiser's ops to fp16 as torch does (`adamw_first_step`; tested against torch's AdamW on fp16
-   parameters).
+   -lr * g / eps, up to about 6.5 times the exact one. `residual_dtype="fp16"` (the default) rounds each of
+   the optimiser's ops to fp16 as torch's CUDA kernels do (`adamw_first_step`; tested bit for bit against
+   torch's AdamW on fp16 parameters on the CPU, with the CPU kernels' order, and in the GPU tier on CUDA).
 4. The prediction: the same final logits with the updated residuals for the original view's feature (for
    ImageNet-A the reference instead selects the lowest-entropy views again with the updated text prototypes
    and predicts from their mean feature and mean logits: `predict_from_kept`).
@@ -88,6 +88,7 @@ class DPEParams:
     evolve_threshold: float = 0.1
     predict_from_kept: bool = False  # ImageNet-A in the reference: predict from the kept views, not view 0
     residual_dtype: str = "fp16"  # the precision of the optimiser's step: the reference's fp16, or exact fp32
+    kernels: str = "cuda"  # whose fp16 arithmetic the step emulates: the reference's GPU, or "cpu" (for tests)
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ class StepResult:
     entropy: float  # of the sample's summary, divided by log2(n_classes) (the cache ranking key)
     evolved: bool  # whether this sample moved the text prototypes
     kept: Tensor  # (k,) indices of the views the sample's summary used
+    view_logits: Tensor  # (n_views, n_classes) the views' logits with the evolving text prototypes
 
 
 def init_state(n_classes: int, dim: int, params: DPEParams, device: torch.device | None = None,
@@ -114,7 +116,7 @@ def init_state(n_classes: int, dim: int, params: DPEParams, device: torch.device
     }
 
 
-def summarise_views(features: Tensor, logits: Tensor, selection_p: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def sample_summary(features: Tensor, logits: Tensor, selection_p: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(feature, logits, entropy, kept view indices) of one sample from its views' features and logits."""
     if logits.shape[0] == 1:
         return features[0], logits[0], view_entropy(logits)[0], torch.zeros(1, dtype=torch.long)
@@ -145,13 +147,16 @@ def _softmax_entropy(logits: Tensor) -> Tensor:
     return -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
 
 
-def adamw_first_step(grad: Tensor, lr: float, residual_dtype: str) -> Tensor:
+def adamw_first_step(grad: Tensor, lr: float, residual_dtype: str, *, kernels: str = "cuda") -> Tensor:
     """The value of a zero parameter after torch's AdamW takes its first step with gradient `grad` (eps 1e-3).
 
     "fp32": the exact step, -lr * g / (|g| + eps) (the bias corrections cancel the moments' (1 - beta)
     factors; weight decay scales zero). "fp16": a parameter of that dtype, as the reference's residuals are:
     torch computes each op in fp32 and rounds its result to fp16, so the second moment 0.001 * g^2 underflows
-    for small gradients and their step becomes -lr * g / eps. Returned in `grad`'s dtype.
+    for small gradients and their step becomes -lr * g / eps. Within an op the order of the fp32 products
+    depends on the kernels: `kernels="cuda"` (the default: the reference's GPU and its foreach AdamW) computes
+    addcmul and addcdiv as value * (a * b) and value * (a / b), `"cpu"` as (value * a) * b and (value * a) / b;
+    they differ by one fp16 unit on a few elements in 10,000. Returned in `grad`'s dtype.
     """
     if residual_dtype == "fp32":
         return -lr * grad / (grad.abs() + ADAM_EPS)
@@ -162,9 +167,11 @@ def adamw_first_step(grad: Tensor, lr: float, residual_dtype: str) -> Tensor:
     beta1, beta2 = ADAM_BETAS
     g = fp16(grad)  # autograd casts the gradient to the parameter's dtype
     exp_avg = fp16((1 - beta1) * g)  # exp_avg.lerp_(grad, 1 - beta1) from zero
-    exp_avg_sq = fp16((1 - beta2) * g * g)  # exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    # exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2) from zero
+    exp_avg_sq = fp16((1 - beta2) * (g * g) if kernels == "cuda" else (1 - beta2) * g * g)
     denom = fp16(fp16(fp16(exp_avg_sq.sqrt()) / math.sqrt(1 - beta2)) + ADAM_EPS)  # (sqrt / bc2_sqrt).add_(eps)
-    step = fp16(-(lr / (1 - beta1)) * exp_avg / denom)  # param.addcdiv_(exp_avg, denom, value=-step_size)
+    step_size = -(lr / (1 - beta1))  # param.addcdiv_(exp_avg, denom, value=-step_size)
+    step = fp16(step_size * (exp_avg / denom) if kernels == "cuda" else step_size * exp_avg / denom)
     return step.to(grad.dtype)
 
 
@@ -183,8 +190,8 @@ def _tuned_residuals(text: Tensor, feature: Tensor, prototypes: Tensor, classes:
         alignment = F.cross_entropy(similarity, torch.arange(len(classes), device=similarity.device))
         loss = _softmax_entropy(logits) + params.align * alignment
         grad_text, grad_visual = torch.autograd.grad(loss, [text_residual, visual_residual])
-    return (adamw_first_step(grad_text, params.lr_text, params.residual_dtype),
-            adamw_first_step(grad_visual, params.lr_image, params.residual_dtype))
+    return (adamw_first_step(grad_text, params.lr_text, params.residual_dtype, kernels=params.kernels),
+            adamw_first_step(grad_visual, params.lr_image, params.residual_dtype, kernels=params.kernels))
 
 
 def step(state: dict[str, Tensor], features: Tensor, text: Tensor, *, scale: float,
@@ -199,7 +206,7 @@ def step(state: dict[str, Tensor], features: Tensor, text: Tensor, *, scale: flo
     prototypes_text = state["text"]
     n_classes = prototypes_text.shape[0]
     logits = scale * features @ F.normalize(prototypes_text, dim=-1).t()
-    feature, clip_logits, entropy, kept = summarise_views(features, logits, params.selection_p)
+    feature, clip_logits, entropy, kept = sample_summary(features, logits, params.selection_p)
     normalised_entropy = float(entropy) / math.log2(n_classes)
     file_entry(state, "pos", int(clip_logits.argmax()), feature, normalised_entropy, None)
     classes, prototypes = visual_prototypes(state)
@@ -208,7 +215,7 @@ def step(state: dict[str, Tensor], features: Tensor, text: Tensor, *, scale: flo
     tuned_text = F.normalize(prototypes_text + text_residual, dim=-1)
     keys = F.normalize(prototypes + visual_residual, dim=-1)
     if params.predict_from_kept:
-        query, query_logits, _, _ = summarise_views(features, scale * features @ tuned_text.t(), params.selection_p)
+        query, query_logits, _, _ = sample_summary(features, scale * features @ tuned_text.t(), params.selection_p)
     else:
         query = features[0]
         query_logits = scale * (tuned_text @ query)
@@ -218,7 +225,7 @@ def step(state: dict[str, Tensor], features: Tensor, text: Tensor, *, scale: flo
         k = int(state["evolutions"]) + 1
         state["text"] = prototypes_text * (k / (k + 1)) + tuned_text * (1 / (k + 1))
         state["evolutions"] = state["evolutions"] + 1
-    return StepResult(prediction, clip_logits, normalised_entropy, evolved, kept), state
+    return StepResult(prediction, clip_logits, normalised_entropy, evolved, kept, logits), state
 
 
 def state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -358,7 +365,8 @@ class DPE(PromptSetOption, OnlineMethod):
              inputs: StepInputs) -> tuple[StepOutput, dict[str, Tensor]]:
         result, state = step(state, inputs.image_features, inputs.text_features, scale=float(inputs.logit_scale),
                              params=spec.params())
-        scores = ViewScores.of(inputs.logits, result.kept)
+        # The entropies DPE ranked the views by: with its evolving text prototypes, not the fixed classifier.
+        scores = ViewScores.of(result.view_logits, result.kept)
         return StepOutput(logits=result.logits.to(inputs.logits.device), scores=scores), state
 
     def state_dict(self, state: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -5,7 +5,8 @@ CLIP's prompt-engineering recipe, as the TDA, DMN and ZERO code bases build thei
 `single` is the one-template prompt of TPT ("a photo of a {}."), the default of the episodic methods;
 `ensemble` is CLIP's 80 ImageNet templates (the list TDA uses for ImageNet-R and -Sketch); `tip` is the
 7-template subset that ZERO's --templates flag, TDA's ImageNet config and DMN use; a cross-domain dataset's
-format names the one prompt TDA and DMN write for it ("{} texture." for DTD). The lists ship as data in
+format names the one prompt TDA and DMN write for it ("{} texture." for DTD); `cars-dpe` is DPE's two
+Stanford Cars templates. The lists ship as data in
 difftpt_ops/data/imagenet_templates.json and dataset_templates.json and are read once, on first use.
 
 Class descriptions (CuPL: sentences per class, e.g. GPT-written) are averaged in with a class's prompt texts
@@ -45,7 +46,7 @@ def check_prompt_set(value: str, *, argument: str = "prompts") -> None:
 
 @cache
 def prompt_templates(prompt_set: str) -> tuple[str, ...]:
-    """The templates of a prompt set other than "single": "ensemble", "tip", or a dataset's prompt."""
+    """The templates of a prompt set other than "single": "ensemble", "tip", a dataset's prompt or "cars-dpe"."""
     if prompt_set not in PROMPT_SETS[1:]:
         raise InvalidSpecError("prompts", prompt_set,
                                f"has no template list; choose one of {', '.join(PROMPT_SETS[1:])}")
