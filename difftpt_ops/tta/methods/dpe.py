@@ -26,7 +26,8 @@ back. The formulation follows the reference code (zhangce01/DPE-CLIP, main_dpe.p
    its second moment 0.001 * g^2 underflows to zero for |g| below about 5.5e-3: the step there is
    -lr * g / eps, up to about 6.5 times the exact one. `residual_dtype="fp16"` (the default) rounds each of
    the optimiser's ops to fp16 as torch's CUDA kernels do (`adamw_first_step`; tested bit for bit against
-   torch's AdamW on fp16 parameters on the CPU, with the CPU kernels' order, and in the GPU tier on CUDA).
+   torch's AdamW on fp16 parameters on the CPU, with the CPU kernels' order; the GPU tier checks the CUDA
+   order on CUDA).
 4. The prediction: the same final logits with the updated residuals for the original view's feature (for
    ImageNet-A the reference instead selects the lowest-entropy views again with the updated text prototypes
    and predicts from their mean feature and mean logits: `predict_from_kept`).
