@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from difftpt_ops.tta.losses import marginal_entropy, view_entropy
+from difftpt_ops.tta.losses import at_least_fp32, marginal_entropy, view_entropy
 
 
 def file_entry(state: dict[str, Tensor], prefix: str, label: int, key: Tensor, entropy: float,
@@ -52,17 +52,26 @@ def affinity(feature: Tensor, keys: Tensor, count: Tensor, beta: float) -> Tenso
     return weights * filled
 
 
+def negative_cache_logits(state: dict[str, Tensor], feature: Tensor, alpha: float, beta: float) -> Tensor:
+    """alpha * A(negative cache) @ its entries' class masks, (n_classes,); zero while the cache is empty."""
+    if not bool(state["neg_count"].any()):
+        return torch.zeros(state["neg_count"].shape[0])
+    weights = affinity(feature, state["neg_keys"], state["neg_count"], beta)
+    return alpha * (weights.flatten() @ state["neg_mask"].flatten(0, 1).float())
+
+
 def summarise_views(features: Tensor, logits: Tensor,
                     selection_p: float) -> tuple[Tensor, Tensor, float, Tensor, Tensor]:
-    """(feature, logits, entropy, probability map, kept view indices) of one sample from its views."""
-    logits = logits.float()
+    """(feature, logits, entropy, probability map, kept view indices) of one sample from its views (fp32, or
+    fp64 for fp64 inputs)."""
+    logits = at_least_fp32(logits)
     if logits.shape[0] == 1:
-        return (features[0].float(), logits[0], float(view_entropy(logits)[0]), logits[0].softmax(-1),
+        return (at_least_fp32(features[0]), logits[0], float(view_entropy(logits)[0]), logits[0].softmax(-1),
                 torch.zeros(1, dtype=torch.long))
     keep = max(1, int(logits.shape[0] * selection_p))  # the reference's int() alone keeps none of < 10 views
     order = torch.argsort(view_entropy(logits), stable=True)[:keep]
     kept = logits[order]
-    return (features[order].float().mean(0), kept.mean(0), float(marginal_entropy(kept)),
+    return (at_least_fp32(features[order]).mean(0), kept.mean(0), float(marginal_entropy(kept)),
             kept.softmax(-1).mean(0), order)
 
 

@@ -13,6 +13,11 @@ from difftpt_ops.tta.methods.base import ViewPlan
 from difftpt_ops.tta.methods.ensemble import check_prompt_set
 
 
+def or_default(value: float | None, default: float) -> float:
+    """A spec field left None (resolved per dataset), or its own value."""
+    return default if value is None else value
+
+
 def check_stream_settings(spec: Any) -> None:
     """The settings of a cache-based online spec: order seed, prompts, descriptions, views and selection."""
     require(spec.order_seed >= 0, "order_seed", spec.order_seed, "must be >= 0")

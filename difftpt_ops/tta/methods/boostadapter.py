@@ -41,12 +41,18 @@ from difftpt_ops.tta.caches import (
     affinity,
     file_entry,
     load_two_caches,
+    negative_cache_logits,
     summarise_views,
     two_caches,
     two_caches_state_dict,
 )
 from difftpt_ops.tta.losses import view_entropy
-from difftpt_ops.tta.methods._online_specs import check_non_negative, check_stream_settings, check_two_caches
+from difftpt_ops.tta.methods._online_specs import (
+    check_non_negative,
+    check_stream_settings,
+    check_two_caches,
+    or_default,
+)
 from difftpt_ops.tta.methods.base import OnlineMethod, StepInputs, StepOutput, ViewPlan, ViewScores, register
 from difftpt_ops.tta.methods.ensemble import PromptSetOption
 
@@ -105,9 +111,9 @@ def file_first_in_first_out(state: dict[str, Tensor], prefix: str, label: int, k
     count[label] = used + 1
 
 
-def boosting_views(logits: Tensor) -> Tensor:
+def boosting_views(entropies: Tensor) -> Tensor:
     """The 10% lowest-entropy views in ascending entropy (none of fewer than 10 views, as the reference)."""
-    return torch.argsort(view_entropy(logits), stable=True)[:int(logits.shape[0] * BOOST_P)]
+    return torch.argsort(entropies, stable=True)[:int(entropies.shape[0] * BOOST_P)]
 
 
 def boosted_positive_logits(state: dict[str, Tensor], feature: Tensor, views: Tensor, logits: Tensor,
@@ -118,8 +124,9 @@ def boosted_positive_logits(state: dict[str, Tensor], feature: Tensor, views: Te
     are rebuilt as lists (at most pos_shot_capacity + delta each), the others read in place.
     """
     per_class = affinity(feature, state["pos_keys"], state["pos_count"], params.pos_beta).sum(1)
-    chosen = boosting_views(logits)
-    entropies = view_entropy(logits[chosen])
+    all_entropies = view_entropy(logits)
+    chosen = boosting_views(all_entropies)
+    entropies = all_entropies[chosen]
     touched: dict[int, list[tuple[Tensor, float]]] = {}
     for index, entropy in zip(chosen.tolist(), entropies.tolist(), strict=True):
         label = int(logits[index].argmax())
@@ -136,26 +143,15 @@ def boosted_positive_logits(state: dict[str, Tensor], feature: Tensor, views: Te
     return params.pos_alpha * per_class, chosen
 
 
-def negative_logits(state: dict[str, Tensor], feature: Tensor, params: BoostParams) -> Tensor:
-    """neg_alpha * A(negative cache) @ mask (zero while the cache is empty)."""
-    if not bool(state["neg_count"].any()):
-        return torch.zeros(state["neg_count"].shape[0])
-    weights = affinity(feature, state["neg_keys"], state["neg_count"], params.neg_beta)
-    return params.neg_alpha * (weights.flatten() @ state["neg_mask"].flatten(0, 1).float())
-
-
 def step(state: dict[str, Tensor], features: Tensor, logits: Tensor, *,
          params: BoostParams) -> tuple[StepResult, dict[str, Tensor]]:
     """Adapt to one sample and predict it: `features` are its views' normalised features (view 0 the original),
     `logits` their CLIP logits (n_views, n_classes). The state is updated in place and returned.
     """
     features, logits = features.float(), logits.float()
-    if params.summary_from_original:
-        feature, clip_logits = features[0], logits[0]
-        entropy, probs = float(view_entropy(logits[:1])[0]), logits[0].softmax(-1)
-        summarised = torch.zeros(1, dtype=torch.long)
-    else:
-        feature, clip_logits, entropy, probs, summarised = summarise_views(features, logits, params.selection_p)
+    summarised_views = 1 if params.summary_from_original else logits.shape[0]  # infer_ori_image: view 0 alone
+    feature, clip_logits, entropy, probs, summarised = summarise_views(
+        features[:summarised_views], logits[:summarised_views], params.selection_p)
     label = int(clip_logits.argmax())
     file_entry(state, "pos", label, feature, entropy, None)
     positive, chosen = boosted_positive_logits(state, feature, features, logits, params)
@@ -165,8 +161,9 @@ def step(state: dict[str, Tensor], features: Tensor, logits: Tensor, *,
         file_first_in_first_out(state, "neg", label, feature, entropy, mask)
     final = clip_logits + positive
     if params.neg_enabled:
-        final = final - negative_logits(state, feature, params)
-    boosting = [index for index in chosen.tolist() if index not in set(summarised.tolist())]
+        final = final - negative_cache_logits(state, feature, params.neg_alpha, params.neg_beta)
+    already = set(summarised.tolist())
+    boosting = [index for index in chosen.tolist() if index not in already]
     kept = torch.cat([summarised, torch.tensor(boosting, dtype=torch.long)])
     return StepResult(final, clip_logits, entropy, kept), state
 
@@ -211,16 +208,13 @@ class BoostAdapterSpec(MethodSpec):
         """The step's numbers (unresolved fields take imagenet_a.yaml's values)."""
         alpha, beta, delta = CONFIG_BY_FORMAT[DEFAULT_CONFIG]
         return BoostParams(
-            pos_shot_capacity=self.pos_shot_capacity, pos_alpha=_or(self.pos_alpha, alpha),
-            pos_beta=_or(self.pos_beta, beta), neg_enabled=self.neg_enabled, neg_shot_capacity=self.neg_shot_capacity,
+            pos_shot_capacity=self.pos_shot_capacity, pos_alpha=or_default(self.pos_alpha, alpha),
+            pos_beta=or_default(self.pos_beta, beta), neg_enabled=self.neg_enabled,
+            neg_shot_capacity=self.neg_shot_capacity,
             neg_alpha=self.neg_alpha, neg_beta=self.neg_beta, entropy_lower=self.entropy_lower,
             entropy_upper=self.entropy_upper, mask_lower=self.mask_lower, mask_upper=self.mask_upper,
-            delta=int(_or(self.delta, delta)), selection_p=self.selection_p,
+            delta=int(or_default(self.delta, delta)), selection_p=self.selection_p,
             summary_from_original=bool(self.summary_from_original))
-
-
-def _or(value: float | None, default: float) -> float:
-    return default if value is None else value
 
 
 # Per-dataset (pos_alpha, pos_beta, delta) of the reference's configs/*.yaml; the other settings (capacities
@@ -259,7 +253,8 @@ def resolve_for_format(spec: BoostAdapterSpec, dataset_format: str) -> BoostAdap
         summary_from_original=(dataset_format in ORIGINAL_SUMMARY_FORMATS if spec.summary_from_original is None
                                else spec.summary_from_original),
         prompts=spec.prompts or PROMPTS_BY_FORMAT.get(dataset_format, "single"),
-        pos_alpha=_or(spec.pos_alpha, alpha), pos_beta=_or(spec.pos_beta, beta), delta=int(_or(spec.delta, delta)))
+        pos_alpha=or_default(spec.pos_alpha, alpha), pos_beta=or_default(spec.pos_beta, beta),
+        delta=int(or_default(spec.delta, delta)))
 
 
 @register

@@ -58,9 +58,14 @@ from torch import Tensor
 
 from difftpt_ops.core.method_specs import MethodSpec
 from difftpt_ops.core.specs import require
-from difftpt_ops.tta.caches import file_entry
-from difftpt_ops.tta.losses import marginal_entropy, view_entropy
-from difftpt_ops.tta.methods._online_specs import check_non_negative, check_stream_settings, original_plus_crops
+from difftpt_ops.tta.caches import file_entry, summarise_views
+from difftpt_ops.tta.losses import view_entropy
+from difftpt_ops.tta.methods._online_specs import (
+    check_non_negative,
+    check_stream_settings,
+    or_default,
+    original_plus_crops,
+)
 from difftpt_ops.tta.methods.base import OnlineMethod, StepInputs, StepOutput, ViewPlan, ViewScores, register
 from difftpt_ops.tta.methods.ensemble import PromptSetOption
 
@@ -117,16 +122,6 @@ def init_state(n_classes: int, dim: int, params: DPEParams, device: torch.device
     }
 
 
-def sample_summary(features: Tensor, logits: Tensor, selection_p: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(feature, logits, entropy, kept view indices) of one sample from its views' features and logits."""
-    if logits.shape[0] == 1:
-        return features[0], logits[0], view_entropy(logits)[0], torch.zeros(1, dtype=torch.long)
-    keep = max(1, int(logits.shape[0] * selection_p))  # the reference's int() alone keeps none of < 10 views
-    order = torch.argsort(view_entropy(logits), stable=True)[:keep]
-    kept = logits[order]
-    return features[order].mean(0), kept.mean(0), marginal_entropy(kept), order.cpu()
-
-
 def visual_prototypes(state: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     """The cached classes in ascending order and the mean of each one's cached features, (k,) and (k, dim)."""
     count = state["pos_count"]
@@ -142,10 +137,6 @@ def final_logits(feature: Tensor, clip_logits: Tensor, keys: Tensor, classes: Te
     """CLIP logits plus the positive cache's: alpha * exp(-(beta - beta * f.k)) on each cached class."""
     affinity = (-(beta - beta * (keys @ feature))).exp()
     return clip_logits.index_add(0, classes, alpha * affinity)
-
-
-def _softmax_entropy(logits: Tensor) -> Tensor:
-    return -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
 
 
 def adamw_first_step(grad: Tensor, lr: float, residual_dtype: str, *, kernels: str = "cuda") -> Tensor:
@@ -189,7 +180,7 @@ def _tuned_residuals(text: Tensor, feature: Tensor, prototypes: Tensor, classes:
         # InfoNCE between the cached classes' visual and text prototypes (both unit rows already).
         similarity = keys @ prototypes_text[classes].t() / INFO_NCE_TEMPERATURE
         alignment = F.cross_entropy(similarity, torch.arange(len(classes), device=similarity.device))
-        loss = _softmax_entropy(logits) + params.align * alignment
+        loss = view_entropy(logits) + params.align * alignment
         grad_text, grad_visual = torch.autograd.grad(loss, [text_residual, visual_residual])
     return (adamw_first_step(grad_text, params.lr_text, params.residual_dtype, kernels=params.kernels),
             adamw_first_step(grad_visual, params.lr_image, params.residual_dtype, kernels=params.kernels))
@@ -207,8 +198,8 @@ def step(state: dict[str, Tensor], features: Tensor, text: Tensor, *, scale: flo
     prototypes_text = state["text"]
     n_classes = prototypes_text.shape[0]
     logits = scale * features @ F.normalize(prototypes_text, dim=-1).t()
-    feature, clip_logits, entropy, kept = sample_summary(features, logits, params.selection_p)
-    normalised_entropy = float(entropy) / math.log2(n_classes)
+    feature, clip_logits, entropy, _, kept = summarise_views(features, logits, params.selection_p)
+    normalised_entropy = entropy / math.log2(n_classes)
     file_entry(state, "pos", int(clip_logits.argmax()), feature, normalised_entropy, None)
     classes, prototypes = visual_prototypes(state)
     text_residual, visual_residual = _tuned_residuals(prototypes_text, feature, prototypes, classes, scale=scale,
@@ -216,12 +207,12 @@ def step(state: dict[str, Tensor], features: Tensor, text: Tensor, *, scale: flo
     tuned_text = F.normalize(prototypes_text + text_residual, dim=-1)
     keys = F.normalize(prototypes + visual_residual, dim=-1)
     if params.predict_from_kept:
-        query, query_logits, _, _ = sample_summary(features, scale * features @ tuned_text.t(), params.selection_p)
+        query, query_logits, _, _, _ = summarise_views(features, scale * features @ tuned_text.t(), params.selection_p)
     else:
         query = features[0]
         query_logits = scale * (tuned_text @ query)
     prediction = final_logits(query, query_logits, keys, classes, alpha=params.alpha, beta=params.beta)
-    evolved = float(_softmax_entropy(prediction)) / math.log2(n_classes) < params.evolve_threshold
+    evolved = float(view_entropy(prediction)) / math.log2(n_classes) < params.evolve_threshold
     if evolved:
         k = int(state["evolutions"]) + 1
         state["text"] = prototypes_text * (k / (k + 1)) + tuned_text * (1 / (k + 1))
@@ -320,14 +311,11 @@ class DPESpec(MethodSpec):
         """The step's numbers (unresolved fields take imagenet.yaml's values)."""
         alpha, beta, lr_text, lr_image, align = CONFIG_BY_FORMAT["imagenet"]
         return DPEParams(
-            shot_capacity=self.shot_capacity, alpha=_or(self.alpha, alpha), beta=_or(self.beta, beta),
-            lr_text=_or(self.lr_text, lr_text), lr_image=_or(self.lr_image, lr_image), align=_or(self.align, align),
+            shot_capacity=self.shot_capacity, alpha=or_default(self.alpha, alpha), beta=or_default(self.beta, beta),
+            lr_text=or_default(self.lr_text, lr_text), lr_image=or_default(self.lr_image, lr_image),
+            align=or_default(self.align, align),
             selection_p=self.selection_p, evolve_threshold=self.evolve_threshold,
             predict_from_kept=bool(self.predict_from_kept), residual_dtype=self.residual_dtype)
-
-
-def _or(value: float | None, default: float) -> float:
-    return default if value is None else value
 
 
 def resolve_for_format(spec: DPESpec, dataset_format: str) -> DPESpec:
@@ -337,8 +325,9 @@ def resolve_for_format(spec: DPESpec, dataset_format: str) -> DPESpec:
     return dataclasses.replace(
         spec, n_views=n_views, augmix=n_views > 1 if spec.augmix is None else spec.augmix,
         prompts=spec.prompts or PROMPTS_BY_FORMAT.get(dataset_format, "single"),
-        alpha=_or(spec.alpha, alpha), beta=_or(spec.beta, beta), lr_text=_or(spec.lr_text, lr_text),
-        lr_image=_or(spec.lr_image, lr_image), align=_or(spec.align, align),
+        alpha=or_default(spec.alpha, alpha), beta=or_default(spec.beta, beta),
+        lr_text=or_default(spec.lr_text, lr_text),
+        lr_image=or_default(spec.lr_image, lr_image), align=or_default(spec.align, align),
         predict_from_kept=(dataset_format in PREDICT_FROM_KEPT_FORMATS if spec.predict_from_kept is None
                            else spec.predict_from_kept))
 

@@ -38,6 +38,7 @@ from difftpt_ops.tta.caches import (
     affinity,
     file_entry,
     load_two_caches,
+    negative_cache_logits,
     summarise_views,
     two_caches,
     two_caches_state_dict,
@@ -115,10 +116,8 @@ def cache_logits(state: dict[str, Tensor], feature: Tensor, params: TDAParams) -
     if params.pos_enabled:
         weights = affinity(feature, state["pos_keys"], state["pos_count"], params.pos_beta)
         correction = correction + params.pos_alpha * weights.sum(1)  # one-hot values: a class sums its own slots
-    if params.neg_enabled and bool(state["neg_count"].any()):
-        weights = affinity(feature, state["neg_keys"], state["neg_count"], params.neg_beta)
-        masks = state["neg_mask"].flatten(0, 1).float()
-        correction = correction - params.neg_alpha * (weights.flatten() @ masks)
+    if params.neg_enabled:
+        correction = correction - negative_cache_logits(state, feature, params.neg_alpha, params.neg_beta)
     return correction
 
 
