@@ -24,8 +24,11 @@ from tests.unit.tta_support import CLASS_NAMES, random_image
 pytestmark = pytest.mark.gpu
 
 # Smaller than the defaults where a method has many views; every code path still runs.
+# R-TPT: "self" because the default threshold rule turns a last-bit difference between the two paths' image
+# features (other batch shapes on CUDA) into a weight change of up to e-fold (docs/methods.md, R-TPT).
 SMALL = {"tpt": {"n_views": 16, "selection_p": 0.25},
-         "difftpt": {"n_conventional": 8, "n_generated": 4, "steps": 2}}
+         "difftpt": {"n_conventional": 8, "n_generated": 4, "steps": 2},
+         "rtpt": {"n_views": 16, "selection_p": 0.25, "neighbours": 5, "exclude": "self"}}
 
 
 def registered_methods() -> tuple[str, ...]:

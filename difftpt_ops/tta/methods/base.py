@@ -12,7 +12,8 @@ its `kind`:
 - `prompt-tuning` (`PromptTuningMethod`): `select` picks the views at step 0 with the initial prompt,
   then the engine tunes the prompt context with the method's `loss` for `tuning(spec).steps` AdamW steps
   (the text speed-ups, the optimiser, the GradScaler and the episodic reset stay in the engine) and
-  predicts view 0 with the tuned prompt (`predict`). TPT, DiffTPT, C-TPT.
+  predicts view 0 with the tuned prompt (`predict`, which may read more views: `prediction_views`). TPT,
+  DiffTPT, C-TPT, R-TPT.
 - `online` (`OnlineMethod`): `step(spec, state, inputs) -> (StepOutput, state)`; the state is carried
   across samples in a fixed order and checkpointed through `state_dict` / `load_state_dict` (a flat
   dict of tensors, safetensors-ready). TDA, DMN-ZS, DPE, BoostAdapter.
