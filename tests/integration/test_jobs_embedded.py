@@ -121,6 +121,29 @@ def test_a_failing_shard_retries_then_fails_and_resume_finishes_it(env: dict[str
     assert resumed.state == "finished" and count(env["engine"], Prediction, result.run_id) == 48
 
 
+def test_a_shard_whose_setup_fails_is_sent_again_to_its_queue(env: dict[str, Any],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure before the run's context is open (a model that does not load) still names the shard's queue,
+    so a worker sends the retry with its backoff instead of losing it."""
+    from tests.integration.test_jobs_support import RecordingDispatcher
+
+    add_dataset(env["engine"], "toy", 16)
+    settings = make_settings(env["settings"].workspace, env["settings"].database_url,
+                             broker_url="redis://127.0.0.1:1/0")
+    dispatcher = RecordingDispatcher()
+    result = runs.submit_tune(env["engine"], settings, dataset_ref="toy", method="noop", shard_size=16,
+                              dispatcher=dispatcher)
+
+    def no_model(*_args: Any, **_kwargs: Any) -> Any:
+        raise RuntimeError("weights do not load")
+
+    monkeypatch.setattr(shards, "open_run_context", no_model)
+    shard_id = dispatcher.tickets[0].shard_id
+    outcome = shards.execute_shard(env["engine"], settings, shard_id, identity=leases.WorkerIdentity("test@host"))
+    assert (outcome.outcome, outcome.queue) == ("retry", "tune") and (outcome.retry_in_s or 0) > 0
+    assert [s.state for s in shard_rows(env["engine"], result.run_id)] == ["queued"]
+
+
 def test_ctrl_c_leaves_a_run_that_resume_finishes(env: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """KeyboardInterrupt keeps finished samples; resume does the rest without redoing them."""
     add_dataset(env["engine"], "toy", 64)

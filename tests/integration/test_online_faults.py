@@ -183,3 +183,27 @@ def test_two_worker_processes_never_run_one_chain_at_once(workspace: Path, tmp_p
     links = shard_rows(engine, result.run_id)
     for earlier, later in zip(links, links[1:], strict=False):
         assert earlier.finished_at <= later.started_at, "two links of one chain overlapped"
+
+
+def test_a_link_whose_setup_fails_is_sent_again_to_its_queue(workspace: Path, database_url: str, tmp_path: Path,
+                                                             tiny_models_dir: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure before the online run's context is open still names the link's queue, so a worker sends the
+    retry with its backoff instead of losing it."""
+    from difftpt_ops.services.running import online, shards
+    from difftpt_ops.services.running.leases import WorkerIdentity
+    from tests.integration.test_jobs_support import RecordingDispatcher
+
+    settings, engine = online_settings(workspace, database_url, broker_url="redis://127.0.0.1:1/0")
+    image_dataset(engine, tmp_path / "images", n=4)
+    dispatcher = RecordingDispatcher()
+    result = runs.submit_tune(engine, settings, dispatcher=dispatcher, **_submit_args(tiny_models_dir / "clip"))
+
+    def no_model(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("weights do not load")
+
+    monkeypatch.setattr(online, "_context", no_model)
+    first = dispatcher.tickets[0].shard_id
+    outcome = shards.execute_shard(engine, settings, first, identity=WorkerIdentity("test@host"))
+    assert (outcome.outcome, outcome.queue) == ("retry", "tune") and (outcome.retry_in_s or 0) > 0
+    assert shard_rows(engine, result.run_id)[0].state == "queued"

@@ -61,6 +61,7 @@ from difftpt_ops.services.running.leases import (
     release_shard,
 )
 from difftpt_ops.services.running.outcomes import Outcome, ShardOutcome, ShardTicket, retry_delay_s, stop_requested
+from difftpt_ops.services.running.processors import QUEUE_OF_KIND
 
 log = logging.getLogger(__name__)
 
@@ -369,10 +370,11 @@ def execute_online_shard(engine: Engine, settings: Settings, shard_id: int, *, i
         return ShardOutcome(shard_id, Outcome.SKIPPED)
     lease = Lease(engine, claim.shard_id, claim.token, settings.heartbeat_interval_s)
     HEARTBEATS.hold(lease)
-    queue: str | None = None
+    # Online runs are tuning runs: the queue is known even when the context fails to open (a model that does
+    # not load), so a retry is sent again rather than lost.
+    queue: str = QUEUE_OF_KIND["tune"]
     try:
         context = _context(engine, settings, claim.run_id, device=device, worker=identity.label)
-        queue = context.queue
         result = _process(engine, settings, claim, context, lease, progress)
     except KeyboardInterrupt:
         release_shard(engine, claim, ShardState.PENDING)
@@ -395,13 +397,13 @@ def execute_online_shard(engine: Engine, settings: Settings, shard_id: int, *, i
     return ShardOutcome(shard_id, Outcome.DONE, queue, processed=claim.stop - claim.start, follow_up=follow_up)
 
 
-def _next_link(engine: Engine, claim: ChainClaim, queue: str | None) -> tuple[ShardTicket, ...]:
+def _next_link(engine: Engine, claim: ChainClaim, queue: str) -> tuple[ShardTicket, ...]:
     """Mark the next shard of the chain queued; its ticket, for the caller to send after this commit."""
     with engine.begin() as connection:
         next_id = connection.execute(update(Shard.__table__).where(
             _S.run_id == claim.run_id, _S.index == claim.index + 1, _S.state.in_(_OPEN))
             .values(state=ShardState.QUEUED.value).returning(_S.id)).scalar()
-    return (ShardTicket(int(next_id), queue or "tune"),) if next_id is not None else ()
+    return (ShardTicket(int(next_id), queue),) if next_id is not None else ()
 
 
 def _record_failure(engine: Engine, settings: Settings, claim: ChainClaim, queue: str | None,

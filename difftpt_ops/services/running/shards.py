@@ -51,6 +51,7 @@ from difftpt_ops.services.running.leases import (
     release_shard,
 )
 from difftpt_ops.services.running.outcomes import Outcome, ShardOutcome, ShardTicket, retry_delay_s, stop_requested
+from difftpt_ops.services.running.processors import QUEUE_OF_KIND
 from difftpt_ops.services.running.waiting import release_ready
 
 log = logging.getLogger(__name__)
@@ -244,7 +245,9 @@ def execute_shard(engine: Engine, settings: Settings, shard_id: int, *, identity
     claim = claim_shard(engine, settings, shard_id, identity)
     if claim is None:
         return ShardOutcome(shard_id, Outcome.SKIPPED)
-    queue: str | None = None
+    # Known before the run's context opens: a shard whose setup fails (a model that does not load) must still
+    # be sent again to its queue, or its retry is lost and waits for the lost-message check.
+    queue = _queue_of_run(engine, claim.run_id)
     lease = Lease(engine, claim.shard_id, claim.token, settings.heartbeat_interval_s)
     HEARTBEATS.hold(lease)
     try:
@@ -270,6 +273,13 @@ def execute_shard(engine: Engine, settings: Settings, shard_id: int, *, identity
     if outcome.outcome == Outcome.DONE and queue == "generate":
         outcome = _wake_dependents(engine, claim, outcome)
     return outcome
+
+
+def _queue_of_run(engine: Engine, run_id: int) -> str:
+    """The broker queue a run's shards go to (by its kind)."""
+    with engine.connect() as connection:
+        kind = connection.scalar(select(Run.kind).where(Run.id == run_id))
+    return QUEUE_OF_KIND[kind]
 
 
 def _record_provenance(engine: Engine, claim: Claim, context: RunContext) -> None:
