@@ -6,6 +6,7 @@ model is in eval mode with every parameter frozen; the tuning code never trains 
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +58,8 @@ def load_clip(spec: ModelSpec, device: str | torch.device = "cpu", *, cache_dir:
     Raises:
         NotFoundError: `spec.name` is neither a known model nor an existing directory, the directory has no
             open_clip_config.json, or `spec.pretrained` is neither a known tag nor an existing file.
-        InvalidSpecError: the config cannot be read, or the checkpoint does not fit the architecture.
+        InvalidSpecError: the config cannot be read, the checkpoint does not fit the architecture, or a weights
+            file is damaged.
         ServiceUnavailableError: the weights of a hub tag cannot be fetched (offline and not cached).
     """
     import open_clip
@@ -86,6 +88,17 @@ def load_clip(spec: ModelSpec, device: str | torch.device = "cpu", *, cache_dir:
         raise
     except ValueError as exc:  # an unreadable open_clip_config.json
         raise InvalidSpecError("--model", spec.name, f"cannot be loaded: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - only damaged weights are translated; the rest is re-raised
+        if not unreadable_weights(exc):
+            raise
+        # A damaged file is bad input, not a transient failure: say which file, and never retry it.
+        argument, value = ("--model", spec.name) if model_name.startswith(LOCAL_DIR_PREFIX) else \
+            ("--pretrained", str(pretrained))
+        # torch.load's unpickling error text is advice about weights_only, which does not apply to junk.
+        text = str(exc).strip()
+        reason = text.splitlines()[0] if text and not isinstance(exc, pickle.UnpicklingError) else type(exc).__name__
+        raise InvalidSpecError(argument, value, f"its weights cannot be read ({reason}): the file is damaged or "
+                                                f"not a checkpoint") from exc
     model.eval()
     model.requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(model_name)
@@ -101,6 +114,18 @@ def load_clip(spec: ModelSpec, device: str | torch.device = "cpu", *, cache_dir:
         image_size=_image_size(model),
         activation=activation_of(model),
     )
+
+
+def unreadable_weights(exc: BaseException) -> bool:
+    """Whether loading failed because a weights file is damaged (truncated, not a checkpoint at all)."""
+    import zipfile
+
+    if isinstance(exc, (pickle.UnpicklingError, EOFError, zipfile.BadZipFile)):
+        return True
+    if type(exc).__name__ == "SafetensorError":  # safetensors' Rust error type, not importable by a stable path
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("PytorchStreamReader" in text or "central directory" in text)
 
 
 def wants_quick_gelu(spec: ModelSpec, model_name: str, pretrained: str | None) -> bool:

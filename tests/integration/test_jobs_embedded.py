@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
 from difftpt_ops.core.errors import InputError
-from difftpt_ops.db.tables import Prediction
+from difftpt_ops.db.tables import Prediction, Run
 from difftpt_ops.services.reading import reporting
 from difftpt_ops.services.running import contexts, leases, outcomes, processors, runs, shards
 from difftpt_ops.services.running.status import run_status
@@ -116,6 +117,9 @@ def test_a_failing_shard_retries_then_fails_and_resume_finishes_it(env: dict[str
     assert failed[0].samples_done == 0 and count(env["engine"], Prediction, result.run_id) == 32
     status = run_status(env["engine"], env["settings"], result.run_id)[0]
     assert status["failed_shards"][0]["shard"] == failed[0].index
+    with env["engine"].connect() as connection:  # the run says why, not only that shards failed
+        error = connection.scalar(select(Run.error).where(Run.id == result.run_id))
+    assert error.startswith("1 shard(s) failed: RuntimeError: injected failure; `difftpt-ops status")
     monkeypatch.setattr(processors.NoopProcessor, "process", original)
     resumed = runs.resume_run(env["engine"], env["settings"], result.run_id)
     assert resumed.state == "finished" and count(env["engine"], Prediction, result.run_id) == 48

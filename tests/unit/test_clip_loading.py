@@ -79,6 +79,23 @@ def test_directory_without_config_is_not_found(tmp_path: Path) -> None:
         load_clip(ModelSpec(name=str(tmp_path), pretrained=None))
 
 
+def test_damaged_weights_are_bad_input_naming_the_file(tiny_dir: Path, tmp_path: Path) -> None:
+    """A truncated safetensors file in a model directory, or a checkpoint file that is not one: one
+    InvalidSpecError (bad input, so a worker does not retry it) naming the argument, not a library traceback."""
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_dir, damaged)
+    weights = damaged / WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(InvalidSpecError, match=r"--model=.*damaged: its weights cannot be read"):
+        load_clip(ModelSpec(name=str(damaged), pretrained=None))
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(InvalidSpecError, match=r"--pretrained=.*junk.pt: its weights cannot be read"):
+        load_clip(ModelSpec(name="RN50", pretrained=str(junk)))
+
+
 def test_unknown_pretrained_tag_is_not_found() -> None:
     with pytest.raises(NotFoundError) as info:
         load_clip(ModelSpec(name="ViT-B-16", pretrained="no-such-tag"))

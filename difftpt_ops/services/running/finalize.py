@@ -5,6 +5,8 @@ embedded loop and the workers' periodic check; whoever gets there first moves it
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.engine import Engine
 
@@ -28,6 +30,15 @@ def final_run_state(failed_shards: int, failed_samples: int) -> RunState:
     return RunState.FINISHED_WITH_FAILURES if failed_samples else RunState.FINISHED
 
 
+def _run_error(session: Any, run_id: int, failed_shards: int) -> str:
+    """The run's error: how many shards failed and the last line of the first one's traceback (the reason)."""
+    traceback_text = session.scalar(select(Shard.error).where(Shard.run_id == run_id, Shard.state == ShardState.FAILED)
+                                    .order_by(Shard.index).limit(1)) or ""
+    lines = [line.strip() for line in traceback_text.splitlines() if line.strip()]
+    reason = f": {lines[-1][:500]}" if lines else ""
+    return f"{failed_shards} shard(s) failed{reason}; `difftpt-ops status {run_id}` shows the tracebacks"
+
+
 def finalize_run_if_complete(engine: Engine, settings: Settings, run_id: int) -> RunState | None:
     """Move a run whose shards are all terminal to its final state; once, whoever gets there first."""
     with engine.connect() as connection:  # the common case, shards still open, costs one index seek
@@ -43,7 +54,7 @@ def finalize_run_if_complete(engine: Engine, settings: Settings, run_id: int) ->
             return None
         target = final_run_state(failed_shards, failed_samples)
         check_run_transition(RunState(run_state), target)
-        error = f"{failed_shards} shard(s) failed; `difftpt-ops status {run_id}` shows why" if failed_shards else None
+        error = _run_error(session, run_id, failed_shards) if failed_shards else None
         moved = session.execute(update(Run).where(Run.id == run_id, Run.state == run_state).values(
             state=target, finished_at=utcnow(), error=error)).rowcount
     if moved != 1:
