@@ -127,6 +127,12 @@ def _dtype_keyword() -> str:
     return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
 
 
+def check_pipeline_source(model: str) -> None:
+    """Raise when `model` is a local path that is not a diffusers pipeline directory (reads no weights; a hub
+    id is not checked here). `submit generate` calls it before it writes a run."""
+    _model_source(model)
+
+
 def _model_source(model: str) -> tuple[str, bool]:
     """(what to pass to from_pretrained, whether it is a local directory)."""
     path = Path(model).expanduser()

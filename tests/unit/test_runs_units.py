@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from cli.jobs import parse_overrides, parse_run_id
+from cli.common import parse_run_id
+from cli.jobs import parse_overrides
 from difftpt_ops.config import load_settings
 from difftpt_ops.core.errors import InputError, ServiceUnavailableError
 from difftpt_ops.core.status import RunState
@@ -49,6 +50,8 @@ def test_cli_parsers() -> None:
     for bad in ("x", "0", "-3"):
         with pytest.raises(InputError, match="RUN="):
             parse_run_id(bad)
+    with pytest.raises(InputError, match="^RUN_B=abc: not a run id"):
+        parse_run_id("abc", "RUN_B")  # compare's second argument names itself
     assert parse_overrides(["steps=2", "prompt.n_ctx = 8"]) == {"steps": "2", "prompt.n_ctx": "8"}
     with pytest.raises(InputError, match="--set=steps"):
         parse_overrides(["steps"])
@@ -134,3 +137,37 @@ def test_unreachable_broker_is_reported_fast(tmp_path: Path) -> None:
         with pytest.raises(ServiceUnavailableError, match=f"broker redis://127.0.0.1:{port}/0 is unreachable"):
             dispatcher_for(settings).check()
     assert time.monotonic() - started < 6
+
+
+def test_a_local_model_directory_is_recorded_absolute_and_without_a_tag(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The directory's own weights load whatever the tag says, so the default "openai" is not recorded; a
+    relative path is made absolute (it would name another folder elsewhere); hub names are kept as typed."""
+    from difftpt_ops.services.running.runs import run_model_spec
+
+    (tmp_path / "clip").mkdir()
+    (tmp_path / "ckpt.pt").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    local = run_model_spec("clip", "openai", "cpu")
+    assert (local.name, local.pretrained, local.precision) == (str(tmp_path / "clip"), None, "fp32")
+    named = run_model_spec("ViT-B-16", "openai", "cuda")
+    assert (named.name, named.pretrained, named.precision) == ("ViT-B-16", "openai", "fp16")
+    assert run_model_spec("RN50", "ckpt.pt", "cpu").pretrained == str(tmp_path / "ckpt.pt")
+
+
+def test_a_generator_path_is_checked_in_embedded_mode_and_made_absolute(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from difftpt_ops.core.specs import GenerationSpec
+    from difftpt_ops.services.running.runs import generator_path_checked
+
+    settings = load_settings(tmp_path, env={})
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match="--model=./nomodel: no such local model directory"):
+        generator_path_checked(settings, GenerationSpec(model="./nomodel"))
+    (tmp_path / "sd").mkdir()
+    with pytest.raises(InputError, match="not a diffusers pipeline"):
+        generator_path_checked(settings, GenerationSpec(model="sd"))
+    (tmp_path / "sd" / "model_index.json").write_text("{}")
+    assert generator_path_checked(settings, GenerationSpec(model="sd")).model == str(tmp_path / "sd")
+    hub = GenerationSpec(model="lambdalabs/sd-image-variations-diffusers")
+    assert generator_path_checked(settings, hub) == hub

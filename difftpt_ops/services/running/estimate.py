@@ -62,6 +62,7 @@ def estimate_tune(engine: Engine, settings: Settings, *, dataset_ref: str, metho
     found by its fingerprint."""
     from difftpt_ops.services.running.runs import (
         check_execution_args,
+        check_model_path,
         default_shard_size,
         resolve_tune_spec,
         tune_choice,
@@ -70,6 +71,7 @@ def estimate_tune(engine: Engine, settings: Settings, *, dataset_ref: str, metho
     check_execution_args(limit=limit, shard_size=shard_size, device=device, seed=seed)
     choice = tune_choice(settings, method=method, overrides=overrides, model=model, pretrained=pretrained,
                          device=device)
+    check_model_path(settings, choice.method.method, choice.model)  # as submit: a model that cannot exist
     with Session(engine) as session:
         plan = resolve_tune_spec(session, settings, choice, dataset_ref=dataset_ref, generation_id=generation_id,
                                  seed=seed, generation_missing_ok=True)
@@ -98,11 +100,13 @@ def estimate_generate(engine: Engine, settings: Settings, *, dataset_ref: str, s
     """The cost of `submit generate` with this spec: images still missing, their disk and time."""
     from difftpt_ops.models.diffusion import resolve_dtype_name
     from difftpt_ops.services.running.generation import count_missing
-    from difftpt_ops.services.running.runs import check_execution_args, resolve_run_device
+    from difftpt_ops.services.running.runs import check_execution_args, generator_path_checked, resolve_run_device
 
     check_execution_args(limit=limit, shard_size=shard_size, device=device, seed=spec.seed)
-    # As submit does: "auto" dtype resolved on the run's device, so the config is the one submit would use.
+    # As submit does: "auto" dtype resolved on the run's device, the pipeline's path checked and made absolute,
+    # so the config is the one submit would use.
     spec = dataclasses.replace(spec, dtype=resolve_dtype_name(spec.dtype, resolve_run_device(settings, device)))
+    spec = generator_path_checked(settings, spec)
     with Session(engine) as session:
         version = _version(session, dataset_ref)
         samples = _in_scope(version, limit)

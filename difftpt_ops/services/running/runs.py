@@ -84,7 +84,7 @@ def check_execution_args(*, limit: int | None, shard_size: int | None, device: s
         raise InputError("--seed", seed, "must be >= 0")
 
 
-def _check_model_path(settings: Settings, method: str, model: ModelSpec) -> None:
+def check_model_path(settings: Settings, method: str, model: ModelSpec) -> None:
     """An embedded run loads its model here, so a model that cannot exist is bad input before any row is
     written (workers check their own)."""
     if settings.embedded and method != "noop":
@@ -223,7 +223,19 @@ def resolve_run_device(settings: Settings, device: str | None) -> str:
 
 def run_model_spec(model: str, pretrained: str | None, run_device: str) -> ModelSpec:
     """The model a run is for, with the precision its device implies (fp16 frozen weights on CUDA): "auto"
-    would otherwise mean different numbers under one fingerprint."""
+    would otherwise mean different numbers under one fingerprint.
+
+    A local model directory is stored as its absolute path and without a pretrained tag: its own weights and
+    config are what load (the tag is ignored), so recording the default "openai" would misstate what ran, and a
+    relative path would name another folder from another directory or machine. A local checkpoint file given
+    as the tag is stored as its absolute path too.
+    """
+    from pathlib import Path
+
+    if Path(model).expanduser().is_dir():
+        model, pretrained = str(Path(model).expanduser().resolve()), None
+    elif pretrained and Path(pretrained).expanduser().is_file():
+        pretrained = str(Path(pretrained).expanduser().resolve())
     return ModelSpec(name=model, pretrained=pretrained, precision="fp16" if run_device == "cuda" else "fp32")
 
 
@@ -325,7 +337,7 @@ def submit_tune(engine: Engine, settings: Settings, *, dataset_ref: str, method:
     check_execution_args(limit=limit, shard_size=shard_size, device=device, seed=seed)
     choice = tune_choice(settings, method=method, overrides=overrides, model=model, pretrained=pretrained,
                          device=device)
-    _check_model_path(settings, choice.method.method, choice.model)
+    check_model_path(settings, choice.method.method, choice.model)
     _prepare_dispatch(settings, dispatcher)
     # 2. Resolve the spec as it is stored (per-dataset defaults, generation config), then plan the run.
     with session_scope(engine) as session:
@@ -363,6 +375,7 @@ def submit_generate(engine: Engine, settings: Settings, *, dataset_ref: str, spe
     run_device = resolve_run_device(settings, device)
     # "auto" dtype is resolved here: fp16 and fp32 give different pixels, so they are different configs.
     spec = dataclasses.replace(spec, dtype=resolve_dtype_name(spec.dtype, run_device))
+    spec = generator_path_checked(settings, spec)
     with session_scope(engine) as session:
         _, version = _resolve_version(session, dataset_ref)
         config = get_or_create_generation_config(session, spec)
@@ -376,6 +389,20 @@ def submit_generate(engine: Engine, settings: Settings, *, dataset_ref: str, spe
                                   shard_size=shard_size or settings.shard_size, columns=columns)
     return _start(engine, settings, run, created=created, new=new, dispatcher=dispatcher, device=device,
                   progress=progress)
+
+
+def generator_path_checked(settings: Settings, spec: GenerationSpec) -> GenerationSpec:
+    """A local pipeline directory as its absolute path (a relative one names another folder elsewhere); in
+    embedded mode, a local path that is no pipeline is bad input before any row is written (workers check
+    their own, as for `submit tune`)."""
+    from pathlib import Path
+
+    from difftpt_ops.models.diffusion import check_pipeline_source
+
+    if settings.embedded:
+        check_pipeline_source(spec.model)
+    path = Path(spec.model).expanduser()
+    return dataclasses.replace(spec, model=str(path.resolve())) if path.is_dir() else spec
 
 
 def _get_run(session: Session, run_id: int) -> Run:
