@@ -32,6 +32,7 @@ CONFIG_FILE_NAME = "difftpt-ops.toml"  # looked up inside the workspace unless D
 MLFLOW_STANDARD_ENV = "MLFLOW_TRACKING_URI"
 BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp", "sentinel", "memory")  # memory: tests only
 DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:\d+|mps)$"
+MAX_INTERVAL_S = 7 * 24 * 3600.0
 
 
 class Settings(BaseSettings):
@@ -49,10 +50,12 @@ class Settings(BaseSettings):
     artifact_root: Path
     config_file: Path | None = None
     visibility_timeout_s: int = Field(12 * 3600, ge=1)  # must exceed the longest shard
-    heartbeat_interval_s: float = Field(15.0, gt=0)
-    stale_after_s: float = Field(120.0, gt=0)  # a running shard whose heartbeat is older is re-queued
+    # Seconds, finite and at most a week: they become timers and timestamps (inf would crash a thread later).
+    heartbeat_interval_s: float = Field(15.0, gt=0, le=MAX_INTERVAL_S, allow_inf_nan=False)
+    # A running shard whose heartbeat is older is re-queued.
+    stale_after_s: float = Field(120.0, gt=0, le=MAX_INTERVAL_S, allow_inf_nan=False)
     # A shard queued in the database but in no broker queue this long (a broker restart lost it) is sent again.
-    lost_message_grace_s: float = Field(120.0, gt=0)
+    lost_message_grace_s: float = Field(120.0, gt=0, le=MAX_INTERVAL_S, allow_inf_nan=False)
     shard_size: int = Field(64, ge=1)
     # Online runs: a checkpoint per shard (fsynced file + row) and one shard replayed after a crash; larger
     # shards keep the checkpoints' share of the time small (bench/online.py).

@@ -16,6 +16,9 @@ BAD_ENVIRONMENT = [
     ("SHARD_MAX_ATTEMPTS", "0"), ("HEARTBEAT_INTERVAL_S", "-1"), ("HEARTBEAT_INTERVAL_S", "0"),
     ("STALE_AFTER_S", "-3"), ("VISIBILITY_TIMEOUT_S", "0"), ("MLFLOW_LOG_EVERY", "0"),
     ("SQLITE_BUSY_TIMEOUT_MS", "-1"), ("LOST_MESSAGE_GRACE_S", "0"), ("DEVICE", "gpu"),
+    # Intervals become timers and timestamps: infinite or absurdly long ones crashed a thread later.
+    ("HEARTBEAT_INTERVAL_S", "inf"), ("HEARTBEAT_INTERVAL_S", "1e12"), ("STALE_AFTER_S", "inf"),
+    ("LOST_MESSAGE_GRACE_S", "Infinity"), ("STALE_AFTER_S", "nan"),
 ]
 
 
