@@ -212,7 +212,8 @@ def test_params_metrics_and_artifacts_read_back(tracked: tuple[Engine, Settings]
     assert metrics["gpu_hours"] == pytest.approx(1.5)  # only the shard that ran on a GPU counts
 
     history = sorted((m.step, m.value) for m in client.get_metric_history(mlflow_run_id, "running_top1"))
-    expected = [(n, sum(MASK[:n]) / n) for n in range(LOG_EVERY, len(MASK) + 1, LOG_EVERY)]
+    # Every LOG_EVERY samples, and the finished run's last sample (14 is not a multiple of 4).
+    expected = [(n, sum(MASK[:n]) / n) for n in [*range(LOG_EVERY, len(MASK) + 1, LOG_EVERY), len(MASK)]]
     assert [step for step, _ in history] == [step for step, _ in expected]
     assert [value for _, value in history] == pytest.approx([value for _, value in expected])
 
@@ -242,7 +243,7 @@ def test_resume_continues_the_same_mlflow_run(tracked: tuple[Engine, Settings]) 
     done = client.get_run(first)
     assert done.info.status == "FINISHED" and done.data.metrics["samples_done"] == len(MASK)
     steps = [m.step for m in client.get_metric_history(first, "running_top1")]
-    assert sorted(steps) == sorted(set(steps)) == list(range(LOG_EVERY, len(MASK) + 1, LOG_EVERY))
+    assert sorted(steps) == sorted(set(steps)) == [*range(LOG_EVERY, len(MASK) + 1, LOG_EVERY), len(MASK)]
 
     # A lost mapping is recovered through the fingerprint tag, and a repeated sync logs nothing new.
     with session_scope(engine) as session:
@@ -318,7 +319,7 @@ def test_unreachable_tracking_marks_for_sync_then_a_real_server_receives_the_run
     run = client.get_run(mlflow_run_id)
     assert run.info.status == "FINISHED" and run.data.metrics["samples_done"] == len(MASK)
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied: workers need no storage credentials
-    assert len(client.get_metric_history(mlflow_run_id, "running_top1")) == len(MASK) // LOG_EVERY
+    assert len(client.get_metric_history(mlflow_run_id, "running_top1")) == len(MASK) // LOG_EVERY + 1  # + the last
     assert {a.path for a in client.list_artifacts(mlflow_run_id)} == ARTIFACTS
     assert CliRunner().invoke(app, ["mlflow", "sync", "--json"]).stdout.strip() == "[]"  # nothing left to do
 

@@ -159,10 +159,12 @@ def _done(conn: Connection, run_id: int, kind: str) -> int:
 
 
 def _log_running_top1(engine: Engine, tracker: MlflowTracker, mlflow_run_id: str, run_id: int, every: int,
-                      after: int) -> int:
-    """Log the running top-1 points past step `after`; returns the last step logged."""
+                      after: int, *, include_last: bool = False) -> int:
+    """Log the running top-1 points past step `after` (and the last prediction's, for a finished run); returns
+    the last step logged."""
     with engine.connect() as conn:
-        points = [(step, value) for step, value in running_top1(conn, run_id, every) if step > after]
+        points = [(step, value) for step, value in running_top1(conn, run_id, every, include_last=include_last)
+                  if step > after]
     tracker.log_metrics(mlflow_run_id, [(RUNNING_TOP1, value, step) for step, value in points])
     return max([after, *(step for step, _ in points)])
 
@@ -309,7 +311,8 @@ def _sync(engine: Engine, settings: Settings, tracker: MlflowTracker, info: RunI
     summary = _summary(engine, info)
     if run.kind == "tune":
         steps = tracker.metric_steps(snapshot.run_id, RUNNING_TOP1)
-        _log_running_top1(engine, tracker, snapshot.run_id, run.id, settings.mlflow_log_every, max(steps, default=0))
+        _log_running_top1(engine, tracker, snapshot.run_id, run.id, settings.mlflow_log_every, max(steps, default=0),
+                          include_last=terminal)
     metrics = _final_metrics(summary, engine, run.id)
     step = int(metrics.get("samples_done", 0))
     changed = [(k, v, step) for k, v in metrics.items() if snapshot.metrics.get(k) != v]
