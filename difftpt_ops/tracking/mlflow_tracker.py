@@ -23,6 +23,9 @@ _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. /]")
 # MLflow logs its store's table creation at INFO on first use; users and worker logs need warnings only.
 # Set before any `mlflow` import (MLflow reads it once, at import); an explicit value is kept.
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+# With a tracking server MLflow writes "View run ... at: URL" to stdout whenever a run ends: noise on the CLI,
+# and a WARNING line in worker logs (Celery logs stdout at that level). Runs are named `<method> #N` in the UI.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 TERMINAL_STATUSES = frozenset({"FINISHED", "FAILED", "KILLED"})
 # A tracking server that is down must cost seconds, not MLflow's default of 7 retries over minutes:
 # the caller marks the run for `mlflow sync` instead. Explicit environment settings still win.
