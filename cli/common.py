@@ -20,7 +20,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from difftpt_ops.config import Settings, load_settings
-from difftpt_ops.core.errors import DifftptError
+from difftpt_ops.core.errors import DifftptError, InputError
 from difftpt_ops.core.secrets import mask_url
 
 console = Console()
@@ -33,6 +33,8 @@ class ErrorTranslatingGroup(TyperGroup):
     """Translate library errors once, at the edge: one line on stderr and the error's exit code."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        if ctx.parent is None:  # a new invocation (tests run many in one process): no run started yet
+            CURRENT_RUN.run_id = None
         try:
             return super().invoke(ctx)
         except DifftptError as exc:
@@ -40,8 +42,41 @@ class ErrorTranslatingGroup(TyperGroup):
             err_console.print(f"[bold red]error:[/] {escape(mask_url(str(exc)))}", soft_wrap=True, highlight=False)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
-            err_console.print("interrupted; finished work is stored, `difftpt-ops resume RUN` continues")
+            err_console.print(interrupted_line(CURRENT_RUN.run_id), soft_wrap=True, highlight=False, markup=False)
             ctx.exit(130)
+
+
+@dataclass
+class CurrentRun:
+    """The run this invocation is executing in-process, for the Ctrl-C line; set when its execution starts."""
+
+    run_id: int | None = None
+
+
+CURRENT_RUN = CurrentRun()
+
+
+def interrupted_line(run_id: int | None) -> str:
+    """What Ctrl-C leaves: the run to resume, or that no run had started (one line)."""
+    if run_id is None:
+        return "interrupted before any run started; nothing to resume"
+    return f"interrupted; run {run_id}'s finished work is stored, `difftpt-ops resume {run_id}` continues"
+
+
+def run_label(kind: str, method: str) -> str:
+    """`tune tpt`, but `generate` for a generation run (its method slot repeats the kind)."""
+    return kind if method == kind else f"{kind} {method}"
+
+
+def parse_run_id(value: str, argument: str = "RUN") -> int:
+    """RUN arguments are integer run ids, parsed here so a bad one gets the one-line error naming it."""
+    try:
+        run_id = int(value)
+    except ValueError:
+        raise InputError(argument, value, "not a run id (an integer); see `difftpt-ops runs list`") from None
+    if run_id < 1:
+        raise InputError(argument, value, "run ids start at 1")
+    return run_id
 
 
 def escape(text: str) -> str:
@@ -156,8 +191,6 @@ OUTPUT = OutputOptions()
 
 def set_output(*, quiet: bool, verbose: bool, table_format: TableFormat) -> None:
     """Record the flags and set logging: warnings by default, errors only with --quiet, info with --verbose."""
-    from difftpt_ops.core.errors import InputError
-
     if quiet and verbose:
         raise InputError("--quiet", True, "choose one of --quiet and --verbose")
     OUTPUT.quiet, OUTPUT.verbose, OUTPUT.table_format = quiet, verbose, table_format
@@ -199,6 +232,7 @@ class PlainProgress:
         self._stopped = threading.Event()
 
     def start(self, run_id: int, total: int, completed: int) -> None:
+        CURRENT_RUN.run_id = run_id
         self.stop()  # the previous run of a sweep (the executor starts each run; stop comes once, at the end)
         with self._lock:  # the previous run's timer may still be writing a line
             self._label, self._total = f"run {run_id}", total
@@ -252,6 +286,7 @@ class ProgressBar:
         self._last = 0.0
 
     def start(self, run_id: int, total: int, completed: int) -> None:
+        CURRENT_RUN.run_id = run_id
         self.task = self.progress.add_task(f"run {run_id}", total=total, completed=completed, rate="")
         self._state = next(task for task in self.progress.tasks if task.id == self.task)
         self.progress.start()
@@ -269,7 +304,9 @@ class ProgressBar:
 
 
 class _NoProgress:
-    def start(self, run_id: int, total: int, completed: int) -> None: ...
+    def start(self, run_id: int, total: int, completed: int) -> None:
+        CURRENT_RUN.run_id = run_id  # the Ctrl-C line names it
+
     def advance(self, done: int, failed: int) -> None: ...
     def stop(self) -> None: ...
 

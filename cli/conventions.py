@@ -53,7 +53,7 @@ EXAMPLES: dict[str, list[str]] = {
     "table": ["difftpt-ops table --model ViT-B-16", "difftpt-ops table --metric top5 --format markdown"],
     "submit features": ["difftpt-ops submit features --dataset imagenet-r --views tpt",
                         "difftpt-ops submit features --dataset imagenet-r --views difftpt --limit 100"],
-    "runs show": ["difftpt-ops runs show 3", "difftpt-ops runs show 3 --json"],
+    "runs show": ["difftpt-ops runs show 3", "difftpt-ops runs show 3 --json | jq .shard_provenance"],
     "methods list": ["difftpt-ops methods list", "difftpt-ops methods list --format tsv"],
 }
 

@@ -20,9 +20,11 @@ from cli.common import (
     err_console,
     info,
     new_app,
+    parse_run_id,
     print_json,
     print_table,
     progress_sink,
+    run_label,
     settings_of,
 )
 from cli.sweep_cmds import ListSweepOpt, SeedsOpt, SweepOpt, YesOpt, group_text, submit_grid, with_groups
@@ -36,7 +38,7 @@ if TYPE_CHECKING:
 submit_app = new_app("Plan a run, then run it here (embedded default) or enqueue it for the workers (with a broker).")
 runs_app = new_app("Runs: list them (see also `status`, `resume`, `cancel`).")
 
-RunArg = Annotated[str, typer.Argument(metavar="RUN", help="Run id (see `difftpt-ops runs list`).")]
+RunArg = Annotated[str, typer.Argument(metavar="RUN", help="Run id (see `difftpt-ops runs list`).")]  # parse_run_id
 DatasetOpt = Annotated[str, typer.Option("--dataset", help="Dataset name (latest version) or NAME@VERSION.")]
 LimitOpt = Annotated[int | None, typer.Option(
     "--limit", help="Plan only the first N samples; a larger limit later extends the same run.")]
@@ -50,17 +52,6 @@ DeviceOpt = Annotated[str | None, typer.Option(
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the run (part of its identity).")]
 DryRunOpt = Annotated[bool, typer.Option(
     "--dry-run", help="Print samples, shards, images, disk and time it would take; write nothing.")]
-
-
-def parse_run_id(value: str) -> int:
-    """RUN arguments are integer run ids."""
-    try:
-        run_id = int(value)
-    except ValueError:
-        raise InputError("RUN", value, "not a run id (an integer); see `difftpt-ops runs list`") from None
-    if run_id < 1:
-        raise InputError("RUN", value, "run ids start at 1")
-    return run_id
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, str]:
@@ -104,7 +95,7 @@ def _print_submit(result: SubmitResult, as_json: bool) -> None:
         print_json(result.to_dict())
         return
     verb = "created" if result.created else "attached to"
-    typer.echo(f"{verb} run {result.run_id} ({result.kind} {result.method}, {result.num_samples} samples, "
+    typer.echo(f"{verb} run {result.run_id} ({run_label(result.kind, result.method)}, {result.num_samples} samples, "
                f"{result.shards_total} shards, {result.shards_new} new)")
     if result.embedded:
         typer.echo(f"run {result.run_id}: {result.state}")
@@ -132,7 +123,7 @@ def _print_estimate(estimate: Any, as_json: bool) -> None:
         return
     e = estimate
     attach = f"attaches to run {e.existing_run_id}" if e.existing_run_id else "creates a new run"
-    typer.echo(f"dry run: {e.kind} {e.method} on {e.dataset} {attach}; nothing was written")
+    typer.echo(f"dry run: {run_label(e.kind, e.method)} on {e.dataset} {attach}; nothing was written")
     typer.echo(f"  samples:  {e.samples} in scope, {e.samples_to_do} to do")
     typer.echo(f"  shards:   {e.shards_total} ({e.shards_new} new)")
     if e.kind == "generate":
@@ -157,7 +148,9 @@ def submit_tune(
         "--method", help="A registered method: `difftpt-ops methods list` shows them (noop: bookkeeping only).")],
     model: Annotated[str, typer.Option("--model", help="open_clip model name or a local model directory.")]
     = "ViT-B-16",
-    pretrained: Annotated[str, typer.Option("--pretrained", help="open_clip pretrained tag (none: random).")]
+    pretrained: Annotated[str, typer.Option(
+        "--pretrained", help="open_clip pretrained tag or a checkpoint file (none: random weights); a local "
+                             "model directory loads its own weights and is recorded without a tag.")]
     = "openai",
     generation: Annotated[int | None, typer.Option(
         "--generation", help="difftpt: generation config id (default: the latest with images for the dataset).")]

@@ -46,7 +46,9 @@ def submit_features(
     dataset: DatasetOpt,
     model: Annotated[str, typer.Option("--model", help="open_clip model name or a local model directory.")]
     = "ViT-B-16",
-    pretrained: Annotated[str, typer.Option("--pretrained", help="open_clip pretrained tag (none: random).")]
+    pretrained: Annotated[str, typer.Option(
+        "--pretrained", help="open_clip pretrained tag or a checkpoint file (none: random weights); a local "
+                             "model directory loads its own weights and is recorded without a tag.")]
     = "openai",
     views: Annotated[str, typer.Option(
         "--views", help="Whose default views to encode: tpt (original + 63 crops) or difftpt (original + 64 "

@@ -14,6 +14,7 @@ from cli.common import (
     engine_of,
     format_percent,
     new_app,
+    parse_run_id,
     print_json,
     print_mapping,
     print_table,
@@ -24,7 +25,7 @@ from difftpt_ops.core.secrets import mask_url
 
 mlflow_app = new_app("MLflow: bring the tracking server up to date with the database.")
 
-RunArg = Annotated[int, typer.Argument(metavar="RUN", help="Run id (`difftpt-ops runs list`).")]
+RunArg = Annotated[str, typer.Argument(metavar="RUN", help="Run id (`difftpt-ops runs list`).")]  # parse_run_id
 CsvOpt = Annotated[bool, typer.Option("--csv", help="Print CSV.")]
 
 
@@ -54,12 +55,13 @@ def _write_csv(columns: list[str], rows: list[list[Any]]) -> None:
     writer.writerows(rows)
 
 
-def results(ctx: typer.Context, run: RunArg,
+def results(ctx: typer.Context, run_arg: RunArg,
             by_class: Annotated[bool, typer.Option("--by-class", help="Accuracy per class.")] = False,
             as_json: JsonOpt = False, as_csv: CsvOpt = False) -> None:
     """Top-1, top-5, zero-shot top-1 on the same samples, gain, ECE, progress and time per sample."""
     from difftpt_ops.services.reading.results import run_results
 
+    run = parse_run_id(run_arg)
     _one_format(as_json, as_csv)
     payload = run_results(engine_of(ctx), run, by_class=by_class)
     classes = payload.pop("classes", None)
@@ -82,12 +84,13 @@ def results(ctx: typer.Context, run: RunArg,
 
 
 def compare(ctx: typer.Context,
-            run_a: Annotated[int, typer.Argument(metavar="RUN_A", help="First run id.")],
-            run_b: Annotated[int, typer.Argument(metavar="RUN_B", help="Second run id.")],
+            run_a_arg: Annotated[str, typer.Argument(metavar="RUN_A", help="First run id.")],
+            run_b_arg: Annotated[str, typer.Argument(metavar="RUN_B", help="Second run id.")],
             as_json: JsonOpt = False) -> None:
     """Paired comparison on the samples both runs finished: 2x2 counts, difference with 95% CI, McNemar p."""
     from difftpt_ops.services.reading.results import compare_runs
 
+    run_a, run_b = parse_run_id(run_a_arg, "RUN_A"), parse_run_id(run_b_arg, "RUN_B")
     payload = compare_runs(engine_of(ctx), run_a, run_b)
     if as_json:
         print_json(payload)
@@ -128,7 +131,7 @@ def _print_orders(orders: dict[str, Any] | None, prefix: str = "") -> None:
                       {k: _fmt(orders[k], k) for k in keys})
 
 
-def export(ctx: typer.Context, run: RunArg,
+def export(ctx: typer.Context, run_arg: RunArg,
            format: Annotated[str, typer.Option("--format", help="parquet or csv.")] = "parquet",
            output: Annotated[Path | None, typer.Option("--output", "-o",
                                                        help="File to write (default: ./run-RUN.FORMAT).")] = None,
@@ -136,6 +139,7 @@ def export(ctx: typer.Context, run: RunArg,
     """Write the run's per-sample predictions (with paths and class names) to Parquet or CSV."""
     from difftpt_ops.services.reading.results import EXPORT_FORMATS, export_run
 
+    run = parse_run_id(run_arg)
     if format not in EXPORT_FORMATS:
         raise InputError("--format", format, f"must be one of {', '.join(EXPORT_FORMATS)}")
     payload = export_run(engine_of(ctx), run, output or Path(f"run-{run}.{format}"), format)
@@ -157,26 +161,31 @@ def sql(ctx: typer.Context,
     _one_format(as_json, as_csv)
     check_limits(timeout, max_rows)  # before opening the database: a bad option creates nothing
     engine_of(ctx)  # the database exists and is at the current schema (views included)
-    columns, rows = run_readonly_sql(settings_of(ctx), query, timeout_s=timeout, max_rows=max_rows)
+    # One row past --max-rows tells whether the result was cut off; it is never printed.
+    columns, rows = run_readonly_sql(settings_of(ctx), query, timeout_s=timeout,
+                                     max_rows=None if max_rows is None else max_rows + 1)
+    more = max_rows is not None and len(rows) > max_rows
+    rows = rows[:max_rows] if more else rows
     if as_json:
         print_json([dict(zip(columns, row, strict=True)) for row in rows])
     elif as_csv:
         _write_csv(columns, [list(row) for row in rows])
     else:
         print_table(None, columns, [[_fmt(v) for v in row] for row in rows])
-        typer.echo(f"{len(rows)} row(s)", err=True)
+        typer.echo(f"{len(rows)} row(s) shown; more exist (--max-rows {max_rows})" if more else f"{len(rows)} row(s)",
+                   err=True)
 
 
 @mlflow_app.command("sync")
 def mlflow_sync(ctx: typer.Context,
-                run: Annotated[int | None, typer.Argument(metavar="RUN",
+                run: Annotated[str | None, typer.Argument(metavar="RUN",
                                                           help="Run id (default: every run marked for sync).")] = None,
                 as_json: JsonOpt = False) -> None:
     """Log to MLflow what it missed: params, running top-1, final metrics, artifacts, status. Idempotent."""
     from difftpt_ops.services.reading.reporting import sync_runs
 
     settings = settings_of(ctx)
-    outcomes = sync_runs(engine_of(ctx), settings, run)
+    outcomes = sync_runs(engine_of(ctx), settings, None if run is None else parse_run_id(run))
     if as_json:
         print_json(outcomes)
     elif not outcomes:

@@ -7,12 +7,12 @@ from typing import Any
 
 import typer
 
-from cli.common import JsonOpt, engine_of, print_json
+from cli.common import JsonOpt, engine_of, parse_run_id, print_json, run_label
 
 
 def _lines(run: dict[str, Any]) -> list[str]:
     env = run.get("provenance") or {}
-    out = [f"run {run['run_id']}: {run['kind']} {run['method']} on {run['dataset']}, {run['state']} "
+    out = [f"run {run['run_id']}: {run_label(run['kind'], run['method'])} on {run['dataset']}, {run['state']} "
            f"({run['done']} done, {run['failed']} failed of {run['num_samples']})",
            f"model: {run.get('model')} ({run.get('pretrained')}), device {run.get('device')}, "
            f"precision {run.get('precision')}, seed {run.get('seed')}",
@@ -33,13 +33,7 @@ def _lines(run: dict[str, Any]) -> list[str]:
 
 def runs_show(ctx: typer.Context, run: str = typer.Argument(..., metavar="RUN", help="Run id."),
               as_json: JsonOpt = False) -> None:
-    """Show one run: its full spec, what produced it (versions, commit, host) and where its shards ran.
-
-    Examples:
-      difftpt-ops runs show 3
-      difftpt-ops runs show 3 --json | jq .shard_provenance
-    """
-    from cli.jobs import parse_run_id
+    """Show one run: its full spec, what produced it (versions, commit, host) and where its shards ran."""
     from difftpt_ops.services.running.status import show_run
 
     result = show_run(engine_of(ctx), parse_run_id(run))

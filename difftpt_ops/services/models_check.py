@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from difftpt_ops.core.errors import NotFoundError, ServiceUnavailableError
+from difftpt_ops.core.errors import InputError, NotFoundError, ServiceUnavailableError
 from difftpt_ops.core.specs import ModelSpec
 from difftpt_ops.data.images import hash_file
 
@@ -157,6 +157,10 @@ def check_generator(directory: str, *, device: str = "cpu") -> dict[str, Any]:
         except ServiceUnavailableError as exc:
             raise NotFoundError("--generator", directory, f"cannot be loaded offline; {HOW_TO_GET_GENERATOR}"
                                 ) from exc
+        except InputError as exc:  # the loader names `submit generate`'s --model; here the folder is --generator
+            if exc.argument != "--model":
+                raise
+            raise type(exc)("--generator", directory, exc.problem) from exc
     components = {name: type(module).__name__ for name, module in pipe.components.items() if module is not None}
     modules = [m for m in pipe.components.values() if hasattr(m, "parameters")]
     return {

@@ -136,7 +136,9 @@ def test_dry_runs_write_nothing_and_measure_what_they_can(ws: Path, tiny_models_
     assert bad.returncode == 2 and "--device" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     assert _row_counts(ws) == before and _files(ws / "artifacts") == files
 
-    ok(ws, *gen_args, "--per-sample", "2")  # real: 8 images
+    real = ok(ws, *gen_args, "--per-sample", "2").stdout  # real: 8 images
+    generation_run = _latest_run(ws)
+    assert real.splitlines()[0] == f"created run {generation_run} (generate, 4 samples, 1 shards, 1 new)"
     again = json.loads(ok(ws, *gen_args, "--per-sample", "3", "--dry-run", "--json").stdout)
     assert again["images_to_generate"] == 4 * 3  # another config: its own images
     assert again["bytes_source"].startswith("measured on 8 stored image(s) of 32 px images")
@@ -146,6 +148,8 @@ def test_dry_runs_write_nothing_and_measure_what_they_can(ws: Path, tiny_models_
     assert again["seconds_per_unit"] > 0 and again["time_source"].startswith("measured: 8 image(s)")
     same = ok(ws, *gen_args, "--per-sample", "2", "--dry-run").stdout
     assert "attaches to run" in same and "0 to generate" in same
+    assert same.splitlines()[0] == (f"dry run: generate on {DATASET}@1 attaches to run {generation_run}; "
+                                    "nothing was written")
     status = json.loads(ok(ws, "status", str(_latest_run(ws)), "--json").stdout)[0]
     assert (status["disk"]["images"], status["disk"]["image_bytes"]) == (8, sum(sizes))
 
@@ -155,7 +159,8 @@ def _latest_run(workspace: Path) -> int:
         return int(db.execute("SELECT MAX(id) FROM runs").fetchone()[0])
 
 
-def test_models_check_loads_local_weights_and_explains_missing_ones(ws: Path, tiny_models_dir: Path) -> None:
+def test_models_check_loads_local_weights_and_explains_missing_ones(ws: Path, tiny_models_dir: Path,
+                                                                     tmp_path: Path) -> None:
     """A local open_clip folder and a diffusers folder load offline with hashes; missing weights say how to get them."""
     import hashlib
 
@@ -175,6 +180,12 @@ def test_models_check_loads_local_weights_and_explains_missing_ones(ws: Path, ti
     assert "--pretrained /path/ViT-B-16.pt" in missing.stderr
     nowhere = cli(ws, "models", "check", "--model", str(clip_dir), "--generator", "/nonexistent/sd")
     assert nowhere.returncode == 2 and "--generator=/nonexistent/sd" in nowhere.stderr
+    not_a_pipeline = tmp_path / "not-a-pipeline"
+    not_a_pipeline.mkdir()
+    wrong = cli(ws, "models", "check", "--model", str(clip_dir), "--pretrained", "none", "--generator",
+                str(not_a_pipeline))
+    assert wrong.returncode == 2 and wrong.stderr.strip().splitlines() == [
+        f"error: --generator={not_a_pipeline}: is a directory but not a diffusers pipeline (no model_index.json)"]
 
 
 def test_quiet_by_default_and_completion(ws: Path, tmp_path: Path) -> None:

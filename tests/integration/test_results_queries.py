@@ -140,15 +140,23 @@ def test_compare_matches_a_direct_computation(seeded: tuple[Engine, Seeded]) -> 
 
 
 def _check_refusals(engine: Engine, data: Seeded) -> None:
-    """Unknown ids name their argument; runs on different versions share no samples."""
+    """Unknown ids name their argument; runs on another version of the dataset (a subset) are refused as such."""
+    from difftpt_ops.db.tables import Dataset, DatasetVersion, Run
+
     with pytest.raises(NotFoundError, match="RUN=999"):
         run_results(engine, 999)
     with pytest.raises(NotFoundError, match="RUN_B=999"):
         compare_runs(engine, data.run_a, 999)
     with session_scope(engine) as session:
-        other = make_run(session, make_dataset_version(session, 5, 2), method="tpt").id
-    with pytest.raises(InputError, match="share no samples"):
+        version_a = session.get(DatasetVersion, session.get(Run, data.run_a).dataset_version_id)
+        dataset = session.get(Dataset, version_a.dataset_id)
+        subset = make_dataset_version(session, 5, dataset=dataset, version=version_a.version + 1)
+        other = make_run(session, subset, method="tpt").id
+        name, v_a, v_b = dataset.name, version_a.version, subset.version
+    with pytest.raises(InputError) as info:
         compare_runs(engine, data.run_a, other)
+    assert str(info.value) == (f"RUN_B={other}: is on {name}@{v_b} but RUN_A={data.run_a} is on {name}@{v_a}: "
+                               "compare needs both runs on the same dataset version")
 
 
 def test_export_round_trip(seeded: tuple[Engine, Seeded], tmp_path: Path) -> None:
@@ -191,6 +199,22 @@ def test_views_agree_with_the_services(seeded: tuple[Engine, Seeded]) -> None:
     assert detail["label_name"] == "class0"
 
 
+def test_run_summary_counts_a_generation_run_from_its_shards(engine: Engine) -> None:
+    """A generation run has no predictions: its done / failed / pending come from its shards' counters, as
+    `runs list` reports them (the view used to show a finished generation run as all pending)."""
+    with session_scope(engine) as session:
+        version = make_dataset_version(session, 10, 2)
+        spec = {"kind": "generate", "nonce": "g"}
+        run = make_run(session, version, method="generate", kind="generate", spec=spec)
+        make_shard(session, run, index=0, start=0, stop=6, samples_done=6)
+        make_shard(session, run, index=1, start=6, stop=10, samples_done=3, samples_failed=1)
+        run_id = run.id
+    with engine.connect() as conn:
+        row = conn.execute(text("SELECT kind, done, failed, pending FROM run_summary WHERE run_id = :r"),
+                           {"r": run_id}).mappings().one()
+    assert dict(row) == {"kind": "generate", "done": 9, "failed": 1, "pending": 0}
+
+
 def test_cli_results_compare_export(engine: Engine, cli_env: dict[str, str], tmp_path: Path) -> None:
     """The commands print JSON/CSV from the services; an unknown run is one line and exit 2."""
     from cli.main import app
@@ -210,3 +234,10 @@ def test_cli_results_compare_export(engine: Engine, cli_env: dict[str, str], tmp
     out = runner.invoke(app, ["results", "4242"])
     assert out.exit_code == 2
     assert out.stderr.strip().splitlines() == ["error: RUN=4242: no such run; `difftpt-ops runs list` shows the runs"]
+    # A RUN that is not an integer gets the same one line as `status`/`runs show`, naming the argument.
+    for args, argument in ((["results", "abc"], "RUN"), (["export", "abc"], "RUN"), (["compare", "abc", "1"], "RUN_A"),
+                           (["compare", "1", "abc"], "RUN_B")):
+        out = runner.invoke(app, args)
+        assert out.exit_code == 2, (args, out.output)
+        assert out.stderr.strip().splitlines() == [
+            f"error: {argument}=abc: not a run id (an integer); see `difftpt-ops runs list`"], args

@@ -128,6 +128,16 @@ def test_cli_sql_prints_json_and_csv_and_refuses_writes(engine: Engine, cli_env:
     assert out.stdout.splitlines()[0] == "run_id,done"
     out = runner.invoke(app, ["sql", "DELETE FROM predictions"])
     assert out.exit_code == 2 and "read-only" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    # --max-rows: the footer says when rows were left out; exactly that many rows are printed in every format.
+    three = "SELECT 1 AS n UNION ALL SELECT 2 UNION ALL SELECT 3"
+    out = runner.invoke(app, ["sql", three, "--max-rows", "2", "--format", "tsv"])
+    assert out.exit_code == 0, out.output
+    assert out.stdout.splitlines() == ["n", "1", "2"]
+    assert out.stderr.strip().splitlines() == ["2 row(s) shown; more exist (--max-rows 2)"]
+    out = runner.invoke(app, ["sql", three, "--max-rows", "3", "--format", "tsv"])
+    assert out.stdout.splitlines() == ["n", "1", "2", "3"] and out.stderr.strip().splitlines() == ["3 row(s)"]
+    out = runner.invoke(app, ["sql", three, "--max-rows", "2", "--json"])
+    assert json.loads(out.stdout) == [{"n": 1}, {"n": 2}]
 
 
 def test_the_parser_knows_quotes_comments_and_dollar_quotes() -> None:

@@ -44,6 +44,7 @@ def test_help_follows_the_conventions(path: str) -> None:
     assert set(arguments) - {"ARGS"} <= ARGUMENT_NAMES, usage
     lines = [line.strip() for line in text.strip().splitlines()]
     assert "Examples:" in lines
+    assert sum("Examples:" in line for line in lines) == 1, "examples once, in the epilog (not also in the docstring)"
     examples = lines[lines.index("Examples:") + 1:]
     assert examples and all(line.startswith("$ difftpt-ops ") for line in examples if line)
 

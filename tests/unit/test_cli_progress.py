@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from cli.common import PlainProgress
@@ -84,3 +86,34 @@ def test_one_sink_serves_the_runs_of_a_sweep_in_turn(ticker: bool) -> None:
         expected += [f"run {run_id}: 0/3 samples, - samples/s, ETA ?",
                      f"run {run_id}: 3/3 samples, 1.00 samples/s, ETA 0m00s"]
     assert lines == expected
+
+
+def test_ctrl_c_names_the_run_it_interrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Ctrl-C line names the run whose execution had started (from the progress sink, --json included),
+    says nothing was started when none had, and never carries a run over to the next invocation."""
+    from typer.testing import CliRunner
+
+    import cli.jobs
+    from cli.main import app
+    from difftpt_ops.services.running import runs
+
+    started: list[int] = []
+
+    def interrupted_submit(*_args: object, progress: object, **_kwargs: object) -> None:
+        for run_id in started:  # the executor starts the sink with the run it executes
+            progress.start(run_id, 10, 0)  # type: ignore[attr-defined]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "submit_tune", interrupted_submit)
+    monkeypatch.setattr(cli.jobs, "engine_of", lambda _ctx: None)
+    submit = ["-w", str(tmp_path / "ws"), "submit", "tune", "--dataset", "photos", "--method", "tpt"]
+    runner = CliRunner()
+    for run_ids, flags, line in (
+            ([7], [], "interrupted; run 7's finished work is stored, `difftpt-ops resume 7` continues"),
+            ([4, 5], ["--json"], "interrupted; run 5's finished work is stored, `difftpt-ops resume 5` continues"),
+            ([], [], "interrupted before any run started; nothing to resume")):
+        started[:] = run_ids
+        out = runner.invoke(app, [*submit, *flags])
+        assert out.exit_code == 130, out.output
+        assert out.stderr.strip().splitlines()[-1] == line
+        assert "RUN" not in out.stderr

@@ -132,14 +132,17 @@ def gpu_hours(conn: Connection, run_id: int) -> float:
     return float(seconds) / 3600.0
 
 
-def running_top1(conn: Connection, run_id: int, every: int) -> list[tuple[int, float]]:
-    """(samples done, top-1 over those samples) at every `every` predictions, in the order they were stored."""
+def running_top1(conn: Connection, run_id: int, every: int, *, include_last: bool = False) -> list[tuple[int, float]]:
+    """(samples done, top-1 over those samples) at every `every` predictions, in the order they were stored;
+    `include_last` adds the point at the last prediction (a finished run's curve ends at its final top-1, and a
+    run shorter than `every` gets a point at all)."""
     rows = conn.execute(text("""
         SELECT n, c FROM (
-            SELECT ROW_NUMBER() OVER (ORDER BY id) AS n,
+            SELECT ROW_NUMBER() OVER (ORDER BY id) AS n, COUNT(*) OVER () AS total,
                    SUM(CASE WHEN correct THEN 1 ELSE 0 END) OVER (ORDER BY id ROWS UNBOUNDED PRECEDING) AS c
             FROM predictions WHERE run_id = :run_id) t
-        WHERE n % :every = 0 ORDER BY n"""), {"run_id": run_id, "every": max(1, int(every))}).all()
+        WHERE n % :every = 0 OR (:last AND n = total) ORDER BY n"""),
+        {"run_id": run_id, "every": max(1, int(every)), "last": bool(include_last)}).all()
     return [(int(n), int(c) / int(n)) for n, c in rows]
 
 
@@ -223,8 +226,8 @@ def compare_runs(engine: Engine, run_a: int, run_b: int) -> dict[str, Any]:
     with engine.connect() as conn:
         a, b = load_tune_run_info(conn, run_a, "RUN_A"), load_tune_run_info(conn, run_b, "RUN_B")
         if a.run.dataset_version_id != b.run.dataset_version_id:
-            raise InputError("RUN_B", run_b, f"is on {b.dataset}@v{b.dataset_version} but RUN_A={run_a} is on "
-                             f"{a.dataset}@v{a.dataset_version}: the runs share no samples")
+            raise InputError("RUN_B", run_b, f"is on {b.dataset}@{b.dataset_version} but RUN_A={run_a} is on "
+                             f"{a.dataset}@{a.dataset_version}: compare needs both runs on the same dataset version")
         row = conn.execute(text("""
             SELECT COUNT(*),
                    SUM(CASE WHEN a.correct AND b.correct THEN 1 ELSE 0 END),
