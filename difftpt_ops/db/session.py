@@ -76,15 +76,15 @@ def _create_engine(url: str, busy_timeout_ms: int) -> Engine:
 
 
 def _sqlite_folder(database: str, url: str) -> None:
-    """The SQLite file's folder, created if missing; a path that cannot hold a file is bad input."""
+    """The SQLite file's folder must exist (the workspace's is created before this): a mistyped path would
+    otherwise create folders and an empty database anywhere, and every command would then report what that
+    empty database lacks. A path that cannot hold a file is bad input."""
     path = Path(database)
     if path.is_dir():
         raise InputError("DIFFTPT_OPS_DATABASE_URL", url, "names a folder, not a database file")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError("DIFFTPT_OPS_DATABASE_URL", url, f"cannot create the folder {path.parent} "
-                                                          f"({exc.strerror})") from exc
+    if not path.parent.is_dir():
+        raise InputError("DIFFTPT_OPS_DATABASE_URL", url, f"the folder {path.parent} does not exist (it is not "
+                                                          "created: create it, or check the path)")
 
 
 def dispose_engines() -> None:

@@ -62,7 +62,10 @@ def test_bad_database_urls_at_db_upgrade(tmp_path: Path) -> None:
     _fails(env, 2, "db", "upgrade", "--url", "bogus", says="--url=bogus")
     _fails(env, 2, "db", "upgrade", "--url", "postgresql://u@h:notaport/x", says="not a database URL")
     (tmp_path / "a-file").write_text("x")
-    _fails(env, 2, "db", "upgrade", "--url", f"sqlite:///{tmp_path / 'a-file' / 'x.db'}", says="cannot create")
+    _fails(env, 2, "db", "upgrade", "--url", f"sqlite:///{tmp_path / 'a-file' / 'x.db'}", says="does not exist")
+    # A mistyped folder is not created (it would hold a new, empty database every command then reads).
+    _fails(env, 2, "db", "upgrade", "--url", f"sqlite:///{tmp_path / 'typo' / 'dir' / 'x.db'}",
+           says="typo/dir does not exist (it is not created")
     _fails(env, 2, "db", "upgrade", "--url", f"sqlite:///{tmp_path}", says="names a folder")
     _fails(env, 1, "db", "upgrade", "--url", "postgresql://postgres@127.0.0.1:1/x", says="unreachable")
     _fails(_env(tmp_path / "ws", DIFFTPT_OPS_DATABASE_URL="mysql+nodriver://x/y"), 2, "db", "upgrade",
