@@ -55,6 +55,19 @@ def _submit(env: dict[str, Any], **kwargs: Any) -> runs.SubmitResult:
     return runs.submit_tune(env["engine"], env["settings"], **options)
 
 
+def _submit_queued(env: dict[str, Any], n: int) -> tuple[Any, Any, runs.SubmitResult]:
+    """A noop run of `n` samples submitted as with a broker: its tickets recorded, its shards queued."""
+    from tests.integration.test_jobs_support import RecordingDispatcher
+
+    add_dataset(env["engine"], "toy", n)
+    settings = make_settings(env["settings"].workspace, env["settings"].database_url,
+                             broker_url="redis://127.0.0.1:1/0")
+    dispatcher = RecordingDispatcher()
+    result = runs.submit_tune(env["engine"], settings, dataset_ref="toy", method="noop", shard_size=16,
+                              dispatcher=dispatcher)
+    return settings, dispatcher, result
+
+
 def test_submit_gives_one_prediction_per_sample(env: dict[str, Any]) -> None:
     """An embedded noop run finishes with exactly one prediction per sample and every shard done."""
     add_dataset(env["engine"], "toy", 100)
@@ -129,14 +142,7 @@ def test_a_shard_whose_setup_fails_is_sent_again_to_its_queue(env: dict[str, Any
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """A failure before the run's context is open (a model that does not load) still names the shard's queue,
     so a worker sends the retry with its backoff instead of losing it."""
-    from tests.integration.test_jobs_support import RecordingDispatcher
-
-    add_dataset(env["engine"], "toy", 16)
-    settings = make_settings(env["settings"].workspace, env["settings"].database_url,
-                             broker_url="redis://127.0.0.1:1/0")
-    dispatcher = RecordingDispatcher()
-    result = runs.submit_tune(env["engine"], settings, dataset_ref="toy", method="noop", shard_size=16,
-                              dispatcher=dispatcher)
+    settings, dispatcher, result = _submit_queued(env, 16)
 
     def no_model(*_args: Any, **_kwargs: Any) -> Any:
         raise RuntimeError("weights do not load")
@@ -175,14 +181,7 @@ def test_ctrl_c_leaves_a_run_that_resume_finishes(env: dict[str, Any], monkeypat
 
 def test_cancel_and_duplicate_deliveries(env: dict[str, Any]) -> None:
     """With a broker, shards are queued; a shard runs once however often it is delivered; cancel stops the rest."""
-    from tests.integration.test_jobs_support import RecordingDispatcher
-
-    add_dataset(env["engine"], "toy", 48)
-    settings = make_settings(env["settings"].workspace, env["settings"].database_url,
-                             broker_url="redis://127.0.0.1:1/0")
-    dispatcher = RecordingDispatcher()
-    result = runs.submit_tune(env["engine"], settings, dataset_ref="toy", method="noop", shard_size=16,
-                              dispatcher=dispatcher)
+    settings, dispatcher, result = _submit_queued(env, 48)
     assert dispatcher.checked == 1 and [t.queue for t in dispatcher.tickets] == ["tune"] * 3
     assert {s.state for s in shard_rows(env["engine"], result.run_id)} == {"queued"}
     worker = leases.WorkerIdentity("test@host")
