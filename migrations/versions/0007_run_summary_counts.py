@@ -21,7 +21,6 @@ branch_labels = None
 depends_on = None
 
 
-
 def _load_0003():  # type: ignore[no-untyped-def]
     """The 0003 migration module, loaded from its file (version files are not an importable package)."""
     spec = importlib.util.spec_from_file_location("_difftpt_migration_0003", Path(__file__).with_name("0003_trust.py"))
@@ -31,43 +30,24 @@ def _load_0003():  # type: ignore[no-untyped-def]
     return module
 
 
-# The view as 0003 defined it (the downgrade restores it); its helper for the accuracy ratios is reused.
+# The view as 0003 defined it: rewritten here, restored by the downgrade.
 _trust = _load_0003()
-
-
-def run_summary() -> str:
-    ratio = _trust._ratio
-    done = "CASE WHEN r.kind = 'tune' THEN COALESCE(p.done, 0) ELSE COALESCE(s.done, 0) END"
-    failed = "CASE WHEN r.kind = 'tune' THEN COALESCE(e.failed, 0) ELSE COALESCE(s.failed, 0) END"
-    return f"""
-CREATE VIEW run_summary AS
-SELECT r.id AS run_id, r.kind, r.method, r.state, d.name AS dataset, dv.version AS dataset_version,
-       r.model_name AS model, r.pretrained, r.seed, r.device, r.precision, r.settings,
-       r.num_samples, {done} AS done, {failed} AS failed,
-       r.num_samples - ({done}) - ({failed}) AS pending,
-       p.top1, p.top5, p.zeroshot_top1, p.top1_zeroshot_samples - p.zeroshot_top1 AS gain,
-       p.mean_seconds, r.fingerprint, r.mlflow_run_id, r.created_at, r.started_at, r.finished_at
-FROM runs r
-JOIN dataset_versions dv ON dv.id = r.dataset_version_id
-JOIN datasets d ON d.id = dv.dataset_id
-LEFT JOIN (
-    SELECT run_id, COUNT(*) AS done,
-           {ratio("correct")} AS top1,
-           {ratio("top5_correct")} AS top5,
-           {ratio("zeroshot_correct", when_null="zeroshot_correct")} AS zeroshot_top1,
-           {ratio("correct", when_null="zeroshot_correct")} AS top1_zeroshot_samples,
-           CAST(AVG(seconds) AS DOUBLE PRECISION) AS mean_seconds
-    FROM predictions GROUP BY run_id
-) p ON p.run_id = r.id
-LEFT JOIN (
-    SELECT e.run_id, COUNT(*) AS failed FROM sample_errors e
-    WHERE NOT EXISTS (SELECT 1 FROM predictions x WHERE x.run_id = e.run_id AND x.sample_id = e.sample_id)
-    GROUP BY e.run_id
-) e ON e.run_id = r.id
-LEFT JOIN (
+_COUNTS_0003 = ("COALESCE(p.done, 0) AS done, COALESCE(e.failed, 0) AS failed,\n"
+                "       r.num_samples - COALESCE(p.done, 0) - COALESCE(e.failed, 0) AS pending")
+_DONE = "CASE WHEN r.kind = 'tune' THEN COALESCE(p.done, 0) ELSE COALESCE(s.done, 0) END"
+_FAILED = "CASE WHEN r.kind = 'tune' THEN COALESCE(e.failed, 0) ELSE COALESCE(s.failed, 0) END"
+_SHARD_COUNTS = """LEFT JOIN (
     SELECT run_id, SUM(samples_done) AS done, SUM(samples_failed) AS failed FROM shards GROUP BY run_id
 ) s ON s.run_id = r.id
 """
+
+
+def run_summary() -> str:
+    """0003's view with the counts of runs other than tuning runs read from their shards."""
+    view = _trust.run_summary(with_run_columns=True)
+    assert _COUNTS_0003 in view, "0003's view text changed; this migration rewrites it"
+    counts = f"{_DONE} AS done, {_FAILED} AS failed,\n       r.num_samples - ({_DONE}) - ({_FAILED}) AS pending"
+    return view.replace(_COUNTS_0003, counts).rstrip() + "\n" + _SHARD_COUNTS
 
 
 def upgrade() -> None:
