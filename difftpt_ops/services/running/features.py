@@ -250,7 +250,7 @@ def submit_features(engine: Engine, settings: Settings, *, dataset_ref: str, mod
     method_spec = method_spec_from(views)
     run_device = runs.resolve_run_device(settings, device)
     model_spec = runs.run_model_spec(model, pretrained, run_device)
-    runs._check_model_path(settings, views, model_spec)
+    runs.check_model_path(settings, views, model_spec)
     runs._prepare_dispatch(settings, dispatcher)
     with session_scope(engine) as session:
         _, version = runs._resolve_version(session, dataset_ref)
