@@ -288,7 +288,8 @@ def _status_rows(runs: list[dict[str, Any]]) -> list[list[Any]]:
         parts = [f"{disk['images']} images {_human_bytes(disk['image_bytes'])}" if disk.get("images") else "",
                  f"{disk['features']} features {_human_bytes(disk['feature_bytes'])}" if disk.get("features") else ""]
         images = ", ".join(part for part in parts if part)
-        rows.append([run["run_id"], f"{run['kind']}/{run['method']}", run["dataset"], run["state"], run["done"],
+        state = "stopped" if run.get("stopped") else run["state"]  # stored as running: nothing runs it now
+        rows.append([run["run_id"], f"{run['kind']}/{run['method']}", run["dataset"], state, run["done"],
                      run["failed"], run["pending"], _fmt_rate(run), _fmt_eta(run), workers, images])
     return rows
 
@@ -307,6 +308,9 @@ def _print_status(runs: list[dict[str, Any]]) -> None:
             typer.echo(f"run {run['run_id']} shard {waiting['shard']} waits: {waiting['reason']}")
         if run.get("error"):
             typer.echo(f"run {run['run_id']}: {run['error']}")
+        if run.get("stopped"):
+            typer.echo(f"run {run['run_id']} is stopped: no worker holds or will receive its shards "
+                       f"(interrupted, killed, or never enqueued); `difftpt-ops resume {run['run_id']}` continues it")
 
 
 def status(

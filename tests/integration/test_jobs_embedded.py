@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from difftpt_ops.core.errors import InputError
-from difftpt_ops.db.tables import Prediction, Run
+from difftpt_ops.db.tables import Prediction, Run, Shard
 from difftpt_ops.services.reading import reporting
-from difftpt_ops.services.running import contexts, leases, outcomes, processors, runs, shards
+from difftpt_ops.services.running import contexts, embedded, leases, outcomes, processors, runs, shards
 from difftpt_ops.services.running.status import run_status
 from tests.integration.test_jobs_support import (
     add_dataset,
@@ -174,9 +174,46 @@ def test_ctrl_c_leaves_a_run_that_resume_finishes(env: dict[str, Any], monkeypat
     assert count(env["engine"], Prediction, run_id) == 37  # shards 0-1 done, shard 2's first 5 samples flushed
     interrupted = shard_rows(env["engine"], run_id)[2]
     assert (interrupted.state, interrupted.attempts, interrupted.samples_done) == ("pending", 0, 5)
+    status = run_status(env["engine"], env["settings"], run_id)[0]
+    assert (status["state"], status["stopped"], status["workers"]) == ("running", True, [])
     resumed = runs.resume_run(env["engine"], env["settings"], run_id)
     assert resumed.state == "finished" and distinct_predictions(env["engine"], run_id) == 64
     assert sorted(read_trace(env["trace"])) == list(range(64))
+
+
+def test_ctrl_c_during_a_retry_backoff_leaves_no_shard_queued(env: dict[str, Any],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shard waiting out its retry backoff in the embedded executor was queued for that process only: after
+    Ctrl-C it is pending again and the run reads as stopped (not as queued for workers that do not exist)."""
+    add_dataset(env["engine"], "toy", 32)
+    original = processors.NoopProcessor.process
+
+    def broken(self: processors.NoopProcessor, sample: Any) -> Any:
+        if sample.index == 3:
+            raise RuntimeError("injected failure")
+        return original(self, sample)
+
+    def ctrl_c(_due: float) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(processors.NoopProcessor, "process", broken)
+    monkeypatch.setattr(embedded, "_wait_until", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        _submit(env)
+    assert [(s.state, s.attempts) for s in shard_rows(env["engine"], 1)] == [("pending", 1), ("done", 1)]
+    assert run_status(env["engine"], env["settings"], 1)[0]["stopped"] is True
+    monkeypatch.setattr(processors.NoopProcessor, "process", original)
+    assert runs.resume_run(env["engine"], env["settings"], 1).state == "finished"
+
+
+def test_a_queued_run_is_not_stopped(env: dict[str, Any]) -> None:
+    """Shards in a broker queue will be picked up: the run is not reported as stopped; a run whose shards
+    were never enqueued (the broker was down at submit) is."""
+    settings, _dispatcher, result = _submit_queued(env, 16)
+    assert run_status(env["engine"], settings, result.run_id)[0]["stopped"] is False
+    with env["engine"].begin() as connection:
+        connection.execute(update(Shard).where(Shard.run_id == result.run_id).values(state="pending"))
+    assert run_status(env["engine"], settings, result.run_id)[0]["stopped"] is True
 
 
 def test_cancel_and_duplicate_deliveries(env: dict[str, Any]) -> None:

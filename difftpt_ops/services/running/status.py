@@ -115,10 +115,11 @@ def _details(session: Session, settings: Settings, run: Run, summary: dict[str, 
     if run.kind == "generate" and rate is not None:
         # A generation run's unit of work is a sample, but what users size and compare is images.
         rate, unit = rate * _images_per_sample(run), "images"
+    workers = active_workers(running, now=now, stale_after_s=settings.stale_after_s)
     summary.update(
         shards=shards, throughput=round(rate, 3) if rate is not None else None, throughput_unit=unit,
-        eta_s=round(eta, 1) if eta is not None else None,
-        workers=active_workers(running, now=now, stale_after_s=settings.stale_after_s),
+        eta_s=round(eta, 1) if eta is not None else None, workers=workers,
+        stopped=is_stopped(run.state, shards, workers),
         failed_shards=[{"shard": index, "error": (error or "").strip().splitlines()[-1:]} for index, error in failures],
         waiting_shards=[{"shard": index, "reason": reason} for index, reason in waiting])
 
@@ -145,6 +146,18 @@ def run_status(engine: Engine, settings: Settings, run_id: int | None = None) ->
             _details(session, settings, run, summary, now)
             out.append(summary)
     return out
+
+
+def is_stopped(state: str, shards: dict[str, int], workers: list[dict[str, Any]]) -> bool:
+    """An active run that nothing is working on and nothing will pick up: no live worker holds one of its
+    shards, none is in a broker queue (or an embedded retry backoff), none waits for its inputs.
+
+    That is an embedded run after Ctrl-C or a kill, a run whose submit could not reach the broker, or a
+    run whose workers all died before the lost-worker check re-queued their shards: `resume` continues it.
+    (The embedded executor passes through this state for an instant between two shards.)
+    """
+    return is_active(state) and not workers and not any(
+        shards.get(state_.value) for state_ in (ShardState.QUEUED, ShardState.WAITING))
 
 
 def is_active(state: str) -> bool:
