@@ -180,6 +180,8 @@ class Shard(Base):
     waiting_reason: Mapped[str | None] = mapped_column(Text)  # why a waiting shard is not claimable yet
     # The machine and software of the attempt that claimed it last: device, precision, host, versions.
     provenance: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # When a lost-message check last sent this queued shard again: one check claims each re-send.
+    resent_at: Mapped[datetime | None] = mapped_column(Timestamp)
 
 
 class Prediction(Base):

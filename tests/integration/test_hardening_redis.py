@@ -68,6 +68,44 @@ def test_queued_shards_lost_by_a_restart_are_sent_again_after_the_grace_period(
         assert requeue_lost_messages(engine, settings, dispatcher, missing) == 0  # nothing is lost now
 
 
+class _StaleView:
+    """A second worker whose broker listing was taken before the first worker's re-send arrived."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+    def enqueued_shard_ids(self) -> set[int]:
+        return set()
+
+    def check(self) -> None:
+        return None
+
+    def send(self, tickets: list[object]) -> None:
+        self.sent += len(tickets)
+
+
+def test_two_workers_checks_send_a_lost_shard_once(tmp_path: Path, workspace: Path, database_url: str,
+                                                   tiny_models_dir: Path) -> None:
+    """After a restart every worker's check sees the same shards missing: one claims each re-send (once per
+    grace period), so a shard gets one new message, not one per worker."""
+    with private_redis(tmp_path) as redis:
+        settings = make_settings(workspace, database_url, broker_url=redis.url, lost_message_grace_s="1.0")
+        engine = open_engine(settings)
+        run_id = _submit(engine, settings, tiny_models_dir, tmp_path / "images")
+        first, second = dispatcher_for(settings), _StaleView()
+        missing_first: dict[int, float] = {}
+        missing_second: dict[int, float] = {}
+        redis.restart()
+        assert requeue_lost_messages(engine, settings, first, missing_first) == 0
+        assert requeue_lost_messages(engine, settings, second, missing_second) == 0  # type: ignore[arg-type]
+        time.sleep(1.1)
+        assert requeue_lost_messages(engine, settings, first, missing_first) == 2
+        assert requeue_lost_messages(engine, settings, second, missing_second) == 0  # type: ignore[arg-type]
+        assert second.sent == 0 and all(shard.resent_at is not None for shard in shard_rows(engine, run_id))
+        time.sleep(1.1)  # a grace period later the claim is free again: a shard lost twice is sent twice
+        assert requeue_lost_messages(engine, settings, second, missing_second) == 2  # type: ignore[arg-type]
+
+
 def test_rabbitmq_is_not_inspected() -> None:
     """Only Redis forgets its queues on a restart; for other brokers the check sends nothing."""
     settings = make_settings(Path("/nonexistent"), "sqlite:///:memory:", broker_url="amqp://guest@127.0.0.1//")

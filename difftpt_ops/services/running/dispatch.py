@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Protocol
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -128,8 +129,9 @@ def requeue_lost_messages(engine: Engine, settings: Settings, dispatcher: Dispat
     run would sit idle until someone typed `resume`. A shard queued in the database but in no broker queue
     (nor delivered, unacknowledged) for `lost_message_grace_s` is sent again. The grace period covers the
     moment between the commit that marks a shard queued and the send. `missing_since` (shard id -> monotonic
-    time first seen missing) is the caller's memory between checks. A duplicate message is harmless: a shard
-    is claimed once. Returns the number of shards sent again.
+    time first seen missing) is the caller's memory between checks. The workers' checks share the work
+    through the database: one of them sends each lost shard (`Shard.resent_at`). Returns the number of
+    shards this check sent again.
     """
     inspect = getattr(dispatcher, "enqueued_shard_ids", None)
     if inspect is None:
@@ -150,8 +152,29 @@ def requeue_lost_messages(engine: Engine, settings: Settings, dispatcher: Dispat
             continue
         if now - missing_since.setdefault(shard_id, now) >= settings.lost_message_grace_s:
             due.append(ShardTicket(shard_id, QUEUE_OF_KIND[kind]))
+    due = _claim_resends(engine, due, grace_s=settings.lost_message_grace_s)
     if due:
         dispatcher.send(due)
-        for ticket in due:
-            missing_since.pop(ticket.shard_id, None)
+    for ticket in due:
+        missing_since.pop(ticket.shard_id, None)
     return len(due)
+
+
+def _claim_resends(engine: Engine, tickets: list[ShardTicket], *, grace_s: float) -> list[ShardTicket]:
+    """The tickets this check may send: every worker's check sees the same lost shards after a broker
+    restart, and without a claim each would send one (a failing shard would then run its attempts back
+    to back). A shard is claimed once per grace period, and only while it is still queued."""
+    if not tickets:
+        return []
+    now = utcnow()
+    cutoff = now - timedelta(seconds=grace_s)
+    claimed = []
+    with engine.begin() as connection:
+        for ticket in tickets:
+            moved = connection.execute(update(Shard.__table__).where(
+                Shard.__table__.c.id == ticket.shard_id, Shard.__table__.c.state == ShardState.QUEUED.value,
+                or_(Shard.__table__.c.resent_at.is_(None), Shard.__table__.c.resent_at <= cutoff),
+            ).values(resent_at=now)).rowcount
+            if moved == 1:
+                claimed.append(ticket)
+    return claimed
