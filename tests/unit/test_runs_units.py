@@ -18,7 +18,8 @@ from difftpt_ops.core.status import RunState
 from difftpt_ops.services.running.finalize import final_run_state
 from difftpt_ops.services.running.leases import WorkerIdentity, is_reclaimable, worker_is_gone, worker_name
 from difftpt_ops.services.running.outcomes import retry_delay_s
-from difftpt_ops.services.running.runs import check_execution_args, shard_ranges
+from difftpt_ops.services.running.runs import shard_ranges
+from difftpt_ops.services.running.submit_checks import check_execution_args
 from workers.launcher import child_specs, parse_gpus, parse_queues
 
 pytestmark = pytest.mark.unit
@@ -143,7 +144,7 @@ def test_a_local_model_directory_is_recorded_absolute_and_without_a_tag(tmp_path
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """The directory's own weights load whatever the tag says, so the default "openai" is not recorded; a
     relative path is made absolute (it would name another folder elsewhere); hub names are kept as typed."""
-    from difftpt_ops.services.running.runs import run_model_spec
+    from difftpt_ops.services.running.submit_checks import run_model_spec
 
     (tmp_path / "clip").mkdir()
     (tmp_path / "ckpt.pt").write_bytes(b"")
@@ -158,7 +159,7 @@ def test_a_local_model_directory_is_recorded_absolute_and_without_a_tag(tmp_path
 def test_a_generator_path_is_checked_in_embedded_mode_and_made_absolute(tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     from difftpt_ops.core.specs import GenerationSpec
-    from difftpt_ops.services.running.runs import generator_path_checked
+    from difftpt_ops.services.running.submit_checks import generator_path_checked
 
     settings = load_settings(tmp_path, env={})
     monkeypatch.chdir(tmp_path)

@@ -60,13 +60,8 @@ def estimate_tune(engine: Engine, settings: Settings, *, dataset_ref: str, metho
     """The cost of `submit tune` with these arguments. Raises InputError/NotFoundError as submit would: the
     spec is resolved by the same function (`runs.resolve_tune_spec`), so the run a submit would attach to is
     found by its fingerprint."""
-    from difftpt_ops.services.running.runs import (
-        check_execution_args,
-        check_model_path,
-        default_shard_size,
-        resolve_tune_spec,
-        tune_choice,
-    )
+    from difftpt_ops.services.running.runs import default_shard_size, resolve_tune_spec, tune_choice
+    from difftpt_ops.services.running.submit_checks import check_execution_args, check_model_path
 
     check_execution_args(limit=limit, shard_size=shard_size, device=device, seed=seed)
     choice = tune_choice(settings, method=method, overrides=overrides, model=model, pretrained=pretrained,
@@ -100,7 +95,11 @@ def estimate_generate(engine: Engine, settings: Settings, *, dataset_ref: str, s
     """The cost of `submit generate` with this spec: images still missing, their disk and time."""
     from difftpt_ops.models.diffusion import resolve_dtype_name
     from difftpt_ops.services.running.generation import count_missing
-    from difftpt_ops.services.running.runs import check_execution_args, generator_path_checked, resolve_run_device
+    from difftpt_ops.services.running.submit_checks import (
+        check_execution_args,
+        generator_path_checked,
+        resolve_run_device,
+    )
 
     check_execution_args(limit=limit, shard_size=shard_size, device=device, seed=spec.seed)
     # As submit does: "auto" dtype resolved on the run's device, the pipeline's path checked and made absolute,

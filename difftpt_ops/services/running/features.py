@@ -32,6 +32,12 @@ from difftpt_ops.db.tables import GeneratedImage, Run, ViewFeatures
 from difftpt_ops.db.writes import insert_many_ignore
 from difftpt_ops.services.running.generation import GeneratedViews
 from difftpt_ops.services.running.processors import MODELS, execution_device
+from difftpt_ops.services.running.submit_checks import (
+    check_execution_args,
+    check_model_path,
+    resolve_run_device,
+    run_model_spec,
+)
 
 FEATURES_KIND = "features"
 
@@ -246,11 +252,11 @@ def submit_features(engine: Engine, settings: Settings, *, dataset_ref: str, mod
     from difftpt_ops.services.running import runs
 
     check_views(views)
-    runs.check_execution_args(limit=limit, shard_size=shard_size, device=device, seed=seed)
+    check_execution_args(limit=limit, shard_size=shard_size, device=device, seed=seed)
     method_spec = method_spec_from(views)
-    run_device = runs.resolve_run_device(settings, device)
-    model_spec = runs.run_model_spec(model, pretrained, run_device)
-    runs.check_model_path(settings, views, model_spec)
+    run_device = resolve_run_device(settings, device)
+    model_spec = run_model_spec(model, pretrained, run_device)
+    check_model_path(settings, views, model_spec)
     runs._prepare_dispatch(settings, dispatcher)
     with session_scope(engine) as session:
         _, version = runs._resolve_version(session, dataset_ref)

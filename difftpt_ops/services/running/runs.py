@@ -11,7 +11,6 @@ commit (`dispatch`); without one (the embedded default) `embedded` runs them in 
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -45,9 +44,13 @@ from difftpt_ops.services.running.embedded import ProgressSink, run_embedded
 from difftpt_ops.services.running.finalize import finalize_run_if_complete
 from difftpt_ops.services.running.generation import get_or_create_generation_config, spec_of
 from difftpt_ops.services.running.status import is_active
-
-MAX_SHARD_SIZE = 10_000  # a shard's sample ids go into one IN (...) list
-_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+from difftpt_ops.services.running.submit_checks import (
+    check_execution_args,
+    check_model_path,
+    generator_path_checked,
+    resolve_run_device,
+    run_model_spec,
+)
 
 
 @dataclass
@@ -69,28 +72,6 @@ class SubmitResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def check_execution_args(*, limit: int | None, shard_size: int | None, device: str | None = None,
-                         seed: int = 0) -> None:
-    """Validate the options that are not part of a spec; InputError names the bad one."""
-    if limit is not None and limit < 1:
-        raise InputError("--limit", limit, "must be >= 1")
-    if shard_size is not None and not 1 <= shard_size <= MAX_SHARD_SIZE:
-        raise InputError("--shard-size", shard_size, f"must be between 1 and {MAX_SHARD_SIZE}")
-    if device is not None and not _DEVICE.match(device):
-        raise InputError("--device", device, "must be auto, cpu, mps, cuda or cuda:N")
-    if seed < 0:
-        raise InputError("--seed", seed, "must be >= 0")
-
-
-def check_model_path(settings: Settings, method: str, model: ModelSpec) -> None:
-    """An embedded run loads its model here, so a model that cannot exist is bad input before any row is
-    written (workers check their own)."""
-    if settings.embedded and method != "noop":
-        from difftpt_ops.models.clip import check_clip_source
-
-        check_clip_source(model)
 
 
 def _prepare_dispatch(settings: Settings, dispatcher: Dispatcher | None) -> None:
@@ -197,55 +178,20 @@ def _require_generated_images(session: Session, version: DatasetVersion, config:
                          "generation run) first")
 
 
-def resolve_run_device(settings: Settings, device: str | None) -> str:
-    """The kind of device a run is for, resolved once at submit and stored in its spec.
-
-    The explicit --device, else DIFFTPT_OPS_DEVICE, else auto: CUDA when this machine has it, else the CPU.
-    With a broker, submit from a machine with the same kind of device as the workers, or pass --device.
-
-    Raises:
-        InputError: --device cuda in embedded mode on a machine without CUDA.
-    """
-    chosen = device or settings.device
-    kind = chosen.split(":", 1)[0]
-    if chosen != "auto" and not (kind == "cuda" and settings.embedded):
-        return kind
-    import torch
-
-    has_cuda = torch.cuda.is_available()
-    if chosen == "auto":
-        return "cuda" if has_cuda else "cpu"
-    if not has_cuda:
-        raise InputError("--device", chosen, "CUDA is not available on this machine (no GPU or no driver); "
-                                             "use --device cpu")
-    return kind
-
-
-def run_model_spec(model: str, pretrained: str | None, run_device: str) -> ModelSpec:
-    """The model a run is for, with the precision its device implies (fp16 frozen weights on CUDA): "auto"
-    would otherwise mean different numbers under one fingerprint.
-
-    A local model directory is stored as its absolute path and without a pretrained tag: its own weights and
-    config are what load (the tag is ignored), so recording the default "openai" would misstate what ran, and a
-    relative path would name another folder from another directory or machine. A local checkpoint file given
-    as the tag is stored as its absolute path too.
-    """
-    from pathlib import Path
-
-    if Path(model).expanduser().is_dir():
-        model, pretrained = str(Path(model).expanduser().resolve()), None
-    elif pretrained and Path(pretrained).expanduser().is_file():
-        pretrained = str(Path(pretrained).expanduser().resolve())
-    return ModelSpec(name=model, pretrained=pretrained, precision="fp16" if run_device == "cuda" else "fp32")
-
-
-def _run_columns(spec: TuneRunSpec, method_spec: Any) -> dict[str, Any]:
+def _run_columns(spec: TuneRunSpec, method_spec: Any, provenance: dict[str, Any]) -> dict[str, Any]:
     """The run's spec fields as plain columns (runs list, run_summary), and its provenance."""
-    from difftpt_ops.provenance import environment
-
     return {"model_name": spec.model.name, "pretrained": spec.model.pretrained, "seed": spec.seed,
             "device": spec.device, "precision": spec.model.precision,
-            "settings": non_default_settings(method_spec), "provenance": environment()}
+            "settings": non_default_settings(method_spec), "provenance": provenance}
+
+
+def _submit_environment() -> dict[str, Any]:
+    """The submitting machine's provenance. Called before any transaction opens: the first call in a process
+    imports torch and runs git, and a transaction held open meanwhile stalls concurrent submits (PostgreSQL
+    showed them idle in transaction for seconds, minutes under load)."""
+    from difftpt_ops.provenance import environment
+
+    return environment()
 
 
 def non_default_settings(method_spec: Any) -> str:
@@ -339,22 +285,24 @@ def submit_tune(engine: Engine, settings: Settings, *, dataset_ref: str, method:
                          device=device)
     check_model_path(settings, choice.method.method, choice.model)
     _prepare_dispatch(settings, dispatcher)
+    # Slow first calls (imports, git) happen here, before any transaction: see _submit_environment.
+    provenance, shard_size = _submit_environment(), shard_size or default_shard_size(settings, choice.method.method)
     # 2. Resolve the spec as it is stored (per-dataset defaults, generation config), then plan the run.
     with session_scope(engine) as session:
         plan = resolve_tune_spec(session, settings, choice, dataset_ref=dataset_ref, generation_id=generation_id,
                                  seed=seed)
-        spec, version, config = plan.spec, plan.version, plan.config
-        if plan.descriptions is not None:  # the file before the run that names it
-            store_descriptions(settings, spec.method.descriptions, plan.descriptions)  # type: ignore[attr-defined]
+    spec, version, config = plan.spec, plan.version, plan.config
+    if plan.descriptions is not None:  # the file before the run that names it; written (fsync) outside a transaction
+        store_descriptions(settings, spec.method.descriptions, plan.descriptions)  # type: ignore[attr-defined]
+    with session_scope(engine) as session:  # a second transaction: _plan finds or creates the run by fingerprint
         if settings.embedded:
             stop = version.num_samples if limit is None else min(limit, version.num_samples)
             _require_generated_images(session, version, config, int(getattr(spec.method, "n_generated", 0) or 0),
                                       stop, dataset_ref)
         run, created, new = _plan(session, kind="tune", method=spec.method.method, fingerprint=spec.fingerprint(),
                                   spec=spec.to_dict(), version=version, limit=limit,
-                                  generation_config_id=config.id if config else None,
-                                  shard_size=shard_size or default_shard_size(settings, spec.method.method),
-                                  columns=_run_columns(spec, spec.method))
+                                  generation_config_id=config.id if config else None, shard_size=shard_size,
+                                  columns=_run_columns(spec, spec.method, provenance))
     # 3. Run or enqueue what is left.
     return _start(engine, settings, run, created=created, new=new, dispatcher=dispatcher, device=device,
                   progress=progress)
@@ -370,39 +318,25 @@ def submit_generate(engine: Engine, settings: Settings, *, dataset_ref: str, spe
         raise InputError("--batch-size", batch_size, "must be >= 1")
     _prepare_dispatch(settings, dispatcher)
     from difftpt_ops.models.diffusion import resolve_dtype_name
-    from difftpt_ops.provenance import environment
 
     run_device = resolve_run_device(settings, device)
     # "auto" dtype is resolved here: fp16 and fp32 give different pixels, so they are different configs.
     spec = dataclasses.replace(spec, dtype=resolve_dtype_name(spec.dtype, run_device))
     spec = generator_path_checked(settings, spec)
+    provenance = _submit_environment()  # before the transaction, whose config insert other submits wait on
     with session_scope(engine) as session:
         _, version = _resolve_version(session, dataset_ref)
         config = get_or_create_generation_config(session, spec)
         run_spec = GenerateRunSpec(generation=spec, dataset_fingerprint=version.fingerprint, device=run_device,
                                    batch_size=batch_size)
         columns = {"model_name": spec.model, "seed": spec.seed, "device": run_device, "precision": spec.dtype,
-                   "provenance": environment()}
+                   "provenance": provenance}
         run, created, new = _plan(session, kind="generate", method="generate", fingerprint=run_spec.fingerprint(),
                                   spec=run_spec.to_dict(), version=version,
                                   generation_config_id=config.id, limit=limit,
                                   shard_size=shard_size or settings.shard_size, columns=columns)
     return _start(engine, settings, run, created=created, new=new, dispatcher=dispatcher, device=device,
                   progress=progress)
-
-
-def generator_path_checked(settings: Settings, spec: GenerationSpec) -> GenerationSpec:
-    """A local pipeline directory as its absolute path (a relative one names another folder elsewhere); in
-    embedded mode, a local path that is no pipeline is bad input before any row is written (workers check
-    their own, as for `submit tune`)."""
-    from pathlib import Path
-
-    from difftpt_ops.models.diffusion import check_pipeline_source
-
-    if settings.embedded:
-        check_pipeline_source(spec.model)
-    path = Path(spec.model).expanduser()
-    return dataclasses.replace(spec, model=str(path.resolve())) if path.is_dir() else spec
 
 
 def _get_run(session: Session, run_id: int) -> Run:

@@ -1,0 +1,95 @@
+"""What `submit` checks and resolves before it writes anything: the execution options, the device a run is
+for, the model as a run records it (and, in embedded mode, that it can load), the generator's path.
+
+`runs`, `features` and `estimate` share these, so a dry run refuses what the submit would refuse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from difftpt_ops.config import Settings
+from difftpt_ops.core.errors import InputError
+from difftpt_ops.core.specs import GenerationSpec, ModelSpec
+
+MAX_SHARD_SIZE = 10_000  # a shard's sample ids go into one IN (...) list
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def check_execution_args(*, limit: int | None, shard_size: int | None, device: str | None = None,
+                         seed: int = 0) -> None:
+    """Validate the options that are not part of a spec; InputError names the bad one."""
+    if limit is not None and limit < 1:
+        raise InputError("--limit", limit, "must be >= 1")
+    if shard_size is not None and not 1 <= shard_size <= MAX_SHARD_SIZE:
+        raise InputError("--shard-size", shard_size, f"must be between 1 and {MAX_SHARD_SIZE}")
+    if device is not None and not _DEVICE.match(device):
+        raise InputError("--device", device, "must be auto, cpu, mps, cuda or cuda:N")
+    if seed < 0:
+        raise InputError("--seed", seed, "must be >= 0")
+
+
+def check_model_path(settings: Settings, method: str, model: ModelSpec) -> None:
+    """An embedded run loads its model here, so a model that cannot exist is bad input before any row is
+    written (workers check their own)."""
+    if settings.embedded and method != "noop":
+        from difftpt_ops.models.clip import check_clip_source
+
+        check_clip_source(model)
+
+
+def resolve_run_device(settings: Settings, device: str | None) -> str:
+    """The kind of device a run is for, resolved once at submit and stored in its spec.
+
+    The explicit --device, else DIFFTPT_OPS_DEVICE, else auto: CUDA when this machine has it, else the CPU.
+    With a broker, submit from a machine with the same kind of device as the workers, or pass --device.
+
+    Raises:
+        InputError: --device cuda in embedded mode on a machine without CUDA.
+    """
+    chosen = device or settings.device
+    kind = chosen.split(":", 1)[0]
+    if chosen != "auto" and not (kind == "cuda" and settings.embedded):
+        return kind
+    import torch
+
+    has_cuda = torch.cuda.is_available()
+    if chosen == "auto":
+        return "cuda" if has_cuda else "cpu"
+    if not has_cuda:
+        raise InputError("--device", chosen, "CUDA is not available on this machine (no GPU or no driver); "
+                                             "use --device cpu")
+    return kind
+
+
+def run_model_spec(model: str, pretrained: str | None, run_device: str) -> ModelSpec:
+    """The model a run is for, with the precision its device implies (fp16 frozen weights on CUDA): "auto"
+    would otherwise mean different numbers under one fingerprint.
+
+    A local model directory is stored as its absolute path and without a pretrained tag: its own weights and
+    config are what load (the tag is ignored), so recording the default "openai" would misstate what ran, and a
+    relative path would name another folder from another directory or machine. A local checkpoint file given
+    as the tag is stored as its absolute path too.
+    """
+    from pathlib import Path
+
+    if Path(model).expanduser().is_dir():
+        model, pretrained = str(Path(model).expanduser().resolve()), None
+    elif pretrained and Path(pretrained).expanduser().is_file():
+        pretrained = str(Path(pretrained).expanduser().resolve())
+    return ModelSpec(name=model, pretrained=pretrained, precision="fp16" if run_device == "cuda" else "fp32")
+
+
+def generator_path_checked(settings: Settings, spec: GenerationSpec) -> GenerationSpec:
+    """A local pipeline directory as its absolute path (a relative one names another folder elsewhere); in
+    embedded mode, a local path that is no pipeline is bad input before any row is written (workers check
+    their own, as for `submit tune`)."""
+    from pathlib import Path
+
+    from difftpt_ops.models.diffusion import check_pipeline_source
+
+    if settings.embedded:
+        check_pipeline_source(spec.model)
+    path = Path(spec.model).expanduser()
+    return dataclasses.replace(spec, model=str(path.resolve())) if path.is_dir() else spec
