@@ -10,6 +10,7 @@ shutdown (the running shard stores its finished samples and is re-queued) and ex
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import shutil
 import signal
@@ -148,6 +149,42 @@ def child_specs(settings: Settings, *, gpus: list[str | None], queues: list[str]
     return specs
 
 
+def claim_node_names(specs: list[ChildSpec], *, suffix: str) -> tuple[list[ChildSpec], list[socket.socket]]:
+    """Celery node names must be unique on a host, and two supervisors with the same GPUs and queues would
+    build the same ones (`celery inspect` then hears one of them). Each name is claimed by binding a Linux
+    abstract socket named after it, held while this supervisor lives and released by the kernel when it
+    dies; a name another supervisor holds gets `-suffix`. Elsewhere (no abstract sockets) names stay as built.
+
+    Returns the specs, renamed where needed, and the sockets to keep open.
+    """
+    claimed, held = [], []
+    for spec in specs:
+        name = spec.name
+        for candidate in (spec.name, f"{spec.name}-{suffix}"):
+            holder = _bind_abstract(f"difftpt-ops-node:{candidate}")
+            if holder is not None:
+                name = candidate
+                held.append(holder)
+                break
+        argv = tuple(name if arg == spec.name else arg for arg in spec.argv)
+        claimed.append(dataclasses.replace(spec, name=name, argv=argv))
+    return claimed, held
+
+
+def _bind_abstract(address: str) -> socket.socket | None:
+    """A socket bound to `address` in the abstract namespace; None when another process holds it (or the
+    platform has no abstract namespace)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    holder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        holder.bind("\0" + address)
+    except OSError:
+        holder.close()
+        return None
+    return holder
+
+
 def _die_with(supervisor_pid: int) -> Callable[[], None]:
     """Linux: the child gets SIGTERM if the supervisor is killed, instead of running on orphaned."""
 
@@ -264,4 +301,9 @@ def run_workers(settings: Settings, *, gpus: str = "all", queues: str = ",".join
     # 3. Supervise.
     specs = child_specs(settings, gpus=devices, queues=queue_names, concurrency_per_gpu=concurrency_per_gpu,
                         loglevel=loglevel)
-    return Supervisor(specs, shutdown_timeout_s=shutdown_timeout_s).run()
+    specs, held = claim_node_names(specs, suffix=str(os.getpid()))
+    try:
+        return Supervisor(specs, shutdown_timeout_s=shutdown_timeout_s).run()
+    finally:
+        for holder in held:
+            holder.close()

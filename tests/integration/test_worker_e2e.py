@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -63,7 +64,8 @@ def test_worker_runs_a_tune_run_exactly_once_and_survives_a_dead_child(workspace
     assert count(engine, Prediction, result.run_id) == distinct_predictions(engine, result.run_id) == 300
     shards = shard_rows(engine, result.run_id)
     assert {(s.state, s.attempts, s.gpu) for s in shards} == {("done", 1, "cpu")}
-    assert all(s.worker.startswith("difftpt@") and s.worker.split(" ")[0].endswith("-cpu") for s in shards)
+    # (a supervisor running beside this test on the same host, e.g. another test session, adds its pid)
+    assert all(re.fullmatch(r"difftpt@.*-cpu(-\d+)?", s.worker.split(" ")[0]) for s in shards)
 
 
 def _images(root: Path, n: int) -> list[str]:

@@ -5,6 +5,7 @@ DIFFTPT_OPS_NOOP_DELAY_S and leaves a trace of every sample it processes (DIFFTP
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -155,7 +156,8 @@ def test_two_workers_on_one_sqlite_workspace_lose_no_writes(workspace: Path, tmp
             kill_worker(worker)
     assert count(engine, Prediction, result.run_id) == distinct_predictions(engine, result.run_id) == 238
     names = {s.worker.split(" ")[0] for s in shard_rows(engine, result.run_id)}
-    assert len(names) == 2 and all(name.endswith(("-cpu-0", "-cpu-1")) for name in names)
+    # (a supervisor running beside this test on the same host, e.g. another test session, adds its pid)
+    assert len(names) == 2 and all(re.search(r"-cpu-[01](-\d+)?$", name) for name in names)
     assert sum(s.samples_done for s in shard_rows(engine, result.run_id)) == 238
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,7 +21,7 @@ from difftpt_ops.services.running.leases import WorkerIdentity, is_reclaimable, 
 from difftpt_ops.services.running.outcomes import retry_delay_s
 from difftpt_ops.services.running.runs import shard_ranges
 from difftpt_ops.services.running.submit_checks import check_execution_args
-from workers.launcher import child_specs, parse_gpus, parse_queues
+from workers.launcher import child_specs, claim_node_names, parse_gpus, parse_queues
 
 pytestmark = pytest.mark.unit
 
@@ -172,3 +173,23 @@ def test_a_generator_path_is_checked_in_embedded_mode_and_made_absolute(tmp_path
     assert generator_path_checked(settings, GenerationSpec(model="sd")).model == str(tmp_path / "sd")
     hub = GenerationSpec(model="lambdalabs/sd-image-variations-diffusers")
     assert generator_path_checked(settings, hub) == hub
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="abstract sockets are Linux-only")
+def test_a_second_supervisor_on_a_host_gets_distinct_node_names(tmp_path: Path) -> None:
+    """Two supervisors with the same GPUs and queues build the same Celery node names; the second one's
+    children get its pid as a suffix, and a name is free again once its holder is gone."""
+    settings = load_settings(tmp_path, env={"DIFFTPT_OPS_BROKER_URL": "redis://127.0.0.1:6379/0"})
+    specs = child_specs(settings, gpus=[None], queues=["tune"], host=f"box{os.getpid()}")
+    first, held_first = claim_node_names(specs, suffix="111")
+    second, held_second = claim_node_names(specs, suffix="222")
+    try:
+        assert first[0].name == specs[0].name and second[0].name == specs[0].name + "-222"
+        assert second[0].argv[second[0].argv.index("-n") + 1] == specs[0].name + "-222"
+    finally:
+        for holder in held_first + held_second:
+            holder.close()
+    third, held_third = claim_node_names(specs, suffix="333")
+    for holder in held_third:
+        holder.close()
+    assert third[0].name == specs[0].name
