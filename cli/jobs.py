@@ -417,15 +417,15 @@ def runs_list(ctx: typer.Context, sweep: ListSweepOpt = None, as_json: JsonOpt =
     from difftpt_ops.services.running.status import list_runs
 
     engine = engine_of(ctx)
-    runs = with_groups(engine, list_runs(engine), sweep)
+    runs = with_groups(engine, list_runs(engine, settings_of(ctx)), sweep)
     if as_json:
         print_json(runs)
         return
     print_table(None, ["run", "kind", "method", "dataset", "model", "seed", "settings", "state", "samples", "done",
                        "failed", "created", "group"],
                 [[r["run_id"], r["kind"], r["method"], r["dataset"], _model_text(r), r.get("seed"),
-                  r.get("settings") or "", r["state"], r["num_samples"], r["done"], r["failed"],
-                  (r["created_at"] or "")[:19], group_text(r)] for r in runs])
+                  r.get("settings") or "", "stopped" if r.get("stopped") else r["state"], r["num_samples"], r["done"],
+                  r["failed"], (r["created_at"] or "")[:19], group_text(r)] for r in runs])
 
 
 def _model_text(run: dict[str, Any]) -> str:

@@ -310,7 +310,7 @@ def test_features_run_fills_the_store_and_tune_runs_read_it(tiny_models_dir: Pat
     assert [r[:4] for r in read] == [r[:4] for r in fresh]
     assert [r[-2:] for r in _predictions(engine, zeroshot.run_id)] == [(0, 1)] * 3
     assert store_size(engine)["entries"] == 3  # nothing new was stored: every run read
-    listed = {r["run_id"]: r for r in list_runs(engine)}
+    listed = {r["run_id"]: r for r in list_runs(engine, settings)}
     assert (listed[tpt.run_id]["views_encoded"], listed[tpt.run_id]["views_read"]) == (0, 3 * 64)
     assert (listed[recompute.run_id]["views_encoded"], listed[recompute.run_id]["views_read"]) == (3 * 64, 0)
     status = run_status(engine, settings, zeroshot.run_id)[0]

@@ -12,7 +12,7 @@ from difftpt_ops.core.errors import InputError
 from difftpt_ops.db.tables import Prediction, Run, Shard
 from difftpt_ops.services.reading import reporting
 from difftpt_ops.services.running import contexts, embedded, leases, outcomes, processors, runs, shards
-from difftpt_ops.services.running.status import run_status
+from difftpt_ops.services.running.status import list_runs, run_status
 from tests.integration.test_jobs_support import (
     add_dataset,
     count,
@@ -175,7 +175,8 @@ def test_ctrl_c_leaves_a_run_that_resume_finishes(env: dict[str, Any], monkeypat
     interrupted = shard_rows(env["engine"], run_id)[2]
     assert (interrupted.state, interrupted.attempts, interrupted.samples_done) == ("pending", 0, 5)
     status = run_status(env["engine"], env["settings"], run_id)[0]
-    assert (status["state"], status["stopped"], status["workers"]) == ("running", True, [])
+    assert (status["state"], status["stopped"], status["workers"], status["eta_s"]) == ("running", True, [], None)
+    assert [(r["run_id"], r["stopped"]) for r in list_runs(env["engine"], env["settings"])] == [(run_id, True)]
     resumed = runs.resume_run(env["engine"], env["settings"], run_id)
     assert resumed.state == "finished" and distinct_predictions(env["engine"], run_id) == 64
     assert sorted(read_trace(env["trace"])) == list(range(64))
@@ -204,6 +205,7 @@ def test_ctrl_c_during_a_retry_backoff_leaves_no_shard_queued(env: dict[str, Any
     assert run_status(env["engine"], env["settings"], 1)[0]["stopped"] is True
     monkeypatch.setattr(processors.NoopProcessor, "process", original)
     assert runs.resume_run(env["engine"], env["settings"], 1).state == "finished"
+    assert list_runs(env["engine"], env["settings"])[0]["stopped"] is False  # a finished run is not stopped
 
 
 def test_a_queued_run_is_not_stopped(env: dict[str, Any]) -> None:

@@ -234,7 +234,7 @@ def test_runs_record_provenance_and_comparable_columns(database_url: str, worksp
     add_dataset(engine, "pics", 2, root=root, classes=2, relpaths=write_pngs(root, 2))
     result = runs.submit_tune(engine, settings, dataset_ref="pics", method="tpt", model=str(tiny_models_dir / "clip"),
                               pretrained=None, overrides={"n_views": "4", "steps": "2"}, seed=3)
-    [listed] = [r for r in list_runs(engine) if r["run_id"] == result.run_id]
+    [listed] = [r for r in list_runs(engine, settings) if r["run_id"] == result.run_id]
     assert (listed["seed"], listed["device"], listed["precision"]) == (3, "cpu", "fp32")
     assert listed["settings"] == "n_views=4, steps=2" and listed["model"].endswith("clip")
     shown = show_run(engine, result.run_id)

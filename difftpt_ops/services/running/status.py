@@ -4,6 +4,7 @@ failed shards) and `runs show` (spec, provenance, the machines its shards ran on
 
 from __future__ import annotations
 
+from collections import defaultdict
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -83,14 +84,32 @@ def _summary(run: Run, dataset: str, version: int, counters: tuple[int, int]) ->
             "finished_at": _iso(run.finished_at), "error": run.error}
 
 
-def list_runs(engine: Engine, *, limit: int | None = None) -> list[dict[str, Any]]:
-    """Every run, newest first, with its sample counts."""
+def list_runs(engine: Engine, settings: Settings, *, limit: int | None = None) -> list[dict[str, Any]]:
+    """Every run, newest first, with its sample counts and whether it is stopped (`is_stopped`)."""
     with session_scope(engine) as session:
         rows = _run_rows(session, limit=limit)
         counters = _counters(session, [row[0].id for row in rows])
         views = view_counts(session, [row[0].id for row in rows])
-    return [{**_summary(run, name, version, counters.get(run.id, (0, 0))), **views[run.id]}
-            for run, name, version in rows]
+        stopped = _stopped_runs(session, settings, [row[0] for row in rows if is_active(row[0].state)])
+    return [{**_summary(run, name, version, counters.get(run.id, (0, 0))), **views[run.id],
+             "stopped": run.id in stopped} for run, name, version in rows]
+
+
+def _stopped_runs(session: Session, settings: Settings, active: list[Run]) -> set[int]:
+    """The ids of the active runs that are stopped, in two grouped queries."""
+    if not active:
+        return set()
+    ids, now = [run.id for run in active], utcnow()
+    shards: dict[int, dict[str, int]] = defaultdict(dict)
+    for run_id, state, n in session.execute(select(Shard.run_id, Shard.state, func.count()).where(
+            Shard.run_id.in_(ids)).group_by(Shard.run_id, Shard.state)):
+        shards[run_id][state] = n
+    running: dict[int, list[Any]] = defaultdict(list)
+    for row in session.execute(select(Shard.run_id, Shard.index, Shard.worker, Shard.gpu, Shard.heartbeat_at).where(
+            Shard.run_id.in_(ids), Shard.state == ShardState.RUNNING)):
+        running[row.run_id].append(row)
+    return {run.id for run in active if is_stopped(run.state, shards[run.id], active_workers(
+        running[run.id], now=now, stale_after_s=settings.stale_after_s))}
 
 
 def _details(session: Session, settings: Settings, run: Run, summary: dict[str, Any], now: datetime) -> None:
@@ -110,16 +129,17 @@ def _details(session: Session, settings: Settings, run: Run, summary: dict[str, 
         rate = (summary["done"] + summary["failed"]) / elapsed if elapsed > 0 else None
     else:
         rate = None
-    eta = summary["pending"] / rate if rate and is_active(run.state) else None
+    workers = active_workers(running, now=now, stale_after_s=settings.stale_after_s)
+    stopped = is_stopped(run.state, shards, workers)
+    eta = summary["pending"] / rate if rate and is_active(run.state) and not stopped else None  # none while stopped
     unit = "samples"
     if run.kind == "generate" and rate is not None:
         # A generation run's unit of work is a sample, but what users size and compare is images.
         rate, unit = rate * _images_per_sample(run), "images"
-    workers = active_workers(running, now=now, stale_after_s=settings.stale_after_s)
     summary.update(
         shards=shards, throughput=round(rate, 3) if rate is not None else None, throughput_unit=unit,
         eta_s=round(eta, 1) if eta is not None else None, workers=workers,
-        stopped=is_stopped(run.state, shards, workers),
+        stopped=stopped,
         failed_shards=[{"shard": index, "error": (error or "").strip().splitlines()[-1:]} for index, error in failures],
         waiting_shards=[{"shard": index, "reason": reason} for index, reason in waiting])
 
