@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import hashlib
 import os
 import shutil
 import signal
@@ -161,7 +162,7 @@ def claim_node_names(specs: list[ChildSpec], *, suffix: str) -> tuple[list[Child
     for spec in specs:
         name = spec.name
         for candidate in (spec.name, f"{spec.name}-{suffix}"):
-            holder = _bind_abstract(f"difftpt-ops-node:{candidate}")
+            holder = _bind_abstract(candidate)
             if holder is not None:
                 name = candidate
                 held.append(holder)
@@ -171,14 +172,15 @@ def claim_node_names(specs: list[ChildSpec], *, suffix: str) -> tuple[list[Child
     return claimed, held
 
 
-def _bind_abstract(address: str) -> socket.socket | None:
-    """A socket bound to `address` in the abstract namespace; None when another process holds it (or the
-    platform has no abstract namespace)."""
+def _bind_abstract(name: str) -> socket.socket | None:
+    """A socket bound in the abstract namespace to an address made from `name` (hashed: an address holds
+    107 bytes, a node name with a long host name more); None when another process holds it or the platform
+    has no abstract namespace (then a name cannot be checked and stays as built)."""
     if not sys.platform.startswith("linux"):
         return None
     holder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        holder.bind("\0" + address)
+        holder.bind("\0difftpt-ops-node:" + hashlib.sha256(name.encode()).hexdigest())
     except OSError:
         holder.close()
         return None

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import select, update
 
-from difftpt_ops.core.errors import InputError
+from difftpt_ops.core.errors import InputError, ServiceUnavailableError
 from difftpt_ops.db.tables import Prediction, Run, Shard
 from difftpt_ops.services.reading import reporting
 from difftpt_ops.services.running import contexts, embedded, leases, outcomes, processors, runs, shards
@@ -208,14 +212,40 @@ def test_ctrl_c_during_a_retry_backoff_leaves_no_shard_queued(env: dict[str, Any
     assert list_runs(env["engine"], env["settings"])[0]["stopped"] is False  # a finished run is not stopped
 
 
-def test_a_queued_run_is_not_stopped(env: dict[str, Any]) -> None:
-    """Shards in a broker queue will be picked up: the run is not reported as stopped; a run whose shards
-    were never enqueued (the broker was down at submit) is."""
+def test_a_queued_run_is_not_stopped_and_one_whose_send_failed_is(env: dict[str, Any]) -> None:
+    """Shards in a broker queue will be picked up: the run is not reported as stopped. When the broker goes
+    away between the submit's check and its send, the shards go back to pending and the run reads stopped."""
     settings, _dispatcher, result = _submit_queued(env, 16)
     assert run_status(env["engine"], settings, result.run_id)[0]["stopped"] is False
-    with env["engine"].begin() as connection:
-        connection.execute(update(Shard).where(Shard.run_id == result.run_id).values(state="pending"))
-    assert run_status(env["engine"], settings, result.run_id)[0]["stopped"] is True
+
+    class GoneBroker:
+        def check(self) -> None:
+            return None
+
+        def send(self, _tickets: Any) -> None:
+            raise ServiceUnavailableError("broker at redis://127.0.0.1:1/0 cannot be reached")
+
+    with pytest.raises(ServiceUnavailableError, match="run 2 is planned"):
+        runs.submit_tune(env["engine"], settings, dataset_ref="toy", method="noop", seed=1, dispatcher=GoneBroker())
+    assert [s.state for s in shard_rows(env["engine"], 2)] == ["pending"]
+    assert run_status(env["engine"], settings, 2)[0]["stopped"] is True
+    assert [(r["run_id"], r["stopped"]) for r in list_runs(env["engine"], settings)] == [(2, True), (1, False)]
+
+
+def test_an_embedded_queued_shard_is_held_while_its_process_lives(env: dict[str, Any]) -> None:
+    """Embedded, a queued shard waits out a retry in the process that queued it: the run is not stopped while
+    that process lives, and is once it is gone (killed during the backoff)."""
+    add_dataset(env["engine"], "toy", 8)
+    result = _submit(env)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    for label, stopped in [(leases.WorkerIdentity("embedded@me").label, False),
+                           (f"embedded@me ({socket.gethostname()}:{gone.pid})", True), (None, True)]:
+        with env["engine"].begin() as connection:
+            connection.execute(update(Shard).where(Shard.run_id == result.run_id).values(state="queued", worker=label))
+            connection.execute(update(Run).where(Run.id == result.run_id).values(state="running"))
+        assert run_status(env["engine"], env["settings"], result.run_id)[0]["stopped"] is stopped, label
+        assert list_runs(env["engine"], env["settings"])[0]["stopped"] is stopped, label
 
 
 def test_cancel_and_duplicate_deliveries(env: dict[str, Any]) -> None:
@@ -310,3 +340,38 @@ def test_periodic_check_finalizes_a_run_whose_last_worker_died(env: dict[str, An
     assert requeue_stale_shards(env["engine"], env["settings"], RecordingDispatcher()) == 0
     assert run_state(env["engine"], result.run_id) == "finished_with_failures"
     assert env["reports"]["finished"] == [result.run_id, result.run_id]
+
+
+def test_a_resend_that_fails_frees_its_claim(env: dict[str, Any]) -> None:
+    """The lost-message check claims each re-send; when the broker refuses it, the claim is released so the
+    next check (this worker's or another's) sends the shard without waiting another grace period."""
+    from difftpt_ops.services.running.dispatch import requeue_lost_messages
+
+    _, _, result = _submit_queued(env, 16)
+    settings = make_settings(env["settings"].workspace, env["settings"].database_url,
+                             broker_url="redis://127.0.0.1:1/0", lost_message_grace_s="0.01")
+
+    class EmptyBroker:
+        def __init__(self, fail: bool) -> None:
+            self.fail, self.sent = fail, 0
+
+        def check(self) -> None:
+            return None
+
+        def enqueued_shard_ids(self) -> set[int]:
+            return set()
+
+        def send(self, tickets: Any) -> None:
+            if self.fail:
+                raise ServiceUnavailableError("broker gone")
+            self.sent += len(tickets)
+
+    missing: dict[int, float] = {}
+    assert requeue_lost_messages(env["engine"], settings, EmptyBroker(fail=False), missing) == 0
+    time.sleep(0.02)
+    with pytest.raises(ServiceUnavailableError):
+        requeue_lost_messages(env["engine"], settings, EmptyBroker(fail=True), missing)
+    assert [s.resent_at for s in shard_rows(env["engine"], result.run_id)] == [None]
+    working = EmptyBroker(fail=False)
+    assert requeue_lost_messages(env["engine"], settings, working, missing) == 1 and working.sent == 1
+

@@ -146,6 +146,30 @@ def test_the_chain_gate_lets_one_link_run_at_a_time(workspace: Path, database_ur
     assert [t.shard_id for t in second.follow_up] == [links[2].id]
 
 
+def test_an_embedded_chain_goes_on_after_a_link_is_retried(workspace: Path, database_url: str, tmp_path: Path,
+                                                           tiny_models_dir: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embedded executor skips links the chain's gate refuses; when the first link fails once and its retry
+    succeeds, the links after it still run (the retry's follow-up), and the run finishes."""
+    settings, engine = online_settings(workspace, database_url)
+    image_dataset(engine, tmp_path / "images")
+    monkeypatch.setattr(outcomes, "RETRY_BACKOFF_S", 0.0)
+    original, failures = online._start_state, {"left": 1}
+
+    def fail_once(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if failures["left"]:
+            failures["left"] -= 1
+            raise RuntimeError("injected failure")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(online, "_start_state", fail_once)
+    result = _submit(engine, settings, tiny_models_dir / "clip", limit=3 * SHARD_SIZE)
+    assert result.state == "finished"
+    assert [(s.state, s.attempts) for s in shard_rows(engine, result.run_id)] == [("done", 2), ("done", 1),
+                                                                                  ("done", 1)]
+    assert count(engine, Prediction, result.run_id) == 3 * SHARD_SIZE
+
+
 def test_submit_cli_rejects_an_episodic_option_in_one_line(workspace: Path, tiny_models_dir: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """`--set steps=1` on an online method: exit code 2, one line naming the option, nothing planned."""

@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Protocol
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from difftpt_ops.config import Settings
@@ -71,12 +72,25 @@ def _requeue_running(session: Session, shard_id: int, attempts: int) -> list[int
     return [shard_id] if moved == 1 else []
 
 
-def send_tickets(dispatcher: Dispatcher, tickets: list[ShardTicket], run_id: int) -> None:
+def send_tickets(engine: Engine, dispatcher: Dispatcher, tickets: list[ShardTicket], run_id: int) -> None:
+    """Send the tickets of a run's shards, marked queued by the caller. When the broker is gone they go back
+    to pending: no message may exist for them, and `status` then shows the run as stopped until `resume`."""
     try:
         dispatcher.send(tickets)
     except ServiceUnavailableError as exc:
+        _unqueue_unsent(engine, [ticket.shard_id for ticket in tickets])
         raise ServiceUnavailableError(f"{exc}; run {run_id} is planned: `difftpt-ops resume {run_id}` "
                                       "enqueues it once the broker is back") from exc
+
+
+def _unqueue_unsent(engine: Engine, shard_ids: list[int]) -> None:
+    try:
+        with engine.begin() as connection:
+            connection.execute(update(Shard.__table__).where(
+                Shard.__table__.c.id.in_(shard_ids), Shard.__table__.c.state == ShardState.QUEUED.value)
+                .values(state=ShardState.PENDING.value))
+    except SQLAlchemyError:  # the broker error is the one to report; `resume` takes queued shards as well
+        log.warning("could not mark unsent shards %s pending again", shard_ids)
 
 
 def requeue_stale_shards(engine: Engine, settings: Settings, dispatcher: Dispatcher) -> int:
@@ -152,21 +166,27 @@ def requeue_lost_messages(engine: Engine, settings: Settings, dispatcher: Dispat
             continue
         if now - missing_since.setdefault(shard_id, now) >= settings.lost_message_grace_s:
             due.append(ShardTicket(shard_id, QUEUE_OF_KIND[kind]))
-    due = _claim_resends(engine, due, grace_s=settings.lost_message_grace_s)
+    due, claimed_at = _claim_resends(engine, due, grace_s=settings.lost_message_grace_s)
     if due:
-        dispatcher.send(due)
+        try:
+            dispatcher.send(due)
+        except ServiceUnavailableError:  # nothing went out: free the claims, or every check would wait a grace period
+            _release_resends(engine, [ticket.shard_id for ticket in due], claimed_at)
+            raise
     for ticket in due:
         missing_since.pop(ticket.shard_id, None)
     return len(due)
 
 
-def _claim_resends(engine: Engine, tickets: list[ShardTicket], *, grace_s: float) -> list[ShardTicket]:
-    """The tickets this check may send: every worker's check sees the same lost shards after a broker
-    restart, and without a claim each would send one (a failing shard would then run its attempts back
-    to back). A shard is claimed once per grace period, and only while it is still queued."""
-    if not tickets:
-        return []
+def _claim_resends(engine: Engine, tickets: list[ShardTicket], *,
+                   grace_s: float) -> tuple[list[ShardTicket], datetime]:
+    """The tickets this check may send, and the claim's time: every worker's check sees the same lost shards
+    after a broker restart, and without a claim each would send one (a failing shard would then run its
+    attempts back to back). A shard is claimed once per grace period, and only while it is still queued.
+    (The hosts' clocks are assumed to agree within the grace period, as heartbeats assume it too.)"""
     now = utcnow()
+    if not tickets:
+        return [], now
     cutoff = now - timedelta(seconds=grace_s)
     claimed = []
     with engine.begin() as connection:
@@ -177,4 +197,13 @@ def _claim_resends(engine: Engine, tickets: list[ShardTicket], *, grace_s: float
             ).values(resent_at=now)).rowcount
             if moved == 1:
                 claimed.append(ticket)
-    return claimed
+    return claimed, now
+
+
+def _release_resends(engine: Engine, shard_ids: list[int], claimed_at: datetime) -> None:
+    try:
+        with engine.begin() as connection:
+            connection.execute(update(Shard.__table__).where(
+                Shard.__table__.c.id.in_(shard_ids), Shard.__table__.c.resent_at == claimed_at).values(resent_at=None))
+    except SQLAlchemyError:
+        log.warning("could not release the re-send claims of shards %s", shard_ids)

@@ -69,9 +69,8 @@ def run_embedded(engine: Engine, settings: Settings, run_id: int, *, device: str
     ready, waiting = deque(shard_ids), []  # waiting: a heap of (due time, shard id) for retries
     try:
         state = _run_shards(engine, settings, ready, waiting, identity=identity, device=device, progress=progress)
-    except BaseException:  # Ctrl-C, or a setup error raised for every shard: no retry will come from here
+    finally:  # Ctrl-C, a setup error raised for every shard, a shutdown: no retry will come from here
         _unqueue(engine, [shard_id for _, shard_id in waiting])
-        raise
     if state is Outcome.INTERRUPTED:
         return None
     finalize_run_if_complete(engine, settings, run_id)
@@ -81,6 +80,7 @@ def run_embedded(engine: Engine, settings: Settings, run_id: int, *, device: str
 def _run_shards(engine: Engine, settings: Settings, ready: deque[int], waiting: list[tuple[float, int]], *,
                 identity: WorkerIdentity, device: str | None, progress: ProgressSink | None) -> Outcome | None:
     """Execute shards until none is left (None) or a shutdown interrupts one (INTERRUPTED)."""
+    own = set(ready)  # this run's open shards (a follow-up of another run's is that run's executor's)
     while ready or waiting:
         if not ready:
             _wait_until(waiting[0][0])  # popped after the wait: Ctrl-C during it un-queues the shard
@@ -96,6 +96,8 @@ def _run_shards(engine: Engine, settings: Settings, ready: deque[int], waiting: 
             heapq.heappush(waiting, (time.monotonic() + (outcome.retry_in_s or 0.0), shard_id))
         elif outcome.outcome == Outcome.INTERRUPTED:
             return Outcome.INTERRUPTED
+        # An online chain's next link, which its gate refused while this one waited out a retry: run it now.
+        ready.extend(t.shard_id for t in outcome.follow_up if t.shard_id in own and t.shard_id not in ready)
     return None
 
 

@@ -380,7 +380,7 @@ def _start(engine: Engine, settings: Settings, run: Run, *, created: bool, new: 
             tickets = queue_open_shards(engine, settings, run.id, run.kind, include_queued=include_queued)
             if tickets:
                 assert dispatcher is not None
-                send_tickets(dispatcher, tickets, run.id)
+                send_tickets(engine, dispatcher, tickets, run.id)
             dispatched = len(tickets)
         finalize_run_if_complete(engine, settings, run.id)
     with session_scope(engine) as session:

@@ -22,7 +22,7 @@ from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import Dataset, DatasetVersion, GeneratedImage, Prediction, Run, Shard
 from difftpt_ops.db.tables import SampleError as SampleErrorRow
 from difftpt_ops.services.reading.store import view_counts
-from difftpt_ops.services.running.leases import active_workers
+from difftpt_ops.services.running.leases import active_workers, worker_is_gone
 
 STATUS_WINDOW_S = 60.0  # throughput is measured over this recent window
 
@@ -100,16 +100,22 @@ def _stopped_runs(session: Session, settings: Settings, active: list[Run]) -> se
     if not active:
         return set()
     ids, now = [run.id for run in active], utcnow()
-    shards: dict[int, dict[str, int]] = defaultdict(dict)
+    shards: dict[int, dict[str, int]] = defaultdict(dict)  # (only its WAITING count is read)
     for run_id, state, n in session.execute(select(Shard.run_id, Shard.state, func.count()).where(
             Shard.run_id.in_(ids)).group_by(Shard.run_id, Shard.state)):
         shards[run_id][state] = n
     running: dict[int, list[Any]] = defaultdict(list)
-    for row in session.execute(select(Shard.run_id, Shard.index, Shard.worker, Shard.gpu, Shard.heartbeat_at).where(
-            Shard.run_id.in_(ids), Shard.state == ShardState.RUNNING)):
-        running[row.run_id].append(row)
-    return {run.id for run in active if is_stopped(run.state, shards[run.id], active_workers(
-        running[run.id], now=now, stale_after_s=settings.stale_after_s))}
+    queued: dict[int, list[str | None]] = defaultdict(list)
+    for row in session.execute(select(Shard.run_id, Shard.state, Shard.index, Shard.worker, Shard.gpu,
+                                      Shard.heartbeat_at).where(
+            Shard.run_id.in_(ids), Shard.state.in_([ShardState.RUNNING, ShardState.QUEUED]))):
+        if row.state == ShardState.RUNNING:
+            running[row.run_id].append(row)
+        else:
+            queued[row.run_id].append(row.worker)
+    return {run.id for run in active if is_stopped(
+        run.state, shards[run.id], active_workers(running[run.id], now=now, stale_after_s=settings.stale_after_s),
+        queued=held_queued(settings, queued[run.id]))}
 
 
 def _details(session: Session, settings: Settings, run: Run, summary: dict[str, Any], now: datetime) -> None:
@@ -130,7 +136,9 @@ def _details(session: Session, settings: Settings, run: Run, summary: dict[str, 
     else:
         rate = None
     workers = active_workers(running, now=now, stale_after_s=settings.stale_after_s)
-    stopped = is_stopped(run.state, shards, workers)
+    queued = list(session.scalars(select(Shard.worker).where(Shard.run_id == run.id,
+                                                             Shard.state == ShardState.QUEUED)))
+    stopped = is_stopped(run.state, shards, workers, queued=held_queued(settings, queued))
     eta = summary["pending"] / rate if rate and is_active(run.state) and not stopped else None  # none while stopped
     unit = "samples"
     if run.kind == "generate" and rate is not None:
@@ -168,16 +176,24 @@ def run_status(engine: Engine, settings: Settings, run_id: int | None = None) ->
     return out
 
 
-def is_stopped(state: str, shards: dict[str, int], workers: list[dict[str, Any]]) -> bool:
+def is_stopped(state: str, shards: dict[str, int], workers: list[dict[str, Any]], *, queued: int) -> bool:
     """An active run that nothing is working on and nothing will pick up: no live worker holds one of its
-    shards, none is in a broker queue (or an embedded retry backoff), none waits for its inputs.
+    shards, none of its `queued` shards will be delivered (`held_queued`), none waits for its inputs.
 
     That is an embedded run after Ctrl-C or a kill, a run whose submit could not reach the broker, or a
     run whose workers all died before the lost-worker check re-queued their shards: `resume` continues it.
-    (The embedded executor passes through this state for an instant between two shards.)
+    (The embedded executor passes through this state for a moment between two shards.)
     """
-    return is_active(state) and not workers and not any(
-        shards.get(state_.value) for state_ in (ShardState.QUEUED, ShardState.WAITING))
+    return is_active(state) and not workers and not queued and not shards.get(ShardState.WAITING.value)
+
+
+def held_queued(settings: Settings, labels: list[str | None]) -> int:
+    """How many queued shards (given by their last worker label) something will still run. With a broker, all
+    of them: their messages are in its queue. Embedded, a queued shard is one an executor waits out a retry
+    for, or the next link of an online chain: held only while the process that queued it lives."""
+    if not settings.embedded:
+        return len(labels)
+    return sum(1 for label in labels if label is not None and not worker_is_gone(label))
 
 
 def is_active(state: str) -> bool:
