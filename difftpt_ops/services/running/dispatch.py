@@ -78,19 +78,24 @@ def send_tickets(engine: Engine, dispatcher: Dispatcher, tickets: list[ShardTick
     try:
         dispatcher.send(tickets)
     except ServiceUnavailableError as exc:
-        _unqueue_unsent(engine, [ticket.shard_id for ticket in tickets])
+        make_pending_again(engine, [ticket.shard_id for ticket in tickets])
         raise ServiceUnavailableError(f"{exc}; run {run_id} is planned: `difftpt-ops resume {run_id}` "
                                       "enqueues it once the broker is back") from exc
 
 
-def _unqueue_unsent(engine: Engine, shard_ids: list[int]) -> None:
+def make_pending_again(engine: Engine, shard_ids: list[int]) -> None:
+    """Queued shards that no message and no process will deliver (a failed send, an embedded executor that
+    stopped during a retry's backoff) become pending, so `status` shows their run as stopped. Best effort:
+    the error being raised matters more, and `resume` takes queued shards as well."""
+    if not shard_ids:
+        return
     try:
         with engine.begin() as connection:
             connection.execute(update(Shard.__table__).where(
                 Shard.__table__.c.id.in_(shard_ids), Shard.__table__.c.state == ShardState.QUEUED.value)
                 .values(state=ShardState.PENDING.value))
-    except SQLAlchemyError:  # the broker error is the one to report; `resume` takes queued shards as well
-        log.warning("could not mark unsent shards %s pending again", shard_ids)
+    except SQLAlchemyError:
+        log.warning("could not mark shards %s pending again", shard_ids)
 
 
 def requeue_stale_shards(engine: Engine, settings: Settings, dispatcher: Dispatcher) -> int:

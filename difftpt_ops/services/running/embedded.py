@@ -6,27 +6,24 @@ call; a progress sink sees every sample.
 from __future__ import annotations
 
 import heapq
-import logging
 import socket
 import time
 from collections import deque
 from typing import Protocol
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import SQLAlchemyError
 
 from difftpt_ops.config import Settings
 from difftpt_ops.core.errors import InputError, ServiceUnavailableError
-from difftpt_ops.core.status import TERMINAL_RUN_STATES, TERMINAL_SHARD_STATES, RunState, ShardState
+from difftpt_ops.core.status import TERMINAL_RUN_STATES, TERMINAL_SHARD_STATES, RunState
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import Run, Shard
+from difftpt_ops.services.running.dispatch import make_pending_again
 from difftpt_ops.services.running.finalize import finalize_run_if_complete
 from difftpt_ops.services.running.leases import WorkerIdentity
 from difftpt_ops.services.running.outcomes import Outcome
 from difftpt_ops.services.running.shards import execute_shard
-
-log = logging.getLogger(__name__)
 
 
 class ProgressSink(Protocol):
@@ -70,7 +67,7 @@ def run_embedded(engine: Engine, settings: Settings, run_id: int, *, device: str
     try:
         state = _run_shards(engine, settings, ready, waiting, identity=identity, device=device, progress=progress)
     finally:  # Ctrl-C, a setup error raised for every shard, a shutdown: no retry will come from here
-        _unqueue(engine, [shard_id for _, shard_id in waiting])
+        make_pending_again(engine, [shard_id for _, shard_id in waiting])
     if state is Outcome.INTERRUPTED:
         return None
     finalize_run_if_complete(engine, settings, run_id)
@@ -103,20 +100,6 @@ def _run_shards(engine: Engine, settings: Settings, ready: deque[int], waiting: 
 
 def _wait_until(due: float) -> None:
     time.sleep(max(0.0, due - time.monotonic()))
-
-
-def _unqueue(engine: Engine, shard_ids: list[int]) -> None:
-    """Shards left in a retry's backoff when the executor stops were queued for this process only: make
-    them pending again, so `status` shows the run as stopped rather than waiting on a queue no worker reads."""
-    if not shard_ids:
-        return
-    try:
-        with engine.begin() as connection:
-            connection.execute(update(Shard.__table__).where(
-                Shard.__table__.c.id.in_(shard_ids), Shard.__table__.c.state == ShardState.QUEUED.value)
-                .values(state=ShardState.PENDING.value))
-    except SQLAlchemyError:  # the error being raised matters more; `resume` takes queued shards as well
-        log.warning("could not mark shards %s pending again", shard_ids)
 
 
 def _terminal_state(engine: Engine, run_id: int) -> RunState | None:
