@@ -28,7 +28,8 @@ pytestmark = pytest.mark.gpu
 # features (other batch shapes on CUDA) into a weight change of up to e-fold (docs/methods.md, R-TPT).
 SMALL = {"tpt": {"n_views": 16, "selection_p": 0.25},
          "difftpt": {"n_conventional": 8, "n_generated": 4, "steps": 2},
-         "rtpt": {"n_views": 16, "selection_p": 0.25, "neighbours": 5, "exclude": "self"}}
+         "rtpt": {"n_views": 16, "selection_p": 0.25, "neighbours": 5, "exclude": "self"},
+         "tps": {"n_views": 16, "selection_p": 0.25}}
 
 
 def registered_methods() -> tuple[str, ...]:
