@@ -309,8 +309,24 @@ def _print_status(runs: list[dict[str, Any]]) -> None:
         if run.get("error"):
             typer.echo(f"run {run['run_id']}: {run['error']}")
         if run.get("stopped"):
-            typer.echo(f"run {run['run_id']} is stopped: no worker holds or will receive its shards "
-                       f"(interrupted, killed, or never enqueued); `difftpt-ops resume {run['run_id']}` continues it")
+            typer.echo(_stopped_line(run))
+
+
+def _stopped_line(run: dict[str, Any]) -> str:
+    """Why nothing continues a stopped run, and the command that does."""
+    run_id, idle = run["run_id"], run.get("idle_generations")
+    if idle is None:
+        return (f"run {run_id} is stopped: no worker holds or will receive its shards (interrupted, killed, "
+                f"or never enqueued); `difftpt-ops resume {run_id}` continues it")
+    if not idle:
+        return (f"run {run_id} is stopped: it waits for generated images and no generation run makes them; "
+                f"`difftpt-ops submit generate` for its dataset, then `difftpt-ops resume {run_id}`")
+    unfinished = [g for g in idle if g["state"] not in ("finished", "finished_with_failures")]
+    if not unfinished:  # the images exist: the run missed the wake-up
+        return (f"run {run_id} is stopped: its generation is finished; `difftpt-ops resume {run_id}` continues it")
+    runs = ", ".join(f"run {g['run_id']}: {g['state']}" for g in unfinished)
+    return (f"run {run_id} is stopped: it waits for generated images and no generation run is at work ({runs}); "
+            f"`difftpt-ops resume {unfinished[-1]['run_id']}`, then `difftpt-ops resume {run_id}`")
 
 
 def status(

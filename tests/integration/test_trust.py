@@ -152,6 +152,35 @@ def test_embedded_difftpt_refuses_missing_images_and_fails_samples_whose_generat
     assert error.sample_index == 3 and "generation failed (RuntimeError: CUDA out of memory)" in error.error
 
 
+def test_a_difftpt_run_waiting_on_a_generation_nothing_runs_is_stopped(database_url: str, workspace: Path,
+                                                                        tmp_path: Path, tiny_models_dir: Path,
+                                                                        quiet_reporting: None) -> None:
+    """Waiting shards wait for images a queued generation run will make: not stopped. Once that generation
+    run is cancelled nothing will make them: the tuning run reads stopped and names the generation run."""
+    from cli.jobs import _stopped_line
+    from tests.integration.test_jobs_support import RecordingDispatcher
+
+    settings = make_settings(workspace, database_url, broker_url="redis://127.0.0.1:1/0", device="cpu")
+    engine = open_engine(settings)
+    root = tmp_path / "images"
+    add_dataset(engine, "pics", 4, root=root, classes=2, relpaths=write_pngs(root, 4))
+    generated = runs.submit_generate(engine, settings, dataset_ref="pics", spec=_generation_spec(tiny_models_dir),
+                                     shard_size=2, dispatcher=RecordingDispatcher())
+    tuned = runs.submit_tune(engine, settings, dataset_ref="pics", method="difftpt",
+                             model=str(tiny_models_dir / "clip"), pretrained=None, overrides=SMALL_DIFFTPT,
+                             shard_size=2, dispatcher=RecordingDispatcher())
+    status = run_status(engine, settings, tuned.run_id)[0]
+    assert (status["stopped"], status["idle_generations"], len(status["waiting_shards"])) == (False, None, 2)
+    runs.cancel_run(engine, settings, generated.run_id)
+    status = run_status(engine, settings, tuned.run_id)[0]
+    assert status["stopped"] is True
+    assert status["idle_generations"] == [{"run_id": generated.run_id, "state": "cancelled"}]
+    assert {r["run_id"]: r["stopped"] for r in list_runs(engine, settings)} == {tuned.run_id: True,
+                                                                                 generated.run_id: False}
+    assert _stopped_line(status).endswith(f"(run {generated.run_id}: cancelled); `difftpt-ops resume "
+                                          f"{generated.run_id}`, then `difftpt-ops resume {tuned.run_id}`")
+
+
 def test_waiting_shards_are_released_when_the_images_arrive(database_url: str, workspace: Path, tmp_path: Path,
                                                             tiny_models_dir: Path, quiet_reporting: None) -> None:
     """With a broker, unready tune shards wait; the generation shard that completes them returns them as

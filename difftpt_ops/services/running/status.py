@@ -100,7 +100,7 @@ def _stopped_runs(session: Session, settings: Settings, active: list[Run]) -> se
     if not active:
         return set()
     ids, now = [run.id for run in active], utcnow()
-    shards: dict[int, dict[str, int]] = defaultdict(dict)  # (only its WAITING count is read)
+    shards: dict[int, dict[str, int]] = defaultdict(dict)
     for run_id, state, n in session.execute(select(Shard.run_id, Shard.state, func.count()).where(
             Shard.run_id.in_(ids)).group_by(Shard.run_id, Shard.state)):
         shards[run_id][state] = n
@@ -113,9 +113,28 @@ def _stopped_runs(session: Session, settings: Settings, active: list[Run]) -> se
             running[row.run_id].append(row)
         else:
             queued[row.run_id].append(row.worker)
+    idle = idle_generations(session, settings, active)
     return {run.id for run in active if is_stopped(
-        run.state, shards[run.id], active_workers(running[run.id], now=now, stale_after_s=settings.stale_after_s),
-        queued=held_queued(settings, queued[run.id]))}
+        run.state, active_workers(running[run.id], now=now, stale_after_s=settings.stale_after_s),
+        queued=held_queued(settings, queued[run.id]),
+        waiting=0 if run.id in idle else shards[run.id].get(ShardState.WAITING.value, 0))}
+
+
+def idle_generations(session: Session, settings: Settings, runs: list[Run]) -> dict[int, list[dict[str, Any]]]:
+    """For the tuning runs among `runs` that read generated images and whose generation config has no
+    generation run at work (all finished, failed, cancelled or stopped, or none at all): those generation
+    runs, by tuning run id. Such a run's waiting shards wait for images nothing is making."""
+    configs = {run.id: run.generation_config_id for run in runs
+               if run.kind == "tune" and run.generation_config_id is not None}
+    if not configs:
+        return {}
+    generations = list(session.scalars(select(Run).where(
+        Run.kind == "generate", Run.generation_config_id.in_(set(configs.values()))).order_by(Run.id)))
+    stopped = _stopped_runs(session, settings, [g for g in generations if is_active(g.state)])
+    working = {g.generation_config_id for g in generations if is_active(g.state) and g.id not in stopped}
+    return {run_id: [{"run_id": g.id, "state": "stopped" if g.id in stopped else g.state}
+                     for g in generations if g.generation_config_id == config]
+            for run_id, config in configs.items() if config not in working}
 
 
 def _details(session: Session, settings: Settings, run: Run, summary: dict[str, Any], now: datetime) -> None:
@@ -138,7 +157,9 @@ def _details(session: Session, settings: Settings, run: Run, summary: dict[str, 
     workers = active_workers(running, now=now, stale_after_s=settings.stale_after_s)
     queued = list(session.scalars(select(Shard.worker).where(Shard.run_id == run.id,
                                                              Shard.state == ShardState.QUEUED)))
-    stopped = is_stopped(run.state, shards, workers, queued=held_queued(settings, queued))
+    idle = idle_generations(session, settings, [run]).get(run.id) if shards.get(ShardState.WAITING.value) else None
+    stopped = is_stopped(run.state, workers, queued=held_queued(settings, queued),
+                         waiting=0 if idle is not None else shards.get(ShardState.WAITING.value, 0))
     eta = summary["pending"] / rate if rate and is_active(run.state) and not stopped else None  # none while stopped
     unit = "samples"
     if run.kind == "generate" and rate is not None:
@@ -147,7 +168,7 @@ def _details(session: Session, settings: Settings, run: Run, summary: dict[str, 
     summary.update(
         shards=shards, throughput=round(rate, 3) if rate is not None else None, throughput_unit=unit,
         eta_s=round(eta, 1) if eta is not None else None, workers=workers,
-        stopped=stopped,
+        stopped=stopped, idle_generations=idle,
         failed_shards=[{"shard": index, "error": (error or "").strip().splitlines()[-1:]} for index, error in failures],
         waiting_shards=[{"shard": index, "reason": reason} for index, reason in waiting])
 
@@ -176,15 +197,17 @@ def run_status(engine: Engine, settings: Settings, run_id: int | None = None) ->
     return out
 
 
-def is_stopped(state: str, shards: dict[str, int], workers: list[dict[str, Any]], *, queued: int) -> bool:
+def is_stopped(state: str, workers: list[dict[str, Any]], *, queued: int, waiting: int) -> bool:
     """An active run that nothing is working on and nothing will pick up: no live worker holds one of its
-    shards, none of its `queued` shards will be delivered (`held_queued`), none waits for its inputs.
+    shards, none of its `queued` shards will be delivered (`held_queued`), none of its `waiting` shards waits
+    for inputs that something is making (`idle_generations`).
 
-    That is an embedded run after Ctrl-C or a kill, a run whose submit could not reach the broker, or a
-    run whose workers all died before the lost-worker check re-queued their shards: `resume` continues it.
+    That is an embedded run after Ctrl-C or a kill, a run whose submit could not reach the broker, a run
+    whose workers all died before the lost-worker check re-queued their shards (`resume` continues these),
+    or a DiffTPT run waiting on a generation that is not at work (resume that, then the run).
     (The embedded executor passes through this state for a moment between two shards.)
     """
-    return is_active(state) and not workers and not queued and not shards.get(ShardState.WAITING.value)
+    return is_active(state) and not workers and not queued and not waiting
 
 
 def held_queued(settings: Settings, labels: list[str | None]) -> int:
