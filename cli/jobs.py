@@ -288,8 +288,7 @@ def _status_rows(runs: list[dict[str, Any]]) -> list[list[Any]]:
         parts = [f"{disk['images']} images {_human_bytes(disk['image_bytes'])}" if disk.get("images") else "",
                  f"{disk['features']} features {_human_bytes(disk['feature_bytes'])}" if disk.get("features") else ""]
         images = ", ".join(part for part in parts if part)
-        state = "stopped" if run.get("stopped") else run["state"]  # stored as running: nothing runs it now
-        rows.append([run["run_id"], f"{run['kind']}/{run['method']}", run["dataset"], state, run["done"],
+        rows.append([run["run_id"], f"{run['kind']}/{run['method']}", run["dataset"], _shown_state(run), run["done"],
                      run["failed"], run["pending"], _fmt_rate(run), _fmt_eta(run), workers, images])
     return rows
 
@@ -310,6 +309,11 @@ def _print_status(runs: list[dict[str, Any]]) -> None:
             typer.echo(f"run {run['run_id']}: {run['error']}")
         if run.get("stopped"):
             typer.echo(_stopped_line(run))
+
+
+def _shown_state(run: dict[str, Any]) -> str:
+    """A run's state for tables: `stopped` for an active run nothing works on (stored as running)."""
+    return "stopped" if run.get("stopped") else run["state"]
 
 
 def _stopped_line(run: dict[str, Any]) -> str:
@@ -440,8 +444,8 @@ def runs_list(ctx: typer.Context, sweep: ListSweepOpt = None, as_json: JsonOpt =
     print_table(None, ["run", "kind", "method", "dataset", "model", "seed", "settings", "state", "samples", "done",
                        "failed", "created", "group"],
                 [[r["run_id"], r["kind"], r["method"], r["dataset"], _model_text(r), r.get("seed"),
-                  r.get("settings") or "", "stopped" if r.get("stopped") else r["state"], r["num_samples"], r["done"],
-                  r["failed"], (r["created_at"] or "")[:19], group_text(r)] for r in runs])
+                  r.get("settings") or "", _shown_state(r), r["num_samples"], r["done"], r["failed"],
+                  (r["created_at"] or "")[:19], group_text(r)] for r in runs])
 
 
 def _model_text(run: dict[str, Any]) -> str:

@@ -90,15 +90,17 @@ def list_runs(engine: Engine, settings: Settings, *, limit: int | None = None) -
         rows = _run_rows(session, limit=limit)
         counters = _counters(session, [row[0].id for row in rows])
         views = view_counts(session, [row[0].id for row in rows])
-        stopped = _stopped_runs(session, settings, [row[0] for row in rows if is_active(row[0].state)])
+        stopped, _ = _stop_facts(session, settings, [row[0] for row in rows if is_active(row[0].state)])
     return [{**_summary(run, name, version, counters.get(run.id, (0, 0))), **views[run.id],
              "stopped": run.id in stopped} for run, name, version in rows]
 
 
-def _stopped_runs(session: Session, settings: Settings, active: list[Run]) -> set[int]:
-    """The ids of the active runs that are stopped, in two grouped queries."""
+def _stop_facts(session: Session, settings: Settings,
+                active: list[Run]) -> tuple[set[int], dict[int, list[dict[str, Any]]]]:
+    """The ids of the active runs that are stopped (`is_stopped`), in two grouped queries, and their
+    `idle_generations`."""
     if not active:
-        return set()
+        return set(), {}
     ids, now = [run.id for run in active], utcnow()
     shards: dict[int, dict[str, int]] = defaultdict(dict)
     for run_id, state, n in session.execute(select(Shard.run_id, Shard.state, func.count()).where(
@@ -117,7 +119,7 @@ def _stopped_runs(session: Session, settings: Settings, active: list[Run]) -> se
     return {run.id for run in active if is_stopped(
         run.state, active_workers(running[run.id], now=now, stale_after_s=settings.stale_after_s),
         queued=held_queued(settings, queued[run.id]),
-        waiting=0 if run.id in idle else shards[run.id].get(ShardState.WAITING.value, 0))}
+        waiting=0 if run.id in idle else shards[run.id].get(ShardState.WAITING.value, 0))}, idle
 
 
 def idle_generations(session: Session, settings: Settings, runs: list[Run]) -> dict[int, list[dict[str, Any]]]:
@@ -130,7 +132,7 @@ def idle_generations(session: Session, settings: Settings, runs: list[Run]) -> d
         return {}
     generations = list(session.scalars(select(Run).where(
         Run.kind == "generate", Run.generation_config_id.in_(set(configs.values()))).order_by(Run.id)))
-    stopped = _stopped_runs(session, settings, [g for g in generations if is_active(g.state)])
+    stopped, _ = _stop_facts(session, settings, [g for g in generations if is_active(g.state)])
     working = {g.generation_config_id for g in generations if is_active(g.state) and g.id not in stopped}
     return {run_id: [{"run_id": g.id, "state": "stopped" if g.id in stopped else g.state}
                      for g in generations if g.generation_config_id == config]
@@ -154,12 +156,9 @@ def _details(session: Session, settings: Settings, run: Run, summary: dict[str, 
         rate = (summary["done"] + summary["failed"]) / elapsed if elapsed > 0 else None
     else:
         rate = None
-    workers = active_workers(running, now=now, stale_after_s=settings.stale_after_s)
-    queued = list(session.scalars(select(Shard.worker).where(Shard.run_id == run.id,
-                                                             Shard.state == ShardState.QUEUED)))
-    idle = idle_generations(session, settings, [run]).get(run.id) if shards.get(ShardState.WAITING.value) else None
-    stopped = is_stopped(run.state, workers, queued=held_queued(settings, queued),
-                         waiting=0 if idle is not None else shards.get(ShardState.WAITING.value, 0))
+    stopped_ids, idle_of = _stop_facts(session, settings, [run] if is_active(run.state) else [])
+    stopped = run.id in stopped_ids
+    idle = idle_of.get(run.id) if shards.get(ShardState.WAITING.value) else None
     eta = summary["pending"] / rate if rate and is_active(run.state) and not stopped else None  # none while stopped
     unit = "samples"
     if run.kind == "generate" and rate is not None:
@@ -167,7 +166,8 @@ def _details(session: Session, settings: Settings, run: Run, summary: dict[str, 
         rate, unit = rate * _images_per_sample(run), "images"
     summary.update(
         shards=shards, throughput=round(rate, 3) if rate is not None else None, throughput_unit=unit,
-        eta_s=round(eta, 1) if eta is not None else None, workers=workers,
+        eta_s=round(eta, 1) if eta is not None else None,
+        workers=active_workers(running, now=now, stale_after_s=settings.stale_after_s),
         stopped=stopped, idle_generations=idle,
         failed_shards=[{"shard": index, "error": (error or "").strip().splitlines()[-1:]} for index, error in failures],
         waiting_shards=[{"shard": index, "reason": reason} for index, reason in waiting])
