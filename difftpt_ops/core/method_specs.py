@@ -23,6 +23,15 @@ def _check_ratio(name: str, value: float) -> None:
     require(0.0 < value <= 1.0, name, value, "must be in (0, 1]")
 
 
+def check_view_tuning(spec: Any) -> None:
+    """The settings TPT-style methods share: the views, the confidence selection and the AdamW steps."""
+    require(spec.n_views >= 1, "n_views", spec.n_views, "must be >= 1")
+    _check_ratio("selection_p", spec.selection_p)
+    require(spec.steps >= 0, "steps", spec.steps, "must be >= 0")
+    require(spec.lr > 0, "lr", spec.lr, "must be > 0")
+    require(spec.weight_decay >= 0, "weight_decay", spec.weight_decay, "must be >= 0")
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """Base of the method specs; `method` names the algorithm."""
@@ -127,11 +136,7 @@ class TPTSpec(MethodSpec):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(self.n_views >= 1, "n_views", self.n_views, "must be >= 1")
-        _check_ratio("selection_p", self.selection_p)
-        require(self.steps >= 0, "steps", self.steps, "must be >= 0")
-        require(self.lr > 0, "lr", self.lr, "must be > 0")
-        require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        check_view_tuning(self)
 
 
 @dataclass(frozen=True)

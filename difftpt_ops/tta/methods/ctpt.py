@@ -27,7 +27,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from difftpt_ops.core.method_specs import MethodSpec
+from difftpt_ops.core.method_specs import MethodSpec, check_view_tuning
 from difftpt_ops.core.specs import require
 from difftpt_ops.tta.losses import marginal_entropy
 from difftpt_ops.tta.methods.base import register
@@ -49,11 +49,7 @@ class CTPTSpec(MethodSpec):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(self.n_views >= 1, "n_views", self.n_views, "must be >= 1")
-        require(0.0 < self.selection_p <= 1.0, "selection_p", self.selection_p, "must be in (0, 1]")
-        require(self.steps >= 0, "steps", self.steps, "must be >= 0")
-        require(self.lr > 0, "lr", self.lr, "must be > 0")
-        require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        check_view_tuning(self)
         require(self.lambda_term is None or self.lambda_term >= 0, "lambda_term", self.lambda_term, "must be >= 0")
 
 

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from difftpt_ops.core.errors import InvalidSpecError, SampleError
-from difftpt_ops.core.method_specs import MethodSpec, check_descriptions, prompt_has_text
+from difftpt_ops.core.method_specs import MethodSpec, check_descriptions, check_view_tuning, prompt_has_text
 from difftpt_ops.core.specs import require
 from difftpt_ops.tta.losses import at_least_fp32, marginal_entropy, view_entropy
 from difftpt_ops.tta.methods.base import ForwardOnlyMethod, StepInputs, StepOutput, ViewPlan, ViewScores, register
@@ -75,11 +75,7 @@ class TPSSpec(MethodSpec):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(self.n_views >= 1, "n_views", self.n_views, "must be >= 1")
-        require(0.0 < self.selection_p <= 1.0, "selection_p", self.selection_p, "must be in (0, 1]")
-        require(self.steps >= 0, "steps", self.steps, "must be >= 0")
-        require(self.lr > 0, "lr", self.lr, "must be > 0")
-        require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        check_view_tuning(self)
         check_prompt_set(self.prompts)
         check_descriptions(self.descriptions)
         require(self.pooling in POOLINGS, "pooling", self.pooling, f"must be one of {', '.join(POOLINGS)}")
