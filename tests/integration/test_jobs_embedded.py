@@ -186,6 +186,26 @@ def test_ctrl_c_leaves_a_run_that_resume_finishes(env: dict[str, Any], monkeypat
     assert sorted(read_trace(env["trace"])) == list(range(64))
 
 
+def test_an_embedded_run_does_not_read_stopped_between_its_shards(env: dict[str, Any],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the executor goes from one shard to the next (nothing running), its process holds the rest:
+    `status` and `runs list` say running, not stopped (once the process is gone they do: the test below)."""
+    add_dataset(env["engine"], "toy", 48)
+    seen: list[tuple[bool, bool, list[str]]] = []
+    execute = embedded.execute_shard
+
+    def look_then_execute(engine: Any, settings: Any, shard_id: int, **kwargs: Any) -> Any:
+        states = [s.state for s in shard_rows(engine, 1)]
+        seen.append((run_status(engine, settings, 1)[0]["stopped"], list_runs(engine, settings)[0]["stopped"],
+                     states))
+        return execute(engine, settings, shard_id, **kwargs)
+
+    monkeypatch.setattr(embedded, "execute_shard", look_then_execute)
+    assert _submit(env).state == "finished"
+    assert seen == [(False, False, ["queued"] * 3), (False, False, ["done", "queued", "queued"]),
+                    (False, False, ["done", "done", "queued"])]
+
+
 def test_ctrl_c_during_a_retry_backoff_leaves_no_shard_queued(env: dict[str, Any],
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """A shard waiting out its retry backoff in the embedded executor was queued for that process only: after

@@ -10,9 +10,10 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from difftpt_ops.db.session import session_scope
-from difftpt_ops.db.tables import OnlineCheckpoint, Prediction
-from difftpt_ops.services.running import checkpoints, contexts, online, outcomes, runs, shards
+from difftpt_ops.db.tables import OnlineCheckpoint, Prediction, Run
+from difftpt_ops.services.running import checkpoints, contexts, embedded, online, outcomes, runs, shards
 from difftpt_ops.services.running.leases import WorkerIdentity
+from difftpt_ops.services.running.status import run_status
 from tests.integration.test_jobs_support import RecordingDispatcher, count, distinct_predictions, shard_rows
 from tests.integration.test_online_support import (
     N_SAMPLES,
@@ -162,9 +163,22 @@ def test_an_embedded_chain_goes_on_after_a_link_is_retried(workspace: Path, data
             raise RuntimeError("injected failure")
         return original(*args, **kwargs)
 
+    seen: list[bool] = []  # whether the run read stopped before each link (it never should: this process holds it)
+    execute = embedded.execute_shard
+
+    def look_then_execute(engine, settings, shard_id, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(run_status(engine, settings, result_id(engine))[0]["stopped"])
+        return execute(engine, settings, shard_id, **kwargs)
+
+    def result_id(engine):  # type: ignore[no-untyped-def]
+        with session_scope(engine) as session:
+            return session.scalar(select(Run.id))
+
     monkeypatch.setattr(online, "_start_state", fail_once)
+    monkeypatch.setattr(embedded, "execute_shard", look_then_execute)
     result = _submit(engine, settings, tiny_models_dir / "clip", limit=3 * SHARD_SIZE)
     assert result.state == "finished"
+    assert seen and not any(seen)
     assert [(s.state, s.attempts) for s in shard_rows(engine, result.run_id)] == [("done", 2), ("done", 1),
                                                                                   ("done", 1)]
     assert count(engine, Prediction, result.run_id) == 3 * SHARD_SIZE

@@ -6,24 +6,29 @@ call; a progress sink sees every sample.
 from __future__ import annotations
 
 import heapq
+import logging
 import socket
 import time
 from collections import deque
 from typing import Protocol
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from difftpt_ops.config import Settings
 from difftpt_ops.core.errors import InputError, ServiceUnavailableError
-from difftpt_ops.core.status import TERMINAL_RUN_STATES, TERMINAL_SHARD_STATES, RunState
+from difftpt_ops.core.status import TERMINAL_RUN_STATES, TERMINAL_SHARD_STATES, RunState, ShardState
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import Run, Shard
-from difftpt_ops.services.running.dispatch import make_pending_again
 from difftpt_ops.services.running.finalize import finalize_run_if_complete
 from difftpt_ops.services.running.leases import WorkerIdentity
 from difftpt_ops.services.running.outcomes import Outcome
 from difftpt_ops.services.running.shards import execute_shard
+
+log = logging.getLogger(__name__)
+_S = Shard.__table__.c
+_OPEN = [ShardState.PENDING.value, ShardState.QUEUED.value]
 
 
 class ProgressSink(Protocol):
@@ -63,15 +68,38 @@ def run_embedded(engine: Engine, settings: Settings, run_id: int, *, device: str
     shard_ids, total, finished = _open_shards(engine, run_id)
     if progress is not None:
         progress.start(run_id, total, finished)
+    _hold(engine, run_id, identity.label)
     ready, waiting = deque(shard_ids), []  # waiting: a heap of (due time, shard id) for retries
     try:
         state = _run_shards(engine, settings, ready, waiting, identity=identity, device=device, progress=progress)
-    finally:  # Ctrl-C, a setup error raised for every shard, a shutdown: no retry will come from here
-        make_pending_again(engine, [shard_id for _, shard_id in waiting])
+    finally:  # Ctrl-C, a setup error raised for every shard, a shutdown: nothing more will come from here
+        _release(engine, run_id, identity.label)
     if state is Outcome.INTERRUPTED:
         return None
     finalize_run_if_complete(engine, settings, run_id)
     return _terminal_state(engine, run_id)
+
+
+def _hold(engine: Engine, run_id: int, label: str) -> None:
+    """Queue the run's open shards for this process: `status` counts a queued shard as held while the process
+    its label names lives, so the run does not read as stopped between two shards (or two links of an online
+    chain), and does once this process is gone. Running and waiting shards are left as they are."""
+    with engine.begin() as connection:
+        connection.execute(update(Shard.__table__).where(_S.run_id == run_id, _S.state.in_(_OPEN))
+                           .values(state=ShardState.QUEUED.value, worker=label))
+
+
+def _release(engine: Engine, run_id: int, label: str) -> None:
+    """Make pending again the shards this process still holds queued (after Ctrl-C, a setup error, a shutdown,
+    or with retries left in backoff): no one will deliver them, so the run reads stopped and `resume` takes
+    them. Best effort: the error on its way out matters more."""
+    try:
+        with engine.begin() as connection:
+            connection.execute(update(Shard.__table__).where(
+                _S.run_id == run_id, _S.state == ShardState.QUEUED.value, _S.worker == label)
+                .values(state=ShardState.PENDING.value))
+    except SQLAlchemyError:
+        log.warning("could not mark the shards of run %s pending again", run_id)
 
 
 def _run_shards(engine: Engine, settings: Settings, ready: deque[int], waiting: list[tuple[float, int]], *,

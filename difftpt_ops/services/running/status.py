@@ -205,15 +205,14 @@ def is_stopped(state: str, workers: list[dict[str, Any]], *, queued: int, waitin
     That is an embedded run after Ctrl-C or a kill, a run whose submit could not reach the broker, a run
     whose workers all died before the lost-worker check re-queued their shards (`resume` continues these),
     or a DiffTPT run waiting on a generation that is not at work (resume that, then the run).
-    (The embedded executor passes through this state for a moment between two shards.)
     """
     return is_active(state) and not workers and not queued and not waiting
 
 
 def held_queued(settings: Settings, labels: list[str | None]) -> int:
     """How many queued shards (given by their last worker label) something will still run. With a broker, all
-    of them: their messages are in its queue. Embedded, a queued shard is one an executor waits out a retry
-    for, or the next link of an online chain: held only while the process that queued it lives."""
+    of them: their messages are in its queue. Embedded, the executor queues a run's open shards under its own
+    label when it starts: held only while that process lives."""
     if not settings.embedded:
         return len(labels)
     return sum(1 for label in labels if label is not None and not worker_is_gone(label))
