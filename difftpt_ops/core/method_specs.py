@@ -332,7 +332,8 @@ def method_spec_from(method: str, overrides: dict[str, Any] | None = None) -> Me
 
 
 def method_spec_from_dict(payload: dict[str, Any]) -> MethodSpec:
-    """Rebuild a method spec from `MethodSpec.to_dict()` output."""
+    """Rebuild a method spec from `MethodSpec.to_dict()` output: a field it left out stands at its OMITTED_AT
+    value (which need not be the field's default), so the rebuilt spec gives the same dict back."""
     data = dict(payload)
     method = data.pop("method")
     if _spec_class(method) is None:
@@ -343,4 +344,5 @@ def method_spec_from_dict(payload: dict[str, Any]) -> MethodSpec:
     unknown = sorted(set(data) - known)
     if unknown:
         raise InvalidSpecError("method", method, f"stored spec has unknown fields {unknown}")
-    return cls(prompt=prompt, **data)
+    omitted = {key: value for key, value in cls.OMITTED_AT.items() if key in known and key not in data}
+    return cls(prompt=prompt, **omitted, **data)

@@ -91,12 +91,14 @@ def test_an_unknown_prompt_set_is_refused_naming_it(method: str) -> None:
 
 @pytest.mark.parametrize("spec_class", [TDASpec, DMNSpec, DPESpec, BoostAdapterSpec])
 def test_single_is_left_out_of_the_stored_spec_so_older_runs_keep_their_identity(spec_class: type) -> None:
-    """Runs stored before `prompts` existed used the single prompt: an explicit `single` stores the same dict."""
+    """Runs stored before `prompts` existed used the single prompt: an explicit `single` stores the same dict,
+    and reads back as `single` (not as None, which a resolve per dataset would turn into its templates)."""
     from difftpt_ops.core.method_specs import method_spec_from_dict
 
     single = spec_class(prompts="single").to_dict()
     assert "prompts" not in single and spec_class(prompts="tip").to_dict()["prompts"] == "tip"
-    assert method_spec_from_dict(single).prompts is None  # read back: no fixed features, the single prompt
+    assert method_spec_from_dict(single).prompts == "single"
+    assert method_spec_from_dict(single).to_dict() == single
 
 
 @pytest.mark.parametrize("spec", [TDASpec(prompts="tip", n_views=4), DMNSpec(prompts="dtd", n_views=4),

@@ -32,6 +32,27 @@ def test_overrides_coerce_and_round_trip() -> None:
     assert method_spec_from_dict(spec.to_dict()) == spec
 
 
+def test_every_spec_round_trips_with_options_at_their_omitted_values() -> None:
+    """A field `to_dict` leaves out reads back at its omitted value, not the field's default (TDA's `prompts`
+    is None until submit resolves it; a stored "single" must not come back as None and change the dict)."""
+    import difftpt_ops.tta.methods  # noqa: F401 - registers every method's spec
+    from difftpt_ops.core.method_specs import user_methods
+
+    checked = 0
+    for method in user_methods():
+        base = method_spec_from(method)
+        known = {f.name for f in dc.fields(base)}
+        for key, value in base.OMITTED_AT.items():
+            if key not in known:
+                continue
+            spec = dc.replace(base, **{key: value})
+            stored = spec.to_dict()
+            assert key not in stored and method_spec_from_dict(stored) == spec, (method, key)
+            assert method_spec_from_dict(stored).to_dict() == stored
+            checked += 1
+    assert checked > len(user_methods())  # every spec has `features`, some more
+
+
 @pytest.mark.parametrize("method, overrides, argument", [
     ("magic", {}, "--method"),
     ("tpt", {"selection_p": "0"}, "selection_p"),
