@@ -1,4 +1,5 @@
-"""ZERO against a straightforward formulation from the paper, its tie-break, edge cases and bad settings."""
+"""ZERO against straightforward formulations of the paper and of the reference code (its float16 votes under
+CUDA autocast), its tie-break, edge cases and bad settings."""
 
 from __future__ import annotations
 
@@ -53,13 +54,68 @@ def test_matches_the_paper_formulation(n_classes: int) -> None:
     for seed in range(12):
         image, text = _random(seed, 64, n_classes)
         kept, votes = paper_zero(image, text, 0.3)
-        out = zero_predict(image, text, SCALE, gamma=0.3)
+        out = zero_predict(image, text, SCALE, gamma=0.3, vote="argmax")
         assert sorted(kept) == torch.nonzero(out.kept).flatten().tolist()
         assert torch.allclose(out.probs * len(kept), torch.tensor(votes, dtype=torch.float32), atol=1e-5)
         if votes.count(max(votes)) == 1:
             winners += 1
             assert out.pred == votes.index(max(votes)) and not out.tie
     assert winners >= 3  # the comparison of predictions actually ran
+
+
+def reference_code_votes(image: torch.Tensor, text: torch.Tensor, gamma: float) -> tuple[list[int], torch.Tensor]:
+    """The reference's `zero` as it runs under `torch.cuda.amp.autocast()`, written out on the CPU: the matmul
+    casts its inputs to float16 and returns float16 (the code's `l`); the filter ranks softmax(l / temp) by entropy
+    (here in float32: only the rounding of l / temp differs); `torch.finfo(l.dtype).eps` is float16's, 2^-10;
+    `l / eps` stays float16 (exact: a power of two); autocast's softmax is float32; votes sum over kept views."""
+    logits16 = (image.half().float() @ text.half().float().t()).half()  # float32 accumulation, float16 result
+    probs = (logits16.float() * SCALE).softmax(1)
+    entropy = -(probs * probs.clamp_min(1e-30).log()).sum(1)
+    kept = torch.argsort(entropy, stable=True)[:int(image.shape[0] * gamma)]
+    eps = torch.finfo(logits16.dtype).eps
+    assert eps == 2.0 ** -10
+    p_bar = (logits16[kept] / eps).float().softmax(1).sum(0)
+    return kept.tolist(), p_bar
+
+
+@pytest.mark.parametrize("n_classes", [200, 1000])
+def test_code_votes_match_the_reference_under_autocast(n_classes: int) -> None:
+    """vote="code" (the default): same kept views and the same fractional votes as the reference formulation.
+    Random 512-d features with hundreds of classes have CLIP-like gaps of thousandths between the top cosines,
+    so some views split their vote: the comparison is not the paper's count in disguise."""
+    split = 0
+    for seed in range(12):
+        image, text = _random(seed, 64, n_classes, dim=512)
+        kept, p_bar = reference_code_votes(image, text, 0.3)
+        out = zero_predict(image, text, SCALE, gamma=0.3)
+        assert sorted(kept) == torch.nonzero(out.kept).flatten().tolist()
+        assert torch.allclose(out.probs * len(kept), p_bar, atol=1e-5)
+        if not out.tie:
+            assert out.pred == int(p_bar.argmax())
+        split += int(((p_bar - p_bar.round()).abs() > 0.01).any())
+    assert split >= 3  # the votes really are soft somewhere: the comparison is not the paper's in disguise
+
+
+def test_a_vote_splits_when_two_classes_are_a_thousandth_apart() -> None:
+    """One view, two classes 0.001 apart in cosine: the code's vote is about 0.73 / 0.27, the paper's one-hot."""
+    text = torch.eye(3)[:2]
+    image = torch.tensor([[0.3005, 0.2995, (1 - 0.3005**2 - 0.2995**2) ** 0.5]]).repeat(4, 1)
+    code = zero_predict(image, text, SCALE, gamma=0.25)
+    paper = zero_predict(image, text, SCALE, gamma=0.25, vote="argmax")
+    # float16 rounds the cosines to steps of 2^-12, so the gap is 3 or 4 steps: a vote of 0.68 to 0.73.
+    assert 0.65 < float(code.probs[0]) < 0.76 and paper.probs.tolist() == [1.0, 0.0]
+    assert code.pred == paper.pred == 0
+
+
+def test_runs_stored_before_the_vote_option_read_as_argmax() -> None:
+    """Their specs have no `vote` key: they voted at float32's eps, which is vote="argmax", and keep their
+    fingerprint; the new default is part of the spec, so it makes new runs."""
+    from difftpt_ops.core.method_specs import method_spec_from_dict
+
+    old = {key: value for key, value in ZeroSpec().to_dict().items() if key != "vote"}
+    assert method_spec_from_dict(old).vote == "argmax"
+    assert method_spec_from_dict(old).to_dict() == old
+    assert ZeroSpec().to_dict()["vote"] == "code"
 
 
 def _peaked(cls: int, n_classes: int, sharp: float) -> torch.Tensor:
@@ -139,7 +195,8 @@ def test_step_returns_vote_shares_and_kept_views() -> None:
 
 
 @pytest.mark.parametrize(("field", "value"), [("gamma", "0"), ("gamma", "1.5"), ("gamma", "-0.1"),
-                                              ("prompts", "fancy"), ("tie_break", "random"), ("n_views", "0")])
+                                              ("prompts", "fancy"), ("tie_break", "random"), ("n_views", "0"),
+                                              ("vote", "soft")])
 def test_bad_settings_name_the_field(field: str, value: str) -> None:
     with pytest.raises(InvalidSpecError, match=field):
         method_spec_from("zero", {field: value})

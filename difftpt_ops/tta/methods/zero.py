@@ -7,8 +7,11 @@ the default here:
 
 - gamma = 0.3 (the code's current value; the paper and the first release used 0.1);
 - the confidence filter ranks views by the entropy of softmax(logit_scale * cosine), view 0 included;
-- a vote is softmax(cosine / eps) with eps the dtype's machine epsilon: one-hot unless two classes are
-  within about 1e-6 in cosine, where the vote splits (the paper's argmax never splits);
+- a vote is softmax(cosine / eps) with eps the machine epsilon of the cosines' dtype. The reference runs
+  under CUDA autocast, whose matmul returns float16 whatever the weights: eps is 2^-10 and the cosines are
+  float16, so a view whose top two classes are within a few thousandths in cosine splits its vote (0.001
+  apart: about 0.73 / 0.27). vote="code" reproduces that (the default); vote="argmax" is the paper's
+  one-hot vote (taken at float32's eps, so only classes within about 1e-6 split);
 - ties in the vote count are broken greedily: walk views int(N * gamma) .. N-1 in view order (not the
   discarded views in confidence order) and take the first argmax that is among the tied classes; if none
   is, the code takes the argmax of view int(N * gamma) after masking classes n_classes - 1 - t for each
@@ -34,6 +37,8 @@ from difftpt_ops.tta.methods.base import ForwardOnlyMethod, StepInputs, StepOutp
 from difftpt_ops.tta.methods.ensemble import PromptSetOption, check_prompt_set
 
 TIE_BREAKS = ("code", "tied")
+VOTES = ("code", "argmax")
+_FP16_EPS = torch.finfo(torch.float16).eps  # 2^-10: the reference's "zero" temperature under autocast
 
 
 @dataclass(frozen=True)
@@ -45,12 +50,16 @@ class ZeroSpec(MethodSpec):
     gamma: float = 0.3  # keep int(n_views * gamma) most confident views; the paper's value is 0.1
     prompts: str = "single"  # single | ensemble (CLIP's 80 templates) | tip (7); the code's --templates is tip
     tie_break: str = "code"  # code: as the reference, including its fallback; tied: fallback among tied classes
+    vote: str = "code"  # code: float16 cosines at temperature 2^-10 (the reference on a GPU); argmax: the paper's
     augmix: bool | None = False  # the reference never uses AugMix
     descriptions: str | None = None  # class descriptions averaged in with the prompts (docs/methods.md)
-    OMITTED_AT: ClassVar[dict[str, Any]] = {**MethodSpec.OMITTED_AT, "descriptions": None}
+    # Runs made before `vote` existed voted at float32's eps, which is vote="argmax": their specs read as such.
+    OMITTED_AT: ClassVar[dict[str, Any]] = {**MethodSpec.OMITTED_AT, "descriptions": None, "vote": "argmax"}
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.vote not in VOTES:
+            raise InvalidSpecError("vote", self.vote, f"must be one of {', '.join(VOTES)}")
         if self.n_views < 1:
             raise InvalidSpecError("n_views", self.n_views, "must be >= 1")
         if not 0.0 < self.gamma <= 1.0:
@@ -74,13 +83,13 @@ class ZeroOutput:
 
 
 def zero_predict(image_features: Tensor, text_features: Tensor, logit_scale: float | Tensor, *,
-                 gamma: float = 0.3, tie_break: str = "code") -> ZeroOutput:
+                 gamma: float = 0.3, tie_break: str = "code", vote: str = "code") -> ZeroOutput:
     """ZERO on one sample's normalised view features (n_views, d) and class features (n_classes, d)."""
-    cosine = image_features.float() @ text_features.float().t()
+    cosine = _cosines(image_features, text_features, vote)
     entropy = view_entropy(cosine * logit_scale)
     n_kept = int(cosine.shape[0] * gamma)
     kept_idx = torch.argsort(entropy, stable=True)[:n_kept]
-    votes = _zero_temperature_votes(cosine[kept_idx])
+    votes = _zero_temperature_votes(cosine[kept_idx], vote)
     tied = torch.nonzero(votes == votes.max()).flatten()
     tie = tied.numel() > 1
     pred = _break_tie(cosine, tied, start=n_kept, mode=tie_break) if tie else int(votes.argmax())
@@ -93,11 +102,21 @@ def zero_predict(image_features: Tensor, text_features: Tensor, logit_scale: flo
                       kept=kept, tie=tie)
 
 
-def _zero_temperature_votes(cosine: Tensor) -> Tensor:
-    # The code's limit of softmax(cosine / T) as T -> 0, taken at T = eps: one-hot except at near-exact ties.
+def _cosines(image_features: Tensor, text_features: Tensor, vote: str) -> Tensor:
+    """float32 cosines; for vote="code" rounded as the reference's autocast matmul makes them (float16 inputs,
+    float32 accumulation, float16 result), since its votes resolve differences of a few float16 steps."""
+    if vote == "argmax":
+        return image_features.float() @ text_features.float().t()
+    half = (image_features.half().float() @ text_features.half().float().t()).half()
+    return half.float()
+
+
+def _zero_temperature_votes(cosine: Tensor, vote: str) -> Tensor:
+    # softmax(cosine / T) at T = eps of the cosines' dtype, in float32 (autocast's softmax), summed over views.
     if cosine.shape[0] == 0:
         return torch.zeros(cosine.shape[1], device=cosine.device)
-    return (cosine / torch.finfo(cosine.dtype).eps).softmax(dim=-1).sum(dim=0)
+    eps = _FP16_EPS if vote == "code" else torch.finfo(torch.float32).eps
+    return (cosine / eps).softmax(dim=-1).sum(dim=0)
 
 
 def _break_tie(cosine: Tensor, tied: Tensor, *, start: int, mode: str) -> int:
@@ -147,7 +166,7 @@ class Zero(PromptSetOption, ForwardOnlyMethod):
 
     def step(self, spec: ZeroSpec, inputs: StepInputs) -> StepOutput:
         out = zero_predict(inputs.image_features, inputs.text_features, inputs.logit_scale, gamma=spec.gamma,
-                           tie_break=spec.tie_break)
+                           tie_break=spec.tie_break, vote=spec.vote)
         # Kept views in confidence order, as the filter ranked them.
         order = torch.argsort(out.entropy, stable=True)
         indices = order[out.kept[order]]
