@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from difftpt_ops.core import clock
 from difftpt_ops.core.errors import InputError, ServiceUnavailableError
 from difftpt_ops.core.secrets import mask_url
 
@@ -106,6 +108,18 @@ def check_connection(engine: Engine) -> None:
         raise ServiceUnavailableError(
             f"database {shown} is unreachable ({reason}); check DIFFTPT_OPS_DATABASE_URL and that the server runs"
         ) from exc
+
+
+def database_clock_offset(engine: Engine) -> timedelta:
+    """How far the database server's clock is ahead of this host's (zero for SQLite, a file on this host):
+    the server's clock_timestamp() against the midpoint of the round trip that read it."""
+    if engine.dialect.name == "sqlite":
+        return timedelta(0)
+    with engine.connect() as connection:
+        before = clock.local_now()
+        server = connection.scalar(text("SELECT clock_timestamp()"))
+        after = clock.local_now()
+    return clock.as_utc(server) - (before + (after - before) / 2)
 
 
 def _alembic_config(engine: Engine):  # type: ignore[no-untyped-def]

@@ -344,6 +344,37 @@ def test_stale_and_dead_workers_lose_their_shards(env: dict[str, Any]) -> None:
     assert "stopped heartbeating" in (shard_rows(env["engine"], result.run_id)[1].error or "")
 
 
+def test_a_host_whose_clock_runs_ahead_reads_the_database_clock(postgres_url: str, workspace: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers on several hosts compare heartbeats written by each other. A host whose clock is 10 minutes
+    ahead follows the database server's clock once it opens the database, so another worker's fresh heartbeat
+    is not stale to it: it neither takes that shard nor re-queues it."""
+    from datetime import timedelta
+
+    from difftpt_ops.core import clock
+    from difftpt_ops.services.running.dispatch import requeue_stale_shards
+    from difftpt_ops.services.workspace import open_database
+    from tests.integration.test_jobs_support import RecordingDispatcher
+
+    monkeypatch.setattr(clock, "_offset", clock.offset())  # restored after the test
+    settings = make_settings(workspace, postgres_url, broker_url="redis://x:1/0", stale_after_s="60")
+    engine = open_engine(settings)
+    add_dataset(engine, "toy", 16)
+    dispatcher = RecordingDispatcher()
+    runs.submit_tune(engine, settings, dataset_ref="toy", method="noop", shard_size=16, dispatcher=dispatcher)
+    shard_id = dispatcher.tickets[0].shard_id
+    assert shards.claim_shard(engine, settings, shard_id, leases.WorkerIdentity("other@host")) is not None
+    ahead, local = timedelta(minutes=10), clock.local_now
+    monkeypatch.setattr(clock, "local_now", lambda: local() + ahead)  # this process is now that host
+    assert clock.utcnow() - local() > timedelta(minutes=9)  # before it opens the database: its own clock
+    open_database(settings)
+    assert abs(clock.offset() + ahead) < timedelta(seconds=5)
+    assert shards.claim_shard(engine, settings, shard_id, leases.WorkerIdentity("ahead@host")) is None
+    dispatcher.tickets.clear()
+    assert requeue_stale_shards(engine, settings, dispatcher) == 0 and dispatcher.tickets == []
+    engine.dispose()
+
+
 def test_periodic_check_finalizes_a_run_whose_last_worker_died(env: dict[str, Any]) -> None:
     """All shards done but the run still running (its finalizer died): the workers' check finishes it."""
     from sqlalchemy import update
