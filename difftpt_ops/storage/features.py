@@ -39,6 +39,7 @@ SUFFIX = ".st"  # safetensors; the artifact store allows suffixes of at most 8 c
 TENSOR_NAME = "features"
 FORMAT_VERSION = 1  # of the recipe and file layout; part of every key
 ORIGINAL, CONVENTIONAL, GENERATED = "original", "conventional", "generated"  # the view kinds of tta.views
+DEFAULT_CROP_SCALE = (0.08, 1.0)  # tta.views.CROP_SCALE (tests check they agree; storage does not import tta)
 _ACTIVATION_WORDS = ("gelu", "relu", "silu", "act")
 
 
@@ -65,11 +66,13 @@ def model_fingerprint(model: nn.Module, *, precision: str, device: str | torch.d
 
 
 def view_recipes(*, n_conventional: int, generated_hashes: Sequence[str], seed: int, augmix: bool,
-                 resolution: int) -> list[dict[str, Any]]:
-    """One recipe per view, in the engine's order: [original, conventional..., generated...]."""
+                 resolution: int, crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE) -> list[dict[str, Any]]:
+    """One recipe per view, in the engine's order: [original, conventional..., generated...]. A crop's area
+    range is part of its recipe only when it is not the default, so recipes stored before it existed stay."""
     recipes: list[dict[str, Any]] = [{"kind": ORIGINAL, "resolution": resolution}]
-    recipes += [{"kind": CONVENTIONAL, "seed": seed, "index": i, "augmix": bool(augmix), "resolution": resolution}
-                for i in range(1, n_conventional + 1)]
+    scale = {} if tuple(crop_scale) == DEFAULT_CROP_SCALE else {"scale": [float(v) for v in crop_scale]}
+    recipes += [{"kind": CONVENTIONAL, "seed": seed, "index": i, "augmix": bool(augmix), "resolution": resolution,
+                 **scale} for i in range(1, n_conventional + 1)]
     recipes += [{"kind": GENERATED, "hash": h, "resolution": resolution} for h in generated_hashes]
     return recipes
 

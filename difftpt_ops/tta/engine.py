@@ -153,7 +153,7 @@ class Tuner:
         return build_views(image, n_conventional=self.plan.n_conventional,
                            generated=list(generated)[:self.plan.n_generated], seed=seed, sample_key=sample_key,
                            augmix=self.augmix_for(augmix), resolution=self.plan.resolution,
-                           workers=self.view_workers)
+                           workers=self.view_workers, crop_scale=self.plan.crop_scale)
 
     def run(self, image: object, *, generated: Sequence[object] = (), seed: int, sample_key: str | int,
             augmix: bool = False) -> SampleResult:

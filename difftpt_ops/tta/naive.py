@@ -70,7 +70,7 @@ class NaiveTuner:
         views = build_views(image, n_conventional=plan.n_conventional, generated=list(generated)[:plan.n_generated],
                             seed=seed, sample_key=sample_key,
                             augmix=plan.augmix if plan.augmix is not None else augmix,
-                            resolution=plan.resolution, workers=self.view_workers)
+                            resolution=plan.resolution, workers=self.view_workers, crop_scale=plan.crop_scale)
         if self.method.kind == PROMPT_TUNING:
             final, zeroshot, selected = self._tune(views.pixels, views.kinds)
         else:

@@ -86,12 +86,14 @@ def center_view(image: Image.Image, resolution: int = 224) -> np.ndarray:
     return to_normalised_array(TF.center_crop(resized, resolution))
 
 
-def random_crop_box(width: int, height: int, generator: torch.Generator) -> tuple[int, int, int, int]:
-    """(top, left, h, w) of a RandomResizedCrop with torchvision's default scale and ratio ranges."""
+def random_crop_box(width: int, height: int, generator: torch.Generator,
+                    scale: tuple[float, float] = CROP_SCALE) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a RandomResizedCrop with torchvision's ratio range and the area `scale` range
+    (torchvision's default unless a method's reference sets another, as DMN's (0.5, 1))."""
     area = width * height
     log_lo, log_hi = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
     for _ in range(CROP_ATTEMPTS):
-        target = area * _uniform(CROP_SCALE[0], CROP_SCALE[1], generator)
+        target = area * _uniform(scale[0], scale[1], generator)
         aspect = math.exp(_uniform(log_lo, log_hi, generator))
         w = round(math.sqrt(target * aspect))
         h = round(math.sqrt(target / aspect))
@@ -110,10 +112,11 @@ def random_crop_box(width: int, height: int, generator: torch.Generator) -> tupl
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def conventional_view(image: Image.Image, *, seed: int, resolution: int = 224, use_augmix: bool = False) -> np.ndarray:
+def conventional_view(image: Image.Image, *, seed: int, resolution: int = 224, use_augmix: bool = False,
+                      crop_scale: tuple[float, float] = CROP_SCALE) -> np.ndarray:
     """RandomResizedCrop (bilinear) + horizontal flip p=0.5 [+ AugMix], all drawn from `seed`."""
     generator = torch.Generator().manual_seed(seed)
-    top, left, h, w = random_crop_box(image.size[0], image.size[1], generator)
+    top, left, h, w = random_crop_box(image.size[0], image.size[1], generator, crop_scale)
     crop = TF.resized_crop(image, top, left, h, w, [resolution, resolution],
                            interpolation=InterpolationMode.BILINEAR)
     if float(torch.rand(1, generator=generator)) < 0.5:
@@ -124,7 +127,8 @@ def conventional_view(image: Image.Image, *, seed: int, resolution: int = 224, u
 
 
 def build_views(image: object, *, n_conventional: int, generated: Sequence[object] = (), seed: int,
-                sample_key: str | int, augmix: bool = False, resolution: int = 224, workers: int = 1) -> ViewBatch:
+                sample_key: str | int, augmix: bool = False, resolution: int = 224, workers: int = 1,
+                crop_scale: tuple[float, float] = CROP_SCALE) -> ViewBatch:
     """All views of one sample: [original, n_conventional random crops, one view per generated image].
 
     `workers` > 1 builds the views in a thread pool (PIL and numpy release the GIL); each view has its own
@@ -138,7 +142,7 @@ def build_views(image: object, *, n_conventional: int, generated: Sequence[objec
     jobs: list[Callable[[], np.ndarray]] = [lambda: center_view(original, resolution)]
     jobs += [
         lambda i=i: conventional_view(original, seed=view_seed(seed, sample_key, i), resolution=resolution,
-                                      use_augmix=augmix)
+                                      use_augmix=augmix, crop_scale=crop_scale)
         for i in range(1, n_conventional + 1)
     ]
     jobs += [lambda g=g: center_view(g, resolution) for g in generated_images]

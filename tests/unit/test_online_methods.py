@@ -205,3 +205,17 @@ def test_order_seed_changes_predictions_on_a_crafted_stream() -> None:
     last = next(s for s in range(100) if stream_order(4, s)[-1] == 0)
     assert prediction_of_ambiguous(first) == 0  # CLIP's own answer (slightly class 0)
     assert prediction_of_ambiguous(last) == 1  # after three class-1 neighbours entered the positive cache
+
+
+def test_dmn_crops_cover_half_the_image_as_the_reference_and_older_runs_keep_theirs() -> None:
+    """DMN's data/datautils.py crops with RandomResizedCrop(224, scale=(0.5, 1)); runs stored before `crop_min`
+    existed used TPT's 0.08 and read back as such, with their fingerprint unchanged."""
+    from difftpt_ops.core.method_specs import method_spec_from, method_spec_from_dict
+    from difftpt_ops.tta.methods import get_method
+
+    spec = method_spec_from("dmn-zs")
+    assert get_method("dmn-zs").views(spec).crop_scale == (0.5, 1.0) and spec.to_dict()["crop_min"] == 0.5
+    old = {key: value for key, value in spec.to_dict().items() if key != "crop_min"}
+    assert method_spec_from_dict(old).crop_min == 0.08 and method_spec_from_dict(old).to_dict() == old
+    assert get_method("dmn-zs").views(method_spec_from_dict(old)).crop_scale == (0.08, 1.0)
+    assert get_method("tda").views(method_spec_from("tda")).crop_scale == (0.08, 1.0)

@@ -103,6 +103,41 @@ def test_random_crop_box_stays_inside_the_image() -> None:
         assert 0 <= top and 0 <= left and 0 < h and 0 < w and top + h <= 30 and left + w <= 40
 
 
+@pytest.mark.parametrize("scale", [(0.08, 1.0), (0.5, 1.0)], ids=["torchvision-default", "dmn"])
+def test_random_crop_box_draws_what_torchvision_draws(scale: tuple[float, float]) -> None:
+    """Same box as torchvision's RandomResizedCrop.get_params from the same random stream, for the default
+    area range and DMN's (0.5, 1); with DMN's, no crop covers less than half the image."""
+    from torchvision.transforms import RandomResizedCrop
+
+    image = Image.new("RGB", (320, 240))
+    areas = []
+    for seed in range(100):
+        torch.manual_seed(seed)
+        expected = RandomResizedCrop.get_params(image, scale=list(scale), ratio=[3.0 / 4.0, 4.0 / 3.0])
+        box = random_crop_box(320, 240, torch.Generator().manual_seed(seed), scale)
+        assert box == tuple(expected), seed
+        areas.append(box[2] * box[3] / (320 * 240))
+    assert min(areas) > scale[0] - 0.01
+    assert (min(areas) < 0.5) is (scale[0] < 0.5)
+
+
+def test_crop_scale_reaches_the_views_and_the_store_recipes() -> None:
+    """A plan's crop range changes the conventional views (not the original) and their stored recipes; the
+    default range adds nothing to a recipe, so features stored before the option existed are found again."""
+    from difftpt_ops.storage.features import DEFAULT_CROP_SCALE, view_recipes
+    from difftpt_ops.tta.views import CROP_SCALE
+
+    assert DEFAULT_CROP_SCALE == CROP_SCALE
+    image = random_image(0, (300, 200))
+    wide = build_views(image, n_conventional=3, seed=0, sample_key="k").pixels
+    dmn = build_views(image, n_conventional=3, seed=0, sample_key="k", crop_scale=(0.5, 1.0)).pixels
+    assert torch.equal(wide[0], dmn[0]) and not torch.equal(wide[1:], dmn[1:])
+    default = view_recipes(n_conventional=1, generated_hashes=[], seed=0, augmix=False, resolution=224)
+    assert "scale" not in default[1]
+    assert view_recipes(n_conventional=1, generated_hashes=[], seed=0, augmix=False, resolution=224,
+                        crop_scale=(0.5, 1.0))[1]["scale"] == [0.5, 1.0]
+
+
 def test_modes_are_converted_and_tensors_accepted() -> None:
     """Grey, RGBA and palette images become RGB; a (3, H, W) tensor is accepted."""
     for mode in ("L", "RGBA", "P"):

@@ -70,7 +70,8 @@ class FeatureCache:
         plan = tuner.plan
         hashes = self._generated_hashes(views, sample, plan.n_generated)
         recipes = view_recipes(n_conventional=plan.n_conventional, generated_hashes=hashes or [], seed=seed,
-                               augmix=tuner.augmix_for(augmix), resolution=plan.resolution)
+                               augmix=tuner.augmix_for(augmix), resolution=plan.resolution,
+                               crop_scale=plan.crop_scale)
         if hashes is not None:
             raw = self.lookup(sample.content_hash, recipes)
             if raw is not None:
@@ -201,7 +202,8 @@ class FeaturesProcessor:
             images = generated.get(sample.content_hash, [])
             if sample.content_hash and len(images) == plan.n_generated:
                 recipes = view_recipes(n_conventional=plan.n_conventional, generated_hashes=images, seed=self.seed,
-                                       augmix=self.tuner.augmix_for(self.augmix), resolution=plan.resolution)
+                                       augmix=self.tuner.augmix_for(self.augmix), resolution=plan.resolution,
+                                       crop_scale=plan.crop_scale)
                 wanted[(sample.content_hash, recipes_fingerprint(recipes))] = sample.id
         if not wanted:
             return set()

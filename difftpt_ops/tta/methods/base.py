@@ -86,6 +86,7 @@ from difftpt_ops.core.errors import InvalidSpecError
 from difftpt_ops.core.method_specs import MethodSpec, register_method_spec, unregister_method_spec
 from difftpt_ops.tta.losses import marginal_entropy, view_entropy
 from difftpt_ops.tta.text import TextTower, normalise
+from difftpt_ops.tta.views import CROP_SCALE
 
 FORWARD_ONLY = "forward-only"
 PROMPT_TUNING = "prompt-tuning"
@@ -105,6 +106,7 @@ class ViewPlan:
     n_generated: int = 0  # diffusion variations of the sample (the first n of its generation config)
     augmix: bool | None = None  # None: the dataset's rule (on for the cross-domain sets), as the reference
     resolution: int = 224
+    crop_scale: tuple[float, float] = CROP_SCALE  # RandomResizedCrop's area range for the conventional views
 
     @property
     def n_views(self) -> int:

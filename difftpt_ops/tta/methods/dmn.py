@@ -160,6 +160,8 @@ class DMNSpec(MethodSpec):
     order_seed: int = 0  # the stream order: a seeded permutation of the dataset version's samples
     n_views: int = 32  # -b 32: the original plus 31 random crops
     augmix: bool | None = None  # None: the dataset's rule (on for the cross-domain sets), as the reference
+    # The crops' smallest area share: data/datautils.py's RandomResizedCrop(224, scale=(0.5, 1)) (TPT's: 0.08).
+    crop_min: float = 0.5
     selection_p: float = 0.1
     memory_size: int = 50
     beta: float = 5.5
@@ -167,13 +169,16 @@ class DMNSpec(MethodSpec):
     prompts: str | None = None  # None: the reference's templates for the dataset (PROMPTS_BY_FORMAT)
     # The CuPL half of the reference's classifier: a JSON file of class descriptions the user supplies.
     descriptions: str | None = None
-    # Runs from before `prompts` existed used the single prompt: left out at "single", they keep their identity.
-    OMITTED_AT: ClassVar[dict[str, Any]] = {**MethodSpec.OMITTED_AT, "prompts": "single", "descriptions": None}
+    # Runs from before `prompts` existed used the single prompt, and those from before `crop_min` TPT's crops:
+    # left out at those values, they keep their identity (and read back as them).
+    OMITTED_AT: ClassVar[dict[str, Any]] = {**MethodSpec.OMITTED_AT, "prompts": "single", "descriptions": None,
+                                            "crop_min": 0.08}
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.order_seed >= 0, "order_seed", self.order_seed, "must be >= 0")
         require(self.n_views >= 1, "n_views", self.n_views, "must be >= 1")
+        require(0.0 < self.crop_min <= 1.0, "crop_min", self.crop_min, "must be in (0, 1]")
         require(0.0 < self.selection_p <= 1.0, "selection_p", self.selection_p, "must be in (0, 1]")
         require(self.memory_size >= 1, "memory_size", self.memory_size, "must be >= 1")
         require(self.beta >= 0, "beta", self.beta, "must be >= 0")
@@ -208,7 +213,8 @@ class DMNZS(PromptSetOption, OnlineMethod):
     reference: ClassVar[str] = "YBZh/DMN"
 
     def views(self, spec: DMNSpec) -> ViewPlan:
-        return ViewPlan(n_conventional=spec.n_views - 1, augmix=spec.augmix, resolution=spec.resolution)
+        return ViewPlan(n_conventional=spec.n_views - 1, augmix=spec.augmix, resolution=spec.resolution,
+                        crop_scale=(spec.crop_min, 1.0))
 
     def resolve_for_dataset(self, spec: DMNSpec, dataset_format: str) -> DMNSpec:
         """The spec with the reference's templates for the dataset (called at submit, before the fingerprint)."""
