@@ -61,7 +61,8 @@ def table(
         "--datasets", help="Comma-separated dataset names (default: all with runs).")] = None,
     metric: Annotated[str, typer.Option("--metric", help="top1, top5 or ece.")] = "top1",
     baseline: Annotated[str | None, typer.Option(
-        "--baseline", help="Method every cell is tested against (default: zeroshot when present).")] = None,
+        "--baseline", help="Method every cell is tested against, its row at the defaults when it has one "
+                           "(default: zeroshot when present).")] = None,
     runs: Annotated[str | None, typer.Option(
         "--runs", help="Comma-separated run ids to tabulate instead of the latest runs.")] = None,
     sweep: Annotated[int | None, typer.Option(
@@ -78,8 +79,9 @@ def table(
     = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Methods as rows, datasets as columns: the latest finished runs of one model, the papers' averages
-    (ImageNet + 4 shifts, the 4 shifts, the 10 cross-domain sets) and Holm-corrected McNemar tests."""
+    """Methods as rows (a row per configuration: `zeroshot prompts=ensemble`), datasets as columns: the latest
+    finished runs of one model, the papers' averages (ImageNet + 4 shifts, the 4 shifts, the 10 cross-domain
+    sets) and Holm-corrected McNemar tests."""
     from difftpt_ops.services.reading.table import FORMATS, TableQuery, build_table
     from difftpt_ops.services.reading.table_render import log_table
 

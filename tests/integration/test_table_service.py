@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 
 from difftpt_ops.core.errors import InputError
 from difftpt_ops.db.session import get_engine, session_scope, upgrade
-from difftpt_ops.db.tables import DatasetVersion, Run
+from difftpt_ops.db.tables import Dataset, DatasetVersion, Run
 from difftpt_ops.services.reading.table import AVERAGES, TableQuery, build_table, load_published
 from difftpt_ops.services.reading.table_render import csv_rows, header, to_latex, to_markdown
 from tests.factories import make_dataset, make_dataset_version, make_predictions, make_run
@@ -33,7 +33,7 @@ def engine(database_url: str) -> Iterator[Engine]:
 
 
 def _spec(method: str, model: str, dataset_fingerprint: str, seed: int = 0) -> dict[str, Any]:
-    return {"kind": "tune", "method": {"method": method, "steps": 1}, "model": {"name": model, "pretrained": None},
+    return {"kind": "tune", "method": {"method": method}, "model": {"name": model, "pretrained": None},
             "dataset_fingerprint": dataset_fingerprint, "seed": seed}
 
 
@@ -214,3 +214,63 @@ def test_cells_on_fewer_samples_say_so(engine: Engine) -> None:
     markdown = to_markdown(table)
     assert f"| method | shapes (n={N_SAMPLES}) |" in markdown
     assert "50.00† (n=30)" in markdown or "50.00*† (n=30)" in markdown
+
+
+def _run_with(engine: Engine, version_id: int, method: str, overrides: dict[str, str], accuracy: float, *,
+              device: str = "cpu", stored: dict[str, Any] | None = None) -> int:
+    """A finished run whose stored method spec is what `submit` stores: resolved for the dataset's format."""
+    from difftpt_ops.core.method_specs import method_spec_from
+    from difftpt_ops.tta.methods import resolve_for_dataset
+
+    with session_scope(engine) as session:
+        version = session.get(DatasetVersion, version_id)
+        fmt = session.get(Dataset, version.dataset_id).format
+        method_spec = stored or resolve_for_dataset(method_spec_from(method, overrides), fmt).to_dict()
+        spec = {"kind": "tune", "method": method_spec, "model": {"name": "tiny", "pretrained": None},
+                "dataset_fingerprint": version.fingerprint, "seed": 0, "device": device}
+        run = make_run(session, version, method=method, spec=spec)
+        n = version.num_samples
+        make_predictions(session, run, [i < round(accuracy * n) for i in range(n)])
+        return int(run.id)
+
+
+def _version(engine: Engine, name: str, fmt: str = "imagefolder") -> int:
+    with session_scope(engine) as session:
+        dataset = make_dataset(session, n_classes=4, name=name)
+        dataset.format = fmt
+        return int(make_dataset_version(session, n_samples=N_SAMPLES, dataset=dataset).id)
+
+
+def test_each_configuration_of_a_method_is_its_own_row(engine: Engine) -> None:
+    """zeroshot at its defaults and with the prompt ensemble are two rows, each with its own cells and averages,
+    whichever ran last; the ensemble row is tested against the default one. A TDA run at the defaults resolved
+    for its dataset has no configuration words; one with the single prompt has."""
+    shift = {fmt: _version(engine, fmt, fmt) for fmt in ("imagenet-a", "imagenet-v2", "imagenet-r", "imagenet-sketch")}
+    plain = {fmt: _run_with(engine, v, "zeroshot", {}, 0.5) for fmt, v in shift.items()}
+    ensemble = {fmt: _run_with(engine, v, "zeroshot", {"prompts": "ensemble"}, 0.75) for fmt, v in shift.items()}
+    tda = _run_with(engine, shift["imagenet-a"], "tda", {}, 0.6)  # the reference's "tip" prompts for the set
+    tda_single = _run_with(engine, shift["imagenet-a"], "tda", {"prompts": "single"}, 0.4)
+    table = build_table(engine, TableQuery())
+    rows = {r.label: r for r in table.rows}
+    assert list(rows) == ["zeroshot", "zeroshot prompts=ensemble", "tda", "tda prompts=single"]
+    assert {d: c.runs for d, c in rows["zeroshot"].cells.items()} == {d: [plain[d]] for d in shift}
+    assert {d: c.runs for d, c in rows["zeroshot prompts=ensemble"].cells.items()} == {d: [ensemble[d]] for d in shift}
+    assert rows["zeroshot"].averages["avg 4 shifts"] == pytest.approx(0.5)
+    assert rows["zeroshot prompts=ensemble"].averages["avg 4 shifts"] == pytest.approx(0.75)
+    assert rows["zeroshot prompts=ensemble"].cells["imagenet-a"].baseline_run == plain["imagenet-a"]
+    assert rows["tda"].cells["imagenet-a"].runs == [tda] and rows["tda prompts=single"].cells["imagenet-a"].runs == [
+        tda_single]
+    assert rows["zeroshot prompts=ensemble"].config == "prompts=ensemble" and rows["zeroshot"].config == ""
+    assert any("a row per configuration" in note for note in table.notes)
+
+
+def test_a_named_run_that_a_newer_one_hides_is_said(engine: Engine) -> None:
+    """`--runs A,B` where B repeats A's configuration and dataset with the same seed (on another kind of device):
+    B's cell, and a note for A."""
+    version = _version(engine, "toys")
+    older = _run_with(engine, version, "tpt", {}, 0.5)
+    newer = _run_with(engine, version, "tpt", {}, 0.6, device="cuda")
+    table = build_table(engine, TableQuery(run_ids=(older, newer)))
+    assert [c.runs for r in table.rows for c in r.cells.values()] == [[newer]] and table.superseded == [older]
+    assert any(note.startswith(f"runs {older} not shown") for note in table.notes)
+    assert build_table(engine, TableQuery()).superseded == []  # only said of runs someone named

@@ -1,7 +1,8 @@
 """The experiment table: methods as rows, datasets as columns, the papers' averages, paired tests.
 
-For each (method, dataset) the latest finished tuning run of one model makes the cell (or the runs
-named); runs that differ from it only by seed make it a mean plus-minus standard deviation. Every
+A row is one configuration of a method (`services.reading.configurations`: `zeroshot` and `zeroshot
+prompts=ensemble` are two rows). For each (row, dataset) the latest finished tuning run of one model makes the
+cell (or the runs named); runs that differ from it only by seed make it a mean plus-minus standard deviation. Every
 count comes from the database in three grouped queries (per-run counts, calibration bins when the
 metric is ECE, and the paired counts of each cell against the baseline), so a table of 200 runs and
 200,000 predictions costs three index scans, not 200 round trips.
@@ -29,10 +30,10 @@ from difftpt_ops.core.errors import InputError, NotFoundError
 from difftpt_ops.core.specs import canonical_json, fingerprint_of
 from difftpt_ops.data.formats import CROSS_DOMAIN_FORMATS, IMAGENET_FORMATS
 from difftpt_ops.services.reading import stats
+from difftpt_ops.services.reading.configurations import SEED_KEYS, configuration
 
 METRICS = ("top1", "top5", "ece")
 FORMATS = ("rich", "markdown", "latex", "csv", "json")
-SEED_KEYS = ("seed", "order_seed")  # spec keys whose runs are repeats of one configuration
 FINISHED_STATES = ("finished", "finished_with_failures")
 # Column order of the papers (TPT, DiffTPT): ImageNet and its shifts, then the cross-domain sets.
 PAPER_ORDER = ("imagenet", "imagenet-a", "imagenet-v2", "imagenet-r", "imagenet-sketch", "flower102", "dtd",
@@ -99,6 +100,7 @@ class RunRow:
     dataset: str
     format: str
     variant: str = ""  # the sweep grid point (without the seed) when tabulating a sweep
+    config: str = ""  # the settings apart from the method's defaults for the dataset (configurations.py)
     n: int = 0
     correct: int = 0
     top5: int = 0
@@ -151,10 +153,12 @@ class Row:
     cells: dict[str, Cell]
     averages: dict[str, float | None]
     source: str | None = None
+    config: str = ""  # our rows: the configuration of the method (sweep rows: the grid point is in the label)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "method": self.method, "kind": self.kind, "source": self.source,
-                "cells": {k: c.to_dict() for k, c in self.cells.items()}, "averages": self.averages}
+        return {"label": self.label, "method": self.method, "kind": self.kind, "config": self.config,
+                "source": self.source, "cells": {k: c.to_dict() for k, c in self.cells.items()},
+                "averages": self.averages}
 
 
 @dataclass
@@ -170,12 +174,14 @@ class Table:
     average_columns: list[str]
     rows: list[Row]
     notes: list[str]
+    superseded: list[int] = field(default_factory=list)  # named runs a newer run of their row and dataset hides
+    other_model: list[int] = field(default_factory=list)  # named runs of another model than the table's
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.query.name(), "model": self.model, "metric": self.metric, "baseline": self.baseline,
                 "alpha": self.query.alpha, "columns": self.columns, "formats": self.formats,
                 "average_columns": self.average_columns, "rows": [r.to_dict() for r in self.rows],
-                "notes": self.notes}
+                "notes": self.notes, "superseded": self.superseded, "other_model": self.other_model}
 
 
 def build_table(engine: Engine, query: TableQuery) -> Table:
@@ -187,14 +193,19 @@ def build_table(engine: Engine, query: TableQuery) -> Table:
     with engine.connect() as conn:
         runs = _select_runs(conn, query)
         model = _resolve_model(runs, query)
+        other_model = sorted(r.run_id for r in runs if model is not None and r.model != model)
         runs = [r for r in runs if model is None or r.model == model]
         _check_names(runs, query)
+        _set_configurations(runs, query)
         _load_counts(conn, runs, query.metric)
         cells, baseline = _cells(runs, query)
         _paired_tests(conn, cells, baseline, query)
     columns, formats = _columns(runs)
+    shown = {run_id for row in cells.values() for cell, _ in row.values() for run_id in cell.runs}
     table = Table(query=query, model=model, metric=query.metric, baseline=baseline, columns=columns,
-                  formats=formats, average_columns=_average_columns(formats), rows=[], notes=[])
+                  formats=formats, average_columns=_average_columns(formats), rows=[], notes=[],
+                  superseded=sorted({r.run_id for r in runs} - shown) if query.run_ids else [],
+                  other_model=other_model if query.run_ids else [])
     table.rows = _our_rows(cells, table)
     if query.published:
         _add_published(table, query)
@@ -244,6 +255,16 @@ def _set_variants(conn: Connection, runs: list[RunRow], sweep_id: int) -> None:
     for run in runs:
         point = {k: v for k, v in points.get(run.run_id, {}).items() if k not in SEED_KEYS}
         run.variant = " ".join(f"{k}={v}" for k, v in sorted(point.items()))
+
+
+def _set_configurations(runs: list[RunRow], query: TableQuery) -> None:
+    """Each run's configuration, its model settings compared with the newest run's. In a sweep table the grid
+    point tells the rows apart, and the sweep's runs share everything else."""
+    if query.sweep_id is not None or not runs:
+        return
+    model = runs[0].spec.get("model") or {}
+    for run in runs:
+        run.config = configuration(run.spec, run.format, model=model)
 
 
 def _resolve_model(runs: list[RunRow], query: TableQuery) -> str | None:
@@ -321,23 +342,26 @@ def seed_group_key(spec: dict[str, Any]) -> str:
     return canonical_json(stripped)
 
 
-def _row_key(run: RunRow) -> tuple[str, str]:
-    return run.method, run.variant
+RowKey = tuple[str, str, str]  # method, sweep variant, configuration
+Cells = dict[RowKey, dict[str, tuple[Cell, RunRow]]]
 
 
-def _cells(runs: list[RunRow], query: TableQuery) -> tuple[dict[tuple[str, str], dict[str, tuple[Cell, RunRow]]],
-                                                          str | None]:
+def _row_key(run: RunRow) -> RowKey:
+    return run.method, run.variant, run.config
+
+
+def _cells(runs: list[RunRow], query: TableQuery) -> tuple[Cells, str | None]:
     """Per row and dataset: the newest run and the runs that repeat it with other seeds."""
-    newest: dict[tuple[tuple[str, str], str], RunRow] = {}
+    newest: dict[tuple[RowKey, str], RunRow] = {}
     for run in runs:  # newest first
         newest.setdefault((_row_key(run), run.dataset), run)
-    cells: dict[tuple[str, str], dict[str, tuple[Cell, RunRow]]] = defaultdict(dict)
+    cells: Cells = defaultdict(dict)
     for (row_key, dataset), latest in newest.items():
         key = seed_group_key(latest.spec)
         group = [r for r in runs if _row_key(r) == row_key and r.version_id == latest.version_id
                  and seed_group_key(r.spec) == key]
         cells[row_key][dataset] = (_cell(latest, group, query.metric), latest)
-    methods = {method for method, _ in cells}
+    methods = {key[0] for key in cells}
     baseline = query.baseline or ("zeroshot" if "zeroshot" in methods else None)
     return dict(cells), baseline
 
@@ -351,15 +375,15 @@ def _cell(latest: RunRow, group: list[RunRow], metric: str) -> Cell:
                 or latest.n < latest.num_samples)
 
 
-def _paired_tests(conn: Connection, cells: dict[tuple[str, str], dict[str, tuple[Cell, RunRow]]],
-                  baseline: str | None, query: TableQuery) -> None:
-    """Exact McNemar of every non-baseline cell against the baseline's cell, then Holm across the table."""
+def _paired_tests(conn: Connection, cells: Cells, baseline: str | None, query: TableQuery) -> None:
+    """Exact McNemar of every non-baseline cell against the baseline row's cell, then Holm across the table."""
     if baseline is None or query.metric == "ece":
         return
-    base_cells = cells.get((baseline, ""), {}) if query.sweep_id is None else _sweep_baseline(cells, baseline)
+    base_key = baseline_row(cells, baseline)
+    base_cells = cells.get(base_key, {}) if base_key is not None else {}
     pairs: list[tuple[Cell, int, int]] = []
-    for (method, variant), row in cells.items():
-        if method == baseline and (query.sweep_id is None or variant == ""):
+    for key, row in cells.items():
+        if key == base_key:
             continue
         for dataset, (cell, run) in row.items():
             base = base_cells.get(dataset)
@@ -375,11 +399,11 @@ def _paired_tests(conn: Connection, cells: dict[tuple[str, str], dict[str, tuple
         cell.p_holm, cell.significant = adjusted, adjusted < query.alpha
 
 
-def _sweep_baseline(cells: dict[tuple[str, str], dict[str, tuple[Cell, RunRow]]],
-                    baseline: str) -> dict[str, tuple[Cell, RunRow]]:
-    """In a sweep table the baseline method may have grid points too: compare against its first."""
+def baseline_row(cells: Cells, baseline: str) -> RowKey | None:
+    """The baseline method's row: at its defaults when it has such a row, else its first (in a sweep table, its
+    first grid point)."""
     keys = sorted(k for k in cells if k[0] == baseline)
-    return cells[keys[0]] if keys else {}
+    return next((k for k in keys if k[2] == ""), keys[0] if keys else None)
 
 
 def _discordant_counts(conn: Connection, pairs: list[tuple[int, int]],
@@ -432,18 +456,19 @@ def _averages(values: dict[str, float | None], table: Table) -> dict[str, float 
     return {name: paper_average(values, table.formats, groups[name]) for name in table.average_columns}
 
 
-def _our_rows(cells: dict[tuple[str, str], dict[str, tuple[Cell, RunRow]]], table: Table) -> list[Row]:
-    """Our rows: the baseline first, then methods by name (variants of a sweep in grid order)."""
-    def order(key: tuple[str, str]) -> tuple[int, str, str]:
-        return (0 if key[0] == table.baseline else 1, key[0], key[1])
+def _our_rows(cells: Cells, table: Table) -> list[Row]:
+    """Our rows: the baseline first, then methods by name, each at its defaults first, then its other
+    configurations (variants of a sweep in grid order)."""
+    def order(key: RowKey) -> tuple[int, str, str, str]:
+        return (0 if key[0] == table.baseline else 1, key[0], key[1], key[2])
 
     rows = []
     for key in sorted(cells, key=order):
         row_cells = {dataset: cell for dataset, (cell, _) in cells[key].items()}
         values = {d: c.value for d, c in row_cells.items()}
-        label = f"{key[0]} {key[1]}".strip()
+        label = " ".join(part for part in key if part)
         rows.append(Row(label=label, method=key[0], kind="ours", cells=row_cells,
-                        averages=_averages(values, table)))
+                        averages=_averages(values, table), config=key[2]))
     return rows
 
 
@@ -527,6 +552,15 @@ def _notes(table: Table) -> list[str]:
         notes.append("† evaluated on a subset of the dataset (n = samples done)")
     if any(c.std is not None for r in table.rows for c in r.cells.values()):
         notes.append("± standard deviation over runs that differ only by seed")
+    if any(r.config for r in table.rows):
+        notes.append("a row per configuration: settings after the method's name differ from its defaults for "
+                     "the dataset")
+    if table.superseded:
+        notes.append(f"runs {', '.join(map(str, table.superseded))} not shown: a newer run of the same "
+                     "configuration on the same dataset is")
+    if table.other_model:
+        notes.append(f"runs {', '.join(map(str, table.other_model))} not shown: another model than "
+                     f"{table.model} (--model chooses)")
     if any(r.kind == "published" for r in table.rows):
         notes.append("published rows: numbers as printed by their source (data/published.json); "
                      "never part of our averages")

@@ -107,12 +107,9 @@ def resolve_for_dataset(spec: MethodSpec, dataset_format: str) -> MethodSpec:
     unchanged."""
     if spec.method in _CORE_METHODS:  # no dataset-dependent defaults; and no torch import for a resubmit
         return spec
-    from difftpt_ops.tta.methods import method_names, method_of
+    from difftpt_ops.tta.methods import resolve_for_dataset as resolve
 
-    if spec.method not in method_names():  # noop: a valid spec, but bookkeeping, never a registered method
-        return spec
-    resolver = getattr(method_of(spec), "resolve_for_dataset", None)
-    return resolver(spec, dataset_format) if resolver is not None else spec
+    return resolve(spec, dataset_format)
 
 
 def stream_order(n_samples: int, order_seed: int) -> list[int]:

@@ -32,6 +32,7 @@ from difftpt_ops.tta.methods.base import (
     method_of,
     register,
     registered,
+    resolve_for_dataset,
     unregister,
 )
 
@@ -51,5 +52,5 @@ __all__ = [
     "ENSEMBLE", "FORWARD_ONLY", "KINDS", "ONLINE", "PROMPT_TUNING", "SINGLE_TEMPLATE", "ForwardOnlyMethod",
     "Method", "OnlineMethod", "PromptTuningMethod", "StepInputs", "StepOutput", "TuningPlan", "ViewPlan",
     "ViewScores", "find_method", "fixed_text_of", "get_method", "method_names", "method_of", "register",
-    "registered", "unregister",
+    "registered", "resolve_for_dataset", "unregister",
 ]

@@ -334,6 +334,15 @@ def method_of(spec: MethodSpec) -> Method:
     return get_method(spec.method)
 
 
+def resolve_for_dataset(spec: MethodSpec, dataset_format: str) -> MethodSpec:
+    """The spec with its method's dataset-dependent defaults filled in (TDA's per-dataset config, C-TPT's lambda);
+    unchanged for a method without any, or a spec no registered method runs (noop)."""
+    if spec.method not in _REGISTRY:
+        return spec
+    resolver = getattr(method_of(spec), "resolve_for_dataset", None)
+    return resolver(spec, dataset_format) if resolver is not None else spec
+
+
 def method_names() -> tuple[str, ...]:
     """Registered method names, in registration order."""
     return tuple(_REGISTRY)
