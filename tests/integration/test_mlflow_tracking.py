@@ -60,7 +60,7 @@ def mlflow_template(request: pytest.FixtureRequest, tmp_path_factory: pytest.Tem
     """
     from importlib.metadata import version
 
-    cache = request.config.cache
+    cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
     name = f"mlflow-store-{version('mlflow')}"
     directory = Path(cache.mkdir(name)) if cache is not None else tmp_path_factory.mktemp(name)
     path = directory / "mlflow.db"

@@ -93,7 +93,8 @@ def test_log_with_tracking_off_is_bad_input(tracked: tuple[Engine, Settings], mo
 
 
 def test_sweep_runs_are_tagged_with_their_sweep(tracked: tuple[Engine, Settings]) -> None:
-    """Each run of a sweep carries `difftpt.sweep` = its sweep id in MLflow, next to model and seed."""
+    """Each run of a sweep carries `difftpt.sweep` = its sweep id in MLflow, next to model and seed; tagging the
+    runs after they ran embedded leaves them FINISHED (it used to reopen them as RUNNING, "resumed")."""
     import json
 
     from tests.integration.test_jobs_support import add_dataset
@@ -109,5 +110,7 @@ def test_sweep_runs_are_tagged_with_their_sweep(tracked: tuple[Engine, Settings]
         mlflow_ids = {p["run_id"]: session.get(Run, p["run_id"]).mlflow_run_id for p in sweep["points"]}
     seeds = {p["run_id"]: p["point"]["seed"] for p in sweep["points"]}
     for run_id, mlflow_run_id in mlflow_ids.items():
-        tags = client.get_run(mlflow_run_id).data.tags
+        mlflow_run = client.get_run(mlflow_run_id)
+        tags = mlflow_run.data.tags
         assert tags["difftpt.sweep"] == str(sweep["sweep_id"]) and tags["difftpt.seed"] == str(seeds[run_id])
+        assert mlflow_run.info.status == "FINISHED" and "difftpt.resume_count" not in tags

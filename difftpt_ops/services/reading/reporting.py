@@ -120,15 +120,18 @@ def report_finished(engine: Engine, settings: Settings, run_id: int) -> None:
 
 
 def prepare_tracking(engine: Engine, settings: Settings, run_id: int) -> None:
-    """Create the experiment and MLflow run up front (e.g. at submit); never raises, like the hooks."""
+    """Create the experiment and MLflow run of an active run up front (e.g. at submit); a finished run's is
+    report_finished's. Never raises, like the hooks."""
     report_progress(engine, settings, run_id)
 
 
 def _report_progress(engine: Engine, settings: Settings, run_id: int) -> None:
     key = (settings.mlflow_tracking_uri, run_id)
     with engine.connect() as conn:
-        row = conn.execute(select(Run.kind, Run.mlflow_sync_needed).where(Run.id == run_id)).first()
-        if row is None:
+        row = conn.execute(select(Run.kind, Run.state, Run.mlflow_sync_needed).where(Run.id == run_id)).first()
+        if row is None or RunState(row.state) in TERMINAL_RUN_STATES:
+            # A finished run's MLflow run is report_finished's: a progress report arriving after it (a sweep
+            # tagging its runs once they ran embedded, another worker's last flush) must not reopen it.
             return
         done = _done(conn, run_id, row.kind)
     every = max(1, settings.mlflow_log_every)
