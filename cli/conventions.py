@@ -48,7 +48,7 @@ EXAMPLES: dict[str, list[str]] = {
     "export": ["difftpt-ops export 3 --format parquet", "difftpt-ops export 3 --format csv -o run3.csv"],
     "sql": ['difftpt-ops sql "SELECT run_id, method, top1 FROM run_summary"',
             'difftpt-ops sql "SELECT * FROM run_class_accuracy WHERE run_id = 3" --format csv'],
-    "mlflow sync": ["difftpt-ops mlflow sync", "difftpt-ops mlflow sync 3"],
+    "mlflow sync": ["difftpt-ops mlflow sync", "difftpt-ops mlflow sync 3", "difftpt-ops mlflow sync --all"],
     "demo": ["difftpt-ops demo", "difftpt-ops -w /tmp/demo demo > demo.log 2>&1"],
     "table": ["difftpt-ops table --model ViT-B-16", "difftpt-ops table --metric top5 --format markdown"],
     "submit features": ["difftpt-ops submit features --dataset imagenet-r --views tpt",

@@ -180,12 +180,18 @@ def sql(ctx: typer.Context,
 def mlflow_sync(ctx: typer.Context,
                 run: Annotated[str | None, typer.Argument(metavar="RUN",
                                                           help="Run id (default: every run marked for sync).")] = None,
+                every: Annotated[bool, typer.Option(
+                    "--all", help="Sync every run, marked or not: repairs runs MLflow shows in a stale state "
+                                  "(finished runs of a --seeds or --sweep submit that older versions left RUNNING).")
+                ] = False,
                 as_json: JsonOpt = False) -> None:
     """Log to MLflow what it missed: params, running top-1, final metrics, artifacts, status. Idempotent."""
     from difftpt_ops.services.reading.reporting import sync_runs
 
     settings = settings_of(ctx)
-    outcomes = sync_runs(engine_of(ctx), settings, None if run is None else parse_run_id(run))
+    if every and run is not None:
+        raise InputError("--all", True, f"syncs every run: give it or RUN ({run}), not both")
+    outcomes = sync_runs(engine_of(ctx), settings, None if run is None else parse_run_id(run), every=every)
     if as_json:
         print_json(outcomes)
     elif not outcomes:

@@ -114,3 +114,21 @@ def test_sweep_runs_are_tagged_with_their_sweep(tracked: tuple[Engine, Settings]
         tags = mlflow_run.data.tags
         assert tags["difftpt.sweep"] == str(sweep["sweep_id"]) and tags["difftpt.seed"] == str(seeds[run_id])
         assert mlflow_run.info.status == "FINISHED" and "difftpt.resume_count" not in tags
+
+
+def test_sync_all_repairs_a_finished_run_mlflow_shows_running(tracked: tuple[Engine, Settings]) -> None:
+    """A finished run whose MLflow run was left RUNNING (and not marked for sync): plain `mlflow sync` has
+    nothing to do, `mlflow sync --all` sets it FINISHED; naming a run as well is bad input."""
+    engine, settings = tracked
+    reporting.sync_run(engine, settings, 2)
+    client = MlflowClient(tracking_uri=settings.mlflow_tracking_uri)
+    with session_scope(engine) as session:
+        mlflow_run_id = session.get(Run, 2).mlflow_run_id
+    client.update_run(mlflow_run_id, status="RUNNING")
+    result = CliRunner().invoke(app, ["mlflow", "sync", "--json"])
+    assert result.exit_code == 0 and client.get_run(mlflow_run_id).info.status == "RUNNING"
+    result = CliRunner().invoke(app, ["mlflow", "sync", "--all", "--json"])
+    assert result.exit_code == 0, result.output
+    assert client.get_run(mlflow_run_id).info.status == "FINISHED"
+    result = CliRunner().invoke(app, ["mlflow", "sync", "--all", "2"])
+    assert result.exit_code == 2 and "--all" in result.output

@@ -371,11 +371,16 @@ def _log_artifacts(engine: Engine, settings: Settings, tracker: MlflowTracker, i
     return names
 
 
-def sync_runs(engine: Engine, settings: Settings, run_id: int | None = None) -> list[dict[str, Any]]:
-    """Sync one run, or every run marked for sync (plus ended runs never tracked). Errors are per run."""
+def sync_runs(engine: Engine, settings: Settings, run_id: int | None = None, *,
+              every: bool = False) -> list[dict[str, Any]]:
+    """Sync one run, every run (`every`), or every run marked for sync (plus ended runs never tracked). Errors
+    are per run."""
     _require_tracking(settings)
     if run_id is not None:
         ids = [run_id]
+    elif every:
+        with engine.connect() as conn:
+            ids = list(conn.scalars(select(Run.id).order_by(Run.id)))
     else:
         terminal = [s.value for s in TERMINAL_RUN_STATES]
         with engine.connect() as conn:
