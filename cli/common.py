@@ -139,8 +139,13 @@ def print_table(title: str | None, columns: list[str], rows: list[list[Any]]) ->
         table.add_column(column)
     for row in cells:
         table.add_row(*row)
-    # On a terminal rich fits the window; in a pipe or file it would cut at 80 columns, so it gets all it needs.
-    (console if console.is_terminal else Console(width=_UNBOUNDED_WIDTH)).print(table)
+    table_console().print(table)
+
+
+def table_console() -> Console:
+    """Where rich tables go: on a terminal rich fits the window; in a pipe or file it would cut them at 80
+    columns, so there it gets all the width it needs."""
+    return console if console.is_terminal else Console(width=_UNBOUNDED_WIDTH)
 
 
 def _write_delimited(columns: list[str], rows: list[list[str]], table_format: TableFormat) -> None:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cli.common import JsonOpt, console, engine_of, print_json, settings_of
+from cli.common import JsonOpt, engine_of, print_json, settings_of, table_console
 from difftpt_ops.core.errors import InputError
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ def _print_rich(table: Table) -> None:
         rich_table.add_column(column, justify="left" if i == 0 else "right")
     for row, texts in zip(table.rows, row_texts(table), strict=True):
         rich_table.add_row(*texts, style=None if row.kind == "ours" else "italic dim")
-    console.print(rich_table)
+    table_console().print(rich_table)
     for note in table.notes[1:]:  # the first note (metric and model) is the title
         typer.echo(note)
 

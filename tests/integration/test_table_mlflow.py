@@ -132,3 +132,19 @@ def test_sync_all_repairs_a_finished_run_mlflow_shows_running(tracked: tuple[Eng
     assert client.get_run(mlflow_run_id).info.status == "FINISHED"
     result = CliRunner().invoke(app, ["mlflow", "sync", "--all", "2"])
     assert result.exit_code == 2 and "--all" in result.output
+
+
+def test_a_piped_table_is_never_cut_to_80_columns(tracked: tuple[Engine, Settings]) -> None:
+    """Output to a pipe or file (CliRunner's is not a terminal) keeps every cell whole, however wide."""
+    engine, _ = tracked
+    names = [f"a-rather-long-dataset-name-{i}" for i in range(3)]
+    with session_scope(engine) as session:
+        for name in names:
+            version = make_dataset_version(session, n_samples=12, dataset=make_dataset(session, name=name))
+            spec = {"kind": "tune", "method": {"method": "zeroshot"}, "model": {"name": "tiny"}, "seed": 0,
+                    "dataset_fingerprint": version.fingerprint}
+            make_predictions(session, make_run(session, version, method="zeroshot", spec=spec), [True] * 12)
+    result = CliRunner().invoke(app, ["table"])
+    assert result.exit_code == 0, result.output
+    assert all(f"{name} (n=12)" in result.output for name in names) and "…" not in result.output
+    assert max(len(line) for line in result.output.splitlines()) > 80
