@@ -20,7 +20,8 @@ from cli.common import TableFormat, set_output
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only results and errors (no progress).")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Also print informational log lines.")]
 FormatOpt = Annotated[TableFormat, typer.Option(
-    "--format", help="Tables as a rich table, or plain tsv / csv for scripts (--json for JSON).")]
+    "--format", help="Tables as a rich table, or plain tsv / csv for scripts, with numbers as stored (fractions, "
+                     "not percent; --json for JSON).")]
 
 # One or two examples per command, shown at the end of its --help. Keys are command paths.
 EXAMPLES: dict[str, list[str]] = {

@@ -10,7 +10,9 @@ from typing import Annotated, Any
 import typer
 
 from cli.common import (
+    OUTPUT,
     JsonOpt,
+    TableFormat,
     engine_of,
     format_percent,
     new_app,
@@ -26,16 +28,20 @@ from difftpt_ops.core.secrets import mask_url
 mlflow_app = new_app("MLflow: bring the tracking server up to date with the database.")
 
 RunArg = Annotated[str, typer.Argument(metavar="RUN", help="Run id (`difftpt-ops runs list`).")]  # parse_run_id
-CsvOpt = Annotated[bool, typer.Option("--csv", help="Print CSV.")]
+CsvOpt = Annotated[bool, typer.Option(
+    "--csv", help="Print the results as one CSV row, columns named as the --json keys (with --by-class, a row per "
+                  "class); --format csv prints the key / value table instead. Both keep fractions.")]
 
 
 # Accuracies, their differences and intervals print as percent with one decimal, as the demo prints them;
-# --json and --csv keep fractions.
+# --json, --csv and --format tsv|csv keep fractions.
 PERCENT_KEYS = frozenset({"top1", "top5", "zeroshot_top1", "gain", "ece", "top1_ci95", "top1_a", "top1_b",
                           "difference", "difference_ci95", "top1_mean", "top1_std", "top1_min", "top1_max"})
 
 
 def _fmt(value: Any, key: str | None = None) -> Any:
+    if OUTPUT.table_format is not TableFormat.table:  # tsv / csv are for scripts: fractions, as --json
+        return value
     number = format_percent if key in PERCENT_KEYS else (lambda v: f"{v:.4f}")
     if isinstance(value, float):
         return number(value)

@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -217,9 +218,15 @@ def _few_photos(tmp_path: Path) -> Path:
 
 
 def test_results_print_accuracy_in_percent_as_the_demo_does(ws: Path) -> None:
-    """`results` text shows top-1 as the demo's table does (percent, one decimal); --json keeps the fraction."""
+    """`results` text shows top-1 as the demo's table does (percent, one decimal); --json, --csv and --format
+    tsv / csv, which scripts read, keep the fraction."""
     from cli.demo import _pct
 
     top1 = json.loads(ok(ws, "results", "1", "--json").stdout)["top1"]
+    table = ok(ws, "results", "1").stdout
+    assert re.search(rf"top1\s*│\s*{re.escape(_pct(top1))}", table) and _pct(top1) == f"{100 * top1:.1f}%"
     rows = dict(line.split("\t", 1) for line in ok(ws, "results", "1", "--format", "tsv").stdout.splitlines())
-    assert rows["top1"] == _pct(top1) == f"{100 * top1:.1f}%"
+    assert float(rows["top1"]) == top1
+    keyed = dict(csv.reader(io.StringIO(ok(ws, "results", "1", "--format", "csv").stdout)))
+    wide = next(csv.DictReader(io.StringIO(ok(ws, "results", "1", "--csv").stdout)))
+    assert float(keyed["top1"]) == float(wide["top1"]) == top1
