@@ -152,9 +152,15 @@ def show(
     as_json: JsonOpt = False,
 ) -> None:
     """Show a dataset version: classes, versions, samples per class, failed samples and why."""
+    from difftpt_ops.core.errors import InputError
     from difftpt_ops.services.datasets import describe_dataset
 
-    info = describe_dataset(engine_of(ctx), ref)
+    try:
+        info = describe_dataset(engine_of(ctx), ref)
+    except InputError as exc:
+        if exc.argument != "--dataset":
+            raise
+        raise type(exc)("DATASET", exc.value, exc.problem) from None  # the argument this command takes
     if as_json:
         print_json(info)
     else:

@@ -97,7 +97,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(cli_env: dict[str, s
     Image.new("RGB", (9, 7), (1, 2, 3)).save(root / "bird" / "0.png")
     assert_one_line_error(invoke("data", "add", "x", "--root", str(root)), "NAME=x", "other content")
     assert counts(database_url) == (1, 1, 7)
-    assert_one_line_error(invoke("data", "show", "nope"), "--dataset=nope", "difftpt-ops data list")
+    assert_one_line_error(invoke("data", "show", "nope"), "DATASET=nope", "difftpt-ops data list")
     generated = tmp_path / "generated"
     generated.mkdir()
     assert_one_line_error(invoke("data", "import-generated", "--dataset", "nope", "--root", str(generated)),

@@ -89,8 +89,9 @@ def test_table_of_a_sweep_has_a_row_per_grid_point_with_seed_mean(engine) -> Non
 
 def test_bad_sweeps_write_nothing(engine) -> None:  # type: ignore[no-untyped-def]
     """A bad value anywhere in the grid, a malformed --sweep or --seeds: exit 2, one line, no run, no sweep."""
-    for args, argument in ((("--sweep", "resolution=224,8"), "resolution"), (("--sweep", "steps"), "--sweep"),
-                           (("--seeds", "0,x"), "--seeds"), (("--sweep", "nonsense=1,2"), "--set")):
+    for args, argument in ((("--sweep", "resolution=224,8"), "--sweep resolution=8"), (("--sweep", "steps"), "--sweep"),
+                           (("--sweep", "resolution=224,abc"), "--sweep resolution=abc"),
+                           (("--seeds", "0,x"), "--seeds"), (("--sweep", "nonsense=1,2"), "--sweep=nonsense")):
         code, out = _invoke("submit", "tune", "--dataset", "toy", "--method", "noop", *args)
         assert code == 2 and argument in out and len(out.strip().splitlines()) == 1, out
     assert (_count(engine, Run), _count(engine, Sweep)) == (0, 0)

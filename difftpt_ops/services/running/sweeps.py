@@ -19,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from difftpt_ops.config import Settings
-from difftpt_ops.core.errors import InputError
+from difftpt_ops.core.errors import InputError, InvalidSpecError
 from difftpt_ops.core.method_specs import method_spec_from
 from difftpt_ops.core.specs import fingerprint_of
 from difftpt_ops.db.session import session_scope
@@ -98,7 +98,16 @@ def _check_plan(method: str, overrides: dict[str, Any], grid: dict[str, list[str
         raise InputError("--sweep", f"{len(points)} runs", f"more than {MAX_UNCONFIRMED_RUNS} runs; pass --yes to "
                          "submit them")
     for point in points:
-        method_spec_from(method, {**overrides, **{k: v for k, v in point.items() if k != "seed"}})
+        knobs = {k: v for k, v in point.items() if k != "seed"}
+        try:
+            method_spec_from(method, {**overrides, **knobs})
+        except InvalidSpecError as exc:
+            swept = exc.argument.removeprefix("--set ")
+            if swept in knobs:  # a grid value: name the option the user typed it in
+                raise InvalidSpecError(f"--sweep {swept}", exc.value, exc.problem) from None
+            if exc.argument == "--set" and exc.value in knobs:  # an unknown field named in the grid
+                raise InvalidSpecError("--sweep", exc.value, exc.problem) from None
+            raise
 
 
 def _record_sweep(engine: Engine, identity: dict[str, Any], points: int) -> tuple[int, bool]:
