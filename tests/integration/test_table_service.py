@@ -274,3 +274,33 @@ def test_a_named_run_that_a_newer_one_hides_is_said(engine: Engine) -> None:
     assert [c.runs for r in table.rows for c in r.cells.values()] == [[newer]] and table.superseded == [older]
     assert any(note.startswith(f"runs {older} not shown") for note in table.notes)
     assert build_table(engine, TableQuery()).superseded == []  # only said of runs someone named
+
+
+def test_a_cell_on_other_samples_than_the_baselines_is_marked(engine: Engine) -> None:
+    """A limited online run covers the first samples of its stream, an episodic one the first by index: the
+    cell is marked ‡ and its paired test uses the shared samples; a run that only lost a few samples to
+    failures is not marked."""
+    from difftpt_ops.db.tables import Sample
+    from difftpt_ops.services.reading.table_render import cell_text
+
+    version_id = _version(engine, "photos")
+    with session_scope(engine) as session:
+        version = session.get(DatasetVersion, version_id)
+        samples = list(session.query(Sample).filter(Sample.dataset_version_id == version_id).order_by(Sample.index))
+        fmt_spec = {"kind": "tune", "model": {"name": "tiny", "pretrained": None},
+                    "dataset_fingerprint": version.fingerprint, "seed": 0}
+        base = make_run(session, version, method="zeroshot", spec={**fmt_spec, "method": {"method": "zeroshot"}},
+                        num_samples=20)
+        make_predictions(session, base, [True] * 20, samples=samples[:20])
+        shuffled = make_run(session, version, method="tpt", spec={**fmt_spec, "method": {"method": "tpt"}},
+                            num_samples=20)
+        make_predictions(session, shuffled, [True] * 20, samples=samples[6:26])
+        failed = make_run(session, version, method="tpt", spec={**fmt_spec, "method": {"method": "tpt", "steps": 2}},
+                          num_samples=20)
+        make_predictions(session, failed, [True] * 18, samples=samples[:18])
+    table = build_table(engine, TableQuery())
+    cells = {r.label: r.cells["photos"] for r in table.rows}
+    assert (cells["tpt"].other_samples, cells["tpt"].paired_n) == (True, 14)
+    assert cell_text(cells["tpt"], "ours").endswith("†‡")
+    assert (cells["tpt steps=2"].other_samples, cells["tpt steps=2"].paired_n) == (False, 18)
+    assert any(note.startswith("‡ not the samples of the zeroshot cell") for note in table.notes)

@@ -132,6 +132,7 @@ class Cell:
     runs: list[int] = field(default_factory=list)
     seeds: list[Any] = field(default_factory=list)
     subset: bool = False
+    other_samples: bool = False  # its samples and the baseline cell's are not the same (paired_n tells how many are)
     baseline_run: int | None = None
     paired_n: int | None = None
     p: float | None = None
@@ -381,7 +382,7 @@ def _paired_tests(conn: Connection, cells: Cells, baseline: str | None, query: T
         return
     base_key = baseline_row(cells, baseline)
     base_cells = cells.get(base_key, {}) if base_key is not None else {}
-    pairs: list[tuple[Cell, int, int]] = []
+    pairs: list[tuple[Cell, int, int, int]] = []
     for key, row in cells.items():
         if key == base_key:
             continue
@@ -389,13 +390,16 @@ def _paired_tests(conn: Connection, cells: Cells, baseline: str | None, query: T
             base = base_cells.get(dataset)
             if base is not None and base[1].version_id == run.version_id and base[1].run_id != run.run_id:
                 cell.baseline_run = base[1].run_id
-                pairs.append((cell, run.run_id, base[1].run_id))
-    counts = _discordant_counts(conn, [(a, b) for _, a, b in pairs], query.metric)
-    found = [counts.get((a, b), (0, 0, 0)) for _, a, b in pairs]
+                pairs.append((cell, run.run_id, base[1].run_id, base[1].n))
+    counts = _discordant_counts(conn, [(a, b) for _, a, b, _ in pairs], query.metric)
+    found = [counts.get((a, b), (0, 0, 0)) for _, a, b, _ in pairs]
     p_values = stats.mcnemar_exact_p_many([(only_a, only_b) for _, only_a, only_b in found])
-    for (cell, _, _), (n, _, _), p in zip(pairs, found, p_values, strict=True):
+    for (cell, _, _, base_n), (n, _, _), p in zip(pairs, found, p_values, strict=True):
         cell.paired_n, cell.p = n, p
-    for (cell, _, _), adjusted in zip(pairs, stats.holm_adjust(p_values), strict=True):
+        # Fewer shared samples than the smaller of the two: not the same samples (an online run's --limit takes
+        # the first n of its stream, an episodic one's the first n by index); failures alone do not count.
+        cell.other_samples = n < min(cell.n, base_n)
+    for (cell, _, _, _), adjusted in zip(pairs, stats.holm_adjust(p_values), strict=True):
         cell.p_holm, cell.significant = adjusted, adjusted < query.alpha
 
 
@@ -550,6 +554,9 @@ def _notes(table: Table) -> list[str]:
                      "(latest runs, samples both finished)")
     if any(c.subset for r in table.rows for c in r.cells.values()):
         notes.append("† evaluated on a subset of the dataset (n = samples done)")
+    if any(c.other_samples for r in table.rows for c in r.cells.values()):
+        notes.append(f"‡ not the samples of the {table.baseline} cell (an online method's --limit takes the first "
+                     "n of its stream): its paired test uses the samples both have (paired_n in JSON and CSV)")
     if any(c.std is not None for r in table.rows for c in r.cells.values()):
         notes.append("± standard deviation over runs that differ only by seed")
     if any(r.config for r in table.rows):

@@ -53,6 +53,8 @@ def cell_text(cell: Cell | None, kind: str) -> str:
         text_value += "*"
     if cell.subset:
         text_value += "†"
+    if cell.other_samples:
+        text_value += "‡"
     return text_value
 
 
@@ -85,7 +87,7 @@ def to_markdown(table: Table) -> str:
 
 _LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                  "±": r"$\pm$", "†": r"$^\dagger$", "–": "--"}
+                  "±": r"$\pm$", "†": r"$^\dagger$", "‡": r"$^\ddagger$", "–": "--"}
 
 
 def latex_escape(value: str) -> str:
@@ -106,8 +108,8 @@ def to_latex(table: Table) -> str:
     return "\n".join(lines) + "\n"
 
 
-CSV_COLUMNS = ("row", "kind", "method", "column", "value", "std", "n", "runs", "subset", "p", "p_holm",
-               "significant", "published_diff", "source")
+CSV_COLUMNS = ("row", "kind", "method", "column", "value", "std", "n", "runs", "subset", "other_samples",
+               "paired_n", "p", "p_holm", "significant", "published_diff", "source")
 
 
 def csv_rows(table: Table) -> list[list[Any]]:
@@ -117,13 +119,14 @@ def csv_rows(table: Table) -> list[list[Any]]:
         for dataset in table.columns:
             cell = row.cells.get(dataset)
             if cell is None:
-                out.append([row.label, row.kind, row.method, dataset, *[""] * 9, row.source or ""])
+                out.append([row.label, row.kind, row.method, dataset, *[""] * 11, row.source or ""])
                 continue
             out.append([row.label, row.kind, row.method, dataset, _num(cell.value), _num(cell.std),
-                        cell.n or "", " ".join(map(str, cell.runs)), cell.subset, _num(cell.p), _num(cell.p_holm),
+                        cell.n or "", " ".join(map(str, cell.runs)), cell.subset, cell.other_samples,
+                        "" if cell.paired_n is None else cell.paired_n, _num(cell.p), _num(cell.p_holm),
                         cell.significant, _num(cell.published_diff), row.source or ""])
         for name in table.average_columns:
-            out.append([row.label, row.kind, row.method, name, _num(row.averages.get(name)), *[""] * 8,
+            out.append([row.label, row.kind, row.method, name, _num(row.averages.get(name)), *[""] * 10,
                         row.source or ""])
     return out
 
