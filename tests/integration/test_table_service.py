@@ -304,3 +304,25 @@ def test_a_cell_on_other_samples_than_the_baselines_is_marked(engine: Engine) ->
     assert cell_text(cells["tpt"], "ours").endswith("†‡")
     assert (cells["tpt steps=2"].other_samples, cells["tpt steps=2"].paired_n) == (False, 18)
     assert any(note.startswith("‡ not the samples of the zeroshot cell") for note in table.notes)
+
+
+def test_difftpt_runs_on_other_generation_configs_are_other_rows(engine: Engine) -> None:
+    """The generated images a DiffTPT run read change its numbers: with two generation configs in the table
+    each is its own row, named by config id; with one, the row is plain `difftpt`."""
+    from tests.factories import make_generation_config
+
+    version_id = _version(engine, "photos")
+    with session_scope(engine) as session:
+        version = session.get(DatasetVersion, version_id)
+        configs = [make_generation_config(session, steps=steps).id for steps in (50, 25)]
+        spec = {"kind": "tune", "method": {"method": "difftpt"}, "model": {"name": "tiny", "pretrained": None},
+                "dataset_fingerprint": version.fingerprint, "seed": 0}
+        runs = []
+        for config in configs:
+            run = make_run(session, version, method="difftpt", spec={**spec, "generation_fingerprint": str(config)},
+                           generation_config_id=config)
+            make_predictions(session, run, [True] * N_SAMPLES)
+            runs.append(run.id)
+    rows = {r.label: r.cells["photos"].runs for r in build_table(engine, TableQuery()).rows}
+    assert rows == {f"difftpt generation={configs[0]}": [runs[0]], f"difftpt generation={configs[1]}": [runs[1]]}
+    assert [r.label for r in build_table(engine, TableQuery(run_ids=(runs[1],))).rows] == ["difftpt"]

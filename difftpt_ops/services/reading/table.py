@@ -99,6 +99,7 @@ class RunRow:
     subset_size: int | None
     dataset: str
     format: str
+    generation_config: int | None = None  # DiffTPT: the generation config whose images it read
     variant: str = ""  # the sweep grid point (without the seed) when tabulating a sweep
     config: str = ""  # the settings apart from the method's defaults for the dataset (configurations.py)
     n: int = 0
@@ -229,12 +230,13 @@ def _select_runs(conn: Connection, query: TableQuery) -> list[RunRow]:
         where.append("r.id IN (SELECT run_id FROM sweep_runs WHERE sweep_id = :sweep)")
         params["sweep"] = query.sweep_id
     rows = conn.execute(text(f"""
-        SELECT r.id, r.method, r.spec, r.num_samples, v.id, v.num_samples, v.subset_size, d.name, d.format
+        SELECT r.id, r.method, r.spec, r.num_samples, v.id, v.num_samples, v.subset_size, d.name, d.format,
+               r.generation_config_id
         FROM runs r JOIN dataset_versions v ON v.id = r.dataset_version_id JOIN datasets d ON d.id = v.dataset_id
         WHERE {' AND '.join(where)} ORDER BY r.id DESC"""), params).all()
     runs = [RunRow(run_id=int(r[0]), method=str(r[1]), spec=_json(r[2]), num_samples=int(r[3]),
                    version_id=int(r[4]), version_size=int(r[5]), subset_size=r[6], dataset=str(r[7]),
-                   format=str(r[8])) for r in rows]
+                   format=str(r[8]), generation_config=r[9]) for r in rows]
     if query.run_ids:
         missing = sorted(set(query.run_ids) - {r.run_id for r in runs})
         if missing:
@@ -259,13 +261,18 @@ def _set_variants(conn: Connection, runs: list[RunRow], sweep_id: int) -> None:
 
 
 def _set_configurations(runs: list[RunRow], query: TableQuery) -> None:
-    """Each run's configuration, its model settings compared with the newest run's. In a sweep table the grid
-    point tells the rows apart, and the sweep's runs share everything else."""
+    """Each run's configuration, its model settings compared with the newest run's, and the generation config
+    it read when the table's runs read more than one. In a sweep table the grid point tells the rows apart, and
+    the sweep's runs share everything else."""
     if query.sweep_id is not None or not runs:
         return
     model = runs[0].spec.get("model") or {}
+    several = len({r.generation_config for r in runs if r.generation_config is not None}) > 1
     for run in runs:
-        run.config = configuration(run.spec, run.format, model=model)
+        words = [configuration(run.spec, run.format, model=model)]
+        if several and run.generation_config is not None:
+            words.append(f"generation={run.generation_config}")
+        run.config = " ".join(word for word in words if word)
 
 
 def _resolve_model(runs: list[RunRow], query: TableQuery) -> str | None:
