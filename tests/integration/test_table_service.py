@@ -18,7 +18,7 @@ from difftpt_ops.db.session import get_engine, session_scope, upgrade
 from difftpt_ops.db.tables import Dataset, DatasetVersion, Run
 from difftpt_ops.services.reading.table import AVERAGES, TableQuery, build_table, load_published
 from difftpt_ops.services.reading.table_render import csv_rows, header, to_latex, to_markdown
-from tests.factories import make_dataset, make_dataset_version, make_predictions, make_run
+from tests.factories import make_dataset, make_dataset_version, make_predictions, make_run, make_sample_errors
 
 pytestmark = pytest.mark.integration
 
@@ -278,8 +278,8 @@ def test_a_named_run_that_a_newer_one_hides_is_said(engine: Engine) -> None:
 
 def test_a_cell_on_other_samples_than_the_baselines_is_marked(engine: Engine) -> None:
     """A limited online run covers the first samples of its stream, an episodic one the first by index: the
-    cell is marked ‡ and its paired test uses the shared samples; a run that only lost a few samples to
-    failures is not marked."""
+    cell is marked ‡ and its paired test uses the shared samples. Two runs that tried the same samples are not
+    marked, even when their failures do not overlap."""
     from difftpt_ops.db.tables import Sample
     from difftpt_ops.services.reading.table_render import cell_text
 
@@ -291,24 +291,27 @@ def test_a_cell_on_other_samples_than_the_baselines_is_marked(engine: Engine) ->
                     "dataset_fingerprint": version.fingerprint, "seed": 0}
         base = make_run(session, version, method="zeroshot", spec={**fmt_spec, "method": {"method": "zeroshot"}},
                         num_samples=20)
-        make_predictions(session, base, [True] * 20, samples=samples[:20])
+        make_predictions(session, base, [True] * 18, samples=[x for i, x in enumerate(samples[:20]) if i not in (3, 4)])
+        make_sample_errors(session, base, samples[3:5])
         shuffled = make_run(session, version, method="tpt", spec={**fmt_spec, "method": {"method": "tpt"}},
                             num_samples=20)
         make_predictions(session, shuffled, [True] * 20, samples=samples[6:26])
         failed = make_run(session, version, method="tpt", spec={**fmt_spec, "method": {"method": "tpt", "steps": 2}},
                           num_samples=20)
-        make_predictions(session, failed, [True] * 18, samples=samples[:18])
+        tried = [x for i, x in enumerate(samples[:20]) if i not in (1, 2)]
+        make_predictions(session, failed, [True] * 18, samples=tried)
+        make_sample_errors(session, failed, samples[1:3])
     table = build_table(engine, TableQuery())
     cells = {r.label: r.cells["photos"] for r in table.rows}
-    assert (cells["tpt"].other_samples, cells["tpt"].paired_n) == (True, 14)
+    assert (cells["tpt"].other_samples, cells["tpt"].paired_n) == (True, 14)  # samples 6..19
     assert cell_text(cells["tpt"], "ours").endswith("†‡")
-    assert (cells["tpt steps=2"].other_samples, cells["tpt steps=2"].paired_n) == (False, 18)
+    assert (cells["tpt steps=2"].other_samples, cells["tpt steps=2"].paired_n) == (False, 16)
     assert any(note.startswith("‡ not the samples of the zeroshot cell") for note in table.notes)
 
 
 def test_difftpt_runs_on_other_generation_configs_are_other_rows(engine: Engine) -> None:
-    """The generated images a DiffTPT run read change its numbers: with two generation configs in the table
-    each is its own row, named by config id; with one, the row is plain `difftpt`."""
+    """The generated images a DiffTPT run read change its numbers: a run that read another config than the
+    newest DiffTPT run on its dataset is a row of its own, named by config id; the newest stays plain."""
     from tests.factories import make_generation_config
 
     version_id = _version(engine, "photos")
@@ -324,5 +327,5 @@ def test_difftpt_runs_on_other_generation_configs_are_other_rows(engine: Engine)
             make_predictions(session, run, [True] * N_SAMPLES)
             runs.append(run.id)
     rows = {r.label: r.cells["photos"].runs for r in build_table(engine, TableQuery()).rows}
-    assert rows == {f"difftpt generation={configs[0]}": [runs[0]], f"difftpt generation={configs[1]}": [runs[1]]}
-    assert [r.label for r in build_table(engine, TableQuery(run_ids=(runs[1],))).rows] == ["difftpt"]
+    assert rows == {"difftpt": [runs[1]], f"difftpt generation={configs[0]}": [runs[0]]}
+    assert [r.label for r in build_table(engine, TableQuery(run_ids=(runs[0],))).rows] == ["difftpt"]

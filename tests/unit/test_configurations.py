@@ -43,9 +43,10 @@ def test_runs_stored_before_an_option_show_the_value_they_used() -> None:
 
 def test_model_settings_count_against_the_tables_model_and_unreadable_specs_stay_apart() -> None:
     stored = _stored("tpt", "imagenet")
-    table_model = {"name": "ViT-B-16", "pretrained": "openai", "precision": "auto", "activation": "auto"}
+    table_model = {"name": "ViT-B-16", "pretrained": "openai", "precision": "fp16", "activation": "auto"}
+    stored["model"]["precision"] = "fp32"  # a CPU run of the table's GPU configuration: not another one
     assert configuration(stored, "imagenet", model=table_model) == ""
-    stored["model"]["precision"] = "fp32"
-    assert configuration(stored, "imagenet", model=table_model) == "model.precision=fp32"
+    stored["model"]["pretrained"] = "laion2b_s34b_b88k"
+    assert configuration(stored, "imagenet", model=table_model) == "model.pretrained=laion2b_s34b_b88k"
     odd = {"method": {"method": "tpt", "no_such_option": 1}}
     assert configuration(odd, "imagenet").startswith("spec=")

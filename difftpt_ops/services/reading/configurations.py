@@ -19,7 +19,9 @@ from difftpt_ops.core.specs import ModelSpec, fingerprint_of, flatten
 
 SEED_KEYS = ("seed", "order_seed")  # spec keys whose runs are repeats of one configuration
 NO_EFFECT_KEYS = ("features",)
-MODEL_KEYS = ("pretrained", "precision", "activation")  # besides the name, which a table selects on
+# Besides the name, which a table selects on. Not precision: submit derives it from the device (fp16 frozen
+# weights on CUDA), and a CPU run of a GPU configuration is the same configuration, to rounding.
+MODEL_KEYS = ("pretrained", "activation")
 _DEFAULT_MODEL = ModelSpec()
 _CORE_METHODS = frozenset({"noop", "zeroshot", "tpt", "difftpt"})  # spec classes core defines: no registry import
 

@@ -261,18 +261,18 @@ def _set_variants(conn: Connection, runs: list[RunRow], sweep_id: int) -> None:
 
 
 def _set_configurations(runs: list[RunRow], query: TableQuery) -> None:
-    """Each run's configuration, its model settings compared with the newest run's, and the generation config
-    it read when the table's runs read more than one. In a sweep table the grid point tells the rows apart, and
-    the sweep's runs share everything else."""
+    """Each run's configuration, its model settings compared with the newest run's; a DiffTPT run that read
+    another generation config than the newest run of its configuration on its dataset also names its config.
+    In a sweep table the grid point tells the rows apart, and the sweep's runs share everything else."""
     if query.sweep_id is not None or not runs:
         return
     model = runs[0].spec.get("model") or {}
-    several = len({r.generation_config for r in runs if r.generation_config is not None}) > 1
-    for run in runs:
-        words = [configuration(run.spec, run.format, model=model)]
-        if several and run.generation_config is not None:
-            words.append(f"generation={run.generation_config}")
-        run.config = " ".join(word for word in words if word)
+    newest: dict[tuple[str, str, str], int | None] = {}
+    for run in runs:  # newest first
+        run.config = configuration(run.spec, run.format, model=model)
+        current = newest.setdefault((run.method, run.dataset, run.config), run.generation_config)
+        if run.generation_config != current:
+            run.config = " ".join(w for w in (run.config, f"generation={run.generation_config}") if w)
 
 
 def _resolve_model(runs: list[RunRow], query: TableQuery) -> str | None:
@@ -389,7 +389,7 @@ def _paired_tests(conn: Connection, cells: Cells, baseline: str | None, query: T
         return
     base_key = baseline_row(cells, baseline)
     base_cells = cells.get(base_key, {}) if base_key is not None else {}
-    pairs: list[tuple[Cell, int, int, int]] = []
+    pairs: list[tuple[Cell, int, int]] = []
     for key, row in cells.items():
         if key == base_key:
             continue
@@ -397,16 +397,15 @@ def _paired_tests(conn: Connection, cells: Cells, baseline: str | None, query: T
             base = base_cells.get(dataset)
             if base is not None and base[1].version_id == run.version_id and base[1].run_id != run.run_id:
                 cell.baseline_run = base[1].run_id
-                pairs.append((cell, run.run_id, base[1].run_id, base[1].n))
-    counts = _discordant_counts(conn, [(a, b) for _, a, b, _ in pairs], query.metric)
-    found = [counts.get((a, b), (0, 0, 0)) for _, a, b, _ in pairs]
+                pairs.append((cell, run.run_id, base[1].run_id))
+    run_pairs = [(a, b) for _, a, b in pairs]
+    counts = _discordant_counts(conn, run_pairs, query.metric)
+    found = [counts.get((a, b), (0, 0, 0)) for _, a, b in pairs]
     p_values = stats.mcnemar_exact_p_many([(only_a, only_b) for _, only_a, only_b in found])
-    for (cell, _, _, base_n), (n, _, _), p in zip(pairs, found, p_values, strict=True):
-        cell.paired_n, cell.p = n, p
-        # Fewer shared samples than the smaller of the two: not the same samples (an online run's --limit takes
-        # the first n of its stream, an episodic one's the first n by index); failures alone do not count.
-        cell.other_samples = n < min(cell.n, base_n)
-    for (cell, _, _, _), adjusted in zip(pairs, stats.holm_adjust(p_values), strict=True):
+    differ = _other_samples(conn, run_pairs)
+    for (cell, a, b), (n, _, _), p in zip(pairs, found, p_values, strict=True):
+        cell.paired_n, cell.p, cell.other_samples = n, p, (a, b) in differ
+    for (cell, _, _), adjusted in zip(pairs, stats.holm_adjust(p_values), strict=True):
         cell.p_holm, cell.significant = adjusted, adjusted < query.alpha
 
 
@@ -433,6 +432,27 @@ def _discordant_counts(conn: Connection, pairs: list[tuple[int, int]],
         JOIN predictions b ON b.run_id = p.run_b AND b.sample_id = a.sample_id
         GROUP BY p.run_a, p.run_b""")).all()
     return {(int(a), int(b)): (int(n), int(x or 0), int(y or 0)) for a, b, n, x, y in rows}
+
+
+def _other_samples(conn: Connection, pairs: list[tuple[int, int]]) -> set[tuple[int, int]]:
+    """The (A, B) run pairs that did not try the same samples (a sample was tried when it has a prediction or
+    a failure): an online run's --limit takes the first n of its stream, an episodic one's the first n by index.
+    Failures alone do not set two runs apart."""
+    if not pairs:
+        return set()
+    values = ", ".join(f"({int(a)}, {int(b)})" for a, b in pairs)  # integers we produced: no injection
+    ids = ", ".join(str(int(i)) for i in {i for pair in pairs for i in pair})
+    rows = conn.execute(text(f"""
+        WITH pairs(run_a, run_b) AS (VALUES {values}),
+        tried AS (SELECT run_id, sample_id FROM predictions WHERE run_id IN ({ids})
+                  UNION SELECT run_id, sample_id FROM sample_errors WHERE run_id IN ({ids})),
+        sizes AS (SELECT run_id, COUNT(*) AS n FROM tried GROUP BY run_id),
+        shared AS (SELECT p.run_a, p.run_b, COUNT(*) AS n FROM pairs p JOIN tried a ON a.run_id = p.run_a
+                   JOIN tried b ON b.run_id = p.run_b AND b.sample_id = a.sample_id GROUP BY p.run_a, p.run_b)
+        SELECT p.run_a, p.run_b, COALESCE(s.n, 0), sa.n, sb.n FROM pairs p
+        JOIN sizes sa ON sa.run_id = p.run_a JOIN sizes sb ON sb.run_id = p.run_b
+        LEFT JOIN shared s ON s.run_a = p.run_a AND s.run_b = p.run_b""")).all()
+    return {(int(a), int(b)) for a, b, shared, n_a, n_b in rows if shared < min(n_a, n_b)}
 
 
 # --- columns, rows and averages --------------------------------------------------------------------------------------
