@@ -2,8 +2,9 @@
 
 Heartbeats, stale shards and re-sent messages compare moments written by different hosts. A process that
 shares a database server with other hosts therefore reads the server's clock: `follow` sets the offset
-`services.workspace.open_database` measured, and every `utcnow()` adds it. A host whose clock is minutes
-ahead would otherwise see every other worker's heartbeat as stale and take its shards.
+`services.workspace.open_database` measured (measured again every minute by a process holding shards, and at
+every stale-shard check), and every `utcnow()` adds it. A host whose clock is minutes ahead would otherwise
+see every other worker's heartbeat as stale and take its shards.
 """
 
 from __future__ import annotations

@@ -375,6 +375,41 @@ def test_a_host_whose_clock_runs_ahead_reads_the_database_clock(postgres_url: st
     engine.dispose()
 
 
+def test_a_process_holding_shards_follows_a_step_of_its_host_clock(postgres_url: str, workspace: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """NTP steps the host clock 10 minutes after the worker opened the database: the heartbeat thread measures
+    the database clock again, so the worker's timestamps stay on the database's clock."""
+    from datetime import timedelta
+
+    from difftpt_ops.core import clock
+    from tests.integration.test_jobs_support import RecordingDispatcher
+
+    monkeypatch.setattr(clock, "_offset", clock.offset())  # restored after the test
+    settings = make_settings(workspace, postgres_url, broker_url="redis://x:1/0")
+    engine = open_engine(settings)
+    assert abs(clock.offset()) < timedelta(seconds=5)
+    add_dataset(engine, "toy", 16)
+    dispatcher = RecordingDispatcher()
+    runs.submit_tune(engine, settings, dataset_ref="toy", method="noop", shard_size=16, dispatcher=dispatcher)
+    claim = shards.claim_shard(engine, settings, dispatcher.tickets[0].shard_id, leases.WorkerIdentity("w@h"))
+    assert claim is not None
+    step, local = timedelta(minutes=10), clock.local_now
+    monkeypatch.setattr(clock, "local_now", lambda: local() + step)
+    monkeypatch.setattr(leases, "CLOCK_RESYNC_S", 0.05)
+    monkeypatch.setattr(leases.HEARTBEATS, "_clock_due", 0.0)
+    lease = leases.Lease(engine, claim.shard_id, claim.token, 0.05)
+    leases.HEARTBEATS.hold(lease)
+    try:
+        deadline = time.monotonic() + 10
+        while abs(clock.offset() + step) > timedelta(seconds=5) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        leases.HEARTBEATS.release(lease)
+    assert abs(clock.offset() + step) < timedelta(seconds=5)
+    assert abs(clock.utcnow() - local()) < timedelta(seconds=5)
+    engine.dispose()
+
+
 def test_periodic_check_finalizes_a_run_whose_last_worker_died(env: dict[str, Any]) -> None:
     """All shards done but the run still running (its finalizer died): the workers' check finishes it."""
     from sqlalchemy import update

@@ -24,8 +24,10 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from difftpt_ops.config import Settings
+from difftpt_ops.core import clock
 from difftpt_ops.core.clock import as_utc, utcnow
 from difftpt_ops.core.status import ShardState
+from difftpt_ops.db.session import database_clock_offset
 from difftpt_ops.db.tables import Shard
 
 log = logging.getLogger(__name__)
@@ -120,14 +122,20 @@ _BEAT = (update(Shard.__table__)
          .values(heartbeat_at=bindparam("b_now")))
 
 
+CLOCK_RESYNC_S = 60.0  # how often a process holding shards measures the database clock again
+
+
 class Heartbeats:
-    """One daemon thread per process heartbeats every shard the process holds (none per shard: cheap)."""
+    """One daemon thread per process heartbeats every shard the process holds (none per shard: cheap), and
+    keeps the process on the database's clock (`core.clock`): a host clock stepped by NTP after the process
+    opened the database would otherwise date its heartbeats wrongly by that step."""
 
     def __init__(self) -> None:
         self._leases: dict[int, Lease] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._clock_due = time.monotonic() + CLOCK_RESYNC_S
 
     def hold(self, lease: Lease) -> None:
         with self._lock:
@@ -146,6 +154,9 @@ class Heartbeats:
             with self._lock:
                 leases = list(self._leases.values())
             now = time.monotonic()
+            if leases and self._clock_due <= now:
+                self._clock_due = now + CLOCK_RESYNC_S
+                resync_clock(leases[0].engine)
             for lease in leases:
                 if lease.due <= now:
                     lease.due = now + lease.interval_s
@@ -166,6 +177,14 @@ class Heartbeats:
 
 
 HEARTBEATS = Heartbeats()
+
+
+def resync_clock(engine: Engine) -> None:
+    """Measure the database clock again and follow it. Best effort: a failure keeps the last offset."""
+    try:
+        clock.follow(database_clock_offset(engine))
+    except SQLAlchemyError as exc:
+        log.warning("could not read the database clock: %s", exc)
 
 
 @dataclass(frozen=True)
