@@ -218,7 +218,8 @@ def ensure_mlflow_run(engine: Engine, tracker: MlflowTracker, info: RunInfo, *, 
         _store_mapping(engine, run.id, snapshot.run_id, snapshot.experiment_id)
     tracker.log_params(snapshot, flatten(run.spec))
     tags = {k: v for k, v in {**_tags(info), **provenance_tags(engine, run)}.items() if snapshot.tags.get(k) != v}
-    if active and snapshot.status != "RUNNING":
+    # A run another process finished since the caller looked is report_finished's to show, not to reopen.
+    if active and snapshot.status != "RUNNING" and not _has_ended(engine, run.id):
         if snapshot.status in TERMINAL_STATUSES:
             # MLflow params are immutable and do not record a continuation: tags do (mlflow#3228, #4248).
             count = int(snapshot.tags.get("difftpt.resume_count", "0")) + 1
@@ -227,6 +228,12 @@ def ensure_mlflow_run(engine: Engine, tracker: MlflowTracker, info: RunInfo, *, 
         tracker.set_running(snapshot.run_id)
     tracker.set_tags(snapshot.run_id, tags)
     return snapshot
+
+
+def _has_ended(engine: Engine, run_id: int) -> bool:
+    with engine.connect() as conn:
+        state = conn.scalar(select(Run.state).where(Run.id == run_id))
+    return state is None or RunState(state) in TERMINAL_RUN_STATES
 
 
 def _ensure_experiment(engine: Engine, tracker: MlflowTracker, info: RunInfo) -> str:
