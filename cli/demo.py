@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import typer
 
-from cli.common import OUTPUT, JsonOpt, engine_of, format_percent, print_json, print_table, settings_of
+from cli.common import OUTPUT, JsonOpt, TableFormat, engine_of, format_percent, print_json, print_table, settings_of
 from difftpt_ops.core.secrets import mask_url
 
 
-def _pct(value: float | None) -> str:
+def _pct(value: float | None) -> str | float | None:
+    """Percent as the tables print it; with --format tsv|csv the fraction, as stored (scripts read those)."""
+    if OUTPUT.table_format is not TableFormat.table:
+        return value
     return "-" if value is None else format_percent(value)
 
 

@@ -28,9 +28,10 @@ from difftpt_ops.core.secrets import mask_url
 mlflow_app = new_app("MLflow: bring the tracking server up to date with the database.")
 
 RunArg = Annotated[str, typer.Argument(metavar="RUN", help="Run id (`difftpt-ops runs list`).")]  # parse_run_id
-CsvOpt = Annotated[bool, typer.Option(
+ResultsCsvOpt = Annotated[bool, typer.Option(
     "--csv", help="Print the results as one CSV row, columns named as the --json keys (with --by-class, a row per "
                   "class); --format csv prints the key / value table instead. Both keep fractions.")]
+CsvOpt = Annotated[bool, typer.Option("--csv", help="Print CSV.")]
 
 
 # Accuracies, their differences and intervals print as percent with one decimal, as the demo prints them;
@@ -63,7 +64,7 @@ def _write_csv(columns: list[str], rows: list[list[Any]]) -> None:
 
 def results(ctx: typer.Context, run_arg: RunArg,
             by_class: Annotated[bool, typer.Option("--by-class", help="Accuracy per class.")] = False,
-            as_json: JsonOpt = False, as_csv: CsvOpt = False) -> None:
+            as_json: JsonOpt = False, as_csv: ResultsCsvOpt = False) -> None:
     """Top-1, top-5, zero-shot top-1 on the same samples, gain, ECE, progress and time per sample."""
     from difftpt_ops.services.reading.results import run_results
 
