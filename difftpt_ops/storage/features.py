@@ -7,7 +7,8 @@ What identifies stored features (the services keep one database row per stored s
   precision or activation never meets another model's features;
 - the sample: the content hash of its image;
 - the views: one recipe per view (`view_recipes`): the original (resolution), a conventional view (seed,
-  index, AugMix flag, resolution), a generated view (the generated image's content hash, resolution).
+  index, AugMix flag, resolution, and its crop's area range when not torchvision's default, as DMN's), a
+  generated view (the generated image's content hash, resolution).
   The recipe is everything `tta.views.build_views` draws the view from, so equal recipes are equal pixels.
 
 A file holds one tensor `features` (n_views, d) in the dtype the encoder produced (exact reuse: a run that

@@ -83,7 +83,9 @@ def run_embedded(engine: Engine, settings: Settings, run_id: int, *, device: str
 def _hold(engine: Engine, run_id: int, label: str) -> None:
     """Queue the run's open shards for this process: `status` counts a queued shard as held while the process
     its label names lives, so the run does not read as stopped between two shards (or two links of an online
-    chain), and does once this process is gone. Running and waiting shards are left as they are."""
+    chain), and does once this process is gone. Running and waiting shards are left as they are. (Two processes
+    resuming one run relabel each other's queued shards; the one that exits first makes them pending, so the
+    other's run can read stopped between two of its shards until it claims the next.)"""
     with engine.begin() as connection:
         connection.execute(update(Shard.__table__).where(_S.run_id == run_id, _S.state.in_(_OPEN))
                            .values(state=ShardState.QUEUED.value, worker=label))
