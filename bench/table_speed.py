@@ -31,7 +31,8 @@ from sqlalchemy.engine import Engine  # noqa: E402
 
 from difftpt_ops.db.session import dispose_engines, get_engine, session_scope, upgrade  # noqa: E402
 from difftpt_ops.db.tables import Dataset, DatasetVersion, Run  # noqa: E402
-from difftpt_ops.services.reading.table import PAPER_ORDER, TableQuery, build_table  # noqa: E402
+from difftpt_ops.services.reading.table import build_table  # noqa: E402
+from difftpt_ops.services.reading.table_model import PAPER_ORDER, TableQuery  # noqa: E402
 from difftpt_ops.services.reading.table_render import to_markdown  # noqa: E402
 
 TARGET_S = 1.0

@@ -12,7 +12,7 @@ from cli.common import JsonOpt, engine_of, print_json, settings_of, table_consol
 from difftpt_ops.core.errors import InputError
 
 if TYPE_CHECKING:
-    from difftpt_ops.services.reading.table import Table
+    from difftpt_ops.services.reading.table_model import Table
 
 
 def _names(option: str, value: str | None) -> tuple[str, ...]:
@@ -82,7 +82,8 @@ def table(
     """Methods as rows (a row per configuration: `zeroshot prompts=ensemble`), datasets as columns: the latest
     finished runs of one model, the papers' averages (ImageNet + 4 shifts, the 4 shifts, the 10 cross-domain
     sets) and Holm-corrected McNemar tests."""
-    from difftpt_ops.services.reading.table import FORMATS, TableQuery, build_table
+    from difftpt_ops.services.reading.table import build_table
+    from difftpt_ops.services.reading.table_model import FORMATS, TableQuery
     from difftpt_ops.services.reading.table_render import log_table
 
     if as_json:

@@ -16,7 +16,7 @@ from difftpt_ops.config import Settings, load_settings
 from difftpt_ops.db.session import get_engine, session_scope, upgrade
 from difftpt_ops.db.tables import Run
 from difftpt_ops.services.reading import reporting
-from difftpt_ops.services.reading.table import TableQuery
+from difftpt_ops.services.reading.table_model import TableQuery
 from difftpt_ops.services.reading.table_render import TABLE_EXPERIMENT
 from tests.factories import make_dataset, make_dataset_version, make_predictions, make_run
 

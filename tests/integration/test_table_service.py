@@ -16,7 +16,9 @@ from sqlalchemy.engine import Engine
 from difftpt_ops.core.errors import InputError
 from difftpt_ops.db.session import get_engine, session_scope, upgrade
 from difftpt_ops.db.tables import Dataset, DatasetVersion, Run
-from difftpt_ops.services.reading.table import AVERAGES, TableQuery, build_table, load_published
+from difftpt_ops.services.reading.published import load_published
+from difftpt_ops.services.reading.table import build_table
+from difftpt_ops.services.reading.table_model import AVERAGES, TableQuery
 from difftpt_ops.services.reading.table_render import csv_rows, header, to_latex, to_markdown
 from tests.factories import make_dataset, make_dataset_version, make_predictions, make_run, make_sample_errors
 

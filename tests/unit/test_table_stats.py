@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from difftpt_ops.services.reading.stats import holm_adjust
-from difftpt_ops.services.reading.table import Cell, paper_average, seed_group_key
+from difftpt_ops.services.reading.table import seed_group_key
+from difftpt_ops.services.reading.table_model import Cell, paper_average
 from difftpt_ops.services.reading.table_render import cell_text, latex_escape
 
 pytestmark = pytest.mark.unit

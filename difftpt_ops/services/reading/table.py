@@ -3,9 +3,10 @@
 A row is one configuration of a method (`services.reading.configurations`: `zeroshot` and `zeroshot
 prompts=ensemble` are two rows). For each (row, dataset) the latest finished tuning run of one model makes the
 cell (or the runs named); runs that differ from it only by seed make it a mean plus-minus standard deviation. Every
-count comes from the database in three grouped queries (per-run counts, calibration bins when the
-metric is ECE, and the paired counts of each cell against the baseline), so a table of 200 runs and
-200,000 predictions costs three index scans, not 200 round trips.
+count comes from the database in a few grouped queries (per-run counts, calibration bins when the metric is
+ECE, the paired counts of each cell against the baseline, and the failed samples, which tell whether two runs
+tried the same samples), so a table of 200 runs and 200,000 predictions costs a few index scans, not 200 round
+trips.
 
 Statistics: a cell's paired test is the exact McNemar test of its latest run against the baseline
 method's latest run on the same dataset version (samples both finished); p-values are Holm-corrected
@@ -19,171 +20,26 @@ from __future__ import annotations
 import json
 import statistics
 from collections import defaultdict
-from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any
 
 from sqlalchemy import Connection, text
 from sqlalchemy.engine import Engine
 
 from difftpt_ops.core.errors import InputError, NotFoundError
-from difftpt_ops.core.specs import canonical_json, fingerprint_of
-from difftpt_ops.data.formats import CROSS_DOMAIN_FORMATS, IMAGENET_FORMATS
+from difftpt_ops.core.specs import canonical_json
 from difftpt_ops.services.reading import stats
 from difftpt_ops.services.reading.configurations import SEED_KEYS, configuration
-
-METRICS = ("top1", "top5", "ece")
-FORMATS = ("rich", "markdown", "latex", "csv", "json")
-FINISHED_STATES = ("finished", "finished_with_failures")
-# Column order of the papers (TPT, DiffTPT): ImageNet and its shifts, then the cross-domain sets.
-PAPER_ORDER = ("imagenet", "imagenet-a", "imagenet-v2", "imagenet-r", "imagenet-sketch", "flower102", "dtd",
-               "pets", "cars", "ucf101", "caltech101", "food101", "sun397", "aircraft", "eurosat")
-AVERAGES = (
-    ("avg ImageNet+4", IMAGENET_FORMATS),
-    ("avg 4 shifts", tuple(f for f in IMAGENET_FORMATS if f != "imagenet")),
-    ("avg cross-domain", CROSS_DOMAIN_FORMATS),
+from difftpt_ops.services.reading.published import add_published
+from difftpt_ops.services.reading.table_model import (
+    PAPER_ORDER,
+    Cell,
+    Row,
+    RunRow,
+    Table,
+    TableQuery,
+    average_columns,
+    row_averages,
 )
-# Our open_clip model names -> the backbone names the papers report.
-BACKBONES = {"vit-b-16": "ViT-B/16", "vit-b/16": "ViT-B/16", "rn50": "RN50"}
-
-
-@dataclass(frozen=True)
-class TableQuery:
-    """What to tabulate. Empty selections mean everything present."""
-
-    model: str | None = None
-    methods: tuple[str, ...] = ()
-    datasets: tuple[str, ...] = ()
-    metric: str = "top1"
-    baseline: str | None = None  # None: zeroshot when present
-    run_ids: tuple[int, ...] = ()
-    sweep_id: int | None = None
-    alpha: float = 0.05
-    published: bool = False
-    published_backbone: str | None = None  # None: from the model name
-
-    def __post_init__(self) -> None:
-        if self.metric not in METRICS:
-            raise InputError("--metric", self.metric, f"must be one of {', '.join(METRICS)}")
-        if not 0.0 < self.alpha < 1.0:
-            raise InputError("--alpha", self.alpha, "must be in (0, 1)")
-        if self.published_backbone is not None and self.published_backbone not in set(BACKBONES.values()):
-            raise InputError("--published-backbone", self.published_backbone,
-                             f"must be one of {', '.join(sorted(set(BACKBONES.values())))}")
-
-    def name(self) -> str:
-        """A readable name of the query: the MLflow run of `table --log` is called this."""
-        parts = [f"table {self.metric}"]
-        for label, value in (("model", self.model), ("methods", ",".join(self.methods)),
-                             ("datasets", ",".join(self.datasets)), ("baseline", self.baseline),
-                             ("runs", ",".join(map(str, self.run_ids))), ("sweep", self.sweep_id)):
-            if value:
-                parts.append(f"{label}={value}")
-        return " ".join(parts)
-
-    def fingerprint(self) -> str:
-        return fingerprint_of({"table": self.name(), "published": self.published, "alpha": self.alpha,
-                               "published_backbone": self.published_backbone})
-
-
-@dataclass
-class RunRow:
-    """A finished tuning run with what the table needs of it."""
-
-    run_id: int
-    method: str
-    spec: dict[str, Any]
-    num_samples: int
-    version_id: int
-    version_size: int
-    subset_size: int | None
-    dataset: str
-    format: str
-    generation_config: int | None = None  # DiffTPT: the generation config whose images it read
-    variant: str = ""  # the sweep grid point (without the seed) when tabulating a sweep
-    config: str = ""  # the settings apart from the method's defaults for the dataset (configurations.py)
-    n: int = 0
-    correct: int = 0
-    top5: int = 0
-    ece: float | None = None
-
-    @property
-    def model(self) -> str:
-        return str((self.spec.get("model") or {}).get("name", ""))
-
-    @property
-    def seed(self) -> Any:
-        return self.spec.get("seed")
-
-    def value(self, metric: str) -> float | None:
-        if metric == "ece":
-            return self.ece
-        hits = self.correct if metric == "top1" else self.top5
-        return hits / self.n if self.n else None
-
-
-@dataclass
-class Cell:
-    """One (row, dataset) cell: mean over the seed group, and the paired test of its latest run."""
-
-    dataset: str
-    value: float | None = None
-    std: float | None = None
-    n: int = 0
-    runs: list[int] = field(default_factory=list)
-    seeds: list[Any] = field(default_factory=list)
-    subset: bool = False
-    other_samples: bool = False  # its samples and the baseline cell's are not the same (paired_n tells how many are)
-    baseline_run: int | None = None
-    paired_n: int | None = None
-    p: float | None = None
-    p_holm: float | None = None
-    significant: bool = False
-    published_diff: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-@dataclass
-class Row:
-    """A row: our method (kind 'ours'), a published one ('published'), or ours minus published ('difference')."""
-
-    label: str
-    method: str
-    kind: str
-    cells: dict[str, Cell]
-    averages: dict[str, float | None]
-    source: str | None = None
-    config: str = ""  # our rows: the configuration of the method (sweep rows: the grid point is in the label)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "method": self.method, "kind": self.kind, "config": self.config,
-                "source": self.source, "cells": {k: c.to_dict() for k, c in self.cells.items()},
-                "averages": self.averages}
-
-
-@dataclass
-class Table:
-    """The whole table; `columns` are dataset names in paper order, `average_columns` the averages shown."""
-
-    query: TableQuery
-    model: str | None
-    metric: str
-    baseline: str | None
-    columns: list[str]
-    formats: dict[str, str]
-    average_columns: list[str]
-    rows: list[Row]
-    notes: list[str]
-    superseded: list[int] = field(default_factory=list)  # named runs a newer run of their row and dataset hides
-    other_model: list[int] = field(default_factory=list)  # named runs of another model than the table's
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.query.name(), "model": self.model, "metric": self.metric, "baseline": self.baseline,
-                "alpha": self.query.alpha, "columns": self.columns, "formats": self.formats,
-                "average_columns": self.average_columns, "rows": [r.to_dict() for r in self.rows],
-                "notes": self.notes, "superseded": self.superseded, "other_model": self.other_model}
 
 
 def build_table(engine: Engine, query: TableQuery) -> Table:
@@ -205,12 +61,12 @@ def build_table(engine: Engine, query: TableQuery) -> Table:
     columns, formats = _columns(runs)
     shown = {run_id for row in cells.values() for cell, _ in row.values() for run_id in cell.runs}
     table = Table(query=query, model=model, metric=query.metric, baseline=baseline, columns=columns,
-                  formats=formats, average_columns=_average_columns(formats), rows=[], notes=[],
+                  formats=formats, average_columns=average_columns(formats), rows=[], notes=[],
                   superseded=sorted({r.run_id for r in runs} - shown) if query.run_ids else [],
                   other_model=other_model if query.run_ids else [])
     table.rows = _our_rows(cells, table)
     if query.published:
-        _add_published(table, query)
+        add_published(table, query)
     table.notes = _notes(table)
     return table
 
@@ -402,7 +258,8 @@ def _paired_tests(conn: Connection, cells: Cells, baseline: str | None, query: T
     counts = _discordant_counts(conn, run_pairs, query.metric)
     found = [counts.get((a, b), (0, 0, 0)) for _, a, b in pairs]
     p_values = stats.mcnemar_exact_p_many([(only_a, only_b) for _, only_a, only_b in found])
-    differ = _other_samples(conn, run_pairs)
+    finished = {run.run_id: run.n for row in cells.values() for _, run in row.values()}
+    differ = _other_samples(conn, pairs, finished, [n for n, _, _ in found])
     for (cell, a, b), (n, _, _), p in zip(pairs, found, p_values, strict=True):
         cell.paired_n, cell.p, cell.other_samples = n, p, (a, b) in differ
     for (cell, _, _), adjusted in zip(pairs, stats.holm_adjust(p_values), strict=True):
@@ -434,25 +291,38 @@ def _discordant_counts(conn: Connection, pairs: list[tuple[int, int]],
     return {(int(a), int(b)): (int(n), int(x or 0), int(y or 0)) for a, b, n, x, y in rows}
 
 
-def _other_samples(conn: Connection, pairs: list[tuple[int, int]]) -> set[tuple[int, int]]:
-    """The (A, B) run pairs that did not try the same samples (a sample was tried when it has a prediction or
-    a failure): an online run's --limit takes the first n of its stream, an episodic one's the first n by index.
-    Failures alone do not set two runs apart."""
+def _other_samples(conn: Connection, pairs: list[tuple[Cell, int, int]], finished: dict[int, int],
+                   both_finished: list[int]) -> set[tuple[int, int]]:
+    """The (A, B) run pairs that did not try the same samples (tried: a prediction or a failure); `finished`
+    holds each run's predictions, `both_finished` each pair's shared ones. An online run's --limit takes the
+    first n of its stream, an episodic one's the first n by index; failures alone do not set runs apart.
+    Failures are few, so only they are read here: tried by both = both finished + A's failures B tried + B's
+    failures A finished."""
     if not pairs:
         return set()
-    values = ", ".join(f"({int(a)}, {int(b)})" for a, b in pairs)  # integers we produced: no injection
-    ids = ", ".join(str(int(i)) for i in {i for pair in pairs for i in pair})
-    rows = conn.execute(text(f"""
-        WITH pairs(run_a, run_b) AS (VALUES {values}),
-        tried AS (SELECT run_id, sample_id FROM predictions WHERE run_id IN ({ids})
-                  UNION SELECT run_id, sample_id FROM sample_errors WHERE run_id IN ({ids})),
-        sizes AS (SELECT run_id, COUNT(*) AS n FROM tried GROUP BY run_id),
-        shared AS (SELECT p.run_a, p.run_b, COUNT(*) AS n FROM pairs p JOIN tried a ON a.run_id = p.run_a
-                   JOIN tried b ON b.run_id = p.run_b AND b.sample_id = a.sample_id GROUP BY p.run_a, p.run_b)
-        SELECT p.run_a, p.run_b, COALESCE(s.n, 0), sa.n, sb.n FROM pairs p
-        JOIN sizes sa ON sa.run_id = p.run_a JOIN sizes sb ON sb.run_id = p.run_b
-        LEFT JOIN shared s ON s.run_a = p.run_a AND s.run_b = p.run_b""")).all()
-    return {(int(a), int(b)) for a, b, shared, n_a, n_b in rows if shared < min(n_a, n_b)}
+    values = ", ".join(f"({int(a)}, {int(b)})" for _, a, b in pairs)  # integers we produced: no injection
+    ids = ", ".join(str(int(i)) for i in {i for _, a, b in pairs for i in (a, b)})
+    failed = {int(r): int(n) for r, n in conn.execute(text(
+        f"SELECT run_id, COUNT(*) FROM sample_errors WHERE run_id IN ({ids}) GROUP BY run_id"))}
+    shared_failures: dict[tuple[int, int], int] = defaultdict(int)
+    if failed:
+        for a, b, n in conn.execute(text(f"""
+                WITH pairs(run_a, run_b) AS (VALUES {values})
+                SELECT p.run_a, p.run_b, COUNT(*) FROM pairs p JOIN sample_errors e ON e.run_id = p.run_a
+                WHERE EXISTS (SELECT 1 FROM predictions x WHERE x.run_id = p.run_b AND x.sample_id = e.sample_id)
+                   OR EXISTS (SELECT 1 FROM sample_errors y WHERE y.run_id = p.run_b AND y.sample_id = e.sample_id)
+                GROUP BY p.run_a, p.run_b
+                UNION ALL
+                SELECT p.run_a, p.run_b, COUNT(*) FROM pairs p JOIN sample_errors e ON e.run_id = p.run_b
+                WHERE EXISTS (SELECT 1 FROM predictions x WHERE x.run_id = p.run_a AND x.sample_id = e.sample_id)
+                GROUP BY p.run_a, p.run_b""")):
+            shared_failures[(int(a), int(b))] += int(n)
+    differ = set()
+    for (_, a, b), shared in zip(pairs, both_finished, strict=True):
+        tried_a, tried_b = finished[a] + failed.get(a, 0), finished[b] + failed.get(b, 0)
+        if shared + shared_failures[(a, b)] < min(tried_a, tried_b):
+            differ.add((a, b))
+    return differ
 
 
 # --- columns, rows and averages --------------------------------------------------------------------------------------
@@ -464,27 +334,6 @@ def _columns(runs: list[RunRow]) -> tuple[list[str], dict[str, str]]:
     rank = {fmt: i for i, fmt in enumerate(PAPER_ORDER)}
     columns = sorted(formats, key=lambda d: (rank.get(formats[d], len(rank)), d))
     return columns, formats
-
-
-def _average_columns(formats: dict[str, str]) -> list[str]:
-    present = set(formats.values())
-    return [name for name, group in AVERAGES if present & set(group)]
-
-
-def paper_average(values: dict[str, float | None], formats: dict[str, str], group: tuple[str, ...]) -> float | None:
-    """Mean over the columns of `group`'s formats; None unless each format has exactly one column with a value."""
-    members = [d for d, fmt in formats.items() if fmt in group]
-    if sorted(formats[d] for d in members) != sorted(group):
-        return None
-    picked = [values.get(d) for d in members]
-    if any(v is None for v in picked):
-        return None
-    return statistics.fmean(v for v in picked if v is not None)
-
-
-def _averages(values: dict[str, float | None], table: Table) -> dict[str, float | None]:
-    groups = dict(AVERAGES)
-    return {name: paper_average(values, table.formats, groups[name]) for name in table.average_columns}
 
 
 def _our_rows(cells: Cells, table: Table) -> list[Row]:
@@ -499,79 +348,8 @@ def _our_rows(cells: Cells, table: Table) -> list[Row]:
         values = {d: c.value for d, c in row_cells.items()}
         label = " ".join(part for part in key if part)
         rows.append(Row(label=label, method=key[0], kind="ours", cells=row_cells,
-                        averages=_averages(values, table), config=key[2]))
+                        averages=row_averages(values, table), config=key[2]))
     return rows
-
-
-# --- published numbers -----------------------------------------------------------------------------------------------
-
-
-def load_published() -> dict[str, Any]:
-    """The shipped published numbers (difftpt_ops/data/published.json)."""
-    with resources.files("difftpt_ops.data").joinpath("published.json").open(encoding="utf-8") as handle:
-        return json.load(handle)
-
-
-def published_backbone_for(model: str | None) -> str:
-    """The papers' name of our model (ViT-B-16 -> ViT-B/16, RN50 -> RN50); ViT-B/16 for anything else."""
-    return BACKBONES.get((model or "").strip().lower(), "ViT-B/16")
-
-
-def published_entries(backbone: str) -> dict[str, dict[str, Any]]:
-    """Per method: the union of its published numbers for `backbone` ({format: percent}) and their sources."""
-    merged: dict[str, dict[str, Any]] = {}
-    for entry in load_published()["entries"]:
-        if entry["backbone"] != backbone:
-            continue
-        item = merged.setdefault(entry["method"], {"values": {}, "sources": []})
-        item["values"].update({f: v for f, v in entry["values"].items() if v is not None})
-        item["sources"].append(entry["source"])
-    return merged
-
-
-def _add_published(table: Table, query: TableQuery) -> None:
-    """A published row per method with a number for a column, and ours minus published under our row."""
-    backbone = query.published_backbone or published_backbone_for(table.model)
-    entries = published_entries(backbone)
-    rows: list[Row] = []
-    for row in table.rows:
-        rows.append(row)
-        published = _published_row(row.method, entries.get(row.method), backbone, table)
-        if published is not None and row.label == row.method:
-            rows.extend([published, _difference_row(row, published, table)])
-    shown = {r.method for r in table.rows}
-    for method, entry in entries.items():
-        published = None if method in shown else _published_row(method, entry, backbone, table)
-        if published is not None:
-            rows.append(published)
-    table.rows = rows
-
-
-def _published_row(method: str, entry: dict[str, Any] | None, backbone: str, table: Table) -> Row | None:
-    """Values of `entry` for the table's columns (fractions, like ours); None when it has none of them."""
-    if entry is None or table.metric != "top1":
-        return None
-    cells = {d: Cell(dataset=d, value=entry["values"][table.formats[d]] / 100.0)
-             for d in table.columns if entry["values"].get(table.formats[d]) is not None}
-    if not cells:
-        return None
-    values = {d: c.value for d, c in cells.items()}
-    return Row(label=f"{method} (published, {backbone})", method=method, kind="published", cells=cells,
-               averages=_averages(values, table), source="; ".join(entry["sources"]))
-
-
-def _difference_row(ours: Row, published: Row, table: Table) -> Row:
-    cells: dict[str, Cell] = {}
-    for dataset, cell in ours.cells.items():
-        theirs = published.cells.get(dataset)
-        if cell.value is not None and theirs is not None and theirs.value is not None:
-            cell.published_diff = cell.value - theirs.value
-            cells[dataset] = Cell(dataset=dataset, value=cell.published_diff)
-    averages = {name: (ours.averages.get(name) - published.averages[name])  # type: ignore[operator]
-                if ours.averages.get(name) is not None and published.averages.get(name) is not None else None
-                for name in table.average_columns}
-    return Row(label=f"{ours.method} - published", method=ours.method, kind="difference", cells=cells,
-               averages=averages)
 
 
 def _notes(table: Table) -> list[str]:

@@ -9,7 +9,7 @@ from typing import Any
 
 from difftpt_ops.core.errors import InputError
 from difftpt_ops.core.secrets import mask_url
-from difftpt_ops.services.reading.table import Cell, Table
+from difftpt_ops.services.reading.table_model import Cell, Table
 
 
 def header(table: Table) -> list[str]:
