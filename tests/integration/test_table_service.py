@@ -331,3 +331,22 @@ def test_difftpt_runs_on_other_generation_configs_are_other_rows(engine: Engine)
     rows = {r.label: r.cells["photos"].runs for r in build_table(engine, TableQuery()).rows}
     assert rows == {"difftpt": [runs[1]], f"difftpt generation={configs[0]}": [runs[0]]}
     assert [r.label for r in build_table(engine, TableQuery(run_ids=(runs[0],))).rows] == ["difftpt"]
+
+
+def test_runs_show_names_the_configuration_of_a_run_stored_before_it_had_one(engine: Engine) -> None:
+    """A ZERO run stored before `vote` existed (no key; its `settings` column empty): `runs show` says
+    `vote=argmax`, the word `table` puts on its row."""
+    from difftpt_ops.services.running.status import show_run
+
+    version_id = _version(engine, "photos")
+    stored = {key: value for key, value in method_spec_dict("zero").items() if key != "vote"}
+    run_id = _run_with(engine, version_id, "zero", {}, 0.5, stored=stored)
+    assert show_run(engine, run_id)["settings"] == "vote=argmax"
+    assert [r.label for r in build_table(engine, TableQuery()).rows] == ["zero vote=argmax"]
+
+
+def method_spec_dict(method: str) -> dict[str, Any]:
+    from difftpt_ops.core.method_specs import method_spec_from
+    from difftpt_ops.tta.methods import resolve_for_dataset
+
+    return resolve_for_dataset(method_spec_from(method), "imagefolder").to_dict()

@@ -265,7 +265,7 @@ def test_runs_record_provenance_and_comparable_columns(database_url: str, worksp
                               pretrained=None, overrides={"n_views": "4", "steps": "2"}, seed=3)
     [listed] = [r for r in list_runs(engine, settings) if r["run_id"] == result.run_id]
     assert (listed["seed"], listed["device"], listed["precision"]) == (3, "cpu", "fp32")
-    assert listed["settings"] == "n_views=4, steps=2" and listed["model"].endswith("clip")
+    assert listed["settings"] == "n_views=4 steps=2" and listed["model"].endswith("clip")  # as `table` names it
     shown = show_run(engine, result.run_id)
     import torch
 

@@ -178,11 +178,14 @@ def _require_generated_images(session: Session, version: DatasetVersion, config:
                          "generation run) first")
 
 
-def _run_columns(spec: TuneRunSpec, method_spec: Any, provenance: dict[str, Any]) -> dict[str, Any]:
-    """The run's spec fields as plain columns (runs list, run_summary), and its provenance."""
+def _run_columns(spec: TuneRunSpec, dataset_format: str, provenance: dict[str, Any]) -> dict[str, Any]:
+    """The run's spec fields as plain columns (runs list, run_summary), and its provenance. `settings` is the
+    run's configuration as `table` names its row: what differs from the method's defaults for the dataset."""
+    from difftpt_ops.services.reading.configurations import configuration
+
     return {"model_name": spec.model.name, "pretrained": spec.model.pretrained, "seed": spec.seed,
             "device": spec.device, "precision": spec.model.precision,
-            "settings": non_default_settings(method_spec), "provenance": provenance}
+            "settings": configuration(spec.to_dict(), dataset_format), "provenance": provenance}
 
 
 def _submit_environment() -> dict[str, Any]:
@@ -192,15 +195,6 @@ def _submit_environment() -> dict[str, Any]:
     from difftpt_ops.provenance import environment
 
     return environment()
-
-
-def non_default_settings(method_spec: Any) -> str:
-    """The method settings that differ from the method's defaults: "key=value, ..." in key order."""
-    from difftpt_ops.core.specs import flatten
-
-    current = flatten({k: v for k, v in method_spec.to_dict().items() if k != "method"})
-    defaults = flatten({k: v for k, v in type(method_spec)().to_dict().items() if k != "method"})
-    return ", ".join(f"{key}={current[key]}" for key in sorted(current) if current[key] != defaults.get(key))
 
 
 def _resolve_version(session: Session, dataset_ref: str) -> tuple[Dataset, DatasetVersion]:
@@ -302,7 +296,7 @@ def submit_tune(engine: Engine, settings: Settings, *, dataset_ref: str, method:
         run, created, new = _plan(session, kind="tune", method=spec.method.method, fingerprint=spec.fingerprint(),
                                   spec=spec.to_dict(), version=version, limit=limit,
                                   generation_config_id=config.id if config else None, shard_size=shard_size,
-                                  columns=_run_columns(spec, spec.method, provenance))
+                                  columns=_run_columns(spec, plan.dataset.format, provenance))
     # 3. Run or enqueue what is left.
     return _start(engine, settings, run, created=created, new=new, dispatcher=dispatcher, device=device,
                   progress=progress)

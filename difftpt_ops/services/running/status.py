@@ -21,6 +21,7 @@ from difftpt_ops.core.status import TERMINAL_RUN_STATES, RunState, ShardState
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import Dataset, DatasetVersion, GeneratedImage, Prediction, Run, Shard
 from difftpt_ops.db.tables import SampleError as SampleErrorRow
+from difftpt_ops.services.reading.configurations import configuration
 from difftpt_ops.services.reading.store import view_counts
 from difftpt_ops.services.running.leases import active_workers, worker_is_gone
 
@@ -63,7 +64,7 @@ def _counters(session: Session, run_ids: list[int]) -> dict[int, tuple[int, int]
 
 def _run_rows(session: Session, *, run_id: int | None = None, active: bool = False,
               limit: int | None = None) -> list[Any]:
-    query = (select(Run, Dataset.name, DatasetVersion.version)
+    query = (select(Run, Dataset.name, DatasetVersion.version, Dataset.format)
              .join(DatasetVersion, DatasetVersion.id == Run.dataset_version_id)
              .join(Dataset, Dataset.id == DatasetVersion.dataset_id).order_by(Run.id.desc()))
     if run_id is not None:
@@ -92,7 +93,7 @@ def list_runs(engine: Engine, settings: Settings, *, limit: int | None = None) -
         views = view_counts(session, [row[0].id for row in rows])
         stopped, _ = _stop_facts(session, settings, [row[0] for row in rows if is_active(row[0].state)])
     return [{**_summary(run, name, version, counters.get(run.id, (0, 0))), **views[run.id],
-             "stopped": run.id in stopped} for run, name, version in rows]
+             "stopped": run.id in stopped} for run, name, version, _ in rows]
 
 
 def _stop_facts(session: Session, settings: Settings,
@@ -190,7 +191,7 @@ def run_status(engine: Engine, settings: Settings, run_id: int | None = None) ->
         counters = _counters(session, [row[0].id for row in rows])
         views = view_counts(session, [row[0].id for row in rows])  # encoded vs read from the feature store
         out = []
-        for run, name, version in rows:
+        for run, name, version, _ in rows:
             summary = {**_summary(run, name, version, counters.get(run.id, (0, 0))), **views[run.id]}
             _details(session, settings, run, summary, now)
             out.append(summary)
@@ -236,8 +237,10 @@ def show_run(engine: Engine, run_id: int) -> dict[str, Any]:
         rows = _run_rows(session, run_id=run_id)
         if not rows:
             raise NotFoundError("RUN", run_id, "no such run; see `difftpt-ops runs list`")
-        run, name, version = rows[0]
+        run, name, version, dataset_format = rows[0]
         summary = _summary(run, name, version, _counters(session, [run.id]).get(run.id, (0, 0)))
+        if run.kind == "tune":  # as `table` names its row, also for runs stored before `settings` meant that
+            summary["settings"] = configuration(run.spec, dataset_format)
         facts = session.execute(select(Shard.index, Shard.provenance).where(Shard.run_id == run.id)
                                 .order_by(Shard.index)).all()
         summary.update(fingerprint=run.fingerprint, spec=run.spec, provenance=run.provenance,
