@@ -273,8 +273,8 @@ def test_a_named_run_that_a_newer_one_hides_is_said(engine: Engine) -> None:
     older = _run_with(engine, version, "tpt", {}, 0.5)
     newer = _run_with(engine, version, "tpt", {}, 0.6, device="cuda")
     table = build_table(engine, TableQuery(run_ids=(older, newer)))
-    assert [c.runs for r in table.rows for c in r.cells.values()] == [[newer]] and table.superseded == [older]
-    assert any(note.startswith(f"runs {older} not shown") for note in table.notes)
+    assert [c.runs for r in table.rows for c in r.cells.values()] == [[newer]] and table.superseded == [(older, newer)]
+    assert f"run {older} not shown: run {newer} is a newer run of its configuration on its dataset" in table.notes
     assert build_table(engine, TableQuery()).superseded == []  # only said of runs someone named
 
 

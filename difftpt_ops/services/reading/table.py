@@ -62,7 +62,7 @@ def build_table(engine: Engine, query: TableQuery) -> Table:
     shown = {run_id for row in cells.values() for cell, _ in row.values() for run_id in cell.runs}
     table = Table(query=query, model=model, metric=query.metric, baseline=baseline, columns=columns,
                   formats=formats, average_columns=average_columns(formats), rows=[], notes=[],
-                  superseded=sorted({r.run_id for r in runs} - shown) if query.run_ids else [],
+                  superseded=_superseded(runs, cells, shown) if query.run_ids else [],
                   other_model=other_model if query.run_ids else [])
     table.rows = _our_rows(cells, table)
     if query.published:
@@ -72,6 +72,12 @@ def build_table(engine: Engine, query: TableQuery) -> Table:
 
 
 # --- selecting runs -------------------------------------------------------------------------------------------------
+
+
+def _superseded(runs: list[RunRow], cells: Cells, shown: set[int]) -> list[tuple[int, int]]:
+    """(run, the newer run its cell shows instead) for the runs no cell shows."""
+    return sorted((run.run_id, cells[_row_key(run)][run.dataset][1].run_id) for run in runs
+                  if run.run_id not in shown)
 
 
 def _select_runs(conn: Connection, query: TableQuery) -> list[RunRow]:
@@ -367,9 +373,8 @@ def _notes(table: Table) -> list[str]:
     if any(r.config for r in table.rows):
         notes.append("a row per configuration: settings after the method's name differ from its defaults for "
                      "the dataset")
-    if table.superseded:
-        notes.append(f"runs {', '.join(map(str, table.superseded))} not shown: a newer run of the same "
-                     "configuration on the same dataset is")
+    for old, new in table.superseded:
+        notes.append(f"run {old} not shown: run {new} is a newer run of its configuration on its dataset")
     if table.other_model:
         notes.append(f"runs {', '.join(map(str, table.other_model))} not shown: another model than "
                      f"{table.model} (--model chooses)")

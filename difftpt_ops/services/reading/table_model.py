@@ -156,7 +156,7 @@ class Table:
     average_columns: list[str]
     rows: list[Row]
     notes: list[str]
-    superseded: list[int] = field(default_factory=list)  # named runs a newer run of their row and dataset hides
+    superseded: list[tuple[int, int]] = field(default_factory=list)  # (named run, the newer run shown instead)
     other_model: list[int] = field(default_factory=list)  # named runs of another model than the table's
 
     def to_dict(self) -> dict[str, Any]:
