@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import typing
 from collections.abc import Callable
 from typing import Annotated, Any
 
+import click
 import typer
 
 from cli.common import TableFormat, set_output
@@ -60,8 +62,26 @@ EXAMPLES: dict[str, list[str]] = {
 
 
 def install_conventions(app: typer.Typer) -> None:
-    """Wrap every command of `app` and its groups (call once, after every group is mounted)."""
+    """Wrap every command of `app` and its groups (call once, after every group is mounted), and make click's
+    own usage errors (an unknown option, a value outside a choice) one line, as every other error here."""
     _install(app, prefix="")
+    for usage_error in _usage_error_classes():
+        usage_error.show = _show_one_line  # type: ignore[method-assign]
+
+
+def _usage_error_classes() -> set[type]:
+    """click's UsageError, and the copy of click that typer (0.29) bundles and raises from (`typer._click`)."""
+    import typer.core
+
+    bundled = getattr(typer.core, "_click", None)
+    return {click.exceptions.UsageError, *([bundled.exceptions.UsageError] if bundled is not None else [])}
+
+
+def _show_one_line(self: Any, file: Any = None) -> None:
+    """`error: <what click says> (see `<command> --help`)` on stderr, instead of usage, hint and error lines."""
+    hint = f" (see `{self.ctx.command_path} --help`)" if self.ctx is not None else ""
+    message = " ".join(self.format_message().split())
+    click.echo(f"error: {message}{hint}", file=file if file is not None else sys.stderr)
 
 
 def _install(app: typer.Typer, prefix: str) -> None:

@@ -114,6 +114,17 @@ def test_set_with_an_unknown_field_lists_the_valid_ones(ws: Path) -> None:
     assert "--set=stepz" in done.stderr and "valid: " in done.stderr and "steps" in done.stderr
 
 
+def test_usage_errors_are_one_line_too(ws: Path) -> None:
+    """click's own errors (a value outside a choice, an unknown option, a missing argument): exit 2, one line
+    naming what was wrong and where help is, nothing on stdout."""
+    for args, says in ((("results", "1", "--format", "xml"), "'--format'"), (("results", "1", "--bogus"), "--bogus"),
+                       (("results",), "'RUN'"), (("nosuchcmd",), "nosuchcmd")):
+        done = cli(ws, *args)
+        assert done.returncode == 2 and done.stdout == "", args
+        [line] = done.stderr.strip().splitlines()
+        assert line.startswith("error: ") and says in line and "--help`)" in line, line
+
+
 def test_dry_runs_write_nothing_and_measure_what_they_can(ws: Path, tiny_models_dir: Path) -> None:
     """--dry-run: counts, disk and time from this workspace's own runs, and no row or file written."""
     generator = str(tiny_models_dir / "sd-image-variations")
