@@ -91,13 +91,18 @@ def progress_bar(settings: Settings, as_json: bool) -> Iterator[Any]:
         bar.stop()
 
 
-def _print_submit(result: SubmitResult, as_json: bool) -> None:
+def _print_submit(result: SubmitResult, as_json: bool, dataset_ref: str | None = None) -> None:
     if as_json:
         print_json(result.to_dict())
         return
     verb = "created" if result.created else "attached to"
-    typer.echo(f"{verb} run {result.run_id} ({run_label(result.kind, result.method)}, {result.num_samples} samples, "
-               f"{result.shards_total} shards, {result.shards_new} new)")
+    typer.echo(f"{verb} run {result.run_id} ({run_label(result.kind, result.method)} on {result.dataset}, "
+               f"{result.num_samples} samples, {result.shards_total} shards, {result.shards_new} new)")
+    named = (dataset_ref or "").split("@")[0]
+    if named and result.dataset and result.dataset.split("@")[0] != named:
+        # A run's identity is its samples' content: another name for the same samples attaches to its runs.
+        typer.echo(f"{named} holds the same samples as {result.dataset}: its runs are {result.dataset}'s "
+                   "(runs list and table show them under that name)")
     if result.embedded:
         typer.echo(f"run {result.run_id}: {result.state}")
         if str(result.state) == "failed":  # the README's exit codes: 1 for a run that failed
@@ -205,7 +210,7 @@ def submit_tune(
                         pretrained=_none_if(pretrained), generation_id=generation, overrides=parsed, seed=seed,
                         limit=limit, shard_size=shard_size, dispatcher=_dispatcher(settings), device=device,
                         progress=bar)
-    _print_submit(result, as_json)
+    _print_submit(result, as_json, dataset)
 
 
 @submit_app.command("generate")
@@ -247,7 +252,7 @@ def submit_generate(
     with progress_bar(settings, as_json) as bar:
         result = submit(engine, settings, dataset_ref=dataset, spec=spec, limit=limit, shard_size=shard_size,
                         batch_size=batch_size, dispatcher=_dispatcher(settings), device=device, progress=bar)
-    _print_submit(result, as_json)
+    _print_submit(result, as_json, dataset)
 
 
 def worker(

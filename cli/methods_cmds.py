@@ -73,7 +73,7 @@ def submit_features(
         result = submit(engine, settings, dataset_ref=dataset, model=model, pretrained=_none_if(pretrained),
                         views=views, generation_id=generation, seed=seed, limit=limit, shard_size=shard_size,
                         dispatcher=_dispatcher(settings), device=device, progress=bar)
-    _print_submit(result, as_json)
+    _print_submit(result, as_json, dataset)
 
 
 def register(app: typer.Typer) -> None:

@@ -150,7 +150,8 @@ def test_dry_runs_write_nothing_and_measure_what_they_can(ws: Path, tiny_models_
 
     real = ok(ws, *gen_args, "--per-sample", "2").stdout  # real: 8 images
     generation_run = _latest_run(ws)
-    assert real.splitlines()[0] == f"created run {generation_run} (generate, 4 samples, 1 shards, 1 new)"
+    assert real.splitlines()[0] == (f"created run {generation_run} (generate on {DATASET}@1, 4 samples, 1 shards, "
+                                    "1 new)")
     again = json.loads(ok(ws, *gen_args, "--per-sample", "3", "--dry-run", "--json").stdout)
     assert again["images_to_generate"] == 4 * 3  # another config: its own images
     assert again["bytes_source"].startswith("measured on 8 stored image(s) of 32 px images")
@@ -241,3 +242,17 @@ def test_results_print_accuracy_in_percent_as_the_demo_does(ws: Path) -> None:
     keyed = dict(csv.reader(io.StringIO(ok(ws, "results", "1", "--format", "csv").stdout)))
     wide = next(csv.DictReader(io.StringIO(ok(ws, "results", "1", "--csv").stdout)))
     assert float(keyed["top1"]) == float(wide["top1"]) == top1
+
+
+def test_another_name_for_the_same_samples_says_whose_runs_it_gets(ws: Path, tmp_path: Path,
+                                                                    tiny_models_dir: Path) -> None:
+    """Registering the photos again under another name and submitting the same spec attaches to run 1 (a run's
+    identity is its samples' content), and says so: the run's dataset, and that the two names share samples."""
+    photos = tmp_path / "photos"
+    write_demo_dataset(photos)
+    ok(ws, "data", "add", "again", "--root", str(photos), "--format", "imagefolder")
+    out = ok(ws, "submit", "tune", "--dataset", "again", "--method", "zeroshot", "--model",
+             str(tiny_models_dir / "clip"), "--pretrained", "none", "--device", "cpu").stdout.splitlines()
+    assert out[0].startswith(f"attached to run 1 (tune zeroshot on {DATASET}@1, ")
+    assert out[1] == f"again holds the same samples as {DATASET}@1: its runs are {DATASET}@1's (runs list and " \
+                     "table show them under that name)"

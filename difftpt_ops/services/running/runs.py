@@ -69,6 +69,7 @@ class SubmitResult:
     state: str
     embedded: bool
     generation_config_id: int | None = None
+    dataset: str | None = None  # NAME@V of the run: another name's, when that dataset holds the same samples
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -380,10 +381,13 @@ def _start(engine: Engine, settings: Settings, run: Run, *, created: bool, new: 
     with session_scope(engine) as session:
         state = session.scalar(select(Run.state).where(Run.id == run.id))
         shards_total = session.scalar(select(func.count()).where(Shard.run_id == run.id)) or 0
+        name, version = session.execute(select(Dataset.name, DatasetVersion.version).join(
+            DatasetVersion, DatasetVersion.dataset_id == Dataset.id).where(
+            DatasetVersion.id == run.dataset_version_id)).one()
     return SubmitResult(run_id=run.id, kind=run.kind, method=run.method, fingerprint=run.fingerprint,
                         created=created, num_samples=run.num_samples, shards_total=int(shards_total),
                         shards_new=new, shards_dispatched=dispatched, state=str(state), embedded=settings.embedded,
-                        generation_config_id=run.generation_config_id)
+                        generation_config_id=run.generation_config_id, dataset=f"{name}@{version}")
 
 
 def _run_embedded_or_fail(engine: Engine, settings: Settings, run_id: int, *, device: str | None,
