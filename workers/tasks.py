@@ -163,14 +163,14 @@ class _StaleShardCheck(threading.Thread):
 
     def run(self) -> None:
         from difftpt_ops.services.running.dispatch import requeue_lost_messages, requeue_stale_shards
-        from difftpt_ops.services.running.leases import resync_clock
+        from difftpt_ops.services.running.leases import resync_clock, stale_check_interval_s
 
         interval = 30.0
         missing_since: dict[int, float] = {}  # queued shards the broker did not hold at the last look
         while True:
             try:
                 settings, engine = _settings_and_engine()
-                interval = min(max(settings.stale_after_s / 4, 1.0), 60.0)
+                interval = stale_check_interval_s(settings.stale_after_s)
                 resync_clock(engine)  # judge staleness on the database's clock as it is now
                 requeued = requeue_stale_shards(engine, settings, CeleryDispatcher(app))
                 if requeued:

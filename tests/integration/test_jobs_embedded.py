@@ -252,6 +252,25 @@ def test_a_queued_run_is_not_stopped_and_one_whose_send_failed_is(env: dict[str,
     assert [(r["run_id"], r["stopped"]) for r in list_runs(env["engine"], settings)] == [(2, True), (1, False)]
 
 
+def test_a_silent_workers_shard_is_held_until_a_live_workers_check_would_have_taken_it(env: dict[str, Any]) -> None:
+    """With a broker, a running shard whose worker stopped heartbeating (paused, or on a host that lost the
+    network) is re-queued by the next stale-shard check of any live worker: the run is not stopped during that
+    wait, and is once it has passed with the shard still running (no live worker checked)."""
+    from datetime import timedelta
+
+    from difftpt_ops.core.clock import utcnow
+
+    settings, dispatcher, result = _submit_queued(env, 16)
+    shard_id = dispatcher.tickets[0].shard_id
+    assert shards.claim_shard(env["engine"], settings, shard_id, leases.WorkerIdentity("paused@host")) is not None
+    stale, check = settings.stale_after_s, leases.stale_check_interval_s(settings.stale_after_s)
+    for age, stopped in ((stale / 2, False), (stale + 1, False), (stale + check, False), (stale + check + 30, True)):
+        with env["engine"].begin() as connection:
+            connection.execute(update(Shard).where(Shard.id == shard_id).values(
+                heartbeat_at=utcnow() - timedelta(seconds=age)))
+        assert run_status(env["engine"], settings, result.run_id)[0]["stopped"] is stopped, age
+
+
 def test_an_embedded_queued_shard_is_held_while_its_process_lives(env: dict[str, Any]) -> None:
     """Embedded, a queued shard waits out a retry in the process that queued it: the run is not stopped while
     that process lives, and is once it is gone (killed during the backoff)."""

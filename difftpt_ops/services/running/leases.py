@@ -91,6 +91,20 @@ def worker_is_gone(label: str | None) -> bool:
     return _process_gone(int(match["pid"]))
 
 
+def stale_check_interval_s(stale_after_s: float) -> float:
+    """How often each worker looks for stale shards: a quarter of the staleness limit, 1 to 60 s."""
+    return min(max(stale_after_s / 4, 1.0), 60.0)
+
+
+def awaiting_takeover(running: Sequence[Any], *, now: datetime, stale_after_s: float) -> int:
+    """Of a run's running shard rows, those whose worker went silent (not known dead) recently enough that a
+    live worker's next stale-shard check will re-queue them: a run with such a shard is not stopped yet. Past
+    that, a shard still running means no live worker checked, so nothing will continue it but `resume`."""
+    limit = stale_after_s + stale_check_interval_s(stale_after_s) + 5.0
+    return sum(1 for row in running if row.heartbeat_at is not None and not worker_is_gone(row.worker)
+               and stale_after_s < (now - as_utc(row.heartbeat_at)).total_seconds() <= limit)
+
+
 def is_reclaimable(heartbeat_at: datetime | None, worker: str | None, *, now: datetime,
                    stale_after_s: float) -> bool:
     """A running shard may be taken over when its heartbeat is stale or its worker is known dead."""

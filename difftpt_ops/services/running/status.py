@@ -23,7 +23,7 @@ from difftpt_ops.db.tables import Dataset, DatasetVersion, GeneratedImage, Predi
 from difftpt_ops.db.tables import SampleError as SampleErrorRow
 from difftpt_ops.services.reading.configurations import configuration
 from difftpt_ops.services.reading.store import view_counts
-from difftpt_ops.services.running.leases import active_workers, worker_is_gone
+from difftpt_ops.services.running.leases import active_workers, awaiting_takeover, worker_is_gone
 
 STATUS_WINDOW_S = 60.0  # throughput is measured over this recent window
 
@@ -119,7 +119,8 @@ def _stop_facts(session: Session, settings: Settings,
     idle = idle_generations(session, settings, active)
     return {run.id for run in active if is_stopped(
         run.state, active_workers(running[run.id], now=now, stale_after_s=settings.stale_after_s),
-        queued=held_queued(settings, queued[run.id]),
+        queued=held_queued(settings, queued[run.id]) + (0 if settings.embedded else awaiting_takeover(
+            running[run.id], now=now, stale_after_s=settings.stale_after_s)),
         waiting=0 if run.id in idle else shards[run.id].get(ShardState.WAITING.value, 0))}, idle
 
 
@@ -200,8 +201,9 @@ def run_status(engine: Engine, settings: Settings, run_id: int | None = None) ->
 
 def is_stopped(state: str, workers: list[dict[str, Any]], *, queued: int, waiting: int) -> bool:
     """An active run that nothing is working on and nothing will pick up: no live worker holds one of its
-    shards, none of its `queued` shards will be delivered (`held_queued`), none of its `waiting` shards waits
-    for inputs that something is making (`idle_generations`).
+    shards, none of its `queued` shards will be delivered (`held_queued`, plus with a broker the running shards
+    a live worker's next stale-shard check will re-queue: `awaiting_takeover`), none of its `waiting` shards
+    waits for inputs that something is making (`idle_generations`).
 
     That is an embedded run after Ctrl-C or a kill, a run whose submit could not reach the broker, a run
     whose workers all died before the lost-worker check re-queued their shards (`resume` continues these),
