@@ -34,18 +34,27 @@ POSTGRES_ADMIN_URL = os.environ.get(
 REDIS_URL = os.environ.get("DIFFTPT_OPS_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 
 
+# Marks what this pytest session starts (workers inherit it: their environments are copies of this one), so
+# the fixture below kills only this session's leftovers, never the workers of another session on the machine.
+SESSION_MARK = "DIFFTPT_TEST_SESSION"
+os.environ[SESSION_MARK] = uuid.uuid4().hex
+
+
 def _worker_processes() -> set[int]:
-    """Pids of `difftpt-ops worker` supervisors and their Celery children running on this machine."""
+    """Pids of `difftpt-ops worker` supervisors and their Celery children started by this pytest session."""
     found = set()
+    mark = f"{SESSION_MARK}={os.environ[SESSION_MARK]}".encode()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if not (b"workers.celery_app" in argv or (b"cli.main" in argv and b"worker" in argv)):
+                continue
+            if mark in (entry / "environ").read_bytes().split(b"\0"):
+                found.add(int(entry.name))
         except OSError:
             continue
-        if b"workers.celery_app" in argv or (b"cli.main" in argv and b"worker" in argv):
-            found.add(int(entry.name))
     return found
 
 
