@@ -51,6 +51,19 @@ def _fmt(value: Any, key: str | None = None) -> Any:
     return value
 
 
+def _split_intervals(mapping: dict[str, Any]) -> dict[str, Any]:
+    """For tsv / csv: an interval [low, high] (`*_ci95`) as two keys `*_ci95_low` and `*_ci95_high`, the columns
+    `results --csv` has, so a script reads numbers, not a bracketed pair."""
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if key.endswith("_ci95"):
+            low, high = value if isinstance(value, list | tuple) and len(value) == 2 else (None, None)
+            out.update({f"{key}_low": low, f"{key}_high": high})
+        else:
+            out[key] = value
+    return out
+
+
 def _one_format(as_json: bool, as_csv: bool) -> None:
     if as_json and as_csv:
         raise InputError("--csv", True, "choose one of --json and --csv")
@@ -82,6 +95,12 @@ def results(ctx: typer.Context, run_arg: RunArg,
         flat = {k: v for k, v in payload.items() if k != "top1_ci95"}
         ci = payload.get("top1_ci95") or [None, None]
         _write_csv([*flat, "top1_ci95_low", "top1_ci95_high"], [[*flat.values(), *ci]])
+    elif OUTPUT.table_format is not TableFormat.table:  # scripts: one table per output, fractions
+        if by_class:
+            columns = ["label", "name", "n", "correct", "top1", "zeroshot_top1", "gain"]
+            print_table("per class", columns, [[c[k] for k in columns] for c in classes or []])
+        else:
+            print_mapping(f"run {run}", _split_intervals(payload))
     else:
         print_mapping(f"run {run}", {k: _fmt(v, k) for k, v in payload.items()})
         _print_orders(orders)
@@ -101,6 +120,11 @@ def compare(ctx: typer.Context,
     payload = compare_runs(engine_of(ctx), run_a, run_b)
     if as_json:
         print_json(payload)
+        return
+    if OUTPUT.table_format is not TableFormat.table:  # scripts: one key / value table (--json has the groups)
+        keys = ["paired_samples", "both_right", "only_a", "only_b", "both_wrong", "top1_a", "top1_b", "difference",
+                "difference_ci95", "ci_method", "mcnemar_p"]
+        print_mapping(None, _split_intervals({k: payload[k] for k in keys}))
         return
     a, b = payload["run_a"], payload["run_b"]
     print_table(f"run {run_a} ({a['method']}) vs run {run_b} ({b['method']}) on {payload['paired_samples']} "

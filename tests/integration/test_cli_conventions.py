@@ -242,6 +242,11 @@ def test_results_print_accuracy_in_percent_as_the_demo_does(ws: Path) -> None:
     keyed = dict(csv.reader(io.StringIO(ok(ws, "results", "1", "--format", "csv").stdout)))
     wide = next(csv.DictReader(io.StringIO(ok(ws, "results", "1", "--csv").stdout)))
     assert float(keyed["top1"]) == float(wide["top1"]) == top1
+    assert keyed["top1_ci95_low"] == wide["top1_ci95_low"] and "top1_ci95" not in keyed
+    per_class = list(csv.DictReader(io.StringIO(ok(ws, "results", "1", "--by-class", "--format", "csv").stdout)))
+    assert per_class and set(per_class[0]) == {"label", "name", "n", "correct", "top1", "zeroshot_top1", "gain"}
+    paired = dict(csv.reader(io.StringIO(ok(ws, "compare", "1", "1", "--format", "csv").stdout)))
+    assert paired["key"] == "value" and float(paired["top1_a"]) == top1 and "difference_ci95_low" in paired
 
 
 def test_another_name_for_the_same_samples_says_whose_runs_it_gets(ws: Path, tmp_path: Path,
