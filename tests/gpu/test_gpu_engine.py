@@ -162,3 +162,51 @@ def test_dpe_fp16_step_is_torchs_adamw_on_the_device(device: str) -> None:
     ours = adamw_first_step(grad, 0.0006, "fp16", kernels=kernels).half()
     differing = int((ours != parameter.detach()).sum())
     assert differing == 0, f"{differing} of {grad.numel()} steps differ from torch's fp16 AdamW on {device}"
+
+
+def test_zero_votes_as_its_reference_under_autocast(device: str) -> None:
+    """ZERO's default vote ("code") is what the reference's `zero` computes under `torch.cuda.amp.autocast()`
+    (its run.py), written out here as it is there: the matmul returns float16 whether the features are float16
+    (OpenAI's CLIP) or float32 (open_clip's), so the "zero" temperature `torch.finfo(l.dtype).eps` is 2^-10 and
+    near-tied views split their votes. Same kept views up to one swap at the entropy boundary (the reference
+    ranks float16 logits), the same vote counts where the kept views agree, the same prediction where the
+    reference's count has one winner (ties go to the greedy break, which the unit tests compare).
+    The softmaxes are written `.float().softmax`: what CUDA autocast does to them, and what makes the CPU
+    rehearsal's float16 autocast (whose softmax would stay float16) compute the same."""
+    from difftpt_ops.tta.methods.zero import zero_predict
+
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    generator = torch.Generator().manual_seed(0)
+    same_prediction, decided, split, compared = 0, 0, 0, 0
+    for draw in range(8):
+        # Views of one image resemble each other: a shared direction plus noise, so the kept views mostly agree.
+        base = torch.randn(1, 512, generator=generator)
+        image = torch.nn.functional.normalize(base + 0.7 * torch.randn(64, 512, generator=generator), dim=-1).half()
+        text = torch.nn.functional.normalize(torch.randn(1000, 512, generator=generator), dim=-1).half()
+        features = (image.to(device), text.to(device))
+        if draw % 2:  # an fp32 model's features: autocast still multiplies in float16
+            features = (features[0].float(), features[1].float())
+        temp = torch.tensor(0.01, dtype=features[0].dtype, device=device)  # 1 / logit_scale.exp(), model dtype
+        with torch.autocast(device_type, dtype=torch.float16):
+            logits = features[0] @ features[1].t()
+            probs = (logits / temp).float().softmax(1)  # CUDA autocast's softmax is float32 (CPU's is not)
+            entropy = -(probs * probs.log()).sum(1)
+            kept_ref = torch.argsort(entropy, descending=False)[:int(64 * 0.3)]
+            eps = torch.finfo(logits[kept_ref].dtype).eps
+            votes_ref = (logits[kept_ref] / eps).float().softmax(1).sum(0).cpu()
+        assert eps == 2.0 ** -10, f"autocast's matmul gave {logits.dtype} on {device}"
+        ours = zero_predict(image, text, 100.0)
+        kept_ours = set(torch.nonzero(ours.kept).flatten().tolist())
+        assert len(kept_ours ^ set(kept_ref.cpu().tolist())) <= 2, f"draw {draw}: kept views differ"
+        if kept_ours == set(kept_ref.cpu().tolist()):
+            compared += 1
+            difference = float((ours.probs * len(kept_ours) - votes_ref).abs().max())
+            assert difference < 0.1, f"draw {draw}: votes differ by {difference}"
+        if int((votes_ref == votes_ref.max()).sum()) == 1:  # a tie goes to the greedy break (unit-tested)
+            decided += 1
+            same_prediction += int(ours.pred == int(votes_ref.argmax()))
+        split += int(bool(((votes_ref - votes_ref.round()).abs() > 0.01).any()))
+    print(f"ZERO vs its reference under autocast on {device}: kept views equal in {compared}/8 draws, "  # noqa: T201
+          f"one winner in {decided}, same prediction in {same_prediction}, split votes in {split}")
+    assert compared >= 4 and decided >= 4 and same_prediction >= decided - 1 and split >= 2, (
+        compared, decided, same_prediction, split)
