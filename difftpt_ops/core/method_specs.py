@@ -182,6 +182,7 @@ class NoopSpec(MethodSpec):
 METHOD_SPECS: dict[str, type[MethodSpec]] = {
     cls.method: cls for cls in (ZeroShotSpec, TPTSpec, DiffTPTSpec, NoopSpec)
 }
+CORE_METHODS = frozenset(METHOD_SPECS)  # the spec classes core defines itself: none has dataset-dependent defaults
 _INTERNAL_METHODS = frozenset({"noop"})
 
 
@@ -192,7 +193,7 @@ def register_method_spec(cls: type[MethodSpec]) -> None:
 
 def unregister_method_spec(method: str) -> None:
     """Forget a registered spec class (throw-away methods in tests); the built-in ones stay."""
-    if method not in {"zeroshot", "tpt", "difftpt", "noop"}:
+    if method not in CORE_METHODS:
         METHOD_SPECS.pop(method, None)
 
 
@@ -211,6 +212,17 @@ def _spec_class(method: str) -> type[MethodSpec] | None:
     if method not in METHOD_SPECS:
         _load_registry()
     return METHOD_SPECS.get(method)
+
+
+def resolve_for_dataset(spec: MethodSpec, dataset_format: str) -> MethodSpec:
+    """The spec with its method's dataset-dependent defaults filled in (TDA's per-dataset config, C-TPT's
+    lambda); unchanged for the built-in methods, which have none and need no registry (no torch import)."""
+    if spec.method in CORE_METHODS:
+        return spec
+    import importlib
+
+    registry = importlib.import_module(REGISTRY_MODULE)
+    return registry.resolve_for_dataset(spec, dataset_format)  # type: ignore[no-any-return]
 
 
 def user_methods() -> tuple[str, ...]:

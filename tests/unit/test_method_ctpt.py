@@ -128,8 +128,8 @@ def test_engine_equals_the_reference_formulation_and_lambda_reaches_the_tuning(c
 def test_lambda_follows_the_reference_scripts_per_dataset_unless_set() -> None:
     """Unset, lambda is resolved at submit as the reference's two scripts do: 50 on the fine-grained
     (cross-domain) sets, 20 on ImageNet and its shifts; a value the user sets is kept."""
+    from difftpt_ops.core.method_specs import resolve_for_dataset
     from difftpt_ops.data.formats import CROSS_DOMAIN_FORMATS
-    from difftpt_ops.services.running.online import resolve_for_dataset
 
     spec = method_spec_from("ctpt")
     assert spec.lambda_term is None

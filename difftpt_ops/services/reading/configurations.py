@@ -14,7 +14,7 @@ from functools import cache
 from typing import Any
 
 from difftpt_ops.core.errors import InvalidSpecError
-from difftpt_ops.core.method_specs import MethodSpec, method_spec_from, method_spec_from_dict
+from difftpt_ops.core.method_specs import MethodSpec, method_spec_from, method_spec_from_dict, resolve_for_dataset
 from difftpt_ops.core.specs import ModelSpec, fingerprint_of, flatten
 
 SEED_KEYS = ("seed", "order_seed")  # spec keys whose runs are repeats of one configuration
@@ -23,7 +23,6 @@ NO_EFFECT_KEYS = ("features",)
 # weights on CUDA), and a CPU run of a GPU configuration is the same configuration, to rounding.
 MODEL_KEYS = ("pretrained", "activation")
 _DEFAULT_MODEL = ModelSpec()
-_CORE_METHODS = frozenset({"noop", "zeroshot", "tpt", "difftpt"})  # spec classes core defines: no registry import
 
 
 def configuration(spec: dict[str, Any], dataset_format: str, *, model: dict[str, Any] | None = None) -> str:
@@ -51,10 +50,6 @@ def _model_settings(model: dict[str, Any]) -> dict[str, Any]:
 
 @cache
 def _reference(method: str, dataset_format: str) -> MethodSpec:
-    if method in _CORE_METHODS:
-        return method_spec_from(method)
-    from difftpt_ops.tta.methods import resolve_for_dataset  # and registers the extension methods' specs
-
     return resolve_for_dataset(method_spec_from(method), dataset_format)
 
 

@@ -41,7 +41,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from difftpt_ops.config import Settings
 from difftpt_ops.core.clock import utcnow
 from difftpt_ops.core.errors import InputError, SampleError, TransientError
-from difftpt_ops.core.method_specs import MethodSpec
+from difftpt_ops.core.method_specs import CORE_METHODS
 from difftpt_ops.core.status import SampleStatus, ShardState
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import DatasetVersion, OnlineCheckpoint, Run, Sample, Shard
@@ -99,19 +99,6 @@ def is_online_method(name: str) -> bool:
     return name in method_names() and get_method(name).kind == ONLINE
 
 
-_CORE_METHODS = frozenset({"noop", "zeroshot", "tpt", "difftpt"})  # the spec classes core defines itself
-
-
-def resolve_for_dataset(spec: MethodSpec, dataset_format: str) -> MethodSpec:
-    """The spec with its dataset-dependent defaults filled in (the online methods' per-dataset configs); others
-    unchanged."""
-    if spec.method in _CORE_METHODS:  # no dataset-dependent defaults; and no torch import for a resubmit
-        return spec
-    from difftpt_ops.tta.methods import resolve_for_dataset as resolve
-
-    return resolve(spec, dataset_format)
-
-
 def stream_order(n_samples: int, order_seed: int) -> list[int]:
     """The sample indices of a dataset version in the order an online run sees them (a seeded permutation)."""
     order = list(range(n_samples))
@@ -129,7 +116,7 @@ def is_chained_shard(engine: Engine, shard_id: int) -> bool:
         with engine.connect() as connection:
             method = connection.execute(select(Run.method).join(Shard, Shard.run_id == Run.id)
                                         .where(Shard.id == shard_id)).scalar()
-        _chained[key] = method is not None and method not in _CORE_METHODS and is_online_method(method)
+        _chained[key] = method is not None and method not in CORE_METHODS and is_online_method(method)
         while len(_chained) > 10_000:
             _chained.popitem(last=False)
     return _chained[key]

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from difftpt_ops.config import Settings
 from difftpt_ops.core.clock import utcnow
 from difftpt_ops.core.errors import InputError, NotFoundError, ServiceUnavailableError
-from difftpt_ops.core.method_specs import MethodSpec, method_spec_from
+from difftpt_ops.core.method_specs import MethodSpec, method_spec_from, resolve_for_dataset
 from difftpt_ops.core.run_specs import GenerateRunSpec, TuneRunSpec
 from difftpt_ops.core.specs import GenerationSpec, ModelSpec
 from difftpt_ops.core.status import TERMINAL_RUN_STATES, RunState, ShardState, check_run_transition
@@ -253,7 +253,7 @@ def resolve_tune_spec(session: Session, settings: Settings, choice: TuneChoice, 
         InputError / NotFoundError: a dataset or generation that does not exist, or one that cannot serve.
     """
     dataset, version = _resolve_version(session, dataset_ref)
-    method_spec = online.resolve_for_dataset(choice.method, dataset.format)  # e.g. TDA's per-dataset config
+    method_spec = resolve_for_dataset(choice.method, dataset.format)  # e.g. TDA's per-dataset config
     method_spec, descriptions = resolve_descriptions(settings, method_spec, dataset.class_names)
     config = _generation_for(session, method_spec, version, dataset_ref, generation_id,
                              missing_ok=generation_missing_ok)

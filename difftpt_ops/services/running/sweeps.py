@@ -174,12 +174,12 @@ def _descriptions_as_keys(settings: Settings, method: str, dataset: Any, overrid
     """Every descriptions file the sweep names, checked (it covers the classes; the points' prompts have text
     to average it with) before any is stored, then stored and replaced by its key: the sweep's identity is the
     text, and no point fails on its file half-way through the grid."""
+    from difftpt_ops.core.method_specs import resolve_for_dataset
     from difftpt_ops.services.running.descriptions import (
         check_has_prompt_text,
         checked_descriptions,
         store_descriptions,
     )
-    from difftpt_ops.services.running.online import resolve_for_dataset
 
     values = [overrides[DESCRIPTIONS]] if DESCRIPTIONS in overrides else grid[DESCRIPTIONS]
     checked = {value: checked_descriptions(settings, str(value), dataset.class_names) for value in values}
