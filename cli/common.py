@@ -131,7 +131,7 @@ def print_json(payload: Any) -> None:
 def print_table(title: str | None, columns: list[str], rows: list[list[Any]]) -> None:
     """A table in the command's --format: a rich table (never cut to 80 columns when piped), TSV or CSV."""
     cells = [["" if v is None else mask_url(str(v)) for v in row] for row in rows]  # as print_json
-    if OUTPUT.table_format is not TableFormat.table:
+    if for_scripts():
         _write_delimited(columns, cells, OUTPUT.table_format)
         return
     table = Table(title=title, show_lines=False)
@@ -140,6 +140,11 @@ def print_table(title: str | None, columns: list[str], rows: list[list[Any]]) ->
     for row in cells:
         table.add_row(*row)
     table_console().print(table)
+
+
+def for_scripts() -> bool:
+    """Whether tables print as tsv / csv (`--format`): for scripts, so numbers go out as stored (fractions)."""
+    return OUTPUT.table_format is not TableFormat.table
 
 
 def table_console() -> Console:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import typer
 
-from cli.common import OUTPUT, JsonOpt, TableFormat, engine_of, format_percent, print_json, print_table, settings_of
+from cli.common import OUTPUT, JsonOpt, engine_of, for_scripts, format_percent, print_json, print_table, settings_of
 from difftpt_ops.core.secrets import mask_url
 
 
 def _pct(value: float | None) -> str | float | None:
     """Percent as the tables print it; with --format tsv|csv the fraction, as stored (scripts read those)."""
-    if OUTPUT.table_format is not TableFormat.table:
+    if for_scripts():
         return value
     return "-" if value is None else format_percent(value)
 

@@ -10,10 +10,9 @@ from typing import Annotated, Any
 import typer
 
 from cli.common import (
-    OUTPUT,
     JsonOpt,
-    TableFormat,
     engine_of,
+    for_scripts,
     format_percent,
     new_app,
     parse_run_id,
@@ -41,7 +40,7 @@ PERCENT_KEYS = frozenset({"top1", "top5", "zeroshot_top1", "gain", "ece", "top1_
 
 
 def _fmt(value: Any, key: str | None = None) -> Any:
-    if OUTPUT.table_format is not TableFormat.table:  # tsv / csv are for scripts: fractions, as --json
+    if for_scripts():  # fractions, as --json
         return value
     number = format_percent if key in PERCENT_KEYS else (lambda v: f"{v:.4f}")
     if isinstance(value, float):
@@ -95,7 +94,7 @@ def results(ctx: typer.Context, run_arg: RunArg,
         flat = {k: v for k, v in payload.items() if k != "top1_ci95"}
         ci = payload.get("top1_ci95") or [None, None]
         _write_csv([*flat, "top1_ci95_low", "top1_ci95_high"], [[*flat.values(), *ci]])
-    elif OUTPUT.table_format is not TableFormat.table:  # scripts: one table per output, fractions
+    elif for_scripts():  # one table per output, fractions
         if by_class:
             columns = ["label", "name", "n", "correct", "top1", "zeroshot_top1", "gain"]
             print_table("per class", columns, [[c[k] for k in columns] for c in classes or []])
@@ -121,7 +120,7 @@ def compare(ctx: typer.Context,
     if as_json:
         print_json(payload)
         return
-    if OUTPUT.table_format is not TableFormat.table:  # scripts: one key / value table (--json has the groups)
+    if for_scripts():  # one key / value table (--json has the groups)
         keys = ["paired_samples", "both_right", "only_a", "only_b", "both_wrong", "top1_a", "top1_b", "difference",
                 "difference_ci95", "ci_method", "mcnemar_p"]
         print_mapping(None, _split_intervals({k: payload[k] for k in keys}))
