@@ -328,3 +328,12 @@ def progress_sink(*, hidden: bool = False) -> ProgressBar | PlainProgress | _NoP
     if err_console.is_terminal:
         return ProgressBar()
     return PlainProgress(lambda line: err_console.print(line, soft_wrap=True, highlight=False, markup=False))
+
+
+def human_bytes(count: float) -> str:
+    """A byte count in B, KB, MB, GB or TB (powers of 1000), as status and the estimates print it."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1000:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} TB"

@@ -1,13 +1,11 @@
-"""`difftpt-ops submit | worker | status | runs list | resume | cancel`: the job system's commands.
+"""`difftpt-ops submit | worker | status | runs list | resume | cancel`: the job system's commands (`status`
+itself lives in cli/status_cmds.py).
 
 Services are imported inside the commands, so `--help` and `status` never pay for torch or Celery.
 """
 
 from __future__ import annotations
 
-import json
-import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated, Any
@@ -17,8 +15,7 @@ import typer
 from cli.common import (
     JsonOpt,
     engine_of,
-    err_console,
-    info,
+    human_bytes,
     new_app,
     parse_run_id,
     print_json,
@@ -27,9 +24,9 @@ from cli.common import (
     run_label,
     settings_of,
 )
+from cli.status_cmds import fmt_eta, shown_state
 from cli.sweep_cmds import ListSweepOpt, SeedsOpt, SweepOpt, YesOpt, group_text, submit_grid, with_groups
 from difftpt_ops.core.errors import InputError
-from difftpt_ops.core.secrets import mask_url
 
 if TYPE_CHECKING:
     from difftpt_ops.config import Settings
@@ -114,14 +111,6 @@ def _print_submit(result: SubmitResult, as_json: bool, dataset_ref: str | None =
         typer.echo(f"nothing to enqueue; run {result.run_id} is {result.state}")
 
 
-def _human_bytes(count: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if count < 1000:
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1000
-    return f"{count:.1f} TB"
-
-
 def _print_estimate(estimate: Any, as_json: bool) -> None:
     """A dry run's answer; nothing was written."""
     if as_json:
@@ -134,15 +123,15 @@ def _print_estimate(estimate: Any, as_json: bool) -> None:
     typer.echo(f"  shards:   {e.shards_total} ({e.shards_new} new)")
     if e.kind == "generate":
         typer.echo(f"  images:   {e.images_to_generate} to generate")
-        per = f"{_human_bytes(e.bytes_per_image)} per image" if e.bytes_per_image else "unknown per image"
-        typer.echo(f"  disk:     {_human_bytes(e.disk_bytes)} ({per}, {e.bytes_source})")
+        per = f"{human_bytes(e.bytes_per_image)} per image" if e.bytes_per_image else "unknown per image"
+        typer.echo(f"  disk:     {human_bytes(e.disk_bytes)} ({per}, {e.bytes_source})")
     elif e.images_read:
         typer.echo(f"  images:   reads {e.images_read} generated images")
     if e.seconds is None:
         typer.echo(f"  time:     unknown ({e.time_source})")
     else:
         unit = "image" if e.kind == "generate" else "sample"
-        typer.echo(f"  time:     {_fmt_eta({'eta_s': e.seconds})} on one worker "
+        typer.echo(f"  time:     {fmt_eta({'eta_s': e.seconds})} on one worker "
                    f"({e.seconds_per_unit:.3g} s per {unit}; {e.time_source})")
 
 
@@ -271,173 +260,6 @@ def worker(
     raise typer.Exit(code)
 
 
-def _fmt_rate(run: dict[str, Any]) -> str:
-    rate = run.get("throughput")
-    # Generation runs report images per second; tune runs samples per second.
-    return "" if rate is None else f"{rate:,.1f} {run.get('throughput_unit', 'samples')}/s"
-
-
-def _fmt_eta(run: dict[str, Any]) -> str:
-    eta = run.get("eta_s")
-    if eta is None:
-        return ""
-    minutes, seconds = divmod(int(eta), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
-
-
-def _status_rows(runs: list[dict[str, Any]]) -> list[list[Any]]:
-    rows = []
-    for run in runs:
-        workers = ", ".join(f"{w['worker']}[{w['gpu'] or '-'}]" for w in run.get("workers", []))
-        disk = run.get("disk") or {}
-        parts = [f"{disk['images']} images {_human_bytes(disk['image_bytes'])}" if disk.get("images") else "",
-                 f"{disk['features']} features {_human_bytes(disk['feature_bytes'])}" if disk.get("features") else ""]
-        images = ", ".join(part for part in parts if part)
-        rows.append([run["run_id"], f"{run['kind']}/{run['method']}", run["dataset"], _shown_state(run), run["done"],
-                     run["failed"], run["pending"], _fmt_rate(run), _fmt_eta(run), workers, images])
-    return rows
-
-
-_STATUS_COLUMNS = ["run", "kind", "dataset", "state", "done", "failed", "pending", "rate", "ETA", "workers",
-                   "disk"]
-
-
-def _print_status(runs: list[dict[str, Any]]) -> None:
-    print_table(None, _STATUS_COLUMNS, _status_rows(runs))
-    for run in runs:
-        for failure in run.get("failed_shards", []):
-            error = mask_url(" ".join(failure["error"]))  # a stored error may quote a URL with its password
-            typer.echo(f"run {run['run_id']} shard {failure['shard']} failed: {error}")
-        for waiting in run.get("waiting_shards", []):
-            typer.echo(f"run {run['run_id']} shard {waiting['shard']} waits: {waiting['reason']}")
-        if run.get("error"):
-            typer.echo(f"run {run['run_id']}: {run['error']}")
-        if run.get("stopped"):
-            typer.echo(_stopped_line(run))
-
-
-def _shown_state(run: dict[str, Any]) -> str:
-    """A run's state for tables: `stopped` for an active run nothing works on (stored as running)."""
-    return "stopped" if run.get("stopped") else run["state"]
-
-
-def _stopped_line(run: dict[str, Any]) -> str:
-    """Why nothing continues a stopped run, and the command that does."""
-    run_id, idle = run["run_id"], run.get("idle_generations")
-    if idle is None:
-        return (f"run {run_id} is stopped: no worker holds or will receive its shards (interrupted, killed, "
-                f"or never enqueued); `difftpt-ops resume {run_id}` continues it")
-    if not idle:
-        return (f"run {run_id} is stopped: it waits for generated images and no generation run makes them; "
-                f"`difftpt-ops submit generate` for its dataset, then `difftpt-ops resume {run_id}`")
-    unfinished = [g for g in idle if g["state"] not in ("finished", "finished_with_failures")]
-    if not unfinished:  # the images exist: the run missed the wake-up
-        return (f"run {run_id} is stopped: its generation is finished; `difftpt-ops resume {run_id}` continues it")
-    runs = ", ".join(f"run {g['run_id']}: {g['state']}" for g in unfinished)
-    return (f"run {run_id} is stopped: it waits for generated images and no generation run is at work ({runs}); "
-            f"`difftpt-ops resume {unfinished[-1]['run_id']}`, then `difftpt-ops resume {run_id}`")
-
-
-def status(
-    ctx: typer.Context,
-    run: Annotated[str | None, typer.Argument(metavar="RUN", help="Run id (default: the active runs).")] = None,
-    watch: Annotated[bool, typer.Option(
-        "--watch", help="Refresh every 2 s until the runs end (Ctrl-C stops); with --json, JSON Lines.")] = False,
-    as_json: JsonOpt = False,
-) -> None:
-    """Progress of runs: samples done / failed / pending, throughput, ETA, workers and GPUs, disk of their images.
-
-    With --watch --json it prints JSON Lines: one JSON object per run per refresh, each with an
-    `observed_at` timestamp, until no watched run is active.
-    """
-    from difftpt_ops.services.running.status import is_active, run_status
-
-    run_id = parse_run_id(run) if run is not None else None
-    settings, engine = settings_of(ctx), engine_of(ctx)
-    if not watch:
-        runs = _with_disk(engine, settings, run_status(engine, settings, run_id))
-        if as_json:
-            print_json(runs)
-        elif runs:
-            _print_status(runs)
-        else:
-            info("no active runs; `difftpt-ops runs list` shows every run, `difftpt-ops status RUN` one of them")
-        return
-    try:
-        _watch(lambda: run_status(engine, settings, run_id), is_active, as_json)
-    except KeyboardInterrupt:
-        raise typer.Exit(0) from None
-
-
-def _with_disk(engine: Any, settings: Settings, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Add each run's disk use: the generated images it made or reads, the view features of its samples."""
-    from difftpt_ops.services.reading.disk import run_disk_usage
-
-    usage = run_disk_usage(engine, settings, [r["run_id"] for r in runs])
-    empty = {"images": 0, "image_bytes": 0, "features": 0, "feature_bytes": 0}
-    return [{**r, "disk": usage.get(r["run_id"], empty)} for r in runs]
-
-
-def _watch(fetch: Any, is_active: Any, as_json: bool) -> None:
-    """Poll every 2 s until no run is active: JSON Lines, a live table on a terminal, else plain lines."""
-    from datetime import UTC, datetime
-
-    from cli.common import PROGRESS_INTERVAL_S
-
-    live = _LiveTable() if not as_json and err_console.is_terminal and sys.stdout.isatty() else None
-    last_lines = float("-inf")
-    try:
-        while True:
-            runs = fetch()
-            active = any(is_active(r["state"]) for r in runs)
-            if as_json:
-                observed = datetime.now(UTC).isoformat()
-                for run in runs:
-                    sys.stdout.write(json.dumps({"observed_at": observed, **run}, default=str) + "\n")
-                sys.stdout.flush()
-            elif live is not None:
-                live.show(runs)
-            elif time.monotonic() - last_lines >= PROGRESS_INTERVAL_S or not active:
-                for row in _status_rows(runs):
-                    typer.echo(_status_line(row))
-                last_lines = time.monotonic()
-            if not active:
-                return
-            time.sleep(2.0)
-    finally:
-        if live is not None:
-            live.stop()
-
-
-def _status_line(row: list[Any]) -> str:
-    """One run as a plain line for logs: the table's columns as `name value`."""
-    return "  ".join(f"{name} {value}" for name, value in zip(_STATUS_COLUMNS, row, strict=True) if value != "")
-
-
-class _LiveTable:
-    """The status table redrawn in place on a terminal."""
-
-    def __init__(self) -> None:
-        from rich.live import Live
-
-        self._live = Live(auto_refresh=False)
-        self._live.start()
-
-    def show(self, runs: list[dict[str, Any]]) -> None:
-        from rich.table import Table
-
-        table = Table()
-        for column in _STATUS_COLUMNS:
-            table.add_column(column)
-        for row in _status_rows(runs):
-            table.add_row(*[str(value) for value in row])
-        self._live.update(table, refresh=True)
-
-    def stop(self) -> None:
-        self._live.stop()
-
-
 def runs_list(ctx: typer.Context, sweep: ListSweepOpt = None, as_json: JsonOpt = False) -> None:
     """List every run, newest first, with the sweep and grid point of runs submitted by a sweep."""
     from difftpt_ops.services.running.status import list_runs
@@ -450,7 +272,7 @@ def runs_list(ctx: typer.Context, sweep: ListSweepOpt = None, as_json: JsonOpt =
     print_table(None, ["run", "kind", "method", "dataset", "model", "seed", "settings", "state", "samples", "done",
                        "failed", "created", "group"],
                 [[r["run_id"], r["kind"], r["method"], r["dataset"], _model_text(r), r.get("seed"),
-                  r.get("settings") or "", _shown_state(r), r["num_samples"], r["done"], r["failed"],
+                  r.get("settings") or "", shown_state(r), r["num_samples"], r["done"], r["failed"],
                   (r["created_at"] or "")[:19], group_text(r)] for r in runs])
 
 
@@ -494,6 +316,8 @@ def register(app: typer.Typer) -> None:
     """Mount the job commands on the root app."""
     app.add_typer(submit_app, name="submit")
     app.command("worker")(worker)
+    from cli.status_cmds import status
+
     app.command("status")(status)
     app.command("resume")(resume)
     app.command("cancel")(cancel)

@@ -157,7 +157,7 @@ def test_a_difftpt_run_waiting_on_a_generation_nothing_runs_is_stopped(database_
                                                                         quiet_reporting: None) -> None:
     """Waiting shards wait for images a queued generation run will make: not stopped. Once that generation
     run is cancelled nothing will make them: the tuning run reads stopped and names the generation run."""
-    from cli.jobs import _stopped_line
+    from cli.status_cmds import stopped_line
     from tests.integration.test_jobs_support import RecordingDispatcher
 
     settings = make_settings(workspace, database_url, broker_url="redis://127.0.0.1:1/0", device="cpu")
@@ -177,7 +177,7 @@ def test_a_difftpt_run_waiting_on_a_generation_nothing_runs_is_stopped(database_
     assert status["idle_generations"] == [{"run_id": generated.run_id, "state": "cancelled"}]
     assert {r["run_id"]: r["stopped"] for r in list_runs(engine, settings)} == {tuned.run_id: True,
                                                                                  generated.run_id: False}
-    assert _stopped_line(status).endswith(f"(run {generated.run_id}: cancelled); `difftpt-ops resume "
+    assert stopped_line(status).endswith(f"(run {generated.run_id}: cancelled); `difftpt-ops resume "
                                           f"{generated.run_id}`, then `difftpt-ops resume {tuned.run_id}`")
 
 
