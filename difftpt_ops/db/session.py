@@ -21,7 +21,7 @@ from difftpt_ops.core.secrets import mask_url
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 # The newest migration. Kept here so that opening a database needs no alembic import (0.7 s per CLI call);
 # tests/integration/test_schema.py checks it equals alembic's head.
-SCHEMA_HEAD = "0008"
+SCHEMA_HEAD = "0009"
 _ENGINES: dict[str, Engine] = {}
 _LOCK = threading.Lock()
 

@@ -6,6 +6,7 @@ import random
 import re
 import statistics
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from difftpt_ops.services.reading.table import build_table
 from difftpt_ops.services.reading.table_model import AVERAGES, TableQuery
 from difftpt_ops.services.reading.table_render import csv_rows, header, to_latex, to_markdown
 from tests.factories import make_dataset, make_dataset_version, make_predictions, make_run, make_sample_errors
+from tests.integration.test_jobs_support import make_settings
 
 pytestmark = pytest.mark.integration
 
@@ -333,15 +335,20 @@ def test_difftpt_runs_on_other_generation_configs_are_other_rows(engine: Engine)
     assert [r.label for r in build_table(engine, TableQuery(run_ids=(runs[0],))).rows] == ["difftpt"]
 
 
-def test_runs_show_names_the_configuration_of_a_run_stored_before_it_had_one(engine: Engine) -> None:
-    """A ZERO run stored before `vote` existed (no key; its `settings` column empty): `runs show` says
-    `vote=argmax`, the word `table` puts on its row."""
-    from difftpt_ops.services.running.status import show_run
+def test_runs_show_names_the_configuration_of_a_run_stored_before_it_had_one(engine: Engine, database_url: str,
+                                                                             tmp_path: Path) -> None:
+    """A ZERO run stored before `vote` existed (no key; its `settings` column empty): `runs show`, `runs list`
+    and `status` say `vote=argmax`, the word `table` puts on its row."""
+    from difftpt_ops.services.running.status import list_runs, run_status, show_run
+
+    settings = make_settings(tmp_path, database_url)
 
     version_id = _version(engine, "photos")
     stored = {key: value for key, value in method_spec_dict("zero").items() if key != "vote"}
     run_id = _run_with(engine, version_id, "zero", {}, 0.5, stored=stored)
     assert show_run(engine, run_id)["settings"] == "vote=argmax"
+    assert [r["settings"] for r in list_runs(engine, settings)] == ["vote=argmax"]
+    assert run_status(engine, settings, run_id)[0]["settings"] == "vote=argmax"
     assert [r.label for r in build_table(engine, TableQuery()).rows] == ["zero vote=argmax"]
 
 

@@ -74,15 +74,23 @@ def _run_rows(session: Session, *, run_id: int | None = None, active: bool = Fal
     return list(session.execute(query.limit(limit)).all())
 
 
-def _summary(run: Run, dataset: str, version: int, counters: tuple[int, int]) -> dict[str, Any]:
+def _summary(run: Run, dataset: str, version: int, dataset_format: str,
+             counters: tuple[int, int]) -> dict[str, Any]:
     done, failed = counters
     return {"run_id": run.id, "kind": run.kind, "method": run.method, "dataset": f"{dataset}@{version}",
             "model": run.model_name, "pretrained": run.pretrained, "seed": run.seed, "device": run.device,
-            "precision": run.precision, "settings": run.settings,
+            "precision": run.precision, "settings": _settings(run, dataset_format),
             "state": run.state, "num_samples": run.num_samples, "done": done, "failed": failed,
             "pending": max(run.num_samples - done - failed, 0), "generation_config_id": run.generation_config_id,
             "created_at": _iso(run.created_at), "started_at": _iso(run.started_at),
             "finished_at": _iso(run.finished_at), "error": run.error}
+
+
+def _settings(run: Run, dataset_format: str) -> str | None:
+    """A tuning run's configuration as `table` names its row, computed now: the stored column says the same
+    for runs submitted (or migrated) by this release, and this stays right when a later release reads older
+    specs with new defaults."""
+    return configuration(run.spec, dataset_format) if run.kind == "tune" else run.settings
 
 
 def list_runs(engine: Engine, settings: Settings, *, limit: int | None = None) -> list[dict[str, Any]]:
@@ -92,8 +100,8 @@ def list_runs(engine: Engine, settings: Settings, *, limit: int | None = None) -
         counters = _counters(session, [row[0].id for row in rows])
         views = view_counts(session, [row[0].id for row in rows])
         stopped, _ = _stop_facts(session, settings, [row[0] for row in rows if is_active(row[0].state)])
-    return [{**_summary(run, name, version, counters.get(run.id, (0, 0))), **views[run.id],
-             "stopped": run.id in stopped} for run, name, version, _ in rows]
+    return [{**_summary(run, name, version, dataset_format, counters.get(run.id, (0, 0))), **views[run.id],
+             "stopped": run.id in stopped} for run, name, version, dataset_format in rows]
 
 
 def _stop_facts(session: Session, settings: Settings,
@@ -192,8 +200,9 @@ def run_status(engine: Engine, settings: Settings, run_id: int | None = None) ->
         counters = _counters(session, [row[0].id for row in rows])
         views = view_counts(session, [row[0].id for row in rows])  # encoded vs read from the feature store
         out = []
-        for run, name, version, _ in rows:
-            summary = {**_summary(run, name, version, counters.get(run.id, (0, 0))), **views[run.id]}
+        for run, name, version, dataset_format in rows:
+            summary = {**_summary(run, name, version, dataset_format, counters.get(run.id, (0, 0))),
+                       **views[run.id]}
             _details(session, settings, run, summary, now)
             out.append(summary)
     return out
@@ -240,9 +249,7 @@ def show_run(engine: Engine, run_id: int) -> dict[str, Any]:
         if not rows:
             raise NotFoundError("RUN", run_id, "no such run; see `difftpt-ops runs list`")
         run, name, version, dataset_format = rows[0]
-        summary = _summary(run, name, version, _counters(session, [run.id]).get(run.id, (0, 0)))
-        if run.kind == "tune":  # as `table` names its row, also for runs stored before `settings` meant that
-            summary["settings"] = configuration(run.spec, dataset_format)
+        summary = _summary(run, name, version, dataset_format, _counters(session, [run.id]).get(run.id, (0, 0)))
         facts = session.execute(select(Shard.index, Shard.provenance).where(Shard.run_id == run.id)
                                 .order_by(Shard.index)).all()
         summary.update(fingerprint=run.fingerprint, spec=run.spec, provenance=run.provenance,
