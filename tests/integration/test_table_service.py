@@ -357,3 +357,42 @@ def method_spec_dict(method: str) -> dict[str, Any]:
     from difftpt_ops.tta.methods import resolve_for_dataset
 
     return resolve_for_dataset(method_spec_from(method), "imagefolder").to_dict()
+
+
+def test_published_row_stays_when_a_method_has_only_other_configurations(engine: Engine) -> None:
+    """A method whose runs are all at another configuration than its defaults (`zeroshot prompts=ensemble`, a
+    DMN run stored before crop_min): no difference row under them, but its published row is still shown."""
+    with session_scope(engine) as session:
+        dataset = make_dataset(session, n_classes=4, name="in-a")
+        dataset.format = "imagenet-a"
+        version = make_dataset_version(session, n_samples=10, dataset=dataset)
+        for method in ({"method": "zeroshot", "prompts": "ensemble"}, {"method": "dmn-zs"}):
+            spec = {"kind": "tune", "method": method, "model": {"name": "RN50", "pretrained": None},
+                    "dataset_fingerprint": version.fingerprint, "seed": 0}
+            make_predictions(session, make_run(session, version, method=method["method"], spec=spec), [True] * 10)
+    table = build_table(engine, TableQuery(published=True))
+    labels = [r.label for r in table.rows]
+    assert "zeroshot (published, RN50)" in labels and "dmn-zs (published, RN50)" in labels, labels
+    assert not any(r.kind == "difference" for r in table.rows)
+
+
+def test_seed_repeats_on_other_devices_average_and_a_rerun_of_a_seed_replaces_it(engine: Engine) -> None:
+    """Seeds 0 and 1 on CUDA in fp16, seed 2 later on the CPU in fp32: one row (precision is no configuration
+    word) whose cell averages the three seeds. Seed 0 run again on the CPU replaces the CUDA run of seed 0."""
+    version_id = _version(engine, "photos")
+    ids = []
+    with session_scope(engine) as session:
+        version = session.get(DatasetVersion, version_id)
+        for seed, device, precision, right in ((0, "cuda", "fp16", 10), (1, "cuda", "fp16", 12),
+                                               (2, "cpu", "fp32", 14), (0, "cpu", "fp32", 16)):
+            spec = _spec("tpt", "tiny", version.fingerprint, seed=seed)
+            spec["device"], spec["model"]["precision"] = device, precision
+            run = make_run(session, version, method="tpt", spec=spec)
+            make_predictions(session, run, [i < right for i in range(N_SAMPLES)])
+            ids.append(run.id)
+    [row] = build_table(engine, TableQuery()).rows
+    cell = row.cells["photos"]
+    assert (row.label, cell.runs, cell.seeds) == ("tpt", sorted(ids[1:]), [0, 1, 2])
+    assert cell.value == pytest.approx(statistics.fmean([12, 14, 16]) / N_SAMPLES)
+    table = build_table(engine, TableQuery(run_ids=tuple(ids)))
+    assert table.superseded == [(ids[0], ids[3])]

@@ -10,10 +10,11 @@ from sqlalchemy import func, select
 from typer.testing import CliRunner
 
 from cli.main import app
+from difftpt_ops.core.errors import InputError
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import Run, Sweep, SweepRun
 from difftpt_ops.services.reading import reporting
-from difftpt_ops.services.running.sweeps import grid_points, parse_seeds, parse_sweep
+from difftpt_ops.services.running.sweeps import _check_plan, grid_points, parse_seeds, parse_sweep
 from tests.integration.test_jobs_support import add_dataset, make_settings, open_engine
 
 pytestmark = pytest.mark.integration
@@ -113,6 +114,17 @@ def test_grid_parsing() -> None:
     assert grid == {"steps": ["1", "2"], "selection_p": ["0.05", "0.1"]}
     points = grid_points(grid, parse_seeds("0,1"))
     assert len(points) == 8 and points[0] == {"steps": "1", "selection_p": "0.05", "seed": 0}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("grid", "argument"), [
+    ({"steps": ["1", "-1"]}, "--sweep steps"),
+    ({"prompt.ctx_init": ["a photo of a", "a"]}, "--sweep prompt.ctx_init"),  # a prompt field names itself bare
+])
+def test_a_bad_grid_value_names_its_sweep_key(grid: dict[str, list[str]], argument: str) -> None:
+    with pytest.raises(InputError) as info:
+        _check_plan("tpt", {}, grid, grid_points(grid, [0]), True)
+    assert info.value.argument == argument, str(info.value)
 
 
 def test_table_bad_options_are_one_line_errors(engine) -> None:  # type: ignore[no-untyped-def]

@@ -50,11 +50,17 @@ def test_paper_average_needs_every_format_once() -> None:
     assert paper_average({"a": 0.2}, {"a": "imagenet-a"}, ("imagenet-a", "imagenet-r")) is None
 
 
-def test_seed_group_key_ignores_only_seeds() -> None:
-    """Specs equal up to seed share a key; any other difference separates them."""
-    base = {"method": {"method": "tpt", "steps": 1}, "model": {"name": "m"}, "seed": 0}
+def test_seed_group_key_ignores_seeds_and_what_is_no_configuration() -> None:
+    """Specs equal up to seed, device, precision and `features` share a key (a configuration's repeats may run
+    on other devices); any setting that is a configuration word separates them."""
+    base = {"method": {"method": "tpt", "steps": 1}, "model": {"name": "m", "precision": "fp16"}, "seed": 0,
+            "device": "cuda"}
     assert seed_group_key(base) == seed_group_key({**base, "seed": 3})
+    assert seed_group_key(base) == seed_group_key({**base, "device": "cpu", "model": {"name": "m", "precision": "fp32"},
+                                                   "method": {"method": "tpt", "steps": 1, "features": "recompute"}})
     assert seed_group_key(base) != seed_group_key({**base, "method": {"method": "tpt", "steps": 2}})
+    assert seed_group_key(base) != seed_group_key({**base, "model": {"name": "m", "precision": "fp16",
+                                                                     "pretrained": "laion2b_s34b_b88k"}})
 
 
 def test_latex_escape() -> None:

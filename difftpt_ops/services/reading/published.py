@@ -35,7 +35,8 @@ def published_entries(backbone: str) -> dict[str, dict[str, Any]]:
 
 
 def add_published(table: Table, query: TableQuery) -> None:
-    """A published row per method with a number for a column, and ours minus published under our row."""
+    """A published row per method with a number for a column, and ours minus published under our row at the
+    method's defaults; a method with no such row (only other configurations) gets its published row alone."""
     backbone = query.published_backbone or published_backbone_for(table.model)
     entries = published_entries(backbone)
     rows: list[Row] = []
@@ -44,7 +45,7 @@ def add_published(table: Table, query: TableQuery) -> None:
         published = _published_row(row.method, entries.get(row.method), backbone, table)
         if published is not None and row.label == row.method:
             rows.extend([published, _difference_row(row, published, table)])
-    shown = {r.method for r in table.rows}
+    shown = {r.method for r in table.rows if r.label == r.method}  # methods with a row at their defaults
     for method, entry in entries.items():
         published = None if method in shown else _published_row(method, entry, backbone, table)
         if published is not None:

@@ -28,7 +28,7 @@ from sqlalchemy.engine import Engine
 from difftpt_ops.core.errors import InputError, NotFoundError
 from difftpt_ops.core.specs import canonical_json
 from difftpt_ops.services.reading import stats
-from difftpt_ops.services.reading.configurations import SEED_KEYS, configuration
+from difftpt_ops.services.reading.configurations import NO_EFFECT_KEYS, SEED_KEYS, configuration
 from difftpt_ops.services.reading.published import add_published
 from difftpt_ops.services.reading.table_model import (
     PAPER_ORDER,
@@ -204,12 +204,22 @@ def _load_ece(conn: Connection, runs: list[RunRow]) -> None:
 
 
 def seed_group_key(spec: dict[str, Any]) -> str:
-    """The spec without its seeds: runs with equal keys are repeats of one configuration."""
-    stripped = {k: v for k, v in spec.items() if k not in SEED_KEYS}
-    method = stripped.get("method")
+    """The spec without what may differ among repeats of one configuration: its seeds, and what `configuration`
+    does not count (the device and the precision submit derived from it, `features`). Runs with equal keys in
+    one row are its seed repeats."""
+    stripped = {k: v for k, v in spec.items() if k not in SEED_KEYS and k != "device"}
+    method, model = stripped.get("method"), stripped.get("model")
     if isinstance(method, dict):
-        stripped["method"] = {k: v for k, v in method.items() if k not in SEED_KEYS}
+        stripped["method"] = {k: v for k, v in method.items() if k not in SEED_KEYS and k not in NO_EFFECT_KEYS}
+    if isinstance(model, dict):
+        stripped["model"] = {k: v for k, v in model.items() if k != "precision"}
     return canonical_json(stripped)
+
+
+def _seeds(spec: dict[str, Any]) -> str:
+    """What tells two seed repeats apart: the run's seed and the method's (an online method's order_seed)."""
+    method = spec.get("method") if isinstance(spec.get("method"), dict) else {}
+    return canonical_json([[spec.get(k) for k in SEED_KEYS], [method.get(k) for k in SEED_KEYS]])
 
 
 RowKey = tuple[str, str, str]  # method, sweep variant, configuration
@@ -227,9 +237,12 @@ def _cells(runs: list[RunRow], query: TableQuery) -> tuple[Cells, str | None]:
         newest.setdefault((_row_key(run), run.dataset), run)
     cells: Cells = defaultdict(dict)
     for (row_key, dataset), latest in newest.items():
-        key = seed_group_key(latest.spec)
-        group = [r for r in runs if _row_key(r) == row_key and r.version_id == latest.version_id
-                 and seed_group_key(r.spec) == key]
+        key, group, seeds = seed_group_key(latest.spec), list[RunRow](), set[str]()
+        for run in runs:  # the newest run of each seed: a rerun on another device replaces, never averages in
+            if (_row_key(run) == row_key and run.version_id == latest.version_id
+                    and seed_group_key(run.spec) == key and _seeds(run.spec) not in seeds):
+                seeds.add(_seeds(run.spec))
+                group.append(run)
         cells[row_key][dataset] = (_cell(latest, group, query.metric), latest)
     methods = {key[0] for key in cells}
     baseline = query.baseline or ("zeroshot" if "zeroshot" in methods else None)

@@ -103,6 +103,8 @@ def _check_plan(method: str, overrides: dict[str, Any], grid: dict[str, list[str
             method_spec_from(method, {**overrides, **knobs})
         except InvalidSpecError as exc:
             swept = exc.argument.removeprefix("--set ")
+            if swept not in knobs and f"prompt.{swept}" in knobs:  # a prompt field names itself without "prompt."
+                swept = f"prompt.{swept}"
             if swept in knobs:  # a grid value: name the option the user typed it in
                 raise InvalidSpecError(f"--sweep {swept}", exc.value, exc.problem) from None
             if exc.argument == "--set" and exc.value in knobs:  # an unknown field named in the grid
