@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -16,6 +17,7 @@ from cli.common import (
     JsonOpt,
     engine_of,
     err_console,
+    for_scripts,
     human_bytes,
     info,
     parse_run_id,
@@ -60,20 +62,40 @@ def _status_rows(runs: list[dict[str, Any]]) -> list[list[Any]]:
 
 _STATUS_COLUMNS = ["run", "kind", "dataset", "state", "done", "failed", "pending", "rate", "ETA", "workers",
                    "disk"]
+_SCRIPT_COLUMNS = ["run", "kind", "method", "dataset", "state", "done", "failed", "pending", "throughput",
+                   "throughput_unit", "eta_s", "workers", "images", "image_bytes", "features", "feature_bytes"]
+
+
+def _script_rows(runs: list[dict[str, Any]]) -> list[list[Any]]:
+    """`--format tsv|csv`: the numbers as stored (per second, seconds, bytes), one value per column."""
+    rows = []
+    for run in runs:
+        disk, rate, eta = run.get("disk") or {}, run.get("throughput"), run.get("eta_s")
+        workers = " ".join(f"{w['worker']}[{w['gpu'] or '-'}]" for w in run.get("workers", []))
+        rows.append([run["run_id"], run["kind"], run["method"], run["dataset"], shown_state(run), run["done"],
+                     run["failed"], run["pending"], "" if rate is None else rate,
+                     run.get("throughput_unit", "samples") if rate is not None else "",
+                     "" if eta is None else eta, workers, disk.get("images", 0), disk.get("image_bytes", 0),
+                     disk.get("features", 0), disk.get("feature_bytes", 0)])
+    return rows
 
 
 def _print_status(runs: list[dict[str, Any]]) -> None:
-    print_table(None, _STATUS_COLUMNS, _status_rows(runs))
+    if for_scripts():
+        print_table(None, _SCRIPT_COLUMNS, _script_rows(runs))
+    else:
+        print_table(None, _STATUS_COLUMNS, _status_rows(runs))
+    say = partial(typer.echo, err=for_scripts())  # a script reads one table from stdout: notes go to stderr
     for run in runs:
         for failure in run.get("failed_shards", []):
             error = mask_url(" ".join(failure["error"]))  # a stored error may quote a URL with its password
-            typer.echo(f"run {run['run_id']} shard {failure['shard']} failed: {error}")
+            say(f"run {run['run_id']} shard {failure['shard']} failed: {error}")
         for waiting in run.get("waiting_shards", []):
-            typer.echo(f"run {run['run_id']} shard {waiting['shard']} waits: {waiting['reason']}")
+            say(f"run {run['run_id']} shard {waiting['shard']} waits: {waiting['reason']}")
         if run.get("error"):
-            typer.echo(f"run {run['run_id']}: {run['error']}")
+            say(f"run {run['run_id']}: {run['error']}")
         if run.get("stopped"):
-            typer.echo(stopped_line(run))
+            say(stopped_line(run))
 
 
 def shown_state(run: dict[str, Any]) -> str:

@@ -106,6 +106,11 @@ def test_status_shows_active_runs_and_watch_json_is_json_lines(ws: Path) -> None
     lines = ok(ws, "status", "1", "--watch", "--json").stdout.splitlines()
     objects = [json.loads(line) for line in lines]
     assert objects and all(o["run_id"] == 1 and o["state"] == "finished" and "observed_at" in o for o in objects)
+    [row] = list(csv.DictReader(io.StringIO(ok(ws, "status", "1", "--format", "csv").stdout)))
+    features = one[0]["disk"]["features"]
+    assert (row["run"], row["method"], row["done"], row["image_bytes"], row["features"]) == (
+        "1", "zeroshot", "27", "0", str(features))  # numbers as stored, one value per column
+    assert row["throughput"] == "" or float(row["throughput"]) > 0
 
 
 def test_set_with_an_unknown_field_lists_the_valid_ones(ws: Path) -> None:
