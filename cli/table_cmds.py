@@ -41,7 +41,7 @@ def _print_rich(table: Table) -> None:
     from difftpt_ops.services.reading.table_render import display_header, row_texts
 
     title = f"{table.metric} (%) of model {table.model or '-'}" + (
-        f", paired against {table.baseline}" if table.baseline else "")
+        f", paired against {table.baseline_row}" if table.baseline_row else "")
     rich_table = Table(title=title)
     for i, column in enumerate(display_header(table)):
         rich_table.add_column(column, justify="left" if i == 0 else "right")

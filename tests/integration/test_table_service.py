@@ -374,6 +374,9 @@ def test_published_row_stays_when_a_method_has_only_other_configurations(engine:
     labels = [r.label for r in table.rows]
     assert "zeroshot (published, RN50)" in labels and "dmn-zs (published, RN50)" in labels, labels
     assert not any(r.kind == "difference" for r in table.rows)
+    # the baseline is zero-shot's only row, and the words say which
+    assert table.baseline_row == "zeroshot prompts=ensemble" and table.to_dict()["baseline_row"] == table.baseline_row
+    assert any("against zeroshot prompts=ensemble" in note for note in table.notes), table.notes
 
 
 def test_seed_repeats_on_other_devices_average_and_a_rerun_of_a_seed_replaces_it(engine: Engine) -> None:

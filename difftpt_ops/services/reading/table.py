@@ -65,6 +65,8 @@ def build_table(engine: Engine, query: TableQuery) -> Table:
                   superseded=_superseded(runs, cells, shown) if query.run_ids else [],
                   other_model=other_model if query.run_ids else [])
     table.rows = _our_rows(cells, table)
+    base_key = baseline_row(cells, baseline) if baseline is not None else None
+    table.baseline_row = row_label(base_key) if base_key is not None else None
     if query.published:
         add_published(table, query)
     table.notes = _notes(table)
@@ -365,21 +367,26 @@ def _our_rows(cells: Cells, table: Table) -> list[Row]:
     for key in sorted(cells, key=order):
         row_cells = {dataset: cell for dataset, (cell, _) in cells[key].items()}
         values = {d: c.value for d, c in row_cells.items()}
-        label = " ".join(part for part in key if part)
+        label = row_label(key)
         rows.append(Row(label=label, method=key[0], kind="ours", cells=row_cells,
                         averages=row_averages(values, table), config=key[2]))
     return rows
 
 
+def row_label(key: RowKey) -> str:
+    """A row's name: the method, then its sweep grid point and configuration words."""
+    return " ".join(part for part in key if part)
+
+
 def _notes(table: Table) -> list[str]:
     notes = [f"{table.metric} in % of model {table.model or '-'}"] if table.rows else []
     if table.baseline is not None and table.metric != "ece":
-        notes.append(f"* Holm-corrected exact McNemar p < {table.query.alpha} against {table.baseline} "
+        notes.append(f"* Holm-corrected exact McNemar p < {table.query.alpha} against {table.baseline_row} "
                      "(latest runs, samples both finished)")
     if any(c.subset for r in table.rows for c in r.cells.values()):
         notes.append("† evaluated on a subset of the dataset (n = samples done)")
     if any(c.other_samples for r in table.rows for c in r.cells.values()):
-        notes.append(f"‡ not the samples of the {table.baseline} cell (an online method's --limit takes the first "
+        notes.append(f"‡ not the samples of the {table.baseline_row} cell (an online method's --limit takes the first "
                      "n of its stream): its paired test uses the samples both have (paired_n in JSON and CSV)")
     if any(c.std is not None for r in table.rows for c in r.cells.values()):
         notes.append("± standard deviation over runs that differ only by seed")

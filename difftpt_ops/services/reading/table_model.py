@@ -158,12 +158,14 @@ class Table:
     notes: list[str]
     superseded: list[tuple[int, int]] = field(default_factory=list)  # (named run, the newer run shown instead)
     other_model: list[int] = field(default_factory=list)  # named runs of another model than the table's
+    baseline_row: str | None = None  # the label of the baseline's row (`zeroshot`, or its first configuration)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.query.name(), "model": self.model, "metric": self.metric, "baseline": self.baseline,
-                "alpha": self.query.alpha, "columns": self.columns, "formats": self.formats,
-                "average_columns": self.average_columns, "rows": [r.to_dict() for r in self.rows],
-                "notes": self.notes, "superseded": self.superseded, "other_model": self.other_model}
+                "baseline_row": self.baseline_row, "alpha": self.query.alpha, "columns": self.columns,
+                "formats": self.formats, "average_columns": self.average_columns,
+                "rows": [r.to_dict() for r in self.rows], "notes": self.notes, "superseded": self.superseded,
+                "other_model": self.other_model}
 
 
 def average_columns(formats: dict[str, str]) -> list[str]:

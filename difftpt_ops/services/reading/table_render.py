@@ -142,7 +142,7 @@ def render_heatmap(table: Table, path: Any) -> Any:
 
     ours = [r for r in table.rows if r.kind == "ours"]
     columns = [*table.columns, *table.average_columns]
-    base = next((r for r in ours if r.method == table.baseline), None)
+    base = next((r for r in ours if r.label == table.baseline_row), None)
     matrix, labels = [], []
     for row in ours:
         values, notes = [], []
@@ -163,7 +163,7 @@ def render_heatmap(table: Table, path: Any) -> Any:
             axes.text(j, i, note, ha="center", va="center", fontsize=7, color="white")
     axes.set_xticks(range(len(columns)), columns, rotation=45, ha="right", fontsize=8)
     axes.set_yticks(range(len(ours)), [r.label for r in ours], fontsize=8)
-    axes.set_title(f"{table.metric} (%), difference to {table.baseline or 'no baseline'} below", fontsize=9)
+    axes.set_title(f"{table.metric} (%), difference to {table.baseline_row or 'no baseline'} below", fontsize=9)
     figure.colorbar(image, ax=axes)
     figure.tight_layout()
     figure.savefig(path)
