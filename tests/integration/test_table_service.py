@@ -311,6 +311,9 @@ def test_a_cell_on_other_samples_than_the_baselines_is_marked(engine: Engine) ->
     assert cell_text(cells["tpt"], "ours").endswith("†‡")
     assert (cells["tpt steps=2"].other_samples, cells["tpt steps=2"].paired_n) == (False, 16)
     assert any(note.startswith("‡ not the samples of the zeroshot cell") for note in table.notes)
+    ece = {r.label: r.cells["photos"] for r in build_table(engine, TableQuery(metric="ece")).rows}
+    assert [(ece[k].other_samples, ece[k].paired_n, ece[k].p) for k in ("tpt", "tpt steps=2")] == [
+        (True, 14, None), (False, 16, None)]  # the same marks; calibration has no paired test
 
 
 def test_difftpt_runs_on_other_generation_configs_are_other_rows(engine: Engine) -> None:

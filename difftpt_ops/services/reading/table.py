@@ -261,8 +261,10 @@ def _cell(latest: RunRow, group: list[RunRow], metric: str) -> Cell:
 
 
 def _paired_tests(conn: Connection, cells: Cells, baseline: str | None, query: TableQuery) -> None:
-    """Exact McNemar of every non-baseline cell against the baseline row's cell, then Holm across the table."""
-    if baseline is None or query.metric == "ece":
+    """Exact McNemar of every non-baseline cell against the baseline row's cell, then Holm across the table.
+    ECE has no paired test, but its cells too say on how many samples they meet the baseline's, and whether
+    those are other samples (‡)."""
+    if baseline is None:
         return
     base_key = baseline_row(cells, baseline)
     base_cells = cells.get(base_key, {}) if base_key is not None else {}
@@ -276,13 +278,17 @@ def _paired_tests(conn: Connection, cells: Cells, baseline: str | None, query: T
                 cell.baseline_run = base[1].run_id
                 pairs.append((cell, run.run_id, base[1].run_id))
     run_pairs = [(a, b) for _, a, b in pairs]
-    counts = _discordant_counts(conn, run_pairs, query.metric)
+    counts = _discordant_counts(conn, run_pairs, "top1" if query.metric == "ece" else query.metric)
     found = [counts.get((a, b), (0, 0, 0)) for _, a, b in pairs]
-    p_values = stats.mcnemar_exact_p_many([(only_a, only_b) for _, only_a, only_b in found])
     finished = {run.run_id: run.n for row in cells.values() for _, run in row.values()}
     differ = _other_samples(conn, pairs, finished, [n for n, _, _ in found])
-    for (cell, a, b), (n, _, _), p in zip(pairs, found, p_values, strict=True):
-        cell.paired_n, cell.p, cell.other_samples = n, p, (a, b) in differ
+    for (cell, a, b), (n, _, _) in zip(pairs, found, strict=True):
+        cell.paired_n, cell.other_samples = n, (a, b) in differ
+    if query.metric == "ece":
+        return
+    p_values = stats.mcnemar_exact_p_many([(only_a, only_b) for _, only_a, only_b in found])
+    for (cell, _, _), p in zip(pairs, p_values, strict=True):
+        cell.p = p
     for (cell, _, _), adjusted in zip(pairs, stats.holm_adjust(p_values), strict=True):
         cell.p_holm, cell.significant = adjusted, adjusted < query.alpha
 
