@@ -16,6 +16,7 @@ from typing import Any
 
 FINGERPRINT_TAG = "difftpt.fingerprint"
 RUN_ID_TAG = "difftpt.run_id"
+SWEEP_TAG = "difftpt.sweep"  # the ids of the sweeps a run belongs to, comma-separated
 MAX_PARAM_VALUE = 6000  # MLflow rejects longer parameter values
 _BATCH_PARAMS = 100  # MLflow's per-request limits
 _BATCH_METRICS = 1000
@@ -63,7 +64,7 @@ def metric_key(name: str) -> str:
 def run_group_tags(spec: Mapping[str, Any]) -> dict[str, str]:
     """The tags the UI's compare view groups runs by, besides method and dataset: model and seed.
 
-    (`difftpt.sweep`, the sweeps a run belongs to, is set when a sweep is submitted.)
+    (`difftpt.sweep`, the sweeps a run belongs to, is set when a sweep is submitted, and by `mlflow sync`.)
     """
     model = spec.get("model") or {}
     return {"difftpt.model": str(model.get("name", "")), "difftpt.seed": str(spec.get("seed", ""))}

@@ -94,7 +94,8 @@ def test_log_with_tracking_off_is_bad_input(tracked: tuple[Engine, Settings], mo
 
 def test_sweep_runs_are_tagged_with_their_sweep(tracked: tuple[Engine, Settings]) -> None:
     """Each run of a sweep carries `difftpt.sweep` = its sweep id in MLflow, next to model and seed; tagging the
-    runs after they ran embedded leaves them FINISHED (it used to reopen them as RUNNING, "resumed")."""
+    runs after they ran embedded leaves them FINISHED (it used to reopen them as RUNNING, "resumed"). A tag
+    MLflow missed is set by `mlflow sync`."""
     import json
 
     from tests.integration.test_jobs_support import add_dataset
@@ -114,6 +115,11 @@ def test_sweep_runs_are_tagged_with_their_sweep(tracked: tuple[Engine, Settings]
         tags = mlflow_run.data.tags
         assert tags["difftpt.sweep"] == str(sweep["sweep_id"]) and tags["difftpt.seed"] == str(seeds[run_id])
         assert mlflow_run.info.status == "FINISHED" and "difftpt.resume_count" not in tags
+    # MLflow missed the tag (it was unreachable at submit): `mlflow sync` sets it
+    lost = next(iter(mlflow_ids.values()))
+    client.delete_tag(lost, "difftpt.sweep")
+    assert CliRunner().invoke(app, ["mlflow", "sync", "--all", "--json"]).exit_code == 0
+    assert client.get_run(lost).data.tags["difftpt.sweep"] == str(sweep["sweep_id"])
 
 
 def test_sync_all_repairs_a_finished_run_mlflow_shows_running(tracked: tuple[Engine, Settings]) -> None:

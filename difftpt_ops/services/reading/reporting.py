@@ -26,6 +26,7 @@ from difftpt_ops.core.secrets import mask_url
 from difftpt_ops.core.specs import flatten
 from difftpt_ops.core.status import TERMINAL_RUN_STATES, RunState
 from difftpt_ops.db.tables import DatasetVersion, Run
+from difftpt_ops.services.reading.groups import sweeps_of_runs
 from difftpt_ops.services.reading.results import (
     RunInfo,
     gpu_hours,
@@ -34,7 +35,13 @@ from difftpt_ops.services.reading.results import (
     summarise,
     write_run_artifacts,
 )
-from difftpt_ops.tracking.mlflow_tracker import TERMINAL_STATUSES, MlflowTracker, RunSnapshot, run_group_tags
+from difftpt_ops.tracking.mlflow_tracker import (
+    SWEEP_TAG,
+    TERMINAL_STATUSES,
+    MlflowTracker,
+    RunSnapshot,
+    run_group_tags,
+)
 
 log = logging.getLogger(__name__)
 
@@ -329,6 +336,9 @@ def _sync(engine: Engine, settings: Settings, tracker: MlflowTracker, info: RunI
     tracker.log_metrics(snapshot.run_id, changed)
     artifacts: list[str] = []
     mark = f"{run.state}:{summary.get('done')}:{summary.get('failed')}"
+    sweeps = ",".join(str(m["sweep_id"]) for m in sweeps_of_runs(engine, [run.id]).get(run.id, []))
+    if sweeps and snapshot.tags.get(SWEEP_TAG) != sweeps:  # submit tags it; this repairs a tag MLflow missed
+        tracker.set_tags(snapshot.run_id, {SWEEP_TAG: sweeps})
     if terminal and snapshot.tags.get(SYNC_MARK_TAG) != mark:
         artifacts = _log_artifacts(engine, settings, tracker, info, summary, snapshot.run_id)
         tracker.set_tags(snapshot.run_id, {SYNC_MARK_TAG: mark})

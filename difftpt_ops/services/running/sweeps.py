@@ -30,7 +30,6 @@ from difftpt_ops.services.reading.groups import sweeps_of_runs
 log = logging.getLogger(__name__)
 
 MAX_UNCONFIRMED_RUNS = 200  # a bigger sweep needs --yes: it is hours of GPU time to cancel by hand
-SWEEP_TAG = "difftpt.sweep"
 DESCRIPTIONS = "descriptions"  # a file's path in what was asked; the key of its stored content in the sweep
 
 
@@ -200,6 +199,7 @@ def _descriptions_as_keys(settings: Settings, method: str, dataset: Any, overrid
 def _tag_mlflow(engine: Engine, settings: Settings, run_ids: list[int]) -> None:
     """Tag each run's MLflow run with its sweep ids, so the UI can group by them. Best effort, like all tracking."""
     from difftpt_ops.services.reading.reporting import prepare_tracking, tracker_for, tracking_enabled
+    from difftpt_ops.tracking.mlflow_tracker import SWEEP_TAG
 
     if not tracking_enabled(settings):
         return
