@@ -162,9 +162,8 @@ def _with_disk(engine: Any, settings: Settings, runs: list[dict[str, Any]]) -> l
 
 def _watch(fetch: Any, is_active: Any, as_json: bool) -> None:
     """Poll every 2 s until no run is active: JSON Lines, a live table on a terminal, else plain lines."""
-    from datetime import UTC, datetime
-
     from cli.common import PROGRESS_INTERVAL_S
+    from difftpt_ops.core.clock import utcnow  # the database's clock, which the runs' timestamps are on
 
     live = _LiveTable() if not as_json and err_console.is_terminal and sys.stdout.isatty() else None
     last_lines = float("-inf")
@@ -173,7 +172,7 @@ def _watch(fetch: Any, is_active: Any, as_json: bool) -> None:
             runs = fetch()
             active = any(is_active(r["state"]) for r in runs)
             if as_json:
-                observed = datetime.now(UTC).isoformat()
+                observed = utcnow().isoformat()
                 for run in runs:
                     sys.stdout.write(json.dumps({"observed_at": observed, **run}, default=str) + "\n")
                 sys.stdout.flush()
