@@ -27,7 +27,8 @@ def _stored(method: str, fmt: str, **overrides: str) -> dict:
     ("ctpt", "dtd", {}, ""),  # lambda resolved per dataset
     ("dmn-zs", "dtd", {"order_seed": "3"}, ""),  # a seed: a repeat, not another configuration
     ("zeroshot", "imagefolder", {"prompts": "ensemble", "prompt.ctx_init": "a photo of an"},
-     "prompt.ctx_init=a_photo_of_an prompts=ensemble"),
+     'prompt.ctx_init="a photo of an" prompts=ensemble'),
+    ("zeroshot", "imagefolder", {"prompt.ctx_init": "a_photo_of_an"}, "prompt.ctx_init=a_photo_of_an"),
 ])
 def test_configuration_words(method: str, fmt: str, overrides: dict[str, str], expected: str) -> None:
     assert configuration(_stored(method, fmt, **overrides), fmt) == expected

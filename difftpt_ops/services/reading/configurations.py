@@ -10,6 +10,7 @@ at the value it used, which shows when today's default differs (`zero vote=argma
 
 from __future__ import annotations
 
+import json
 from functools import cache
 from typing import Any
 
@@ -56,4 +57,6 @@ def _reference(method: str, dataset_format: str) -> MethodSpec:
 def _shown(value: Any) -> str:
     if isinstance(value, str) and value.startswith("sha256:"):
         return value[:15]  # a descriptions file's content key: enough to tell two apart
-    return "none" if value is None else str(value).replace(" ", "_")
+    if isinstance(value, str) and (not value or any(c.isspace() or c in "\"'" for c in value)):
+        return json.dumps(value)  # quoted, as typed: `a photo of` and `a_photo_of` are two configurations
+    return "none" if value is None else str(value)
