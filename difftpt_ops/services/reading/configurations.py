@@ -31,7 +31,7 @@ def configuration(spec: dict[str, Any], dataset_format: str, *, model: dict[str,
     settings that differ from `model` (the table's model, when given), as sorted `key=value` words."""
     try:
         method = method_spec_from_dict(spec["method"])
-    except (InvalidSpecError, KeyError, TypeError):  # a spec today's code cannot read: never merge it with others
+    except (InvalidSpecError, KeyError, TypeError, ValueError):  # a spec today's code cannot read: keep it apart
         return f"spec={fingerprint_of(spec.get('method'))[:8]}"
     ours = flatten(method.all_fields())
     reference = flatten(_reference(method.method, dataset_format).all_fields())
