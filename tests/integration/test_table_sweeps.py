@@ -88,6 +88,19 @@ def test_table_of_a_sweep_has_a_row_per_grid_point_with_seed_mean(engine) -> Non
     assert code == 0 and out.startswith("| method | toy (n=12) |")
 
 
+def test_sweep_rows_follow_the_grid_as_submitted(engine) -> None:  # type: ignore[no-untyped-def]
+    """Rows in the order the grid was typed (232 before 224), not as strings sort; the baseline of a sweep
+    table is its first grid point."""
+    code, out = _invoke("submit", "tune", "--dataset", "toy", "--method", "noop", "--sweep", "resolution=232,224",
+                        "--json")
+    assert code == 0, out
+    code, out = _invoke("table", "--sweep", str(json.loads(out)["sweep_id"]), "--baseline", "noop", "--json")
+    assert code == 0, out
+    table = json.loads(out)
+    assert [r["label"] for r in table["rows"]] == ["noop resolution=232", "noop resolution=224"]
+    assert table["baseline_row"] == "noop resolution=232"
+
+
 def test_bad_sweeps_write_nothing(engine) -> None:  # type: ignore[no-untyped-def]
     """A bad value anywhere in the grid, a malformed --sweep or --seeds: exit 2, one line, no run, no sweep."""
     for args, argument in ((("--sweep", "resolution=224,8"), "--sweep resolution=8"), (("--sweep", "steps"), "--sweep"),

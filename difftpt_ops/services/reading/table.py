@@ -119,9 +119,18 @@ def _set_variants(conn: Connection, runs: list[RunRow], sweep_id: int) -> None:
     """In a sweep table each grid point (seed aside) is its own row: `tpt steps=2`."""
     points = {int(run_id): _json(point) for run_id, point in conn.execute(
         text("SELECT run_id, point FROM sweep_runs WHERE sweep_id = :s"), {"s": sweep_id})}
+    spec = conn.execute(text("SELECT spec FROM sweeps WHERE id = :s"), {"s": sweep_id}).scalar()
+    grid: dict[str, list[Any]] = (_json(spec).get("grid") or {}) if spec is not None else {}
     for run in runs:
         point = {k: v for k, v in points.get(run.run_id, {}).items() if k not in SEED_KEYS}
         run.variant = " ".join(f"{k}={v}" for k, v in sorted(point.items()))
+        run.variant_rank = tuple(_index(grid.get(k, []), point[k]) for k in grid if k in point)
+
+
+def _index(values: list[Any], value: Any) -> int:
+    """Where a grid point's value stands among its key's values (unknown ones last)."""
+    shown = [str(v) for v in values]
+    return shown.index(str(value)) if str(value) in shown else len(shown)
 
 
 def _set_configurations(runs: list[RunRow], query: TableQuery) -> None:
@@ -296,8 +305,14 @@ def _paired_tests(conn: Connection, cells: Cells, baseline: str | None, query: T
 def baseline_row(cells: Cells, baseline: str) -> RowKey | None:
     """The baseline method's row: at its defaults when it has such a row, else its first (in a sweep table, its
     first grid point)."""
-    keys = sorted(k for k in cells if k[0] == baseline)
+    keys = sorted((k for k in cells if k[0] == baseline), key=lambda k: _row_order(cells, k))
     return next((k for k in keys if k[2] == ""), keys[0] if keys else None)
+
+
+def _row_order(cells: Cells, key: RowKey) -> tuple[str, tuple[int, ...], str, str]:
+    """Rows of a method: sweep variants in grid order, then by name; configurations by name."""
+    rank = next(iter(cells[key].values()))[1].variant_rank
+    return key[0], rank, key[1], key[2]
 
 
 def _discordant_counts(conn: Connection, pairs: list[tuple[int, int]],
@@ -366,8 +381,8 @@ def _columns(runs: list[RunRow]) -> tuple[list[str], dict[str, str]]:
 def _our_rows(cells: Cells, table: Table) -> list[Row]:
     """Our rows: the baseline first, then methods by name, each at its defaults first, then its other
     configurations (variants of a sweep in grid order)."""
-    def order(key: RowKey) -> tuple[int, str, str, str]:
-        return (0 if key[0] == table.baseline else 1, key[0], key[1], key[2])
+    def order(key: RowKey) -> tuple[int, tuple[str, tuple[int, ...], str, str]]:
+        return 0 if key[0] == table.baseline else 1, _row_order(cells, key)
 
     rows = []
     for key in sorted(cells, key=order):

@@ -81,6 +81,7 @@ class RunRow:
     format: str
     generation_config: int | None = None  # DiffTPT: the generation config whose images it read
     variant: str = ""  # the sweep grid point (without the seed) when tabulating a sweep
+    variant_rank: tuple[int, ...] = ()  # its place in the grid as submitted: rows follow it
     config: str = ""  # the settings apart from the method's defaults for the dataset (configurations.py)
     n: int = 0
     correct: int = 0
