@@ -11,8 +11,9 @@ Formats (see folders.py and splits.py for the label rules):
 `auto` detects: a split_zhou file -> that set; variants.txt -> aircraft; 200 folders that are exactly
 ImageNet-R's (or ImageNet-A's) wnids -> imagenet-r (imagenet-a); 1000 numeric folders -> imagenet-v2;
 1000 ImageNet wnid folders (in the root or its val/) -> imagenet (imagenet-sketch when the root or its
-inner folder is named *sketch*); anything else -> imagefolder. A partial tree is an imagefolder to
-`auto`: name the format to read it with the full set's labels.
+inner folder is named *sketch*); anything else -> imagefolder. A tree with wnid or class-index
+folders that is not one complete set (a partial copy, a stray folder such as __MACOSX) is refused by
+`auto`: name the format to read it with the full set's labels (or `imagefolder` to use the folder names).
 """
 
 from __future__ import annotations
@@ -79,8 +80,33 @@ def _detect_folders(root: Path) -> str | None:
     return None
 
 
+def _imagenet_like(root: Path) -> str | None:
+    """Why `root` looks like an ImageNet-family tree (wnid or class-index folders), or None.
+
+    Read as an imagefolder, such a tree would prompt with its folder names ("a photo of a n01443537.",
+    "a photo of a 5."), which silently ruins every number; `auto` refuses it instead (see detect_format).
+    """
+    wnids = set(classnames.imagenet_wnids())
+    for folder in (root, root / "val", root / "sketch"):
+        if not folder.is_dir():
+            continue
+        names = set(subdirectories(folder))
+        hits = names & wnids
+        if hits:
+            return f"{len(hits)} of the {len(names)} folders in {folder} are ImageNet wnids"
+        if names and names <= folders.NUMERIC_FOLDERS:
+            return f"the {len(names)} folders in {folder} are ImageNet class indices"
+    return None
+
+
 def detect_format(root: Path, split_file: Path | None = None) -> str:
-    """The format `auto` picks for `root` (see the module docstring)."""
+    """The format `auto` picks for `root` (see the module docstring).
+
+    Raises:
+        InputError: the tree looks like an ImageNet-family set (wnid or class-index folders) without being
+            one complete set (a partial copy, a stray extra folder): `auto` would make it an imagefolder
+            whose class names are the folder names, so the format must be named.
+    """
     if split_file is not None:
         return _format_of_split_file(split_file)
     detected = _detect_split(root) or ("aircraft" if splits.aircraft_dir(root) else None)
@@ -89,7 +115,15 @@ def detect_format(root: Path, split_file: Path | None = None) -> str:
     for inner in ("val", "sketch"):
         if (root / inner).is_dir() and _detect_folders(root / inner) in {"imagenet", "imagenet-sketch"}:
             return "imagenet" if inner == "val" else "imagenet-sketch"
-    return _detect_folders(root) or "imagefolder"
+    detected = _detect_folders(root)
+    if detected:
+        return detected
+    why = _imagenet_like(root)
+    if why:
+        raise InputError("--format", "auto", f"{why}, but they are not one complete ImageNet-family set; pass "
+                         "--format imagenet, imagenet-a, imagenet-r, imagenet-v2 or imagenet-sketch to read it with "
+                         "that set's labels and names (or --format imagefolder to prompt with the folder names)")
+    return "imagefolder"
 
 
 def _check_options(fmt: str, class_names_file: Path | None, split_file: Path | None) -> None:

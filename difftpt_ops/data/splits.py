@@ -51,6 +51,10 @@ def find_split_file(fmt: str, root: Path, split_file: Path | None) -> Path:
     if split_file is not None:
         if not split_file.is_file():
             raise NotFoundError("--split-file", split_file, "file does not exist")
+        other = FORMAT_OF_SPLIT_FILE.get(split_file.name)
+        if other is not None and other != fmt:
+            # Its labels index another set's classes: read with this format's names, every label would be wrong.
+            raise InputError("--split-file", split_file, f"is CoOp's split file of {other}, not of {fmt}")
         return split_file
     name = SPLIT_FILES[fmt]
     for folder in (root, root.parent):

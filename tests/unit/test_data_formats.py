@@ -212,6 +212,10 @@ def test_split_file_problems_name_the_argument(tmp_path: Path) -> None:
     write_split(root / "split_zhou_DescribableTextures.json", [["elsewhere/b1.jpg", 0, "banded"]])
     with pytest.raises(InputError, match="--root.*not under it"):
         open_layout(root, "dtd")
+    # Another set's CoOp split file: its labels index that set's classes, not these names.
+    pets_split = write_split(tmp_path / "split_zhou_OxfordPets.json", [["banded/b1.jpg", 0, "abyssinian"]])
+    with pytest.raises(InputError, match="--split-file.*split file of pets, not of dtd"):
+        open_layout(root, "dtd", split_file=pets_split)
 
 
 def test_aircraft_label_is_the_row_in_variants(tmp_path: Path) -> None:
@@ -246,14 +250,14 @@ def make_empty_folders(root: Path, names: list[str] | tuple[str, ...]) -> Path:
 
 @pytest.mark.parametrize(("layout_kind", "expected"), [
     ("r", "imagenet-r"), ("a", "imagenet-a"), ("v2", "imagenet-v2"), ("in", "imagenet"), ("val", "imagenet"),
-    ("sketch", "imagenet-sketch"), ("partial", "imagefolder"),
+    ("sketch", "imagenet-sketch"), ("plain", "imagefolder"),
 ])
 def test_auto_detection(tmp_path: Path, layout_kind: str, expected: str) -> None:
-    """Full folder sets are recognised; a partial tree is an ImageFolder to `auto`."""
+    """Full folder sets are recognised; other folder names make an ImageFolder."""
     wnids = classnames.imagenet_wnids()
     folder_sets = {
         "r": classnames.subset_wnids("r"), "a": classnames.subset_wnids("a"),
-        "v2": [str(i) for i in range(1000)], "in": wnids, "partial": classnames.subset_wnids("r")[:10],
+        "v2": [str(i) for i in range(1000)], "in": wnids, "plain": ["cat", "dog", "n0-not-a-wnid"],
     }
     root = tmp_path / "data"
     if layout_kind == "val":
@@ -264,6 +268,34 @@ def test_auto_detection(tmp_path: Path, layout_kind: str, expected: str) -> None
     else:
         make_empty_folders(root, folder_sets[layout_kind])
     assert detect_format(root) == expected
+
+
+@pytest.mark.parametrize("layout_kind", ["partial-r", "r-plus-macosx", "partial-v2", "partial-val"])
+def test_auto_refuses_an_incomplete_imagenet_family_tree(tmp_path: Path, layout_kind: str) -> None:
+    """wnid or class-index folders that are not one full set would be an ImageFolder prompting with
+    "a photo of a n01443537." or "a photo of a 5.": `auto` refuses and asks for the format; naming it works."""
+    r_wnids = list(classnames.subset_wnids("r"))
+    root = tmp_path / "data"
+    fmt = {"partial-r": "imagenet-r", "r-plus-macosx": "imagenet-r", "partial-v2": "imagenet-v2",
+           "partial-val": "imagenet"}[layout_kind]
+    if layout_kind == "partial-r":
+        make_folders(root, r_wnids[:10], per_folder=1)
+    elif layout_kind == "r-plus-macosx":
+        make_folders(root, r_wnids, per_folder=1)
+        write_image(root / "__MACOSX" / r_wnids[0] / "._img0.png")  # a stray archive folder
+    elif layout_kind == "partial-v2":
+        make_folders(root, ["0", "5", "10", "999"], per_folder=1)
+    else:
+        make_folders(root / "val", r_wnids[:3], per_folder=1)
+        (root / "train").mkdir()
+    with pytest.raises(InputError, match="--format"):
+        detect_format(root)
+    with pytest.raises(InputError, match="--format"):
+        open_layout(root)
+    if layout_kind != "r-plus-macosx":  # named, the partial tree gets the full set's labels
+        layout = open_layout(root, fmt)
+        assert layout.format == fmt and len(layout.class_names) in (200, 1000)
+    assert open_layout(root, "imagefolder").format == "imagefolder"  # still possible when asked for
 
 
 def test_format_names_and_cross_domain_flags() -> None:
