@@ -14,7 +14,9 @@ import os
 import socket
 import sys
 import threading
+import time
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from amqp.exceptions import AMQPError
@@ -36,8 +38,12 @@ _BROKER_ERRORS = (KombuError, OSError, ConnectionError, TimeoutError, AMQPError,
 class CeleryDispatcher:
     """Sends shard tickets as `execute_shard` messages to their queue (implements services' Dispatcher)."""
 
-    def __init__(self, celery: Celery) -> None:
+    def __init__(self, celery: Celery, *, unacked_grace_s: float | None = None) -> None:
         self.app = celery
+        # How long a delivered, unacknowledged message of a *queued* shard counts as held (after its eta, for a
+        # retry's countdown): a worker killed between receiving it and claiming the shard (or while holding a
+        # retry's countdown) leaves it in Redis' `unacked` hash until the visibility timeout (12 h). None: always.
+        self.unacked_grace_s = unacked_grace_s
 
     def _unavailable(self, exc: BaseException) -> ServiceUnavailableError:
         url = mask_url(str(self.app.conf.broker_url))
@@ -86,11 +92,32 @@ class CeleryDispatcher:
         try:
             client = redis.Redis.from_url(url, socket_timeout=BROKER_CHECK_TIMEOUT_S)
             raw = [m for key in queue_keys for m in client.lrange(key, 0, -1)]
-            raw += [json.dumps(json.loads(value)[0]) for value in client.hvals("unacked")]
+            delivered_at = {_text(tag): score for tag, score in client.zrange("unacked_index", 0, -1, withscores=True)}
+            now = time.time()
+            for tag, value in client.hgetall("unacked").items():
+                message = json.loads(value)[0]
+                if self.unacked_grace_s is None or now < _held_until(message, delivered_at.get(_text(tag), now)) \
+                        + self.unacked_grace_s:
+                    raw.append(json.dumps(message))
         except (redis.RedisError, ValueError, IndexError, TypeError) as exc:
             log.warning("could not list the broker's messages: %s", exc)
             return None
         return {shard for shard in map(_shard_of_message, raw) if shard is not None}
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _held_until(message: dict[str, Any], delivered_at: float) -> float:
+    """When a delivered message should have been claimed by: its delivery, or its eta (a retry's countdown)."""
+    eta = (message.get("headers") or {}).get("eta")
+    if not eta:
+        return delivered_at
+    try:
+        return max(delivered_at, datetime.fromisoformat(eta).timestamp())
+    except (TypeError, ValueError):
+        return delivered_at
 
 
 def _shard_of_message(raw: bytes | str) -> int | None:
@@ -107,7 +134,7 @@ def _shard_of_message(raw: bytes | str) -> int | None:
 
 def dispatcher_for(settings: Settings) -> CeleryDispatcher:
     """A dispatcher for the settings' broker (the CLI's settings may differ from the environment's)."""
-    return CeleryDispatcher(make_celery(settings))
+    return CeleryDispatcher(make_celery(settings), unacked_grace_s=settings.lost_message_grace_s)
 
 
 _runtime: dict[str, Any] = {}
@@ -175,7 +202,9 @@ class _StaleShardCheck(threading.Thread):
                 requeued = requeue_stale_shards(engine, settings, CeleryDispatcher(app))
                 if requeued:
                     log.warning("re-queued %d shard(s) whose worker stopped heartbeating", requeued)
-                resent = requeue_lost_messages(engine, settings, CeleryDispatcher(app), missing_since)
+                resent = requeue_lost_messages(engine, settings,
+                                               CeleryDispatcher(app, unacked_grace_s=settings.lost_message_grace_s),
+                                               missing_since)
                 if resent:
                     log.warning("sent %d queued shard(s) again: the broker had lost their messages (a restart?)",
                                 resent)

@@ -24,6 +24,7 @@ from difftpt_ops.core.errors import ServiceUnavailableError
 from difftpt_ops.core.status import TERMINAL_SHARD_STATES, RunState, ShardState
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import Run, Shard
+from difftpt_ops.services.running import online
 from difftpt_ops.services.running.finalize import finalize_run_if_complete
 from difftpt_ops.services.running.leases import is_reclaimable
 from difftpt_ops.services.running.outcomes import ShardTicket
@@ -108,17 +109,19 @@ def requeue_stale_shards(engine: Engine, settings: Settings, dispatcher: Dispatc
     now, tickets = utcnow(), []
     with session_scope(engine) as session:
         rows = session.execute(
-            select(Shard.id, Shard.run_id, Shard.attempts, Shard.heartbeat_at, Shard.worker, Run.kind)
+            select(Shard.id, Shard.run_id, Shard.index, Shard.attempts, Shard.heartbeat_at, Shard.worker, Run.kind)
             .join(Run, Run.id == Shard.run_id)
             .where(Run.state == RunState.RUNNING, Shard.state == ShardState.RUNNING)).all()
         for row in rows:
             if not is_reclaimable(row.heartbeat_at, row.worker, now=now, stale_after_s=settings.stale_after_s):
                 continue
             if row.attempts >= settings.shard_max_attempts:
-                session.execute(update(Shard).where(
+                failed = session.execute(update(Shard).where(
                     Shard.id == row.id, Shard.state == ShardState.RUNNING, Shard.attempts == row.attempts,
                 ).values(state=ShardState.FAILED, finished_at=now,
-                         error=f"worker {row.worker} stopped heartbeating; {row.attempts} attempts used"))
+                         error=f"worker {row.worker} stopped heartbeating; {row.attempts} attempts used")).rowcount
+                if failed == 1 and online.is_chained_shard(engine, row.id):  # the links after it cannot run
+                    online.fail_rest_of_chain(session, row.run_id, row.index)
             else:
                 tickets += [ShardTicket(i, QUEUE_OF_KIND[row.kind]) for i in
                             _requeue_running(session, row.id, row.attempts)]

@@ -55,8 +55,11 @@ def finalize_run_if_complete(engine: Engine, settings: Settings, run_id: int) ->
         target = final_run_state(failed_shards, failed_samples)
         check_run_transition(RunState(run_state), target)
         error = _run_error(session, run_id, failed_shards) if failed_shards else None
+        # Marked for MLflow in the same commit: a worker killed before report_finished ends (it takes seconds)
+        # leaves the MLflow run marked, so `difftpt-ops mlflow sync` repairs it; the report clears the mark.
         moved = session.execute(update(Run).where(Run.id == run_id, Run.state == run_state).values(
-            state=target, finished_at=utcnow(), error=error)).rowcount
+            state=target, finished_at=utcnow(), error=error,
+            mlflow_sync_needed=reporting.tracking_enabled(settings))).rowcount
     if moved != 1:
         return None
     reporting.report_finished(engine, settings, run_id)

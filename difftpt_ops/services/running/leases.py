@@ -97,12 +97,15 @@ def stale_check_interval_s(stale_after_s: float) -> float:
 
 
 def awaiting_takeover(running: Sequence[Any], *, now: datetime, stale_after_s: float) -> int:
-    """Of a run's running shard rows, those whose worker went silent (not known dead) recently enough that a
-    live worker's next stale-shard check will re-queue them: a run with such a shard is not stopped yet. Past
-    that, a shard still running means no live worker checked, so nothing will continue it but `resume`."""
+    """Of a run's running shard rows, those whose worker went silent or died recently enough that a live (or
+    restarted) worker's next stale-shard check will re-queue them: a run with such a shard is not stopped yet.
+    Past that, a shard still running means no live worker checked, so nothing will continue it but `resume`."""
     limit = stale_after_s + stale_check_interval_s(stale_after_s) + 5.0
-    return sum(1 for row in running if row.heartbeat_at is not None and not worker_is_gone(row.worker)
-               and stale_after_s < (now - as_utc(row.heartbeat_at)).total_seconds() <= limit)
+    # A worker process known gone (killed, OOM) with a recent heartbeat counts too: `difftpt-ops worker` restarts
+    # it within seconds and its first check re-queues the shard, so the run is not stopped until `limit`.
+    return sum(1 for row in running if row.heartbeat_at is not None
+               and (now - as_utc(row.heartbeat_at)).total_seconds() <= limit
+               and (worker_is_gone(row.worker) or stale_after_s < (now - as_utc(row.heartbeat_at)).total_seconds()))
 
 
 def is_reclaimable(heartbeat_at: datetime | None, worker: str | None, *, now: datetime,

@@ -390,6 +390,15 @@ def _next_link(engine: Engine, claim: ChainClaim, queue: str) -> tuple[ShardTick
     return (ShardTicket(int(next_id), queue),) if next_id is not None else ()
 
 
+def fail_rest_of_chain(connection: Any, run_id: int, index: int) -> None:
+    """The open shards after a failed link of an online run fail too: their gate (the previous shard done) can
+    never open, so a delivery would only be skipped, and the run would never end. `resume` reopens them all."""
+    connection.execute(update(Shard.__table__).where(
+        _S.run_id == run_id, _S.index > index, _S.state.in_(_OPEN)).values(
+        state=ShardState.FAILED.value, finished_at=utcnow(),
+        error=f"shard {index} of this online run failed; `resume` runs the chain on from there"))
+
+
 def _record_failure(engine: Engine, settings: Settings, claim: ChainClaim, queue: str | None,
                     exc: Exception) -> ShardOutcome:
     """Retry later, or fail the shard and the rest of the chain (which cannot run without it)."""
@@ -400,10 +409,7 @@ def _record_failure(engine: Engine, settings: Settings, claim: ChainClaim, queue
         connection.execute(update(Shard.__table__).where(OWNED).values(
             state=state.value, error=error, **({} if retry else {"finished_at": utcnow()})), claim.params())
         if not retry:
-            connection.execute(update(Shard.__table__).where(
-                _S.run_id == claim.run_id, _S.index > claim.index, _S.state.in_(_OPEN)).values(
-                state=ShardState.FAILED.value, finished_at=utcnow(),
-                error=f"shard {claim.index} of this online run failed; `resume` runs the chain on from there"))
+            fail_rest_of_chain(connection, claim.run_id, claim.index)
     log.warning("online shard %s attempt %s failed: %s", claim.shard_id, claim.token, exc)
     if retry:
         return ShardOutcome(claim.shard_id, Outcome.RETRY, queue, retry_in_s=retry_delay_s(claim.token), error=exc)

@@ -451,5 +451,6 @@ def cancel_run(engine: Engine, settings: Settings, run_id: int) -> dict[str, Any
             Shard.state.in_([ShardState.PENDING, ShardState.QUEUED, ShardState.RUNNING, ShardState.WAITING])
         ).values(state=ShardState.CANCELLED, finished_at=utcnow())).rowcount
         run.state, run.finished_at = RunState.CANCELLED, utcnow()
+        run.mlflow_sync_needed = reporting.tracking_enabled(settings)  # cleared by the report (finalize.py)
     reporting.report_finished(engine, settings, run_id)
     return {"run_id": run_id, "state": RunState.CANCELLED.value, "shards_cancelled": cancelled}

@@ -238,7 +238,20 @@ def execute_shard(engine: Engine, settings: Settings, shard_id: int, *, identity
         identity: who runs it, stored on the shard and its predictions.
         device: torch device for the models; None uses the settings' device.
         progress: called after each sample with (done, failed) increments.
+
+    Raises:
+        TransientError: the database failed (before the claim, while running, or while finalizing): the
+            caller delivers the shard again later. Never a raw SQLAlchemyError, which a Celery worker would
+            take as the task's final failure and acknowledge, losing the shard's message.
     """
+    try:
+        return _execute_shard(engine, settings, shard_id, identity=identity, device=device, progress=progress)
+    except SQLAlchemyError as exc:
+        raise TransientError(f"shard {shard_id}: database error ({exc.__class__.__name__}: {exc})") from exc
+
+
+def _execute_shard(engine: Engine, settings: Settings, shard_id: int, *, identity: WorkerIdentity,
+                   device: str | None, progress: ProgressFn | None) -> ShardOutcome:
     if online.is_chained_shard(engine, shard_id):  # online runs: one link of an ordered chain at a time
         return online.execute_online_shard(engine, settings, shard_id, identity=identity, device=device,
                                            progress=progress)
