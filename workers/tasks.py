@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
 import logging
 import os
@@ -173,9 +174,15 @@ def execute_shard(self: Any, shard_id: int) -> str:
     settings, engine = _settings_and_engine()
     identity = WorkerIdentity(name=self.request.hostname or f"celery@{socket.gethostname()}", gpu=worker_gpu())
     outcome = run_shard(engine, settings, int(shard_id), identity=identity)
+    if outcome.outcome is Outcome.SKIPPED and (self.request.delivery_info or {}).get("redelivered"):
+        # Its last worker died before acknowledging it: perhaps after an online link's commit and before
+        # sending the next link's message, which then exists nowhere.
+        from difftpt_ops.services.running.online import reissue_next_link
+
+        outcome = dataclasses.replace(outcome, follow_up=reissue_next_link(engine, int(shard_id)))
     if outcome.outcome in (Outcome.RETRY, Outcome.INTERRUPTED) and outcome.queue:
         CeleryDispatcher(self.app).send([ShardTicket(int(shard_id), outcome.queue, outcome.retry_in_s or 0.0)])
-    if outcome.follow_up:  # tune shards this generation shard made claimable
+    if outcome.follow_up:  # tune shards this generation shard made claimable, an online chain's next link
         CeleryDispatcher(self.app).send(list(outcome.follow_up))
     return outcome.outcome.value
 

@@ -140,3 +140,57 @@ def test_an_online_link_failed_by_the_stale_check_fails_the_rest_of_its_chain(
     requeue_stale_shards(engine, settings, RecordingDispatcher())  # type: ignore[arg-type]
     assert [shard.state for shard in shard_rows(engine, result.run_id)] == ["failed", "failed", "failed"]
     assert run_state(engine, result.run_id) == "failed"
+
+
+def test_a_redelivered_done_link_sends_the_next_link_again(
+        tmp_path: Path, workspace: Path, tiny_models_dir: Path) -> None:
+    """A worker killed after an online link's commit and before sending the next link's message: RabbitMQ has
+    no lost-message check, but it redelivers the done link's unacknowledged message; the worker that skips it
+    sends the next link again (marked queued, whether the kill left it pending or queued). A link not done, or
+    a done link whose successor already runs, sends nothing."""
+    from difftpt_ops.db.tables import Shard
+    from difftpt_ops.services.running.online import reissue_next_link
+    from tests.integration.test_jobs_support import RecordingDispatcher, shard_rows
+    from tests.integration.test_online_support import image_dataset, online_settings
+
+    settings, engine = online_settings(workspace, f"sqlite:///{workspace / 'difftpt.db'}",
+                                       broker_url="redis://127.0.0.1:1/0")
+    image_dataset(engine, tmp_path / "images", n=6)
+    result = runs.submit_tune(engine, settings, dataset_ref="pics", method="tda", model=str(tiny_models_dir / "clip"),
+                              pretrained=None, shard_size=2, dispatcher=RecordingDispatcher())
+    first, second, third = shard_rows(engine, result.run_id)
+    assert reissue_next_link(engine, first.id) == ()  # not done: nothing to continue
+
+    def set_state(shard_id: int, state: str) -> None:
+        with engine.begin() as connection:
+            connection.execute(Shard.__table__.update().where(Shard.__table__.c.id == shard_id).values(state=state))
+
+    set_state(first.id, "done")
+    set_state(second.id, "pending")  # the kill came before the next link was even marked queued
+    [ticket] = reissue_next_link(engine, first.id)
+    assert (ticket.shard_id, ticket.queue) == (second.id, "tune")
+    assert [s.state for s in shard_rows(engine, result.run_id)] == ["done", "queued", third.state]
+    set_state(second.id, "running")
+    assert reissue_next_link(engine, first.id) == ()  # its successor runs: no second message
+
+
+@pytest.mark.unit
+def test_the_worker_task_reissues_only_for_a_redelivered_skipped_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Celery task asks for the next link only when the message it skipped was redelivered (its worker died
+    before acknowledging it); a plain duplicate delivery sends nothing more."""
+    from difftpt_ops.services.running import online
+    from difftpt_ops.services.running.outcomes import Outcome, ShardOutcome, ShardTicket
+    from workers import tasks
+
+    sent: list[list[ShardTicket]] = []
+    monkeypatch.setattr(tasks, "_settings_and_engine", lambda: (SimpleNamespace(), SimpleNamespace()))
+    monkeypatch.setattr(shards, "execute_shard", lambda *args, **kwargs: ShardOutcome(7, Outcome.SKIPPED))
+    monkeypatch.setattr(online, "reissue_next_link", lambda engine, shard_id: (ShardTicket(shard_id + 1, "tune"),))
+    monkeypatch.setattr(tasks.CeleryDispatcher, "send", lambda self, tickets: sent.append(list(tickets)))
+    for redelivered in (False, True):
+        tasks.execute_shard.push_request(delivery_info={"redelivered": redelivered}, hostname="w@test")
+        try:
+            assert tasks.execute_shard.run(7) == "skipped"
+        finally:
+            tasks.execute_shard.pop_request()
+    assert sent == [[ShardTicket(8, "tune")]]

@@ -384,10 +384,31 @@ def execute_online_shard(engine: Engine, settings: Settings, shard_id: int, *, i
 def _next_link(engine: Engine, claim: ChainClaim, queue: str) -> tuple[ShardTicket, ...]:
     """Mark the next shard of the chain queued; its ticket, for the caller to send after this commit."""
     with engine.begin() as connection:
-        next_id = connection.execute(update(Shard.__table__).where(
-            _S.run_id == claim.run_id, _S.index == claim.index + 1, _S.state.in_(_OPEN))
-            .values(state=ShardState.QUEUED.value).returning(_S.id)).scalar()
+        return _queue_link(connection, claim.run_id, claim.index + 1, queue)
+
+
+def _queue_link(connection: Any, run_id: int, index: int, queue: str) -> tuple[ShardTicket, ...]:
+    """Mark a run's link `index` queued if it is open; its ticket (none when it is not open)."""
+    next_id = connection.execute(update(Shard.__table__).where(
+        _S.run_id == run_id, _S.index == index, _S.state.in_(_OPEN))
+        .values(state=ShardState.QUEUED.value).returning(_S.id)).scalar()
     return (ShardTicket(int(next_id), queue),) if next_id is not None else ()
+
+
+def reissue_next_link(engine: Engine, shard_id: int) -> tuple[ShardTicket, ...]:
+    """For a link that is already done: the next link's ticket (marked queued) when that link is still open.
+
+    A worker that dies after a link's commit and before sending the next link's message leaves that link
+    queued (or pending) with no message; RabbitMQ has no lost-message check to notice. The broker redelivers
+    the done link's message (it was never acknowledged), and its worker, which skips the link, calls this.
+    A message sent twice is harmless: claims are conditional."""
+    if not is_chained_shard(engine, shard_id):
+        return ()
+    with engine.begin() as connection:
+        link = connection.execute(select(_S.run_id, _S.index, _S.state).where(_S.id == shard_id)).one_or_none()
+        if link is None or link.state != ShardState.DONE.value:
+            return ()
+        return _queue_link(connection, link.run_id, link.index + 1, QUEUE_OF_KIND["tune"])
 
 
 def fail_rest_of_chain(connection: Any, run_id: int, index: int) -> None:
