@@ -25,11 +25,15 @@ from difftpt_ops.data.layouts import DatasetLayout, has_images, iter_class_folde
 NUMERIC_FOLDERS = frozenset(str(i) for i in range(1000))
 
 
+INNER_FOLDERS = {"imagenet": ("val",), "imagenet-sketch": ("sketch", "images")}
+
+
 def image_root_of(fmt: str, root: Path) -> Path:
-    """The folder holding the class folders: ImageNet's `val/` and ImageNet-Sketch's `sketch/` if present."""
-    inner = {"imagenet": "val", "imagenet-sketch": "sketch"}.get(fmt)
-    if inner and (root / inner).is_dir():
-        return root / inner
+    """The folder holding the class folders: ImageNet's `val/`, ImageNet-Sketch's `sketch/` (the archive's) or
+    `images/` (some TPT forks' layout) if present."""
+    for inner in INNER_FOLDERS.get(fmt, ()):
+        if (root / inner).is_dir():
+            return root / inner
     return root
 
 

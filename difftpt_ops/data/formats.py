@@ -11,9 +11,10 @@ Formats (see folders.py and splits.py for the label rules):
 `auto` detects: a split_zhou file -> that set; variants.txt -> aircraft; 200 folders that are exactly
 ImageNet-R's (or ImageNet-A's) wnids -> imagenet-r (imagenet-a); 1000 numeric folders -> imagenet-v2;
 1000 ImageNet wnid folders (in the root or its val/) -> imagenet (imagenet-sketch when the root or its
-inner folder is named *sketch*); anything else -> imagefolder. A tree with wnid or class-index
-folders that is not one complete set (a partial copy, a stray folder such as __MACOSX) is refused by
-`auto`: name the format to read it with the full set's labels (or `imagefolder` to use the folder names).
+inner folder is named *sketch*, or they are in images/ of a root named *sketch*); anything else ->
+imagefolder. A tree with wnid or class-index folders that is not one complete set (a partial copy, a stray
+folder such as __MACOSX) is refused by `auto`: name the format to read it with the full set's labels (or
+`imagefolder` to use the folder names).
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def _imagenet_like(root: Path) -> str | None:
     "a photo of a 5."), which silently ruins every number; `auto` refuses it instead (see detect_format).
     """
     wnids = set(classnames.imagenet_wnids())
-    for folder in (root, root / "val", root / "sketch"):
+    for folder in (root, root / "val", root / "sketch", root / "images"):
         if not folder.is_dir():
             continue
         names = set(subdirectories(folder))
@@ -112,8 +113,10 @@ def detect_format(root: Path, split_file: Path | None = None) -> str:
     detected = _detect_split(root) or ("aircraft" if splits.aircraft_dir(root) else None)
     if detected:
         return detected
-    for inner in ("val", "sketch"):
+    for inner in ("val", "sketch", "images"):
         if (root / inner).is_dir() and _detect_folders(root / inner) in {"imagenet", "imagenet-sketch"}:
+            if inner == "images" and "sketch" not in root.name.lower():
+                continue  # 1000 wnid folders under images/: not a layout we know; _imagenet_like refuses it
             return "imagenet" if inner == "val" else "imagenet-sketch"
     detected = _detect_folders(root)
     if detected:

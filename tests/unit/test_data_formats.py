@@ -270,6 +270,29 @@ def test_auto_detection(tmp_path: Path, layout_kind: str, expected: str) -> None
     assert detect_format(root) == expected
 
 
+def test_sketch_under_images_is_found_and_read_there(tmp_path: Path) -> None:
+    """`imagenet-sketch/images/<wnid>/` (a TPT fork's layout) is ImageNet-Sketch to `auto`, and its images are read
+    from images/; 1000 wnid folders under images/ of a root not named *sketch* are refused, not taken as one
+    class called "images"."""
+    wnids = classnames.imagenet_wnids()
+    sketch = tmp_path / "imagenet-sketch"
+    make_empty_folders(sketch / "images", wnids)
+    assert detect_format(sketch) == "imagenet-sketch"
+    unnamed = tmp_path / "data"
+    make_empty_folders(unnamed / "images", wnids)
+    with pytest.raises(InputError, match="--format"):
+        detect_format(unnamed)
+    few = tmp_path / "few-sketch"
+    make_folders(few / "images", list(wnids[:3]), per_folder=1)
+    layout = open_layout(few, "imagenet-sketch")
+    names, index = classnames.imagenet_names(), classnames.imagenet_index_of_wnid()
+    entries = entries_of(layout)
+    assert len(layout.class_names) == 1000 and len(entries) == 3
+    for relpath, label in entries:  # read from images/, labelled by their wnid
+        assert relpath.startswith("images/") and label == index[relpath.split("/")[1]]
+        assert layout.class_names[label] == names[label]
+
+
 @pytest.mark.parametrize("layout_kind", ["partial-r", "r-plus-macosx", "partial-v2", "partial-val"])
 def test_auto_refuses_an_incomplete_imagenet_family_tree(tmp_path: Path, layout_kind: str) -> None:
     """wnid or class-index folders that are not one full set would be an ImageFolder prompting with
