@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -208,8 +209,9 @@ def submit_generate(
     dataset: DatasetOpt,
     model: Annotated[str, typer.Option("--model", help="Diffusers model id or local directory.")]
     = "lambdalabs/sd-image-variations-diffusers",
-    revision: Annotated[str, typer.Option("--revision", help="Model revision (none for a local directory).")]
-    = "v2.0",
+    revision: Annotated[str | None, typer.Option("--revision", help=(
+        "Model revision on the hub (default v2.0, the reference's); a local directory has none (it is the "
+        "revision you downloaded)."))] = None,
     per_sample: Annotated[int, typer.Option("--per-sample", help="Variations per sample.")] = 63,
     steps: Annotated[int, typer.Option("--steps", help="Denoising steps.")] = 50,
     guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = 3.0,
@@ -229,6 +231,8 @@ def submit_generate(
     from difftpt_ops.services.running.runs import submit_generate as submit
 
     settings = settings_of(ctx)
+    if revision is None:  # a local directory is the revision that was downloaded into it
+        revision = "none" if Path(model).expanduser().is_dir() else "v2.0"
     spec = GenerationSpec(model=model, revision=_none_if(revision), scheduler=scheduler, steps=steps,
                           guidance=guidance, per_sample=per_sample, size=size, dtype=dtype, seed=seed)
     engine = engine_of(ctx)

@@ -39,11 +39,12 @@ def make_tiny(
 
 @models_app.command("check")
 def check(
-    model: Annotated[str, typer.Option("--model", help="open_clip model name or a local open_clip directory.")]
-    = "ViT-B-16",
-    pretrained: Annotated[str, typer.Option(
-        "--pretrained", help="Pretrained tag (its weights must be in the hub cache) or a checkpoint file.")]
-    = "openai",
+    model: Annotated[str | None, typer.Option("--model", help=(
+        "open_clip model name or a local open_clip directory (default ViT-B-16; with --generator alone, only "
+        "the generator is checked)."))] = None,
+    pretrained: Annotated[str | None, typer.Option(
+        "--pretrained", help="Pretrained tag (its weights must be in the hub cache) or a checkpoint file "
+                             "(default openai; none: random weights).")] = None,
     generator: Annotated[Path | None, typer.Option(
         "--generator", help="Also check a local diffusers image-variation pipeline folder.")] = None,
     device: Annotated[str, typer.Option("--device", help="Torch device to load on.")] = "cpu",
@@ -54,8 +55,11 @@ def check(
     from difftpt_ops.services.models_check import check_clip, check_generator
 
     silence_library_progress_bars()
-    tag = None if pretrained.strip().lower() in {"", "none"} else pretrained
-    reports = [check_clip(model, tag, device=device)]
+    reports = []
+    if generator is None or model is not None or pretrained is not None:  # `--generator DIR` alone: no CLIP
+        pretrained = "openai" if pretrained is None else pretrained
+        tag = None if pretrained.strip().lower() in {"", "none"} else pretrained
+        reports.append(check_clip(model or "ViT-B-16", tag, device=device))
     if generator is not None:
         reports.append(check_generator(str(generator), device=device))
     if as_json:

@@ -7,6 +7,7 @@ model is in eval mode with every parameter frozen; the tuning code never trains 
 from __future__ import annotations
 
 import pickle
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,12 +69,21 @@ def load_clip(spec: ModelSpec, device: str | torch.device = "cpu", *, cache_dir:
     precision = resolve_precision(spec.precision, device)
     model_name, pretrained = _open_clip_source(spec)
     quick_gelu = wants_quick_gelu(spec, model_name, pretrained)
+    # OpenAI's own files are TorchScript archives, which torch.load refuses under weights_only=True; torch.load
+    # with weights_only=False hands exactly those to torch.jit.load (no pickle of arbitrary objects), as
+    # open_clip's load_openai_model does. Every other checkpoint keeps weights_only=True.
+    torchscript = _is_checkpoint_file(model_name, pretrained) and is_openai_checkpoint(Path(str(pretrained)))
     try:
-        model = open_clip.create_model(
-            model_name, pretrained=pretrained, precision=precision, device=device, cache_dir=cache_dir,
-            force_quick_gelu=quick_gelu,
-        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive.*")
+            warnings.filterwarnings("ignore", message=".*torch.jit.load. is deprecated.*", category=FutureWarning)
+            model = open_clip.create_model(
+                model_name, pretrained=pretrained, precision=precision, device=device, cache_dir=cache_dir,
+                force_quick_gelu=quick_gelu, weights_only=not torchscript,
+            )
     except RuntimeError as exc:
+        if unreadable_weights(exc):  # a truncated .pt is a RuntimeError too: bad input, never retried
+            raise _damaged(spec, model_name, pretrained, exc) from exc
         text = str(exc).lower()
         # open_clip wraps every download failure (no network, HF_HUB_OFFLINE=1 and not cached) in RuntimeError.
         if "download" in text or "hf hub" in text:
@@ -84,21 +94,15 @@ def load_clip(spec: ModelSpec, device: str | torch.device = "cpu", *, cache_dir:
                 f"`difftpt-ops models check --model {spec.name} --pretrained {spec.pretrained}`"
             ) from exc
         if "state_dict" in text:  # a checkpoint of another architecture
-            raise InvalidSpecError("--pretrained", pretrained or spec.name, f"does not fit {spec.name}: {exc}") from exc
+            raise InvalidSpecError("--pretrained", pretrained or spec.name,
+                                   f"does not fit {spec.name}: {_mismatch_summary(str(exc))}") from exc
         raise
     except ValueError as exc:  # an unreadable open_clip_config.json
         raise InvalidSpecError("--model", spec.name, f"cannot be loaded: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - only damaged weights are translated; the rest is re-raised
         if not unreadable_weights(exc):
             raise
-        # A damaged file is bad input, not a transient failure: say which file, and never retry it.
-        argument, value = ("--model", spec.name) if model_name.startswith(LOCAL_DIR_PREFIX) else \
-            ("--pretrained", str(pretrained))
-        # torch.load's unpickling error text is advice about weights_only, which does not apply to junk.
-        text = str(exc).strip()
-        reason = text.splitlines()[0] if text and not isinstance(exc, pickle.UnpicklingError) else type(exc).__name__
-        raise InvalidSpecError(argument, value, f"its weights cannot be read ({reason}): the file is damaged or "
-                                                f"not a checkpoint") from exc
+        raise _damaged(spec, model_name, pretrained, exc) from exc
     model.eval()
     model.requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(model_name)
@@ -114,6 +118,44 @@ def load_clip(spec: ModelSpec, device: str | torch.device = "cpu", *, cache_dir:
         image_size=_image_size(model),
         activation=activation_of(model),
     )
+
+
+def _damaged(spec: ModelSpec, model_name: str, pretrained: str | None, exc: BaseException) -> InvalidSpecError:
+    """A damaged file is bad input, not a transient failure: say which file, and never retry it."""
+    argument, value = ("--model", spec.name) if model_name.startswith(LOCAL_DIR_PREFIX) else \
+        ("--pretrained", str(pretrained))
+    # torch.load's unpickling error text is advice about weights_only, which does not apply to junk.
+    text = str(exc).strip()
+    reason = text.splitlines()[0] if text and not isinstance(exc, pickle.UnpicklingError) else type(exc).__name__
+    reason = reason.split(". ")[0]  # torch appends sentences of advice to its zip reader's error
+    return InvalidSpecError(argument, value, f"its weights cannot be read ({reason}): the file is damaged or "
+                                             f"not a checkpoint")
+
+
+def _mismatch_summary(text: str) -> str:
+    """torch's load_state_dict error, one line: counts of missing, unexpected and mis-shaped keys, first of each."""
+    lines = [line.strip() for line in text.splitlines()[1:] if line.strip()]
+    missing = next((line for line in lines if line.startswith("Missing key(s)")), "")
+    unexpected = next((line for line in lines if line.startswith("Unexpected key(s)")), "")
+    shapes = [line for line in lines if line.startswith("size mismatch")]
+    parts = []
+    for label, line in (("missing", missing), ("unexpected", unexpected)):
+        keys = line.split(":", 1)[1].split(", ") if ":" in line else []
+        if keys:
+            parts.append(f"{len(keys)} {label} keys (first {keys[0].strip().rstrip('.')})")
+    if shapes:
+        first = shapes[0].removeprefix("size mismatch for ").rstrip(".")
+        parts.append(f"{len(shapes)} of another shape (first {first})")
+    return "; ".join(parts) if parts else (text.splitlines()[0] if text else "")
+
+
+def _is_checkpoint_file(model_name: str, pretrained: str | None) -> bool:
+    """Whether `pretrained` is a local checkpoint file (not a hub tag) for a plain open_clip model name."""
+    import open_clip
+
+    if not pretrained or model_name.startswith((LOCAL_DIR_PREFIX, "hf-hub:")):
+        return False
+    return not open_clip.get_pretrained_cfg(model_name, pretrained) and Path(pretrained).is_file()
 
 
 def unreadable_weights(exc: BaseException) -> bool:

@@ -107,3 +107,17 @@ def test_worker_refuses_bad_setups(engine, monkeypatch: pytest.MonkeyPatch) -> N
     assert code == 2 and "use --gpus cpu" in out
     code, out = _invoke("worker", "--gpus", "cpu", "--queues", "tune,render")
     assert code == 2 and "--queues=tune,render" in out
+
+
+def test_a_local_generator_folder_has_no_revision(engine, tiny_models_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """A pipeline folder is the revision downloaded into it: without --revision it gets none (with v2.0, the
+    hub default, every image would be made again under another config); --revision with a folder is refused."""
+    folder = str(tiny_models_dir / "sd-image-variations")
+    options = ("--dataset", "toy", "--model", folder, "--steps", "2", "--size", "64", "--per-sample", "2", "--dry-run")
+    code, out = _invoke("submit", "generate", *options, "--json")
+    assert code == 0, out
+    code, out = _invoke("submit", "generate", *options, "--revision", "v2.0")
+    assert code == 2 and "--revision=v2.0" in out and len(out.strip().splitlines()) == 1, out
+    code, out = _invoke("submit", "generate", *options, "--revision", "none")
+    assert code == 0, out
+    assert _runs(engine) == 0

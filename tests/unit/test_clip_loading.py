@@ -121,3 +121,71 @@ def test_read_coop_checkpoint(tmp_path: Path) -> None:
     (tmp_path / "junk.pth").write_text("not a checkpoint")
     with pytest.raises(InvalidSpecError):
         read_coop_checkpoint(tmp_path / "junk.pth")
+
+
+def _registered_tiny_name(tmp_path: Path, name: str = "difftpt-tiny-test") -> str:
+    config = tmp_path / f"{name}.json"
+    config.write_text(json.dumps(TINY_MODEL_CFG))
+    open_clip.add_model_config(config)
+    return name
+
+
+class _OpenAILayout(torch.nn.Module):
+    """A CLIP's modules and parameters under OpenAI's names, plus the buffers OpenAI's archives carry."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        for name, parameter in model.named_parameters(recurse=False):
+            self.register_parameter(name, parameter)
+        for name, value in (("input_resolution", 224), ("context_length", 77), ("vocab_size", 49408)):
+            self.register_buffer(name, torch.tensor(value))
+        self._model = [model]
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._model[0].encode_image(image), self._model[0].encode_text(text)
+
+
+def test_openai_torchscript_archive_loads_with_quick_gelu(tiny_dir: Path, tmp_path: Path) -> None:
+    """OpenAI distributes TorchScript archives (ViT-B-16.pt): `--pretrained FILE.pt` loads one with its
+    weights and QuickGELU, not a torch.load weights_only refusal."""
+    import warnings
+
+    name = _registered_tiny_name(tmp_path)
+    reference = load_clip(ModelSpec(name=str(tiny_dir), pretrained=None, activation="quickgelu")).model
+    archive = tmp_path / "ViT-tiny.pt"
+    image = torch.zeros(1, 3, 224, 224)
+    text = open_clip.get_tokenizer("ViT-B-16")(["a dog"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.trace(_OpenAILayout(reference), (image, text), check_trace=False), str(archive))
+    clip = load_clip(ModelSpec(name=name, pretrained=str(archive)))
+    assert clip.activation == "quickgelu"
+    expected = reference.state_dict()
+    assert all(torch.equal(value, expected[key]) for key, value in clip.model.state_dict().items())
+
+
+def test_truncated_torch_checkpoint_is_bad_input(tiny_dir: Path, tmp_path: Path) -> None:
+    """A partly downloaded .pt (torch.save's zip, cut short) is one InvalidSpecError naming --pretrained,
+    not torch's RuntimeError (which a worker would retry and the CLI would print as a traceback)."""
+    from safetensors.torch import load_file
+
+    name = _registered_tiny_name(tmp_path)
+    full = tmp_path / "full.pt"
+    torch.save(load_file(str(tiny_dir / WEIGHTS_FILE)), full)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    with pytest.raises(InvalidSpecError, match=r"--pretrained=.*cut.pt: its weights cannot be read") as info:
+        load_clip(ModelSpec(name=name, pretrained=str(cut)))
+    assert "\n" not in str(info.value)
+
+
+def test_checkpoint_of_another_architecture_is_one_line(tmp_path: Path) -> None:
+    """Weights of another architecture: one line naming --pretrained, with counts of the keys that differ."""
+    name = _registered_tiny_name(tmp_path)
+    other = tmp_path / "other.pt"
+    torch.save({"visual.conv1.weight": torch.zeros(1), "text_projection": torch.zeros(2, 2)}, other)
+    with pytest.raises(InvalidSpecError, match=r"--pretrained=.*other.pt: does not fit") as info:
+        load_clip(ModelSpec(name=name, pretrained=str(other)))
+    assert "\n" not in str(info.value) and "missing keys" in str(info.value)

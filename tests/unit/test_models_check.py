@@ -65,3 +65,23 @@ def test_hub_cache_layout(tiny: Path, tmp_path: Path, monkeypatch: pytest.Monkey
     with pytest.raises(NotFoundError, match=r"--pretrained=cached: weights are not on this machine") as missing:
         check_clip(ARCH, "cached")
     assert "make-tiny" not in str(missing.value) and "--pretrained /path/" in str(missing.value)
+
+
+def test_generator_alone_checks_only_the_generator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`models check --generator DIR` (the --help example) checks the pipeline folder without also loading
+    ViT-B-16 openai, which a generation-only machine need not have; --model or --pretrained brings CLIP back."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from difftpt_ops.models.tiny_diffusion import make_tiny_variation_pipeline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf"))  # no cached CLIP weights
+    generator = make_tiny_variation_pipeline(tmp_path / "sd")
+    alone = CliRunner().invoke(app, ["--workspace", str(tmp_path / "ws"), "models", "check", "--generator",
+                                     str(generator), "--json"])
+    assert alone.exit_code == 0, alone.output
+    assert [report["kind"] for report in json.loads(alone.stdout)] == ["generator"]
+    with_clip = CliRunner().invoke(app, ["--workspace", str(tmp_path / "ws"), "models", "check", "--pretrained",
+                                         "openai", "--generator", str(generator)])
+    assert with_clip.exit_code == 2 and "--pretrained=openai" in with_clip.output

@@ -92,4 +92,9 @@ def generator_path_checked(settings: Settings, spec: GenerationSpec) -> Generati
     if settings.embedded:
         check_pipeline_source(spec.model)
     path = Path(spec.model).expanduser()
-    return dataclasses.replace(spec, model=str(path.resolve())) if path.is_dir() else spec
+    if not path.is_dir():
+        return spec
+    if spec.revision is not None:  # the loader ignores it, but it would make another generation config
+        raise InputError("--revision", spec.revision, f"{path} is a local directory, the revision downloaded into "
+                         "it; leave --revision out (or give none)")
+    return dataclasses.replace(spec, model=str(path.resolve()))
