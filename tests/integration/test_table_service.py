@@ -402,3 +402,24 @@ def test_seed_repeats_on_other_devices_average_and_a_rerun_of_a_seed_replaces_it
     assert cell.value == pytest.approx(statistics.fmean([12, 14, 16]) / N_SAMPLES)
     table = build_table(engine, TableQuery(run_ids=tuple(ids)))
     assert table.superseded == [(ids[0], ids[3])]
+
+
+def test_a_tune_time_estimate_uses_only_runs_of_its_model_on_its_device(engine: Engine) -> None:
+    """`--dry-run`'s time per sample comes from earlier runs of the method with the same model on the same kind
+    of device; runs of other models or devices are named in the words, never offered as the figure."""
+    from difftpt_ops.services.running.estimate import _tune_seconds_per_sample
+    from tests.factories import make_shard
+
+    version_id = _version(engine, "photos")
+    with session_scope(engine) as session:
+        version = session.get(DatasetVersion, version_id)
+        for model, device, seconds in (("tiny", "cpu", 8.0), ("ViT-B-16", "cuda", 2.0)):
+            spec = {**_spec("tpt", model, version.fingerprint), "device": device}
+            make_shard(session, make_run(session, version, method="tpt", spec=spec), seconds=seconds,
+                       samples_done=N_SAMPLES)
+        assert _tune_seconds_per_sample(session, "tpt", "ViT-B-16", "cuda") == (
+            2.0 / N_SAMPLES, f"measured: {N_SAMPLES} sample(s) of earlier tpt runs with ViT-B-16 on cuda on this "
+            "deployment")
+        seconds, words = _tune_seconds_per_sample(session, "tpt", "ViT-B-16", "cpu")
+        assert seconds is None and words.startswith("none yet for tpt with ViT-B-16 on cpu; other models or devices")
+        assert _tune_seconds_per_sample(session, "zero", "ViT-B-16", "cuda")[0] is None

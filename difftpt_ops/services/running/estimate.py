@@ -74,7 +74,7 @@ def estimate_tune(engine: Engine, settings: Settings, *, dataset_ref: str, metho
         samples = _in_scope(version, limit)
         existing = session.scalar(select(Run).where(Run.fingerprint == plan.spec.fingerprint()))
         n_generated = int(getattr(method_spec, "n_generated", 0) or 0)
-        per_unit, time_source = _tune_seconds_per_sample(session, method_spec.method, model)
+        per_unit, time_source = _tune_seconds_per_sample(session, method_spec.method, model, choice.device)
         done, planned, shards = _progress(session, existing)
         to_do = samples - min(done, samples)
         new_shards = _new_shards(planned, samples, existing.shard_size if existing else shard_size or
@@ -194,20 +194,25 @@ def _bytes_per_image(session: Session, settings: Settings, config: GenerationCon
                       "bytes per pixel")
 
 
-def _tune_seconds_per_sample(session: Session, method: str, model: str) -> tuple[float | None, str]:
-    """Seconds per sample over finished shards of earlier tune runs of this method (same model preferred)."""
+def _tune_seconds_per_sample(session: Session, method: str, model: str, device: str) -> tuple[float | None, str]:
+    """Seconds per sample over finished shards of earlier tune runs of this method with this model on this kind of
+    device. Runs of other models or devices are named, not used: their speed says little about this one's."""
     counted = func.sum(Shard.samples_done + Shard.samples_failed)
     totals = session.execute(select(Run.id, func.sum(Shard.seconds), counted).join(Shard, Shard.run_id == Run.id)
                              .where(Run.kind == "tune", Run.method == method, Shard.state == ShardState.DONE)
                              .group_by(Run.id)).all()  # not by spec: PostgreSQL cannot group a json column
     specs = dict(session.execute(select(Run.id, Run.spec).where(Run.id.in_([t[0] for t in totals]))).tuples().all())
-    rows = [(specs[run_id], s, n) for run_id, s, n in totals]
-    same_model = [(s, n) for spec, s, n in rows if (spec.get("model") or {}).get("name") == model]
-    for chosen, what in ((same_model, f"{method} runs with {model}"), ([(s, n) for _, s, n in rows],
-                                                                      f"{method} runs (other models)")):
-        seconds, samples = sum(float(s or 0) for s, _ in chosen), sum(int(n or 0) for _, n in chosen)
-        if samples > 0 and seconds > 0:
-            return seconds / samples, f"measured: {samples} sample(s) of earlier {what} on this deployment"
+    rows = [(specs[run_id], float(s or 0), int(n or 0)) for run_id, s, n in totals if s and n]
+    same = [(s, n) for spec, s, n in rows
+            if (spec.get("model") or {}).get("name") == model and spec.get("device", "cpu") == device]
+    if same:
+        seconds, samples = sum(s for s, _ in same), sum(n for _, n in same)
+        return seconds / samples, (f"measured: {samples} sample(s) of earlier {method} runs with {model} on "
+                                   f"{device} on this deployment")
+    if rows:
+        seconds, samples = sum(s for _, s, _ in rows), sum(n for _, _, n in rows)
+        return None, (f"none yet for {method} with {model} on {device}; other models or devices took "
+                      f"{seconds / samples:.3g} s per sample over {samples} sample(s), which says little about it")
     return None, f"none yet: no finished {method} run on this deployment to measure"
 
 
