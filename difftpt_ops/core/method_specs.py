@@ -23,9 +23,17 @@ def _check_ratio(name: str, value: float) -> None:
     require(0.0 < value <= 1.0, name, value, "must be in (0, 1]")
 
 
+MAX_VIEWS = 1024  # views of one sample are one batch: far above any reference's 64, far below running out of memory
+
+
+def check_view_count(n_views: int, minimum: int = 1) -> None:
+    """A sample's number of views: at least `minimum`, at most MAX_VIEWS (refused at submit, not by the OOM killer)."""
+    require(minimum <= n_views <= MAX_VIEWS, "n_views", n_views, f"must be in [{minimum}, {MAX_VIEWS}]")
+
+
 def check_view_tuning(spec: Any) -> None:
     """The settings TPT-style methods share: the views, the confidence selection and the AdamW steps."""
-    require(spec.n_views >= 1, "n_views", spec.n_views, "must be >= 1")
+    check_view_count(spec.n_views)
     _check_ratio("selection_p", spec.selection_p)
     require(spec.steps >= 0, "steps", spec.steps, "must be >= 0")
     require(spec.lr > 0, "lr", spec.lr, "must be > 0")
@@ -157,8 +165,8 @@ class DiffTPTSpec(MethodSpec):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(self.n_conventional >= 0, "n_conventional", self.n_conventional, "must be >= 0")
-        require(self.n_generated >= 0, "n_generated", self.n_generated, "must be >= 0")
+        for name, count in (("n_conventional", self.n_conventional), ("n_generated", self.n_generated)):
+            require(0 <= count <= MAX_VIEWS, name, count, f"must be in [0, {MAX_VIEWS}]")
         _check_ratio("selection_cosine", self.selection_cosine)
         _check_ratio("selection_entropy", self.selection_entropy)
         require(self.steps >= 0, "steps", self.steps, "must be >= 0")

@@ -267,3 +267,18 @@ def test_a_dry_run_finds_the_run_a_submit_resolved_per_dataset(workspace: Path, 
                            overrides=OVERRIDES)
     after = estimate_tune(engine, settings, **args)  # type: ignore[arg-type]
     assert (after.existing_run_id, after.samples_to_do, after.shards_new) == (run.run_id, 0, 0)
+
+
+def test_online_links_record_where_they_ran(workspace: Path, database_url: str, tmp_path: Path,
+                                            tiny_models_dir: Path) -> None:
+    """Every link of a finished online run records its provenance, so `runs show` names the machine, as it does
+    for an episodic run's shards (it said "no shard has run yet" for a finished online run)."""
+    from difftpt_ops.services.running.status import show_run
+
+    settings, engine = online_settings(workspace, database_url)
+    image_dataset(engine, tmp_path / "images")
+    result = _submit(engine, settings, tiny_models_dir / "clip", "tda")
+    assert result.state == "finished"
+    shown = show_run(engine, result.run_id)
+    assert [len(group["shards"]) for group in shown["shard_provenance"]] == [result.shards_total]
+    assert shown["shard_provenance"][0]["device"] == "cpu"

@@ -53,6 +53,26 @@ def test_every_spec_round_trips_with_options_at_their_omitted_values() -> None:
     assert checked > len(user_methods())  # every spec has `features`, some more
 
 
+def test_every_method_refuses_more_views_than_one_batch_can_hold() -> None:
+    """n_views above MAX_VIEWS (and DMN's memory_size above its bound) is refused at submit; before, TDA with
+    n_views=100000000 was accepted and the process was killed for memory with a half-made run behind it."""
+    import difftpt_ops.tta.methods  # noqa: F401 - registers every method's spec
+    from difftpt_ops.core.method_specs import MAX_VIEWS, user_methods
+
+    with_views = [m for m in user_methods() if "n_views" in {f.name for f in dc.fields(method_spec_from(m))}]
+    assert {"tpt", "tda", "dmn-zs", "zero", "mta", "rtpt", "boostadapter"} <= set(with_views)
+    for method in with_views:
+        method_spec_from(method, {"n_views": str(MAX_VIEWS)})
+        with pytest.raises(InvalidSpecError) as info:
+            method_spec_from(method, {"n_views": str(MAX_VIEWS + 1)})
+        assert info.value.argument == "n_views", method
+    with pytest.raises(InvalidSpecError, match="memory_size"):
+        method_spec_from("dmn-zs", {"memory_size": "1000000000000"})
+    for key in ("n_conventional", "n_generated"):  # DiffTPT's views, of two kinds
+        with pytest.raises(InvalidSpecError, match=key):
+            method_spec_from("difftpt", {key: str(MAX_VIEWS + 1)})
+
+
 @pytest.mark.parametrize("method, overrides, argument", [
     ("magic", {}, "--method"),
     ("tpt", {"selection_p": "0"}, "selection_p"),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from difftpt_ops.core.method_specs import check_descriptions
+from difftpt_ops.core.method_specs import check_descriptions, check_view_count
 from difftpt_ops.core.specs import require
 from difftpt_ops.tta.methods.base import ViewPlan
 from difftpt_ops.tta.methods.ensemble import check_prompt_set
@@ -24,7 +24,8 @@ def check_stream_settings(spec: Any) -> None:
     if spec.prompts is not None:
         check_prompt_set(spec.prompts)
     check_descriptions(spec.descriptions)
-    require(spec.n_views is None or spec.n_views >= 1, "n_views", spec.n_views, "must be >= 1")
+    if spec.n_views is not None:
+        check_view_count(spec.n_views)
     require(0.0 < spec.selection_p <= 1.0, "selection_p", spec.selection_p, "must be in (0, 1]")
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from difftpt_ops.core.method_specs import MethodSpec, check_descriptions
+from difftpt_ops.core.method_specs import MethodSpec, check_descriptions, check_view_count
 from difftpt_ops.core.specs import require
 from difftpt_ops.tta.methods.base import OnlineMethod, StepInputs, StepOutput, ViewPlan, ViewScores, register
 from difftpt_ops.tta.methods.ensemble import PromptSetOption, check_prompt_set
@@ -38,6 +38,7 @@ PAPER = "Zhang et al., Dual Memory Networks: A Versatile Adaptation Approach for
 REFERENCE = "https://github.com/YBZh/DMN"
 SELECTION_EPS = 1e-6  # in the view-selection entropy
 MEMORY_EPS = 1e-8  # in the memory-ranking entropy
+MAX_MEMORY_SIZE = 1024  # features kept per class: the reference keeps 50; classes x this x dim floats stay on the GPU
 
 
 @dataclass(frozen=True)
@@ -177,10 +178,11 @@ class DMNSpec(MethodSpec):
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.order_seed >= 0, "order_seed", self.order_seed, "must be >= 0")
-        require(self.n_views >= 1, "n_views", self.n_views, "must be >= 1")
+        check_view_count(self.n_views)
         require(0.0 < self.crop_min <= 1.0, "crop_min", self.crop_min, "must be in (0, 1]")
         require(0.0 < self.selection_p <= 1.0, "selection_p", self.selection_p, "must be in (0, 1]")
-        require(self.memory_size >= 1, "memory_size", self.memory_size, "must be >= 1")
+        require(1 <= self.memory_size <= MAX_MEMORY_SIZE, "memory_size", self.memory_size,
+                f"must be in [1, {MAX_MEMORY_SIZE}]")
         require(self.beta >= 0, "beta", self.beta, "must be >= 0")
         require(self.dynamic_weight >= 0, "dynamic_weight", self.dynamic_weight, "must be >= 0")
         if self.prompts is not None:

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from difftpt_ops.core.errors import InvalidSpecError
-from difftpt_ops.core.method_specs import MethodSpec, check_descriptions
+from difftpt_ops.core.method_specs import MethodSpec, check_descriptions, check_view_count
 from difftpt_ops.tta.methods.base import ForwardOnlyMethod, StepInputs, StepOutput, ViewPlan, ViewScores, register
 from difftpt_ops.tta.methods.ensemble import PromptSetOption, check_prompt_set
 
@@ -52,8 +52,7 @@ class MTASpec(MethodSpec):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.n_views < 1:
-            raise InvalidSpecError("n_views", self.n_views, "must be >= 1")
+        check_view_count(self.n_views)
         if not self.lambda_y > 0:
             raise InvalidSpecError("lambda_y", self.lambda_y, "must be > 0")
         if not self.lambda_q >= 0:

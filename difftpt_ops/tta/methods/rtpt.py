@@ -31,7 +31,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from difftpt_ops.core.method_specs import MethodSpec
+from difftpt_ops.core.method_specs import MethodSpec, check_view_count
 from difftpt_ops.core.specs import require
 from difftpt_ops.tta.losses import at_least_fp32, view_entropy
 from difftpt_ops.tta.methods.base import StepInputs, ViewScores, register
@@ -58,7 +58,7 @@ class RTPTSpec(MethodSpec):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(self.n_views >= 2, "n_views", self.n_views, "must be >= 2")
+        check_view_count(self.n_views, minimum=2)
         require(0.0 < self.selection_p <= 1.0, "selection_p", self.selection_p, "must be in (0, 1]")
         # The reference asserts at least one step; with none the engine would predict view 0 unweighted.
         require(self.steps >= 1, "steps", self.steps, "must be >= 1")

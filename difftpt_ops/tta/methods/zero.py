@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from difftpt_ops.core.errors import InvalidSpecError
-from difftpt_ops.core.method_specs import MethodSpec, check_descriptions
+from difftpt_ops.core.method_specs import MethodSpec, check_descriptions, check_view_count
 from difftpt_ops.tta.losses import view_entropy
 from difftpt_ops.tta.methods.base import ForwardOnlyMethod, StepInputs, StepOutput, ViewPlan, ViewScores, register
 from difftpt_ops.tta.methods.ensemble import PromptSetOption, check_prompt_set
@@ -60,8 +60,7 @@ class ZeroSpec(MethodSpec):
         super().__post_init__()
         if self.vote not in VOTES:
             raise InvalidSpecError("vote", self.vote, f"must be one of {', '.join(VOTES)}")
-        if self.n_views < 1:
-            raise InvalidSpecError("n_views", self.n_views, "must be >= 1")
+        check_view_count(self.n_views)
         if not 0.0 < self.gamma <= 1.0:
             raise InvalidSpecError("gamma", self.gamma, "must be in (0, 1]")
         check_prompt_set(self.prompts)
