@@ -174,7 +174,8 @@ def submit_tune(
 
     settings = settings_of(ctx)
     parsed = parse_overrides(overrides)
-    if order_seed is not None:  # the spec's order_seed field; only online specs have it (one-line error otherwise)
+    if order_seed is not None:  # the spec's order_seed field, which only online specs have
+        online.check_has_order(method, "--order-seed", order_seed)
         parsed = {**parsed, "order_seed": str(order_seed)}
     if orders is not None:
         sweep = [*(sweep or []), online.order_sweep(method, orders)]

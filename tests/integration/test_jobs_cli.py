@@ -70,6 +70,7 @@ BAD_INPUTS = [
     (["submit", "tune", "--dataset", "toy", "--method", "zeroshot", "--generation", "1"], "--generation=1"),
     (["submit", "tune", "--dataset", "toy", "--method", "difftpt"], "submit generate --dataset toy"),
     (["submit", "generate", "--dataset", "toy", "--steps", "0"], "--steps=0"),
+    (["submit", "tune", "--dataset", "toy", "--method", "tpt", "--order-seed", "3"], "--order-seed=3"),
     (["status", "seven"], "RUN=seven"),
     (["resume", "99"], "RUN=99"),
     (["cancel", "0"], "RUN=0"),

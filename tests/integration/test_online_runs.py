@@ -233,6 +233,15 @@ def test_orders_submits_k_runs_and_results_summarise_them(workspace: Path, tmp_p
     assert compared["orders_a"] == compared["orders_b"] == shown
     rejected = runner.invoke(app, ["submit", "tune", "--dataset", "pics", "--method", "tpt", "--orders", "2"])
     assert rejected.exit_code == 2 and "--orders=2" in rejected.output
+    # Another order on the first 4 samples of its stream covers other samples: not one of the group's orders.
+    limited = runner.invoke(app, ["submit", "tune", "--dataset", "pics", "--method", "dmn-zs", "--model",
+                                  str(tiny_models_dir / "clip"), "--pretrained", "none", "--set", "n_views=2",
+                                  "--order-seed", "5", "--limit", "4", "--json"])
+    assert limited.exit_code == 0, limited.output
+    assert json.loads(runner.invoke(app, ["results", str(run_ids[1]), "--json"]).output)["orders"] == shown
+    table = json.loads(runner.invoke(app, ["table", "--json"]).output)
+    [cell] = [row["cells"]["pics"] for row in table["rows"] if row["method"] == "dmn-zs"]
+    assert len(cell["runs"]) == 1 and cell["n"] == 4  # the newest run alone: its samples, not a mean over others
 
 
 def test_online_runs_default_to_their_own_shard_size(workspace: Path, tmp_path: Path, tiny_models_dir: Path) -> None:

@@ -50,7 +50,8 @@ def _without_seed(spec: dict[str, Any]) -> str:
 
 
 def seed_group_stats(engine: Engine, run_id: int) -> dict[str, Any] | None:
-    """Top-1 over the runs whose spec equals this run's except for the seed: runs, seeds, mean, std, min, max.
+    """Top-1 over the runs whose spec equals this run's except for the seed, on as many samples: runs, seeds,
+    mean, std, min, max.
 
     None when no other run repeats it. Runs count with the samples they have finished; `all_finished`
     says whether the group is complete.
@@ -63,8 +64,9 @@ def seed_group_stats(engine: Engine, run_id: int) -> dict[str, Any] | None:
         run = session.get(Run, run_id)
         if run is None:
             return None
-        candidates = session.execute(select(Run.id, Run.spec, Run.state).where(
-            Run.method == run.method, Run.dataset_version_id == run.dataset_version_id, Run.kind == run.kind)).all()
+        candidates = session.execute(select(Run.id, Run.spec, Run.state).where(  # on as many samples (--limit)
+            Run.method == run.method, Run.dataset_version_id == run.dataset_version_id, Run.kind == run.kind,
+            Run.num_samples == run.num_samples)).all()
         identity = _without_seed(run.spec)
         group = {rid: (spec.get("seed"), state) for rid, spec, state in candidates if _without_seed(spec) == identity}
         if len(group) < 2:
@@ -102,13 +104,15 @@ def _identity_without_order(spec: dict[str, Any]) -> str:
 
 
 def order_group(engine: Engine, run_id: int) -> list[int]:
-    """Ids of the runs whose spec equals this online run's except for the order seed (itself included)."""
+    """Ids of the runs whose spec equals this online run's except for the order seed, on as many samples (a run
+    with another --limit covers other samples of the stream), itself included."""
     with session_scope(engine) as session:
         run = session.get(Run, run_id)
         if run is None or not _is_online(run.method):
             return []
-        candidates = session.execute(select(Run.id, Run.spec).where(
-            Run.method == run.method, Run.dataset_version_id == run.dataset_version_id, Run.kind == run.kind)).all()
+        candidates = session.execute(select(Run.id, Run.spec).where(  # on as many samples (--limit)
+            Run.method == run.method, Run.dataset_version_id == run.dataset_version_id, Run.kind == run.kind,
+            Run.num_samples == run.num_samples)).all()
         identity = _identity_without_order(run.spec)
     return sorted(rid for rid, spec in candidates if _identity_without_order(spec) == identity)
 

@@ -57,7 +57,8 @@ def load_tune_run_info(conn: Connection, run_id: int, argument: str = "RUN") -> 
     """As load_run_info, for a run with predictions: InputError naming `argument` for a generation run."""
     info = load_run_info(conn, run_id, argument)
     if info.run.kind != "tune":
-        raise InputError(argument, run_id, f"is a {info.run.kind} run: it makes images, not predictions "
+        made = "stored view features" if info.run.kind == "features" else "images"
+        raise InputError(argument, run_id, f"is a {info.run.kind} run: it makes {made}, not predictions "
                                            f"(`difftpt-ops status {run_id}` shows its progress)")
     return info
 

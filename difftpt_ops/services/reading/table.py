@@ -251,6 +251,7 @@ def _cells(runs: list[RunRow], query: TableQuery) -> tuple[Cells, str | None]:
         key, group, seeds = seed_group_key(latest.spec), list[RunRow](), set[str]()
         for run in runs:  # the newest run of each seed: a rerun on another device replaces, never averages in
             if (_row_key(run) == row_key and run.version_id == latest.version_id
+                    and run.num_samples == latest.num_samples  # a run with another --limit: other samples
                     and seed_group_key(run.spec) == key and _seeds(run.spec) not in seeds):
                 seeds.add(_seeds(run.spec))
                 group.append(run)

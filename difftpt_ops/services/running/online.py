@@ -455,11 +455,16 @@ def _record_failure(engine: Engine, settings: Settings, claim: ChainClaim, queue
 # --- Several orders: submit K runs, summarise them as a group ------------------------------------------------
 
 
-def order_sweep(method: str, orders: int) -> str:
-    """The `--sweep` item of `--orders K`: order_seed=0,...,K-1 (only online methods have an order)."""
+def check_has_order(method: str, option: str, value: object) -> None:
+    """`--order-seed` / `--orders` on an episodic method: bad input naming the option the user typed."""
     ensure_registered(method)
     if not is_online_method(method):
-        raise InputError("--orders", orders, f"only online methods have an order; {method} is not one")
+        raise InputError(option, value, f"only online methods have an order; {method} is not one")
+
+
+def order_sweep(method: str, orders: int) -> str:
+    """The `--sweep` item of `--orders K`: order_seed=0,...,K-1 (only online methods have an order)."""
+    check_has_order(method, "--orders", orders)
     if orders < 1:
         raise InputError("--orders", orders, "must be >= 1")
     return "order_seed=" + ",".join(str(seed) for seed in range(orders))
