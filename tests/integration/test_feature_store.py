@@ -299,6 +299,11 @@ def test_features_run_fills_the_store_and_tune_runs_read_it(tiny_models_dir: Pat
     assert store_size(engine)["entries"] == 3 and store_size(engine)["views"] == 3 * 64
     again = submit_features(engine, settings, dataset_ref="pics", model=model, pretrained=None, views="tpt")
     assert (again.run_id, again.created, again.shards_dispatched) == (filled.run_id, False, 0)
+    from difftpt_ops.core.errors import InputError
+    from difftpt_ops.services.reading.results import load_tune_run_info
+
+    with engine.connect() as connection, pytest.raises(InputError, match="makes stored view features, not predi"):
+        load_tune_run_info(connection, filled.run_id)
 
     tpt = runs.submit_tune(engine, settings, dataset_ref="pics", method="tpt", model=model, pretrained=None)
     zeroshot = runs.submit_tune(engine, settings, dataset_ref="pics", method="zeroshot", model=model, pretrained=None)
