@@ -168,9 +168,11 @@ def test_a_generator_path_is_checked_in_embedded_mode_and_made_absolute(tmp_path
         generator_path_checked(settings, GenerationSpec(model="./nomodel"))
     (tmp_path / "sd").mkdir()
     with pytest.raises(InputError, match="not a diffusers pipeline"):
-        generator_path_checked(settings, GenerationSpec(model="sd"))
+        generator_path_checked(settings, GenerationSpec(model="sd", revision=None))
     (tmp_path / "sd" / "model_index.json").write_text("{}")
-    assert generator_path_checked(settings, GenerationSpec(model="sd")).model == str(tmp_path / "sd")
+    assert generator_path_checked(settings, GenerationSpec(model="sd", revision=None)).model == str(tmp_path / "sd")
+    with pytest.raises(InputError, match="--revision=v2.0: .*local directory"):  # would be another config
+        generator_path_checked(settings, GenerationSpec(model="sd", revision="v2.0"))
     hub = GenerationSpec(model="lambdalabs/sd-image-variations-diffusers")
     assert generator_path_checked(settings, hub) == hub
 
