@@ -318,6 +318,8 @@ def test_features_run_fills_the_store_and_tune_runs_read_it(tiny_models_dir: Pat
     listed = {r["run_id"]: r for r in list_runs(engine, settings)}
     assert (listed[tpt.run_id]["views_encoded"], listed[tpt.run_id]["views_read"]) == (0, 3 * 64)
     assert (listed[recompute.run_id]["views_encoded"], listed[recompute.run_id]["views_read"]) == (3 * 64, 0)
+    # A features run's work is the store (`data show`), not views a method used: no count rather than 0.
+    assert (listed[filled.run_id]["views_encoded"], listed[filled.run_id]["views_read"]) == (None, None)
     status = run_status(engine, settings, zeroshot.run_id)[0]
     assert (status["views_encoded"], status["views_read"]) == (0, 3)
     from difftpt_ops.services.datasets import describe_dataset
