@@ -276,9 +276,15 @@ def runs_list(ctx: typer.Context, sweep: ListSweepOpt = None, as_json: JsonOpt =
         return
     print_table(None, ["run", "kind", "method", "dataset", "model", "seed", "settings", "state", "samples", "done",
                        "failed", "created", "group"],
-                [[r["run_id"], r["kind"], r["method"], r["dataset"], _model_text(r), r.get("seed"),
+                [[r["run_id"], r["kind"], r["method"], r["dataset"], _model_text(r), _seed_text(r),
                   r.get("settings") or "", shown_state(r), r["num_samples"], r["done"], r["failed"],
                   (r["created_at"] or "")[:19], group_text(r)] for r in runs])
+
+
+def _seed_text(run: dict[str, Any]) -> str:
+    """The seed, and an online run's stream order: two orders of one configuration are two runs."""
+    seed = "" if run.get("seed") is None else str(run["seed"])
+    return seed if run.get("order_seed") is None else f"{seed} order={run['order_seed']}"
 
 
 def _model_text(run: dict[str, Any]) -> str:

@@ -15,7 +15,8 @@ def _lines(run: dict[str, Any]) -> list[str]:
     out = [f"run {run['run_id']}: {run_label(run['kind'], run['method'])} on {run['dataset']}, {run['state']} "
            f"({run['done']} done, {run['failed']} failed of {run['num_samples']})",
            f"model: {run.get('model')}" + (f" ({run['pretrained']})" if run.get("pretrained") else "")
-           + f", device {run.get('device')}, precision {run.get('precision')}, seed {run.get('seed')}",
+           + f", device {run.get('device')}, precision {run.get('precision')}, seed {run.get('seed')}"
+           + ("" if run.get("order_seed") is None else f", stream order seed {run['order_seed']}"),
            f"settings (apart from the method's defaults for the dataset): {run.get('settings') or 'none'}",
            f"fingerprint: {run['fingerprint']}",
            "submitted from: " + ", ".join(f"{key}={value}" for key, value in env.items()),

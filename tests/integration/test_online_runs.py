@@ -233,6 +233,13 @@ def test_orders_submits_k_runs_and_results_summarise_them(workspace: Path, tmp_p
     assert compared["orders_a"] == compared["orders_b"] == shown
     rejected = runner.invoke(app, ["submit", "tune", "--dataset", "pics", "--method", "tpt", "--orders", "2"])
     assert rejected.exit_code == 2 and "--orders=2" in rejected.output
+    # `runs list` tells the orders apart (they share seed and settings).
+    listed = {r["run_id"]: r for r in json.loads(runner.invoke(app, ["runs", "list", "--json"]).output)}
+    assert [listed[r]["order_seed"] for r in run_ids] == [0, 1, 2]
+    rows = [line.split("\t") for line in runner.invoke(app, ["runs", "list", "--format", "tsv"]).output.splitlines()]
+    seeds = {row[0]: row[rows[0].index("seed")] for row in rows[1:]}
+    assert [seeds[str(r)] for r in run_ids] == ["0 order=0", "0 order=1", "0 order=2"]
+    assert "stream order seed 2" in runner.invoke(app, ["runs", "show", str(run_ids[2])]).output
     # Another order on the first 4 samples of its stream covers other samples: not one of the group's orders.
     limited = runner.invoke(app, ["submit", "tune", "--dataset", "pics", "--method", "dmn-zs", "--model",
                                   str(tiny_models_dir / "clip"), "--pretrained", "none", "--set", "n_views=2",

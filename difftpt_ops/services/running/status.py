@@ -78,12 +78,20 @@ def _summary(run: Run, dataset: str, version: int, dataset_format: str,
              counters: tuple[int, int]) -> dict[str, Any]:
     done, failed = counters
     return {"run_id": run.id, "kind": run.kind, "method": run.method, "dataset": f"{dataset}@{version}",
-            "model": run.model_name, "pretrained": run.pretrained, "seed": run.seed, "device": run.device,
-            "precision": run.precision, "settings": _settings(run, dataset_format),
+            "model": run.model_name, "pretrained": run.pretrained, "seed": run.seed,
+            "order_seed": _order_seed(run), "device": run.device, "precision": run.precision,
+            "settings": _settings(run, dataset_format),
             "state": run.state, "num_samples": run.num_samples, "done": done, "failed": failed,
             "pending": max(run.num_samples - done - failed, 0), "generation_config_id": run.generation_config_id,
             "created_at": _iso(run.created_at), "started_at": _iso(run.started_at),
             "finished_at": _iso(run.finished_at), "error": run.error}
+
+
+def _order_seed(run: Run) -> int | None:
+    """An online run's stream-order seed (part of its identity, like the seed); None for other runs."""
+    method = (run.spec or {}).get("method") if run.kind == "tune" else None
+    value = method.get("order_seed") if isinstance(method, dict) else None
+    return int(value) if isinstance(value, int) else None
 
 
 def _settings(run: Run, dataset_format: str) -> str | None:
