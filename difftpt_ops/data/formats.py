@@ -11,7 +11,8 @@ Formats (see folders.py and splits.py for the label rules):
 `auto` detects: a split_zhou file -> that set; variants.txt -> aircraft; 200 folders that are exactly
 ImageNet-R's (or ImageNet-A's) wnids -> imagenet-r (imagenet-a); 1000 numeric folders -> imagenet-v2;
 1000 ImageNet wnid folders (in the root or its val/) -> imagenet (imagenet-sketch when the root or its
-inner folder is named *sketch*, or they are in images/ of a root named *sketch*); anything else ->
+inner folder is named *sketch*, or they are in images/ of a root named *sketch*; 1000 wnid folders directly
+in a root not named *sketch* must hold val's ILSVRC2012_val_* files, else `auto` asks); anything else ->
 imagefolder. A tree with wnid or class-index folders that is not one complete set (a partial copy, a stray
 folder such as __MACOSX) is refused by `auto`: name the format to read it with the full set's labels (or
 `imagefolder` to use the folder names).
@@ -77,8 +78,33 @@ def _detect_folders(root: Path) -> str | None:
     if names == folders.NUMERIC_FOLDERS:
         return "imagenet-v2"
     if len(names) == 1000 and names == set(classnames.imagenet_wnids()):
-        return "imagenet-sketch" if "sketch" in root.name.lower() else "imagenet"
+        if "sketch" in root.name.lower():
+            return "imagenet-sketch"
+        _check_val_file_names(root)
+        return "imagenet"
     return None
+
+
+_VAL_PREFIX = "ILSVRC2012_val_"
+
+
+def _check_val_file_names(root: Path) -> None:
+    """1000 wnid folders in a root not named *sketch* are ImageNet's val set only if their files carry val's
+    names; ImageNet-Sketch has the same folders (and names), and would otherwise fill the ImageNet column.
+
+    Raises:
+        InputError: the folders hold files and none of the first ones is named ILSVRC2012_val_*.
+    """
+    seen = []
+    for folder in sorted(root.iterdir())[:20]:
+        files = sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+        if any(name.startswith(_VAL_PREFIX) for name in files):
+            return
+        seen += files[:1]
+    if seen:
+        raise InputError("--format", "auto", f"{root} has the 1000 ImageNet wnid folders, but their files (e.g. "
+                         f"{seen[0]}) are not named {_VAL_PREFIX}* as ImageNet's val images are; pass --format "
+                         "imagenet-sketch or --format imagenet")
 
 
 def _imagenet_like(root: Path) -> str | None:

@@ -270,6 +270,22 @@ def test_auto_detection(tmp_path: Path, layout_kind: str, expected: str) -> None
     assert detect_format(root) == expected
 
 
+def test_auto_asks_for_wnid_folders_of_unknown_files(tmp_path: Path) -> None:
+    """1000 wnid folders in a root not named *sketch*: ImageNet when the files have val's names; else (a copy of
+    ImageNet-Sketch renamed, say) `auto` asks rather than filing Sketch runs in the ImageNet column."""
+    wnids = classnames.imagenet_wnids()
+    val = tmp_path / "ilsvrc"
+    make_empty_folders(val, wnids)
+    write_image(val / wnids[0] / "ILSVRC2012_val_00000293.JPEG")
+    assert detect_format(val) == "imagenet"
+    other = tmp_path / "imagenet-k"
+    make_empty_folders(other, wnids)
+    write_image(other / wnids[0] / "n01440764_10026-1.JPEG")
+    with pytest.raises(InputError, match=r"--format.*n01440764_10026-1.JPEG.*imagenet-sketch"):
+        detect_format(other)
+    assert open_layout(other, "imagenet-sketch").format == "imagenet-sketch"
+
+
 def test_sketch_under_images_is_found_and_read_there(tmp_path: Path) -> None:
     """`imagenet-sketch/images/<wnid>/` (a TPT fork's layout) is ImageNet-Sketch to `auto`, and its images are read
     from images/; 1000 wnid folders under images/ of a root not named *sketch* are refused, not taken as one
