@@ -134,6 +134,9 @@ class Tuner:
         self.logit_scale = self.model.logit_scale.detach().exp().float()
         self._initial_text: Tensor | None = fixed_text.to(self.device) if fixed_text is not None else None
         self.state: Any = None  # an online method's state; None until the first sample (or a restore)
+        # An online stream's length (the dataset version's samples), set by the online runner before the first
+        # sample; a method whose schedule needs it (OnZeta) refuses to start without it.
+        self.stream_length: int | None = None
 
     @property
     def class_count(self) -> int:
@@ -211,7 +214,8 @@ class Tuner:
             inputs = self._inputs(features, self._text_features(grad=False), kinds)
             if self.state is None:
                 self.state = self.method.init_state(  # type: ignore[attr-defined]
-                    self.spec, n_classes=self.class_count, dim=int(features.shape[-1]), device=self.device)
+                    self.spec, n_classes=self.class_count, dim=int(features.shape[-1]), device=self.device,
+                    stream_length=self.stream_length)
             output, self.state = self.method.step(self.spec, self.state, inputs)  # type: ignore[attr-defined]
         return inputs.logits[0], output.logits, output.scores
 

@@ -61,6 +61,7 @@ class NaiveTuner:
         # As the engine: methods with fixed text features (prompt sets, descriptions) use them.
         self.fixed_text = fixed_text_of(self.method, spec, self.tower, clip.tokenizer, class_names, descriptions)
         self.state: Any = None
+        self.stream_length: int | None = None  # as the engine's Tuner: an online stream's length
 
     def run(self, image: object, *, generated: Sequence[object] = (), seed: int, sample_key: str | int,
             augmix: bool = False) -> NaiveResult:
@@ -88,7 +89,8 @@ class NaiveTuner:
             if self.method.kind == ONLINE:
                 if self.state is None:
                     self.state = self.method.init_state(  # type: ignore[attr-defined]
-                        self.spec, n_classes=text.shape[0], dim=int(image.shape[-1]), device=self.device)
+                        self.spec, n_classes=text.shape[0], dim=int(image.shape[-1]), device=self.device,
+                        stream_length=self.stream_length)
                 output, self.state = self.method.step(self.spec, self.state, inputs)  # type: ignore[attr-defined]
             elif self.method.has_naive:
                 output = self.method.naive_step(self.spec, inputs)

@@ -73,6 +73,7 @@ def test_fast_equals_naive_on_cuda(tiny_auto_clip: LoadedClip, method: str) -> N
     generated = [random_image(10 + i) for i in range(4)]
     fast = prepare_classifier(tiny_auto_clip, CLASS_NAMES, spec)
     naive = NaiveTuner(tiny_auto_clip, CLASS_NAMES, spec)
+    fast.stream_length = naive.stream_length = 3  # online methods: a stream of the 3 samples below
     for sample in range(3):
         if sample and not is_online(method):
             naive = NaiveTuner(tiny_auto_clip, CLASS_NAMES, spec)

@@ -169,6 +169,19 @@ def test_feature_store_round_trip_in_bf16(clip16: LoadedClip, tmp_path: Path, me
     assert abs(stored.entropy_after - direct.entropy_after) < 1e-6
 
 
+def test_onzeta_in_bf16(clip32: LoadedClip, clip16: LoadedClip) -> None:
+    """OnZeta's fp32 updates on bf16-encoded features and bf16-built 7-template text features: finite
+    probabilities and the fp32 run's predictions over a short stream."""
+    spec = method_spec_from("onzeta")
+    tuner16, tuner32 = prepare_classifier(clip16, CLASS_NAMES, spec), prepare_classifier(clip32, CLASS_NAMES, spec)
+    tuner16.stream_length = tuner32.stream_length = 4
+    for sample in range(4):
+        image = random_image(sample)
+        half, full = tuner16.run(image, seed=5, sample_key=sample), tuner32.run(image, seed=5, sample_key=sample)
+        assert half.pred == full.pred and torch.isfinite(half.logits).all(), f"sample {sample}"
+    assert tuner16.state["proxies"].dtype == torch.float32
+
+
 def test_naive_formulation_runs_in_bf16(clip32: LoadedClip, clip16: LoadedClip) -> None:
     """The reference-style oracle also runs with bf16 frozen weights on the CPU and agrees with its fp32 self."""
     from difftpt_ops.tta.naive import NaiveTuner

@@ -180,6 +180,11 @@ class _Recorder:
         self.last = self._tuner.run_features(*args, **kwargs)
         return self.last
 
+    def start_stream(self, length: int) -> None:
+        """Forget the state and say how long the stream is (a method's schedule may need it: OnZeta)."""
+        self._tuner.stream_length = length
+        self._tuner.reset_state()
+
 
 _contexts: OrderedDict[tuple[str, int, str | None, str], _Context] = OrderedDict()
 # Per engine tuner (tuners live in the model cache): the (database, run, shard index) whose end state it
@@ -265,7 +270,7 @@ def _start_state(engine: Engine, settings: Settings, context: _Context, claim: C
             Shard.run_id == claim.run_id, Shard.index < claim.index).order_by(Shard.index)).all()
         session.expunge_all()
     base, position = -1, 0
-    tuner.reset_state()
+    tuner.start_stream(len(context.order))  # the whole stream: a --limit run is the start of the full one
     for row in rows:
         data = checkpoints.read_checkpoint(context.store, row)
         if data is not None:

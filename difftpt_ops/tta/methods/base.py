@@ -16,7 +16,7 @@ its `kind`:
   DiffTPT, C-TPT, R-TPT.
 - `online` (`OnlineMethod`): `step(spec, state, inputs) -> (StepOutput, state)`; the state is carried
   across samples in a fixed order and checkpointed through `state_dict` / `load_state_dict` (a flat
-  dict of tensors, safetensors-ready). TDA, DMN-ZS, DPE, BoostAdapter.
+  dict of tensors, safetensors-ready). TDA, DMN-ZS, DPE, BoostAdapter, OnZeta.
 
 What every step sees (`StepInputs`): the normalised fp32 image features of the sample's views, (n_views, d),
 row 0 the original view; the normalised text features, (n_classes, d); the logit scale (exp applied); the
@@ -270,7 +270,10 @@ class OnlineMethod(Method):
 
     kind: ClassVar[str] = ONLINE
 
-    def init_state(self, spec: Any, *, n_classes: int, dim: int, device: torch.device) -> Any:
+    def init_state(self, spec: Any, *, n_classes: int, dim: int, device: torch.device,
+                   stream_length: int | None = None) -> Any:
+        """The state before the first sample. `stream_length`: the number of samples of the whole stream
+        (the dataset version's), for a method whose schedule depends on it (OnZeta); None where unknown."""
         raise NotImplementedError
 
     def step(self, spec: Any, state: Any, inputs: StepInputs) -> tuple[StepOutput, Any]:

@@ -222,7 +222,8 @@ class DMNZS(PromptSetOption, OnlineMethod):
         """The spec with the reference's templates for the dataset (called at submit, before the fingerprint)."""
         return dataclasses.replace(spec, prompts=spec.prompts or PROMPTS_BY_FORMAT.get(dataset_format, "single"))
 
-    def init_state(self, spec: DMNSpec, *, n_classes: int, dim: int, device: torch.device) -> dict[str, Tensor]:
+    def init_state(self, spec: DMNSpec, *, n_classes: int, dim: int, device: torch.device,
+                   stream_length: int | None = None) -> dict[str, Tensor]:
         return init_state(n_classes, dim, spec.params())
 
     def step(self, spec: DMNSpec, state: dict[str, Tensor],

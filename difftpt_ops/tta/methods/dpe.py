@@ -348,7 +348,8 @@ class DPE(PromptSetOption, OnlineMethod):
         """The spec with the reference's config for the dataset (called at submit, before the fingerprint)."""
         return resolve_for_format(spec, dataset_format)
 
-    def init_state(self, spec: DPESpec, *, n_classes: int, dim: int, device: torch.device) -> dict[str, Tensor]:
+    def init_state(self, spec: DPESpec, *, n_classes: int, dim: int, device: torch.device,
+                   stream_length: int | None = None) -> dict[str, Tensor]:
         return init_state(n_classes, dim, spec.params(), device)
 
     def step(self, spec: DPESpec, state: dict[str, Tensor],
