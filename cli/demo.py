@@ -35,6 +35,11 @@ def _print_results(result) -> None:  # type: ignore[no-untyped-def]
 def _print_next_steps(settings, result) -> None:  # type: ignore[no-untyped-def]
     runs = result.run_ids
     ws = settings.workspace
+    from difftpt_ops.services.reading.reporting import tracking_enabled
+
+    mlflow = (f"  mlflow ui --backend-store-uri {mask_url(settings.mlflow_tracking_uri)} --port 5000   "
+              "# then open http://127.0.0.1:5000" if tracking_enabled(settings)
+              else f"  (MLflow is off: DIFFTPT_OPS_MLFLOW_TRACKING_URI={settings.mlflow_tracking_uri})")
     typer.echo(f"""
 The accuracies above are MEANINGLESS: the models have tiny random weights. The demo exists to show
 the whole system working offline. Look around:
@@ -43,7 +48,7 @@ the whole system working offline. Look around:
   difftpt-ops -w {ws} results {runs['difftpt']} --by-class
   difftpt-ops -w {ws} compare {runs['difftpt']} {runs['zeroshot']}
   difftpt-ops -w {ws} sql "SELECT run_id, method, done, top1, gain FROM run_summary"
-  mlflow ui --backend-store-uri {mask_url(settings.mlflow_tracking_uri)} --port 5000   # then open http://127.0.0.1:5000
+{mlflow}
 
 A real run (GPU, real weights; see README "A real run"):
 

@@ -82,3 +82,16 @@ def test_the_demo_prints_the_mlflow_command_with_the_password_masked(tmp_path: P
     printed = capsys.readouterr().out
     assert "s3cret-pw" not in printed and "postgresql://ml:***@db/mlflow" in printed
 
+
+
+def test_the_demo_says_mlflow_is_off_instead_of_a_command_for_no_store(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """With tracking off there is no store to open: no `mlflow ui --backend-store-uri none`."""
+    from types import SimpleNamespace
+
+    from cli.demo import _print_next_steps
+
+    settings = load_settings(tmp_path, env={"DIFFTPT_OPS_MLFLOW_TRACKING_URI": "none"})
+    _print_next_steps(settings, SimpleNamespace(run_ids={"difftpt": 4, "zeroshot": 2, "tpt": 3}))
+    printed = capsys.readouterr().out
+    assert "mlflow ui" not in printed and "MLflow is off: DIFFTPT_OPS_MLFLOW_TRACKING_URI=none" in printed
