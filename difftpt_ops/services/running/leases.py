@@ -103,9 +103,8 @@ def awaiting_takeover(running: Sequence[Any], *, now: datetime, stale_after_s: f
     limit = stale_after_s + stale_check_interval_s(stale_after_s) + 5.0
     # A worker process known gone (killed, OOM) with a recent heartbeat counts too: `difftpt-ops worker` restarts
     # it within seconds and its first check re-queues the shard, so the run is not stopped until `limit`.
-    return sum(1 for row in running if row.heartbeat_at is not None
-               and (now - as_utc(row.heartbeat_at)).total_seconds() <= limit
-               and (worker_is_gone(row.worker) or stale_after_s < (now - as_utc(row.heartbeat_at)).total_seconds()))
+    ages = [(row, (now - as_utc(row.heartbeat_at)).total_seconds()) for row in running if row.heartbeat_at is not None]
+    return sum(1 for row, age in ages if age <= limit and (stale_after_s < age or worker_is_gone(row.worker)))
 
 
 def is_reclaimable(heartbeat_at: datetime | None, worker: str | None, *, now: datetime,
