@@ -281,7 +281,11 @@ class Tuner:
         return {} if self.state is None else self.method.state_dict(self.state)  # type: ignore[attr-defined]
 
     def load_state_dict(self, tensors: Mapping[str, Tensor]) -> None:
-        """Restore an online method's state saved with `state_dict`."""
+        """Restore an online method's state saved with `state_dict` (empty: saved before the first sample, e.g.
+        after a shard whose samples all failed; the next sample starts a fresh state)."""
+        if not tensors:
+            self.state = None
+            return
         self.state = self.method.load_state_dict(self.spec, tensors, device=self.device)  # type: ignore[attr-defined]
 
     def _initial_text_features(self) -> Tensor:

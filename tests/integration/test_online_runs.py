@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from sqlalchemy import select
 from typer.testing import CliRunner
 
@@ -23,6 +24,7 @@ from tests.integration.test_online_support import (
     image_dataset,
     online_settings,
     predictions,
+    stored_logits,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
@@ -299,3 +301,39 @@ def test_online_links_record_where_they_ran(workspace: Path, database_url: str, 
     shown = show_run(engine, result.run_id)
     assert [len(group["shards"]) for group in shown["shard_provenance"]] == [result.shards_total]
     assert shown["shard_provenance"][0]["device"] == "cpu"
+
+
+@pytest.mark.parametrize("method", ["tda", "onzeta"])
+def test_a_first_shard_of_unreadable_samples_resumes_from_its_empty_checkpoint(
+        workspace: Path, database_url: str, tmp_path: Path, tiny_models_dir: Path, method: str) -> None:
+    """Every sample of shard 0 unreadable: its checkpoint holds no state (the method never started). Another
+    process resuming from it starts the state fresh at the next readable sample, as the uninterrupted run does
+    (it failed with KeyError on the empty state: 'shape' for TDA, 'position' for OnZeta)."""
+    def unreadable_first_shard(root: Path) -> None:
+        for index in online.stream_order(N_SAMPLES, 0)[:SHARD_SIZE]:
+            (root / f"class{index % 3}" / f"{index}.png").write_bytes(b"not an image")
+
+    ref_settings, ref_engine = online_settings(tmp_path / "ref", f"sqlite:///{tmp_path / 'ref.db'}")
+    image_dataset(ref_engine, tmp_path / "ref-images")
+    unreadable_first_shard(tmp_path / "ref-images")
+    contexts.clear_caches()
+    whole = _submit(ref_engine, ref_settings, tiny_models_dir / "clip", method)
+    assert whole.state == "finished_with_failures"
+    settings, engine = online_settings(workspace, database_url)
+    image_dataset(engine, tmp_path / "images")
+    unreadable_first_shard(tmp_path / "images")
+    contexts.clear_caches()
+    first = _submit(engine, settings, tiny_models_dir / "clip", method, limit=SHARD_SIZE)
+    assert first.state == "finished_with_failures"
+    contexts.clear_caches()
+    online._in_memory.clear()  # another process: the state must come from the files
+    rest = _submit(engine, settings, tiny_models_dir / "clip", method)
+    assert (rest.run_id, rest.state) == (first.run_id, "finished_with_failures")
+    assert count(engine, Prediction, rest.run_id) == N_SAMPLES - SHARD_SIZE
+    got, want = predictions(engine, rest.run_id), predictions(ref_engine, whole.run_id)
+    assert {k: v[0] for k, v in got.items()} == {k: v[0] for k, v in want.items()}
+    logits, ref_logits = stored_logits(engine, settings, rest.run_id), stored_logits(ref_engine, ref_settings,
+                                                                                     whole.run_id)
+    assert sorted(logits) == sorted(ref_logits) == list(range(SHARD_SIZE, N_SAMPLES))
+    for position, row in ref_logits.items():
+        torch.testing.assert_close(logits[position], row, rtol=0, atol=1e-6)

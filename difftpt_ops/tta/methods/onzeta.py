@@ -52,10 +52,11 @@ class OnZetaParams:
     predict: str = "combo"
 
 
-def init_state(n_classes: int, dim: int, stream_length: int) -> dict[str, Tensor]:
+def init_state(n_classes: int, dim: int, stream_length: int,
+               device: torch.device | str = "cpu") -> dict[str, Tensor]:
     """Before the first sample: rho = 0, no proxies yet (the first step copies the text features), and the
-    stream's length and position."""
-    return {"proxies": torch.zeros(dim, n_classes), "rho": torch.zeros(n_classes),
+    stream's length and position (on the CPU: read every step)."""
+    return {"proxies": torch.zeros(dim, n_classes, device=device), "rho": torch.zeros(n_classes, device=device),
             "position": torch.zeros((), dtype=torch.int64), "stream_length": torch.tensor(stream_length)}
 
 
@@ -79,7 +80,7 @@ def step(state: dict[str, Tensor], feature: Tensor, text: Tensor, *,
     combined = beta * vision_label + (1 - beta) * text_label
     proxies = state["proxies"] - (lr / params.tau_i) * torch.outer(feature, vision_label - text_label)
     state["proxies"] = proxies / proxies.norm(dim=0, keepdim=True)
-    state["position"] = torch.tensor(position + 1)
+    state["position"] = torch.tensor(position + 1)  # on the CPU, as init_state's
     return (text_label if params.predict == "text" else combined), state
 
 
@@ -87,8 +88,9 @@ def state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {name: tensor.detach().cpu().contiguous().clone() for name, tensor in state.items()}
 
 
-def load_state_dict(saved: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {name: tensor.clone() for name, tensor in saved.items()}
+def load_state_dict(saved: Mapping[str, Tensor], device: torch.device | str = "cpu") -> dict[str, Tensor]:
+    """The state from `state_dict` output: proxies and rho on `device`, the counters on the CPU."""
+    return {name: tensor.to(device if tensor.is_floating_point() else "cpu").clone() for name, tensor in saved.items()}
 
 
 # --- The registered method ---------------------------------------------------------------------------------
@@ -144,12 +146,12 @@ class OnZeta(PromptSetOption, OnlineMethod):
         if stream_length is None or stream_length < 1:
             # Its schedule needs the stream's length: the online runner passes the dataset version's size.
             raise ValueError(f"onzeta needs the stream length (got {stream_length!r})")
-        return init_state(n_classes, dim, stream_length)
+        return init_state(n_classes, dim, stream_length, device)
 
     def step(self, spec: OnZetaSpec, state: dict[str, Tensor],
              inputs: StepInputs) -> tuple[StepOutput, dict[str, Tensor]]:
-        probabilities, state = step(state, inputs.image_features[0].cpu(), inputs.text_features.cpu(),
-                                    params=spec.params())
+        # On the features' device (a (d, C) update per sample: on a GPU it costs next to nothing).
+        probabilities, state = step(state, inputs.image_features[0], inputs.text_features, params=spec.params())
         # Probabilities: their log keeps the argmax and makes softmax give them back (confidence, ECE).
         logits = torch.log(probabilities.clamp_min(torch.finfo(probabilities.dtype).tiny))
         return StepOutput(logits=logits.to(inputs.logits.device),
@@ -160,5 +162,5 @@ class OnZeta(PromptSetOption, OnlineMethod):
 
     def load_state_dict(self, spec: OnZetaSpec, tensors: Mapping[str, Tensor], *,
                         device: torch.device) -> dict[str, Tensor]:
-        return load_state_dict(tensors)
+        return load_state_dict(tensors, device)
 
