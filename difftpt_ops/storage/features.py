@@ -55,15 +55,20 @@ def model_fingerprint(model: nn.Module, *, precision: str, device: str | torch.d
     stored dtype; about a second for ViT-B/16 on a CPU, so callers cache it per loaded model.
     """
     tower = getattr(model, "visual", model)
+    activations = sorted({type(m).__name__ for m in tower.modules()
+                          if any(word in type(m).__name__.lower() for word in _ACTIVATION_WORDS)})
+    return fingerprint_of({"format": FORMAT_VERSION, "weights": weights_digest(tower), "precision": precision,
+                           "device": torch.device(device).type, "activations": activations})
+
+
+def weights_digest(module: nn.Module) -> str:
+    """sha256 of a module's parameters and buffers (names, dtypes, shapes, bytes) as they are loaded."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(tower.state_dict().items()):
+    for name, tensor in sorted(module.state_dict().items()):
         data = tensor.detach().cpu().contiguous()
         digest.update(f"{name}\x1f{data.dtype}\x1f{tuple(data.shape)}\x1e".encode())
         digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
-    activations = sorted({type(m).__name__ for m in tower.modules()
-                          if any(word in type(m).__name__.lower() for word in _ACTIVATION_WORDS)})
-    return fingerprint_of({"format": FORMAT_VERSION, "weights": digest.hexdigest(), "precision": precision,
-                           "device": torch.device(device).type, "activations": activations})
+    return digest.hexdigest()
 
 
 def view_recipes(*, n_conventional: int, generated_hashes: Sequence[str], seed: int, augmix: bool,

@@ -175,6 +175,31 @@ def test_export_round_trip(seeded: tuple[Engine, Seeded], tmp_path: Path) -> Non
         export_run(engine, data.run_a, tmp_path / "x", "xlsx")
 
 
+def test_export_says_which_run_made_it(engine: Engine, tmp_path: Path) -> None:
+    """A Parquet export (also MLflow's predictions.parquet) carries the run's identity and provenance in its
+    metadata: run, method, model, seed, spec fingerprint and spec, the submitting machine's versions and the
+    machines its shards ran on (weights included), so a file copied away still says what made it."""
+    import pyarrow.parquet as pq
+
+    provenance = {"difftpt_ops": "0.1.0", "git_commit": "abc123", "torch": "2.x"}
+    machine = {"device": "cpu", "precision": "fp32", "activation": "gelu", "weights": "f" * 64}
+    with session_scope(engine) as session:
+        version = make_dataset_version(session, 3, 2)
+        run = make_run(session, version, method="tpt", model_name="/weights/clip", pretrained=None, seed=2,
+                       device="cpu", precision="fp32", settings="steps=2", provenance=provenance)
+        make_predictions(session, run, [True, False, True])
+        make_shard(session, run, provenance=machine)
+        run_id, fingerprint, spec = run.id, run.fingerprint, run.spec
+    out = export_run(engine, run_id, tmp_path / "run.parquet", "parquet")
+    table = pq.read_table(out["path"])
+    assert table.num_rows == 3
+    meta = json.loads(table.schema.metadata[b"difftpt"])
+    assert (meta["run_id"], meta["method"], meta["model"], meta["seed"], meta["fingerprint"]) == (
+        run_id, "tpt", "/weights/clip", 2, fingerprint)
+    assert meta["spec"] == spec and meta["provenance"] == provenance and meta["settings"] == "steps=2"
+    assert meta["shard_provenance"] == [machine]
+
+
 def test_views_agree_with_the_services(seeded: tuple[Engine, Seeded]) -> None:
     """run_summary, run_class_accuracy, run_pair_comparison and prediction_detail give the same numbers."""
     engine, data = seeded

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from difftpt_ops.core.errors import InputError, NotFoundError
 from difftpt_ops.core.specs import GenerationSpec
@@ -282,6 +282,56 @@ def test_runs_record_provenance_and_comparable_columns(database_url: str, worksp
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["shard_provenance"][0]["precision"] == "fp32"
+
+
+def test_a_run_records_its_weights_and_refuses_changed_ones(database_url: str, workspace: Path, tmp_path: Path,
+                                                           quiet_reporting: None) -> None:
+    """The spec names a local model folder by its path: the weights its shards computed with are recorded
+    (sha256 in the shards' provenance, `runs show`, the MLflow tag worker.weights), and a shard of the run that
+    finds other weights in that folder fails with a reason instead of mixing two models in one run."""
+    from difftpt_ops.models.tiny_clip import make_tiny_clip
+    from difftpt_ops.services.running.contexts import clear_caches
+
+    settings = make_settings(workspace, database_url, device="cpu")
+    engine = open_engine(settings)
+    root = tmp_path / "images"
+    add_dataset(engine, "pics", 2, root=root, classes=2, relpaths=write_pngs(root, 2))
+    folder = tmp_path / "my-clip"
+    make_tiny_clip(folder, seed=1)
+    clear_caches()
+    first = runs.submit_tune(engine, settings, dataset_ref="pics", method="zeroshot", model=str(folder),
+                             pretrained=None, limit=1, shard_size=1)
+    assert first.state == "finished"
+    [group] = show_run(engine, first.run_id)["shard_provenance"]
+    assert len(group["weights"]) == 64
+    tags = reporting.provenance_tags(engine, runs_row(engine, first.run_id))
+    assert tags["worker.weights"] == group["weights"]
+
+    make_tiny_clip(folder, seed=2)  # the same folder, other weights
+    clear_caches()  # a fresh process (a worker, the next CLI call) loads what the folder holds now
+    with pytest.raises(InputError, match="weights changed"):
+        runs.submit_tune(engine, settings, dataset_ref="pics", method="zeroshot", model=str(folder), pretrained=None,
+                         limit=2, shard_size=1)
+    with session_scope(engine) as session:
+        assert session.scalar(select(func.count()).select_from(Prediction)
+                              .where(Prediction.run_id == first.run_id)) == 1  # nothing of the new weights stored
+    make_tiny_clip(folder, seed=1)  # the weights it ran with, back: the run goes on
+    clear_caches()
+    again = runs.submit_tune(engine, settings, dataset_ref="pics", method="zeroshot", model=str(folder),
+                             pretrained=None, limit=2, shard_size=1)
+    assert (again.run_id, again.state) == (first.run_id, "finished")
+    weights = {g["weights"] for g in show_run(engine, first.run_id)["shard_provenance"]}
+    assert weights == {group["weights"]}
+    assert _weights_of(folder) == group["weights"]
+
+
+def _weights_of(folder: Path) -> str:
+    """sha256 of the weights a run loads from a local model folder."""
+    from difftpt_ops.core.specs import ModelSpec
+    from difftpt_ops.models.clip import load_clip
+    from difftpt_ops.storage.features import weights_digest
+
+    return weights_digest(load_clip(ModelSpec(name=str(folder), pretrained=None), "cpu").model)
 
 
 def runs_row(engine: object, run_id: int) -> Run:

@@ -302,7 +302,8 @@ def export_run(engine: Engine, run_id: int, path: str | Path, format: str = "par
         with engine.connect() as conn:
             info = load_run_info(conn, run_id)
             chunks = iter_prediction_rows(conn, info)
-            rows = _write_parquet(partial, chunks) if format == "parquet" else _write_csv(partial, chunks)
+            rows = (_write_parquet(partial, chunks, export_metadata(conn, info)) if format == "parquet"
+                    else _write_csv(partial, chunks))
         partial.replace(path)
     except OSError as exc:
         raise InputError("--output", path, f"cannot write ({exc.strerror or exc})") from exc
@@ -321,7 +322,28 @@ def _check_output(path: Path) -> None:
         raise InputError("--output", path, "is not writable")
 
 
-def _parquet_schema():  # type: ignore[no-untyped-def]
+EXPORT_METADATA_KEY = "difftpt"  # the Parquet file's key-value metadata: which run, spec and provenance
+
+
+def export_metadata(conn: Connection, info: RunInfo) -> dict[str, Any]:
+    """What identifies an exported run's rows, stored in the Parquet file itself (a file copied away from the
+    workspace, or MLflow's predictions.parquet, still says which run, model, seed and code made it): the run's
+    columns, spec and provenance, and the distinct provenance of the machines its shards ran on (device,
+    precision, activation, weights)."""
+    from difftpt_ops.db.tables import Shard
+
+    run = info.run
+    machines = {json.dumps(facts, sort_keys=True, default=str) for (facts,) in conn.execute(
+        select(Shard.provenance).where(Shard.run_id == run.id, Shard.provenance.is_not(None)))}
+    return {"run_id": run.id, "method": run.method, "state": run.state, "dataset": info.dataset,
+            "dataset_version": info.dataset_version, "num_samples": run.num_samples, "model": run.model_name,
+            "pretrained": run.pretrained, "seed": run.seed, "device": run.device, "precision": run.precision,
+            "settings": run.settings, "fingerprint": run.fingerprint, "spec": run.spec,
+            "provenance": run.provenance, "shard_provenance": [json.loads(m) for m in sorted(machines)],
+            "mlflow_run_id": run.mlflow_run_id}
+
+
+def _parquet_schema(metadata: dict[str, Any] | None = None):  # type: ignore[no-untyped-def]
     import pyarrow as pa
 
     i64, f64, b, s = pa.int64(), pa.float64(), pa.bool_(), pa.string()
@@ -329,14 +351,15 @@ def _parquet_schema():  # type: ignore[no-untyped-def]
              "pred_name": s, "top5": pa.list_(i64), "correct": b, "top5_correct": b, "zeroshot_pred": i64,
              "zeroshot_correct": b, "confidence_before": f64, "confidence_after": f64, "entropy_before": f64,
              "entropy_after": f64, "n_views": i64, "n_kept": i64, "seconds": f64, "worker": s}
-    return pa.schema([(name, types[name]) for name in EXPORT_COLUMNS])
+    meta = {EXPORT_METADATA_KEY: json.dumps(metadata, sort_keys=True, default=str)} if metadata is not None else None
+    return pa.schema([(name, types[name]) for name in EXPORT_COLUMNS], metadata=meta)
 
 
-def _write_parquet(path: Path, chunks: Iterator[list[dict[str, Any]]]) -> int:
+def _write_parquet(path: Path, chunks: Iterator[list[dict[str, Any]]], metadata: dict[str, Any] | None = None) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema, rows = _parquet_schema(), 0
+    schema, rows = _parquet_schema(metadata), 0
     with pq.ParquetWriter(str(path), schema) as writer:
         for chunk in chunks:
             writer.write_table(pa.Table.from_pylist(chunk, schema=schema))

@@ -18,7 +18,11 @@ from difftpt_ops.core.specs import canonical_json
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import Dataset, DatasetVersion, Run
 from difftpt_ops.services.running.descriptions import descriptions_for
-from difftpt_ops.services.running.features import build_features_processor, feature_cache_for
+from difftpt_ops.services.running.features import (
+    build_features_processor,
+    feature_cache_for,
+    weights_fingerprint_of,
+)
 from difftpt_ops.services.running.generation import GeneratedViews, GenerateProcessor
 from difftpt_ops.services.running.processors import (
     LRU,
@@ -87,6 +91,7 @@ def _build_tune_processor(engine: Engine, settings: Settings, run: Run, dataset:
                               seed=run_spec.seed, augmix=is_cross_domain(dataset.format), views=views)
     processor.features = feature_cache_for(engine, settings, clip, method, model.name)
     processor.device, processor.precision, processor.activation = resolved, clip.precision, clip.activation
+    processor.weights = weights_fingerprint_of(clip)
     return processor
 
 

@@ -176,6 +176,18 @@ def model_fingerprint_of(clip: Any) -> str:
     return known[key]
 
 
+def weights_fingerprint_of(clip: Any) -> str:
+    """sha256 of every parameter and buffer of a loaded CLIP (both towers, as loaded), computed once per loaded
+    model: the weights a run's shards computed with, recorded in their provenance. The spec names a model
+    directory or file by its path, whose contents can change between two submits or between two shards."""
+    from difftpt_ops.storage.features import weights_digest
+
+    known = _FINGERPRINTS.setdefault(clip.model, {})
+    if ("weights", "") not in known:
+        known[("weights", "")] = weights_digest(clip.model)
+    return known[("weights", "")]
+
+
 def feature_cache_for(engine: Engine, settings: Settings, clip: Any, method_spec: Any,
                       model_name: str) -> FeatureCache | None:
     """The run's feature cache, or None when its spec says features=recompute."""
@@ -295,4 +307,5 @@ def build_features_processor(engine: Engine, settings: Settings, run: Run, datas
     processor = FeaturesProcessor(cache=cache, tuner=tuner, root=Path(dataset.root), seed=spec.seed,
                                   augmix=is_cross_domain(dataset.format), views=views)
     processor.device, processor.precision = resolved, clip.precision  # type: ignore[attr-defined]
+    processor.weights = weights_fingerprint_of(clip)  # type: ignore[attr-defined]
     return processor

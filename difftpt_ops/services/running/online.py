@@ -61,7 +61,7 @@ from difftpt_ops.services.running.leases import (
     release_shard,
 )
 from difftpt_ops.services.running.outcomes import Outcome, ShardOutcome, ShardTicket, retry_delay_s, stop_requested
-from difftpt_ops.services.running.processors import QUEUE_OF_KIND
+from difftpt_ops.services.running.processors import QUEUE_OF_KIND, model_facts, refuse_other_weights
 
 log = logging.getLogger(__name__)
 
@@ -392,11 +392,9 @@ def _record_provenance(engine: Engine, claim: ChainClaim, context: _Context) -> 
     and the `shards.provenance` column read it."""
     from difftpt_ops.provenance import worker_provenance
 
-    facts = worker_provenance(context.tune.device, context.tune.precision)
-    activation = getattr(context.tune.processor, "activation", None)
-    if activation is not None:
-        facts = {**facts, "activation": activation}
+    facts = {**worker_provenance(context.tune.device, context.tune.precision), **model_facts(context.tune.processor)}
     with engine.begin() as connection:
+        refuse_other_weights(connection, claim.run_id, facts)
         connection.execute(update(Shard.__table__).where(OWNED).values(provenance=facts), claim.params())
 
 

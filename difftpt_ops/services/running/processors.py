@@ -69,6 +69,32 @@ class RunContext:
     generation_config_id: int | None = None
 
 
+def model_facts(processor: Any) -> dict[str, Any]:
+    """What a run's processor knows of the model it computes with, for a shard's provenance: the activation and
+    the sha256 of the loaded weights (`weights`), where it has them."""
+    facts = {key: getattr(processor, key, None) for key in ("activation", "weights")}
+    return {key: value for key, value in facts.items() if value is not None}
+
+
+def refuse_other_weights(connection: Connection, run_id: int, facts: dict[str, Any]) -> None:
+    """A run computes with one set of weights. InputError when a shard of the run (this one's earlier attempt
+    included) recorded other weights than `facts` names: the model folder or checkpoint file the spec names by
+    its path was changed since, and going on would mix two models' predictions in one run."""
+    from difftpt_ops.db.tables import Run, Shard
+
+    weights = facts.get("weights")
+    if weights is None:
+        return
+    for index, earlier in connection.execute(select(Shard.index, Shard.provenance).where(
+            Shard.run_id == run_id, Shard.provenance.is_not(None)).order_by(Shard.index)):
+        recorded = (earlier or {}).get("weights")
+        if recorded is not None and recorded != weights:
+            model = connection.scalar(select(Run.model_name).where(Run.id == run_id))
+            raise InputError("--model", model, f"its weights changed since run {run_id} started (shard {index} ran "
+                             f"with weights sha256 {recorded[:16]}, they are now {weights[:16]}): restore the "
+                             "weights the run used, or put the new ones in another folder (another run)")
+
+
 class LRU:
     """A tiny least-recently-used cache; evicted models are freed with the last reference."""
 

@@ -51,7 +51,7 @@ from difftpt_ops.services.running.leases import (
     release_shard,
 )
 from difftpt_ops.services.running.outcomes import Outcome, ShardOutcome, ShardTicket, retry_delay_s, stop_requested
-from difftpt_ops.services.running.processors import QUEUE_OF_KIND
+from difftpt_ops.services.running.processors import QUEUE_OF_KIND, model_facts, refuse_other_weights
 from difftpt_ops.services.running.waiting import release_ready
 
 log = logging.getLogger(__name__)
@@ -299,11 +299,9 @@ def _record_provenance(engine: Engine, claim: Claim, context: RunContext) -> Non
     """Store on the shard what runs it: device, precision, host and software versions."""
     from difftpt_ops.provenance import worker_provenance
 
-    facts = worker_provenance(context.device, context.precision)
-    activation = getattr(context.processor, "activation", None)
-    if activation is not None:
-        facts = {**facts, "activation": activation}
+    facts = {**worker_provenance(context.device, context.precision), **model_facts(context.processor)}
     with engine.begin() as connection:
+        refuse_other_weights(connection, claim.run_id, facts)
         connection.execute(update(Shard.__table__).where(OWNED).values(provenance=facts), claim.params())
 
 
