@@ -130,6 +130,24 @@ def test_grid_parsing() -> None:
 
 
 @pytest.mark.unit
+def test_seeds_of_a_configuration_that_draws_nothing_at_random_are_refused(engine) -> None:  # type: ignore[no-untyped-def]
+    """Zero-shot (one view, a fixed prompt) or TDA with one view: every seed would be the same run, and `table`
+    would show a spread of 0 over "seeds". Refused before anything is written; random views make seeds count."""
+    code, out = _invoke("submit", "tune", "--dataset", "toy", "--method", "zeroshot", "--seeds", "0,1")
+    assert code == 2 and "--seeds=0,1" in out and "draws nothing at random" in out, out
+    assert (_count(engine, Run), _count(engine, Sweep)) == (0, 0)
+    from difftpt_ops.services.running.sweeps import _check_seeds_matter
+
+    with pytest.raises(InputError, match="tda draws nothing at random.*--orders K"):
+        _check_seeds_matter("tda", {}, grid_points({}, [0, 1]), [0, 1], "imagefolder")
+    with pytest.raises(InputError, match="n_views=1 draws nothing"):
+        _check_seeds_matter("tpt", {}, grid_points({"n_views": ["1", "8"]}, [0, 1]), [0, 1], "imagefolder")
+    for method, overrides, fmt in (("tpt", {}, "imagefolder"), ("tda", {}, "imagenet-a"), ("dmn-zs", {}, "dtd"),
+                                   ("tda", {"n_views": "4"}, "imagefolder"), ("zeroshot", {}, "imagefolder")):
+        seeds = [0, 1] if method != "zeroshot" else [3]  # one seed is always fine
+        _check_seeds_matter(method, overrides, grid_points({}, seeds), seeds, fmt)
+
+
 @pytest.mark.parametrize(("grid", "argument"), [
     ({"steps": ["1", "-1"]}, "--sweep steps"),
     ({"prompt.ctx_init": ["a photo of a", "a"]}, "--sweep prompt.ctx_init"),  # a prompt field names itself bare

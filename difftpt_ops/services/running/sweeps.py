@@ -111,6 +111,28 @@ def _check_plan(method: str, overrides: dict[str, Any], grid: dict[str, list[str
             raise
 
 
+def _check_seeds_matter(method: str, overrides: dict[str, Any], points: list[dict[str, Any]], seeds: list[int],
+                        dataset_format: str) -> None:
+    """Several seeds of a configuration that draws nothing at random would be identical runs, which `table`
+    would average into a spread of 0 over "seeds": refused, naming the configuration."""
+    from difftpt_ops.core.method_specs import resolve_for_dataset
+    from difftpt_ops.tta.methods import find_method
+
+    registered = find_method(method)
+    if len(seeds) < 2 or registered is None:
+        return
+    for point in points:
+        knobs = {k: v for k, v in point.items() if k != "seed"}
+        if not registered.draws_at_random(resolve_for_dataset(method_spec_from(method, {**overrides, **knobs}),
+                                                              dataset_format)):
+            where = " ".join(f"{k}={v}" for k, v in knobs.items())
+            online = registered.kind == "online"
+            order = " (an online method's randomness is its stream order: --orders K)" if online else ""
+            raise InputError("--seeds", ",".join(map(str, seeds)),
+                             f"{method}{' ' + where if where else ''} draws nothing at random here (the original "
+                             f"view only, a fixed prompt), so every seed gives the same run{order}; submit it once")
+
+
 def _record_sweep(engine: Engine, identity: dict[str, Any], points: int) -> tuple[int, bool]:
     fingerprint = fingerprint_of(identity)
     with session_scope(engine) as session:
@@ -137,6 +159,7 @@ def submit_sweep(engine: Engine, settings: Settings, *, dataset_ref: str, method
     points = grid_points(grid, seeds)
     _check_plan(method, overrides, grid, points, confirmed)
     dataset, version_fp = _dataset(engine, dataset_ref)
+    _check_seeds_matter(method, overrides, points, seeds, dataset.format)
     if DESCRIPTIONS in overrides or DESCRIPTIONS in grid:
         overrides, grid = _descriptions_as_keys(settings, method, dataset, overrides, grid, points)
         points = grid_points(grid, seeds)

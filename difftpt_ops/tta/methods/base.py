@@ -196,6 +196,13 @@ class Method:
         """The views this spec needs; default: the original view only."""
         return ViewPlan(resolution=spec.resolution)
 
+    def draws_at_random(self, spec: Any) -> bool:
+        """Whether the run's seed can change its predictions: random views (crops, AugMix), or a random initial
+        prompt context. False: every seed gives the same run (an online method's randomness is its order)."""
+        prompt = getattr(spec, "prompt", None)
+        random_context = prompt is not None and prompt.ctx_init is None and prompt.coop_checkpoint is None
+        return self.views(spec).n_conventional > 0 or random_context
+
     def naive_step(self, spec: Any, inputs: StepInputs) -> StepOutput:
         """The straightforward formulation (equivalence oracle); only called when `has_naive`."""
         raise NotImplementedError(f"{self.name} has no naive formulation")
