@@ -222,6 +222,41 @@ def test_params_metrics_and_artifacts_read_back(tracked: tuple[Engine, Settings]
     assert len(pd.read_parquet(local)) == len(MASK)
 
 
+def test_a_ctrl_c_stopped_run_shows_killed_until_resume(tracked: tuple[Engine, Settings],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C during an embedded run: MLflow shows KILLED (not RUNNING) while it is stopped; `resume` sets the
+    same MLflow run RUNNING with the resume counted, and it ends FINISHED."""
+    from typing import Any
+
+    from mlflow import MlflowClient
+
+    from difftpt_ops.services.running import contexts, processors, runs
+    from tests.integration.test_jobs_support import add_dataset
+
+    engine, settings = tracked
+    contexts.clear_caches()
+    monkeypatch.setattr(reporting, "_next_report", {})
+    add_dataset(engine, "toy", 40)
+    original, seen = processors.NoopProcessor.process, {"interrupted": False}
+
+    def interrupt_once(self: processors.NoopProcessor, sample: Any) -> Any:
+        if sample.index == 21 and not seen["interrupted"]:
+            seen["interrupted"] = True
+            raise KeyboardInterrupt
+        return original(self, sample)
+
+    monkeypatch.setattr(processors.NoopProcessor, "process", interrupt_once)
+    with pytest.raises(KeyboardInterrupt):
+        runs.submit_tune(engine, settings, dataset_ref="toy", method="noop", shard_size=8)
+    mlflow_run_id, _ = _mapping(engine, 1)
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    assert client.get_run(mlflow_run_id).info.status == "KILLED"
+    assert runs.resume_run(engine, settings, 1).state == "finished"
+    assert _mapping(engine, 1)[0] == mlflow_run_id
+    done = client.get_run(mlflow_run_id)
+    assert done.info.status == "FINISHED" and done.data.tags["difftpt.resume_count"] == "1"
+
+
 def test_resume_continues_the_same_mlflow_run(tracked: tuple[Engine, Settings]) -> None:
     """A resumed run goes back to RUNNING in the same MLflow run, with the resume recorded as a tag."""
     from mlflow import MlflowClient

@@ -126,6 +126,22 @@ def report_finished(engine: Engine, settings: Settings, run_id: int) -> None:
         _tracking_failed(engine, settings, run_id, exc)
 
 
+def report_interrupted(engine: Engine, settings: Settings, run_id: int) -> None:
+    """Called when Ctrl-C stops a run this process was executing: its MLflow run shows KILLED (not RUNNING)
+    while it is stopped; `resume` sets it RUNNING again and records the resume as tags. Never raises."""
+    if not tracking_enabled(settings):
+        return
+    _progress.pop((settings.mlflow_tracking_uri, run_id), None)  # a resume starts with a fresh look
+    try:
+        with engine.connect() as conn:
+            row = conn.execute(select(Run.state, Run.mlflow_run_id).where(Run.id == run_id)).first()
+        if row is None or row.mlflow_run_id is None or RunState(row.state) in TERMINAL_RUN_STATES:
+            return
+        tracker_for(settings).set_terminated(row.mlflow_run_id, "KILLED")
+    except Exception as exc:  # noqa: BLE001  the contract: tracking never stops the work (nor the Ctrl-C)
+        _tracking_failed(engine, settings, run_id, exc)
+
+
 def prepare_tracking(engine: Engine, settings: Settings, run_id: int) -> None:
     """Create the experiment and MLflow run of an active run up front (e.g. at submit); a finished run's is
     report_finished's. Never raises, like the hooks."""

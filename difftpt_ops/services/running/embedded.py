@@ -21,6 +21,7 @@ from difftpt_ops.core.errors import InputError, ServiceUnavailableError
 from difftpt_ops.core.status import TERMINAL_RUN_STATES, TERMINAL_SHARD_STATES, RunState, ShardState
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import Run, Shard
+from difftpt_ops.services.reading import reporting
 from difftpt_ops.services.running.finalize import finalize_run_if_complete
 from difftpt_ops.services.running.leases import WorkerIdentity
 from difftpt_ops.services.running.outcomes import Outcome
@@ -69,11 +70,20 @@ def run_embedded(engine: Engine, settings: Settings, run_id: int, *, device: str
     if progress is not None:
         progress.start(run_id, total, finished)
     _hold(engine, run_id, identity.label)
+    # The MLflow run exists (and reads RUNNING, a resume counted) before the first shard, not only after the
+    # first throttled progress report: a short run or a Ctrl-C before it would otherwise leave no trace there.
+    reporting.prepare_tracking(engine, settings, run_id)
     ready, waiting = deque(shard_ids), []  # waiting: a heap of (due time, shard id) for retries
     try:
         state = _run_shards(engine, settings, ready, waiting, identity=identity, device=device, progress=progress)
-    finally:  # Ctrl-C, a setup error raised for every shard, a shutdown: nothing more will come from here
+    except KeyboardInterrupt:
         _release(engine, run_id, identity.label)
+        reporting.report_interrupted(engine, settings, run_id)  # MLflow shows KILLED until `resume`
+        raise
+    except BaseException:  # a setup error raised for every shard: nothing more will come from here
+        _release(engine, run_id, identity.label)
+        raise
+    _release(engine, run_id, identity.label)  # with retries left in backoff after a shutdown
     if state is Outcome.INTERRUPTED:
         return None
     finalize_run_if_complete(engine, settings, run_id)
