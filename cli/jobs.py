@@ -182,7 +182,9 @@ def submit_tune(
         sweep = [*(sweep or []), online.order_sweep(method, orders)]
     engine = engine_of(ctx)
     if dry_run and (sweep or seeds is not None):
-        raise InputError("--dry-run", True, "estimates one run; drop --sweep/--seeds to estimate one grid point")
+        raise InputError("--dry-run", True, "estimates one run; drop --sweep/--seeds/--orders to estimate one grid "
+                         "point (--order-seed N for one order)" if orders is not None else
+                         "estimates one run; drop --sweep/--seeds to estimate one grid point")
     if dry_run:
         from difftpt_ops.services.running.estimate import estimate_tune
 

@@ -103,6 +103,9 @@ def load_variation_pipeline(
     """
     from diffusers import StableDiffusionImageVariationPipeline
 
+    from difftpt_ops.models.quiet import silence_loading_progress_bars
+
+    silence_loading_progress_bars()  # an embedded `submit generate` would print them between its own progress lines
     source, local = _model_source(model)
     kwargs: dict[str, Any] = {
         "safety_checker": None,

@@ -12,10 +12,18 @@ import os
 def silence_library_progress_bars() -> None:
     """Turn off the per-file and per-step bars of diffusers, transformers and huggingface_hub."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read by transformers at import, too
-    import diffusers
     import huggingface_hub
-    import transformers
 
     huggingface_hub.utils.disable_progress_bars()
+    silence_loading_progress_bars()
+
+
+def silence_loading_progress_bars() -> None:
+    """Turn off the bars diffusers and transformers draw while loading a pipeline ("Loading pipeline
+    components...", "Loading weights"): loading is a step of our own commands, whose progress (a bar on a
+    terminal, plain lines off one, nothing with --quiet) they report themselves. Download bars stay."""
+    import diffusers
+    import transformers
+
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()

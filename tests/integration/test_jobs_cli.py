@@ -71,6 +71,7 @@ BAD_INPUTS = [
     (["submit", "tune", "--dataset", "toy", "--method", "difftpt"], "submit generate --dataset toy"),
     (["submit", "generate", "--dataset", "toy", "--steps", "0"], "--steps=0"),
     (["submit", "tune", "--dataset", "toy", "--method", "tpt", "--order-seed", "3"], "--order-seed=3"),
+    (["submit", "tune", "--dataset", "toy", "--method", "tda", "--orders", "2", "--dry-run"], "/--orders to estimate"),
     (["status", "seven"], "RUN=seven"),
     (["resume", "99"], "RUN=99"),
     (["cancel", "0"], "RUN=0"),
@@ -84,6 +85,37 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(engine) -> None:  # typ
         assert code == 2, (args, out)
         assert needle in out and len(out.strip().splitlines()) == 1, (args, out)
     assert _runs(engine) == 0
+
+
+def test_errors_name_options_the_command_takes(engine) -> None:  # type: ignore[no-untyped-def]
+    """A CoOp checkpoint that is not there is refused at submit (run, dry run, sweep), before any row; `submit
+    features`, which takes no --set, names --views when the generated images cannot serve its views."""
+    from difftpt_ops.core.specs import GenerationSpec
+    from difftpt_ops.db.tables import DatasetVersion, Sweep
+    from difftpt_ops.services.running.generation import get_or_create_generation_config
+    from tests.factories import make_run
+
+    missing = "/nonexistent/coop.pth"
+    tune = ("submit", "tune", "--dataset", "toy", "--method", "tpt")
+    for args, needle in (((*tune, "--set", f"prompt.coop_checkpoint={missing}"), "--set prompt.coop_checkpoint="),
+                         ((*tune, "--set", f"prompt.coop_checkpoint={missing}", "--dry-run"), "--set prompt.coop_"),
+                         ((*tune, "--sweep", f"prompt.coop_checkpoint={missing},/x.pth"), "--sweep prompt.coop_")):
+        code, out = _invoke(*args)
+        assert code == 2 and needle in out and f"{missing}: no such file" in out, (args, out)
+        assert len(out.strip().splitlines()) == 1, out
+    with session_scope(engine) as session:
+        assert session.scalar(select(func.count()).select_from(Sweep)) == 0
+    assert _runs(engine) == 0
+
+    code, out = _invoke("submit", "features", "--dataset", "toy", "--views", "difftpt")
+    assert code == 2 and "--views tpt" in out and "--set" not in out, out
+    with session_scope(engine) as session:
+        config = get_or_create_generation_config(session, GenerationSpec(model="tiny", revision=None, per_sample=2))
+        version = session.scalars(select(DatasetVersion)).one()
+        make_run(session, version, method="generate", kind="generate", generation_config_id=config.id)
+    code, out = _invoke("submit", "features", "--dataset", "toy", "--views", "difftpt")
+    assert code == 2 and "--views=difftpt: stores 63 generated views" in out and "--set" not in out, out
+    assert len(out.strip().splitlines()) == 1 and _runs(engine) == 1  # the generation run made above
 
 
 def test_unreachable_broker_fails_fast_before_writing(engine, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]

@@ -53,6 +53,20 @@ def test_tiny_pipeline_is_fast_to_build_and_loads_offline(tmp_path: Path, tiny_d
     assert {type(p).__name__ for p in pipe.unet.attn_processors.values()} == {"AttnProcessor2_0"}  # SDPA
 
 
+def test_loading_draws_no_library_progress_bars(tiny_dir: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """An embedded `submit generate` loads the pipeline in the CLI's own process: diffusers' and transformers'
+    loading bars would land between its progress lines, and print under --quiet."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.enable_progress_bar()  # as in a fresh process
+    transformers.utils.logging.enable_progress_bar()
+    capfd.readouterr()
+    diffusion.load_variation_pipeline(str(tiny_dir), device="cpu")
+    captured = capfd.readouterr()
+    assert "Loading" not in captured.err + captured.out
+
+
 @pytest.mark.parametrize(("name", "scheduler_class"), [
     ("default", "PNDMScheduler"), ("dpm-solver++", "DPMSolverMultistepScheduler"), ("ddim", "DDIMScheduler"),
 ])

@@ -274,7 +274,8 @@ def submit_features(engine: Engine, settings: Settings, *, dataset_ref: str, mod
     runs._prepare_dispatch(settings, dispatcher)
     with session_scope(engine) as session:
         _, version = runs._resolve_version(session, dataset_ref)
-        config = runs._generation_for(session, method_spec, version, dataset_ref, generation_id)
+        config = runs._generation_for(session, method_spec, version, dataset_ref, generation_id,
+                                       features=True)
         spec = FeaturesRunSpec(views=views, model=model_spec, dataset_fingerprint=version.fingerprint,
                                generation_fingerprint=config.fingerprint if config else None, seed=seed,
                                device=run_device)

@@ -46,6 +46,7 @@ from difftpt_ops.services.running.generation import get_or_create_generation_con
 from difftpt_ops.services.running.status import is_active
 from difftpt_ops.services.running.submit_checks import (
     check_execution_args,
+    check_method_files,
     check_model_path,
     generator_path_checked,
     resolve_run_device,
@@ -120,12 +121,14 @@ def _plan(session: Session, *, kind: str, method: str, fingerprint: str, spec: d
 
 
 def _generation_for(session: Session, method: Any, version: DatasetVersion, dataset_ref: str,
-                    generation_id: int | None, *, missing_ok: bool = False) -> GenerationConfig | None:
+                    generation_id: int | None, *, missing_ok: bool = False,
+                    features: bool = False) -> GenerationConfig | None:
     """The generation config a run reads: the one named, else the latest planned or filled for this dataset.
 
     A run that reads generated images is bound to one config, whose images per sample must cover the
     spec's n_generated: the run reads exactly that many per sample, never fewer. `missing_ok`: None when
     the dataset has no generation yet instead of an error (a dry run planned before `submit generate`).
+    `features`: for `submit features --views`, which has no --set: its errors name --views instead.
     """
     needed = int(getattr(method, "n_generated", 0) or 0)
     if needed == 0:
@@ -142,13 +145,18 @@ def _generation_for(session: Session, method: Any, version: DatasetVersion, data
         if config is None and missing_ok:
             return None
         if config is None:
+            instead = "or use --views tpt" if features else "or pass --set n_generated=0"
             raise InputError("--generation", "latest", f"no generation for {dataset_ref}; run `difftpt-ops submit "
-                             f"generate --dataset {dataset_ref}` first, or pass --set n_generated=0")
+                             f"generate --dataset {dataset_ref}` first, {instead}")
     per_sample = spec_of(config).per_sample
     if needed > per_sample:
+        generate = f"`difftpt-ops submit generate --dataset {dataset_ref} --per-sample {needed}`"
+        if features:
+            raise InputError("--views", method.method, f"stores {needed} generated views per sample (its default "
+                             f"n_generated), but generation config {config.id} has {per_sample} per sample; generate "
+                             f"more with {generate}, or use --views tpt")
         raise InputError("n_generated", needed, f"exceeds the {per_sample} images per sample of generation config "
-                         f"{config.id}; pass --set n_generated={per_sample} or generate more with "
-                         f"`difftpt-ops submit generate --dataset {dataset_ref} --per-sample {needed}`")
+                         f"{config.id}; pass --set n_generated={per_sample} or generate more with {generate}")
     return config
 
 
@@ -237,6 +245,7 @@ def tune_choice(settings: Settings, *, method: str, overrides: dict[str, Any] | 
     """
     online.ensure_registered(method)
     method_spec = method_spec_from(method, overrides or {})
+    check_method_files(settings, method_spec)
     run_device = resolve_run_device(settings, device)
     return TuneChoice(method_spec, run_model_spec(model, pretrained, run_device), run_device)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import Any
 
 from difftpt_ops.config import Settings
 from difftpt_ops.core.errors import InputError
@@ -37,6 +38,17 @@ def check_model_path(settings: Settings, method: str, model: ModelSpec) -> None:
         from difftpt_ops.models.clip import check_clip_source
 
         check_clip_source(model)
+
+
+def check_method_files(settings: Settings, method: Any) -> None:
+    """A CoOp checkpoint the method spec names (`--set prompt.coop_checkpoint=FILE`) that is not a file is bad
+    input before any row is written in embedded mode, which reads it now (workers check their own, as for the
+    model); otherwise the run would be made, then fail at its first shard."""
+    from pathlib import Path
+
+    checkpoint = getattr(getattr(method, "prompt", None), "coop_checkpoint", None)
+    if settings.embedded and checkpoint and not Path(checkpoint).expanduser().is_file():
+        raise InputError("--set prompt.coop_checkpoint", checkpoint, "no such file")
 
 
 def resolve_run_device(settings: Settings, device: str | None) -> str:

@@ -26,6 +26,7 @@ from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import Run, Sweep, SweepRun
 from difftpt_ops.db.writes import insert_ignore, insert_new_ids
 from difftpt_ops.services.reading.groups import sweeps_of_runs
+from difftpt_ops.services.running.submit_checks import check_method_files
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,15 @@ def submit_sweep(engine: Engine, settings: Settings, *, dataset_ref: str, method
     submit_args.pop("seed", None)
     points = grid_points(grid, seeds)
     _check_plan(method, overrides, grid, points, confirmed)
+    for point in points:  # files the points name (a CoOp checkpoint): checked before the sweep row is written
+        knobs = {k: v for k, v in point.items() if k != "seed"}
+        try:
+            check_method_files(settings, method_spec_from(method, {**overrides, **knobs}))
+        except InputError as exc:
+            swept = exc.argument.removeprefix("--set ")
+            if swept in knobs:  # a grid value: name the option the user typed it in
+                raise InputError(f"--sweep {swept}", exc.value, exc.problem) from None
+            raise
     dataset, version_fp = _dataset(engine, dataset_ref)
     _check_seeds_matter(method, overrides, points, seeds, dataset.format)
     if DESCRIPTIONS in overrides or DESCRIPTIONS in grid:
