@@ -64,12 +64,12 @@ def install_synthetic_features() -> None:
     text = torch.nn.functional.normalize(torch.randn(N_CLASSES, DIM, generator=torch.Generator().manual_seed(0)),
                                          dim=-1)
 
-    def features_for(self: Any, tuner: Any, sample: Any, **_: Any) -> tuple[Any, tuple[str, ...], bool]:
+    def features_for(self: Any, tuner: Any, sample: Any, **_: Any) -> tuple[Any, tuple[str, ...], int]:
         seed = int.from_bytes(hashlib.sha256(str(sample.content_hash).encode()).digest()[:8], "little") >> 1
         n_views = tuner.plan.n_views
         label_direction = text[int(sample.label)]
         raw = label_direction + 0.08 * torch.randn(n_views, DIM, generator=torch.Generator().manual_seed(seed))
-        return raw, ("original",) + ("conventional",) * (n_views - 1), False
+        return raw, ("original",) + ("conventional",) * (n_views - 1), 0  # none encoded: all "read"
 
     features.FeatureCache.features_for = features_for  # type: ignore[method-assign]
     engine.Tuner._initial_text_features = lambda self: text  # type: ignore[method-assign]

@@ -47,7 +47,7 @@ class MethodSpec:
     method: ClassVar[str] = ""
     prompt: PromptSpec = field(default_factory=PromptSpec)
     resolution: int = 224
-    # "store": read the views' image features from a stored set holding them all, else encode (and store) them;
+    # "store": read the views' image features that stored sets hold, encode (and store) the others;
     # "recompute": encode every view (same results; for checking the store). Left out of to_dict() at its
     # default, so fingerprints of specs that never set it are unchanged.
     features: str = "store"

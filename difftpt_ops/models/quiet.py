@@ -12,9 +12,9 @@ import os
 def silence_library_progress_bars() -> None:
     """Turn off the per-file and per-step bars of diffusers, transformers and huggingface_hub."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read by transformers at import, too
-    import huggingface_hub
+    from huggingface_hub.utils import disable_progress_bars  # a subpackage: not an attribute until imported
 
-    huggingface_hub.utils.disable_progress_bars()
+    disable_progress_bars()
     silence_loading_progress_bars()
 
 

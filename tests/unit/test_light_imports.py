@@ -96,3 +96,16 @@ def test_engine_and_benches_import_without_celery_mlflow_or_a_database() -> None
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "LEAKED []" in done.stdout
+
+
+def test_silencing_the_library_bars_works_in_a_fresh_process() -> None:
+    """First thing in a new process (the demo, a worker): no library imported yet, so nothing may rely on a
+    subpackage another import happened to load (`huggingface_hub.utils` is not an attribute until imported)."""
+    done = subprocess.run(
+        [sys.executable, "-c", "from difftpt_ops.models.quiet import silence_library_progress_bars as s; s(); "
+                               "print('SILENCED')"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+             "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)},
+    )
+    assert done.returncode == 0 and "SILENCED" in done.stdout, done.stderr[-4000:]

@@ -2,9 +2,10 @@
 
 For a (model, sample, view recipes) the image encoder runs once: the first run that needs the views encodes
 them and stores the result (storage/features.py: file first, then its `view_features` row); every later run
-of any method, seed or sweep that needs those views, or a subset of a stored set's views, reads them. A read
-checks size and hash; a damaged or missing file is discarded, recomputed and its row repaired. Off for a run
-with `--set features=recompute`.
+of any method, seed or sweep that needs those views, or a subset of a stored set's views, reads them; a run
+that needs views no stored set holds encodes only those and stores its whole set. A read checks size and
+hash; a damaged or missing file is discarded, recomputed and its row repaired. Off for a run with
+`--set features=recompute`.
 
 `submit features` fills the store for a dataset ahead of the tuning runs, as a run of kind "features" on the
 `tune` queue (GPU workers): one encoder pass then serves every method.
@@ -59,12 +60,15 @@ class FeatureCache:
         """
         raw, kinds, encoded = self.features_for(tuner, sample, root=root, views=views, seed=seed, augmix=augmix)
         result = tuner.run_features(raw, kinds)
-        n = len(kinds)
-        return dataclasses.replace(result, views_encoded=n if encoded else 0, views_read=0 if encoded else n)
+        return dataclasses.replace(result, views_encoded=encoded, views_read=len(kinds) - encoded)
 
     def features_for(self, tuner: Any, sample: Any, *, root: Path, views: Any, seed: int,
-                     augmix: bool) -> tuple[Any, tuple[str, ...], bool]:
-        """(raw features, view kinds, whether they were encoded now) of the views `tuner` needs."""
+                     augmix: bool) -> tuple[Any, tuple[str, ...], int]:
+        """(raw features, view kinds, how many views were encoded now) of the views `tuner` needs.
+
+        One stored set holding them all is read; otherwise the views some stored sets hold are read from them
+        and only the others are encoded (DiffTPT after TPT encodes its generated views, not TPT's crops), and
+        the whole set is stored for the next run."""
         from difftpt_ops.storage.features import kinds_of, view_recipes
 
         plan = tuner.plan
@@ -72,15 +76,56 @@ class FeatureCache:
         recipes = view_recipes(n_conventional=plan.n_conventional, generated_hashes=hashes or [], seed=seed,
                                augmix=tuner.augmix_for(augmix), resolution=plan.resolution,
                                crop_scale=plan.crop_scale)
+        stored: dict[int, Any] = {}
         if hashes is not None:
             raw = self.lookup(sample.content_hash, recipes)
             if raw is not None:
-                return raw, kinds_of(recipes), False
+                return raw, kinds_of(recipes), 0
+            stored = self.stored_views(sample.content_hash, recipes)
         started = time.perf_counter()
-        raw, kinds = self._encode(tuner, sample, root=root, views=views, seed=seed, augmix=augmix)
-        if hashes is not None and kinds == kinds_of(recipes):
-            self.store(sample.content_hash, recipes, raw, seconds=time.perf_counter() - started)
-        return raw, kinds, True
+        built = self._build(tuner, sample, root=root, views=views, seed=seed, augmix=augmix)
+        if hashes is None or built.kinds != kinds_of(recipes):
+            return tuner.encode_raw(built.pixels), built.kinds, len(built.kinds)
+        raw, encoded = self._complete(tuner, built.pixels, stored)
+        self.store(sample.content_hash, recipes, raw, seconds=time.perf_counter() - started)
+        return raw, built.kinds, encoded
+
+    @staticmethod
+    def _complete(tuner: Any, pixels: Any, stored: dict[int, Any]) -> tuple[Any, int]:
+        """Every view's features: the stored rows as read, the others encoded now (in one batch)."""
+        import torch
+
+        missing = [i for i in range(pixels.shape[0]) if i not in stored]
+        if not stored:
+            return tuner.encode_raw(pixels), len(missing)
+        fresh = tuner.encode_raw(pixels[missing]) if missing else None
+        sample_row = next(iter(stored.values()))
+        raw = torch.empty((pixels.shape[0], sample_row.shape[-1]), dtype=sample_row.dtype)
+        for i, row in stored.items():
+            raw[i] = row
+        if fresh is not None:
+            raw[missing] = fresh.to(raw.dtype)
+        return raw, len(missing)
+
+    def stored_views(self, sample_hash: str, recipes: Sequence[dict[str, Any]]) -> dict[int, Any]:
+        """Position -> stored features (d,) of the views among `recipes` that some stored set holds (each set
+        read and checked once; a damaged one is discarded and its views count as missing)."""
+        from difftpt_ops.storage.features import recipe_key
+
+        with session_scope(self.engine) as session:
+            rows = list(session.scalars(select(ViewFeatures).where(
+                ViewFeatures.model_fingerprint == self.model_fingerprint, ViewFeatures.sample_hash == sample_hash)))
+        wanted = {recipe_key(r): i for i, r in enumerate(recipes)}
+        found: dict[int, Any] = {}
+        for row in sorted(rows, key=lambda r: -r.n_views):  # the largest sets first: fewer files to read
+            held = {wanted[key]: j for j, key in enumerate(map(recipe_key, row.views))
+                    if key in wanted and wanted[key] not in found}
+            if not held:
+                continue
+            tensor = self._read(row)
+            if tensor is not None:
+                found.update({i: tensor[j] for i, j in held.items()})
+        return found
 
     def lookup(self, sample_hash: str, recipes: Sequence[dict[str, Any]]) -> Any | None:
         """The stored features of exactly these views (from the exact set or any stored set holding them all),
@@ -131,18 +176,17 @@ class FeatureCache:
                 session.execute(delete(ViewFeatures).where(ViewFeatures.id == row.id))
             return None
 
-    def _encode(self, tuner: Any, sample: Any, *, root: Path, views: Any, seed: int,
-                augmix: bool) -> tuple[Any, tuple[str, ...]]:
+    def _build(self, tuner: Any, sample: Any, *, root: Path, views: Any, seed: int, augmix: bool) -> Any:
+        """The sample's views (pixels and kinds), as the tuner builds them."""
         from difftpt_ops.data.images import load_rgb
 
         image = load_rgb(root / sample.relpath)
         generated = views.images_for(sample) if views is not None and tuner.plan.n_generated else []
         try:
-            built = tuner.make_views(image, generated=generated, seed=seed,
-                                     sample_key=sample.content_hash or str(sample.id), augmix=augmix)
+            return tuner.make_views(image, generated=generated, seed=seed,
+                                    sample_key=sample.content_hash or str(sample.id), augmix=augmix)
         except InputError as exc:  # about this sample's images, not the run
             raise SampleError(f"sample {sample.index}: {exc}") from exc
-        return tuner.encode_raw(built.pixels), built.kinds
 
     def _generated_hashes(self, views: Any, sample: Any, count: int) -> list[str] | None:
         """Content hashes of the generated images the views use (variants 0..count-1); None when the store
