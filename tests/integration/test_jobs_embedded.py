@@ -22,6 +22,7 @@ from tests.integration.test_jobs_support import (
     count,
     distinct_predictions,
     error_rows,
+    interrupt_noop_once_at,
     make_settings,
     open_engine,
     read_trace,
@@ -161,16 +162,7 @@ def test_a_shard_whose_setup_fails_is_sent_again_to_its_queue(env: dict[str, Any
 def test_ctrl_c_leaves_a_run_that_resume_finishes(env: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """KeyboardInterrupt keeps finished samples; resume does the rest without redoing them."""
     add_dataset(env["engine"], "toy", 64)
-    original = processors.NoopProcessor.process
-    state = {"interrupted": False}
-
-    def interrupt_once(self: processors.NoopProcessor, sample: Any) -> Any:
-        if sample.index == 37 and not state["interrupted"]:
-            state["interrupted"] = True
-            raise KeyboardInterrupt
-        return original(self, sample)
-
-    monkeypatch.setattr(processors.NoopProcessor, "process", interrupt_once)
+    interrupt_noop_once_at(monkeypatch, 37)
     with pytest.raises(KeyboardInterrupt):
         _submit(env)
     run_id = 1

@@ -68,6 +68,21 @@ def add_dataset(engine: Engine, name: str, n: int, *, failed: Sequence[int] = ()
         return version.id
 
 
+def interrupt_noop_once_at(monkeypatch: pytest.MonkeyPatch, index: int) -> None:
+    """The noop method raises KeyboardInterrupt (Ctrl-C) the first time it reaches sample `index`."""
+    from difftpt_ops.services.running import processors
+
+    original, seen = processors.NoopProcessor.process, {"interrupted": False}
+
+    def interrupt_once(self: processors.NoopProcessor, sample: Any) -> Any:
+        if sample.index == index and not seen["interrupted"]:
+            seen["interrupted"] = True
+            raise KeyboardInterrupt
+        return original(self, sample)
+
+    monkeypatch.setattr(processors.NoopProcessor, "process", interrupt_once)
+
+
 def count(engine: Engine, model: Any, run_id: int) -> int:
     with session_scope(engine) as session:
         return int(session.scalar(select(func.count()).select_from(model).where(model.run_id == run_id)) or 0)

@@ -226,26 +226,16 @@ def test_a_ctrl_c_stopped_run_shows_killed_until_resume(tracked: tuple[Engine, S
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C during an embedded run: MLflow shows KILLED (not RUNNING) while it is stopped; `resume` sets the
     same MLflow run RUNNING with the resume counted, and it ends FINISHED."""
-    from typing import Any
-
     from mlflow import MlflowClient
 
-    from difftpt_ops.services.running import contexts, processors, runs
-    from tests.integration.test_jobs_support import add_dataset
+    from difftpt_ops.services.running import contexts, runs
+    from tests.integration.test_jobs_support import add_dataset, interrupt_noop_once_at
 
     engine, settings = tracked
     contexts.clear_caches()
     monkeypatch.setattr(reporting, "_next_report", {})
     add_dataset(engine, "toy", 40)
-    original, seen = processors.NoopProcessor.process, {"interrupted": False}
-
-    def interrupt_once(self: processors.NoopProcessor, sample: Any) -> Any:
-        if sample.index == 21 and not seen["interrupted"]:
-            seen["interrupted"] = True
-            raise KeyboardInterrupt
-        return original(self, sample)
-
-    monkeypatch.setattr(processors.NoopProcessor, "process", interrupt_once)
+    interrupt_noop_once_at(monkeypatch, 21)
     with pytest.raises(KeyboardInterrupt):
         runs.submit_tune(engine, settings, dataset_ref="toy", method="noop", shard_size=8)
     mlflow_run_id, _ = _mapping(engine, 1)
