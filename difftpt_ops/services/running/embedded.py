@@ -74,16 +74,16 @@ def run_embedded(engine: Engine, settings: Settings, run_id: int, *, device: str
     # first throttled progress report: a short run or a Ctrl-C before it would otherwise leave no trace there.
     reporting.prepare_tracking(engine, settings, run_id)
     ready, waiting = deque(shard_ids), []  # waiting: a heap of (due time, shard id) for retries
+    interrupted = False
     try:
         state = _run_shards(engine, settings, ready, waiting, identity=identity, device=device, progress=progress)
     except KeyboardInterrupt:
-        _release(engine, run_id, identity.label)
-        reporting.report_interrupted(engine, settings, run_id)  # MLflow shows KILLED until `resume`
+        interrupted = True
         raise
-    except BaseException:  # a setup error raised for every shard: nothing more will come from here
+    finally:  # Ctrl-C, a setup error raised for every shard, a shutdown: nothing more will come from here
         _release(engine, run_id, identity.label)
-        raise
-    _release(engine, run_id, identity.label)  # with retries left in backoff after a shutdown
+        if interrupted:
+            reporting.report_interrupted(engine, settings, run_id)  # MLflow shows KILLED until `resume`
     if state is Outcome.INTERRUPTED:
         return None
     finalize_run_if_complete(engine, settings, run_id)
