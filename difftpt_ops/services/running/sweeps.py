@@ -19,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from difftpt_ops.config import Settings
-from difftpt_ops.core.errors import InputError, InvalidSpecError
+from difftpt_ops.core.errors import InputError
 from difftpt_ops.core.method_specs import method_spec_from
 from difftpt_ops.core.specs import fingerprint_of
 from difftpt_ops.db.session import session_scope
@@ -89,8 +89,9 @@ class SweepResult:
 
 
 def _check_plan(method: str, overrides: dict[str, Any], grid: dict[str, list[str]], points: list[dict[str, Any]],
-                confirmed: bool) -> None:
-    """Every point's spec must be valid before the first run is submitted: nothing half-made."""
+                confirmed: bool, settings: Settings | None = None) -> None:
+    """Every point's spec must be valid before the first run is submitted: nothing half-made. With `settings`,
+    the files a point names (a CoOp checkpoint) must exist too."""
     for key in grid:
         if key in overrides:
             raise InputError("--sweep", key, "is also given with --set; sweep it or fix it, not both")
@@ -100,15 +101,17 @@ def _check_plan(method: str, overrides: dict[str, Any], grid: dict[str, list[str
     for point in points:
         knobs = {k: v for k, v in point.items() if k != "seed"}
         try:
-            method_spec_from(method, {**overrides, **knobs})
-        except InvalidSpecError as exc:
+            spec = method_spec_from(method, {**overrides, **knobs})
+            if settings is not None:
+                check_method_files(settings, spec)
+        except InputError as exc:  # InvalidSpecError too: the bad value's option, as the user typed it
             swept = exc.argument.removeprefix("--set ")
             if swept not in knobs and f"prompt.{swept}" in knobs:  # a prompt field names itself without "prompt."
                 swept = f"prompt.{swept}"
             if swept in knobs:  # a grid value: name the option the user typed it in
-                raise InvalidSpecError(f"--sweep {swept}", exc.value, exc.problem) from None
+                raise type(exc)(f"--sweep {swept}", exc.value, exc.problem) from None
             if exc.argument == "--set" and exc.value in knobs:  # an unknown field named in the grid
-                raise InvalidSpecError("--sweep", exc.value, exc.problem) from None
+                raise type(exc)("--sweep", exc.value, exc.problem) from None
             raise
 
 
@@ -158,16 +161,7 @@ def submit_sweep(engine: Engine, settings: Settings, *, dataset_ref: str, method
     seeds = seeds or [int(submit_args.pop("seed", 0))]
     submit_args.pop("seed", None)
     points = grid_points(grid, seeds)
-    _check_plan(method, overrides, grid, points, confirmed)
-    for point in points:  # files the points name (a CoOp checkpoint): checked before the sweep row is written
-        knobs = {k: v for k, v in point.items() if k != "seed"}
-        try:
-            check_method_files(settings, method_spec_from(method, {**overrides, **knobs}))
-        except InputError as exc:
-            swept = exc.argument.removeprefix("--set ")
-            if swept in knobs:  # a grid value: name the option the user typed it in
-                raise InputError(f"--sweep {swept}", exc.value, exc.problem) from None
-            raise
+    _check_plan(method, overrides, grid, points, confirmed, settings)
     dataset, version_fp = _dataset(engine, dataset_ref)
     _check_seeds_matter(method, overrides, points, seeds, dataset.format)
     if DESCRIPTIONS in overrides or DESCRIPTIONS in grid:
