@@ -78,10 +78,11 @@ class FeatureCache:
                                crop_scale=plan.crop_scale)
         stored: dict[int, Any] = {}
         if hashes is not None:
-            raw = self.lookup(sample.content_hash, recipes)
+            sets = self._stored_sets(sample.content_hash)
+            raw = self._read_whole(sets, recipes)
             if raw is not None:
                 return raw, kinds_of(recipes), 0
-            stored = self.stored_views(sample.content_hash, recipes)
+            stored = self._read_some(sets, recipes)
         started = time.perf_counter()
         built = self._build(tuner, sample, root=root, views=views, seed=seed, augmix=augmix)
         if hashes is None or built.kinds != kinds_of(recipes):
@@ -107,17 +108,36 @@ class FeatureCache:
             raw[missing] = fresh.to(raw.dtype)
         return raw, len(missing)
 
-    def stored_views(self, sample_hash: str, recipes: Sequence[dict[str, Any]]) -> dict[int, Any]:
+    def _stored_sets(self, sample_hash: str) -> list[ViewFeatures]:
+        """The stored feature sets of this model for one sample (any views)."""
+        with session_scope(self.engine) as session:
+            return list(session.scalars(select(ViewFeatures).where(
+                ViewFeatures.model_fingerprint == self.model_fingerprint, ViewFeatures.sample_hash == sample_hash)))
+
+    def _read_whole(self, sets: list[ViewFeatures], recipes: Sequence[dict[str, Any]]) -> Any | None:
+        """The stored features of exactly these views (from the exact set or any stored set holding them all),
+        or None. A damaged entry is discarded (file and row) and reported as missing."""
+        from difftpt_ops.storage.features import recipe_key, recipes_fingerprint
+
+        wanted = recipes_fingerprint(recipes)
+        keys = [recipe_key(r) for r in recipes]
+        for row in sorted(sets, key=lambda row: (row.recipe_fingerprint != wanted, row.n_views)):  # exact, smallest
+            position = {recipe_key(v): i for i, v in enumerate(row.views)}
+            if not all(key in position for key in keys):
+                continue
+            tensor = self._read(row)
+            if tensor is not None:
+                return tensor if row.recipe_fingerprint == wanted else tensor[[position[k] for k in keys]]
+        return None
+
+    def _read_some(self, sets: list[ViewFeatures], recipes: Sequence[dict[str, Any]]) -> dict[int, Any]:
         """Position -> stored features (d,) of the views among `recipes` that some stored set holds (each set
         read and checked once; a damaged one is discarded and its views count as missing)."""
         from difftpt_ops.storage.features import recipe_key
 
-        with session_scope(self.engine) as session:
-            rows = list(session.scalars(select(ViewFeatures).where(
-                ViewFeatures.model_fingerprint == self.model_fingerprint, ViewFeatures.sample_hash == sample_hash)))
         wanted = {recipe_key(r): i for i, r in enumerate(recipes)}
         found: dict[int, Any] = {}
-        for row in sorted(rows, key=lambda r: -r.n_views):  # the largest sets first: fewer files to read
+        for row in sorted(sets, key=lambda r: -r.n_views):  # the largest sets first: fewer files to read
             held = {wanted[key]: j for j, key in enumerate(map(recipe_key, row.views))
                     if key in wanted and wanted[key] not in found}
             if not held:
@@ -126,26 +146,6 @@ class FeatureCache:
             if tensor is not None:
                 found.update({i: tensor[j] for i, j in held.items()})
         return found
-
-    def lookup(self, sample_hash: str, recipes: Sequence[dict[str, Any]]) -> Any | None:
-        """The stored features of exactly these views (from the exact set or any stored set holding them all),
-        or None. A damaged entry is discarded (file and row) and reported as missing."""
-        from difftpt_ops.storage.features import recipe_key, recipes_fingerprint
-
-        wanted = recipes_fingerprint(recipes)
-        with session_scope(self.engine) as session:
-            rows = list(session.scalars(select(ViewFeatures).where(
-                ViewFeatures.model_fingerprint == self.model_fingerprint, ViewFeatures.sample_hash == sample_hash)))
-        rows.sort(key=lambda row: (row.recipe_fingerprint != wanted, row.n_views))  # exact set first, then smallest
-        keys = [recipe_key(r) for r in recipes]
-        for row in rows:
-            position = {recipe_key(v): i for i, v in enumerate(row.views)}
-            if not all(key in position for key in keys):
-                continue
-            tensor = self._read(row)
-            if tensor is not None:
-                return tensor if row.recipe_fingerprint == wanted else tensor[[position[k] for k in keys]]
-        return None
 
     def store(self, sample_hash: str, recipes: Sequence[dict[str, Any]], raw: Any, *,
               seconds: float | None = None) -> None:
