@@ -48,23 +48,40 @@ class CorruptFeaturesError(Exception):
     """Stored bytes that do not match their row (size or hash), or that do not parse."""
 
 
-def model_fingerprint(model: nn.Module, *, precision: str, device: str | torch.device) -> str:
+def model_fingerprint(model: nn.Module, *, precision: str, device: str | torch.device,
+                      tower_digest: str | None = None) -> str:
     """sha256 identifying the image encoder as it computes: weights, precision, device type, activations.
 
-    Hashes every parameter and buffer of the image tower (`model.visual`, else the whole model) in its
-    stored dtype; about a second for ViT-B/16 on a CPU, so callers cache it per loaded model.
+    Hashes every parameter and buffer of the image tower (`image_tower`) in its stored dtype, unless the caller
+    passes that hash (`tower_digest`, from `weights_digest(image_tower(model))`); about a second for ViT-B/16
+    on a CPU, so callers cache it per loaded model.
     """
-    tower = getattr(model, "visual", model)
+    tower = image_tower(model)
     activations = sorted({type(m).__name__ for m in tower.modules()
                           if any(word in type(m).__name__.lower() for word in _ACTIVATION_WORDS)})
-    return fingerprint_of({"format": FORMAT_VERSION, "weights": weights_digest(tower), "precision": precision,
-                           "device": torch.device(device).type, "activations": activations})
+    return fingerprint_of({"format": FORMAT_VERSION, "weights": tower_digest or weights_digest(tower),
+                           "precision": precision, "device": torch.device(device).type, "activations": activations})
 
 
-def weights_digest(module: nn.Module) -> str:
-    """sha256 of a module's parameters and buffers (names, dtypes, shapes, bytes) as they are loaded."""
+def image_tower(model: nn.Module) -> nn.Module:
+    """A CLIP's image encoder (`model.visual`), else the whole model."""
+    return getattr(model, "visual", model)
+
+
+def clip_weights_digest(model: nn.Module, tower_digest: str) -> str:
+    """sha256 of a whole CLIP's weights as loaded, from its image tower's `weights_digest` and the rest's (each
+    parameter hashed once when the caller also needs the tower's)."""
+    rest = weights_digest(model, skip_prefix="visual.") if image_tower(model) is not model else ""
+    return hashlib.sha256(f"{tower_digest}\x1e{rest}".encode()).hexdigest()
+
+
+def weights_digest(module: nn.Module, *, skip_prefix: str | None = None) -> str:
+    """sha256 of a module's parameters and buffers (names, dtypes, shapes, bytes) as they are loaded; those
+    whose name starts with `skip_prefix` are left out."""
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
+        if skip_prefix is not None and name.startswith(skip_prefix):
+            continue
         data = tensor.detach().cpu().contiguous()
         digest.update(f"{name}\x1f{data.dtype}\x1f{tuple(data.shape)}\x1e".encode())
         digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())

@@ -329,9 +329,10 @@ def _weights_of(folder: Path) -> str:
     """sha256 of the weights a run loads from a local model folder."""
     from difftpt_ops.core.specs import ModelSpec
     from difftpt_ops.models.clip import load_clip
-    from difftpt_ops.storage.features import weights_digest
+    from difftpt_ops.storage.features import clip_weights_digest, image_tower, weights_digest
 
-    return weights_digest(load_clip(ModelSpec(name=str(folder), pretrained=None), "cpu").model)
+    model = load_clip(ModelSpec(name=str(folder), pretrained=None), "cpu").model
+    return clip_weights_digest(model, weights_digest(image_tower(model)))
 
 
 def runs_row(engine: object, run_id: int) -> Run:

@@ -216,7 +216,8 @@ def model_fingerprint_of(clip: Any) -> str:
     known = _FINGERPRINTS.setdefault(clip.model, {})
     key = (str(clip.precision), str(clip.device))
     if key not in known:
-        known[key] = model_fingerprint(clip.model, precision=str(clip.precision), device=clip.device)
+        known[key] = model_fingerprint(clip.model, precision=str(clip.precision), device=clip.device,
+                                       tower_digest=_tower_digest_of(clip))
     return known[key]
 
 
@@ -224,12 +225,22 @@ def weights_fingerprint_of(clip: Any) -> str:
     """sha256 of every parameter and buffer of a loaded CLIP (both towers, as loaded), computed once per loaded
     model: the weights a run's shards computed with, recorded in their provenance. The spec names a model
     directory or file by its path, whose contents can change between two submits or between two shards."""
-    from difftpt_ops.storage.features import weights_digest
+    from difftpt_ops.storage.features import clip_weights_digest
 
     known = _FINGERPRINTS.setdefault(clip.model, {})
     if ("weights", "") not in known:
-        known[("weights", "")] = weights_digest(clip.model)
+        known[("weights", "")] = clip_weights_digest(clip.model, _tower_digest_of(clip))
     return known[("weights", "")]
+
+
+def _tower_digest_of(clip: Any) -> str:
+    """The image tower's weights hash, shared by the two fingerprints above (hashed once per loaded model)."""
+    from difftpt_ops.storage.features import image_tower, weights_digest
+
+    known = _FINGERPRINTS.setdefault(clip.model, {})
+    if ("image_tower", "") not in known:
+        known[("image_tower", "")] = weights_digest(image_tower(clip.model))
+    return known[("image_tower", "")]
 
 
 def feature_cache_for(engine: Engine, settings: Settings, clip: Any, method_spec: Any,
