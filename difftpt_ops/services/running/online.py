@@ -61,7 +61,7 @@ from difftpt_ops.services.running.leases import (
     release_shard,
 )
 from difftpt_ops.services.running.outcomes import Outcome, ShardOutcome, ShardTicket, retry_delay_s, stop_requested
-from difftpt_ops.services.running.processors import QUEUE_OF_KIND, model_facts, refuse_other_weights
+from difftpt_ops.services.running.processors import QUEUE_OF_KIND, record_provenance
 
 log = logging.getLogger(__name__)
 
@@ -364,7 +364,7 @@ def execute_online_shard(engine: Engine, settings: Settings, shard_id: int, *, i
     queue: str = QUEUE_OF_KIND["tune"]
     try:
         context = _context(engine, settings, claim.run_id, device=device, worker=identity.label)
-        _record_provenance(engine, claim, context)
+        record_provenance(engine, claim, context.tune)  # as an episodic shard: `runs show` reads it
         result = _process(engine, settings, claim, context, lease, progress)
     except KeyboardInterrupt:
         release_shard(engine, claim, ShardState.PENDING)
@@ -385,17 +385,6 @@ def execute_online_shard(engine: Engine, settings: Settings, shard_id: int, *, i
     finalize_run_if_complete(engine, settings, claim.run_id)
     follow_up = _next_link(engine, claim, queue)
     return ShardOutcome(shard_id, Outcome.DONE, queue, processed=claim.stop - claim.start, follow_up=follow_up)
-
-
-def _record_provenance(engine: Engine, claim: ChainClaim, context: _Context) -> None:
-    """Store on the link what runs it (device, precision, host, versions), as an episodic shard does: `runs show`
-    and the `shards.provenance` column read it."""
-    from difftpt_ops.provenance import worker_provenance
-
-    facts = {**worker_provenance(context.tune.device, context.tune.precision), **model_facts(context.tune.processor)}
-    with engine.begin() as connection:
-        refuse_other_weights(connection, claim.run_id, facts)
-        connection.execute(update(Shard.__table__).where(OWNED).values(provenance=facts), claim.params())
 
 
 def _next_link(engine: Engine, claim: ChainClaim, queue: str) -> tuple[ShardTicket, ...]:

@@ -25,14 +25,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from sqlalchemy import select
-from sqlalchemy.engine import Connection
+from sqlalchemy import select, update
+from sqlalchemy.engine import Connection, Engine
 
 from difftpt_ops.config import Settings
 from difftpt_ops.core.clock import utcnow
 from difftpt_ops.core.errors import InputError, SampleError
-from difftpt_ops.db.tables import Prediction, ViewScore
+from difftpt_ops.db.tables import Prediction, Shard, ViewScore
 from difftpt_ops.db.writes import insert_many_ignore
+from difftpt_ops.services.running.leases import OWNED
 
 if TYPE_CHECKING:
     from difftpt_ops.services.running.generation import GeneratedViews
@@ -69,18 +70,30 @@ class RunContext:
     generation_config_id: int | None = None
 
 
-def model_facts(processor: Any) -> dict[str, Any]:
+def record_provenance(engine: Engine, claim: Any, context: RunContext) -> None:
+    """Store on a claimed shard (or online link) what runs it: device, precision, host and software versions,
+    the activation and the weights' hash; refused (InputError) when the run's earlier shards had other weights.
+    `claim` is the shard's Claim or ChainClaim (its run_id and OWNED parameters)."""
+    from difftpt_ops.provenance import worker_provenance
+
+    facts = {**worker_provenance(context.device, context.precision), **_model_facts(context.processor)}
+    with engine.begin() as connection:
+        _refuse_other_weights(connection, claim.run_id, facts)
+        connection.execute(update(Shard.__table__).where(OWNED).values(provenance=facts), claim.params())
+
+
+def _model_facts(processor: Any) -> dict[str, Any]:
     """What a run's processor knows of the model it computes with, for a shard's provenance: the activation and
     the sha256 of the loaded weights (`weights`), where it has them."""
     facts = {key: getattr(processor, key, None) for key in ("activation", "weights")}
     return {key: value for key, value in facts.items() if value is not None}
 
 
-def refuse_other_weights(connection: Connection, run_id: int, facts: dict[str, Any]) -> None:
+def _refuse_other_weights(connection: Connection, run_id: int, facts: dict[str, Any]) -> None:
     """A run computes with one set of weights. InputError when a shard of the run (this one's earlier attempt
     included) recorded other weights than `facts` names: the model folder or checkpoint file the spec names by
     its path was changed since, and going on would mix two models' predictions in one run."""
-    from difftpt_ops.db.tables import Run, Shard
+    from difftpt_ops.db.tables import Run
 
     weights = facts.get("weights")
     if weights is None:

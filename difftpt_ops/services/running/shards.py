@@ -51,7 +51,7 @@ from difftpt_ops.services.running.leases import (
     release_shard,
 )
 from difftpt_ops.services.running.outcomes import Outcome, ShardOutcome, ShardTicket, retry_delay_s, stop_requested
-from difftpt_ops.services.running.processors import QUEUE_OF_KIND, model_facts, refuse_other_weights
+from difftpt_ops.services.running.processors import QUEUE_OF_KIND, record_provenance
 from difftpt_ops.services.running.waiting import release_ready
 
 log = logging.getLogger(__name__)
@@ -266,7 +266,7 @@ def _execute_shard(engine: Engine, settings: Settings, shard_id: int, *, identit
     try:
         context = open_run_context(engine, settings, claim.run_id, device=device, worker=identity.label)
         queue = context.queue
-        _record_provenance(engine, claim, context)
+        record_provenance(engine, claim, context)
         outcome = _process_samples(engine, settings, claim, context, lease, progress)
     except NotReadyError as exc:
         outcome = _park(engine, claim, queue, exc)
@@ -293,16 +293,6 @@ def _queue_of_run(engine: Engine, run_id: int) -> str:
     with engine.connect() as connection:
         kind = connection.scalar(select(Run.kind).where(Run.id == run_id))
     return QUEUE_OF_KIND[kind]
-
-
-def _record_provenance(engine: Engine, claim: Claim, context: RunContext) -> None:
-    """Store on the shard what runs it: device, precision, host and software versions."""
-    from difftpt_ops.provenance import worker_provenance
-
-    facts = {**worker_provenance(context.device, context.precision), **model_facts(context.processor)}
-    with engine.begin() as connection:
-        refuse_other_weights(connection, claim.run_id, facts)
-        connection.execute(update(Shard.__table__).where(OWNED).values(provenance=facts), claim.params())
 
 
 def _park(engine: Engine, claim: Claim, queue: str | None, exc: NotReadyError) -> ShardOutcome:
