@@ -166,7 +166,8 @@ def export(ctx: typer.Context, run_arg: RunArg,
            output: Annotated[Path | None, typer.Option("--output", "-o",
                                                        help="File to write (default: ./run-RUN.FORMAT).")] = None,
            as_json: JsonOpt = False) -> None:
-    """Write the run's per-sample predictions (with paths and class names) to Parquet or CSV."""
+    """Write the run's per-sample predictions (with paths and class names) to Parquet, or to CSV plus
+    FILE.provenance.json (what made them)."""
     from difftpt_ops.services.reading.results import EXPORT_FORMATS, export_run
 
     run = parse_run_id(run_arg)
@@ -177,6 +178,8 @@ def export(ctx: typer.Context, run_arg: RunArg,
         print_json(payload)
     else:
         typer.echo(f"run {run}: {payload['rows']} predictions -> {payload['path']}")
+        if "provenance_path" in payload:
+            typer.echo(f"what made them (run, spec, weights, versions) -> {payload['provenance_path']}")
 
 
 def sql(ctx: typer.Context,

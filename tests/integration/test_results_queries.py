@@ -198,6 +198,12 @@ def test_export_says_which_run_made_it(engine: Engine, tmp_path: Path) -> None:
         run_id, "tpt", "/weights/clip", 2, fingerprint)
     assert meta["spec"] == spec and meta["provenance"] == provenance and meta["settings"] == "steps=2"
     assert meta["shard_provenance"] == [machine]
+    # A CSV cannot carry metadata: the same facts go beside it, and a failed export leaves neither file.
+    out = export_run(engine, run_id, tmp_path / "run.csv", "csv")
+    sidecar = Path(out["provenance_path"])
+    assert sidecar == tmp_path / "run.csv.provenance.json"
+    assert json.loads(sidecar.read_text(encoding="utf-8"))["difftpt"] == meta
+    assert not list(tmp_path.glob(".*partial"))
 
 
 def test_views_agree_with_the_services(seeded: tuple[Engine, Seeded]) -> None:

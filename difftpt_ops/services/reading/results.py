@@ -290,26 +290,50 @@ def iter_prediction_rows(conn: Connection, info: RunInfo, chunk: int = _EXPORT_C
 
 
 def export_run(engine: Engine, run_id: int, path: str | Path, format: str = "parquet") -> dict[str, Any]:
-    """Write the run's per-sample predictions to `path` as Parquet or CSV; returns {path, format, rows}."""
+    """Write the run's per-sample predictions to `path` as Parquet or CSV; returns {path, format, rows} (and
+    `provenance_path` for CSV).
+
+    Parquet carries what made the rows in its own metadata; a CSV file cannot, so it gets a JSON file beside it,
+    `<path>.provenance.json`, with the same facts (`export_metadata`)."""
     if format not in EXPORT_FORMATS:
         raise InputError("--format", format, f"must be one of {', '.join(EXPORT_FORMATS)}")
     path = Path(path)
     with engine.connect() as conn:
         load_tune_run_info(conn, run_id)
     _check_output(path)
-    partial = path.with_name(f".{path.name}.partial")  # renamed when complete: a failure leaves no half file
+    sidecar = provenance_path(path) if format == "csv" else None
+    if sidecar is not None:
+        _check_output(sidecar)
+    # Both files are written under temporary names and renamed when complete: a failure leaves no half file.
+    partial = path.with_name(f".{path.name}.partial")
+    partial_sidecar = sidecar.with_name(f".{sidecar.name}.partial") if sidecar is not None else None
     try:
         with engine.connect() as conn:
             info = load_run_info(conn, run_id)
+            metadata = export_metadata(conn, info)
             chunks = iter_prediction_rows(conn, info)
-            rows = (_write_parquet(partial, chunks, export_metadata(conn, info)) if format == "parquet"
+            rows = (_write_parquet(partial, chunks, metadata) if format == "parquet"
                     else _write_csv(partial, chunks))
+        if partial_sidecar is not None and sidecar is not None:
+            partial_sidecar.write_text(json.dumps({EXPORT_METADATA_KEY: metadata}, indent=2, sort_keys=True,
+                                                  default=str) + "\n", encoding="utf-8")
+            partial_sidecar.replace(sidecar)
         partial.replace(path)
     except OSError as exc:
         raise InputError("--output", path, f"cannot write ({exc.strerror or exc})") from exc
     finally:
         partial.unlink(missing_ok=True)
-    return {"run_id": run_id, "path": str(path), "format": format, "rows": rows}
+        if partial_sidecar is not None:
+            partial_sidecar.unlink(missing_ok=True)
+    payload: dict[str, Any] = {"run_id": run_id, "path": str(path), "format": format, "rows": rows}
+    if sidecar is not None:
+        payload["provenance_path"] = str(sidecar)
+    return payload
+
+
+def provenance_path(path: Path) -> Path:
+    """Where a CSV export's provenance goes: beside it, its whole name plus `.provenance.json`."""
+    return path.with_name(f"{path.name}.provenance.json")
 
 
 def _check_output(path: Path) -> None:
