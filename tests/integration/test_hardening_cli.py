@@ -108,6 +108,8 @@ def test_export_to_a_folder_a_missing_folder_or_an_unwritable_path(seeded_worksp
                            str(tmp_path / "x.csv")], env=env, cwd=REPO_ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert len((tmp_path / "x.csv").read_text().splitlines()) == 5
+    assert json.loads((tmp_path / "x.csv.provenance.json").read_text())["difftpt"]["run_id"] == 1
+    assert "x.csv.provenance.json" in done.stdout
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")] == []
 
 
