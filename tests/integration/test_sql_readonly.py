@@ -82,13 +82,13 @@ def _counts(engine: Engine) -> tuple[int, int, int, str]:
 
 
 def test_writes_ddl_attach_and_stacked_statements_are_refused(shared: tuple[Engine, str]) -> None:
-    """Each is an InputError naming `sql`, and nothing changes."""
+    """Each is an InputError naming the QUERY argument, and nothing changes."""
     engine, database_url = shared
     before = _counts(engine)
     for query in REFUSED:
         with pytest.raises(InputError) as caught:
             run_readonly_sql(database_url, query)
-        assert caught.value.argument == "sql", query
+        assert caught.value.argument == "QUERY", query
     assert _counts(engine) == before
 
 
@@ -99,7 +99,7 @@ def test_the_connection_refuses_disguised_writes(shared: tuple[Engine, str]) -> 
     for query in DISGUISED:
         with pytest.raises(InputError, match="read-only|only one statement") as caught:
             execute_readonly(database_url, query)
-        assert caught.value.argument == "sql", query
+        assert caught.value.argument == "QUERY", query
     assert _counts(engine) == before
 
 
@@ -128,6 +128,7 @@ def test_cli_sql_prints_json_and_csv_and_refuses_writes(engine: Engine, cli_env:
     assert out.stdout.splitlines()[0] == "run_id,done"
     out = runner.invoke(app, ["sql", "DELETE FROM predictions"])
     assert out.exit_code == 2 and "read-only" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert out.stderr.startswith("error: QUERY=DELETE FROM predictions:"), out.stderr
     # --max-rows: the footer says when rows were left out; exactly that many rows are printed in every format.
     three = "SELECT 1 AS n UNION ALL SELECT 2 UNION ALL SELECT 3"
     out = runner.invoke(app, ["sql", three, "--max-rows", "2", "--format", "tsv"])

@@ -57,7 +57,7 @@ def _forbidden_nodes() -> tuple[type, ...]:
 
 
 def check_readonly_query(query: str, dialect: str = "sqlite") -> str:
-    """The query as one read-only SELECT, rendered by the parser; raise InputError("sql", ...) otherwise.
+    """The query as one read-only SELECT, rendered by the parser; raise InputError("QUERY", ...) otherwise.
 
     Args:
         query: the user's text.
@@ -73,23 +73,23 @@ def check_readonly_query(query: str, dialect: str = "sqlite") -> str:
         # A trailing comment after the last ';' parses as an empty statement holding it: not a statement.
         statements = [s for s in sqlglot.parse(query, read=read) if s is not None and not isinstance(s, exp.Semicolon)]
     except SqlglotError as exc:
-        raise InputError("sql", _one_line(query), f"not one valid SQL statement ({_first_line(exc)})") from exc
+        raise InputError("QUERY", _one_line(query), f"not one valid SQL statement ({_first_line(exc)})") from exc
     if not statements:
-        raise InputError("sql", _one_line(query), "empty query")
+        raise InputError("QUERY", _one_line(query), "empty query")
     if len(statements) > 1:
-        raise InputError("sql", _one_line(query), "only one statement is allowed (no ';' between statements)")
+        raise InputError("QUERY", _one_line(query), "only one statement is allowed (no ';' between statements)")
     tree = statements[0]
     if not isinstance(tree, (exp.Select, exp.SetOperation, exp.Subquery)):
         kind = str(tree.this).split()[0] if isinstance(tree, exp.Command) else tree.key
-        raise InputError("sql", _one_line(query), f"read-only: only a SELECT (or WITH ... SELECT) is allowed, "
+        raise InputError("QUERY", _one_line(query), f"read-only: only a SELECT (or WITH ... SELECT) is allowed, "
                                                   f"not {kind.upper()}")
     for node in tree.walk():
         if isinstance(node, _forbidden_nodes()):
-            raise InputError("sql", _one_line(query), f"read-only: {node.key.upper()} is not allowed")
+            raise InputError("QUERY", _one_line(query), f"read-only: {node.key.upper()} is not allowed")
         if isinstance(node, exp.Func):
             name = (node.name if isinstance(node, exp.Anonymous) else node.sql_name()).lower()
             if _FORBIDDEN_FUNCTIONS.match(name):
-                raise InputError("sql", _one_line(query), f"read-only: the function {name}() is not allowed")
+                raise InputError("QUERY", _one_line(query), f"read-only: the function {name}() is not allowed")
     return tree.sql(dialect=read, comments=False)
 
 
@@ -205,7 +205,7 @@ def _postgres_readonly(url: str, query: str, timeout_s: float, max_rows: int | N
             raise _translate(shown, exc, timed_out=isinstance(exc, psycopg.errors.QueryCanceled)) from exc
         cursor.execute("SELECT current_user")
         if cursor.fetchone()[0] != reader:  # the parser refuses every known way; say so if one is missed
-            raise InputError("sql", _one_line(shown), "read-only: the query changed the role it runs as")
+            raise InputError("QUERY", _one_line(shown), "read-only: the query changed the role it runs as")
         return columns, [tuple(_plain(v) for v in row) for row in rows]
     finally:
         raw.rollback()
@@ -310,9 +310,9 @@ _READONLY_HINTS = ("readonly", "read-only", "not authorized", "query_only", "too
 def _translate(query: str, exc: Exception, *, timed_out: bool) -> InputError:
     message = mask_url(_first_line(exc))
     if timed_out:
-        return InputError("sql", _one_line(query), f"cancelled: the query ran past its time limit ({message})")
+        return InputError("QUERY", _one_line(query), f"cancelled: the query ran past its time limit ({message})")
     if "one statement" in message or "multiple commands" in message:
-        return InputError("sql", _one_line(query), f"only one statement is allowed ({message})")
+        return InputError("QUERY", _one_line(query), f"only one statement is allowed ({message})")
     if any(hint in message.lower() for hint in _READONLY_HINTS) or "SqlTransaction" in type(exc).__name__:
-        return InputError("sql", _one_line(query), f"read-only: the database refused a write ({message})")
-    return InputError("sql", _one_line(query), f"the database rejected the query: {message}")
+        return InputError("QUERY", _one_line(query), f"read-only: the database refused a write ({message})")
+    return InputError("QUERY", _one_line(query), f"the database rejected the query: {message}")
