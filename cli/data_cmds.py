@@ -222,6 +222,9 @@ def import_generated_cmd(
         print_json(result)
     else:
         print_mapping(f"imported into {dataset}", result)
+        if result.get("other_size_images"):
+            typer.echo(f"{result['other_size_images']} images are not {spec.size}x{spec.size} pixels and were left "
+                       "out: give the --size they were generated at (another size is another generation config)")
 
 
 def register(app: typer.Typer) -> None:

@@ -209,13 +209,13 @@ def test_unreadable_source_fails_alone(engine: Engine, spec: GenerationSpec, tmp
     _assert_complete(engine, config_id, store, sources[1:])
 
 
-def _write_reference_layout(root: Path, source: Source, count: int) -> None:
+def _write_reference_layout(root: Path, source: Source, count: int, size: int = TINY_SIZE) -> None:
     """`<root>/<wnid>/<stem>_<i>.jpg`, as DiffTPT's generator writes it."""
     folder = root / Path(source.relpath).parent.name
     folder.mkdir(parents=True, exist_ok=True)
     stem = Path(source.relpath).stem
     for index in range(count):
-        Image.new("RGB", (32, 32), (index * 40, 10, 10)).save(folder / f"{stem}_{index}.jpg", format="JPEG")
+        Image.new("RGB", (size, size), (index * 40, 10, 10)).save(folder / f"{stem}_{index}.jpg", format="JPEG")
 
 
 def test_import_generated_registers_reference_layout(
@@ -227,10 +227,13 @@ def test_import_generated_registers_reference_layout(
     _write_reference_layout(root, sources[0], PER_SAMPLE + 2)  # extra indices beyond per_sample are ignored
     _write_reference_layout(root, sources[1], PER_SAMPLE)
     (root / "n01" / "img_001_2.jpg").write_bytes(b"broken")
+    # An image of another size than the spec's was not made by that generator: left out, counted.
+    Image.new("RGB", (TINY_SIZE // 2, TINY_SIZE), "red").save(root / "n01" / "img_001_1.jpg", format="JPEG")
     settings = load_settings(tmp_path / "ws", env={"DIFFTPT_OPS_DATABASE_URL": database_url})
     counts = generation.import_generated(engine, settings, dataset_version_id=version_id, root=root, spec=spec)
     assert counts["matched_samples"] == 2 and counts["missing_samples"] == 1
-    assert counts["images"] == 2 * PER_SAMPLE - 1 and counts["unreadable_images"] == 1
+    assert counts["images"] == 2 * PER_SAMPLE - 2 and counts["unreadable_images"] == 1
+    assert counts["other_size_images"] == 1
     rows = _rows(engine, counts["generation_config_id"])
     assert all(row.imported for row in rows)
     store = ArtifactStore(settings.artifact_root)

@@ -317,11 +317,15 @@ def import_generated(
     `<wnid>/`). Their bytes are copied into the artifact store unchanged and registered under the
     config of `spec` with `imported=True`, so a later `submit generate` with the same spec finds them.
 
+    Images that are not `spec.size` pixels square are left out and counted: the spec is what runs that use
+    them record as their generator, so images of another size (another generator, or files resized since)
+    would be cached under settings that did not make them.
+
     Returns:
         Counts: generation_config_id, matched_samples (at least one file found), images (newly
         registered), missing_samples (no file found, or no content hash), unreadable_images (cannot be
-        read or decoded), outside_links (files whose links lead outside `root`: not imported unless
-        `follow_outside_links`).
+        read or decoded), other_size_images (decoded, but not spec.size square), outside_links (files whose
+        links lead outside `root`: not imported unless `follow_outside_links`).
 
     Raises:
         NotFoundError: `root` does not exist, or there is no such dataset version.
@@ -336,7 +340,8 @@ def import_generated(
         config_id = get_or_create_generation_config(session, spec).id
         samples = session.execute(select(Sample.relpath, Sample.content_hash).where(
             Sample.dataset_version_id == dataset_version_id).order_by(Sample.index)).all()
-    counts = dict.fromkeys(("matched_samples", "images", "missing_samples", "unreadable_images"), 0)
+    counts = dict.fromkeys(("matched_samples", "images", "missing_samples", "unreadable_images",
+                            "other_size_images"), 0)
     counts["generation_config_id"] = config_id
     listings = _DirectoryIndex(root, follow_outside_links=follow_outside_links)
     for relpath, source_hash in samples:
@@ -345,19 +350,21 @@ def import_generated(
             counts["missing_samples"] += 1
             continue
         counts["matched_samples"] += 1
-        added, unreadable = _import_sample(engine, store, spec, config_id, source_hash, files, progress)
+        added, unreadable, other_size = _import_sample(engine, store, spec, config_id, source_hash, files,
+                                                       progress)
         counts["images"] += added
         counts["unreadable_images"] += unreadable
+        counts["other_size_images"] += other_size
     counts["outside_links"] = listings.outside_links
     return counts
 
 
 def _import_sample(engine: Engine, store: ArtifactStore, spec: GenerationSpec, config_id: int, source_hash: str,
-                   files: dict[int, Path], progress: ProgressCallback | None) -> tuple[int, int]:
-    """Copy and register one sample's imported files; returns (new rows, unreadable files)."""
+                   files: dict[int, Path], progress: ProgressCallback | None) -> tuple[int, int, int]:
+    """Copy and register one sample's imported files; returns (new rows, unreadable files, other-size files)."""
     with session_scope(engine) as session:
         wanted = set(missing_variants(session, config_id, source_hash, spec.per_sample))
-    rows, unreadable = [], 0
+    rows, unreadable, other_size = [], 0, 0
     for index, path in sorted(files.items()):
         if index not in wanted:
             continue
@@ -370,10 +377,13 @@ def _import_sample(engine: Engine, store: ArtifactStore, spec: GenerationSpec, c
         if size is None:
             unreadable += 1
             continue
+        if size != (spec.size, spec.size):
+            other_size += 1
+            continue
         suffix = ".jpg" if path.suffix.lower() in {".jpg", ".jpeg"} else path.suffix.lower()
         artifact = store.put(artifact_key(spec, source_hash, index, origin="imported", suffix=suffix), data)
         rows.append(_image_row(config_id, source_hash, index, artifact, size, seed=IMPORTED_SEED, imported=True))
-    return (_register(engine, rows, progress) if rows else 0), unreadable
+    return (_register(engine, rows, progress) if rows else 0), unreadable, other_size
 
 
 class _DirectoryIndex:
