@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -43,7 +43,7 @@ from difftpt_ops.tta.methods import (
 )
 from difftpt_ops.tta.prompts import PromptLearner, class_prompt_texts, initial_context
 from difftpt_ops.tta.text import ClipLike, TextTower, normalise
-from difftpt_ops.tta.views import ViewBatch, build_views
+from difftpt_ops.tta.views import ViewBatch, build_some_views, build_views
 
 TOP_K = 5
 GRAD_SCALER_INIT = 1000.0  # the reference's GradScaler(init_scale=1000)
@@ -157,6 +157,17 @@ class Tuner:
                            generated=list(generated)[:self.plan.n_generated], seed=seed, sample_key=sample_key,
                            augmix=self.augmix_for(augmix), resolution=self.plan.resolution,
                            workers=self.view_workers, crop_scale=self.plan.crop_scale)
+
+    def make_some_views(self, load_image: Callable[[], object],
+                        load_generated: Callable[[Sequence[int]], Sequence[object]], *, positions: Sequence[int],
+                        seed: int, sample_key: str | int, augmix: bool = False) -> Tensor:
+        """The pixels of the views at `positions` of the layout `make_views` builds (the same rows), loading
+        only the images those views need (see `views.build_some_views`)."""
+        return build_some_views(load_image, load_generated, n_conventional=self.plan.n_conventional,
+                                n_generated=self.plan.n_generated, positions=positions, seed=seed,
+                                sample_key=sample_key, augmix=self.augmix_for(augmix),
+                                resolution=self.plan.resolution, workers=self.view_workers,
+                                crop_scale=self.plan.crop_scale)
 
     def run(self, image: object, *, generated: Sequence[object] = (), seed: int, sample_key: str | int,
             augmix: bool = False) -> SampleResult:

@@ -137,22 +137,56 @@ def build_views(image: object, *, n_conventional: int, generated: Sequence[objec
     Raises:
         InputError: `image` or a generated image is not an image (see `as_rgb_image`).
     """
-    original = as_rgb_image(image)
-    generated_images = [as_rgb_image(g, argument=f"generated[{i}]") for i, g in enumerate(generated)]
-    jobs: list[Callable[[], np.ndarray]] = [lambda: center_view(original, resolution)]
-    jobs += [
-        lambda i=i: conventional_view(original, seed=view_seed(seed, sample_key, i), resolution=resolution,
-                                      use_augmix=augmix, crop_scale=crop_scale)
-        for i in range(1, n_conventional + 1)
-    ]
-    jobs += [lambda g=g: center_view(g, resolution) for g in generated_images]
+    generated = list(generated)
+    positions = range(1 + n_conventional + len(generated))
+    pixels = build_some_views(lambda: image, lambda indices: [generated[i] for i in indices],
+                              n_conventional=n_conventional, n_generated=len(generated), positions=positions,
+                              seed=seed, sample_key=sample_key, augmix=augmix, resolution=resolution,
+                              workers=workers, crop_scale=crop_scale)
+    kinds = (ORIGINAL,) + (CONVENTIONAL,) * n_conventional + (GENERATED,) * len(generated)
+    return ViewBatch(pixels=pixels, kinds=kinds)
+
+
+def build_some_views(load_image: Callable[[], object], load_generated: Callable[[Sequence[int]], Sequence[object]],
+                     *, n_conventional: int, n_generated: int, positions: Sequence[int], seed: int,
+                     sample_key: str | int, augmix: bool = False, resolution: int = 224, workers: int = 1,
+                     crop_scale: tuple[float, float] = CROP_SCALE) -> Tensor:
+    """The views at `positions` (in that order) of the layout `build_views` builds, equal to its rows there.
+
+    Only what those views need is loaded: `load_image()` when the original or a conventional view is among
+    them, `load_generated(variant indices)` for the generated ones asked for. A sample whose other views are
+    stored (the feature store) builds no more than the views it lacks.
+
+    Raises:
+        InputError: an image is not an image (see `as_rgb_image`), or a position is outside the layout.
+    """
+    total = 1 + n_conventional + n_generated
+    bad = [p for p in positions if not 0 <= p < total]
+    if bad:
+        raise InputError("positions", bad, f"outside the sample's {total} views")
+    original = as_rgb_image(load_image()) if any(p <= n_conventional for p in positions) else None
+    variants = sorted({p - n_conventional - 1 for p in positions if p > n_conventional})
+    loaded = list(load_generated(variants)) if variants else []
+    images = {v: as_rgb_image(g, argument=f"generated[{v}]") for v, g in zip(variants, loaded, strict=True)}
+
+    def job(position: int) -> Callable[[], np.ndarray]:
+        if position == 0:
+            return lambda: center_view(original, resolution)  # type: ignore[arg-type]
+        if position <= n_conventional:
+            return lambda: conventional_view(original, seed=view_seed(seed, sample_key, position),  # type: ignore[arg-type]
+                                             resolution=resolution, use_augmix=augmix, crop_scale=crop_scale)
+        image = images[position - n_conventional - 1]
+        return lambda: center_view(image, resolution)
+
+    jobs = [job(p) for p in positions]
     if workers > 1 and len(jobs) > 1:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            views = list(pool.map(lambda job: job(), jobs))
+            views = list(pool.map(lambda run: run(), jobs))
     else:
-        views = [job() for job in jobs]
-    kinds = (ORIGINAL,) + (CONVENTIONAL,) * n_conventional + (GENERATED,) * len(generated_images)
-    return ViewBatch(pixels=torch.from_numpy(np.stack(views)), kinds=kinds)
+        views = [run() for run in jobs]
+    if not views:
+        return torch.empty((0, 3, resolution, resolution))
+    return torch.from_numpy(np.stack(views))
 
 
 def _uniform(low: float, high: float, generator: torch.Generator) -> float:

@@ -14,6 +14,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+from unittest.mock import patch
 
 import pytest
 
@@ -198,7 +199,9 @@ def test_a_run_encodes_only_the_views_no_stored_set_holds(clip: LoadedClip, work
     tpt = prepare_classifier(clip, CLASS_NAMES, method_spec_from("tpt", SMALL_TPT))
     assert cache.run_sample(tpt, sample, root=root, views=None, seed=0, augmix=False).views_encoded == 8
     difftpt = prepare_classifier(clip, CLASS_NAMES, method_spec_from("difftpt", SMALL_DIFFTPT))
-    mixed = cache.run_sample(difftpt, sample, root=root, views=views, seed=0, augmix=False)
+    # Only the missing views are built: the source image (its views all stored) is not even read.
+    with patch("difftpt_ops.data.images.load_rgb", side_effect=AssertionError("source image read")):
+        mixed = cache.run_sample(difftpt, sample, root=root, views=views, seed=0, augmix=False)
     assert (mixed.views_encoded, mixed.views_read) == (2, 5)
     fresh = prepare_classifier(clip, CLASS_NAMES, method_spec_from("difftpt", SMALL_DIFFTPT)).run(
         Image.open(root / sample.relpath), generated=views.images_for(sample), seed=0,

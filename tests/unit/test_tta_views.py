@@ -15,6 +15,7 @@ from difftpt_ops.tta.views import (  # noqa: E402
     CLIP_MEAN,
     CLIP_STD,
     as_rgb_image,
+    build_some_views,
     build_views,
     center_view,
     random_crop_box,
@@ -156,3 +157,33 @@ def test_bad_generated_image_names_its_index() -> None:
     with pytest.raises(InputError) as info:
         build_views(random_image(0), n_conventional=0, generated=[random_image(1), 3], seed=0, sample_key=0)
     assert info.value.argument == "generated[1]"
+
+
+def test_some_views_are_the_rows_of_all_views_and_read_only_what_they_need() -> None:
+    """build_some_views at any positions, in any order, equals build_views' rows there (AugMix, generated and
+    a thread pool included); the source image is loaded only for its own views, generated images only for
+    theirs; a position outside the layout is refused."""
+    image, generated = random_image(0), [random_image(10 + i, (64, 64)) for i in range(3)]
+    full = build_views(image, n_conventional=4, generated=generated, seed=3, sample_key="k", augmix=True).pixels
+    loads: list[object] = []
+
+    def load_image() -> Image.Image:
+        loads.append("image")
+        return image
+
+    def load_generated(indices: list[int]) -> list[Image.Image]:
+        loads.append(tuple(indices))
+        return [generated[i] for i in indices]
+
+    def some(positions: list[int], workers: int = 1) -> torch.Tensor:
+        loads.clear()
+        return build_some_views(load_image, load_generated, n_conventional=4, n_generated=3, positions=positions,
+                                seed=3, sample_key="k", augmix=True, workers=workers)
+
+    assert torch.equal(some([7, 2, 0, 5], workers=3), full[[7, 2, 0, 5]])
+    assert loads == ["image", (0, 2)]
+    assert torch.equal(some([6, 7]), full[[6, 7]]) and loads == [(1, 2)]  # generated only: no source image
+    assert torch.equal(some([3, 1]), full[[3, 1]]) and loads == ["image"]  # crops only: no generated image
+    assert some([]).shape == (0, 3, 224, 224) and loads == []
+    with pytest.raises(InputError, match="positions"):
+        some([8])

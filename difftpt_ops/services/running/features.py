@@ -76,37 +76,41 @@ class FeatureCache:
         recipes = view_recipes(n_conventional=plan.n_conventional, generated_hashes=hashes or [], seed=seed,
                                augmix=tuner.augmix_for(augmix), resolution=plan.resolution,
                                crop_scale=plan.crop_scale)
-        stored: dict[int, Any] = {}
-        if hashes is not None:
-            sets = self._stored_sets(sample.content_hash)
-            raw = self._read_whole(sets, recipes)
-            if raw is not None:
-                return raw, kinds_of(recipes), 0
-            stored = self._read_some(sets, recipes)
-        started = time.perf_counter()
-        built = self._build(tuner, sample, root=root, views=views, seed=seed, augmix=augmix)
-        if hashes is None or built.kinds != kinds_of(recipes):
+        if hashes is None:  # not keyable: encoded, not stored
+            built = self._build(tuner, sample, root=root, views=views, seed=seed, augmix=augmix)
             return tuner.encode_raw(built.pixels), built.kinds, len(built.kinds)
-        raw, encoded = self._complete(tuner, built.pixels, stored)
+        sets = self._stored_sets(sample.content_hash)
+        raw = self._read_whole(sets, recipes)
+        if raw is not None:
+            return raw, kinds_of(recipes), 0
+        stored = self._read_some(sets, recipes)
+        started = time.perf_counter()
+        if stored:  # only the views no stored set holds are built and encoded (and their images read)
+            missing = [i for i in range(len(recipes)) if i not in stored]
+            pixels = self._build_some(tuner, sample, root=root, views=views, seed=seed, augmix=augmix,
+                                      positions=missing)
+            raw = self._fill(stored, tuner.encode_raw(pixels) if missing else None, missing)
+            kinds, encoded = kinds_of(recipes), len(missing)
+        else:
+            built = self._build(tuner, sample, root=root, views=views, seed=seed, augmix=augmix)
+            raw, kinds, encoded = tuner.encode_raw(built.pixels), built.kinds, len(built.kinds)
+            if kinds != kinds_of(recipes):  # the recipes would not describe these views: not stored
+                return raw, kinds, encoded
         self.store(sample.content_hash, recipes, raw, seconds=time.perf_counter() - started)
-        return raw, built.kinds, encoded
+        return raw, kinds, encoded
 
     @staticmethod
-    def _complete(tuner: Any, pixels: Any, stored: dict[int, Any]) -> tuple[Any, int]:
-        """Every view's features: the stored rows as read, the others encoded now (in one batch)."""
+    def _fill(stored: dict[int, Any], fresh: Any | None, missing: list[int]) -> Any:
+        """Every view's features: the stored rows as read, the fresh ones (encoded now) at `missing`."""
         import torch
 
-        missing = [i for i in range(pixels.shape[0]) if i not in stored]
-        if not stored:
-            return tuner.encode_raw(pixels), len(missing)
-        fresh = tuner.encode_raw(pixels[missing]) if missing else None
         sample_row = next(iter(stored.values()))
-        raw = torch.empty((pixels.shape[0], sample_row.shape[-1]), dtype=sample_row.dtype)
+        raw = torch.empty((len(stored) + len(missing), sample_row.shape[-1]), dtype=sample_row.dtype)
         for i, row in stored.items():
             raw[i] = row
         if fresh is not None:
             raw[missing] = fresh.to(raw.dtype)
-        return raw, len(missing)
+        return raw
 
     def _stored_sets(self, sample_hash: str) -> list[ViewFeatures]:
         """The stored feature sets of this model for one sample (any views)."""
@@ -185,6 +189,22 @@ class FeatureCache:
         try:
             return tuner.make_views(image, generated=generated, seed=seed,
                                     sample_key=sample.content_hash or str(sample.id), augmix=augmix)
+        except InputError as exc:  # about this sample's images, not the run
+            raise SampleError(f"sample {sample.index}: {exc}") from exc
+
+    def _build_some(self, tuner: Any, sample: Any, *, root: Path, views: Any, seed: int, augmix: bool,
+                    positions: list[int]) -> Any:
+        """The pixels of the sample's views at `positions`: the source image is read only for its own views and
+        crops, the generated images only for generated views."""
+        from difftpt_ops.data.images import load_rgb
+
+        def generated(indices: Any) -> list[Any]:  # called only when a generated view is among `positions`
+            images = views.images_for(sample)
+            return [images[i] for i in indices]
+
+        try:
+            return tuner.make_some_views(lambda: load_rgb(root / sample.relpath), generated, positions=positions,
+                                         seed=seed, sample_key=sample.content_hash or str(sample.id), augmix=augmix)
         except InputError as exc:  # about this sample's images, not the run
             raise SampleError(f"sample {sample.index}: {exc}") from exc
 
