@@ -423,3 +423,33 @@ def test_a_tune_time_estimate_uses_only_runs_of_its_model_on_its_device(engine: 
         seconds, words = _tune_seconds_per_sample(session, "tpt", "ViT-B-16", "cpu")
         assert seconds is None and words.startswith("none yet for tpt with ViT-B-16 on cpu; other models or devices")
         assert _tune_seconds_per_sample(session, "zero", "ViT-B-16", "cuda")[0] is None
+
+
+def test_seeds_computed_with_other_weights_are_not_averaged_and_the_table_says_so(engine: Engine) -> None:
+    """The model folder's weights were replaced between runs (the same --model path): a seed run on the new
+    weights is not averaged into the old ones' cell, and a table whose cells used different weights says so
+    (with the runs of each). A run from before weights were recorded averages in as before."""
+    from tests.factories import make_shard
+
+    version_id = _version(engine, "photos")
+    old, new = "a" * 64, "b" * 64
+    ids = []
+    with session_scope(engine) as session:
+        version = session.get(DatasetVersion, version_id)
+        for method, seed, weights, right in (("zeroshot", 0, old, 10), ("tpt", 0, old, 12), ("tpt", 1, None, 14),
+                                             ("tpt", 2, new, 16)):
+            run = make_run(session, version, method=method, spec=_spec(method, "tiny", version.fingerprint, seed))
+            make_predictions(session, run, [i < right for i in range(N_SAMPLES)])
+            make_shard(session, run, provenance={"device": "cpu", **({"weights": weights} if weights else {})})
+            ids.append(run.id)
+    table = build_table(engine, TableQuery())
+    tpt = next(r for r in table.rows if r.method == "tpt").cells["photos"]
+    # The newest tpt run (seed 2, new weights) makes the cell; seeds 0 (old weights) and 1 (unrecorded) do not
+    # both join it: seed 0 ran on other weights.
+    assert tpt.runs == [ids[2], ids[3]] and tpt.seeds == [1, 2]
+    assert table.weights == {old: [ids[0]], new: [ids[3]]}
+    [note] = [n for n in table.notes if "not the same weights" in n]
+    assert f"sha256 {old[:12]} in runs {ids[0]}" in note and f"sha256 {new[:12]} in runs {ids[3]}" in note
+    # One set of weights: no note.
+    same = build_table(engine, TableQuery(run_ids=(ids[1], ids[0])))
+    assert same.weights == {old: [ids[0], ids[1]]} and not [n for n in same.notes if "weights" in n]

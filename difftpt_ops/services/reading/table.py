@@ -56,6 +56,7 @@ def build_table(engine: Engine, query: TableQuery) -> Table:
         _check_names(runs, query)
         _set_configurations(runs, query)
         _load_counts(conn, runs, query.metric)
+        _load_weights(conn, runs)
         cells, baseline = _cells(runs, query)
         _paired_tests(conn, cells, baseline, query)
     columns, formats = _columns(runs)
@@ -63,7 +64,8 @@ def build_table(engine: Engine, query: TableQuery) -> Table:
     table = Table(query=query, model=model, metric=query.metric, baseline=baseline, columns=columns,
                   formats=formats, average_columns=average_columns(formats), rows=[], notes=[],
                   superseded=_superseded(runs, cells, shown) if query.run_ids else [],
-                  other_model=other_model if query.run_ids else [])
+                  other_model=other_model if query.run_ids else [],
+                  weights=_weights_shown(runs, shown))
     table.rows = _our_rows(cells, table)
     base_key = baseline_row(cells, baseline) if baseline is not None else None
     table.baseline_row = row_label(base_key) if base_key is not None else None
@@ -191,6 +193,27 @@ def _load_counts(conn: Connection, runs: list[RunRow], metric: str) -> None:
         _load_ece(conn, runs)
 
 
+def _load_weights(conn: Connection, runs: list[RunRow]) -> None:
+    """Each run's CLIP weights (sha256) as its shards recorded them; None for runs from before they were."""
+    by_id = {r.run_id: r for r in runs}
+    for run_id, provenance in conn.execute(text(f"""
+            SELECT run_id, provenance FROM shards
+            WHERE run_id IN ({_id_list(runs)}) AND provenance IS NOT NULL""")):
+        weights = _json(provenance).get("weights")
+        if weights is not None:  # one per run: a shard with other weights than its run's earlier ones fails
+            by_id[int(run_id)].weights = str(weights)
+
+
+def _weights_shown(runs: list[RunRow], shown: set[int]) -> dict[str, list[int]]:
+    """The weights of the runs the table shows, each with its runs (more than one: cells of one model name that
+    were computed with different weights)."""
+    out: dict[str, list[int]] = {}
+    for run in sorted(runs, key=lambda r: r.run_id):
+        if run.run_id in shown and run.weights is not None:
+            out.setdefault(run.weights, []).append(run.run_id)
+    return out
+
+
 def _load_ece(conn: Connection, runs: list[RunRow]) -> None:
     n_bins = stats.ECE_BINS
     scaled = f"(confidence_after * {n_bins})"
@@ -252,6 +275,7 @@ def _cells(runs: list[RunRow], query: TableQuery) -> tuple[Cells, str | None]:
         for run in runs:  # the newest run of each seed: a rerun on another device replaces, never averages in
             if (_row_key(run) == row_key and run.version_id == latest.version_id
                     and run.num_samples == latest.num_samples  # a run with another --limit: other samples
+                    and _same_weights(run, latest)  # the same path, other weights: another model
                     and seed_group_key(run.spec) == key and _seeds(run.spec) not in seeds):
                 seeds.add(_seeds(run.spec))
                 group.append(run)
@@ -259,6 +283,11 @@ def _cells(runs: list[RunRow], query: TableQuery) -> tuple[Cells, str | None]:
     methods = {key[0] for key in cells}
     baseline = query.baseline or ("zeroshot" if "zeroshot" in methods else None)
     return dict(cells), baseline
+
+
+def _same_weights(run: RunRow, other: RunRow) -> bool:
+    """Equal recorded weights; a run from before weights were recorded counts as the same."""
+    return run.weights is None or other.weights is None or run.weights == other.weights
 
 
 def _cell(latest: RunRow, group: list[RunRow], metric: str) -> Cell:
@@ -417,6 +446,11 @@ def _notes(table: Table) -> list[str]:
                      "the dataset")
     for old, new in table.superseded:
         notes.append(f"run {old} not shown: run {new} is a newer run of its configuration on its dataset")
+    if len(table.weights) > 1:
+        kinds = "; ".join(f"sha256 {digest[:12]} in runs {', '.join(map(str, ids))}"
+                          for digest, ids in table.weights.items())
+        notes.append(f"the model {table.model} was not the same weights in every cell ({kinds}): its folder changed "
+                     "between runs, so rows computed with different weights compare two models")
     if table.other_model:
         notes.append(f"runs {', '.join(map(str, table.other_model))} not shown: another model than "
                      f"{table.model} (--model chooses)")

@@ -87,6 +87,7 @@ class RunRow:
     correct: int = 0
     top5: int = 0
     ece: float | None = None
+    weights: str | None = None  # sha256 of the CLIP weights its shards recorded (None: not recorded)
 
     @property
     def model(self) -> str:
@@ -160,13 +161,14 @@ class Table:
     superseded: list[tuple[int, int]] = field(default_factory=list)  # (named run, the newer run shown instead)
     other_model: list[int] = field(default_factory=list)  # named runs of another model than the table's
     baseline_row: str | None = None  # the label of the baseline's row (`zeroshot`, or its first configuration)
+    weights: dict[str, list[int]] = field(default_factory=dict)  # weights sha256 -> the shown runs computed with them
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.query.name(), "model": self.model, "metric": self.metric, "baseline": self.baseline,
                 "baseline_row": self.baseline_row, "alpha": self.query.alpha, "columns": self.columns,
                 "formats": self.formats, "average_columns": self.average_columns,
                 "rows": [r.to_dict() for r in self.rows], "notes": self.notes, "superseded": self.superseded,
-                "other_model": self.other_model}
+                "other_model": self.other_model, "weights": self.weights}
 
 
 def average_columns(formats: dict[str, str]) -> list[str]:
