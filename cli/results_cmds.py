@@ -132,6 +132,9 @@ def compare(ctx: typer.Context,
                  [f"A={run_a} wrong", payload["only_b"], payload["both_wrong"]]])
     keys = ["top1_a", "top1_b", "difference", "difference_ci95", "ci_method", "mcnemar_p"]
     print_mapping(None, {k: _fmt(payload[k], k) for k in keys})
+    if payload["same_model_other_weights"]:
+        typer.echo(f"note: both runs name the model {a['model']}, but with other weights (sha256 "
+                   f"{a['weights'][:12]} vs {b['weights'][:12]}): its folder changed between them")
     _print_orders(payload.get("orders_a"), f"A={run_a}: ")
     _print_orders(payload.get("orders_b"), f"B={run_b}: ")
     _print_groups(payload.get("groups_a"), f"A={run_a}: ")

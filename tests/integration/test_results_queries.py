@@ -272,3 +272,28 @@ def test_cli_results_compare_export(engine: Engine, cli_env: dict[str, str], tmp
         assert out.exit_code == 2, (args, out.output)
         assert out.stderr.strip().splitlines() == [
             f"error: {argument}=abc: not a run id (an integer); see `difftpt-ops runs list`"], args
+
+
+def test_compare_names_each_runs_model_and_weights(engine: Engine, cli_env: dict[str, str]) -> None:
+    """compare gives each run's model and recorded weights; two runs of one model name on other weights (its
+    folder was replaced between them) are flagged, in JSON and in the text output."""
+    from cli.main import app
+
+    with session_scope(engine) as session:
+        version = make_dataset_version(session, 4, 2)
+        runs = []
+        for weights in ("a" * 64, "b" * 64, "a" * 64):
+            run = make_run(session, version, method="tpt", model_name="/weights/clip")
+            make_predictions(session, run, [True, False, True, True])
+            make_shard(session, run, provenance={"device": "cpu", "weights": weights})
+            runs.append(run.id)
+    first, other, same = runs
+    payload = compare_runs(engine, first, other)
+    assert payload["run_a"]["weights"] == "a" * 64 and payload["run_b"]["weights"] == "b" * 64
+    assert payload["run_a"]["model"] == "/weights/clip" and payload["same_model_other_weights"] is True
+    assert compare_runs(engine, first, same)["same_model_other_weights"] is False
+    out = CliRunner().invoke(app, ["compare", str(first), str(other)])
+    assert out.exit_code == 0, out.output
+    assert "other weights (sha256 aaaaaaaaaaaa vs bbbbbbbbbbbb)" in out.stdout
+    out = CliRunner().invoke(app, ["compare", str(first), str(same)])
+    assert "other weights" not in out.stdout

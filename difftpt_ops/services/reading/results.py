@@ -236,12 +236,18 @@ def compare_runs(engine: Engine, run_a: int, run_b: int) -> dict[str, Any]:
                    SUM(CASE WHEN b.correct AND NOT a.correct THEN 1 ELSE 0 END)
             FROM predictions a JOIN predictions b ON b.run_id = :run_b AND b.sample_id = a.sample_id
             WHERE a.run_id = :run_a"""), {"run_a": run_a, "run_b": run_b}).one()
+        weights_a, weights_b = run_weights(conn, run_a), run_weights(conn, run_b)
     n, both, only_a, only_b = (int(v or 0) for v in row)
     neither = n - both - only_a - only_b
     low, high = stats.paired_difference_interval(both, only_a, only_b, neither)
+    same_name_other_weights = (a.run.model_name == b.run.model_name and None not in (weights_a, weights_b)
+                               and weights_a != weights_b)
     return {
-        "run_a": {"run_id": run_a, "method": a.run.method, "state": a.run.state},
-        "run_b": {"run_id": run_b, "method": b.run.method, "state": b.run.state},
+        "run_a": {"run_id": run_a, "method": a.run.method, "state": a.run.state, "model": a.run.model_name,
+                  "weights": weights_a},
+        "run_b": {"run_id": run_b, "method": b.run.method, "state": b.run.state, "model": b.run.model_name,
+                  "weights": weights_b},
+        "same_model_other_weights": same_name_other_weights,
         "dataset": a.dataset, "dataset_version": a.dataset_version, "paired_samples": n,
         "both_right": both, "only_a": only_a, "only_b": only_b, "both_wrong": neither,
         "top1_a": _ratio(both + only_a, n), "top1_b": _ratio(both + only_b, n),
@@ -251,6 +257,18 @@ def compare_runs(engine: Engine, run_a: int, run_b: int) -> dict[str, Any]:
         **_order_groups(engine, run_a, run_b),
         **_run_groups(engine, run_a, run_b),
     }
+
+
+def run_weights(conn: Connection, run_id: int) -> str | None:
+    """The sha256 of the CLIP weights the run's shards recorded (one per run), or None if none did."""
+    from difftpt_ops.db.tables import Shard
+
+    for (facts,) in conn.execute(select(Shard.provenance).where(Shard.run_id == run_id,
+                                                                Shard.provenance.is_not(None))):
+        weights = (facts or {}).get("weights")
+        if weights is not None:
+            return str(weights)
+    return None
 
 
 def _run_groups(engine: Engine, run_a: int, run_b: int) -> dict[str, Any]:
