@@ -28,6 +28,14 @@ def _lines(run: dict[str, Any]) -> list[str]:
                    + ", ".join(f"{key}={value}" for key, value in facts.items()))
     if not run.get("shard_provenance"):
         out.append("  (no shard has run yet)")
+    generator = run.get("generator")
+    if generator is not None:
+        settings = generator.get("settings") or {}
+        out.append(f"generated images: config {generator['config_id']} ("
+                   + ", ".join(f"{key}={value}" for key, value in sorted(settings.items())) + "); "
+                   f"{generator['images_made']} made here, {generator['images_imported']} imported"
+                   + (" (imported images carry the settings given to `data import-generated`)"
+                      if generator["images_imported"] else ""))
     out.append("spec: " + json.dumps(run["spec"], indent=2, sort_keys=True))
     return out
 

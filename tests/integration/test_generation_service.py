@@ -240,6 +240,16 @@ def test_import_generated_registers_reference_layout(
     assert all(hash_file(store.path(row.artifact_key)) == row.content_hash for row in rows)
     again = generation.import_generated(engine, settings, dataset_version_id=version_id, root=root, spec=spec)
     assert again["images"] == 0
+    # A run on these images says they were imported, with the settings given for them.
+    from difftpt_ops.services.running.status import show_run
+    from tests.factories import make_run
+
+    with session_scope(engine) as session:
+        run_id = make_run(session, session.get(DatasetVersion, version_id), method="difftpt",
+                          generation_config_id=counts["generation_config_id"]).id
+    generator = show_run(engine, run_id)["generator"]
+    assert (generator["images_made"], generator["images_imported"]) == (0, 2 * PER_SAMPLE - 2)
+    assert generator["settings"] == spec.to_dict() and generator["config_id"] == counts["generation_config_id"]
     # The fully imported sample needs no generation (and no model load).
     assert generation.SampleGenerator(spec, device="cpu").generate_sample(
         engine, config_id=counts["generation_config_id"], source_path=sources[0].path,
