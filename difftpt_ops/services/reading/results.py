@@ -263,12 +263,9 @@ def run_weights(conn: Connection, run_id: int) -> str | None:
     """The sha256 of the CLIP weights the run's shards recorded (one per run), or None if none did."""
     from difftpt_ops.db.tables import Shard
 
-    for (facts,) in conn.execute(select(Shard.provenance).where(Shard.run_id == run_id,
-                                                                Shard.provenance.is_not(None))):
-        weights = (facts or {}).get("weights")
-        if weights is not None:
-            return str(weights)
-    return None
+    weights = Shard.provenance["weights"].as_string()
+    digest = conn.scalar(select(weights).where(Shard.run_id == run_id, weights.is_not(None)).limit(1))
+    return None if digest is None else str(digest)
 
 
 def _run_groups(engine: Engine, run_a: int, run_b: int) -> dict[str, Any]:
