@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from difftpt_ops.config import Settings, load_settings
 from difftpt_ops.core.specs import flatten
 from difftpt_ops.db.session import get_engine, session_scope, upgrade
-from difftpt_ops.db.tables import DatasetVersion, Run
+from difftpt_ops.db.tables import DatasetVersion, GenerationConfig, Run
 from difftpt_ops.services.reading import reporting
 from difftpt_ops.services.reading.results import run_results
 from difftpt_ops.storage.artifacts import ArtifactStore, encode_png
@@ -202,7 +202,12 @@ def test_params_metrics_and_artifacts_read_back(tracked: tuple[Engine, Settings]
     assert run.data.tags["difftpt.fingerprint"] == fingerprint
     assert (run.data.tags["difftpt.run_id"], run.data.tags["difftpt.method"]) == (str(run_id), "difftpt")
     assert run.data.tags["difftpt.dataset"] == results["dataset"]
-    assert run.data.params == {k: param_value(v) for k, v in flatten(spec).items()}
+    with session_scope(engine) as session:
+        generator = session.get(GenerationConfig, session.get(Run, run_id).generation_config_id).spec
+    # The spec, and the settings of the generator that made its images (the spec holds only their fingerprint).
+    assert run.data.params == {**{k: param_value(v) for k, v in flatten(spec).items()},
+                               **{f"generator.{k}": param_value(v) for k, v in generator.items()}}
+    assert (run.data.tags["generator.images_made"], run.data.tags["generator.images_imported"]) == ("8", "0")
 
     metrics = run.data.metrics
     for key in ("top1", "top5", "zeroshot_top1", "gain", "ece"):

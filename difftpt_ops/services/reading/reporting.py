@@ -25,7 +25,9 @@ from difftpt_ops.core.errors import DifftptError, InputError, ServiceUnavailable
 from difftpt_ops.core.secrets import mask_url
 from difftpt_ops.core.specs import flatten
 from difftpt_ops.core.status import TERMINAL_RUN_STATES, RunState
+from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import DatasetVersion, Run
+from difftpt_ops.services.reading.generator import generator_facts, generator_params
 from difftpt_ops.services.reading.groups import sweeps_of_runs
 from difftpt_ops.services.reading.results import (
     RunInfo,
@@ -225,6 +227,21 @@ def provenance_tags(engine: Engine, run: Any) -> dict[str, str]:
     return tags
 
 
+def _generator_of(engine: Engine, run: Any) -> dict[str, Any] | None:
+    if run.generation_config_id is None:
+        return None
+    with session_scope(engine) as session:
+        return generator_facts(session, run)
+
+
+def _generator_tags(facts: dict[str, Any] | None) -> dict[str, str]:
+    """How many of the run's generated images were made here and how many imported (made elsewhere)."""
+    if facts is None:
+        return {}
+    return {"generator.images_made": str(facts["images_made"]),
+            "generator.images_imported": str(facts["images_imported"])}
+
+
 def ensure_mlflow_run(engine: Engine, tracker: MlflowTracker, info: RunInfo, *, active: bool) -> RunSnapshot:
     """The run's MLflow run: by the stored id, else by fingerprint tag, else created; params and tags current.
 
@@ -239,8 +256,10 @@ def ensure_mlflow_run(engine: Engine, tracker: MlflowTracker, info: RunInfo, *, 
         snapshot = _create_run(engine, tracker, info, experiment_id)
     elif run.mlflow_run_id != snapshot.run_id or run.mlflow_experiment_id != snapshot.experiment_id:
         _store_mapping(engine, run.id, snapshot.run_id, snapshot.experiment_id)
-    tracker.log_params(snapshot, flatten(run.spec))
-    tags = {k: v for k, v in {**_tags(info), **provenance_tags(engine, run)}.items() if snapshot.tags.get(k) != v}
+    generator = _generator_of(engine, run)
+    tracker.log_params(snapshot, {**flatten(run.spec), **generator_params(generator)})
+    tags = {k: v for k, v in {**_tags(info), **provenance_tags(engine, run), **_generator_tags(generator)}.items()
+            if snapshot.tags.get(k) != v}
     # A run another process finished since the caller looked is report_finished's to show, not to reopen.
     if active and snapshot.status != "RUNNING" and not _has_ended(engine, run.id):
         if snapshot.status in TERMINAL_STATUSES:

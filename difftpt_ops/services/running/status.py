@@ -19,18 +19,10 @@ from difftpt_ops.core.run_specs import GenerateRunSpec
 from difftpt_ops.core.specs import canonical_json
 from difftpt_ops.core.status import TERMINAL_RUN_STATES, RunState, ShardState
 from difftpt_ops.db.session import session_scope
-from difftpt_ops.db.tables import (
-    Dataset,
-    DatasetVersion,
-    GeneratedImage,
-    GenerationConfig,
-    Prediction,
-    Run,
-    Sample,
-    Shard,
-)
+from difftpt_ops.db.tables import Dataset, DatasetVersion, GeneratedImage, Prediction, Run, Shard
 from difftpt_ops.db.tables import SampleError as SampleErrorRow
 from difftpt_ops.services.reading.configurations import configuration
+from difftpt_ops.services.reading.generator import generator_facts
 from difftpt_ops.services.reading.store import view_counts
 from difftpt_ops.services.running.leases import active_workers, awaiting_takeover, worker_is_gone
 
@@ -252,22 +244,6 @@ def is_active(state: str) -> bool:
     return RunState(state) not in TERMINAL_RUN_STATES
 
 
-def _generator(session: Session, run: Run) -> dict[str, Any] | None:
-    """For a run with a generation config (DiffTPT, or generation itself): the generator's settings, and how
-    many of the images stored under it for the run's samples were made here and how many imported (made
-    elsewhere: `data import-generated` records the settings it was given)."""
-    if run.generation_config_id is None:
-        return None
-    config = session.get(GenerationConfig, run.generation_config_id)
-    hashes = select(Sample.content_hash).where(Sample.dataset_version_id == run.dataset_version_id)
-    counts = dict(session.execute(
-        select(GeneratedImage.imported, func.count()).where(
-            GeneratedImage.generation_config_id == run.generation_config_id,
-            GeneratedImage.source_hash.in_(hashes)).group_by(GeneratedImage.imported)).all())
-    return {"config_id": run.generation_config_id, "settings": config.spec if config is not None else None,
-            "images_made": int(counts.get(False, 0)), "images_imported": int(counts.get(True, 0))}
-
-
 def show_run(engine: Engine, run_id: int) -> dict[str, Any]:
     """Everything about one run: its summary, full spec, provenance, and the machines its shards ran on.
 
@@ -287,7 +263,7 @@ def show_run(engine: Engine, run_id: int) -> dict[str, Any]:
                                 .order_by(Shard.index)).all()
         summary.update(fingerprint=run.fingerprint, spec=run.spec, provenance=run.provenance,
                        mlflow_run_id=run.mlflow_run_id, generation_config_id=run.generation_config_id,
-                       generator=_generator(session, run))
+                       generator=generator_facts(session, run))
     groups: dict[str, dict[str, Any]] = {}
     for index, provenance in facts:
         if provenance is None:
