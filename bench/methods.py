@@ -53,9 +53,10 @@ def episodic_methods(only: list[str] | None) -> list[str]:
     return [n for n in names if n in only] if only else names
 
 
-def warm_features(tuners: dict[str, Tuner], samples: list[Any]) -> dict[str, list[tuple[torch.Tensor, tuple]]]:
-    """Raw image features of every sample's views, encoded once per distinct view recipe."""
-    by_recipe: dict[tuple, list[tuple[torch.Tensor, tuple]]] = {}
+def warm_features(tuners: dict[str, Tuner], samples: list[Any]) -> dict[str, list[tuple[torch.Tensor, tuple, Any]]]:
+    """Raw image features of every sample's views, encoded once per distinct view recipe, with the views' pixels
+    (a method with a reward model encodes its kept views from them: its time includes that)."""
+    by_recipe: dict[tuple, list[tuple[torch.Tensor, tuple, Any]]] = {}
     out = {}
     for name, tuner in tuners.items():
         recipe = (tuner.plan.n_conventional, tuner.plan.n_generated, tuner.augmix_for(False), tuner.plan.resolution)
@@ -63,22 +64,22 @@ def warm_features(tuners: dict[str, Tuner], samples: list[Any]) -> dict[str, lis
             encoded = []
             for i, (image, generated) in enumerate(samples):
                 views = tuner.make_views(image, generated=generated, seed=0, sample_key=i)
-                encoded.append((tuner.encode_raw(views.pixels), views.kinds))
+                encoded.append((tuner.encode_raw(views.pixels), views.kinds, views.pixels))
             by_recipe[recipe] = encoded
         out[name] = by_recipe[recipe]
     return out
 
 
-def time_method(tuner: Tuner, features: list[tuple[torch.Tensor, tuple]], repeats: int, *, warm: bool) -> float:
+def time_method(tuner: Tuner, features: list[tuple[torch.Tensor, tuple, Any]], repeats: int, *, warm: bool) -> float:
     """Mean wall milliseconds of run_features per sample (`warm`: after one untimed call that fills the
     forward-only methods' cached text features; prompt-tuning methods recompute theirs every sample)."""
     if warm:
-        tuner.run_features(*features[0])
+        tuner.run_features(*features[0][:2], pixels=features[0][2] if tuner.needs_pixels else None)
     times = []
-    for raw, kinds in features:
+    for raw, kinds, pixels in features:
         for _ in range(repeats):
             start = time.perf_counter()
-            tuner.run_features(raw, kinds)
+            tuner.run_features(raw, kinds, pixels=pixels if tuner.needs_pixels else None)
             times.append(time.perf_counter() - start)
     return 1000.0 * float(np.mean(times))
 
@@ -103,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     clip = load_clip(ModelSpec(name=args.model, pretrained=None, precision="fp32"), "cpu")
     names = class_names(args.classes)
     methods = episodic_methods(args.methods.split(",") if args.methods else None)
-    tuners = {name: prepare_classifier(clip, names, method_spec_from(name)) for name in methods}
+    # A method with a reward model (RLCF) gets the same CLIP as its reward model here (the reference's is ViT-L/14).
+    tuners = {name: prepare_classifier(clip, names, method_spec_from(name), reward=clip) for name in methods}
     samples = [synthetic_sample(i, 63) for i in range(args.samples)]
     features = warm_features(tuners, samples)
 

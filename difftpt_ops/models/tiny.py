@@ -6,6 +6,18 @@ from pathlib import Path
 
 CLIP_SUBDIR = "clip"
 DIFFUSION_SUBDIR = "sd-image-variations"
+# The demo's RLCF reward model: another tiny CLIP (joint width 48, 256 px input, so it cannot be mistaken for the
+# policy), whose random weights give positive similarities on the demo photos (seed 9), so its rewards are not all 0.
+REWARD_CLIP_SUBDIR = "reward-clip"
+REWARD_CLIP_SEED, REWARD_CLIP_WIDTH, REWARD_CLIP_SIZE = 9, 48, 256
+
+
+def make_tiny_reward_clip(directory: Path) -> Path:
+    """Write DIR/reward-clip: the demo's RLCF reward model (see REWARD_CLIP_SUBDIR)."""
+    from difftpt_ops.models.tiny_clip import make_tiny_clip
+
+    return make_tiny_clip(Path(directory) / REWARD_CLIP_SUBDIR, seed=REWARD_CLIP_SEED, embed_dim=REWARD_CLIP_WIDTH,
+                          image_size=REWARD_CLIP_SIZE)
 
 
 def make_tiny_models(directory: Path, *, seed: int = 0) -> dict[str, Path]:

@@ -26,26 +26,35 @@ TINY_PREPROCESS_CFG: dict[str, Any] = {
 }
 
 
-def make_tiny_clip(directory: Path, *, seed: int = 0) -> Path:
+def make_tiny_clip(directory: Path, *, seed: int = 0, embed_dim: int | None = None,
+                   image_size: int | None = None) -> Path:
     """Write a tiny random CLIP (3.4 M parameters) to `directory` and return it.
 
     The folder holds open_clip_config.json and open_clip_model.safetensors, so `load_clip(ModelSpec(name=
     str(directory), pretrained=None))` loads it back bit-exactly through open_clip's "local-dir:" path.
-    The same seed gives the same weights; the global RNG state is left untouched.
+    The same seed gives the same weights; the global RNG state is left untouched. `embed_dim` and `image_size`
+    change the joint embedding width and the input resolution (a multiple of 32), e.g. for a second model that
+    must not be mistaken for the first (RLCF's reward model).
     """
     import open_clip
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    cfg = copy.deepcopy(TINY_MODEL_CFG)
+    preprocess = dict(TINY_PREPROCESS_CFG)
+    if embed_dim is not None:
+        cfg["embed_dim"] = embed_dim
+    if image_size is not None:
+        cfg["vision_cfg"]["image_size"] = preprocess["size"] = image_size
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = open_clip.CLIP(**copy.deepcopy(TINY_MODEL_CFG))
+        model = open_clip.CLIP(**copy.deepcopy(cfg))
     with torch.no_grad():
         # Pretrained CLIP has exp(logit_scale) = 100; keep that so entropies look like the real model's.
         model.logit_scale.fill_(math.log(100.0))
     state = {key: value.contiguous() for key, value in model.state_dict().items()}
     save_file(state, str(directory / WEIGHTS_FILE))
-    config = {"model_cfg": TINY_MODEL_CFG, "preprocess_cfg": TINY_PREPROCESS_CFG}
+    config = {"model_cfg": cfg, "preprocess_cfg": preprocess}
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return directory

@@ -60,7 +60,14 @@ Echo = Callable[[str], None]
 
 def _prepare_inputs(settings: Settings, engine: Engine, echo: Echo) -> tuple[Path, dict[str, Any]]:
     from difftpt_ops.data.demo_photos import write_demo_dataset
-    from difftpt_ops.models.tiny import CLIP_SUBDIR, DIFFUSION_SUBDIR, make_tiny_models
+    from difftpt_ops.models.clip import CONFIG_FILE
+    from difftpt_ops.models.tiny import (
+        CLIP_SUBDIR,
+        DIFFUSION_SUBDIR,
+        REWARD_CLIP_SUBDIR,
+        make_tiny_models,
+        make_tiny_reward_clip,
+    )
     from difftpt_ops.services.datasets import register_dataset
 
     models_dir = settings.workspace / "demo-models"
@@ -69,6 +76,8 @@ def _prepare_inputs(settings: Settings, engine: Engine, echo: Echo) -> tuple[Pat
         make_tiny_models(models_dir)
     else:
         echo(f"1/5 tiny random-weight models found in {models_dir}")
+    if not (models_dir / REWARD_CLIP_SUBDIR / CONFIG_FILE).exists():  # RLCF's reward model (older demos lack it)
+        make_tiny_reward_clip(models_dir)
     data_root = settings.workspace / "demo-data"
     count = write_demo_dataset(data_root)
     report = register_dataset(engine, name=DEMO_DATASET, root=data_root, format="imagefolder")
@@ -83,10 +92,11 @@ def run_demo(settings: Settings, engine: Engine, *, echo: Echo, progress: Callab
     `progress` is a context-manager factory giving the executor's progress sink (or None).
     Running it again attaches to the stored runs and does no work twice.
     """
-    from difftpt_ops.models.tiny import CLIP_SUBDIR, DIFFUSION_SUBDIR
+    from difftpt_ops.models.tiny import CLIP_SUBDIR, DIFFUSION_SUBDIR, REWARD_CLIP_SUBDIR
     from difftpt_ops.services.reading.results import compare_runs, run_results
     from difftpt_ops.services.reading.store import run_feature_counts
     from difftpt_ops.services.running.runs import submit_generate, submit_tune
+    from difftpt_ops.tta.methods import get_method
 
     plan = plan or DemoPlan()
     silence_library_progress_bars()  # the demo prints its own steps; per-file bars would bury them
@@ -105,6 +115,8 @@ def run_demo(settings: Settings, engine: Engine, *, echo: Echo, progress: Callab
     for method in episodic_methods():
         echo(f"4/5 {method}: adapting and predicting")
         settings_of_method = overrides.get(method, {})
+        if get_method(method).needs_reward_model:  # RLCF: the second tiny CLIP scores its proposals
+            settings_of_method = {**settings_of_method, "reward_model": str(models_dir / REWARD_CLIP_SUBDIR)}
         with progress() as sink:
             submitted = submit_tune(engine, settings, dataset_ref=DEMO_DATASET, method=method,
                                     model=str(models_dir / CLIP_SUBDIR), pretrained=None,

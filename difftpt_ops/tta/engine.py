@@ -34,6 +34,7 @@ from difftpt_ops.tta.methods import (
     ONLINE,
     PROMPT_TUNING,
     Method,
+    RewardInputs,
     StepInputs,
     TuningPlan,
     ViewPlan,
@@ -42,6 +43,7 @@ from difftpt_ops.tta.methods import (
     method_of,
 )
 from difftpt_ops.tta.prompts import PromptLearner, class_prompt_texts, initial_context
+from difftpt_ops.tta.reward import RewardScorer, reward_scorer
 from difftpt_ops.tta.text import ClipLike, TextTower, normalise
 from difftpt_ops.tta.views import ViewBatch, build_some_views, build_views
 
@@ -85,7 +87,8 @@ class SampleResult:
 def prepare_classifier(clip: ClipLike, class_names: Sequence[str], spec: MethodSpec, *,
                        coop_state: Mapping[str, Any] | Tensor | None = None, init_seed: int = 0,
                        image_batch: int = 128, max_text_groups: int = 4, view_workers: int = 1,
-                       descriptions: Mapping[str, Sequence[str]] | None = None) -> Tuner:
+                       descriptions: Mapping[str, Sequence[str]] | None = None,
+                       reward: ClipLike | None = None) -> Tuner:
     """Build the tuner for one model, class list and method spec; tokenises and embeds every prompt once.
 
     `coop_state` is a loaded CoOp checkpoint (models.clip.read_coop_checkpoint) when spec.prompt names one.
@@ -93,12 +96,14 @@ def prepare_classifier(clip: ClipLike, class_names: Sequence[str], spec: MethodS
     bounds how many views go through the image encoder at once; `max_text_groups` how many length groups the
     prompts form; `view_workers` how many threads build a sample's views (none of these change results).
     `descriptions` is the class descriptions file's content (class name -> sentences) when the spec names one.
+    `reward` is the loaded reward CLIP (models.clip.load_clip of the folder) of a method that names one
+    (`Method.reward_model_path`: RLCF); it scores the class prompts' texts and the kept views.
 
     Raises:
         InputError: empty class list.
         InvalidSpecError: a method that is not registered (noop), a CoOp ctx of the wrong size, a ctx_init
             that does not tokenise to n_ctx tokens, a checkpoint or descriptions named in the spec but not
-            passed.
+            passed, a reward model named by the method but not passed.
     """
     method = method_of(spec)
     texts = class_prompt_texts(class_names, spec.prompt)
@@ -110,7 +115,7 @@ def prepare_classifier(clip: ClipLike, class_names: Sequence[str], spec: MethodS
     learner = PromptLearner(tower, clip.tokenizer(texts), init, max_groups=max_text_groups)
     fixed_text = fixed_text_of(method, spec, tower, clip.tokenizer, class_names, descriptions)
     return Tuner(clip=clip, learner=learner, spec=spec, method=method, image_batch=image_batch,
-                 view_workers=view_workers, fixed_text=fixed_text)
+                 view_workers=view_workers, fixed_text=fixed_text, reward=reward_scorer(method, spec, texts, reward))
 
 
 class Tuner:
@@ -118,7 +123,8 @@ class Tuner:
     method's) state."""
 
     def __init__(self, *, clip: ClipLike, learner: PromptLearner, spec: MethodSpec, method: Method,
-                 image_batch: int = 128, view_workers: int = 1, fixed_text: Tensor | None = None) -> None:
+                 image_batch: int = 128, view_workers: int = 1, fixed_text: Tensor | None = None,
+                 reward: RewardScorer | None = None) -> None:
         self.clip = clip
         self.model = clip.model
         self.learner = learner
@@ -137,6 +143,13 @@ class Tuner:
         # An online stream's length (the dataset version's samples), set by the online runner before the first
         # sample; a method whose schedule needs it (OnZeta) refuses to start without it.
         self.stream_length: int | None = None
+        # A method's reward model (RLCF): it encodes the kept views from their pixels, so `run_features` needs them.
+        self.reward = reward
+
+    @property
+    def needs_pixels(self) -> bool:
+        """Whether `run_features` needs the views' pixels too (a reward model encodes the kept ones)."""
+        return self.reward is not None
 
     @property
     def class_count(self) -> int:
@@ -193,17 +206,26 @@ class Tuner:
         """Run the method on already built views (from `make_views`)."""
         start = time.perf_counter()
         raw = self.encode_raw(views.pixels)
-        result = dataclasses.replace(self.run_features(raw, views.kinds), views_encoded=len(views.kinds))
+        result = dataclasses.replace(self.run_features(raw, views.kinds, pixels=views.pixels),
+                                     views_encoded=len(views.kinds))
         return _with_time(result, seconds=time.perf_counter() - start, view_seconds=0.0)
 
-    def run_features(self, raw_features: Tensor, kinds: Sequence[str]) -> SampleResult:
+    def run_features(self, raw_features: Tensor, kinds: Sequence[str], *, pixels: Tensor | None = None) -> SampleResult:
         """Run the method on the image encoder's output for the sample's views (from `encode_raw`, or read
-        back from the feature store: the same values, so the same result)."""
+        back from the feature store: the same values, so the same result). `pixels` are the views themselves
+        (`make_views(...).pixels`), needed only when `needs_pixels` (a reward model encodes the kept views).
+
+        Raises:
+            InvalidSpecError: the method scores with a reward model and `pixels` were not given.
+        """
         start = time.perf_counter()
         features = normalise(raw_features.to(self.device))
         kinds = tuple(kinds)
+        if self.needs_pixels and pixels is None:
+            raise InvalidSpecError("reward_model", self.method.reward_model_path(self.spec),
+                                   "encodes the kept views: pass run_features(..., pixels=make_views(...).pixels)")
         if self.method.kind == PROMPT_TUNING:
-            before, after, scores = self._prompt_tuning(features, kinds)
+            before, after, scores = self._prompt_tuning(features, kinds, pixels)
         elif self.method.kind == ONLINE:
             before, after, scores = self._online(features, kinds)
         else:
@@ -230,7 +252,8 @@ class Tuner:
             output, self.state = self.method.step(self.spec, self.state, inputs)  # type: ignore[attr-defined]
         return inputs.logits[0], output.logits, output.scores
 
-    def _prompt_tuning(self, features: Tensor, kinds: tuple[str, ...]) -> tuple[Tensor, Tensor, ViewScores]:
+    def _prompt_tuning(self, features: Tensor, kinds: tuple[str, ...],
+                       pixels: Tensor | None = None) -> tuple[Tensor, Tensor, ViewScores]:
         method, tuning = self.method, self.tuning
         assert tuning is not None
         # 1. Episodic reset: the context goes back to its initial value; the optimiser is created fresh below.
@@ -246,8 +269,12 @@ class Tuner:
                 logits=logits.detach(), kinds=kinds))
         if not tuned:
             return before, before, scores
-        # 3. Tune the context on the selected views; the selection is fixed after step 0.
-        self._tune(features, logits, text, scores.indices)
+        # 3. Tune the context on the selected views; the selection is fixed after step 0. A reward model encodes
+        #    the selected views once, here (the reference's set_image_features after its selection).
+        reward = None
+        if self.reward is not None and pixels is not None:
+            reward = self.reward.inputs_for(pixels[scores.indices.cpu()])
+        self._tune(features, logits, text, scores.indices, reward)
         # 4. Predict with the tuned prompt (view 0 by default).
         n_predict = method.prediction_views(self.spec)  # type: ignore[attr-defined]
         with torch.no_grad():
@@ -321,7 +348,8 @@ class Tuner:
         bias = getattr(self.model, "logit_bias", None)
         return logits + bias.float() if bias is not None else logits
 
-    def _tune(self, features: Tensor, logits: Tensor, text: Tensor, indices: Tensor) -> None:
+    def _tune(self, features: Tensor, logits: Tensor, text: Tensor, indices: Tensor,
+              reward: RewardInputs | None = None) -> None:
         tuning = self.tuning
         assert tuning is not None
         optimizer = torch.optim.AdamW([self.learner.ctx], lr=tuning.lr, weight_decay=tuning.weight_decay)
@@ -332,7 +360,7 @@ class Tuner:
             if step > 0:
                 text = self._text_features(grad=True)
             step_logits = logits[indices] if step == 0 else self._logits(kept, text)
-            loss = self.method.loss(self.spec, step_logits, text)  # type: ignore[attr-defined]
+            loss = self.method.tuning_loss(self.spec, step_logits, text, reward)  # type: ignore[attr-defined]
             if not bool(torch.isfinite(loss)):
                 raise SampleError(f"non-finite loss ({float(loss.detach())}) at tuning step {step} "
                                   f"of {tuning.steps}")

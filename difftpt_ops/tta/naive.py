@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from difftpt_ops.core.method_specs import MethodSpec
 from difftpt_ops.tta.methods import ONLINE, PROMPT_TUNING, StepInputs, fixed_text_of, method_of
 from difftpt_ops.tta.prompts import class_prompt_texts, initial_context
+from difftpt_ops.tta.reward import reward_scorer
 from difftpt_ops.tta.text import ClipLike, TextTower, normalise
 from difftpt_ops.tta.views import build_views
 
@@ -41,7 +42,8 @@ class NaiveTuner:
     forward, the method's naive formulation of its selection or step."""
 
     def __init__(self, clip: ClipLike, class_names: Sequence[str], spec: MethodSpec, *, init_seed: int = 0,
-                 view_workers: int = 1, descriptions: Mapping[str, Sequence[str]] | None = None) -> None:
+                 view_workers: int = 1, descriptions: Mapping[str, Sequence[str]] | None = None,
+                 reward: ClipLike | None = None) -> None:
         self.method = method_of(spec)
         self.model = clip.model
         self.spec = spec
@@ -49,7 +51,8 @@ class NaiveTuner:
         self.view_workers = view_workers
         self.device = torch.device(clip.device)
         self.tower = TextTower(clip.model, name=clip.name)
-        tokens = clip.tokenizer(class_prompt_texts(class_names, spec.prompt)).to(self.device)
+        texts = class_prompt_texts(class_names, spec.prompt)
+        tokens = clip.tokenizer(texts).to(self.device)
         init = initial_context(self.tower, clip.tokenizer, spec.prompt, seed=init_seed)
         n_ctx = init.shape[0]
         embeddings = self.tower.embed(tokens)
@@ -60,6 +63,8 @@ class NaiveTuner:
         self.ctx_init = init.to(self.device).clone()
         # As the engine: methods with fixed text features (prompt sets, descriptions) use them.
         self.fixed_text = fixed_text_of(self.method, spec, self.tower, clip.tokenizer, class_names, descriptions)
+        # As the engine: a method's reward model (RLCF) encodes the selected views once, after the selection.
+        self.reward = reward_scorer(self.method, spec, texts, reward)
         self.state: Any = None
         self.stream_length: int | None = None  # as the engine's Tuner: an online stream's length
 
@@ -106,13 +111,16 @@ class NaiveTuner:
         optimizer = torch.optim.AdamW([self.ctx], lr=tuning.lr, weight_decay=tuning.weight_decay)
         scaler = torch.amp.GradScaler("cuda", init_scale=1000.0) if self.device.type == "cuda" else None
         selected: Tensor | None = None
+        reward = None
         zeroshot = -1
         for _ in range(tuning.steps):
             logits, image, text = self._encode(pixels)
             if selected is None:
                 zeroshot = int(logits[0].argmax())
                 selected = self._select(logits.detach(), image, text.detach(), kinds)
-            loss = method.loss(spec, logits[selected], text)  # type: ignore[attr-defined]
+                if self.reward is not None:
+                    reward = self.reward.inputs_for(pixels[selected.cpu()])
+            loss = method.tuning_loss(spec, logits[selected], text, reward)  # type: ignore[attr-defined]
             optimizer.zero_grad()
             if scaler is None:
                 loss.backward()

@@ -29,7 +29,8 @@ pytestmark = pytest.mark.gpu
 SMALL = {"tpt": {"n_views": 16, "selection_p": 0.25},
          "difftpt": {"n_conventional": 8, "n_generated": 4, "steps": 2},
          "rtpt": {"n_views": 16, "selection_p": 0.25, "neighbours": 5, "exclude": "self"},
-         "tps": {"n_views": 16, "selection_p": 0.25}}
+         "tps": {"n_views": 16, "selection_p": 0.25},
+         "rlcf": {"n_views": 16, "selection_p": 0.25}}
 
 
 def registered_methods() -> tuple[str, ...]:
@@ -55,6 +56,15 @@ def test_auto_precision_is_fp16_on_cuda(tiny_auto_clip: LoadedClip, on_cuda: boo
     assert tiny_auto_clip.model.visual.conv1.weight.dtype == expected
 
 
+def needs_reward_model(method: str) -> bool:
+    """Whether the method scores with a second CLIP (RLCF); methods from before the option have none."""
+    try:
+        from difftpt_ops.tta.methods import get_method
+    except ImportError:
+        return False
+    return bool(getattr(get_method(method), "needs_reward_model", False))
+
+
 def is_online(method: str) -> bool:
     """Online methods carry a state from sample to sample; episodic ones start fresh on each."""
     try:
@@ -71,12 +81,13 @@ def test_fast_equals_naive_on_cuda(tiny_auto_clip: LoadedClip, method: str) -> N
     reference is built afresh per sample, except for online methods, whose state both carry in order."""
     spec = method_spec_from(method, SMALL.get(method, {}))
     generated = [random_image(10 + i) for i in range(4)]
-    fast = prepare_classifier(tiny_auto_clip, CLASS_NAMES, spec)
-    naive = NaiveTuner(tiny_auto_clip, CLASS_NAMES, spec)
+    reward = tiny_auto_clip if needs_reward_model(method) else None  # RLCF: the same CLIP as its reward model
+    fast = prepare_classifier(tiny_auto_clip, CLASS_NAMES, spec, reward=reward)
+    naive = NaiveTuner(tiny_auto_clip, CLASS_NAMES, spec, reward=reward)
     fast.stream_length = naive.stream_length = 3  # online methods: a stream of the 3 samples below
     for sample in range(3):
         if sample and not is_online(method):
-            naive = NaiveTuner(tiny_auto_clip, CLASS_NAMES, spec)
+            naive = NaiveTuner(tiny_auto_clip, CLASS_NAMES, spec, reward=reward)
         image = random_image(sample)
         a = fast.run(image, generated=generated, seed=5, sample_key=sample)
         b = naive.run(image, generated=generated, seed=5, sample_key=sample)

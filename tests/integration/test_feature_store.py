@@ -118,7 +118,8 @@ def test_warm_store_equals_fresh_for_every_method(name: str, clip: LoadedClip, w
     def tuner():  # type: ignore[no-untyped-def]
         # A fresh tuner per call: online methods carry state across samples, and each of these is the first
         # sample of a stream of one.
-        made = prepare_classifier(clip, CLASS_NAMES, spec)
+        # A method scoring with a reward model (RLCF) gets the same tiny CLIP as its reward model.
+        made = prepare_classifier(clip, CLASS_NAMES, spec, reward=clip if get_method(name).needs_reward_model else None)
         made.stream_length = 1
         return made
 

@@ -14,7 +14,7 @@ from sqlalchemy.engine import Engine
 from difftpt_ops.config import Settings
 from difftpt_ops.core.errors import InputError, NotFoundError
 from difftpt_ops.core.run_specs import GenerateRunSpec, TuneRunSpec
-from difftpt_ops.core.specs import canonical_json
+from difftpt_ops.core.specs import ModelSpec, canonical_json
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import Dataset, DatasetVersion, Run
 from difftpt_ops.services.running.descriptions import descriptions_for
@@ -62,6 +62,7 @@ def _build_tune_processor(engine: Engine, settings: Settings, run: Run, dataset:
     from difftpt_ops.data.formats import is_cross_domain
     from difftpt_ops.models.clip import load_clip, read_coop_checkpoint
     from difftpt_ops.tta import prepare_classifier
+    from difftpt_ops.tta.methods import find_method
 
     run_spec = TuneRunSpec.from_dict(run.spec)
     method, model = run_spec.method, run_spec.model
@@ -73,10 +74,19 @@ def _build_tune_processor(engine: Engine, settings: Settings, run: Run, dataset:
     # The run's seed draws the random context (ctx_init none); it is part of the tuner's cache key then.
     init_seed = run_spec.seed if method.prompt.ctx_init is None and not checkpoint else 0
 
+    # A method's reward model (RLCF): a second frozen CLIP from the local folder the spec names, on the run's device
+    # and precision, through the same loader.
+    registered = find_method(method.method)
+    reward_path = registered.reward_model_path(method) if registered is not None else None
+    reward = None
+    if reward_path:
+        reward_spec = ModelSpec(name=reward_path, pretrained=None, precision=clip.precision)
+        reward = MODELS.get(("clip", reward_spec, resolved), lambda: load_clip(reward_spec, resolved))
+
     def build_tuner() -> Any:
         coop_state = read_coop_checkpoint(checkpoint) if checkpoint else None
         return prepare_classifier(clip, list(class_names), method, coop_state=coop_state, init_seed=init_seed,
-                                  descriptions=descriptions_for(settings, method))
+                                  descriptions=descriptions_for(settings, method), reward=reward)
 
     tuner = MODELS.get(("tuner", model, resolved, class_names, canonical_json(method.to_dict()), init_seed),
                         build_tuner)
@@ -92,6 +102,8 @@ def _build_tune_processor(engine: Engine, settings: Settings, run: Run, dataset:
     processor.features = feature_cache_for(engine, settings, clip, method, model.name)
     processor.device, processor.precision, processor.activation = resolved, clip.precision, clip.activation
     processor.weights = weights_fingerprint_of(clip)
+    if reward is not None:
+        processor.reward_weights = weights_fingerprint_of(reward)
     return processor
 
 

@@ -58,17 +58,23 @@ class FeatureCache:
         The result's views_encoded / views_read say which happened. `views` is the run's GeneratedViews
         (None when the method reads no generated images).
         """
-        raw, kinds, encoded = self.features_for(tuner, sample, root=root, views=views, seed=seed, augmix=augmix)
-        result = tuner.run_features(raw, kinds)
+        # A reward model (RLCF) encodes the kept views from their pixels: the views are built even when every
+        # feature is read (the reward model's features are not stored), once, and serve both.
+        built = self._build(tuner, sample, root=root, views=views, seed=seed, augmix=augmix) \
+            if getattr(tuner, "needs_pixels", False) else None
+        raw, kinds, encoded = self.features_for(tuner, sample, root=root, views=views, seed=seed, augmix=augmix,
+                                                built=built)
+        result = tuner.run_features(raw, kinds, pixels=built.pixels if built is not None else None)
         return dataclasses.replace(result, views_encoded=encoded, views_read=len(kinds) - encoded)
 
     def features_for(self, tuner: Any, sample: Any, *, root: Path, views: Any, seed: int,
-                     augmix: bool) -> tuple[Any, tuple[str, ...], int]:
+                     augmix: bool, built: Any | None = None) -> tuple[Any, tuple[str, ...], int]:
         """(raw features, view kinds, how many views were encoded now) of the views `tuner` needs.
 
         One stored set holding them all is read; otherwise the views some stored sets hold are read from them
-        and only the others are encoded (DiffTPT after TPT encodes its generated views, not TPT's crops), and
-        the whole set is stored for the next run."""
+        and only the others are built and encoded (DiffTPT after TPT encodes its generated views, not TPT's
+        crops), and the whole set is stored for the next run. `built` are the sample's views when the caller
+        built them already (then nothing is built again)."""
         from difftpt_ops.storage.features import kinds_of, view_recipes
 
         plan = tuner.plan
@@ -77,7 +83,8 @@ class FeatureCache:
                                augmix=tuner.augmix_for(augmix), resolution=plan.resolution,
                                crop_scale=plan.crop_scale)
         if hashes is None:  # not keyable: encoded, not stored
-            built = self._build(tuner, sample, root=root, views=views, seed=seed, augmix=augmix)
+            built = built if built is not None else self._build(tuner, sample, root=root, views=views, seed=seed,
+                                                                augmix=augmix)
             return tuner.encode_raw(built.pixels), built.kinds, len(built.kinds)
         sets = self._stored_sets(sample.content_hash)
         raw = self._read_whole(sets, recipes)
@@ -87,12 +94,13 @@ class FeatureCache:
         started = time.perf_counter()
         if stored:  # only the views no stored set holds are built and encoded (and their images read)
             missing = [i for i in range(len(recipes)) if i not in stored]
-            pixels = self._build_some(tuner, sample, root=root, views=views, seed=seed, augmix=augmix,
-                                      positions=missing)
+            pixels = built.pixels[missing] if built is not None else self._build_some(
+                tuner, sample, root=root, views=views, seed=seed, augmix=augmix, positions=missing)
             raw = self._fill(stored, tuner.encode_raw(pixels) if missing else None, missing)
             kinds, encoded = kinds_of(recipes), len(missing)
         else:
-            built = self._build(tuner, sample, root=root, views=views, seed=seed, augmix=augmix)
+            built = built if built is not None else self._build(tuner, sample, root=root, views=views, seed=seed,
+                                                                augmix=augmix)
             raw, kinds, encoded = tuner.encode_raw(built.pixels), built.kinds, len(built.kinds)
             if kinds != kinds_of(recipes):  # the recipes would not describe these views: not stored
                 return raw, kinds, encoded

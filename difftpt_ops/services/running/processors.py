@@ -83,9 +83,10 @@ def record_provenance(engine: Engine, claim: Any, context: RunContext) -> None:
 
 
 def _model_facts(processor: Any) -> dict[str, Any]:
-    """What a run's processor knows of the model it computes with, for a shard's provenance: the activation and
-    the sha256 of the loaded weights (`weights`), where it has them."""
-    facts = {key: getattr(processor, key, None) for key in ("activation", "weights")}
+    """What a run's processor knows of the model it computes with, for a shard's provenance: the activation, the
+    sha256 of the loaded weights (`weights`) and of a method's reward model (`reward_weights`, RLCF), where it has
+    them."""
+    facts = {key: getattr(processor, key, None) for key in ("activation", "weights", "reward_weights")}
     return {key: value for key, value in facts.items() if value is not None}
 
 
@@ -95,20 +96,32 @@ def _refuse_other_weights(connection: Connection, run_id: int, facts: dict[str, 
     its path was changed since, and going on would mix two models' predictions in one run."""
     from difftpt_ops.db.tables import Run
 
-    weights = facts.get("weights")
-    if weights is None:
-        return
-    recorded_weights = Shard.provenance["weights"].as_string()
-    # One row at most, found by the database: a run of thousands of shards checks in constant time per shard.
-    other = connection.execute(select(Shard.index, recorded_weights).where(
-        Shard.run_id == run_id, recorded_weights.is_not(None), recorded_weights != weights)
-        .order_by(Shard.index).limit(1)).first()
-    if other is not None:
+    for key in ("weights", "reward_weights"):
+        weights = facts.get(key)
+        if weights is None:
+            continue
+        recorded_weights = Shard.provenance[key].as_string()
+        # One row at most, found by the database: a run of thousands of shards checks in constant time per shard.
+        other = connection.execute(select(Shard.index, recorded_weights).where(
+            Shard.run_id == run_id, recorded_weights.is_not(None), recorded_weights != weights)
+            .order_by(Shard.index).limit(1)).first()
+        if other is None:
+            continue
         index, recorded = other
-        model = connection.scalar(select(Run.model_name).where(Run.id == run_id))
-        raise InputError("--model", model, f"its weights changed since run {run_id} started (shard {index} ran "
+        if key == "weights":
+            argument, model = "--model", connection.scalar(select(Run.model_name).where(Run.id == run_id))
+        else:
+            argument, model = "--set reward_model", _reward_model_of(connection, run_id)
+        raise InputError(argument, model, f"its weights changed since run {run_id} started (shard {index} ran "
                          f"with weights sha256 {recorded[:16]}, they are now {weights[:16]}): restore the "
                          "weights the run used, or put the new ones in another folder (another run)")
+
+
+def _reward_model_of(connection: Connection, run_id: int) -> Any:
+    from difftpt_ops.db.tables import Run
+
+    spec = connection.scalar(select(Run.spec).where(Run.id == run_id)) or {}
+    return (spec.get("method") or {}).get("reward_model")
 
 
 class LRU:

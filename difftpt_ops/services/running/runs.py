@@ -49,6 +49,7 @@ from difftpt_ops.services.running.submit_checks import (
     check_method_files,
     check_model_path,
     generator_path_checked,
+    resolve_method_paths,
     resolve_run_device,
     run_model_spec,
 )
@@ -244,7 +245,7 @@ def tune_choice(settings: Settings, *, method: str, overrides: dict[str, Any] | 
         InputError: an unknown method or field, a bad value, a device this machine does not have.
     """
     online.ensure_registered(method)
-    method_spec = method_spec_from(method, overrides or {})
+    method_spec = resolve_method_paths(method_spec_from(method, overrides or {}))
     check_method_files(settings, method_spec)
     run_device = resolve_run_device(settings, device)
     return TuneChoice(method_spec, run_model_spec(model, pretrained, run_device), run_device)

@@ -49,6 +49,50 @@ def check_method_files(settings: Settings, method: Any) -> None:
     checkpoint = getattr(getattr(method, "prompt", None), "coop_checkpoint", None)
     if settings.embedded and checkpoint and not Path(checkpoint).expanduser().is_file():
         raise InputError("--set prompt.coop_checkpoint", checkpoint, "no such file")
+    check_reward_model(settings, method)
+
+
+def _registered(method: Any) -> Any:
+    """The registered method that runs `method` (a spec), or None (noop, the feature runs' view sets)."""
+    from difftpt_ops.tta.methods import find_method
+
+    return find_method(getattr(method, "method", ""))
+
+
+def check_reward_model(settings: Settings, method: Any) -> None:
+    """A method that scores with a reward model (RLCF) must name one (`--set reward_model=DIR`); in embedded mode
+    the folder must be an open_clip model folder with its weights (read at the first shard, as the CoOp
+    checkpoint; workers check their own)."""
+    from pathlib import Path
+
+    registered = _registered(method)
+    if registered is None or not registered.needs_reward_model:
+        return
+    path = registered.reward_model_path(method)
+    if not path:
+        raise InputError("--set reward_model", path, f"is required: {registered.name} scores with a second, frozen "
+                                                     "CLIP; give its local open_clip model folder (the reference "
+                                                     "uses ViT-L/14)")
+    if settings.embedded:
+        from difftpt_ops.models.clip import check_clip_source
+
+        if not Path(path).expanduser().is_dir():  # a model name too: the reward model is a local folder
+            raise InputError("--set reward_model", path, "no such directory (give a local open_clip model folder)")
+        try:
+            check_clip_source(ModelSpec(name=path, pretrained=None))
+        except InputError as exc:
+            raise InputError("--set reward_model", path, exc.problem) from None
+
+
+def resolve_method_paths(method: Any) -> Any:
+    """The spec with the reward model folder it names as an absolute path (a relative one would name another
+    folder from another directory or machine), as `--model DIR` is stored."""
+    from pathlib import Path
+
+    path = getattr(method, "reward_model", None)
+    if _registered(method) is None or not path or not Path(path).expanduser().is_dir():
+        return method
+    return dataclasses.replace(method, reward_model=str(Path(path).expanduser().resolve()))
 
 
 def resolve_run_device(settings: Settings, device: str | None) -> str:

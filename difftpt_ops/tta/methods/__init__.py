@@ -20,6 +20,7 @@ from difftpt_ops.tta.methods.base import (
     Method,
     OnlineMethod,
     PromptTuningMethod,
+    RewardInputs,
     StepInputs,
     StepOutput,
     TuningPlan,
@@ -50,7 +51,7 @@ _load_all()
 
 __all__ = [
     "ENSEMBLE", "FORWARD_ONLY", "KINDS", "ONLINE", "PROMPT_TUNING", "SINGLE_TEMPLATE", "ForwardOnlyMethod",
-    "Method", "OnlineMethod", "PromptTuningMethod", "StepInputs", "StepOutput", "TuningPlan", "ViewPlan",
-    "ViewScores", "find_method", "fixed_text_of", "get_method", "method_names", "method_of", "register",
+    "Method", "OnlineMethod", "PromptTuningMethod", "RewardInputs", "StepInputs", "StepOutput", "TuningPlan",
+    "ViewPlan", "ViewScores", "find_method", "fixed_text_of", "get_method", "method_names", "method_of", "register",
     "registered", "resolve_for_dataset", "unregister",
 ]

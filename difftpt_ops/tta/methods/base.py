@@ -13,7 +13,9 @@ its `kind`:
   then the engine tunes the prompt context with the method's `loss` for `tuning(spec).steps` AdamW steps
   (the text speed-ups, the optimiser, the GradScaler and the episodic reset stay in the engine) and
   predicts view 0 with the tuned prompt (`predict`, which may read more views: `prediction_views`). TPT,
-  DiffTPT, C-TPT, R-TPT.
+  DiffTPT, C-TPT, R-TPT, RLCF. A method whose loss scores with a second, frozen CLIP (`needs_reward_model`,
+  `reward_model_path`: RLCF's reward model) gets that model's features of the kept views and of the class
+  prompts in `tuning_loss` (`RewardInputs`, computed once after the selection from the views' pixels).
 - `online` (`OnlineMethod`): `step(spec, state, inputs) -> (StepOutput, state)`; the state is carried
   across samples in a fixed order and checkpointed through `state_dict` / `load_state_dict` (a flat
   dict of tensors, safetensors-ready). TDA, DMN-ZS, DPE, BoostAdapter, OnZeta.
@@ -170,6 +172,16 @@ class ViewScores:
 
 
 @dataclass(frozen=True)
+class RewardInputs:
+    """What a second, frozen CLIP (a reward model, `Method.reward_model_path`) says of one sample, computed once
+    after the view selection: its features of the kept views and of the class prompts. Its own embedding space:
+    never compared with the policy's features."""
+
+    image_features: Tensor  # (k, d_reward) normalised fp32, the kept views in `ViewScores.indices` order
+    text_features: Tensor  # (n_classes, d_reward) normalised fp32, the class prompts as texts
+
+
+@dataclass(frozen=True)
 class StepOutput:
     """What a step returns: the prediction logits of the sample and its per-view scores."""
 
@@ -191,6 +203,8 @@ class Method:
     paper: ClassVar[str] = ""  # citation or URL
     reference: ClassVar[str] = ""  # owner/name of the reference repository
     has_naive: ClassVar[bool] = False  # True when naive_step is the method's own straightforward formulation
+    # True when the method's loss scores with a second, frozen CLIP (RLCF): prepare_classifier then needs `reward`.
+    needs_reward_model: ClassVar[bool] = False
 
     def views(self, spec: Any) -> ViewPlan:
         """The views this spec needs; default: the original view only."""
@@ -202,6 +216,12 @@ class Method:
         prompt = getattr(spec, "prompt", None)
         random_context = prompt is not None and prompt.ctx_init is None and prompt.coop_checkpoint is None
         return self.views(spec).n_conventional > 0 or random_context
+
+    def reward_model_path(self, spec: Any) -> str | None:
+        """The local model folder of a second, frozen CLIP whose scores the method's loss needs (RLCF's reward
+        model), or None (every method but RLCF). The services load it next to the run's CLIP and pass it to
+        `prepare_classifier(reward=...)`; the engine hands its features to `tuning_loss`."""
+        return None
 
     def naive_step(self, spec: Any, inputs: StepInputs) -> StepOutput:
         """The straightforward formulation (equivalence oracle); only called when `has_naive`."""
@@ -262,6 +282,11 @@ class PromptTuningMethod(Method):
         """The objective over the selected views' logits (k, n_classes) and the current text features;
         default: TPT's entropy of the mean probability."""
         return marginal_entropy(logits)
+
+    def tuning_loss(self, spec: Any, logits: Tensor, text_features: Tensor, reward: RewardInputs | None) -> Tensor:
+        """What the engine minimises at each tuning step: `loss`, unless the method scores with a reward model
+        (`reward` holds its features of the kept views, in the order of `logits`' rows; None without one)."""
+        return self.loss(spec, logits, text_features)
 
     def predict(self, spec: Any, inputs: StepInputs) -> Tensor:
         """Prediction logits (n_classes,) from the tuned prompt; `inputs` hold view 0 only by default."""

@@ -1,0 +1,136 @@
+"""RLCF runs through the services: the reward model folder is checked at submit before anything is written, stored
+in the spec by its absolute path, loaded next to the run's CLIP, and its weights' sha256 is in every shard's
+provenance (a run refuses to go on with other weights in that folder)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+from typer.testing import CliRunner
+
+from cli.main import app
+from difftpt_ops.core.errors import InputError
+from difftpt_ops.db.session import session_scope
+from difftpt_ops.db.tables import Prediction, Run, Shard
+from difftpt_ops.services.reading import reporting
+from difftpt_ops.services.running import runs
+from difftpt_ops.services.running.status import show_run
+from tests.integration.test_jobs_support import (
+    add_dataset,
+    make_settings,
+    open_engine,
+    quiet_run_machinery,
+    write_pngs,
+)
+
+pytestmark = pytest.mark.integration
+
+SMALL = {"n_views": "8", "selection_p": "0.25", "steps": "1"}
+
+
+def _runs(engine) -> int:  # type: ignore[no-untyped-def]
+    with session_scope(engine) as session:
+        return int(session.scalar(select(func.count()).select_from(Run)) or 0)
+
+
+def _weights_of(folder: Path) -> str:
+    from difftpt_ops.core.specs import ModelSpec
+    from difftpt_ops.models.clip import load_clip
+    from difftpt_ops.storage.features import clip_weights_digest, image_tower, weights_digest
+
+    model = load_clip(ModelSpec(name=str(folder), pretrained=None), "cpu").model
+    return clip_weights_digest(model, weights_digest(image_tower(model)))
+
+
+@pytest.fixture
+def setup(cli_env: dict[str, str], workspace: Path, database_url: str, tmp_path: Path,
+          monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    from difftpt_ops.models.tiny_clip import make_tiny_clip
+
+    quiet_run_machinery(monkeypatch)
+    settings = make_settings(workspace, database_url, device="cpu")
+    engine = open_engine(settings)
+    root = tmp_path / "images"
+    add_dataset(engine, "pics", 3, root=root, classes=4, relpaths=write_pngs(root, 3, classes=4))
+    policy = make_tiny_clip(tmp_path / "policy", seed=1)
+    reward = make_tiny_clip(tmp_path / "reward", seed=2, embed_dim=48, image_size=256)
+    return settings, engine, policy, reward
+
+
+def test_a_missing_or_unreadable_reward_model_is_refused_before_anything_is_written(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    settings, engine, policy, _ = setup
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    tune = ("submit", "tune", "--dataset", "pics", "--method", "rlcf", "--model", str(policy), "--device", "cpu")
+    for value, reason in ((str(tmp_path / "nowhere"), "no such directory"),
+                          (str(empty), "open_clip_config.json"),
+                          ("ViT-L-14", "no such directory")):
+        for extra in ((), ("--dry-run",), ("--seeds", "0,1")):
+            result = CliRunner().invoke(app, [*tune, "--set", f"reward_model={value}", *extra])
+            out = result.output.strip()
+            assert result.exit_code == 2, out
+            assert "--set reward_model" in out and value in out and reason in out, out
+            assert len(out.splitlines()) == 1, out
+    result = CliRunner().invoke(app, list(tune))
+    assert result.exit_code == 2 and "--set reward_model" in result.output and "ViT-L/14" in result.output
+    with pytest.raises(InputError, match="reward_model"):
+        runs.submit_tune(engine, settings, dataset_ref="pics", method="rlcf", model=str(policy), pretrained=None,
+                         overrides={**SMALL, "reward_model": str(tmp_path / "nowhere")})
+    assert _runs(engine) == 0
+
+
+def test_a_run_records_its_reward_model_and_refuses_changed_weights(setup, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    from difftpt_ops.models.tiny_clip import make_tiny_clip
+    from difftpt_ops.services.running.contexts import clear_caches
+
+    settings, engine, policy, reward = setup
+    monkeypatch.chdir(reward.parent)
+    first = runs.submit_tune(engine, settings, dataset_ref="pics", method="rlcf", model=str(policy), pretrained=None,
+                             overrides={**SMALL, "reward_model": "reward"}, limit=2, shard_size=1)
+    assert first.state == "finished"
+    shown = show_run(engine, first.run_id)
+    assert shown["spec"]["method"]["reward_model"] == str(reward.resolve())  # relative: stored absolute
+    [group] = shown["shard_provenance"]
+    assert group["reward_weights"] == _weights_of(reward) and group["weights"] == _weights_of(policy)
+    assert group["reward_weights"] != group["weights"]
+    with session_scope(engine) as session:
+        recorded = [p["reward_weights"] for p in session.scalars(select(Shard.provenance).where(
+            Shard.run_id == first.run_id, Shard.provenance.is_not(None)))]
+    assert recorded == [group["reward_weights"]] * 2
+    with session_scope(engine) as session:
+        run = session.get(Run, first.run_id)
+        session.expunge(run)
+    assert reporting.provenance_tags(engine, run)["worker.reward_weights"] == group["reward_weights"]
+
+    make_tiny_clip(reward, seed=3, embed_dim=48, image_size=256)  # the same folder, other weights
+    clear_caches()
+    with pytest.raises(InputError, match="--set reward_model.*weights changed"):
+        runs.submit_tune(engine, settings, dataset_ref="pics", method="rlcf", model=str(policy), pretrained=None,
+                         overrides={**SMALL, "reward_model": str(reward)}, limit=3, shard_size=1)
+    with session_scope(engine) as session:
+        assert session.scalar(select(func.count()).select_from(Prediction)
+                              .where(Prediction.run_id == first.run_id)) == 2
+
+
+def test_seeds_give_reproducible_rlcf_runs(setup) -> None:  # type: ignore[no-untyped-def]
+    """`--seeds` is allowed (the crops are random); the same seed gives the same predictions in a new run."""
+    from difftpt_ops.services.running.contexts import clear_caches
+
+    settings, engine, policy, reward = setup
+    overrides = {**SMALL, "reward_model": str(reward), "sampling": "multinomial"}
+    a = runs.submit_tune(engine, settings, dataset_ref="pics", method="rlcf", model=str(policy), pretrained=None,
+                         overrides=overrides, seed=4, shard_size=3)
+    b = runs.submit_tune(engine, settings, dataset_ref="pics", method="rlcf", model=str(policy), pretrained=None,
+                         overrides={**overrides, "features": "recompute"}, seed=4, shard_size=3)
+    clear_caches()
+    assert a.run_id != b.run_id and a.state == b.state == "finished"
+    with session_scope(engine) as session:
+        rows = {run: [tuple(r) for r in session.execute(select(Prediction.sample_index, Prediction.pred,
+                                                                Prediction.top5, Prediction.entropy_after)
+                                                        .where(Prediction.run_id == run)
+                                                        .order_by(Prediction.sample_index))]
+                for run in (a.run_id, b.run_id)}
+    assert [r[:3] for r in rows[a.run_id]] == [r[:3] for r in rows[b.run_id]]
+    assert [r[3] for r in rows[a.run_id]] == pytest.approx([r[3] for r in rows[b.run_id]], abs=1e-4)
