@@ -42,10 +42,12 @@ class DemoResult:
 
 def episodic_methods() -> tuple[str, ...]:
     """Every registered method that adapts to one sample at a time, in registration order (online methods
-    carry a state across samples and need an order; the demo leaves them out)."""
+    carry a state across samples and need an order; the demo leaves them out, and the methods that cannot run
+    without a class descriptions file, AWT, since the demo has none)."""
     from difftpt_ops.tta.methods import ONLINE, registered
 
-    return tuple(method.name for method in registered() if method.kind != ONLINE)
+    return tuple(method.name for method in registered()
+                 if method.kind != ONLINE and not method.requires_descriptions)
 
 
 def _needs_generated(method: str, overrides: dict[str, str]) -> bool:

@@ -41,6 +41,7 @@ from difftpt_ops.tta.methods import (
     ViewScores,
     fixed_text_of,
     method_of,
+    split_prompt_sets,
 )
 from difftpt_ops.tta.prompts import PromptLearner, class_prompt_texts, initial_context
 from difftpt_ops.tta.reward import RewardScorer, reward_scorer
@@ -113,9 +114,11 @@ def prepare_classifier(clip: ClipLike, class_names: Sequence[str], spec: MethodS
     tower = TextTower(clip.model, name=clip.name)
     init = initial_context(tower, clip.tokenizer, spec.prompt, coop_state=coop_state, seed=init_seed)
     learner = PromptLearner(tower, clip.tokenizer(texts), init, max_groups=max_text_groups)
-    fixed_text = fixed_text_of(method, spec, tower, clip.tokenizer, class_names, descriptions)
+    fixed_text, prompt_sets = split_prompt_sets(fixed_text_of(method, spec, tower, clip.tokenizer, class_names,
+                                                              descriptions))
     return Tuner(clip=clip, learner=learner, spec=spec, method=method, image_batch=image_batch,
-                 view_workers=view_workers, fixed_text=fixed_text, reward=reward_scorer(method, spec, texts, reward))
+                 view_workers=view_workers, fixed_text=fixed_text, prompt_sets=prompt_sets,
+                 reward=reward_scorer(method, spec, texts, reward))
 
 
 class Tuner:
@@ -124,7 +127,7 @@ class Tuner:
 
     def __init__(self, *, clip: ClipLike, learner: PromptLearner, spec: MethodSpec, method: Method,
                  image_batch: int = 128, view_workers: int = 1, fixed_text: Tensor | None = None,
-                 reward: RewardScorer | None = None) -> None:
+                 prompt_sets: Tensor | None = None, reward: RewardScorer | None = None) -> None:
         self.clip = clip
         self.model = clip.model
         self.learner = learner
@@ -139,6 +142,8 @@ class Tuner:
         self.half = self.weight_dtype in (torch.float16, torch.bfloat16)
         self.logit_scale = self.model.logit_scale.detach().exp().float()
         self._initial_text: Tensor | None = fixed_text.to(self.device) if fixed_text is not None else None
+        # A method's per-class prompt sets (n_classes, n_prompts, d), unaveraged (AWT); None for the others.
+        self._prompt_sets: Tensor | None = prompt_sets.to(self.device) if prompt_sets is not None else None
         self.state: Any = None  # an online method's state; None until the first sample (or a restore)
         # An online stream's length (the dataset version's samples), set by the online runner before the first
         # sample; a method whose schedule needs it (OnZeta) refuses to start without it.
@@ -234,7 +239,7 @@ class Tuner:
 
     def _inputs(self, features: Tensor, text: Tensor, kinds: tuple[str, ...]) -> StepInputs:
         return StepInputs(image_features=features, text_features=text, logit_scale=self.logit_scale,
-                          logits=self._logits(features, text), kinds=kinds)
+                          logits=self._logits(features, text), kinds=kinds, prompt_features=self._prompt_sets)
 
     def _forward_only(self, features: Tensor, kinds: tuple[str, ...]) -> tuple[Tensor, Tensor, ViewScores]:
         with torch.no_grad():

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from difftpt_ops.core.method_specs import MethodSpec
-from difftpt_ops.tta.methods import ONLINE, PROMPT_TUNING, StepInputs, fixed_text_of, method_of
+from difftpt_ops.tta.methods import ONLINE, PROMPT_TUNING, StepInputs, fixed_text_of, method_of, split_prompt_sets
 from difftpt_ops.tta.prompts import class_prompt_texts, initial_context
 from difftpt_ops.tta.reward import reward_scorer
 from difftpt_ops.tta.text import ClipLike, TextTower, normalise
@@ -62,7 +62,8 @@ class NaiveTuner:
         # A copy: on the CPU `.to` returns `init` itself, so the parameter and its reset value would share memory.
         self.ctx_init = init.to(self.device).clone()
         # As the engine: methods with fixed text features (prompt sets, descriptions) use them.
-        self.fixed_text = fixed_text_of(self.method, spec, self.tower, clip.tokenizer, class_names, descriptions)
+        self.fixed_text, self.prompt_sets = split_prompt_sets(
+            fixed_text_of(self.method, spec, self.tower, clip.tokenizer, class_names, descriptions))
         # As the engine: a method's reward model (RLCF) encodes the selected views once, after the selection.
         self.reward = reward_scorer(self.method, spec, texts, reward)
         self.state: Any = None
@@ -90,7 +91,8 @@ class NaiveTuner:
         with torch.no_grad():
             logits, image, text = self._encode(pixels)
             inputs = StepInputs(image_features=image.float(), text_features=text.float(),
-                                logit_scale=self.model.logit_scale.exp().float(), logits=logits.float(), kinds=kinds)
+                                logit_scale=self.model.logit_scale.exp().float(), logits=logits.float(), kinds=kinds,
+                                prompt_features=self.prompt_sets)
             if self.method.kind == ONLINE:
                 if self.state is None:
                     self.state = self.method.init_state(  # type: ignore[attr-defined]

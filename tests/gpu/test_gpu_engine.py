@@ -30,7 +30,10 @@ SMALL = {"tpt": {"n_views": 16, "selection_p": 0.25},
          "difftpt": {"n_conventional": 8, "n_generated": 4, "steps": 2},
          "rtpt": {"n_views": 16, "selection_p": 0.25, "neighbours": 5, "exclude": "self"},
          "tps": {"n_views": 16, "selection_p": 0.25},
-         "rlcf": {"n_views": 16, "selection_p": 0.25}}
+         "rlcf": {"n_views": 16, "selection_p": 0.25},
+         "awt": {"n_views": 16, "num_descriptor": 2, "descriptions": "sha256:" + "ef" * 32}}
+# AWT cannot run without class descriptions: two sentences per class.
+DESCRIBED = {"awt": {n.replace("_", " "): [f"A {n} up close.", f"A {n} far away."] for n in CLASS_NAMES}}
 
 
 def registered_methods() -> tuple[str, ...]:
@@ -82,12 +85,13 @@ def test_fast_equals_naive_on_cuda(tiny_auto_clip: LoadedClip, method: str) -> N
     spec = method_spec_from(method, SMALL.get(method, {}))
     generated = [random_image(10 + i) for i in range(4)]
     reward = tiny_auto_clip if needs_reward_model(method) else None  # RLCF: the same CLIP as its reward model
-    fast = prepare_classifier(tiny_auto_clip, CLASS_NAMES, spec, reward=reward)
-    naive = NaiveTuner(tiny_auto_clip, CLASS_NAMES, spec, reward=reward)
+    described = {"descriptions": DESCRIBED[method]} if method in DESCRIBED else {}
+    fast = prepare_classifier(tiny_auto_clip, CLASS_NAMES, spec, reward=reward, **described)
+    naive = NaiveTuner(tiny_auto_clip, CLASS_NAMES, spec, reward=reward, **described)
     fast.stream_length = naive.stream_length = 3  # online methods: a stream of the 3 samples below
     for sample in range(3):
         if sample and not is_online(method):
-            naive = NaiveTuner(tiny_auto_clip, CLASS_NAMES, spec, reward=reward)
+            naive = NaiveTuner(tiny_auto_clip, CLASS_NAMES, spec, reward=reward, **described)
         image = random_image(sample)
         a = fast.run(image, generated=generated, seed=5, sample_key=sample)
         b = naive.run(image, generated=generated, seed=5, sample_key=sample)

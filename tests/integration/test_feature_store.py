@@ -107,8 +107,12 @@ def _same(a: Any, b: Any, atol: float = 1e-5) -> None:
 def test_warm_store_equals_fresh_for_every_method(name: str, clip: LoadedClip, workspace: Path,
                                                   tmp_path: Path) -> None:
     """Every registered method with its defaults: the store's cold run, its warm run and a run without the
-    store give the same predictions and logits; the warm run encodes nothing."""
-    spec = method_spec_from(name)
+    store give the same predictions and logits; the warm run encodes nothing. A method that needs class
+    descriptions (AWT) gets two sentences per class."""
+    needs = get_method(name).requires_descriptions
+    spec = method_spec_from(name, {"descriptions": "sha256:" + "ef" * 32, "num_descriptor": "2"} if needs else {})
+    descriptions = {n.replace("_", " "): [f"A {n} up close.", f"A {n} far away."] for n in CLASS_NAMES} if needs \
+        else None
     plan = get_method(name).views(spec)
     settings, engine, data, views = _setup(workspace, f"sqlite:///{workspace / 'difftpt.db'}", tmp_path,
                                            n_generated=plan.n_generated)
@@ -119,7 +123,8 @@ def test_warm_store_equals_fresh_for_every_method(name: str, clip: LoadedClip, w
         # A fresh tuner per call: online methods carry state across samples, and each of these is the first
         # sample of a stream of one.
         # A method scoring with a reward model (RLCF) gets the same tiny CLIP as its reward model.
-        made = prepare_classifier(clip, CLASS_NAMES, spec, reward=clip if get_method(name).needs_reward_model else None)
+        reward = clip if get_method(name).needs_reward_model else None
+        made = prepare_classifier(clip, CLASS_NAMES, spec, descriptions=descriptions, reward=reward)
         made.stream_length = 1
         return made
 

@@ -1,6 +1,6 @@
 """Class descriptions files: sentences per class name (CuPL-style, e.g. GPT-written), averaged in with the
 prompt texts of methods whose spec has a `descriptions` field (those that take `prompts`: zero-shot, ZERO,
-MTA, TDA, DMN-ZS, DPE, BoostAdapter).
+MTA, TDA, DMN-ZS, DPE, BoostAdapter); AWT needs one and keeps each sentence's prompt apart.
 
 The user names a JSON file at submit (`--set descriptions=FILE`): an object mapping class names (underscores
 as spaces, the names the dataset prompts with) to lists of sentences. Submit checks that it covers every
@@ -133,14 +133,32 @@ def resolve_descriptions(settings: Settings, spec: MethodSpec, class_names: Sequ
                                                                                                   bytes | None]:
     """The spec with a descriptions path replaced by its key, and the bytes to store (None: nothing to store).
 
-    Reads and checks only; `store_descriptions` writes, so a dry run stores nothing.
+    Reads and checks only; `store_descriptions` writes, so a dry run stores nothing. The method's own check
+    runs too (`Method.check_descriptions`: AWT refuses no file, or too few sentences per class).
     """
     value = getattr(spec, "descriptions", None)
     if value is None:
+        check_method_descriptions(spec, None, class_names)
         return spec, None
     check_has_prompt_text(spec)
     key, data = checked_descriptions(settings, value, class_names)
+    check_method_descriptions(spec, json.loads(data) if data is not None else load_descriptions(settings, key),
+                              class_names)
     return dataclasses.replace(spec, descriptions=key), data  # type: ignore[call-arg]
+
+
+def check_method_descriptions(spec: MethodSpec, by_class: Mapping[str, Sequence[str]] | None,
+                              class_names: Sequence[str]) -> None:
+    """The method's own check of the descriptions it is given (None: none), for a registered method."""
+    from difftpt_ops.core.method_specs import CORE_METHODS
+
+    if spec.method in CORE_METHODS:
+        return
+    from difftpt_ops.tta.methods import find_method
+
+    method = find_method(spec.method)
+    if method is not None:
+        method.check_descriptions(spec, by_class, class_names)
 
 
 def store_descriptions(settings: Settings, key: str, data: bytes) -> None:

@@ -167,6 +167,10 @@ def submit_sweep(engine: Engine, settings: Settings, *, dataset_ref: str, method
     if DESCRIPTIONS in overrides or DESCRIPTIONS in grid:
         overrides, grid = _descriptions_as_keys(settings, method, dataset, overrides, grid, points)
         points = grid_points(grid, seeds)
+    else:  # a method that cannot run without a descriptions file (AWT) is refused before the sweep is recorded
+        from difftpt_ops.services.running.descriptions import check_method_descriptions
+
+        check_method_descriptions(method_spec_from(method, overrides), None, dataset.class_names)
     # 2. The sweep row, identified by what was asked (dataset as named, resolved by its fingerprint).
     identity = {"dataset_fingerprint": version_fp, "method": method, "overrides": overrides, "grid": grid,
                 "seeds": seeds, "model": submit_args.get("model"), "pretrained": submit_args.get("pretrained"),
@@ -205,7 +209,10 @@ def _descriptions_as_keys(settings: Settings, method: str, dataset: Any, overrid
     from difftpt_ops.core.method_specs import resolve_for_dataset
     from difftpt_ops.services.running.descriptions import (
         check_has_prompt_text,
+        check_method_descriptions,
         checked_descriptions,
+        load_descriptions,
+        parse_descriptions,
         store_descriptions,
     )
 
@@ -215,6 +222,9 @@ def _descriptions_as_keys(settings: Settings, method: str, dataset: Any, overrid
         knobs = {k: v for k, v in point.items() if k != "seed"}
         spec = method_spec_from(method, {**overrides, **knobs})
         check_has_prompt_text(resolve_for_dataset(spec, dataset.format))
+        key, data = checked[spec.descriptions]  # type: ignore[attr-defined]
+        by_class = parse_descriptions(data, key).by_class if data is not None else load_descriptions(settings, key)
+        check_method_descriptions(spec, by_class, dataset.class_names)
     for key, data in checked.values():
         if data is not None:
             store_descriptions(settings, key, data)

@@ -34,6 +34,7 @@ from difftpt_ops.tta.methods.base import (
     register,
     registered,
     resolve_for_dataset,
+    split_prompt_sets,
     unregister,
 )
 
@@ -53,5 +54,5 @@ __all__ = [
     "ENSEMBLE", "FORWARD_ONLY", "KINDS", "ONLINE", "PROMPT_TUNING", "SINGLE_TEMPLATE", "ForwardOnlyMethod",
     "Method", "OnlineMethod", "PromptTuningMethod", "RewardInputs", "StepInputs", "StepOutput", "TuningPlan",
     "ViewPlan", "ViewScores", "find_method", "fixed_text_of", "get_method", "method_names", "method_of", "register",
-    "registered", "resolve_for_dataset", "unregister",
+    "registered", "resolve_for_dataset", "split_prompt_sets", "unregister",
 ]

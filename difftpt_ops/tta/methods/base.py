@@ -23,9 +23,18 @@ its `kind`:
 What every step sees (`StepInputs`): the normalised fp32 image features of the sample's views, (n_views, d),
 row 0 the original view; the normalised text features, (n_classes, d); the logit scale (exp applied); the
 logits the engine computed from them (logit_scale * image @ text.T, plus the model's logit bias if it has
-one); and each row's kind (original / conventional / generated). A step returns `StepOutput`: the
+one); each row's kind (original / conventional / generated); and, for a method whose fixed text
+features are per-class prompt sets (below), those sets unaveraged. A step returns `StepOutput`: the
 prediction logits (n_classes,) and the per-view `ViewScores` (kept views, entropy, cosine, a generic
 per-view weight), which the services store as view_scores rows.
+
+Prompt sets: a forward-only or online method whose `fixed_text_features` returns a 3-D tensor
+(n_classes, n_prompts, d) of normalised features (several prompts per class, e.g. a template and its class
+descriptions, kept apart: AWT) gets them in `StepInputs.prompt_features`; `text_features` (and the logits
+the engine computes, the zero-shot "before") are then their mean per class, normalised again. Every other
+method returns (n_classes, d) or None and sees `prompt_features=None`. A method that cannot run without a
+class descriptions file sets `requires_descriptions` and checks the file in `check_descriptions`, which
+submit calls (also with None when the spec names none), so the refusal comes before any run is made.
 
 Which views a method needs comes from `views(spec)` (`ViewPlan`: number of conventional views, number of
 generated views, the AugMix rule, the resolution). View 0 is always the original. The engine builds the
@@ -134,6 +143,9 @@ class StepInputs:
     logit_scale: Tensor  # scalar fp32, exp() already applied
     logits: Tensor  # (n_views, n_classes) fp32: logit_scale * image @ text.T (+ logit bias)
     kinds: tuple[str, ...]  # per row: original | conventional | generated
+    # (n_classes, n_prompts, d) normalised fp32: a method's per-class prompt sets, unaveraged, when its fixed
+    # text features are such sets (text_features is then their normalised mean); None otherwise.
+    prompt_features: Tensor | None = None
 
     @property
     def n_views(self) -> int:
@@ -205,6 +217,8 @@ class Method:
     has_naive: ClassVar[bool] = False  # True when naive_step is the method's own straightforward formulation
     # True when the method's loss scores with a second, frozen CLIP (RLCF): prepare_classifier then needs `reward`.
     needs_reward_model: ClassVar[bool] = False
+    # True: the method cannot run without a class descriptions file (AWT); the demo and the benchmark leave it out.
+    requires_descriptions: ClassVar[bool] = False
 
     def views(self, spec: Any) -> ViewPlan:
         """The views this spec needs; default: the original view only."""
@@ -222,6 +236,11 @@ class Method:
         model), or None (every method but RLCF). The services load it next to the run's CLIP and pass it to
         `prepare_classifier(reward=...)`; the engine hands its features to `tuning_loss`."""
         return None
+
+    def check_descriptions(self, spec: Any, descriptions: Mapping[str, Sequence[str]] | None,
+                           class_names: Sequence[str]) -> None:
+        """Refuse, at submit, a descriptions file (or its absence: None) this method cannot run with; the content
+        is the file's class -> sentences mapping. Default: anything goes."""
 
     def naive_step(self, spec: Any, inputs: StepInputs) -> StepOutput:
         """The straightforward formulation (equivalence oracle); only called when `has_naive`."""
@@ -390,7 +409,8 @@ def registered() -> tuple[Method, ...]:
 def fixed_text_of(method: Method, spec: Any, tower: TextTower, tokenizer: Any, class_names: Sequence[str],
                   descriptions: Mapping[str, Sequence[str]] | None = None) -> Tensor | None:
     """The fixed class text features a method classifies with (prompt sets, descriptions), or None: the prompt
-    learner's. `descriptions` is the content of the file the spec's `descriptions` names (None when it names
+    learner's; (n_classes, d), or (n_classes, n_prompts, d) per-class prompt sets (see `split_prompt_sets`).
+    `descriptions` is the content of the file the spec's `descriptions` names (None when it names
     none); the engine and the naive formulation both build their features here.
 
     Raises:
@@ -405,6 +425,14 @@ def fixed_text_of(method: Method, spec: Any, tower: TextTower, tokenizer: Any, c
     if wanted is None:
         return method.fixed_text_features(spec, tower, tokenizer, class_names)
     return method.fixed_text_features(spec, tower, tokenizer, class_names, descriptions=descriptions)
+
+
+def split_prompt_sets(fixed: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """(class text features (n_classes, d) or None, per-class prompt sets or None) of what `fixed_text_of`
+    returned: a 3-D result is prompt sets, whose class features are their normalised mean."""
+    if fixed is None or fixed.ndim == 2:
+        return fixed, None
+    return normalise(fixed.mean(dim=1)), fixed
 
 
 @torch.no_grad()
