@@ -279,6 +279,29 @@ def test_an_embedded_queued_shard_is_held_while_its_process_lives(env: dict[str,
         assert list_runs(env["engine"], env["settings"])[0]["stopped"] is stopped, label
 
 
+def test_a_run_whose_last_shard_just_ended_is_finishing_not_stopped(env: dict[str, Any]) -> None:
+    """Between a worker's last shard commit and the run's final state (its MLflow progress report comes in
+    between) the run is running with every shard done: `status` must not call it stopped and offer `resume`.
+    Long after that, with no finalizer having come, it is stopped (resume finalises it)."""
+    from datetime import timedelta
+
+    from difftpt_ops.core.clock import utcnow
+
+    settings, dispatcher, result = _submit_queued(env, 32)
+    worker = leases.WorkerIdentity("test@host")
+    for ticket in dispatcher.tickets:
+        assert shards.execute_shard(env["engine"], settings, ticket.shard_id, identity=worker).outcome == "done"
+    with env["engine"].begin() as connection:  # the moment before the finalizer moves the run
+        connection.execute(update(Run).where(Run.id == result.run_id).values(state="running", finished_at=None))
+    assert run_status(env["engine"], settings, result.run_id)[0]["stopped"] is False
+    assert list_runs(env["engine"], settings)[0]["stopped"] is False
+    long_ago = utcnow() - timedelta(seconds=settings.stale_after_s * 3)
+    with env["engine"].begin() as connection:
+        connection.execute(update(Shard).where(Shard.run_id == result.run_id).values(finished_at=long_ago))
+    assert run_status(env["engine"], settings, result.run_id)[0]["stopped"] is True
+    assert runs.resume_run(env["engine"], settings, result.run_id, dispatcher=dispatcher).state == "finished"
+
+
 def test_cancel_and_duplicate_deliveries(env: dict[str, Any]) -> None:
     """With a broker, shards are queued; a shard runs once however often it is delivered; cancel stops the rest."""
     settings, dispatcher, result = _submit_queued(env, 48)
@@ -323,6 +346,37 @@ def test_cancel_stops_a_running_shard_at_its_next_batch(env: dict[str, Any], mon
                                    identity=leases.WorkerIdentity("test@host"))
     assert outcome.outcome == "lost" and count(env["engine"], Prediction, result.run_id) == 0
     assert run_state(env["engine"], result.run_id) == "cancelled"
+
+
+def test_cancel_then_resume_while_the_old_worker_runs_leaves_it_one_owner(
+        env: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cancel and resume a run while a worker is inside a sample: resume gives the shard fresh attempts, so
+    the next claim gets the token the cancelled worker still holds. Only the new owner may write; the old
+    worker stops at its next batch instead of running the shard a second time beside it."""
+    from tests.integration.test_jobs_support import RecordingDispatcher
+
+    add_dataset(env["engine"], "toy", 16)
+    settings = make_settings(env["settings"].workspace, env["settings"].database_url, broker_url="redis://x:1/0")
+    dispatcher = RecordingDispatcher()
+    result = runs.submit_tune(env["engine"], settings, dataset_ref="toy", method="noop", dispatcher=dispatcher)
+    shard_id = dispatcher.tickets[0].shard_id
+    new_owner = leases.WorkerIdentity("new@host", pid=2**22 + 1)
+    original = processors.NoopProcessor.process
+    claims: list[Any] = []
+
+    def cancel_resume_midway(self: processors.NoopProcessor, sample: Any) -> Any:
+        if sample.index == 5 and not claims:
+            runs.cancel_run(env["engine"], settings, result.run_id)
+            runs.resume_run(env["engine"], settings, result.run_id, dispatcher=dispatcher)
+            claims.append(shards.claim_shard(env["engine"], settings, shard_id, new_owner))
+        return original(self, sample)
+
+    monkeypatch.setattr(processors.NoopProcessor, "process", cancel_resume_midway)
+    outcome = shards.execute_shard(env["engine"], settings, shard_id, identity=leases.WorkerIdentity("old@host"))
+    assert claims[0] is not None and claims[0].token == 1  # the old worker's token too
+    assert outcome.outcome == "lost" and count(env["engine"], Prediction, result.run_id) == 0
+    row = shard_rows(env["engine"], result.run_id)[0]
+    assert (row.state, row.worker, row.samples_done) == ("running", new_owner.label, 0)
 
 
 def test_stale_and_dead_workers_lose_their_shards(env: dict[str, Any]) -> None:
@@ -408,7 +462,7 @@ def test_a_process_holding_shards_follows_a_step_of_its_host_clock(postgres_url:
     monkeypatch.setattr(clock, "local_now", lambda: local() + step)
     monkeypatch.setattr(leases, "CLOCK_RESYNC_S", 0.05)
     monkeypatch.setattr(leases.HEARTBEATS, "_clock_due", 0.0)
-    lease = leases.Lease(engine, claim.shard_id, claim.token, 0.05)
+    lease = leases.Lease(engine, claim.shard_id, claim.token, 0.05, worker=claim.worker)
     leases.HEARTBEATS.hold(lease)
     try:
         deadline = time.monotonic() + 10

@@ -32,8 +32,11 @@ from difftpt_ops.db.tables import Shard
 
 log = logging.getLogger(__name__)
 _S = Shard.__table__.c
-# The rows a shard's owner may write: its id, its token (attempt count when claimed), still running.
-OWNED = (_S.id == bindparam("b_id")) & (_S.attempts == bindparam("b_token")) & (_S.state == ShardState.RUNNING.value)
+# The rows a shard's owner may write: its id, its token (attempt count when claimed), its worker label, still
+# running. The label matters because `resume` gives cancelled and failed shards fresh attempts (0): the next
+# claim then gets the token a cancelled worker still holds, and only the label tells them apart.
+OWNED = ((_S.id == bindparam("b_id")) & (_S.attempts == bindparam("b_token")) & (_S.worker == bindparam("b_worker"))
+         & (_S.state == ShardState.RUNNING.value))
 _OPEN = [ShardState.PENDING.value, ShardState.QUEUED.value]
 _CLAIM_VALUES = {"state": ShardState.RUNNING.value, "attempts": _S.attempts + 1, "worker": bindparam("b_worker"),
                  "gpu": bindparam("b_gpu"), "heartbeat_at": bindparam("b_now"), "started_at": bindparam("b_now"),
@@ -125,17 +128,14 @@ class Lease:
     """Ownership of one claimed shard: `token` guards every write; `lost` is set when a heartbeat finds
     the shard no longer ours (cancelled, or re-queued as stale)."""
 
-    def __init__(self, engine: Engine, shard_id: int, token: int, interval_s: float) -> None:
-        self.engine, self.shard_id, self.token = engine, shard_id, token
+    def __init__(self, engine: Engine, shard_id: int, token: int, interval_s: float, *, worker: str | None) -> None:
+        self.engine, self.shard_id, self.token, self.worker = engine, shard_id, token, worker
         self.interval_s = max(interval_s, 0.05)
         self.due = time.monotonic() + self.interval_s
         self.lost = threading.Event()
 
 
-_BEAT = (update(Shard.__table__)
-         .where(Shard.__table__.c.id == bindparam("b_id"), Shard.__table__.c.attempts == bindparam("b_token"),
-                Shard.__table__.c.state == ShardState.RUNNING.value)
-         .values(heartbeat_at=bindparam("b_now")))
+_BEAT = update(Shard.__table__).where(OWNED).values(heartbeat_at=bindparam("b_now"))
 
 
 CLOCK_RESYNC_S = 60.0  # how often a process holding shards measures the database clock again
@@ -185,7 +185,7 @@ class Heartbeats:
     def _beat(lease: Lease) -> None:
         try:
             with lease.engine.begin() as connection:
-                params = {"b_id": lease.shard_id, "b_token": lease.token, "b_now": utcnow()}
+                params = {"b_id": lease.shard_id, "b_token": lease.token, "b_worker": lease.worker, "b_now": utcnow()}
                 if connection.execute(_BEAT, params).rowcount != 1:
                     lease.lost.set()
         except SQLAlchemyError as exc:  # the next beat or the next batch tells whether this persists

@@ -135,15 +135,17 @@ class ChainClaim:
     start: int
     stop: int
     token: int
+    worker: str | None = None  # the claimer's label, stored on the shard: part of what OWNED matches
 
     def params(self, **extra: Any) -> dict[str, Any]:
-        return {"b_id": self.shard_id, "b_token": self.token, **extra}
+        return {"b_id": self.shard_id, "b_token": self.token, "b_worker": self.worker, **extra}
 
 
 def claim_chained(engine: Engine, settings: Settings, shard_id: int, identity: WorkerIdentity) -> ChainClaim | None:
     """Take a shard of an online run if its predecessor is done, or take over one whose worker is gone."""
     row = claim_row(engine, settings, shard_id, identity, _CLAIM)
-    return None if row is None else ChainClaim(shard_id, row.run_id, row.index, row.start, row.stop, row.attempts)
+    return None if row is None else ChainClaim(shard_id, row.run_id, row.index, row.start, row.stop, row.attempts,
+                                                worker=identity.label)
 
 
 # --- Executing one link --------------------------------------------------------------------------------------
@@ -357,7 +359,7 @@ def execute_online_shard(engine: Engine, settings: Settings, shard_id: int, *, i
     claim = claim_chained(engine, settings, shard_id, identity)
     if claim is None:
         return ShardOutcome(shard_id, Outcome.SKIPPED)
-    lease = Lease(engine, claim.shard_id, claim.token, settings.heartbeat_interval_s)
+    lease = Lease(engine, claim.shard_id, claim.token, settings.heartbeat_interval_s, worker=claim.worker)
     HEARTBEATS.hold(lease)
     # Online runs are tuning runs: the queue is known even when the context fails to open (a model that does
     # not load), so a retry is sent again rather than lost.

@@ -87,9 +87,10 @@ class Claim:
     start: int
     stop: int
     counted: int = 0  # samples_done + samples_failed when claimed: 0 means no result row can exist yet
+    worker: str | None = None  # the claimer's label, stored on the shard: part of what OWNED matches
 
     def params(self, **extra: Any) -> dict[str, Any]:
-        return {"b_id": self.shard_id, "b_token": self.token, **extra}
+        return {"b_id": self.shard_id, "b_token": self.token, "b_worker": self.worker, **extra}
 
 
 def claim_shard(engine: Engine, settings: Settings, shard_id: int, identity: WorkerIdentity) -> Claim | None:
@@ -97,7 +98,8 @@ def claim_shard(engine: Engine, settings: Settings, shard_id: int, identity: Wor
     row = claim_row(engine, settings, shard_id, identity, _CLAIM)
     if row is None:
         return None
-    return Claim(shard_id, row.run_id, row.attempts, row.start, row.stop, row.samples_done + row.samples_failed)
+    return Claim(shard_id, row.run_id, row.attempts, row.start, row.stop, row.samples_done + row.samples_failed,
+                 worker=identity.label)
 
 
 @dataclass
@@ -261,7 +263,7 @@ def _execute_shard(engine: Engine, settings: Settings, shard_id: int, *, identit
     # Known before the run's context opens: a shard whose setup fails (a model that does not load) must still
     # be sent again to its queue, or its retry is lost and waits for the lost-message check.
     queue = _queue_of_run(engine, claim.run_id)
-    lease = Lease(engine, claim.shard_id, claim.token, settings.heartbeat_interval_s)
+    lease = Lease(engine, claim.shard_id, claim.token, settings.heartbeat_interval_s, worker=claim.worker)
     HEARTBEATS.hold(lease)
     try:
         context = open_run_context(engine, settings, claim.run_id, device=device, worker=identity.label)

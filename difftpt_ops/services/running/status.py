@@ -24,9 +24,15 @@ from difftpt_ops.db.tables import SampleError as SampleErrorRow
 from difftpt_ops.services.reading.configurations import configuration
 from difftpt_ops.services.reading.generator import generator_facts
 from difftpt_ops.services.reading.store import view_counts
-from difftpt_ops.services.running.leases import active_workers, awaiting_takeover, worker_is_gone
+from difftpt_ops.services.running.leases import (
+    active_workers,
+    awaiting_takeover,
+    stale_check_interval_s,
+    worker_is_gone,
+)
 
 STATUS_WINDOW_S = 60.0  # throughput is measured over this recent window
+_OPEN_STATES = (ShardState.PENDING.value, ShardState.QUEUED.value, ShardState.RUNNING.value, ShardState.WAITING.value)
 
 
 def _images_per_sample(run: Run) -> int:
@@ -121,9 +127,13 @@ def _stop_facts(session: Session, settings: Settings,
         return set(), {}
     ids, now = [run.id for run in active], utcnow()
     shards: dict[int, dict[str, int]] = defaultdict(dict)
-    for run_id, state, n in session.execute(select(Shard.run_id, Shard.state, func.count()).where(
+    last_end: dict[int, datetime] = {}  # when each run's latest shard ended
+    for run_id, state, n, ended in session.execute(select(Shard.run_id, Shard.state, func.count(),
+                                                          func.max(Shard.finished_at)).where(
             Shard.run_id.in_(ids)).group_by(Shard.run_id, Shard.state)):
         shards[run_id][state] = n
+        if ended is not None and (run_id not in last_end or as_utc(ended) > last_end[run_id]):
+            last_end[run_id] = as_utc(ended)
     running: dict[int, list[Any]] = defaultdict(list)
     queued: dict[int, list[str | None]] = defaultdict(list)
     for row in session.execute(select(Shard.run_id, Shard.state, Shard.index, Shard.worker, Shard.gpu,
@@ -134,7 +144,12 @@ def _stop_facts(session: Session, settings: Settings,
         else:
             queued[row.run_id].append(row.worker)
     idle = idle_generations(session, settings, active)
-    return {run.id for run in active if is_stopped(
+    # A run whose shards have all ended is being finalised (by the worker that ended the last one, the embedded
+    # executor, or a worker's next periodic check), not stopped: as long as a takeover would take (leases).
+    limit = settings.stale_after_s + stale_check_interval_s(settings.stale_after_s) + 5.0
+    finishing = {run_id for run_id in ids if not any(shards[run_id].get(state, 0) for state in _OPEN_STATES)
+                 and run_id in last_end and (now - last_end[run_id]).total_seconds() <= limit}
+    return {run.id for run in active if run.id not in finishing and is_stopped(
         run.state, active_workers(running[run.id], now=now, stale_after_s=settings.stale_after_s),
         queued=held_queued(settings, queued[run.id]) + (0 if settings.embedded else awaiting_takeover(
             running[run.id], now=now, stale_after_s=settings.stale_after_s)),
