@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -236,7 +236,8 @@ def compare_runs(engine: Engine, run_a: int, run_b: int) -> dict[str, Any]:
                    SUM(CASE WHEN b.correct AND NOT a.correct THEN 1 ELSE 0 END)
             FROM predictions a JOIN predictions b ON b.run_id = :run_b AND b.sample_id = a.sample_id
             WHERE a.run_id = :run_a"""), {"run_a": run_a, "run_b": run_b}).one()
-        weights_a, weights_b = run_weights(conn, run_a), run_weights(conn, run_b)
+        weights = recorded_weights(conn, [run_a, run_b])
+    weights_a, weights_b = weights.get(run_a), weights.get(run_b)
     n, both, only_a, only_b = (int(v or 0) for v in row)
     neither = n - both - only_a - only_b
     low, high = stats.paired_difference_interval(both, only_a, only_b, neither)
@@ -259,13 +260,14 @@ def compare_runs(engine: Engine, run_a: int, run_b: int) -> dict[str, Any]:
     }
 
 
-def run_weights(conn: Connection, run_id: int) -> str | None:
-    """The sha256 of the CLIP weights the run's shards recorded (one per run), or None if none did."""
+def recorded_weights(conn: Connection, run_ids: Sequence[int]) -> dict[int, str]:
+    """Run id -> the sha256 of the CLIP weights its shards recorded (one per run: a shard that finds other weights
+    fails), read in SQL as a distinct JSON field; runs whose shards recorded none are left out."""
     from difftpt_ops.db.tables import Shard
 
     weights = Shard.provenance["weights"].as_string()
-    digest = conn.scalar(select(weights).where(Shard.run_id == run_id, weights.is_not(None)).limit(1))
-    return None if digest is None else str(digest)
+    return {int(run_id): str(digest) for run_id, digest in conn.execute(
+        select(Shard.run_id, weights).distinct().where(Shard.run_id.in_(list(run_ids)), weights.is_not(None)))}
 
 
 def _run_groups(engine: Engine, run_a: int, run_b: int) -> dict[str, Any]:

@@ -22,15 +22,15 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
-from sqlalchemy import Connection, select, text
+from sqlalchemy import Connection, text
 from sqlalchemy.engine import Engine
 
 from difftpt_ops.core.errors import InputError, NotFoundError
 from difftpt_ops.core.specs import canonical_json
-from difftpt_ops.db.tables import Shard
 from difftpt_ops.services.reading import stats
 from difftpt_ops.services.reading.configurations import NO_EFFECT_KEYS, SEED_KEYS, configuration
 from difftpt_ops.services.reading.published import add_published
+from difftpt_ops.services.reading.results import recorded_weights
 from difftpt_ops.services.reading.table_model import (
     PAPER_ORDER,
     Cell,
@@ -196,11 +196,9 @@ def _load_counts(conn: Connection, runs: list[RunRow], metric: str) -> None:
 
 def _load_weights(conn: Connection, runs: list[RunRow]) -> None:
     """Each run's CLIP weights (sha256) as its shards recorded them; None for runs from before they were."""
-    by_id = {r.run_id: r for r in runs}
-    weights = Shard.provenance["weights"].as_string()  # one per run: a shard with other weights fails
-    for run_id, digest in conn.execute(select(Shard.run_id, weights).distinct().where(
-            Shard.run_id.in_(list(by_id)), weights.is_not(None))):
-        by_id[int(run_id)].weights = str(digest)
+    weights = recorded_weights(conn, [r.run_id for r in runs])
+    for run in runs:
+        run.weights = weights.get(run.run_id)
 
 
 def _weights_shown(runs: list[RunRow], shown: set[int]) -> dict[str, list[int]]:
