@@ -17,7 +17,7 @@ from difftpt_ops.core.clock import as_utc, utcnow
 from difftpt_ops.core.errors import NotFoundError
 from difftpt_ops.core.run_specs import GenerateRunSpec
 from difftpt_ops.core.specs import canonical_json
-from difftpt_ops.core.status import TERMINAL_RUN_STATES, RunState, ShardState
+from difftpt_ops.core.status import TERMINAL_RUN_STATES, TERMINAL_SHARD_STATES, RunState, ShardState
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import Dataset, DatasetVersion, GeneratedImage, Prediction, Run, Shard
 from difftpt_ops.db.tables import SampleError as SampleErrorRow
@@ -32,7 +32,6 @@ from difftpt_ops.services.running.leases import (
 )
 
 STATUS_WINDOW_S = 60.0  # throughput is measured over this recent window
-_OPEN_STATES = (ShardState.PENDING.value, ShardState.QUEUED.value, ShardState.RUNNING.value, ShardState.WAITING.value)
 
 
 def _images_per_sample(run: Run) -> int:
@@ -147,7 +146,7 @@ def _stop_facts(session: Session, settings: Settings,
     # A run whose shards have all ended is being finalised (by the worker that ended the last one, the embedded
     # executor, or a worker's next periodic check), not stopped: as long as a takeover would take (leases).
     limit = settings.stale_after_s + stale_check_interval_s(settings.stale_after_s) + 5.0
-    finishing = {run_id for run_id in ids if not any(shards[run_id].get(state, 0) for state in _OPEN_STATES)
+    finishing = {run_id for run_id in ids if all(ShardState(state) in TERMINAL_SHARD_STATES for state in shards[run_id])
                  and run_id in last_end and (now - last_end[run_id]).total_seconds() <= limit}
     return {run.id for run in active if run.id not in finishing and is_stopped(
         run.state, active_workers(running[run.id], now=now, stale_after_s=settings.stale_after_s),
