@@ -108,6 +108,12 @@ def load_descriptions(settings: Settings, key: str) -> dict[str, list[str]]:
     return loaded.by_class
 
 
+def descriptions_by_class(settings: Settings, key: str, data: bytes | None) -> dict[str, list[str]]:
+    """The class -> sentences mapping of a `checked_descriptions` result: parsed from its bytes when they are
+    still to be stored, else read from the store under its key."""
+    return parse_descriptions(data, key).by_class if data is not None else load_descriptions(settings, key)
+
+
 def checked_descriptions(settings: Settings, value: str, class_names: Sequence[str]) -> tuple[str, bytes | None]:
     """(key, canonical bytes to store) of a descriptions value, a file's path or a stored key (bytes None),
     checked to cover every class. Reads only."""
@@ -142,8 +148,7 @@ def resolve_descriptions(settings: Settings, spec: MethodSpec, class_names: Sequ
         return spec, None
     check_has_prompt_text(spec)
     key, data = checked_descriptions(settings, value, class_names)
-    check_method_descriptions(spec, json.loads(data) if data is not None else load_descriptions(settings, key),
-                              class_names)
+    check_method_descriptions(spec, descriptions_by_class(settings, key, data), class_names)
     return dataclasses.replace(spec, descriptions=key), data  # type: ignore[call-arg]
 
 

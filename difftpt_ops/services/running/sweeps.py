@@ -211,8 +211,7 @@ def _descriptions_as_keys(settings: Settings, method: str, dataset: Any, overrid
         check_has_prompt_text,
         check_method_descriptions,
         checked_descriptions,
-        load_descriptions,
-        parse_descriptions,
+        descriptions_by_class,
         store_descriptions,
     )
 
@@ -223,8 +222,7 @@ def _descriptions_as_keys(settings: Settings, method: str, dataset: Any, overrid
         spec = method_spec_from(method, {**overrides, **knobs})
         check_has_prompt_text(resolve_for_dataset(spec, dataset.format))
         key, data = checked[spec.descriptions]  # type: ignore[attr-defined]
-        by_class = parse_descriptions(data, key).by_class if data is not None else load_descriptions(settings, key)
-        check_method_descriptions(spec, by_class, dataset.class_names)
+        check_method_descriptions(spec, descriptions_by_class(settings, key, data), dataset.class_names)
     for key, data in checked.values():
         if data is not None:
             store_descriptions(settings, key, data)
