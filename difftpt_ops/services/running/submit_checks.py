@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 from typing import Any
 
 from difftpt_ops.config import Settings
@@ -44,8 +45,6 @@ def check_method_files(settings: Settings, method: Any) -> None:
     """A CoOp checkpoint the method spec names (`--set prompt.coop_checkpoint=FILE`) that is not a file is bad
     input before any row is written in embedded mode, which reads it now (workers check their own, as for the
     model); otherwise the run would be made, then fail at its first shard."""
-    from pathlib import Path
-
     checkpoint = getattr(getattr(method, "prompt", None), "coop_checkpoint", None)
     if settings.embedded and checkpoint and not Path(checkpoint).expanduser().is_file():
         raise InputError("--set prompt.coop_checkpoint", checkpoint, "no such file")
@@ -63,8 +62,6 @@ def check_reward_model(settings: Settings, method: Any) -> None:
     """A method that scores with a reward model (RLCF) must name one (`--set reward_model=DIR`); in embedded mode
     the folder must be an open_clip model folder with its weights (read at the first shard, as the CoOp
     checkpoint; workers check their own)."""
-    from pathlib import Path
-
     registered = _registered(method)
     if registered is None or not registered.needs_reward_model:
         return
@@ -87,8 +84,6 @@ def check_reward_model(settings: Settings, method: Any) -> None:
 def resolve_method_paths(method: Any) -> Any:
     """The spec with the reward model folder it names as an absolute path (a relative one would name another
     folder from another directory or machine), as `--model DIR` is stored."""
-    from pathlib import Path
-
     path = getattr(method, "reward_model", None)
     if _registered(method) is None or not path or not Path(path).expanduser().is_dir():
         return method
@@ -128,8 +123,6 @@ def run_model_spec(model: str, pretrained: str | None, run_device: str) -> Model
     relative path would name another folder from another directory or machine. A local checkpoint file given
     as the tag is stored as its absolute path too.
     """
-    from pathlib import Path
-
     if Path(model).expanduser().is_dir():
         model, pretrained = str(Path(model).expanduser().resolve()), None
     elif pretrained and Path(pretrained).expanduser().is_file():
@@ -141,8 +134,6 @@ def generator_path_checked(settings: Settings, spec: GenerationSpec) -> Generati
     """A local pipeline directory as its absolute path (a relative one names another folder elsewhere); in
     embedded mode, a local path that is no pipeline is bad input before any row is written (workers check
     their own, as for `submit tune`)."""
-    from pathlib import Path
-
     from difftpt_ops.models.diffusion import check_pipeline_source
 
     if settings.embedded:
