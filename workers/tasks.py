@@ -208,7 +208,7 @@ class _StaleShardCheck(threading.Thread):
                 resync_clock(engine)  # judge staleness on the database's clock as it is now
                 requeued = requeue_stale_shards(engine, settings, CeleryDispatcher(app))
                 if requeued:
-                    log.warning("re-queued %d shard(s) whose worker stopped heartbeating", requeued)
+                    log.warning("re-queued %d shard(s) whose worker stopped heartbeating or exited", requeued)
                 resent = requeue_lost_messages(engine, settings,
                                                CeleryDispatcher(app, unacked_grace_s=settings.lost_message_grace_s),
                                                missing_since)

@@ -17,7 +17,13 @@ from difftpt_ops.config import load_settings
 from difftpt_ops.core.errors import InputError, ServiceUnavailableError
 from difftpt_ops.core.status import RunState
 from difftpt_ops.services.running.finalize import final_run_state
-from difftpt_ops.services.running.leases import WorkerIdentity, is_reclaimable, worker_is_gone, worker_name
+from difftpt_ops.services.running.leases import (
+    WorkerIdentity,
+    is_reclaimable,
+    reclaim_reason,
+    worker_is_gone,
+    worker_name,
+)
 from difftpt_ops.services.running.outcomes import retry_delay_s
 from difftpt_ops.services.running.runs import shard_ranges
 from difftpt_ops.services.running.submit_checks import check_execution_args
@@ -79,6 +85,11 @@ def test_worker_identity_and_liveness() -> None:
     assert is_reclaimable(now - timedelta(seconds=61), me.label, now=now, stale_after_s=60)
     assert is_reclaimable((now - timedelta(seconds=61)).replace(tzinfo=None), "w", now=now, stale_after_s=60)
     assert is_reclaimable(None, me.label, now=now, stale_after_s=60)
+    gone = WorkerIdentity("x", pid=2**22 + 7).label
+    assert reclaim_reason(now - timedelta(seconds=5), me.label, now=now, stale_after_s=60) is None
+    assert reclaim_reason(now - timedelta(seconds=5), gone, now=now, stale_after_s=60) == "exited"
+    assert reclaim_reason(now - timedelta(seconds=61), gone, now=now, stale_after_s=60) == "stopped heartbeating"
+    assert reclaim_reason(None, me.label, now=now, stale_after_s=60) == "stopped heartbeating"
 
 
 def test_gpu_and_queue_choices() -> None:

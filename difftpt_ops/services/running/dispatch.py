@@ -26,7 +26,7 @@ from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import Run, Shard
 from difftpt_ops.services.running import online
 from difftpt_ops.services.running.finalize import finalize_run_if_complete
-from difftpt_ops.services.running.leases import is_reclaimable
+from difftpt_ops.services.running.leases import is_reclaimable, reclaim_reason
 from difftpt_ops.services.running.outcomes import ShardTicket
 from difftpt_ops.services.running.processors import QUEUE_OF_KIND
 from difftpt_ops.services.running.waiting import hold_unready, release_ready
@@ -113,13 +113,14 @@ def requeue_stale_shards(engine: Engine, settings: Settings, dispatcher: Dispatc
             .join(Run, Run.id == Shard.run_id)
             .where(Run.state == RunState.RUNNING, Shard.state == ShardState.RUNNING)).all()
         for row in rows:
-            if not is_reclaimable(row.heartbeat_at, row.worker, now=now, stale_after_s=settings.stale_after_s):
+            reason = reclaim_reason(row.heartbeat_at, row.worker, now=now, stale_after_s=settings.stale_after_s)
+            if reason is None:
                 continue
             if row.attempts >= settings.shard_max_attempts:
                 failed = session.execute(update(Shard).where(
                     Shard.id == row.id, Shard.state == ShardState.RUNNING, Shard.attempts == row.attempts,
                 ).values(state=ShardState.FAILED, finished_at=now,
-                         error=f"worker {row.worker} stopped heartbeating; {row.attempts} attempts used")).rowcount
+                         error=f"worker {row.worker} {reason}; {row.attempts} attempts used")).rowcount
                 if failed == 1 and online.is_chained_shard(engine, row.id):  # the links after it cannot run
                     online.fail_rest_of_chain(session, row.run_id, row.index)
             else:

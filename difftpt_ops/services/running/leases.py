@@ -113,9 +113,17 @@ def awaiting_takeover(running: Sequence[Any], *, now: datetime, stale_after_s: f
 def is_reclaimable(heartbeat_at: datetime | None, worker: str | None, *, now: datetime,
                    stale_after_s: float) -> bool:
     """A running shard may be taken over when its heartbeat is stale or its worker is known dead."""
+    return reclaim_reason(heartbeat_at, worker, now=now, stale_after_s=stale_after_s) is not None
+
+
+def reclaim_reason(heartbeat_at: datetime | None, worker: str | None, *, now: datetime,
+                   stale_after_s: float) -> str | None:
+    """Why a running shard may be taken over, in words for its error and the workers' log, or None when its
+    worker is alive: "stopped heartbeating" (silent past `stale_after_s`: paused, hung, or on a lost host) or
+    "exited" (its process on this host is gone: killed or crashed, seen before its heartbeat went stale)."""
     if heartbeat_at is None or (now - as_utc(heartbeat_at)).total_seconds() > stale_after_s:
-        return True
-    return worker_is_gone(worker)
+        return "stopped heartbeating"
+    return "exited" if worker_is_gone(worker) else None
 
 
 def active_workers(running: Sequence[Any], *, now: datetime, stale_after_s: float) -> list[dict[str, Any]]:
