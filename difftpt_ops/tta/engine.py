@@ -148,12 +148,14 @@ class Tuner:
         # An online stream's length (the dataset version's samples), set by the online runner before the first
         # sample; a method whose schedule needs it (OnZeta) refuses to start without it.
         self.stream_length: int | None = None
-        # A method's reward model (RLCF): it encodes the kept views from their pixels, so `run_features` needs them.
+        # A method's reward model (RLCF): it encodes the kept views, so `run_features` needs their pixels or the
+        # reward model's features of them.
         self.reward = reward
 
     @property
     def needs_pixels(self) -> bool:
-        """Whether `run_features` needs the views' pixels too (a reward model encodes the kept ones)."""
+        """Whether `run_features` needs the views' pixels, or a `reward_features` source, too (a reward model
+        scores the kept ones)."""
         return self.reward is not None
 
     @property
@@ -215,22 +217,29 @@ class Tuner:
                                      views_encoded=len(views.kinds))
         return _with_time(result, seconds=time.perf_counter() - start, view_seconds=0.0)
 
-    def run_features(self, raw_features: Tensor, kinds: Sequence[str], *, pixels: Tensor | None = None) -> SampleResult:
+    def run_features(self, raw_features: Tensor, kinds: Sequence[str], *, pixels: Tensor | None = None,
+                     reward_features: Callable[[list[int]], Tensor] | None = None) -> SampleResult:
         """Run the method on the image encoder's output for the sample's views (from `encode_raw`, or read
-        back from the feature store: the same values, so the same result). `pixels` are the views themselves
-        (`make_views(...).pixels`), needed only when `needs_pixels` (a reward model encodes the kept views).
+        back from the feature store: the same values, so the same result).
+
+        Only when `needs_pixels` (a reward model scores the kept views), one of: `pixels`, the views themselves
+        (`make_views(...).pixels`), which the reward model encodes; or `reward_features`, which maps the kept
+        views' positions to the reward model's output for them (`RewardScorer.encode_raw`, or read back from the
+        feature store), so that views stored for both models need not be built at all.
 
         Raises:
-            InvalidSpecError: the method scores with a reward model and `pixels` were not given.
+            InvalidSpecError: the method scores with a reward model and neither was given.
         """
         start = time.perf_counter()
         features = normalise(raw_features.to(self.device))
         kinds = tuple(kinds)
-        if self.needs_pixels and pixels is None:
+        if self.needs_pixels and pixels is None and reward_features is None:
             raise InvalidSpecError("reward_model", self.method.reward_model_path(self.spec),
                                    "encodes the kept views: pass run_features(..., pixels=make_views(...).pixels)")
+        if reward_features is None and pixels is not None and self.reward is not None:
+            reward_features = _encoded_by(self.reward, pixels)
         if self.method.kind == PROMPT_TUNING:
-            before, after, scores = self._prompt_tuning(features, kinds, pixels)
+            before, after, scores = self._prompt_tuning(features, kinds, reward_features)
         elif self.method.kind == ONLINE:
             before, after, scores = self._online(features, kinds)
         else:
@@ -258,7 +267,8 @@ class Tuner:
         return inputs.logits[0], output.logits, output.scores
 
     def _prompt_tuning(self, features: Tensor, kinds: tuple[str, ...],
-                       pixels: Tensor | None = None) -> tuple[Tensor, Tensor, ViewScores]:
+                       reward_features: Callable[[list[int]], Tensor] | None = None
+                       ) -> tuple[Tensor, Tensor, ViewScores]:
         method, tuning = self.method, self.tuning
         assert tuning is not None
         # 1. Episodic reset: the context goes back to its initial value; the optimiser is created fresh below.
@@ -277,8 +287,8 @@ class Tuner:
         # 3. Tune the context on the selected views; the selection is fixed after step 0. A reward model encodes
         #    the selected views once, here (the reference's set_image_features after its selection).
         reward = None
-        if self.reward is not None and pixels is not None:
-            reward = self.reward.inputs_for(pixels[scores.indices.cpu()])
+        if self.reward is not None and reward_features is not None:
+            reward = self.reward.inputs_from(reward_features(scores.indices.cpu().tolist()))
         self._tune(features, logits, text, scores.indices, reward)
         # 4. Predict with the tuned prompt (view 0 by default).
         n_predict = method.prediction_views(self.spec)  # type: ignore[attr-defined]
@@ -418,6 +428,13 @@ class Tuner:
 
 def _finite_or_none(value: float) -> float | None:
     return None if math.isnan(value) else value
+
+
+def _encoded_by(reward: RewardScorer, pixels: Tensor) -> Callable[[list[int]], Tensor]:
+    """A `reward_features` source that encodes the views at the positions asked for from their `pixels`."""
+    def encode(positions: list[int]) -> Tensor:
+        return reward.encode_raw(pixels[positions])
+    return encode
 
 
 def _with_time(result: SampleResult, *, seconds: float, view_seconds: float) -> SampleResult:

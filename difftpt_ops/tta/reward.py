@@ -35,17 +35,26 @@ class RewardScorer:
             tokens = clip.tokenizer(list(texts)).to(self.device)
             self.text_features = normalise(self.model.encode_text(tokens))
 
-    def encode_views(self, pixels: Tensor) -> Tensor:
-        """Normalised fp32 features (n, d_reward) of normalised views (n, 3, H, W)."""
+    def encode_raw(self, pixels: Tensor) -> Tensor:
+        """The reward image tower's output (n, d_reward) for normalised views (n, 3, H, W) as the policy sees
+        them, as it produced it (its dtype, not normalised, on the CPU): what the feature store keeps."""
         images = pixels.to(self.device, dtype=torch.float32)
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
             images = F.interpolate(images, size=self.image_size, mode="bicubic", align_corners=True)
         with torch.no_grad(), self._autocast():
-            return normalise(self.model.encode_image(images.to(self.weight_dtype)))
+            return self.model.encode_image(images.to(self.weight_dtype)).cpu()
+
+    def encode_views(self, pixels: Tensor) -> Tensor:
+        """Normalised fp32 features (n, d_reward) of normalised views (n, 3, H, W)."""
+        return normalise(self.encode_raw(pixels).to(self.device))
 
     def inputs_for(self, pixels: Tensor) -> RewardInputs:
         """The reward model's features of the kept views `pixels` (in the method's order) and of the classes."""
-        return RewardInputs(image_features=self.encode_views(pixels), text_features=self.text_features)
+        return self.inputs_from(self.encode_raw(pixels))
+
+    def inputs_from(self, raw: Tensor) -> RewardInputs:
+        """The same from the reward tower's output for the kept views (`encode_raw`, or read back from the store)."""
+        return RewardInputs(image_features=normalise(raw.to(self.device)), text_features=self.text_features)
 
     def _autocast(self) -> AbstractContextManager[Any]:
         if self.weight_dtype in (torch.float16, torch.bfloat16):

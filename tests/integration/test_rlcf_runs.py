@@ -134,3 +134,51 @@ def test_seeds_give_reproducible_rlcf_runs(setup) -> None:  # type: ignore[no-un
                 for run in (a.run_id, b.run_id)}
     assert [r[:3] for r in rows[a.run_id]] == [r[:3] for r in rows[b.run_id]]
     assert [r[3] for r in rows[a.run_id]] == pytest.approx([r[3] for r in rows[b.run_id]], abs=1e-4)
+
+
+def _predictions(engine, run_id: int) -> list[tuple]:  # type: ignore[no-untyped-def]
+    with session_scope(engine) as session:
+        return [tuple(r) for r in session.execute(select(Prediction.sample_index, Prediction.pred, Prediction.top5,
+                                                         Prediction.entropy_after)
+                                                  .where(Prediction.run_id == run_id)
+                                                  .order_by(Prediction.sample_index))]
+
+
+def test_reward_features_are_stored_and_a_stored_sample_builds_no_view(setup, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """The reward CLIP's features of the kept views go to the store under its own fingerprint; a later run whose
+    views and kept views are stored for both models builds no view, and predicts as a run that encodes all."""
+    from difftpt_ops.db.tables import ViewFeatures
+    from difftpt_ops.services.running.contexts import clear_caches
+    from difftpt_ops.services.running.features import FeatureCache
+
+    settings, engine, policy, reward = setup
+    overrides = {**SMALL, "reward_model": str(reward)}
+    first = runs.submit_tune(engine, settings, dataset_ref="pics", method="rlcf", model=str(policy), pretrained=None,
+                             overrides=overrides, shard_size=3)
+    assert first.state == "finished"
+    with session_scope(engine) as session:
+        sets = [(r.model_name, r.n_views, r.dim) for r in session.scalars(select(ViewFeatures))]
+    # Per sample: the policy's 8 views (dim 32) and the reward model's 2 kept views (8 * 0.25; dim 48).
+    assert sorted(sets) == sorted([(str(policy), 8, 32)] * 3 + [(str(reward), 2, 48)] * 3)
+
+    built: list[str] = []
+    for name in ("_build", "_build_some"):
+        original = getattr(FeatureCache, name)
+
+        def recording(self, *args, _name=name, _original=original, **kwargs):  # type: ignore[no-untyped-def]
+            built.append(_name)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(FeatureCache, name, recording)
+    clear_caches()
+    # Another learning rate: the same views and the same kept views (chosen with the initial prompt).
+    warm = runs.submit_tune(engine, settings, dataset_ref="pics", method="rlcf", model=str(policy), pretrained=None,
+                            overrides={**overrides, "lr": "0.05"}, shard_size=3)
+    assert warm.state == "finished" and built == []
+    cold = runs.submit_tune(engine, settings, dataset_ref="pics", method="rlcf", model=str(policy), pretrained=None,
+                            overrides={**overrides, "lr": "0.05", "features": "recompute"}, shard_size=3)
+    assert cold.state == "finished"
+    a, b = _predictions(engine, warm.run_id), _predictions(engine, cold.run_id)
+    assert len(a) == 3 and [r[:3] for r in a] == [r[:3] for r in b]
+    assert [r[3] for r in a] == pytest.approx([r[3] for r in b], abs=1e-5)
+    with session_scope(engine) as session:
+        assert session.scalar(select(func.count()).select_from(ViewFeatures)) == 6  # nothing stored twice

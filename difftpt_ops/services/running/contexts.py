@@ -99,7 +99,8 @@ def _build_tune_processor(engine: Engine, settings: Settings, run: Run, dataset:
     # AugMix defaults to on for the cross-domain sets; a spec that sets `augmix` overrides it in the engine.
     processor = TuneProcessor(run_id=run.id, worker=worker, tuner=tuner, root=Path(dataset.root),
                               seed=run_spec.seed, augmix=is_cross_domain(dataset.format), views=views)
-    processor.features = feature_cache_for(engine, settings, clip, method, model.name)
+    processor.features = feature_cache_for(engine, settings, clip, method, model.name, reward=reward,
+                                           reward_name=reward_path)
     processor.device, processor.precision, processor.activation = resolved, clip.precision, clip.activation
     processor.weights = weights_fingerprint_of(clip)
     if reward is not None:

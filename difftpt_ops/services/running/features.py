@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from difftpt_ops.core.clock import utcnow
 from difftpt_ops.core.errors import InputError, SampleError
 from difftpt_ops.core.method_specs import method_spec_from
 from difftpt_ops.core.run_specs import FEATURE_VIEWS, FeaturesRunSpec
+from difftpt_ops.core.specs import fingerprint_of
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import GeneratedImage, Run, ViewFeatures
 from difftpt_ops.db.writes import insert_many_ignore
@@ -51,40 +52,78 @@ class FeatureCache:
 
         self.engine, self.model_fingerprint, self.model_name = engine, model_fingerprint, model_name
         self.files = FeatureFiles(settings.artifact_root)
+        # The store of a method's reward model (RLCF), under its own fingerprint: see `feature_cache_for`.
+        self.reward_cache: FeatureCache | None = None
 
     def run_sample(self, tuner: Any, sample: Any, *, root: Path, views: Any, seed: int, augmix: bool) -> Any:
         """The tuner's result for `sample`, its views' features read from the store where stored.
 
-        The result's views_encoded / views_read say which happened. `views` is the run's GeneratedViews
-        (None when the method reads no generated images).
+        The result's views_encoded / views_read say which happened (for the run's CLIP). `views` is the run's
+        GeneratedViews (None when the method reads no generated images).
         """
-        # A reward model (RLCF) encodes the kept views from their pixels: the views are built even when every
-        # feature is read (the reward model's features are not stored), once, and serve both.
-        built = self._build(tuner, sample, root=root, views=views, seed=seed, augmix=augmix) \
+        raw, kinds, encoded = self.features_for(tuner, sample, root=root, views=views, seed=seed, augmix=augmix)
+        reward = self._reward_source(tuner, sample, root=root, views=views, seed=seed, augmix=augmix) \
             if getattr(tuner, "needs_pixels", False) else None
-        raw, kinds, encoded = self.features_for(tuner, sample, root=root, views=views, seed=seed, augmix=augmix,
-                                                built=built)
-        result = tuner.run_features(raw, kinds, pixels=built.pixels if built is not None else None)
+        result = tuner.run_features(raw, kinds, reward_features=reward)
         return dataclasses.replace(result, views_encoded=encoded, views_read=len(kinds) - encoded)
 
+    def _reward_source(self, tuner: Any, sample: Any, *, root: Path, views: Any, seed: int,
+                       augmix: bool) -> Callable[[list[int]], Any]:
+        """The reward model's output for the kept views at the positions the method asks for (RLCF): read from
+        the reward model's own stored sets where held, the others built (those views only) and encoded, and
+        stored as a set of their own. Once a sample's views are stored for both models, none is built."""
+        def encoded(positions: list[int]) -> Any:
+            return tuner.reward.encode_raw(self._build_some(tuner, sample, root=root, views=views, seed=seed,
+                                                            augmix=augmix, positions=positions))
+
+        def features(positions: list[int]) -> Any:
+            recipes = self._recipes(tuner, sample, views=views, seed=seed, augmix=augmix)
+            if recipes is None or self.reward_cache is None:  # not keyable: encoded, not stored
+                return encoded(positions)
+            return self.reward_cache.read_or_encode(sample.content_hash, [recipes[i] for i in positions],
+                                                    lambda missing: encoded([positions[j] for j in missing]))
+        return features
+
+    def read_or_encode(self, sample_hash: str, recipes: Sequence[dict[str, Any]],
+                       encode: Callable[[list[int]], Any]) -> Any:
+        """The stored features of the views `recipes` describe; those no stored set holds are encoded now
+        (`encode(positions)` gives their features, in order) and the whole set is stored."""
+        sets = self._stored_sets(sample_hash)
+        raw = self._read_whole(sets, recipes)
+        if raw is not None:
+            return raw
+        stored = self._read_some(sets, recipes)
+        started = time.perf_counter()
+        missing = [i for i in range(len(recipes)) if i not in stored]
+        fresh = encode(missing) if missing else None  # several sets may hold all of them between them
+        raw = self._fill(stored, fresh, missing) if stored else fresh
+        self.store(sample_hash, recipes, raw, seconds=time.perf_counter() - started)
+        return raw
+
+    def _recipes(self, tuner: Any, sample: Any, *, views: Any, seed: int, augmix: bool) -> list[dict[str, Any]] | None:
+        """The recipes of the sample's views as the tuner builds them, or None when the store cannot key this
+        sample (`_generated_hashes`)."""
+        from difftpt_ops.storage.features import view_recipes
+
+        plan = tuner.plan
+        hashes = self._generated_hashes(views, sample, plan.n_generated)
+        if hashes is None:
+            return None
+        return view_recipes(n_conventional=plan.n_conventional, generated_hashes=hashes, seed=seed,
+                            augmix=tuner.augmix_for(augmix), resolution=plan.resolution, crop_scale=plan.crop_scale)
+
     def features_for(self, tuner: Any, sample: Any, *, root: Path, views: Any, seed: int,
-                     augmix: bool, built: Any | None = None) -> tuple[Any, tuple[str, ...], int]:
+                     augmix: bool) -> tuple[Any, tuple[str, ...], int]:
         """(raw features, view kinds, how many views were encoded now) of the views `tuner` needs.
 
         One stored set holding them all is read; otherwise the views some stored sets hold are read from them
         and only the others are built and encoded (DiffTPT after TPT encodes its generated views, not TPT's
-        crops), and the whole set is stored for the next run. `built` are the sample's views when the caller
-        built them already (then nothing is built again)."""
-        from difftpt_ops.storage.features import kinds_of, view_recipes
+        crops), and the whole set is stored for the next run."""
+        from difftpt_ops.storage.features import kinds_of
 
-        plan = tuner.plan
-        hashes = self._generated_hashes(views, sample, plan.n_generated)
-        recipes = view_recipes(n_conventional=plan.n_conventional, generated_hashes=hashes or [], seed=seed,
-                               augmix=tuner.augmix_for(augmix), resolution=plan.resolution,
-                               crop_scale=plan.crop_scale)
-        if hashes is None:  # not keyable: encoded, not stored
-            built = built if built is not None else self._build(tuner, sample, root=root, views=views, seed=seed,
-                                                                augmix=augmix)
+        recipes = self._recipes(tuner, sample, views=views, seed=seed, augmix=augmix)
+        if recipes is None:  # not keyable: encoded, not stored
+            built = self._build(tuner, sample, root=root, views=views, seed=seed, augmix=augmix)
             return tuner.encode_raw(built.pixels), built.kinds, len(built.kinds)
         sets = self._stored_sets(sample.content_hash)
         raw = self._read_whole(sets, recipes)
@@ -94,13 +133,12 @@ class FeatureCache:
         started = time.perf_counter()
         if stored:  # only the views no stored set holds are built and encoded (and their images read)
             missing = [i for i in range(len(recipes)) if i not in stored]
-            pixels = built.pixels[missing] if built is not None else self._build_some(
-                tuner, sample, root=root, views=views, seed=seed, augmix=augmix, positions=missing)
+            pixels = self._build_some(tuner, sample, root=root, views=views, seed=seed, augmix=augmix,
+                                      positions=missing)
             raw = self._fill(stored, tuner.encode_raw(pixels) if missing else None, missing)
             kinds, encoded = kinds_of(recipes), len(missing)
         else:
-            built = built if built is not None else self._build(tuner, sample, root=root, views=views, seed=seed,
-                                                                augmix=augmix)
+            built = self._build(tuner, sample, root=root, views=views, seed=seed, augmix=augmix)
             raw, kinds, encoded = tuner.encode_raw(built.pixels), built.kinds, len(built.kinds)
             if kinds != kinds_of(recipes):  # the recipes would not describe these views: not stored
                 return raw, kinds, encoded
@@ -271,12 +309,26 @@ def _tower_digest_of(clip: Any) -> str:
     return known[("image_tower", "")]
 
 
-def feature_cache_for(engine: Engine, settings: Settings, clip: Any, method_spec: Any,
-                      model_name: str) -> FeatureCache | None:
-    """The run's feature cache, or None when its spec says features=recompute."""
+def feature_cache_for(engine: Engine, settings: Settings, clip: Any, method_spec: Any, model_name: str, *,
+                      reward: Any = None, reward_name: str | None = None) -> FeatureCache | None:
+    """The run's feature cache, or None when its spec says features=recompute. With a method's loaded reward
+    CLIP (`reward`, from the folder `reward_name`), the cache keeps that model's features of the views it
+    encodes too (`reward_cache`)."""
     if getattr(method_spec, "features", "store") != "store":
         return None
-    return FeatureCache(engine, settings, model_fingerprint=model_fingerprint_of(clip), model_name=model_name)
+    cache = FeatureCache(engine, settings, model_fingerprint=model_fingerprint_of(clip), model_name=model_name)
+    if reward is not None:
+        cache.reward_cache = FeatureCache(engine, settings, model_fingerprint=reward_fingerprint_of(reward),
+                                          model_name=reward_name or "")
+    return cache
+
+
+def reward_fingerprint_of(clip: Any) -> str:
+    """The feature-store fingerprint of a loaded reward CLIP: its image tower as `model_fingerprint_of` hashes
+    it, and the way it reads the policy's views (resized bicubically, corners aligned, to its own input size:
+    tta.reward), so that its entries never serve as, nor come from, the same CLIP's own views."""
+    return fingerprint_of({"reward_of_policy_views": model_fingerprint_of(clip),
+                           "resize": "bicubic, align_corners"})
 
 
 class FeaturesProcessor:
