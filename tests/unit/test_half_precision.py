@@ -182,6 +182,18 @@ def test_onzeta_in_bf16(clip32: LoadedClip, clip16: LoadedClip) -> None:
     assert tuner16.state["proxies"].dtype == torch.float32
 
 
+def test_ecalp_in_bf16(clip32: LoadedClip, clip16: LoadedClip) -> None:
+    """ECALP's graph on bf16-encoded features (the engine hands them over in fp32): finite scores, the fp32 run's
+    predictions over a short stream, and an fp32 state."""
+    spec = method_spec_from("ecalp")
+    tuner16, tuner32 = prepare_classifier(clip16, CLASS_NAMES, spec), prepare_classifier(clip32, CLASS_NAMES, spec)
+    for sample in range(6):
+        image = random_image(sample)
+        half, full = tuner16.run(image, seed=5, sample_key=sample), tuner32.run(image, seed=5, sample_key=sample)
+        assert half.pred == full.pred and torch.isfinite(half.logits).all(), f"sample {sample}"
+    assert tuner16.state["keys"].dtype == torch.float32 and tuner16.state["keys"].shape[0] == 6
+
+
 def test_naive_formulation_runs_in_bf16(clip32: LoadedClip, clip16: LoadedClip) -> None:
     """The reference-style oracle also runs with bf16 frozen weights on the CPU and agrees with its fp32 self."""
     from difftpt_ops.tta.naive import NaiveTuner
