@@ -31,7 +31,10 @@ SMALL = {"tpt": {"n_views": 16, "selection_p": 0.25},
          "rtpt": {"n_views": 16, "selection_p": 0.25, "neighbours": 5, "exclude": "self"},
          "tps": {"n_views": 16, "selection_p": 0.25},
          "rlcf": {"n_views": 16, "selection_p": 0.25},
-         "awt": {"n_views": 16, "num_descriptor": 2, "descriptions": "sha256:" + "ef" * 32}}
+         "awt": {"n_views": 16, "num_descriptor": 2, "descriptions": "sha256:" + "ef" * 32},
+         # OGA: a prompt set (fixed text features built by the fp16 tower) and 2 slots, so a third sample of one
+         # class replaces a slot rather than filling one.
+         "oga": {"prompts": "tip", "shot_capacity": 2}}
 # AWT cannot run without class descriptions: two sentences per class.
 DESCRIBED = {"awt": {n.replace("_", " "): [f"A {n} up close.", f"A {n} far away."] for n in CLASS_NAMES}}
 

@@ -37,7 +37,7 @@ METHOD_OVERRIDES = {"dpe": {"evolve_threshold": "1.0", "lr_text": "0.01"}, "boos
 
 
 def _submit(engine, settings, clip: Path, method: str = "tda", **kwargs):  # type: ignore[no-untyped-def]
-    common = {} if method in ("onzeta", "ecalp") else OVERRIDES  # OnZeta and ECALP read the original view only
+    common = {} if method in ("onzeta", "ecalp", "oga") else OVERRIDES  # these read the original view only
     overrides = {**common, **METHOD_OVERRIDES.get(method, {}), **kwargs.pop("overrides", {})}
     return runs.submit_tune(engine, settings, dataset_ref="pics", method=method, model=str(clip), pretrained=None,
                             shard_size=SHARD_SIZE, overrides=overrides, **kwargs)
@@ -61,7 +61,7 @@ def reference(tmp_path: Path, tiny_models_dir: Path):  # type: ignore[no-untyped
     return get
 
 
-@pytest.mark.parametrize("method", ["tda", "dmn-zs", "dpe", "boostadapter", "onzeta", "ecalp"])
+@pytest.mark.parametrize("method", ["tda", "dmn-zs", "dpe", "boostadapter", "onzeta", "ecalp", "oga"])
 def test_online_run_is_an_ordered_checkpointed_chain(workspace: Path, database_url: str, tmp_path: Path,
                                                      tiny_models_dir: Path, method: str) -> None:
     """One prediction per sample, one checkpoint per shard covering its stream positions, in the seeded order."""
@@ -88,7 +88,7 @@ def test_online_run_is_an_ordered_checkpointed_chain(workspace: Path, database_u
             assert stored[order[position]][0] == int(row.argmax())
 
 
-@pytest.mark.parametrize("method", ["tda", "dpe", "boostadapter", "onzeta", "ecalp"])
+@pytest.mark.parametrize("method", ["tda", "dpe", "boostadapter", "onzeta", "ecalp", "oga"])
 def test_a_damaged_checkpoint_is_detected_and_the_previous_one_used(workspace: Path, database_url: str,
                                                                     tmp_path: Path, tiny_models_dir: Path,
                                                                     reference, method: str) -> None:  # type: ignore[no-untyped-def]
@@ -303,7 +303,7 @@ def test_online_links_record_where_they_ran(workspace: Path, database_url: str, 
     assert shown["shard_provenance"][0]["device"] == "cpu"
 
 
-@pytest.mark.parametrize("method", ["tda", "onzeta", "ecalp"])
+@pytest.mark.parametrize("method", ["tda", "onzeta", "ecalp", "oga"])
 def test_a_first_shard_of_unreadable_samples_resumes_from_its_empty_checkpoint(
         workspace: Path, database_url: str, tmp_path: Path, tiny_models_dir: Path, method: str) -> None:
     """Every sample of shard 0 unreadable: its checkpoint holds no state (the method never started). Another

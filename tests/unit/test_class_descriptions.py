@@ -97,7 +97,7 @@ def test_a_random_context_has_no_text_to_average_with(clip: LoadedClip) -> None:
 
 
 @pytest.mark.parametrize("method", ["zeroshot", "zero", "mta", "tda", "dmn-zs", "dpe", "boostadapter", "onzeta",
-                                    "ecalp"])
+                                    "ecalp", "oga"])
 def test_no_descriptions_is_left_out_of_the_stored_spec(method: str) -> None:
     """Runs stored before the field existed keep their fingerprints; a key is stored and read back."""
     plain = method_spec_from(method)

@@ -194,6 +194,21 @@ def test_ecalp_in_bf16(clip32: LoadedClip, clip16: LoadedClip) -> None:
     assert tuner16.state["keys"].dtype == torch.float32 and tuner16.state["keys"].shape[0] == 6
 
 
+@pytest.mark.parametrize("prompts", ["single", "tip"])
+def test_oga_in_bf16(clip32: LoadedClip, clip16: LoadedClip, prompts: str) -> None:
+    """OGA's cache, refits and MAP on bf16-encoded features (and, for `tip`, bf16-built prompt-set text
+    features): the state in the features' fp32, finite posteriors and the fp32 run's predictions over a short
+    stream in which a class fills its 3 slots, so the covariance is refitted in both."""
+    spec = method_spec_from("oga", {"prompts": prompts, "shot_capacity": "3"})
+    tuner16, tuner32 = prepare_classifier(clip16, CLASS_NAMES, spec), prepare_classifier(clip32, CLASS_NAMES, spec)
+    for sample in range(6):
+        image = random_image(sample)
+        half, full = tuner16.run(image, seed=5, sample_key=sample), tuner32.run(image, seed=5, sample_key=sample)
+        assert half.pred == full.pred and torch.isfinite(half.logits).all(), f"sample {sample}"
+    assert tuner16.state["precision"].dtype == torch.float32 and tuner16.state["memory"].dtype == torch.float32
+    assert int(tuner16.state["filled"].sum(1).max()) == int(tuner32.state["filled"].sum(1).max()) == 3
+
+
 def test_naive_formulation_runs_in_bf16(clip32: LoadedClip, clip16: LoadedClip) -> None:
     """The reference-style oracle also runs with bf16 frozen weights on the CPU and agrees with its fp32 self."""
     from difftpt_ops.tta.naive import NaiveTuner

@@ -18,7 +18,7 @@ its `kind`:
   prompts in `tuning_loss` (`RewardInputs`, computed once after the selection from the views' pixels).
 - `online` (`OnlineMethod`): `step(spec, state, inputs) -> (StepOutput, state)`; the state is carried
   across samples in a fixed order and checkpointed through `state_dict` / `load_state_dict` (a flat
-  dict of tensors, safetensors-ready). TDA, DMN-ZS, DPE, BoostAdapter, OnZeta, ECALP.
+  dict of tensors, safetensors-ready). TDA, DMN-ZS, DPE, BoostAdapter, OnZeta, ECALP, OGA.
 
 What every step sees (`StepInputs`): the normalised fp32 image features of the sample's views, (n_views, d),
 row 0 the original view; the normalised text features, (n_classes, d); the logit scale (exp applied); the
