@@ -182,3 +182,131 @@ def test_reward_features_are_stored_and_a_stored_sample_builds_no_view(setup, mo
     assert [r[3] for r in a] == pytest.approx([r[3] for r in b], abs=1e-5)
     with session_scope(engine) as session:
         assert session.scalar(select(func.count()).select_from(ViewFeatures)) == 6  # nothing stored twice
+
+
+def _textured(root: Path) -> None:
+    """QA: replace the fixture's solid-colour PNGs (every crop of which is the same pixels, so that no test can see
+    a view put in another view's place) by random noise."""
+    import numpy as np
+    from PIL import Image
+
+    for i, path in enumerate(sorted(root.rglob("*.png"))):
+        pixels = np.random.default_rng(i).integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(path)
+
+
+def _check_reward_sets(engine, settings, reward: Path, dataset_root: Path) -> int:  # type: ignore[no-untyped-def]
+    """Every stored reward set's rows equal the reward model's output for the views its recipes describe."""
+    import torch
+
+    from difftpt_ops.core.specs import ModelSpec
+    from difftpt_ops.data.images import load_rgb
+    from difftpt_ops.db.tables import Sample, ViewFeatures
+    from difftpt_ops.models.clip import load_clip
+    from difftpt_ops.storage.features import FeatureFiles, StoredFeatures
+    from difftpt_ops.tta.reward import RewardScorer
+    from difftpt_ops.tta.views import build_views
+
+    scorer = RewardScorer(load_clip(ModelSpec(name=str(reward), pretrained=None), "cpu"), ["a", "b"])
+    files = FeatureFiles(settings.artifact_root)
+    checked = 0
+    with session_scope(engine) as session:
+        paths = {s.content_hash: s.relpath for s in session.scalars(select(Sample))}
+        rows = list(session.scalars(select(ViewFeatures).where(ViewFeatures.model_name == str(reward))))
+        for row in rows:
+            stored = files.read(StoredFeatures(row.artifact_key, row.content_hash, row.size_bytes))
+            recipe = row.views[0]
+            seed = next((r["seed"] for r in row.views if "seed" in r), 0)
+            views = build_views(load_rgb(dataset_root / paths[row.sample_hash]), n_conventional=7, seed=seed,
+                                sample_key=row.sample_hash, resolution=recipe["resolution"])
+            positions = [0 if r["kind"] == "original" else r["index"] for r in row.views]
+            fresh = scorer.encode_raw(views.pixels[positions])
+            torch.testing.assert_close(stored.float(), fresh.float(), rtol=1e-4, atol=1e-5)
+            checked += 1
+    return checked
+
+
+def test_reward_set_with_some_kept_views_stored_predicts_as_recompute(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """QA: a run keeping more views (selection_p 0.5) after one keeping fewer (0.25) reads the stored reward views
+    and encodes only the others; it must predict as the same run with features=recompute."""
+    from difftpt_ops.db.tables import ViewFeatures
+
+    settings, engine, policy, reward = setup
+    _textured(tmp_path / "images")
+    base = {**SMALL, "reward_model": str(reward)}
+    first = runs.submit_tune(engine, settings, dataset_ref="pics", method="rlcf", model=str(policy), pretrained=None,
+                             overrides=base, shard_size=3)
+    assert first.state == "finished"
+    wider = {**base, "selection_p": "0.5"}
+    mixed = runs.submit_tune(engine, settings, dataset_ref="pics", method="rlcf", model=str(policy), pretrained=None,
+                             overrides=wider, shard_size=3)
+    cold = runs.submit_tune(engine, settings, dataset_ref="pics", method="rlcf", model=str(policy), pretrained=None,
+                            overrides={**wider, "features": "recompute"}, shard_size=3)
+    assert mixed.state == "finished" and cold.state == "finished"
+    with session_scope(engine) as session:
+        sets = sorted((r.model_name, r.n_views) for r in session.scalars(select(ViewFeatures)))
+    assert sets == sorted([(str(policy), 8)] * 3 + [(str(reward), 2)] * 3 + [(str(reward), 4)] * 3)
+    assert _check_reward_sets(engine, settings, reward, tmp_path / "images") == 6
+    a, b = _predictions(engine, mixed.run_id), _predictions(engine, cold.run_id)
+    assert [r[:3] for r in a] == [r[:3] for r in b]
+    assert [r[3] for r in a] == pytest.approx([r[3] for r in b], abs=1e-5)
+    # And back: the narrower selection again reads its views out of either stored set.
+    again = runs.submit_tune(engine, settings, dataset_ref="pics", method="rlcf", model=str(policy), pretrained=None,
+                             overrides={**base, "lr": "0.02"}, shard_size=3)
+    ref = runs.submit_tune(engine, settings, dataset_ref="pics", method="rlcf", model=str(policy), pretrained=None,
+                           overrides={**base, "lr": "0.02", "features": "recompute"}, shard_size=3)
+    a, b = _predictions(engine, again.run_id), _predictions(engine, ref.run_id)
+    assert [r[:3] for r in a] == [r[:3] for r in b]
+    assert [r[3] for r in a] == pytest.approx([r[3] for r in b], abs=1e-5)
+
+
+def test_a_damaged_reward_file_is_discarded_and_recomputed(setup) -> None:  # type: ignore[no-untyped-def]
+    """QA: a reward set whose file is damaged is discarded (file and row), recomputed and stored again, and the run
+    predicts as with features=recompute."""
+    from difftpt_ops.db.tables import ViewFeatures
+    from difftpt_ops.storage.features import FeatureFiles
+
+    settings, engine, policy, reward = setup
+    base = {**SMALL, "reward_model": str(reward)}
+    assert runs.submit_tune(engine, settings, dataset_ref="pics", method="rlcf", model=str(policy), pretrained=None,
+                            overrides=base, shard_size=3).state == "finished"
+    files = FeatureFiles(settings.artifact_root)
+    with session_scope(engine) as session:
+        rows = [(r.id, r.artifact_key) for r in session.scalars(select(ViewFeatures)
+                                                               .where(ViewFeatures.model_name == str(reward)))]
+    assert len(rows) == 3
+    damaged = files.path(rows[0][1])
+    damaged.chmod(0o644)
+    damaged.write_bytes(damaged.read_bytes()[:-7] + b"garbage")
+    warm = runs.submit_tune(engine, settings, dataset_ref="pics", method="rlcf", model=str(policy), pretrained=None,
+                            overrides={**base, "lr": "0.05"}, shard_size=3)
+    cold = runs.submit_tune(engine, settings, dataset_ref="pics", method="rlcf", model=str(policy), pretrained=None,
+                            overrides={**base, "lr": "0.05", "features": "recompute"}, shard_size=3)
+    assert warm.state == "finished" and cold.state == "finished"
+    a, b = _predictions(engine, warm.run_id), _predictions(engine, cold.run_id)
+    assert [r[:3] for r in a] == [r[:3] for r in b]
+    assert [r[3] for r in a] == pytest.approx([r[3] for r in b], abs=1e-5)
+    with session_scope(engine) as session:
+        again = {r.id: r.artifact_key for r in session.scalars(select(ViewFeatures)
+                                                               .where(ViewFeatures.model_name == str(reward)))}
+    assert rows[0][0] not in again and len(again) == 3
+    import hashlib
+    for key in again.values():
+        assert hashlib.sha256(files.path(key).read_bytes()).hexdigest() == key.split(".")[0]
+
+
+def test_an_rlcf_runs_disk_usage_counts_its_reward_models_sets(setup) -> None:  # type: ignore[no-untyped-def]
+    """QA: `status`'s disk column (run_disk_usage) of an RLCF run counts the feature sets it stored, its reward
+    model's included (as `data show` does)."""
+    from difftpt_ops.db.tables import ViewFeatures
+    from difftpt_ops.services.reading.disk import run_disk_usage
+
+    settings, engine, policy, reward = setup
+    run = runs.submit_tune(engine, settings, dataset_ref="pics", method="rlcf", model=str(policy), pretrained=None,
+                           overrides={**SMALL, "reward_model": str(reward)}, shard_size=3)
+    assert run.state == "finished"
+    with session_scope(engine) as session:
+        count, size = session.execute(select(func.count(), func.sum(ViewFeatures.size_bytes))).one()
+    assert count == 6
+    assert run_disk_usage(engine, settings, [run.run_id])[run.run_id] == {
+        "images": 0, "image_bytes": 0, "features": count, "feature_bytes": size}

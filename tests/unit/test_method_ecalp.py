@@ -282,3 +282,16 @@ def test_the_engine_runs_the_stream_as_the_reference_loop(tmp_path: Path) -> Non
     resumed.state = method.load_state_dict(spec, saved, device=torch.device("cpu"))
     rest = [resumed.run(image, seed=0, sample_key=i + 5) for i, image in enumerate(images[5:])]
     assert all(torch.equal(a.logits, b.logits) for a, b in zip(rest, results[5:], strict=True))
+
+
+@pytest.mark.parametrize("k_image", [1, 3, 8])
+def test_a_stream_with_repeated_images_matches_the_reference(k_image: int) -> None:
+    """A test set with duplicate images (the same features twice in the stream) against the transcription. Ties
+    between a repeated node, the newcomer and its copy are decided as the reference decides them: by the rounding of
+    its (N, d) @ (d, 2) product, and for the newcomer's edges by a top-k of width k_image of their own."""
+    features, text = _stream(seed=0)
+    features = torch.cat([features[:10], features[:10], features[10:20]])
+    spec = ecalp.ECALPSpec(k_image=k_image)
+    expected = _oracle(features, text, spec.params())
+    got = torch.stack(_run(spec, features, text)[0]) / ecalp.PROBABILITY_SCALE
+    assert torch.allclose(got, expected, rtol=1e-6, atol=1e-12), float((got - expected).abs().max())

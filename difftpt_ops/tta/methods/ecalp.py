@@ -167,13 +167,20 @@ def step(state: dict[str, Tensor], feature: Tensor, text: Tensor, *,
     """
     n, n_classes = int(state["keys"].shape[0]), text.shape[0]
     keys = torch.cat([state["keys"], F.normalize(feature * context_weights(text), dim=0)[None]])
-    pair = keys @ F.normalize(feature, dim=0)  # earlier nodes weighted, the newcomer plain: cos(w x_a, x_b)
+    # earlier nodes weighted, the newcomer plain: cos(w x_a, x_b); as the reference's (N, d) @ (d, 2) product
+    # (a matrix-vector product can round differently, which decides ties between repeated images)
+    pair = (keys @ F.normalize(feature, dim=0)[None].expand(2, -1).t())[:, 0]
     read, width = list_width(n, params.k_image)
     neighbours, similarity = _grow_lists(state, pair, width)
     text_sim, text_idx = (feature @ text.T).topk(min(params.k_text, n_classes))
     text_neighbours = _append(state["text_neighbours"], text_idx)
     text_similarity = _append(state["text_similarity"], text_sim)
-    edges = _edges(neighbours, similarity, text_neighbours, text_similarity, read, n_classes, params.gamma)
+    # The newcomer's and its copy's edges are the reference's `sim_new`: the top `read` of its similarities by a
+    # top-k of their own (on ties, not always the first `read` entries of its wider list).
+    read_sim, read_idx = torch.cat([pair, pair[n:]]).topk(read)
+    edges = _edges(torch.cat([neighbours[:-1, :read], read_idx[None]]),
+                   torch.cat([similarity[:-1, :read], read_sim[None]]),
+                   text_neighbours, text_similarity, read, n_classes, params.gamma)
     matrix = propagation_matrix(*edges, n_nodes=n_classes + n + 2, n_classes=n_classes)
     start = torch.zeros(n + 2, n_classes, dtype=feature.dtype, device=feature.device)
     start[torch.arange(n, device=feature.device), state["label"]] = state["label_score"]
