@@ -185,7 +185,7 @@ def test_reward_features_are_stored_and_a_stored_sample_builds_no_view(setup, mo
 
 
 def _textured(root: Path) -> None:
-    """QA: replace the fixture's solid-colour PNGs (every crop of which is the same pixels, so that no test can see
+    """Replace the fixture's solid-colour PNGs (every crop of which is the same pixels, so that no test can see
     a view put in another view's place) by random noise."""
     import numpy as np
     from PIL import Image
@@ -227,7 +227,7 @@ def _check_reward_sets(engine, settings, reward: Path, dataset_root: Path) -> in
 
 
 def test_reward_set_with_some_kept_views_stored_predicts_as_recompute(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """QA: a run keeping more views (selection_p 0.5) after one keeping fewer (0.25) reads the stored reward views
+    """A run keeping more views (selection_p 0.5) after one keeping fewer (0.25) reads the stored reward views
     and encodes only the others; it must predict as the same run with features=recompute."""
     from difftpt_ops.db.tables import ViewFeatures
 
@@ -261,7 +261,7 @@ def test_reward_set_with_some_kept_views_stored_predicts_as_recompute(setup, tmp
 
 
 def test_a_damaged_reward_file_is_discarded_and_recomputed(setup) -> None:  # type: ignore[no-untyped-def]
-    """QA: a reward set whose file is damaged is discarded (file and row), recomputed and stored again, and the run
+    """A reward set whose file is damaged is discarded (file and row), recomputed and stored again, and the run
     predicts as with features=recompute."""
     from difftpt_ops.db.tables import ViewFeatures
     from difftpt_ops.storage.features import FeatureFiles
@@ -296,7 +296,7 @@ def test_a_damaged_reward_file_is_discarded_and_recomputed(setup) -> None:  # ty
 
 
 def test_an_rlcf_runs_disk_usage_counts_its_reward_models_sets(setup) -> None:  # type: ignore[no-untyped-def]
-    """QA: `status`'s disk column (run_disk_usage) of an RLCF run counts the feature sets it stored, its reward
+    """`status`'s disk column (run_disk_usage) of an RLCF run counts the feature sets it stored, its reward
     model's included (as `data show` does)."""
     from difftpt_ops.db.tables import ViewFeatures
     from difftpt_ops.services.reading.disk import run_disk_usage

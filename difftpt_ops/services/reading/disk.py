@@ -18,7 +18,8 @@ def run_disk_usage(engine: Engine, settings: Settings, run_ids: list[int]) -> di
     """Per run: images and image_bytes of the generated images of its samples, features and feature_bytes.
 
     A generation run counts the images it made; a DiffTPT run the images it reads; other runs none.
-    Features are the stored view features of the run's samples under the run's model name. Files shared
+    Features are the stored view features of the run's samples under the run's model name, and under its reward
+    model's (RLCF: the folder the spec names, whose features of the kept views are stored too). Files shared
     by runs count for each of them; image files missing from the store count as 0 bytes.
     """
     store = ArtifactStore(settings.artifact_root)
@@ -45,10 +46,12 @@ def _image_keys(session: Session, run: Run) -> list[str]:
 def _features(session: Session, run: Run) -> tuple[int, int]:
     if run.model_name is None:
         return 0, 0
+    reward = ((run.spec or {}).get("method") or {}).get("reward_model")
+    names = [run.model_name] + ([reward] if reward and reward != run.model_name else [])
     sources = select(Sample.content_hash).where(Sample.dataset_version_id == run.dataset_version_id,
                                                 Sample.index < run.num_samples)
     totals = select(func.count(ViewFeatures.id), func.coalesce(func.sum(ViewFeatures.size_bytes), 0))
-    count, size = session.execute(totals.where(ViewFeatures.model_name == run.model_name,
+    count, size = session.execute(totals.where(ViewFeatures.model_name.in_(names),
                                                ViewFeatures.sample_hash.in_(sources))).one()
     return int(count), int(size)
 
