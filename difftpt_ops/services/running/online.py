@@ -244,7 +244,9 @@ def _advance(context: _Context, position: int, sample: Any, results: _Results | 
             raise SampleError(sample.error or "sample failed at registration")
         row = context.tune.processor.process(sample)
         ok = True
-    except SampleError as exc:  # the state does not see this sample; the same happens on every replay
+    except SampleError as exc:
+        # Unreadable: the state never saw this sample. Non-finite outcome: the method's step already updated the
+        # state (as the reference's would; docs/methods.md, "Failed samples"). Every replay does the same.
         ok = False
         if results is not None:
             results.errors.append({"run_id": run_id, "sample_id": sample.id, "sample_index": sample.index,
