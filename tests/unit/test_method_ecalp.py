@@ -13,8 +13,8 @@ from safetensors.torch import save as save_safetensors
 
 from difftpt_ops.core.errors import InvalidSpecError
 from difftpt_ops.core.method_specs import method_spec_from
-from difftpt_ops.tta.methods import StepInputs, ecalp, get_method, resolve_for_dataset
-from tests.unit.tta_support import feature_stream
+from difftpt_ops.tta.methods import ecalp, get_method, resolve_for_dataset
+from tests.unit.tta_support import feature_stream, run_online_steps
 
 pytestmark = pytest.mark.unit
 
@@ -155,19 +155,7 @@ def _stream(n: int = 30, n_classes: int = 6, dim: int = 16, seed: int = 0,
 
 def _run(spec: ecalp.ECALPSpec, features: torch.Tensor, text: torch.Tensor,
          state: dict | None = None) -> tuple[list[torch.Tensor], dict]:
-    """The registered method's steps over `features` (one view each), as the engine calls them."""
-    method = get_method("ecalp")
-    if state is None:
-        state = method.init_state(spec, n_classes=text.shape[0], dim=text.shape[1], device=torch.device("cpu"))
-        state = {k: (v.to(features.dtype) if v.is_floating_point() else v) for k, v in state.items()}
-    outputs = []
-    for x in features:
-        views = x[None]
-        inputs = StepInputs(image_features=views, text_features=text, logit_scale=torch.tensor(100.0),
-                            logits=100.0 * views @ text.T, kinds=("original",))
-        output, state = method.step(spec, state, inputs)
-        outputs.append(output.logits)
-    return outputs, state
+    return run_online_steps("ecalp", spec, features, text, state=state)
 
 
 # The code's settings: its defaults, short lists (every phase of the list-width schedule within a few samples),

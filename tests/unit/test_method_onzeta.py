@@ -14,8 +14,8 @@ from safetensors.torch import save as save_safetensors
 
 from difftpt_ops.core.errors import InvalidSpecError
 from difftpt_ops.core.method_specs import method_spec_from
-from difftpt_ops.tta.methods import StepInputs, get_method, onzeta
-from tests.unit.tta_support import feature_stream
+from difftpt_ops.tta.methods import get_method, onzeta
+from tests.unit.tta_support import feature_stream, run_online_steps
 
 pytestmark = pytest.mark.unit
 
@@ -55,20 +55,7 @@ def _stream(n: int = 40, n_classes: int = 6, dim: int = 16, seed: int = 0,
 
 def _run(spec: onzeta.OnZetaSpec, features: torch.Tensor, text: torch.Tensor, *, stream_length: int | None = None,
          state: dict | None = None) -> tuple[list[torch.Tensor], dict]:
-    """The registered method's steps over `features` (one view each), as the engine calls them."""
-    method = get_method("onzeta")
-    if state is None:
-        state = method.init_state(spec, n_classes=text.shape[0], dim=text.shape[1], device=torch.device("cpu"),
-                                  stream_length=stream_length or features.shape[0])
-        state = {k: (v.to(features.dtype) if v.is_floating_point() else v) for k, v in state.items()}
-    outputs = []
-    for x in features:
-        views = x[None]
-        inputs = StepInputs(image_features=views, text_features=text, logit_scale=torch.tensor(100.0),
-                            logits=100.0 * views @ text.T, kinds=("original",))
-        output, state = method.step(spec, state, inputs)
-        outputs.append(output.logits)
-    return outputs, state
+    return run_online_steps("onzeta", spec, features, text, state=state, stream_length=stream_length)
 
 
 @pytest.mark.parametrize("predict", ["combo", "text"])

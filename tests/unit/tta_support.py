@@ -43,3 +43,25 @@ def feature_stream(n: int, n_classes: int, dim: int, views: int, seed: int) -> t
         base = text[label] + 0.9 * torch.randn(dim, generator=g) / math.sqrt(dim) * 4
         samples.append(F.normalize(base + 0.3 * torch.randn(views, dim, generator=g), dim=-1))
     return samples, text
+
+
+def run_online_steps(name: str, spec: object, features: torch.Tensor, text: torch.Tensor, *,
+                     state: dict | None = None, stream_length: int | None = None) -> tuple[list[torch.Tensor], dict]:
+    """A registered online method's steps over `features` (one view each, (n, d)), as the engine calls them,
+    from `state` or a fresh one (its floating tensors in the features' dtype): the logits of each step and the
+    state after the last."""
+    from difftpt_ops.tta.methods import StepInputs, get_method
+
+    method = get_method(name)
+    if state is None:
+        state = method.init_state(spec, n_classes=text.shape[0], dim=text.shape[1], device=torch.device("cpu"),
+                                  stream_length=stream_length or features.shape[0])
+        state = {k: (v.to(features.dtype) if v.is_floating_point() else v) for k, v in state.items()}
+    outputs = []
+    for x in features:
+        views = x[None]
+        inputs = StepInputs(image_features=views, text_features=text, logit_scale=torch.tensor(100.0),
+                            logits=100.0 * views @ text.T, kinds=("original",))
+        output, state = method.step(spec, state, inputs)
+        outputs.append(output.logits)
+    return outputs, state
