@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class DifftptError(Exception):
     """Base of every error difftpt-ops raises on purpose. Exit code 1 at the CLI."""
@@ -51,3 +54,13 @@ class SampleError(DifftptError):
 
 class NotReadyError(DifftptError):
     """Work whose inputs are not there yet (a DiffTPT sample's generated images): it waits, it does not fail."""
+
+
+@contextmanager
+def about_one_sample(index: int) -> Iterator[None]:
+    """An InputError raised inside is about sample `index`'s images, not the run: it becomes a SampleError naming
+    the sample (recorded, and the shard goes on)."""
+    try:
+        yield
+    except InputError as exc:
+        raise SampleError(f"sample {index}: {exc}") from exc

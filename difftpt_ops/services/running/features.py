@@ -25,7 +25,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from difftpt_ops.config import Settings
 from difftpt_ops.core.clock import utcnow
-from difftpt_ops.core.errors import InputError, SampleError
+from difftpt_ops.core.errors import InputError, SampleError, about_one_sample
 from difftpt_ops.core.method_specs import method_spec_from
 from difftpt_ops.core.run_specs import FEATURE_VIEWS, FeaturesRunSpec
 from difftpt_ops.core.specs import fingerprint_of
@@ -232,11 +232,9 @@ class FeatureCache:
 
         image = load_rgb(root / sample.relpath)
         generated = views.images_for(sample) if views is not None and tuner.plan.n_generated else []
-        try:
+        with about_one_sample(sample.index):
             return tuner.make_views(image, generated=generated, seed=seed,
                                     sample_key=sample.content_hash or str(sample.id), augmix=augmix)
-        except InputError as exc:  # about this sample's images, not the run
-            raise SampleError(f"sample {sample.index}: {exc}") from exc
 
     def _build_some(self, tuner: Any, sample: Any, *, root: Path, views: Any, seed: int, augmix: bool,
                     positions: list[int]) -> Any:
@@ -248,11 +246,9 @@ class FeatureCache:
             images = views.images_for(sample)
             return [images[i] for i in indices]
 
-        try:
+        with about_one_sample(sample.index):
             return tuner.make_some_views(lambda: load_rgb(root / sample.relpath), generated, positions=positions,
                                          seed=seed, sample_key=sample.content_hash or str(sample.id), augmix=augmix)
-        except InputError as exc:  # about this sample's images, not the run
-            raise SampleError(f"sample {sample.index}: {exc}") from exc
 
     def _generated_hashes(self, views: Any, sample: Any, count: int) -> list[str] | None:
         """Content hashes of the generated images the views use (variants 0..count-1); None when the store

@@ -30,7 +30,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from difftpt_ops.config import Settings
 from difftpt_ops.core.clock import utcnow
-from difftpt_ops.core.errors import InputError, SampleError
+from difftpt_ops.core.errors import InputError, SampleError, about_one_sample
 from difftpt_ops.db.tables import Prediction, Shard, ViewScore
 from difftpt_ops.db.writes import insert_many_ignore
 from difftpt_ops.services.running.leases import OWNED
@@ -239,11 +239,9 @@ class TuneProcessor(_TuneRows):
             return self._rows(sample, result, time.perf_counter() - started)
         image = load_rgb(self.root / sample.relpath)
         generated = self.views.images_for(sample) if self.views is not None else []
-        try:
+        with about_one_sample(sample.index):
             result = self.tuner.run(image, generated=generated, seed=self.seed,
                                     sample_key=sample.content_hash or str(sample.id), augmix=self.augmix)
-        except InputError as exc:  # about this sample's images, not the run: record it and go on
-            raise SampleError(f"sample {sample.index}: {exc}") from exc
         return self._rows(sample, result, time.perf_counter() - started)
 
     def _rows(self, sample: Any, result: Any, seconds: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
