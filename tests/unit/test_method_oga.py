@@ -310,3 +310,21 @@ def test_the_engine_runs_the_stream_as_the_reference_loop(tmp_path: Path) -> Non
     assert [r.pred for r in results] == expected.argmax(1).tolist()
     assert int(resumed.state["seen"]) == 8
     assert int(resumed.state["filled"].sum(1).max()) >= 3  # the covariance was refitted on the way
+
+
+def test_the_precision_refit_survives_matrices_on_which_lapacks_svd_fails() -> None:
+    """A 512 x 512 ridge matrix of 355 random residuals on which the CPU's divide-and-conquer SVD (the default
+    pinv) stops with "failed to converge" on one thread, as a run's refit did: the refit's eigendecomposition
+    gives the pseudo-inverse that fp64 gives."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        residuals = 0.05 * torch.randn(355, 512, generator=torch.Generator().manual_seed(40))
+        precision = oga._precision(residuals, "ridge")
+    finally:
+        torch.set_num_threads(threads)
+    wide = residuals.double()
+    centred = wide - wide.mean(0)
+    scatter = centred.T @ centred / 354
+    expected = 512 * torch.linalg.pinv(354 * scatter + torch.trace(scatter) * torch.eye(512, dtype=torch.float64))
+    assert torch.allclose(precision.double(), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
