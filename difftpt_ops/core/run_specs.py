@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,3 +145,10 @@ def _check_kind(payload: dict[str, Any], kind: str, *, default: str | None = Non
     """A stored run spec is of `kind` (`default`: what a spec without a `kind` key is)."""
     if payload.get("kind", default) != kind:
         raise InvalidSpecError("spec.kind", payload.get("kind"), f"is not a {kind} run spec")
+
+
+def stream_order(n_samples: int, order_seed: int) -> list[int]:
+    """The sample indices of a dataset version in the order an online run sees them (a seeded permutation)."""
+    order = list(range(n_samples))
+    random.Random(order_seed).shuffle(order)
+    return order

@@ -41,3 +41,32 @@ def test_images_and_features_of_a_run(workspace: Path, database_url: str) -> Non
                              "feature_bytes": 3000}
     assert usage[ids[1]] == {"images": 0, "image_bytes": 0, "features": 0, "feature_bytes": 0}
     engine.dispose()
+
+
+def test_features_of_an_online_run_with_a_limit_are_those_of_its_stream(workspace: Path, database_url: str) -> None:
+    """An online run's `--limit N` takes the first N positions of its seeded stream, not the first N by index:
+    `status` counts the features of those samples (QA: `submit tune --method ecalp --limit 10` stored 10 sets,
+    `status` said "4 features")."""
+    from difftpt_ops.core.run_specs import stream_order
+
+    settings = make_settings(workspace, database_url, mlflow_tracking_uri="none")
+    engine = open_engine(settings)
+    n, limit = 12, 5
+    order = stream_order(n, 0)
+    assert sorted(order[:limit]) != list(range(limit))  # the case in question: other samples than the first 5
+    with session_scope(engine) as session:
+        version = make_dataset_version(session, n_samples=n)
+        samples = samples_of(session, version)
+        spec = {"kind": "tune", "method": {"method": "ecalp", "order_seed": 0}, "model": {"name": "tiny"},
+                "seed": 0}
+        run = make_run(session, version, method="ecalp", spec=spec, model_name="tiny", num_samples=limit)
+        for index in order[:limit]:  # what the run stored: the original view of each sample it processed
+            session.add(ViewFeatures(model_fingerprint="m" * 64, sample_hash=samples[index].content_hash,
+                                     recipe_fingerprint="r" * 64, views=[], n_views=1, dim=4, dtype="float32",
+                                     artifact_key=f"{'f' * 64}.st", content_hash="c" * 64, size_bytes=100,
+                                     model_name="tiny"))
+        run_id = run.id
+    usage = run_disk_usage(engine, settings, [run_id])
+    assert usage[run_id]["features"] == limit
+    assert usage[run_id]["feature_bytes"] == 100 * limit
+    engine.dispose()

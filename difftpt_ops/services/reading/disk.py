@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from difftpt_ops.config import Settings
-from difftpt_ops.db.tables import GeneratedImage, Run, Sample, ViewFeatures
+from difftpt_ops.core.run_specs import stream_order
+from difftpt_ops.db.tables import DatasetVersion, GeneratedImage, Run, Sample, ViewFeatures
 from difftpt_ops.storage.artifacts import ArtifactStore
 
 
@@ -48,12 +49,26 @@ def _features(session: Session, run: Run) -> tuple[int, int]:
         return 0, 0
     reward = ((run.spec or {}).get("method") or {}).get("reward_model")
     names = [run.model_name] + ([reward] if reward and reward != run.model_name else [])
-    sources = select(Sample.content_hash).where(Sample.dataset_version_id == run.dataset_version_id,
-                                                Sample.index < run.num_samples)
     totals = select(func.count(ViewFeatures.id), func.coalesce(func.sum(ViewFeatures.size_bytes), 0))
     count, size = session.execute(totals.where(ViewFeatures.model_name.in_(names),
-                                               ViewFeatures.sample_hash.in_(sources))).one()
+                                               ViewFeatures.sample_hash.in_(_run_samples(session, run)))).one()
     return int(count), int(size)
+
+
+def _run_samples(session: Session, run: Run) -> Any:
+    """The content hashes of the samples in a run's scope: the first num_samples by index, or for an online run
+    (its spec has an `order_seed`) the first num_samples positions of its seeded stream (`--limit N`)."""
+    in_version = Sample.dataset_version_id == run.dataset_version_id
+    method = (run.spec or {}).get("method")
+    order_seed = method.get("order_seed") if isinstance(method, dict) else None
+    if isinstance(order_seed, int):
+        size = session.scalar(select(DatasetVersion.num_samples).where(DatasetVersion.id == run.dataset_version_id))
+        if size is not None and run.num_samples < size:
+            indices = stream_order(int(size), order_seed)[:run.num_samples]
+            # literal values: a --limit of tens of thousands would pass SQLite's limit on bound parameters
+            positions = bindparam("positions", indices, expanding=True, literal_execute=True)
+            return select(Sample.content_hash).where(in_version, Sample.index.in_(positions))
+    return select(Sample.content_hash).where(in_version, Sample.index < run.num_samples)
 
 
 def _size(store: ArtifactStore, key: str) -> int:

@@ -26,7 +26,6 @@ the resume point, and the shard is re-queued like any other (heartbeat, stale ch
 from __future__ import annotations
 
 import logging
-import random
 import time
 import traceback
 import weakref
@@ -42,6 +41,7 @@ from difftpt_ops.config import Settings
 from difftpt_ops.core.clock import utcnow
 from difftpt_ops.core.errors import InputError, SampleError, TransientError
 from difftpt_ops.core.method_specs import CORE_METHODS
+from difftpt_ops.core.run_specs import stream_order
 from difftpt_ops.core.status import SampleStatus, ShardState
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import DatasetVersion, OnlineCheckpoint, Run, Sample, Shard
@@ -97,13 +97,6 @@ def is_online_method(name: str) -> bool:
     from difftpt_ops.tta.methods import ONLINE, get_method, method_names
 
     return name in method_names() and get_method(name).kind == ONLINE
-
-
-def stream_order(n_samples: int, order_seed: int) -> list[int]:
-    """The sample indices of a dataset version in the order an online run sees them (a seeded permutation)."""
-    order = list(range(n_samples))
-    random.Random(order_seed).shuffle(order)
-    return order
 
 
 _chained: OrderedDict[tuple[str, int], bool] = OrderedDict()
