@@ -175,11 +175,20 @@ def submit_tune(
 
     settings = settings_of(ctx)
     parsed = parse_overrides(overrides)
+    if orders is not None:  # --orders K is order_seed=0..K-1: another order seed given with it names what was typed
+        order_item = online.order_sweep(method, orders)
+        swept = [item for item in sweep or [] if item.partition("=")[0].strip() == "order_seed"]
+        also = (f"--order-seed={order_seed}" if order_seed is not None else
+                f"--set order_seed={parsed['order_seed']}" if "order_seed" in parsed else
+                f"--sweep {swept[0].strip()}" if swept else None)
+        if also is not None:
+            raise InputError("--orders", orders, f"runs order seeds 0..{orders - 1}; it cannot be combined with "
+                             f"{also} (drop one of them)")
     if order_seed is not None:  # the spec's order_seed field, which only online specs have
         online.check_has_order(method, "--order-seed", order_seed)
         parsed = {**parsed, "order_seed": str(order_seed)}
     if orders is not None:
-        sweep = [*(sweep or []), online.order_sweep(method, orders)]
+        sweep = [*(sweep or []), order_item]
     engine = engine_of(ctx)
     if dry_run and (sweep or seeds is not None):
         raise InputError("--dry-run", True, "estimates one run; drop --sweep/--seeds/--orders to estimate one grid "

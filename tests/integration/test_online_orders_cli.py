@@ -1,0 +1,42 @@
+"""`submit tune --orders K` combined with another order seed: the one-line error names what the user typed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+from typer.testing import CliRunner
+
+from difftpt_ops.db.tables import Run
+from tests.integration.test_online_support import image_dataset, online_settings
+
+pytestmark = [pytest.mark.integration]
+
+
+@pytest.mark.parametrize(("extra", "named"), [
+    (["--order-seed", "3"], "--order-seed=3"),
+    (["--set", "order_seed=5"], "--set order_seed=5"),
+    (["--sweep", "order_seed=1,2"], "--sweep order_seed=1,2"),
+])
+def test_orders_with_another_order_seed_names_what_was_typed(workspace: Path, tmp_path: Path, tiny_models_dir: Path,
+                                                            monkeypatch: pytest.MonkeyPatch, extra: list[str],
+                                                            named: str) -> None:
+    """QA: `--orders 2 --order-seed 3` said "--sweep=order_seed: is also given with --set" (neither was typed), and
+    `--orders 2 --sweep order_seed=1,2` said "--sweep=order_seed=0,1: ... swept twice" (0,1 was not typed)."""
+    from cli.main import app
+
+    database = f"sqlite:///{workspace / 'difftpt.db'}"
+    _, engine = online_settings(workspace, database)
+    image_dataset(engine, tmp_path / "images", n=4)
+    for key, value in {"DIFFTPT_OPS_WORKSPACE": str(workspace), "DIFFTPT_OPS_DATABASE_URL": database,
+                       "DIFFTPT_OPS_DEVICE": "cpu", "DIFFTPT_OPS_MLFLOW_TRACKING_URI": "none"}.items():
+        monkeypatch.setenv(key, value)
+    result = CliRunner().invoke(app, ["submit", "tune", "--dataset", "pics", "--method", "oga", "--model",
+                                      str(tiny_models_dir / "clip"), "--pretrained", "none", "--orders", "2", *extra])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1 and "--orders=2" in lines[0] and named in lines[0], result.output
+    with engine.connect() as connection:
+        assert connection.scalar(select(func.count()).select_from(Run)) == 0  # nothing written
+    engine.dispose()
