@@ -437,7 +437,7 @@ def _notes(table: Table) -> list[str]:
         notes.append(f"‡ not the samples of the {table.baseline_row} cell (an online method's --limit takes the first "
                      "n of its stream): its paired test uses the samples both have (paired_n in JSON and CSV)")
     if any(c.std is not None for r in table.rows for c in r.cells.values()):
-        notes.append("± standard deviation over runs that differ only by seed")
+        notes.append("± standard deviation over runs that differ only by seed (an online method's: by order seed)")
     if any(r.config for r in table.rows):
         notes.append("a row per configuration: settings after the method's name differ from its defaults for "
                      "the dataset")
