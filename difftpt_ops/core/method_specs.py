@@ -347,8 +347,22 @@ def method_spec_from(method: str, overrides: dict[str, Any] | None = None) -> Me
                 prompt["ctx_init"] = None
             top["prompt"] = dataclasses.replace(defaults.prompt, **prompt)
         return dataclasses.replace(defaults, **top)
+    except InvalidSpecError as exc:  # a value out of range: name the option and the value as the user typed them
+        typed = _typed_override(exc.argument, overrides or {})
+        if typed is None:
+            raise
+        raise InvalidSpecError(f"--set {typed[0]}", typed[1], exc.problem) from None
     except (TypeError, ValueError) as exc:
         raise InvalidSpecError("--set", overrides, str(exc)) from exc
+
+
+def _typed_override(field_name: str, overrides: dict[str, Any]) -> tuple[str, Any] | None:
+    """The `--set` key and value that gave the spec field `field_name` (a prompt field is set as prompt.X), or
+    None when the field was not set (a check about defaults or about two fields together)."""
+    for key in (field_name, f"prompt.{field_name}"):
+        if key in overrides:
+            return key, overrides[key]
+    return None
 
 
 def method_spec_from_dict(payload: dict[str, Any]) -> MethodSpec:

@@ -133,7 +133,7 @@ def test_registry_feeds_specs_and_errors(meanview: type[MeanView]) -> None:
     assert method_spec_from("meanview-test", {"n_views": "5"}) == MeanViewSpec(n_views=5)
     with pytest.raises(InvalidSpecError) as info:
         method_spec_from("meanview-test", {"n_views": "0"})
-    assert info.value.argument == "n_views"
+    assert info.value.argument == "--set n_views" and info.value.value == "0"
     kinds = {m.name: m.kind for m in registered()}
     assert (kinds["zeroshot"], kinds["tpt"], kinds["difftpt"]) == ("forward-only", "prompt-tuning", "prompt-tuning")
     unregister("meanview-test")
@@ -192,7 +192,7 @@ def test_bad_feature_options_are_one_line_errors(cli_env: dict[str, str]) -> Non
     assert result.exit_code == 2 and "--views" in result.output and "bogus" in result.output
     with pytest.raises(InvalidSpecError) as info:
         method_spec_from("tpt", {"features": "sometimes"})
-    assert info.value.argument == "features"
+    assert info.value.argument == "--set features" and info.value.value == "sometimes"
     # At its default the option stays out of the spec, so fingerprints of earlier runs are unchanged.
     assert "features" not in method_spec_from("tpt").to_dict()
     assert method_spec_from("tpt", {"features": "recompute"}).to_dict()["features"] == "recompute"

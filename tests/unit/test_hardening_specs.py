@@ -42,16 +42,18 @@ def test_numbers_that_are_not_numbers_of_the_field_type_are_refused(key: str, va
     assert "number" in caught.value.problem
 
 
-@pytest.mark.parametrize(("method", "key", "value", "named"), [
-    ("tpt", "steps", "-1", "steps"), ("tpt", "n_views", "0", "n_views"), ("tpt", "selection_p", "1.5", "selection_p"),
-    ("tpt", "lr", "0", "lr"), ("difftpt", "selection_cosine", "0", "selection_cosine"),
-    ("difftpt", "cosine_on", "pixels", "cosine_on"), ("tpt", "prompt.n_ctx", "0", "n_ctx"),
+@pytest.mark.parametrize(("method", "key", "value"), [
+    ("tpt", "steps", "-1"), ("tpt", "n_views", "0"), ("tpt", "selection_p", "1.5"), ("tpt", "lr", "0"),
+    ("difftpt", "selection_cosine", "0"), ("difftpt", "cosine_on", "pixels"), ("tpt", "prompt.n_ctx", "0"),
+    ("oga", "tau", "-2"),
 ])
-def test_out_of_range_values_are_refused_by_the_spec_naming_the_field(method: str, key: str, value: str,
-                                                                      named: str) -> None:
+def test_out_of_range_values_are_refused_by_the_spec_naming_the_field(method: str, key: str, value: str) -> None:
+    """As parse errors do: the option as typed (`--set KEY`, a prompt field as prompt.X) and the value as typed
+    (not the parsed float)."""
     with pytest.raises(InvalidSpecError) as caught:
         method_spec_from(method, {key: value})
-    assert caught.value.argument == named and "must" in caught.value.problem
+    assert caught.value.argument == f"--set {key}" and caught.value.value == value and "must" in caught.value.problem
+    assert str(caught.value).startswith(f"--set {key}={value}: ")
 
 
 def test_good_values_arrive_typed() -> None:

@@ -65,7 +65,7 @@ def test_every_method_refuses_more_views_than_one_batch_can_hold() -> None:
         method_spec_from(method, {"n_views": str(MAX_VIEWS)})
         with pytest.raises(InvalidSpecError) as info:
             method_spec_from(method, {"n_views": str(MAX_VIEWS + 1)})
-        assert info.value.argument == "n_views", method
+        assert info.value.argument == "--set n_views", method
     with pytest.raises(InvalidSpecError, match="memory_size"):
         method_spec_from("dmn-zs", {"memory_size": "1000000000000"})
     for key in ("n_conventional", "n_generated"):  # DiffTPT's views, of two kinds
@@ -75,10 +75,10 @@ def test_every_method_refuses_more_views_than_one_batch_can_hold() -> None:
 
 @pytest.mark.parametrize("method, overrides, argument", [
     ("magic", {}, "--method"),
-    ("tpt", {"selection_p": "0"}, "selection_p"),
-    ("tpt", {"selection_p": "1.5"}, "selection_p"),
-    ("difftpt", {"selection_cosine": "-0.1"}, "selection_cosine"),
-    ("difftpt", {"cosine_on": "pixels"}, "cosine_on"),
+    ("tpt", {"selection_p": "0"}, "--set selection_p"),
+    ("tpt", {"selection_p": "1.5"}, "--set selection_p"),
+    ("difftpt", {"selection_cosine": "-0.1"}, "--set selection_cosine"),
+    ("difftpt", {"cosine_on": "pixels"}, "--set cosine_on"),
     ("tpt", {"no_such_field": "1"}, "--set"),
 ])
 def test_bad_specs_name_the_argument(method: str, overrides: dict[str, str], argument: str) -> None:
