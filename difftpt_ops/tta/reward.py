@@ -44,10 +44,6 @@ class RewardScorer:
         with torch.no_grad(), self._autocast():
             return self.model.encode_image(images.to(self.weight_dtype)).cpu()
 
-    def encode_views(self, pixels: Tensor) -> Tensor:
-        """Normalised fp32 features (n, d_reward) of normalised views (n, 3, H, W)."""
-        return normalise(self.encode_raw(pixels).to(self.device))
-
     def inputs_for(self, pixels: Tensor) -> RewardInputs:
         """The reward model's features of the kept views `pixels` (in the method's order) and of the classes."""
         return self.inputs_from(self.encode_raw(pixels))

@@ -150,7 +150,7 @@ def test_seeds_of_a_configuration_that_draws_nothing_at_random_are_refused(engin
 
 @pytest.mark.parametrize(("grid", "argument"), [
     ({"steps": ["1", "-1"]}, "--sweep steps"),
-    ({"prompt.ctx_init": ["a photo of a", "a"]}, "--sweep prompt.ctx_init"),  # a prompt field names itself bare
+    ({"prompt.ctx_init": ["a photo of a", "a"]}, "--sweep prompt.ctx_init"),  # a prompt field, as typed
 ])
 def test_a_bad_grid_value_names_its_sweep_key(grid: dict[str, list[str]], argument: str) -> None:
     with pytest.raises(InputError) as info:

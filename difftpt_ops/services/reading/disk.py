@@ -59,8 +59,7 @@ def _run_samples(session: Session, run: Run) -> Any:
     """The content hashes of the samples in a run's scope: the first num_samples by index, or for an online run
     (its spec has an `order_seed`) the first num_samples positions of its seeded stream (`--limit N`)."""
     in_version = Sample.dataset_version_id == run.dataset_version_id
-    method = (run.spec or {}).get("method")
-    order_seed = method.get("order_seed") if isinstance(method, dict) else None
+    order_seed = ((run.spec or {}).get("method") or {}).get("order_seed")
     if isinstance(order_seed, int):
         size = session.scalar(select(DatasetVersion.num_samples).where(DatasetVersion.id == run.dataset_version_id))
         if size is not None and run.num_samples < size:

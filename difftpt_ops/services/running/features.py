@@ -133,9 +133,9 @@ class FeatureCache:
         started = time.perf_counter()
         if stored:  # only the views no stored set holds are built and encoded (and their images read)
             missing = [i for i in range(len(recipes)) if i not in stored]
-            pixels = self._build_some(tuner, sample, root=root, views=views, seed=seed, augmix=augmix,
-                                      positions=missing)
-            raw = self._fill(stored, tuner.encode_raw(pixels) if missing else None, missing)
+            fresh = tuner.encode_raw(self._build_some(tuner, sample, root=root, views=views, seed=seed,
+                                                      augmix=augmix, positions=missing)) if missing else None
+            raw = self._fill(stored, fresh, missing)  # several sets may hold all of them between them
             kinds, encoded = kinds_of(recipes), len(missing)
         else:
             built = self._build(tuner, sample, root=root, views=views, seed=seed, augmix=augmix)

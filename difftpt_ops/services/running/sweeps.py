@@ -105,9 +105,7 @@ def _check_plan(method: str, overrides: dict[str, Any], grid: dict[str, list[str
             if settings is not None:
                 check_method_files(settings, spec)
         except InputError as exc:  # InvalidSpecError too: the bad value's option, as the user typed it
-            swept = exc.argument.removeprefix("--set ")
-            if swept not in knobs and f"prompt.{swept}" in knobs:  # a prompt field names itself without "prompt."
-                swept = f"prompt.{swept}"
+            swept = exc.argument.removeprefix("--set ")  # method_spec_from names a prompt field as prompt.X
             if swept in knobs:  # a grid value: name the option the user typed it in
                 raise type(exc)(f"--sweep {swept}", exc.value, exc.problem) from None
             if exc.argument == "--set" and exc.value in knobs:  # an unknown field named in the grid
