@@ -39,12 +39,13 @@ runs_app = new_app("Runs: list them (see also `status`, `resume`, `cancel`).")
 RunArg = Annotated[str, typer.Argument(metavar="RUN", help="Run id (see `difftpt-ops runs list`).")]  # parse_run_id
 DatasetOpt = Annotated[str, typer.Option("--dataset", help="Dataset name (latest version) or NAME@VERSION.")]
 LimitOpt = Annotated[int | None, typer.Option(
-    "--limit", help="Plan only the first N samples (an online method: the first N of its seeded stream order); "
-                    "a larger limit later extends the same run.")]
+    "--limit", help="Plan only the first N samples (an online method: the first N of its seeded stream order; "
+                    "one that predicts in batches, OGA: a multiple of its batch_size); a larger limit later extends "
+                    "the same run.")]
 ShardSizeOpt = Annotated[int | None, typer.Option(
     "--shard-size",
-    help="Samples per shard (default: the settings' shard_size, online_shard_size for online methods); new runs "
-         "only.")]
+    help="Samples per shard (default: the settings' shard_size, online_shard_size for online methods, rounded up "
+         "to a multiple of OGA's batch_size, which a shard may not split); new runs only.")]
 DeviceOpt = Annotated[str | None, typer.Option(
     "--device", help="Device the run is for: auto (CUDA if this machine has it), cpu, cuda or cuda:N; resolved "
     "at submit and stored in the spec. Workers use their own GPU; a CUDA run never falls back to the CPU.")]

@@ -85,6 +85,25 @@ class SampleResult:
     views_read: int = 0  # of n_views, given as stored features (the feature store)
 
 
+@dataclass(frozen=True)
+class PredictionSummary:
+    """What a sample's prediction logits say: the class, the top 5, the entropy and the confidence (max
+    probability) of their softmax."""
+
+    pred: int
+    top5: list[int]
+    entropy: float
+    confidence: float
+
+
+def prediction_summary(logits: Tensor) -> PredictionSummary:
+    """The summary of prediction logits (n_classes,), as every result reports it."""
+    logits = logits.detach().float()
+    return PredictionSummary(pred=int(logits.argmax()),
+                             top5=torch.topk(logits, k=min(TOP_K, logits.shape[-1])).indices.cpu().tolist(),
+                             entropy=float(view_entropy(logits[None])[0]), confidence=float(logits.softmax(-1).max()))
+
+
 def prepare_classifier(clip: ClipLike, class_names: Sequence[str], spec: MethodSpec, *,
                        coop_state: Mapping[str, Any] | Tensor | None = None, init_seed: int = 0,
                        image_batch: int = 128, max_text_groups: int = 4, view_workers: int = 1,
@@ -145,6 +164,10 @@ class Tuner:
         # A method's per-class prompt sets (n_classes, n_prompts, d), unaveraged (AWT); None for the others.
         self._prompt_sets: Tensor | None = prompt_sets.to(self.device) if prompt_sets is not None else None
         self.state: Any = None  # an online method's state; None until the first sample (or a restore)
+        # An online method that predicts its stream in blocks (OGA's batches): the inputs of the samples whose
+        # final prediction waits for the block to close (`close_block`).
+        self.block = method.block_size(spec) if method.kind == ONLINE else 1  # type: ignore[attr-defined]
+        self._held: list[StepInputs] = []
         # An online stream's length (the dataset version's samples), set by the online runner before the first
         # sample; a method whose schedule needs it (OnZeta) refuses to start without it.
         self.stream_length: int | None = None
@@ -264,6 +287,8 @@ class Tuner:
                     self.spec, n_classes=self.class_count, dim=int(features.shape[-1]), device=self.device,
                     stream_length=self.stream_length)
             output, self.state = self.method.step(self.spec, self.state, inputs)  # type: ignore[attr-defined]
+        if self.block > 1:
+            self._held.append(inputs)
         return inputs.logits[0], output.logits, output.scores
 
     def _prompt_tuning(self, features: Tensor, kinds: tuple[str, ...],
@@ -328,6 +353,22 @@ class Tuner:
     def reset_state(self) -> None:
         """Forget an online method's state (the next sample starts a fresh one)."""
         self.state = None
+        self._held.clear()
+
+    @property
+    def held(self) -> int:
+        """How many samples of the open block wait for their final prediction (0 unless `block` > 1)."""
+        return len(self._held)
+
+    def close_block(self) -> list[Tensor]:
+        """The final prediction logits of the open block's samples, in stream order, each from the state after
+        the whole block (the method's `predict`); the block is then empty. The caller closes a block at every
+        multiple of `block` stream positions and at the end of its stream."""
+        with torch.no_grad():
+            final = [self.method.predict(self.spec, self.state, inputs).float()  # type: ignore[attr-defined]
+                     for inputs in self._held]
+        self._held.clear()
+        return final
 
     def state_dict(self) -> dict[str, Tensor]:
         """An online method's state as flat tensors (empty before the first sample)."""
@@ -336,6 +377,7 @@ class Tuner:
     def load_state_dict(self, tensors: Mapping[str, Tensor]) -> None:
         """Restore an online method's state saved with `state_dict` (empty: saved before the first sample, e.g.
         after a shard whose samples all failed; the next sample starts a fresh state)."""
+        self._held.clear()
         if not tensors:
             self.state = None
             return
@@ -400,7 +442,7 @@ class Tuner:
     def _result(self, before: Tensor, after: Tensor, scores: ViewScores, kinds: Sequence[str], *,
                 seconds: float) -> SampleResult:
         before, after = before.detach().float(), after.detach().float()
-        probs_before, probs_after = before.softmax(-1), after.softmax(-1)
+        initial, final = prediction_summary(before), prediction_summary(after)
         kept = torch.zeros(len(kinds), dtype=torch.bool)
         kept[scores.indices.cpu()] = True
         entropy, cosine = scores.entropy.cpu().tolist(), scores.cosine.cpu().tolist()
@@ -411,13 +453,13 @@ class Tuner:
             for i, kind in enumerate(kinds)
         ]
         return SampleResult(
-            pred=int(after.argmax()),
-            top5=torch.topk(after, k=min(TOP_K, after.shape[-1])).indices.cpu().tolist(),
-            zeroshot_pred=int(before.argmax()),
-            entropy_before=float(view_entropy(before[None])[0]),
-            entropy_after=float(view_entropy(after[None])[0]),
-            confidence_before=float(probs_before.max()),
-            confidence_after=float(probs_after.max()),
+            pred=final.pred,
+            top5=final.top5,
+            zeroshot_pred=initial.pred,
+            entropy_before=initial.entropy,
+            entropy_after=final.entropy,
+            confidence_before=initial.confidence,
+            confidence_after=final.confidence,
             n_views=len(kinds),
             n_kept=int(scores.indices.numel()),
             seconds=seconds,

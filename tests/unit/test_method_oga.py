@@ -221,14 +221,51 @@ def _oracle_prefix_predict(features: torch.Tensor, text: torch.Tensor, p: oga.OG
     return model.get_map(zs_probs[i:i + 1], model.get_log_probs(features[i:i + 1]), p.tau)
 
 
-def test_a_larger_reference_batch_is_another_algorithm() -> None:
-    """runner.py's default batch of 32 predicts each sample with a model fitted on the whole batch, later samples
-    included; the per-sample engine cannot, and runs the reference with batches of 1 (docs/methods.md)."""
-    features, text = _stream(n=64, seed=2)
-    spec = oga.OGASpec()
-    batched = _oracle(features, text, spec.params(), batch_size=32)
-    got = torch.stack(_run(spec, features, text)[0]).exp()
-    assert not torch.allclose(got, batched, atol=1e-3, rtol=0)
+def _run_in_batches(spec: oga.OGASpec, features: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The stream as the online runner drives a method that predicts in batches: a step per sample, then, at the
+    end of each batch of `spec.batch_size` and of the stream, `predict` for every sample of the batch with the
+    state after it. The posteriors (n, C) and the end state."""
+    from difftpt_ops.tta.methods import StepInputs
+
+    method = get_method("oga")
+    assert method.block_size(spec) == spec.batch_size
+    state = method.init_state(spec, n_classes=text.shape[0], dim=text.shape[1], device=torch.device("cpu"))
+    held: list[StepInputs] = []
+    final = []
+    for i, x in enumerate(features):
+        views = x[None]
+        inputs = StepInputs(image_features=views, text_features=text, logit_scale=torch.tensor(100.0),
+                            logits=100.0 * views @ text.T, kinds=("original",))
+        _, state = method.step(spec, state, inputs)
+        held.append(inputs)
+        if (i + 1) % spec.batch_size == 0 or i + 1 == features.shape[0]:
+            final += [method.predict(spec, state, inputs) for inputs in held]
+            held = []
+    return torch.stack(final).exp(), state
+
+
+@pytest.mark.parametrize("batch_size", [32, 5, 2])
+@pytest.mark.parametrize("seed", [0, 2])
+@pytest.mark.parametrize("overrides", [{}, {"covariance": "ridge"}, {"class_mean": "stored", "shot_capacity": "3"}],
+                         ids=["defaults", "ridge", "stored-3"])
+def test_batches_match_the_reference_loop_with_its_batch_size(overrides: dict[str, str], seed: int,
+                                                              batch_size: int) -> None:
+    """runner.py's batches (its default 32; 70 samples end with a shorter one): every sample is predicted with
+    the model fitted on its whole batch, later samples of the batch included; the end state is the reference's
+    and the same as with batches of 1 (the batch only delays the predictions)."""
+    features, text = _stream(n=70, dim=16, seed=seed)
+    spec = method_spec_from("oga", {**overrides, "batch_size": str(batch_size)})
+    expected, model = _reference_run(features, text, spec.params(), batch_size=batch_size)
+    got, state = _run_in_batches(spec, features, text)
+    assert torch.allclose(got, expected, atol=1e-10, rtol=0)
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+    assert torch.equal(state["memory"], model.memory) and torch.allclose(state["means"], model.mus, atol=1e-12)
+    assert float((state["precision"] - model.inv_sig).abs().max()) <= 1e-9 * float(model.inv_sig.abs().max())
+    per_sample, sample_state = _run(spec, features, text)
+    assert torch.equal(state["precision"], sample_state["precision"])
+    # The batches matter: the same stream predicted sample by sample (batch 1) gives other posteriors, by far
+    # more than the tolerance above.
+    assert float((got - torch.stack(per_sample).exp()).abs().max()) > 1e-3
 
 
 def test_checkpointed_state_continues_exactly() -> None:
@@ -265,14 +302,27 @@ def test_tau_zero_is_zero_shot() -> None:
 
 def test_defaults_are_the_references_and_bad_settings_name_the_field() -> None:
     spec = method_spec_from("oga")
-    assert (spec.tau, spec.shot_capacity, spec.covariance, spec.normalize_mean, spec.class_mean) == (
-        0.05, 8, "ridge-moore-penrose", False, "capacity")
+    assert (spec.tau, spec.shot_capacity, spec.covariance, spec.normalize_mean, spec.class_mean, spec.batch_size) == (
+        0.05, 8, "ridge-moore-penrose", False, "capacity", 32)
     assert (spec.prompts, get_method("oga").views(spec).n_views) == (None, 1)
     for field, value in [("tau", "-1"), ("tau", "nan"), ("shot_capacity", "0"), ("covariance", "ledoit"),
-                         ("class_mean", "median"), ("order_seed", "-2"), ("prompts", "nope")]:
+                         ("class_mean", "median"), ("order_seed", "-2"), ("prompts", "nope"),
+                         ("batch_size", "0"), ("batch_size", "5000")]:
         with pytest.raises(InvalidSpecError, match=field if field != "prompts" else "prompt") as raised:
             method_spec_from("oga", {field: value})
         assert "\n" not in str(raised.value) and value in str(raised.value)
+
+
+def test_runs_stored_before_the_batches_read_back_as_batches_of_one() -> None:
+    """A spec stored without batch_size (runs made when each sample was predicted as it arrived) rebuilds as
+    batch_size 1 and keeps its fingerprint; the default's 32 is stored."""
+    from difftpt_ops.core.method_specs import method_spec_from_dict
+
+    per_sample = method_spec_from("oga", {"batch_size": "1"})
+    assert "batch_size" not in per_sample.to_dict()
+    assert method_spec_from_dict(per_sample.to_dict()) == per_sample
+    assert method_spec_from("oga").to_dict()["batch_size"] == 32
+    assert method_spec_from_dict(method_spec_from("oga").to_dict()).batch_size == 32
 
 
 def test_prompts_resolve_per_dataset_format() -> None:
@@ -310,6 +360,44 @@ def test_the_engine_runs_the_stream_as_the_reference_loop(tmp_path: Path) -> Non
     assert [r.pred for r in results] == expected.argmax(1).tolist()
     assert int(resumed.state["seen"]) == 8
     assert int(resumed.state["filled"].sum(1).max()) >= 3  # the covariance was refitted on the way
+
+
+def test_the_engine_holds_a_batch_until_it_closes(tmp_path: Path) -> None:
+    """Through the engine: each run's prediction is provisional (the reference's batch of 1) and the tuner holds
+    the sample; `close_block` gives the batch's final posteriors (the reference's with batch_size 3) and empties
+    it; a reset or a restored state drops what was held."""
+    from PIL import Image
+
+    from difftpt_ops.tta import prepare_classifier
+    from tests.unit.tta_support import CLASS_NAMES, tiny_clip
+
+    clip = tiny_clip(tmp_path / "clip")
+    spec = method_spec_from("oga", {"prompts": "single", "batch_size": "3"})
+    g = torch.Generator().manual_seed(1)
+    images = [Image.fromarray((torch.rand(40, 48, 3, generator=g) * 255).to(torch.uint8).numpy()) for _ in range(8)]
+    tuner = prepare_classifier(clip, CLASS_NAMES, spec)
+    provisional, final = [], []
+    for i, image in enumerate(images):
+        provisional.append(tuner.run(image, seed=0, sample_key=i).logits)
+        if (i + 1) % 3 == 0 or i == 7:
+            assert tuner.held == (i % 3) + 1
+            final += tuner.close_block()
+            assert tuner.held == 0
+    features = torch.cat([tuner.encode_images(tuner.make_views(image, generated=[], seed=0, sample_key=i,
+                                                               augmix=False).pixels) for i, image in enumerate(images)])
+    text = tuner._initial_text_features()  # noqa: SLF001 - the fixed text features the steps used
+    scale = float(tuner.logit_scale)
+    batched = _oracle(features.double(), text.double(), spec.params(), scale=scale, batch_size=3)
+    one_by_one = _oracle(features.double(), text.double(), spec.params(), scale=scale)
+    assert torch.allclose(torch.stack(final).double().exp(), batched, atol=1e-5, rtol=0)
+    assert torch.allclose(torch.stack(provisional).double().exp(), one_by_one, atol=1e-5, rtol=0)
+    tuner.run(images[0], seed=0, sample_key=0)
+    saved = tuner.state_dict()
+    tuner.reset_state()
+    assert tuner.held == 0
+    tuner.run(images[0], seed=0, sample_key=0)
+    tuner.load_state_dict(saved)
+    assert tuner.held == 0 and tuner.close_block() == []
 
 
 def test_the_precision_refit_survives_matrices_on_which_lapacks_svd_fails() -> None:

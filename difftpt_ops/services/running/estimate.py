@@ -61,16 +61,22 @@ def estimate_tune(engine: Engine, settings: Settings, *, dataset_ref: str, metho
     spec is resolved by the same function (`runs.resolve_tune_spec`), so the run a submit would attach to is
     found by its fingerprint."""
     from difftpt_ops.services.running.runs import default_shard_size, resolve_tune_spec, tune_choice
-    from difftpt_ops.services.running.submit_checks import check_execution_args, check_model_path
+    from difftpt_ops.services.running.submit_checks import (
+        check_execution_args,
+        check_model_path,
+        check_stream_blocks,
+    )
 
     check_execution_args(limit=limit, shard_size=shard_size, device=device, seed=seed)
     choice = tune_choice(settings, method=method, overrides=overrides, model=model, pretrained=pretrained,
                          device=device)
+    check_stream_blocks(choice.method, limit=None, shard_size=shard_size)
     check_model_path(settings, choice.method.method, choice.model)  # as submit: a model that cannot exist
     with Session(engine) as session:
         plan = resolve_tune_spec(session, settings, choice, dataset_ref=dataset_ref, generation_id=generation_id,
                                  seed=seed, generation_missing_ok=True)
         version, config, method_spec = plan.version, plan.config, plan.spec.method
+        check_stream_blocks(method_spec, limit=limit, shard_size=None, n_samples=version.num_samples)
         samples = _in_scope(version, limit)
         existing = session.scalar(select(Run).where(Run.fingerprint == plan.spec.fingerprint()))
         n_generated = int(getattr(method_spec, "n_generated", 0) or 0)
@@ -78,7 +84,7 @@ def estimate_tune(engine: Engine, settings: Settings, *, dataset_ref: str, metho
         done, planned, shards = _progress(session, existing)
         to_do = samples - min(done, samples)
         new_shards = _new_shards(planned, samples, existing.shard_size if existing else shard_size or
-                                 default_shard_size(settings, method_spec.method))
+                                 default_shard_size(settings, method_spec))
         size = int(config.spec.get("size", 0)) if config is not None else 0
         per_image, bytes_source = (_bytes_per_image(session, settings, config, size) if config is not None
                                    else (None, _no_images(n_generated, dataset_ref)))

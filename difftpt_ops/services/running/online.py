@@ -216,6 +216,18 @@ class _Results:
     logits: list[Any] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
     seconds: float = 0.0
+    # A method that predicts in blocks (OGA's batches): per sample of the open block, the index of its row
+    # (None: it failed after its step), whose provisional prediction the block's end replaces.
+    held: list[int | None] = field(default_factory=list)
+
+    def add_error(self, run_id: int, sample_id: int, sample_index: int, exc: Exception) -> None:
+        self.errors.append({"run_id": run_id, "sample_id": sample_id, "sample_index": sample_index,
+                            "error": str(exc)[:4000], "created_at": utcnow()})
+
+    def written(self) -> tuple[list[Any], list[Any], list[int]]:
+        """The rows, logits and positions to write (without rows a block's end turned into errors)."""
+        kept = [i for i, row in enumerate(self.rows) if row is not None]
+        return [self.rows[i] for i in kept], [self.logits[i] for i in kept], [self.positions[i] for i in kept]
 
 
 def _samples_at(engine: Engine, context: _Context, start: int, stop: int) -> list[tuple[int, Any]]:
@@ -229,9 +241,10 @@ def _samples_at(engine: Engine, context: _Context, start: int, stop: int) -> lis
     return [(start + offset, by_index[index]) for offset, index in enumerate(wanted)]
 
 
-def _advance(context: _Context, position: int, sample: Any, results: _Results | None, run_id: int) -> bool:
-    """Run the method on one sample (updating its state); record the outcome in `results` when given."""
+def _advance(context: _Context, position: int, sample: Any, results: _Results, run_id: int) -> bool:
+    """Run the method on one sample (updating its state); record the outcome in `results`."""
     started = time.perf_counter()
+    held = context.recorder.held
     try:
         if sample.status == SampleStatus.FAILED:
             raise SampleError(sample.error or "sample failed at registration")
@@ -241,16 +254,36 @@ def _advance(context: _Context, position: int, sample: Any, results: _Results | 
         # Unreadable: the state never saw this sample. Non-finite outcome: the method's step already updated the
         # state (as the reference's would; docs/methods.md, "Failed samples"). Every replay does the same.
         ok = False
-        if results is not None:
-            results.errors.append({"run_id": run_id, "sample_id": sample.id, "sample_index": sample.index,
-                                   "error": str(exc)[:4000], "created_at": utcnow()})
-    if results is not None:
-        results.seconds += time.perf_counter() - started
-        if ok:
-            results.rows.append(row)
-            results.logits.append(context.recorder.last.logits.detach().float().cpu())
-            results.positions.append(position)
+        results.add_error(run_id, sample.id, sample.index, exc)
+    results.seconds += time.perf_counter() - started
+    if ok:
+        results.rows.append(row)
+        results.logits.append(context.recorder.last.logits.detach().float().cpu())
+        results.positions.append(position)
+    if context.recorder.held > held:  # its step ran; its prediction waits for the end of its block
+        results.held.append(len(results.rows) - 1 if ok else None)
     return ok
+
+
+def _close_block_at(context: _Context, position: int, stop: int, results: _Results, run_id: int) -> None:
+    """After the sample at `position`: if a block ends there (a multiple of the method's block size, or `stop`,
+    the end of the range being run), its samples' provisional predictions become their final ones, each from
+    the state after the whole block. Shards and --limit end on block boundaries (`submit_checks`), so a block
+    never spans two shards."""
+    tuner = context.recorder
+    if tuner.block == 1 or ((position + 1) % tuner.block and position + 1 != stop):
+        return
+    for index, logits in zip(results.held, tuner.close_block(), strict=True):
+        if index is None:
+            continue
+        prediction = results.rows[index][0]
+        try:
+            results.rows[index] = context.tune.processor.revise(results.rows[index], logits)
+            results.logits[index] = logits.detach().float().cpu()
+        except SampleError as exc:
+            results.add_error(run_id, prediction["sample_id"], prediction["sample_index"], exc)
+            results.rows[index] = None
+    results.held.clear()
 
 
 def _start_state(engine: Engine, settings: Settings, context: _Context, claim: ChainClaim) -> None:
@@ -283,6 +316,7 @@ def _start_state(engine: Engine, settings: Settings, context: _Context, claim: C
         replay = _Results()
         for at, sample in _samples_at(engine, context, max(start, position), stop):
             _advance(context, at, sample, replay, claim.run_id)
+            _close_block_at(context, at, stop, replay, claim.run_id)
         if index in damaged:
             _rewrite(context, damaged[index], replay)
 
@@ -290,8 +324,9 @@ def _start_state(engine: Engine, settings: Settings, context: _Context, claim: C
 def _rewrite(context: _Context, row: Any, replay: _Results) -> None:
     import torch
 
-    data = checkpoints.encode_checkpoint(context.recorder.state_dict(), _stack(replay.logits),
-                             torch.tensor(replay.positions, dtype=torch.int64))
+    _, logits, positions = replay.written()
+    data = checkpoints.encode_checkpoint(context.recorder.state_dict(), _stack(logits),
+                                         torch.tensor(positions, dtype=torch.int64))
     facts = checkpoints.put_checkpoint(context.store, data)
     if facts["content_hash"] != row.content_hash:
         log.warning("replayed shard %s of run %s gives a different state than its checkpoint row records",
@@ -309,16 +344,17 @@ def _finish(engine: Engine, context: _Context, claim: ChainClaim, results: _Resu
     False when the shard is no longer ours (the transaction is rolled back)."""
     import torch
 
-    data = checkpoints.encode_checkpoint(context.recorder.state_dict(), _stack(results.logits),
-                             torch.tensor(results.positions, dtype=torch.int64))
+    rows, logits, positions = results.written()
+    data = checkpoints.encode_checkpoint(context.recorder.state_dict(), _stack(logits),
+                                         torch.tensor(positions, dtype=torch.int64))
     facts = checkpoints.put_checkpoint(context.store, data)
     now = utcnow()
     checkpoint = {"run_id": claim.run_id, "shard_index": claim.index, "position": claim.stop, **facts,
                   "created_at": now}
-    params = claim.params(b_done=len(results.rows), b_failed=len(results.errors), b_now=now,
+    params = claim.params(b_done=len(rows), b_failed=len(results.errors), b_now=now,
                           b_seconds=results.seconds)
     with engine.connect() as connection, connection.begin() as transaction:
-        context.tune.processor.write(connection, results.rows)
+        context.tune.processor.write(connection, rows)
         insert_many_ignore(connection, SampleErrorRow, results.errors)
         insert_many_ignore(connection, OnlineCheckpoint, [checkpoint])
         if connection.execute(_DONE, params).rowcount != 1:
@@ -338,6 +374,7 @@ def _process(engine: Engine, settings: Settings, claim: ChainClaim, context: _Co
         if stop_requested() or lease.lost.is_set():
             return "lost" if lease.lost.is_set() else "interrupted"
         ok = _advance(context, position, sample, results, claim.run_id)
+        _close_block_at(context, position, claim.stop, results, claim.run_id)
         if progress is not None:
             progress(int(ok), int(not ok))
     # 3. File, then rows + checkpoint row + done, atomically.

@@ -270,6 +270,27 @@ class TuneProcessor(_TuneRows):
         return prediction, views
 
 
+    def revise(self, row: Any, logits: Any) -> Any:
+        """`row` with the sample's final prediction `logits` (n_classes,), for a sample whose step predicted it
+        provisionally (an online method that predicts in blocks: OGA's batches). Only what the prediction
+        decides changes: class, top 5, their correctness, the final entropy and confidence.
+
+        Raises:
+            SampleError: the final prediction is not finite.
+        """
+        from difftpt_ops.tta.engine import prediction_summary
+
+        prediction, views = row
+        final = prediction_summary(logits)
+        for name, value in (("entropy_after", final.entropy), ("confidence_after", final.confidence)):
+            if not math.isfinite(value):
+                raise SampleError(f"non-finite {name} ({value}) for sample {prediction['sample_index']}")
+        label = prediction["label"]
+        return {**prediction, "pred": final.pred, "top5": final.top5, "correct": final.pred == label,
+                "top5_correct": label in final.top5, "entropy_after": final.entropy,
+                "confidence_after": final.confidence}, views
+
+
 def _finite_or_none(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 

@@ -48,10 +48,12 @@ from difftpt_ops.services.running.submit_checks import (
     check_execution_args,
     check_method_files,
     check_model_path,
+    check_stream_blocks,
     generator_path_checked,
     resolve_method_paths,
     resolve_run_device,
     run_model_spec,
+    stream_block,
 )
 
 
@@ -86,10 +88,14 @@ def _prepare_dispatch(settings: Settings, dispatcher: Dispatcher | None) -> None
     dispatcher.check()
 
 
-def default_shard_size(settings: Settings, method: str) -> int:
+def default_shard_size(settings: Settings, method: MethodSpec) -> int:
     """Samples per shard when `--shard-size` is not given: `online_shard_size` for online methods (a
-    checkpoint per shard), `shard_size` for the rest."""
-    return settings.online_shard_size if online.is_online_method(method) else settings.shard_size
+    checkpoint per shard; rounded up to a multiple of the batch of a method that predicts in batches), `shard_size`
+    for the rest."""
+    if not online.is_online_method(method.method):
+        return settings.shard_size
+    block = stream_block(method)
+    return -(-settings.online_shard_size // block) * block
 
 
 def shard_ranges(start: int, stop: int, size: int) -> list[tuple[int, int]]:
@@ -291,12 +297,14 @@ def submit_tune(engine: Engine, settings: Settings, *, dataset_ref: str, method:
     check_model_path(settings, choice.method.method, choice.model)
     _prepare_dispatch(settings, dispatcher)
     # Slow first calls (imports, git) happen here, before any transaction: see _submit_environment.
-    provenance, shard_size = _submit_environment(), shard_size or default_shard_size(settings, choice.method.method)
+    check_stream_blocks(choice.method, limit=None, shard_size=shard_size)
+    provenance, shard_size = _submit_environment(), shard_size or default_shard_size(settings, choice.method)
     # 2. Resolve the spec as it is stored (per-dataset defaults, generation config), then plan the run.
     with session_scope(engine) as session:
         plan = resolve_tune_spec(session, settings, choice, dataset_ref=dataset_ref, generation_id=generation_id,
                                  seed=seed)
     spec, version, config = plan.spec, plan.version, plan.config
+    check_stream_blocks(spec.method, limit=limit, shard_size=None, n_samples=version.num_samples)
     if plan.descriptions is not None:  # the file before the run that names it; written (fsync) outside a transaction
         store_descriptions(settings, spec.method.descriptions, plan.descriptions)  # type: ignore[attr-defined]
     with session_scope(engine) as session:  # a second transaction: _plan finds or creates the run by fingerprint

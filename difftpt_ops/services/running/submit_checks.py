@@ -32,6 +32,35 @@ def check_execution_args(*, limit: int | None, shard_size: int | None, device: s
         raise InputError("--seed", seed, "must be >= 0")
 
 
+def stream_block(method: Any) -> int:
+    """How many consecutive samples the method spec `method` predicts together (an online method that feeds its
+    stream in batches, as OGA's reference does; `OnlineMethod.block_size`); 1 for every other method."""
+    from difftpt_ops.core.method_specs import CORE_METHODS
+
+    if method.method in CORE_METHODS:
+        return 1
+    from difftpt_ops.tta.methods import ONLINE, find_method
+
+    registered = find_method(method.method)
+    return registered.block_size(method) if registered is not None and registered.kind == ONLINE else 1  # type: ignore[attr-defined]
+
+
+def check_stream_blocks(method: Any, *, limit: int | None, shard_size: int | None,
+                        n_samples: int | None = None) -> None:
+    """A batch's predictions wait for its last sample, and a shard's rows are written when the shard ends: for a
+    method that predicts in batches, a shard may not split one (`--shard-size` a multiple of the batch), nor may
+    a `--limit` run, which a later submit continues as the same run (the limit a multiple of it, or at least the
+    `n_samples` of the stream, where known)."""
+    block = stream_block(method)
+    if block == 1:
+        return
+    why = f"{method.method} predicts its stream in batches of {block} samples (batch_size), which a shard cannot split"
+    if shard_size is not None and shard_size % block:
+        raise InputError("--shard-size", shard_size, f"must be a multiple of {block}: {why}")
+    if limit is not None and limit % block and (n_samples is None or limit < n_samples):
+        raise InputError("--limit", limit, f"must be a multiple of {block}: {why}")
+
+
 def check_model_path(settings: Settings, method: str, model: ModelSpec) -> None:
     """An embedded run loads its model here, so a model that cannot exist is bad input before any row is
     written (workers check their own)."""

@@ -26,7 +26,7 @@ from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import Run, Sweep, SweepRun
 from difftpt_ops.db.writes import insert_ignore, insert_new_ids
 from difftpt_ops.services.reading.groups import sweeps_of_runs
-from difftpt_ops.services.running.submit_checks import check_method_files
+from difftpt_ops.services.running.submit_checks import check_method_files, check_stream_blocks
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,16 @@ def _check_seeds_matter(method: str, overrides: dict[str, Any], points: list[dic
                              f"view only, a fixed prompt), so every seed gives the same run{order}; submit it once")
 
 
+def _check_batches(method: str, overrides: dict[str, Any], points: list[dict[str, Any]], submit_args: dict[str, Any],
+                   n_samples: int) -> None:
+    """Every point's `--shard-size` and `--limit` must suit its batches (OGA's batch_size, which a sweep may vary),
+    as `submit_tune` requires: checked for all points before the first is submitted."""
+    for point in points:
+        spec = method_spec_from(method, {**overrides, **{k: v for k, v in point.items() if k != "seed"}})
+        check_stream_blocks(spec, limit=submit_args.get("limit"), shard_size=submit_args.get("shard_size"),
+                            n_samples=n_samples)
+
+
 def _record_sweep(engine: Engine, identity: dict[str, Any], points: int) -> tuple[int, bool]:
     fingerprint = fingerprint_of(identity)
     with session_scope(engine) as session:
@@ -160,8 +170,9 @@ def submit_sweep(engine: Engine, settings: Settings, *, dataset_ref: str, method
     submit_args.pop("seed", None)
     points = grid_points(grid, seeds)
     _check_plan(method, overrides, grid, points, confirmed, settings)
-    dataset, version_fp = _dataset(engine, dataset_ref)
+    dataset, version_fp, n_samples = _dataset(engine, dataset_ref)
     _check_seeds_matter(method, overrides, points, seeds, dataset.format)
+    _check_batches(method, overrides, points, submit_args, n_samples)
     if DESCRIPTIONS in overrides or DESCRIPTIONS in grid:
         overrides, grid = _descriptions_as_keys(settings, method, dataset, overrides, grid, points)
         points = grid_points(grid, seeds)
@@ -188,14 +199,14 @@ def submit_sweep(engine: Engine, settings: Settings, *, dataset_ref: str, method
     return result
 
 
-def _dataset(engine: Engine, dataset_ref: str) -> tuple[Any, str]:
-    """The dataset row (detached) and the fingerprint of the version `dataset_ref` names."""
+def _dataset(engine: Engine, dataset_ref: str) -> tuple[Any, str, int]:
+    """The dataset row (detached), and the fingerprint and size of the version `dataset_ref` names."""
     from difftpt_ops.services.datasets import resolve_dataset_version
 
     with session_scope(engine) as session:
         dataset, version = resolve_dataset_version(session, dataset_ref)
         session.expunge(dataset)
-        return dataset, version.fingerprint
+        return dataset, version.fingerprint, int(version.num_samples)
 
 
 def _descriptions_as_keys(settings: Settings, method: str, dataset: Any, overrides: dict[str, Any],

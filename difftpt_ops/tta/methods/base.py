@@ -330,6 +330,19 @@ class OnlineMethod(Method):
     def step(self, spec: Any, state: Any, inputs: StepInputs) -> tuple[StepOutput, Any]:
         raise NotImplementedError
 
+    def block_size(self, spec: Any) -> int:
+        """How many consecutive samples of the stream are predicted together, each with the state after all of
+        them (a reference that feeds its stream in batches: OGA's `runner.py`). Blocks start at the stream's
+        first sample; the last one ends with the run's stream. 1 (the default): each sample is predicted by its
+        own step, as it arrives. Above 1 the step's prediction is provisional and `predict` gives the final one
+        when the block closes (the runner does it; `Tuner.close_block`)."""
+        return 1
+
+    def predict(self, spec: Any, state: Any, inputs: StepInputs) -> Tensor:
+        """A sample's prediction logits (n_classes,) from the state as it is now, without updating it; called
+        for every sample of a block when it closes (only for a `block_size` above 1)."""
+        raise NotImplementedError(f"{self.name} predicts each sample in its step")
+
     def state_dict(self, state: Any) -> dict[str, Tensor]:
         """A flat name -> tensor dict (safetensors-ready) from which `load_state_dict` rebuilds `state`."""
         raise NotImplementedError

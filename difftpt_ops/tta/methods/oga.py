@@ -17,8 +17,15 @@ class, for one sample with normalised image feature x and zero-shot logits l (th
    features, and the precision P = d * pinv((n - 1) M + tr(M) I) (`ridge`), pinv(M) (`moore-penrose`), or
    the first while n <= 4d and the second beyond (`ridge-moore-penrose`, the default). Before any refit of
    the covariance, P = d I.
-4. Prediction, after the update: s_k = x^T P mu_k - mu_k^T P mu_k / 2 (the Gaussian log-likelihood up to a
-   term common to all classes), and the posterior softmax(tau * s) * q, normalised.
+4. Prediction, after the update of the whole batch (`batch_size`, the code's 32; see below): s_k = x^T P mu_k
+   - mu_k^T P mu_k / 2 (the Gaussian log-likelihood up to a term common to all classes), and the posterior
+   softmax(tau * s) * q, normalised.
+
+Batches: runner.py feeds the stream in batches of 32, caches (and refits for) the whole batch, then predicts every
+sample of the batch with that model. Refitting once per batch or after each change gives the same model at the
+batch's end (a class's mean and the precision are functions of the cache as it is), so the step updates per
+sample and the batch only delays the prediction: the engine holds the batch's samples and `predict` gives their
+final posteriors when it closes (`block_size`; `batch_size=1` predicts each sample as it arrives).
 
 The reference stores the cache in fp16 and computes the rest in fp32; this keeps everything in the features'
 dtype (fp32 from the engine), which changes results only at the level of rounding. The state is kept on the
@@ -51,6 +58,7 @@ MEAN_MIN_COUNT = 2  # a class's mean leaves its text feature once it caches this
 COVARIANCE_MIN_COUNT = 3  # the covariance is refitted once some class caches this many
 RIDGE_LIMIT = 4  # ridge-moore-penrose: the ridge estimate while n <= this * d
 MAX_SHOT_CAPACITY = 1024  # classes x this x dim floats stay on the device
+MAX_BATCH_SIZE = 4096  # samples held for their final prediction (their inputs stay on the device)
 
 # The reference's "standard" prompts are its dataset modules' `template`, which it did not publish with the
 # code stored here; its README says it builds on TransCLIP, whose ImageNet module writes "a photo of a {}."
@@ -215,9 +223,12 @@ class OGASpec(MethodSpec):
     covariance: str = "ridge-moore-penrose"  # the precision estimator (--sig_type)
     normalize_mean: bool = False  # normalise each refitted class mean (--normalize_mu)
     class_mean: str = "capacity"  # capacity: the code's sum / shot_capacity; stored: the mean of the cached
+    batch_size: int = 32  # samples predicted together, after all of them updated the cache (--batch_size)
     prompts: str | None = None  # None: the reference's prompt for the dataset (PROMPTS_BY_FORMAT)
     descriptions: str | None = None  # class descriptions averaged in with the prompts (docs/methods.md)
-    OMITTED_AT: ClassVar[dict[str, Any]] = {**MethodSpec.OMITTED_AT, "descriptions": None}
+    # Runs made before the batches existed predicted each sample as it arrived: their stored specs, which have no
+    # batch_size, read back as batch_size 1 (and keep their fingerprints).
+    OMITTED_AT: ClassVar[dict[str, Any]] = {**MethodSpec.OMITTED_AT, "descriptions": None, "batch_size": 1}
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -227,6 +238,8 @@ class OGASpec(MethodSpec):
                 f"must be in [1, {MAX_SHOT_CAPACITY}]")
         require(self.covariance in COVARIANCES, "covariance", self.covariance,
                 f"must be one of {', '.join(COVARIANCES)}")
+        require(1 <= self.batch_size <= MAX_BATCH_SIZE, "batch_size", self.batch_size,
+                f"must be in [1, {MAX_BATCH_SIZE}]")
         require(self.class_mean in CLASS_MEANS, "class_mean", self.class_mean,
                 f"must be one of {', '.join(CLASS_MEANS)}")
         if self.prompts is not None:
@@ -266,6 +279,12 @@ class OGA(PromptSetOption, OnlineMethod):
         # Log-probabilities: the argmax is the prediction and softmax gives the probabilities back.
         return StepOutput(logits=log_posterior.to(inputs.logits.device),
                           scores=ViewScores.original_only(inputs.logits)), state
+
+    def block_size(self, spec: OGASpec) -> int:
+        return spec.batch_size
+
+    def predict(self, spec: OGASpec, state: dict[str, Tensor], inputs: StepInputs) -> Tensor:
+        return posterior(state, inputs.image_features[0], inputs.logits[0], spec.tau).to(inputs.logits.device)
 
     def state_dict(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         return state_dict(state)
