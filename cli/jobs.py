@@ -162,7 +162,7 @@ def submit_tune(
     seeds: SeedsOpt = None,
     order_seed: Annotated[int | None, typer.Option(
         "--order-seed",
-        help="Online methods (tda, dmn-zs, dpe, boostadapter, onzeta, ecalp, oga): the seed of the stream "
+        help="Online methods (tda, dmn-zs, dpe, boostadapter, onzeta, ecalp, oga, dynaprompt): the seed of the stream "
              "order (default 0).")] = None,
     orders: Annotated[int | None, typer.Option(
         "--orders", help="Online methods: submit K runs with order seeds 0..K-1 (a sweep over order_seed).")] = None,

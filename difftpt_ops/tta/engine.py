@@ -4,7 +4,8 @@
 (tta/methods), tokenises the prompts, cuts them after their end-of-text token and builds the prompt learner.
 `Tuner.run` then processes one sample: episodic reset, build the views the method asks for, encode them
 (or take their features from the caller, e.g. read from the feature store: `run_features`), call the method,
-report. The engine branches on a method's kind only (forward-only, prompt-tuning, online), never on its
+report. The engine branches on a method's kind only (forward-only, prompt-tuning, online; and an online one's
+`tunes_context`, which lends its step the text tower as a differentiable function of a context), never on its
 name or spec type.
 
 Exact speed-ups over the reference formulation (tta/naive.py keeps that one for tests and the benchmark):
@@ -33,6 +34,7 @@ from difftpt_ops.tta.losses import view_entropy
 from difftpt_ops.tta.methods import (
     ONLINE,
     PROMPT_TUNING,
+    ContextTuning,
     Method,
     RewardInputs,
     StepInputs,
@@ -280,16 +282,44 @@ class Tuner:
         return inputs.logits[0], output.logits, output.scores
 
     def _online(self, features: Tensor, kinds: tuple[str, ...]) -> tuple[Tensor, Tensor, ViewScores]:
+        tunes = bool(getattr(self.method, "tunes_context", False))
         with torch.no_grad():
             inputs = self._inputs(features, self._text_features(grad=False), kinds)
             if self.state is None:
                 self.state = self.method.init_state(  # type: ignore[attr-defined]
                     self.spec, n_classes=self.class_count, dim=int(features.shape[-1]), device=self.device,
                     stream_length=self.stream_length)
+            if not tunes:
+                output, self.state = self.method.step(self.spec, self.state, inputs)  # type: ignore[attr-defined]
+        if tunes:
+            # A method tuning prompt contexts (DynaPrompt): its step runs with gradients, through the text tower.
+            inputs = dataclasses.replace(inputs, context=self._context_tuning())
             output, self.state = self.method.step(self.spec, self.state, inputs)  # type: ignore[attr-defined]
+            inputs = dataclasses.replace(inputs, context=None)
         if self.block > 1:
             self._held.append(inputs)
         return inputs.logits[0], output.logits, output.scores
+
+    def _context_tuning(self) -> ContextTuning:
+        """The text encoder as a differentiable function of a context, and an optimiser step with a fresh
+        GradScaler on CUDA (per sample, as `_tune`), for an online method that tunes contexts itself."""
+        scaler = torch.amp.GradScaler("cuda", init_scale=GRAD_SCALER_INIT) if self._needs_scaler() else None
+
+        def encode(ctx: Tensor) -> Tensor:
+            with self._autocast():
+                return self.learner.text_features(ctx)
+
+        def minimise(loss: Tensor, optimizer: torch.optim.Optimizer) -> None:
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)  # skips the step on an fp16 overflow, as the reference does
+                scaler.update()
+
+        return ContextTuning(initial=self.learner.ctx_init, encode=encode, minimise=minimise)
 
     def _prompt_tuning(self, features: Tensor, kinds: tuple[str, ...],
                        reward_features: Callable[[list[int]], Tensor] | None = None

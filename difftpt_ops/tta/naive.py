@@ -5,11 +5,13 @@ every step re-runs the frozen image encoder on all views, every prompt is padded
 context, a method's selection or step is its own straightforward formulation (`naive_step`) where it has
 one (TPT's argsort, DiffTPT's per-view cosine loop), and the final prediction encodes view 0 again. Views,
 the initial context, fixed text features (prompt ensembles) and the loss are shared with the engine; they
-are not speed-ups. Online methods run their `step` on the naive features with a state carried by the tuner.
+are not speed-ups. Online methods run their `step` on the naive features with a state carried by the tuner; one that
+tunes prompt contexts (DynaPrompt) gets the full-length text encoder as its differentiable function of a context.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -20,7 +22,15 @@ import torch
 from torch import Tensor, nn
 
 from difftpt_ops.core.method_specs import MethodSpec
-from difftpt_ops.tta.methods import ONLINE, PROMPT_TUNING, StepInputs, fixed_text_of, method_of, split_prompt_sets
+from difftpt_ops.tta.methods import (
+    ONLINE,
+    PROMPT_TUNING,
+    ContextTuning,
+    StepInputs,
+    fixed_text_of,
+    method_of,
+    split_prompt_sets,
+)
 from difftpt_ops.tta.prompts import class_prompt_texts, initial_context
 from difftpt_ops.tta.reward import reward_scorer
 from difftpt_ops.tta.text import ClipLike, TextTower, normalise
@@ -98,7 +108,13 @@ class NaiveTuner:
                     self.state = self.method.init_state(  # type: ignore[attr-defined]
                         self.spec, n_classes=text.shape[0], dim=int(image.shape[-1]), device=self.device,
                         stream_length=self.stream_length)
-                output, self.state = self.method.step(self.spec, self.state, inputs)  # type: ignore[attr-defined]
+                if getattr(self.method, "tunes_context", False):
+                    # DynaPrompt tunes contexts in its step, with gradients, through the full-length prompts.
+                    with torch.enable_grad():
+                        inputs = dataclasses.replace(inputs, context=self._context_tuning())
+                        output, self.state = self.method.step(self.spec, self.state, inputs)  # type: ignore[attr-defined]
+                else:
+                    output, self.state = self.method.step(self.spec, self.state, inputs)  # type: ignore[attr-defined]
             elif self.method.has_naive:
                 output = self.method.naive_step(self.spec, inputs)
             else:
@@ -158,10 +174,32 @@ class NaiveTuner:
             bias = getattr(self.model, "logit_bias", None)
             return (logits + bias if bias is not None else logits), image, text
 
-    def _encode_text(self) -> Tensor:
+    def _context_tuning(self) -> ContextTuning:
+        """For an online method tuning contexts: the full-length text encoding of a context, and AdamW steps
+        with a GradScaler on CUDA (one per sample, as the engine)."""
+        scaler = torch.amp.GradScaler("cuda", init_scale=1000.0) if self.device.type == "cuda" else None
+
+        def encode(ctx: Tensor) -> Tensor:
+            with self._autocast():
+                return normalise(self._encode_text(ctx))
+
+        def minimise(loss: Tensor, optimizer: torch.optim.Optimizer) -> None:
+            optimizer.zero_grad()
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+
+        return ContextTuning(initial=self.ctx_init, encode=encode, minimise=minimise)
+
+    def _encode_text(self, ctx: Tensor | None = None) -> Tensor:
         tower = self.tower
         n = self.prefix.shape[0]
-        x = torch.cat([self.prefix, self.ctx.unsqueeze(0).expand(n, -1, -1).to(self.prefix.dtype), self.suffix], 1)
+        ctx = self.ctx if ctx is None else ctx
+        x = torch.cat([self.prefix, ctx.unsqueeze(0).expand(n, -1, -1).to(self.prefix.dtype), self.suffix], 1)
         x = x + tower.positional_embedding
         x = tower.transformer(x, attn_mask=tower.attn_mask)
         x = tower.ln_final(x)

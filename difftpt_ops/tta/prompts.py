@@ -122,9 +122,12 @@ class PromptLearner(nn.Module):
         with torch.no_grad():
             self.ctx.copy_(self.ctx_init)
 
-    def text_features(self) -> Tensor:
-        """Normalised text features (n_classes, embed_dim) in fp32 for the current context."""
-        prefix = torch.cat([self.sos, self.ctx.to(self.sos.dtype).unsqueeze(0)], dim=1)  # (1, 1 + n_ctx, width)
+    def text_features(self, ctx: Tensor | None = None) -> Tensor:
+        """Normalised text features (n_classes, embed_dim) in fp32 for the current context, or for `ctx`
+        (n_ctx, width), any context of the same shape (an online method's buffer of prompts: DynaPrompt);
+        differentiable in it."""
+        ctx = self.ctx if ctx is None else ctx
+        prefix = torch.cat([self.sos, ctx.to(self.sos.dtype).unsqueeze(0)], dim=1)  # (1, 1 + n_ctx, width)
         if self.share_prefix:
             parts = self.tower.encode_shared_prefix(prefix, [g.suffix for g in self.groups],
                                                     [g.pool_index for g in self.groups])

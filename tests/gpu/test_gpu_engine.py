@@ -34,7 +34,9 @@ SMALL = {"tpt": {"n_views": 16, "selection_p": 0.25},
          "awt": {"n_views": 16, "num_descriptor": 2, "descriptions": "sha256:" + "ef" * 32},
          # OGA: a prompt set (fixed text features built by the fp16 tower) and 2 slots, so a third sample of one
          # class replaces a slot rather than filling one.
-         "oga": {"prompts": "tip", "shot_capacity": 2}}
+         "oga": {"prompts": "tip", "shot_capacity": 2},
+         # DynaPrompt: 4 prompts, 16 views (4 kept), so three samples select, tune and recycle within the buffer.
+         "dynaprompt": {"n_views": 16, "selection_p": 0.25, "num_prompts": 4}}
 # AWT cannot run without class descriptions: two sentences per class.
 DESCRIBED = {"awt": {n.replace("_", " "): [f"A {n} up close.", f"A {n} far away."] for n in CLASS_NAMES}}
 

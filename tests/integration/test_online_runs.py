@@ -34,9 +34,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread
 # these settings every sample moves them, so the checkpoints must carry them for a resumed run to be exact.
 # BoostAdapter takes 10% of the views as boosting samples: 12 views give one per sample. OGA predicts in batches
 # (its code's 32 by default), which a shard of 4 cannot split: batches of 2, two per shard, the last one at the
-# end of the 18-sample stream.
+# end of the 18-sample stream. DynaPrompt: a buffer of 4 prompts, so the 18 samples recycle it several times and
+# the checkpoints must carry the tuned contexts, their order and their use counters.
 METHOD_OVERRIDES = {"dpe": {"evolve_threshold": "1.0", "lr_text": "0.01"}, "boostadapter": {"n_views": "12"},
-                    "oga": {"batch_size": "2"}}
+                    "oga": {"batch_size": "2"}, "dynaprompt": {"num_prompts": "4"}}
 
 
 def _submit(engine, settings, clip: Path, method: str = "tda", **kwargs):  # type: ignore[no-untyped-def]
@@ -64,7 +65,7 @@ def reference(tmp_path: Path, tiny_models_dir: Path):  # type: ignore[no-untyped
     return get
 
 
-@pytest.mark.parametrize("method", ["tda", "dmn-zs", "dpe", "boostadapter", "onzeta", "ecalp", "oga"])
+@pytest.mark.parametrize("method", ["tda", "dmn-zs", "dpe", "boostadapter", "onzeta", "ecalp", "oga", "dynaprompt"])
 def test_online_run_is_an_ordered_checkpointed_chain(workspace: Path, database_url: str, tmp_path: Path,
                                                      tiny_models_dir: Path, method: str) -> None:
     """One prediction per sample, one checkpoint per shard covering its stream positions, in the seeded order."""
@@ -91,7 +92,7 @@ def test_online_run_is_an_ordered_checkpointed_chain(workspace: Path, database_u
             assert stored[order[position]][0] == int(row.argmax())
 
 
-@pytest.mark.parametrize("method", ["tda", "dpe", "boostadapter", "onzeta", "ecalp", "oga"])
+@pytest.mark.parametrize("method", ["tda", "dpe", "boostadapter", "onzeta", "ecalp", "oga", "dynaprompt"])
 def test_a_damaged_checkpoint_is_detected_and_the_previous_one_used(workspace: Path, database_url: str,
                                                                     tmp_path: Path, tiny_models_dir: Path,
                                                                     reference, method: str) -> None:  # type: ignore[no-untyped-def]
@@ -306,7 +307,7 @@ def test_online_links_record_where_they_ran(workspace: Path, database_url: str, 
     assert shown["shard_provenance"][0]["device"] == "cpu"
 
 
-@pytest.mark.parametrize("method", ["tda", "onzeta", "ecalp", "oga"])
+@pytest.mark.parametrize("method", ["tda", "onzeta", "ecalp", "oga", "dynaprompt"])
 def test_a_first_shard_of_unreadable_samples_resumes_from_its_empty_checkpoint(
         workspace: Path, database_url: str, tmp_path: Path, tiny_models_dir: Path, method: str) -> None:
     """Every sample of shard 0 unreadable: its checkpoint holds no state (the method never started). Another

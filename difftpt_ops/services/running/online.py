@@ -1,5 +1,5 @@
 """Online runs: a method that carries state from sample to sample (TDA, DMN-ZS, DPE, BoostAdapter, OnZeta, ECALP,
-OGA), run as an ordered chain.
+OGA, DynaPrompt), run as an ordered chain.
 
 An online run processes the samples of its dataset version one after another, in the order of a seeded
 permutation (the spec's `order_seed`, so the order is part of the run's identity). Its shards are ranges

@@ -16,6 +16,7 @@ from difftpt_ops.tta.methods.base import (
     ONLINE,
     PROMPT_TUNING,
     SINGLE_TEMPLATE,
+    ContextTuning,
     ForwardOnlyMethod,
     Method,
     OnlineMethod,
@@ -51,7 +52,8 @@ def _load_all() -> None:
 _load_all()
 
 __all__ = [
-    "ENSEMBLE", "FORWARD_ONLY", "KINDS", "ONLINE", "PROMPT_TUNING", "SINGLE_TEMPLATE", "ForwardOnlyMethod",
+    "ENSEMBLE", "FORWARD_ONLY", "KINDS", "ONLINE", "PROMPT_TUNING", "SINGLE_TEMPLATE", "ContextTuning",
+    "ForwardOnlyMethod",
     "Method", "OnlineMethod", "PromptTuningMethod", "RewardInputs", "StepInputs", "StepOutput", "TuningPlan",
     "ViewPlan", "ViewScores", "find_method", "fixed_text_of", "get_method", "method_names", "method_of", "register",
     "registered", "resolve_for_dataset", "split_prompt_sets", "unregister",

@@ -18,7 +18,10 @@ its `kind`:
   prompts in `tuning_loss` (`RewardInputs`, computed once after the selection from the views' pixels).
 - `online` (`OnlineMethod`): `step(spec, state, inputs) -> (StepOutput, state)`; the state is carried
   across samples in a fixed order and checkpointed through `state_dict` / `load_state_dict` (a flat
-  dict of tensors, safetensors-ready). TDA, DMN-ZS, DPE, BoostAdapter, OnZeta, ECALP, OGA.
+  dict of tensors, safetensors-ready). TDA, DMN-ZS, DPE, BoostAdapter, OnZeta, ECALP, OGA, DynaPrompt. One
+  that tunes prompt contexts itself (`tunes_context`: DynaPrompt's buffer of prompts) gets the engine's text
+  encoder as a differentiable function of a context and its optimiser step in `StepInputs.context`
+  (`ContextTuning`); its step runs with gradients enabled, the image features staying fixed.
 
 What every step sees (`StepInputs`): the normalised fp32 image features of the sample's views, (n_views, d),
 row 0 the original view; the normalised text features, (n_classes, d); the logit scale (exp applied); the
@@ -86,7 +89,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -146,10 +149,31 @@ class StepInputs:
     # (n_classes, n_prompts, d) normalised fp32: a method's per-class prompt sets, unaveraged, when its fixed
     # text features are such sets (text_features is then their normalised mean); None otherwise.
     prompt_features: Tensor | None = None
+    # An online method that tunes prompt contexts itself (`OnlineMethod.tunes_context`: DynaPrompt): the engine's
+    # text encoder as a differentiable function of a context, and its optimiser step; None for every other method.
+    context: ContextTuning | None = None
 
     @property
     def n_views(self) -> int:
         return int(self.image_features.shape[0])
+
+
+@dataclass(frozen=True)
+class ContextTuning:
+    """What the engine lends an online step that tunes prompt contexts with gradients (`tunes_context`).
+
+    `encode(ctx)` maps a context (n_ctx, width), fp32 on the engine's device, to the normalised fp32 class text
+    features (n_classes, d) of the prompts [SOS][ctx][class name][tail][EOT], under the engine's autocast and
+    differentiable in `ctx` (the frozen text tower with the engine's exact speed-ups). `initial` is the spec's
+    initial context (n_ctx, width) fp32 ("a photo of a", a CoOp or a random one): `encode(initial)` gives
+    `StepInputs.text_features`. `minimise(loss, optimizer)` zeroes the gradients, back-propagates `loss` and
+    steps `optimizer`, with a GradScaler(init_scale=1000) on CUDA with half-precision weights (one per sample,
+    as the engine's prompt tuning). The image features stay fixed: only the text side is tuned.
+    """
+
+    initial: Tensor
+    encode: Callable[[Tensor], Tensor]
+    minimise: Callable[[Tensor, torch.optim.Optimizer], None]
 
 
 @dataclass(frozen=True)
@@ -320,6 +344,9 @@ class OnlineMethod(Method):
     """Carries a state across samples in a fixed order; the engine stores and restores it, opaque."""
 
     kind: ClassVar[str] = ONLINE
+    # True: `step` tunes prompt contexts with gradients (DynaPrompt): the engine calls it with gradients enabled and
+    # `inputs.context` set (ContextTuning); the other online steps run under no_grad with `context` None.
+    tunes_context: ClassVar[bool] = False
 
     def init_state(self, spec: Any, *, n_classes: int, dim: int, device: torch.device,
                    stream_length: int | None = None) -> Any:
