@@ -1,4 +1,5 @@
-"""Per-sample time of every registered episodic method on warm image features, next to reference TPT.
+"""Per-sample time of every registered episodic method (and DynaPrompt, online) on warm image features, next
+to reference TPT.
 
 ViT-B/16 with random weights (speed does not depend on weight values), 200 ImageNet-R classes, synthetic
 samples. Each sample's views are built and encoded once per distinct view recipe, before any timing, and
@@ -49,8 +50,12 @@ TARGET_FRACTION = 0.01  # forward-only methods: under 1% of the reference TPT ti
 
 
 def episodic_methods(only: list[str] | None) -> list[str]:
-    # A method that needs a class descriptions file (AWT) is left out: the benchmark has none.
-    names = [m.name for m in registered() if m.kind != ONLINE and not m.requires_descriptions]
+    """Every registered episodic method, and the online ones that tune prompts through the text tower
+    (DynaPrompt: its cost is the text tower, which bench/online.py's synthetic text features cannot show; here its
+    state is carried over the samples, in order). A method that needs a class descriptions file (AWT) is left
+    out: the benchmark has none."""
+    names = [m.name for m in registered() if (m.kind != ONLINE or getattr(m, "tunes_context", False))
+             and not m.requires_descriptions]
     return [n for n in names if n in only] if only else names
 
 
