@@ -17,6 +17,7 @@ import click
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 from typer.core import TyperGroup
 
 from difftpt_ops.config import Settings, load_settings
@@ -39,7 +40,9 @@ class ErrorTranslatingGroup(TyperGroup):
             return super().invoke(ctx)
         except DifftptError as exc:
             # Masked here too: a library message may quote a URL with its password.
-            err_console.print(f"[bold red]error:[/] {escape(mask_url(str(exc)))}", soft_wrap=True, highlight=False)
+            # The value as typed: `escape` keeps `[x]` and emoji=False keeps `:cat:` (rich would make it an emoji).
+            err_console.print(f"[bold red]error:[/] {escape(mask_url(str(exc)))}", soft_wrap=True, highlight=False,
+                              emoji=False)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             err_console.print(interrupted_line(CURRENT_RUN.run_id), soft_wrap=True, highlight=False, markup=False)
@@ -134,12 +137,18 @@ def print_table(title: str | None, columns: list[str], rows: list[list[Any]]) ->
     if for_scripts():
         _write_delimited(columns, cells, OUTPUT.table_format)
         return
-    table = Table(title=title, show_lines=False)
+    table = Table(title=plain(title), show_lines=False)
     for column in columns:
         table.add_column(column)
     for row in cells:
-        table.add_row(*row)
+        table.add_row(*map(plain, row))
     table_console().print(table)
+
+
+def plain(value: str | None) -> Text | None:
+    """A value for a rich table as stored: a plain string there is rich markup, so `/w/[v2]/clip` would lose
+    `[v2]` and `:cat:` become an emoji."""
+    return None if value is None else Text(value)
 
 
 def for_scripts() -> bool:
@@ -211,7 +220,7 @@ def set_output(*, quiet: bool, verbose: bool, table_format: TableFormat) -> None
 def info(line: str) -> None:
     """A progress or status line for people (stderr), silenced by --quiet."""
     if not OUTPUT.quiet:
-        err_console.print(line, soft_wrap=True, highlight=False, markup=False)
+        err_console.print(line, soft_wrap=True, highlight=False, markup=False, emoji=False)
 
 
 def _format_eta(seconds: float | None) -> str:
@@ -327,7 +336,8 @@ def progress_sink(*, hidden: bool = False) -> ProgressBar | PlainProgress | _NoP
         return _NoProgress()
     if err_console.is_terminal:
         return ProgressBar()
-    return PlainProgress(lambda line: err_console.print(line, soft_wrap=True, highlight=False, markup=False))
+    return PlainProgress(lambda line: err_console.print(line, soft_wrap=True, highlight=False, markup=False,
+                                                          emoji=False))
 
 
 def human_bytes(count: float) -> str:

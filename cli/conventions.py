@@ -81,7 +81,26 @@ def _show_one_line(self: Any, file: Any = None) -> None:
     """`error: <what click says> (see `<command> --help`)` on stderr, instead of usage, hint and error lines."""
     hint = f" (see `{self.ctx.command_path} --help`)" if self.ctx is not None else ""
     message = " ".join(self.format_message().split())
+    typed = _typed_value(self)
+    if typed is not None:  # `--limit=abc: Input should be a valid integer`, as the project's own errors name values
+        message = f"{typed}: {' '.join(str(getattr(self, 'message', '')).split())}"
     click.echo(f"error: {message}{hint}", file=file if file is not None else sys.stderr)
+
+
+def _typed_value(error: Any) -> str | None:
+    """`OPTION=VALUE` of a value typer could not convert, whose message leaves the value out (typer's pydantic
+    coercion says "Input should be a valid integer" and not what was given); None when the message has it."""
+    errors = getattr(error.__cause__, "errors", None)
+    opts = getattr(getattr(error, "param", None), "opts", None)
+    if not callable(errors) or not opts:
+        return None
+    try:
+        value = errors()[0]["input"]
+    except (IndexError, KeyError, TypeError):
+        return None
+    if not isinstance(value, str) or repr(value) in error.format_message():
+        return None
+    return f"{max(opts, key=len)}={value}"
 
 
 def _install(app: typer.Typer, prefix: str) -> None:

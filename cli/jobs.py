@@ -186,10 +186,10 @@ def submit_tune(
             raise InputError("--orders", orders, f"runs order seeds 0..{orders - 1}; it cannot be combined with "
                              f"{also} (drop one of them)")
     if order_seed is not None:  # the spec's order_seed field, which only online specs have
-        online.check_has_order(method, "--order-seed", order_seed)
-        parsed = {**parsed, "order_seed": str(order_seed)}
+        parsed = {**parsed, "order_seed": online.order_seed_value(method, order_seed)}
     if orders is not None:
         sweep = [*(sweep or []), order_item]
+        _confirm_orders(orders, sweep, seeds, seed, yes)
     engine = engine_of(ctx)
     if dry_run and (sweep or seeds is not None):
         raise InputError("--dry-run", True, "estimates one run; drop --sweep/--seeds/--orders to estimate one grid "
@@ -215,6 +215,16 @@ def submit_tune(
                         limit=limit, shard_size=shard_size, dispatcher=_dispatcher(settings), device=device,
                         progress=bar)
     _print_submit(result, as_json, dataset)
+
+
+def _confirm_orders(orders: int, sweep: list[str], seeds: str | None, seed: int, yes: bool) -> None:
+    """More than 200 runs need --yes; when --orders makes them, the error names --orders (not --sweep)."""
+    from difftpt_ops.services.running.sweeps import MAX_UNCONFIRMED_RUNS, grid_points, parse_seeds, parse_sweep
+
+    runs = len(grid_points(parse_sweep(sweep), parse_seeds(seeds) or [seed]))
+    if runs > MAX_UNCONFIRMED_RUNS and not yes:
+        raise InputError("--orders", orders, f"makes {runs} runs, more than {MAX_UNCONFIRMED_RUNS}; pass --yes to "
+                         "submit them")
 
 
 @submit_app.command("generate")
@@ -290,8 +300,15 @@ def runs_list(ctx: typer.Context, sweep: ListSweepOpt = None, as_json: JsonOpt =
     print_table(None, ["run", "kind", "method", "dataset", "model", "seed", "settings", "state", "samples", "done",
                        "failed", "created", "group"],
                 [[r["run_id"], r["kind"], r["method"], r["dataset"], _model_text(r), _seed_text(r),
-                  r.get("settings") or "", shown_state(r), r["num_samples"], r["done"], r["failed"],
+                  _settings_text(r), shown_state(r), r["num_samples"], r["done"], r["failed"],
                   (r["created_at"] or "")[:19], group_text(r)] for r in runs])
+
+
+def _settings_text(run: dict[str, Any]) -> str:
+    """The run's configuration words, and `features=recompute` for a run that encoded every view: it is another run
+    than the one that read the store, with the same configuration."""
+    words = [run.get("settings") or "", "features=recompute" if run.get("features") == "recompute" else ""]
+    return " ".join(word for word in words if word)
 
 
 def _seed_text(run: dict[str, Any]) -> str:

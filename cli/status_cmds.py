@@ -21,6 +21,7 @@ from cli.common import (
     human_bytes,
     info,
     parse_run_id,
+    plain,
     print_json,
     print_table,
     settings_of,
@@ -130,7 +131,7 @@ def status(
     """Progress of runs: samples done / failed / pending, throughput, ETA, workers and GPUs, disk of their images.
 
     With --watch --json it prints JSON Lines: one JSON object per run per refresh, each with an
-    `observed_at` timestamp, until no watched run is active.
+    `observed_at` timestamp, until no watched run is active (the last object of each run gives its final state).
     """
     from difftpt_ops.services.running.status import is_active, run_status
 
@@ -145,10 +146,29 @@ def status(
         else:
             info("no active runs; `difftpt-ops runs list` shows every run, `difftpt-ops status RUN` one of them")
         return
+    fetch = (lambda: run_status(engine, settings, run_id)) if run_id is not None else _active_then_ended(
+        lambda ended: run_status(engine, settings, ended))
     try:
-        _watch(lambda: run_status(engine, settings, run_id), is_active, as_json)
+        _watch(fetch, is_active, as_json)
     except KeyboardInterrupt:
         raise typer.Exit(0) from None
+
+
+def _active_then_ended(status_of: Any) -> Any:
+    """What `status --watch` without RUN shows at each refresh: the active runs, and once more, in its final state
+    (finished, failed, cancelled), each run an earlier refresh showed that is no longer active; without it the
+    last line of a run that ended said `running`. `status_of(None)` is the active runs, `status_of(id)` one run."""
+    watched: set[int] = set()
+
+    def fetch() -> list[dict[str, Any]]:
+        runs = status_of(None)
+        active = {r["run_id"] for r in runs}
+        ended = [row for run_id in sorted(watched - active, reverse=True) for row in status_of(run_id)]
+        watched.clear()
+        watched.update(active)
+        return sorted(runs + ended, key=lambda r: -int(r["run_id"]))
+
+    return fetch
 
 
 def _with_disk(engine: Any, settings: Settings, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -211,7 +231,7 @@ class _LiveTable:
         for column in _STATUS_COLUMNS:
             table.add_column(column)
         for row in _status_rows(runs):
-            table.add_row(*[str(value) for value in row])
+            table.add_row(*[plain(str(value)) for value in row])
         self._live.update(table, refresh=True)
 
     def stop(self) -> None:

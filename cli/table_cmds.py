@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cli.common import JsonOpt, engine_of, print_json, settings_of, table_console
+from cli.common import JsonOpt, engine_of, plain, print_json, settings_of, table_console
 from difftpt_ops.core.errors import InputError
 
 if TYPE_CHECKING:
@@ -42,11 +42,11 @@ def _print_rich(table: Table) -> None:
 
     title = f"{table.metric} (%) of model {table.model or '-'}" + (
         f", paired against {table.baseline_row}" if table.baseline_row else "")
-    rich_table = Table(title=title)
+    rich_table = Table(title=plain(title))
     for i, column in enumerate(display_header(table)):
         rich_table.add_column(column, justify="left" if i == 0 else "right")
     for row, texts in zip(table.rows, row_texts(table), strict=True):
-        rich_table.add_row(*texts, style=None if row.kind == "ours" else "italic dim")
+        rich_table.add_row(*map(plain, texts), style=None if row.kind == "ours" else "italic dim")
     table_console().print(rich_table)
     for note in table.notes[1:]:  # the first note (metric and model) is the title
         typer.echo(note)

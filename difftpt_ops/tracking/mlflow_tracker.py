@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,34 @@ def run_group_tags(spec: Mapping[str, Any]) -> dict[str, str]:
     return {"difftpt.model": str(model.get("name", "")), "difftpt.seed": str(spec.get("seed", ""))}
 
 
+@contextmanager
+def _first_use_lock(tracking_uri: str) -> Iterator[bool]:
+    """Held while a process first opens a sqlite store (yields True; False for any other URI): MLflow creates or
+    migrates the tables of a new file then, and two processes doing it at once (a submit and a worker, two GPU
+    workers) collide ("table runs already exists") and can leave the store half-migrated."""
+    database = _sqlite_database(tracking_uri)
+    if database is None or not database.parent.is_dir():
+        yield False
+        return
+    import fcntl
+
+    with open(database.with_name(database.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield True
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _sqlite_database(tracking_uri: str) -> Path | None:
+    if not tracking_uri.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    database = make_url(tracking_uri).database
+    return None if not database or database == ":memory:" else Path(database)
+
+
 class MlflowTracker:
     """One tracking URI. Artifacts of experiments it creates go under `artifact_root` (database stores)."""
 
@@ -86,7 +115,11 @@ class MlflowTracker:
                     os.environ.setdefault(name, value)
             from mlflow import MlflowClient
 
-            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            with _first_use_lock(self.tracking_uri) as sqlite_store:
+                client = MlflowClient(tracking_uri=self.tracking_uri)
+                if sqlite_store:
+                    client.search_experiments(max_results=1)  # creates or migrates the store's tables
+            self._client = client
         return self._client
 
     def ensure_experiment(self, name: str) -> str:

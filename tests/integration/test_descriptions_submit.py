@@ -256,3 +256,34 @@ def test_a_worker_reads_the_stored_descriptions(workspace: Path, tmp_path: Path,
             key = session.get(Run, result.run_id).spec["method"]["descriptions"]  # type: ignore[union-attr]
     _assert_engine_results(_stored(engine, result.run_id), clip_dir, {**overrides, "descriptions": key}, root,
                            relpaths)
+
+
+def test_descriptions_errors_name_the_option_they_were_typed_with(workspace: Path, tmp_path: Path,
+                                                                  tiny_models_dir: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """QA: a bad descriptions file said `descriptions=FILE: ...`, where every other spec value is named as typed
+    (`--set k_image=0: ...`): now `--set descriptions=FILE`, or `--sweep descriptions=FILE` for a file of the grid,
+    AWT's own checks included; nothing is written."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    settings, engine, submit = _zeroshot_on_pics(workspace, tmp_path, tiny_models_dir)
+    for key, value in {"DIFFTPT_OPS_WORKSPACE": str(workspace), "DIFFTPT_OPS_DATABASE_URL": settings.database_url,
+                       "DIFFTPT_OPS_MLFLOW_TRACKING_URI": "none"}.items():
+        monkeypatch.setenv(key, value)
+    good, partial = _write(tmp_path / "good.json", TEXTS), _write(tmp_path / "partial.json", {"class0": ["x."]})
+    tune = ["submit", "tune", "--dataset", "pics", "--model", submit["model"], "--pretrained", "none",
+            "--device", "cpu"]
+    for args, starts in (
+            (["--method", "zeroshot", "--set", f"descriptions={partial}"], f"--set descriptions={partial}: "),
+            (["--method", "zeroshot", "--sweep", f"descriptions={good},{partial}"],
+             f"--sweep descriptions={partial}: "),
+            (["--method", "awt"], "--set descriptions=None: AWT needs class descriptions"),
+            (["--method", "awt", "--set", f"descriptions={good}"], f"--set descriptions={good}: AWT uses "),
+            (["--method", "awt", "--set", "num_descriptor=1", "--sweep", f"descriptions={partial},{good}"],
+             f"--sweep descriptions={partial}: ")):
+        result = CliRunner().invoke(app, [*tune, *args])
+        [line] = result.output.strip().splitlines()
+        assert result.exit_code == 2 and line.startswith(f"error: {starts}"), line
+    assert _runs(engine) == 0 and _count(engine, Sweep) == 0 and _stored_files(settings) == []

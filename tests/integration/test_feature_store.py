@@ -410,3 +410,43 @@ def test_store_counts_are_the_rows(clip: LoadedClip, workspace: Path, tmp_path: 
     size = store_size(engine)
     stored = sorted((settings.artifact_root / "features").rglob("*.st"))
     assert size["entries"] == 1 and size["views"] == 8 and size["bytes"] == stored[0].stat().st_size
+
+
+def test_runs_list_tells_a_recompute_run_from_one_that_read_the_store(tiny_models_dir: Path, workspace: Path,
+                                                                     tmp_path: Path, database_url: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """QA: `runs list` (table and --json) showed a run with `--set features=recompute` exactly as the same run
+    that read the store (same settings, seed and model). `features` is in --json and `status --json` ("store",
+    "recompute"; null for runs that are not tuning runs) and the table's settings say `features=recompute`."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    monkeypatch.setattr(reporting, "report_progress", lambda *_: None)
+    monkeypatch.setattr(reporting, "report_finished", lambda *_: None)
+    contexts.clear_caches()
+    settings = make_settings(workspace, database_url, device="cpu", mlflow_tracking_uri="none")
+    engine = open_engine(settings)
+    root = tmp_path / "images"
+    add_dataset(engine, "pics", 2, root=root, classes=2, relpaths=_pictures(root, 2))
+    model = str(tiny_models_dir / "clip")
+    stored = runs.submit_tune(engine, settings, dataset_ref="pics", method="zeroshot", model=model, pretrained=None)
+    fresh = runs.submit_tune(engine, settings, dataset_ref="pics", method="zeroshot", model=model, pretrained=None,
+                             overrides={"features": "recompute"})
+    for key, value in {"DIFFTPT_OPS_WORKSPACE": str(workspace), "DIFFTPT_OPS_DATABASE_URL": database_url,
+                       "DIFFTPT_OPS_MLFLOW_TRACKING_URI": "none"}.items():
+        monkeypatch.setenv(key, value)
+    listed = CliRunner().invoke(app, ["runs", "list", "--json"])
+    assert listed.exit_code == 0, listed.output
+    by_id = {r["run_id"]: r for r in json.loads(listed.output)}
+    assert (by_id[stored.run_id]["features"], by_id[fresh.run_id]["features"]) == ("store", "recompute")
+    assert by_id[stored.run_id]["settings"] == by_id[fresh.run_id]["settings"] == ""  # the same table row
+    status = CliRunner().invoke(app, ["status", str(fresh.run_id), "--json"])
+    assert json.loads(status.output)[0]["features"] == "recompute", status.output
+    table = CliRunner().invoke(app, ["runs", "list", "--format", "tsv"])
+    rows = [line.split("\t") for line in table.output.splitlines()]
+    column = rows[0].index("settings")
+    settings_of = {int(row[0]): row[column] for row in rows[1:]}
+    assert (settings_of[stored.run_id], settings_of[fresh.run_id]) == ("", "features=recompute"), table.output

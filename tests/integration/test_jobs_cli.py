@@ -154,3 +154,31 @@ def test_a_local_generator_folder_has_no_revision(engine, tiny_models_dir: Path)
     code, out = _invoke("submit", "generate", *options, "--revision", "none")
     assert code == 0, out
     assert _runs(engine) == 0
+
+
+def test_status_watch_without_run_reports_the_final_state(engine, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """QA: `status --watch --json` (no RUN) stopped when its run ended without a line saying so: the last object
+    of the run said `running`, `done` 0 (an online run stores its shard at the end), because the ended run is no
+    longer an active run. Each run it showed gets one more object, in its final state."""
+    import cli.status_cmds
+    from difftpt_ops.db.tables import DatasetVersion
+    from tests.factories import make_run
+
+    with session_scope(engine) as session:
+        version = session.scalars(select(DatasetVersion)).one()
+        run_id = make_run(session, version, method="tpt", state="running").id
+
+    def the_run_ends(_: float) -> None:
+        with session_scope(engine) as session:
+            session.get(Run, run_id).state = "finished"  # type: ignore[union-attr]
+
+    monkeypatch.setattr(cli.status_cmds.time, "sleep", the_run_ends)
+    code, out = _invoke("status", "--watch", "--json")
+    assert code == 0, out
+    states = [(line["run_id"], line["state"]) for line in map(json.loads, out.strip().splitlines())]
+    assert states == [(run_id, "running"), (run_id, "finished")], states
+    with session_scope(engine) as session:
+        session.get(Run, run_id).state = "running"  # type: ignore[union-attr]
+    code, out = _invoke("status", "--watch")  # plain lines (no shard: stopped); the last says how it ended
+    lines = out.strip().splitlines()
+    assert code == 0 and len(lines) == 2 and "state stopped" in lines[0] and "state finished" in lines[1], out

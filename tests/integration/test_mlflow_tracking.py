@@ -367,3 +367,35 @@ def test_tracking_turned_off_does_nothing(workspace: Path) -> None:
     assert _mapping(engine, run_id) == (None, False)
     with pytest.raises(InputError, match="turned off"):
         reporting.sync_runs(engine, settings)
+
+
+def _first_use(uri: str, root: str, barrier, results) -> None:  # type: ignore[no-untyped-def]
+    barrier.wait()
+    try:
+        MlflowTracker(uri, Path(root)).ensure_experiment("first@v1")
+        results.put("ok")
+    except Exception as exc:  # noqa: BLE001  reported to the parent
+        results.put(f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+
+
+def test_processes_that_first_use_a_new_sqlite_store_at_once_all_track(tmp_path: Path) -> None:
+    """QA: a submit and a worker (or two GPU workers) that first touched a new MLflow sqlite store at the same time
+    both created its tables ("table runs already exists", "duplicate column name: step"); one process lost its
+    tracking and the store could be left half-migrated (`_alembic_tmp_experiments already exists` for every run
+    after). The first use of a sqlite store is serialised by a lock file next to it."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    for attempt in range(3):
+        root = tmp_path / f"store{attempt}"
+        root.mkdir()
+        uri = f"sqlite:///{root / 'mlflow.db'}"
+        barrier, results = context.Barrier(3), context.Queue()
+        processes = [context.Process(target=_first_use, args=(uri, str(root), barrier, results)) for _ in range(3)]
+        for process in processes:
+            process.start()
+        outcomes = [results.get(timeout=120) for _ in processes]
+        for process in processes:
+            process.join(timeout=60)
+        assert outcomes == ["ok"] * 3, outcomes
+        assert MlflowTracker(uri, root).client.get_experiment_by_name("first@v1") is not None

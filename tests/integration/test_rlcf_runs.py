@@ -81,6 +81,50 @@ def test_a_missing_or_unreadable_reward_model_is_refused_before_anything_is_writ
     assert _runs(engine) == 0
 
 
+def test_sample_k_above_the_class_count_is_refused_before_anything_is_written(setup) -> None:  # type: ignore[no-untyped-def]
+    """QA: `--set sample_k=20` on an 8-class dataset made a run whose shard failed ("exceeds the 8 classes"), exit 2
+    with the run left failed (and, with a broker, "enqueued" and exit 0); `--sweep sample_k=2,20` recorded the
+    sweep and its first run before the second point failed. Refused at submit, dry run and sweep alike."""
+    from difftpt_ops.db.tables import Sweep
+
+    _, engine, policy, reward = setup
+    tune = ("submit", "tune", "--dataset", "pics", "--method", "rlcf", "--model", str(policy), "--device", "cpu",
+            "--set", f"reward_model={reward}", *(f"--set={k}={v}" for k, v in SMALL.items()))
+    for extra, named in ((("--set", "sample_k=5"), "--set sample_k=5"),
+                         (("--set", "sample_k=5", "--dry-run"), "--set sample_k=5"),
+                         (("--sweep", "sample_k=2,5"), "--sweep sample_k=5"),
+                         (("--set", "sample_k=5", "--seeds", "0,1"), "--set sample_k=5")):
+        result = CliRunner().invoke(app, [*tune, *extra])
+        out = result.output.strip()
+        assert result.exit_code == 2, out
+        assert out.splitlines() == [f"error: {named}: exceeds the dataset's 4 classes"], out
+    assert _runs(engine) == 0
+    with session_scope(engine) as session:
+        assert session.scalar(select(func.count()).select_from(Sweep)) == 0
+        assert session.scalar(select(func.count()).select_from(Shard)) == 0
+    result = CliRunner().invoke(app, [*tune, "--set", "sample_k=4", "--limit", "1"])  # every class: allowed
+    assert result.exit_code == 0, result.output
+    assert _runs(engine) == 1
+
+
+def test_a_reward_model_a_worker_cannot_load_is_named_as_the_reward_model(setup, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """QA: with a broker, submit does not check the reward folder (workers check their own), and a worker that could
+    not load it failed the shard with "--model=/nope: is neither an open_clip model name nor an existing directory":
+    the run's --model was fine. The run (here executed in-process with the submit check skipped, as a worker sees
+    it) fails naming --set reward_model."""
+    settings, engine, policy, _ = setup
+    monkeypatch.setattr(runs, "check_method_files", lambda *_: None)  # what a submit with a broker leaves to workers
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(InputError) as raised:
+        runs.submit_tune(engine, settings, dataset_ref="pics", method="rlcf", model=str(policy), pretrained=None,
+                         overrides={**SMALL, "reward_model": missing})
+    assert (raised.value.argument, raised.value.value) == ("--set reward_model", missing)
+    with session_scope(engine) as session:
+        [run] = session.scalars(select(Run)).all()
+        assert run.state == "failed" and run.error.startswith(f"--set reward_model={missing}: "), run.error
+
+
 def test_a_run_records_its_reward_model_and_refuses_changed_weights(setup, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     from difftpt_ops.models.tiny_clip import make_tiny_clip
     from difftpt_ops.services.running.contexts import clear_caches

@@ -182,3 +182,32 @@ def test_compare_reports_sweep_and_seed_groups(engine) -> None:  # type: ignore[
     assert groups["seeds"]["top1_mean"] == 1.0 and groups["seeds"]["top1_std"] == 0.0  # noop is always right
     code, out = _invoke("compare", str(a), str(b))
     assert code == 0 and f"A={a}: in sweep 1 at resolution=224 seed=0" in out
+
+
+def test_a_point_its_own_submit_refuses_writes_no_sweep(engine, tiny_models_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """QA: `--sweep n_generated=2,32` with 16 images per sample recorded the sweep and ran the n_generated=2 point
+    before the 32 one was refused (naming `n_generated=32`, not the --sweep typed): every point's spec is resolved
+    as its submit would (generation config, images per sample) before the sweep is recorded."""
+    from difftpt_ops.core.specs import GenerationSpec
+    from difftpt_ops.services.running.generation import get_or_create_generation_config
+
+    with session_scope(engine) as session:
+        config_id = get_or_create_generation_config(session, GenerationSpec(model="tiny", per_sample=4)).id
+    for values in ("8,2", "2,8"):
+        code, out = _invoke("submit", "tune", "--dataset", "toy", "--method", "difftpt", "--model",
+                            str(tiny_models_dir / "clip"), "--pretrained", "none", "--device", "cpu", "--generation",
+                            str(config_id), "--sweep", f"n_generated={values}", "--limit", "1")
+        assert code == 2, out
+        assert out.strip().splitlines() == [
+            f"error: --sweep n_generated=8: exceeds the 4 images per sample of generation config {config_id}; pass "
+            f"--set n_generated=4 or generate more with `difftpt-ops submit generate --dataset toy --per-sample 8`"]
+    assert (_count(engine, Run), _count(engine, Sweep), _count(engine, SweepRun)) == (0, 0, 0)
+
+
+def test_more_than_200_seeds_without_a_grid_name_seeds(engine) -> None:  # type: ignore[no-untyped-def]
+    """QA: `--seeds 0,...,249` alone asked for --yes in a message naming `--sweep=250 runs` (no --sweep typed)."""
+    code, out = _invoke("submit", "tune", "--dataset", "toy", "--method", "noop", "--seeds",
+                        ",".join(map(str, range(250))))
+    assert code == 2, out
+    assert out.strip().splitlines() == ["error: --seeds=250 seeds: more than 200 runs; pass --yes to submit them"]
+    assert (_count(engine, Run), _count(engine, Sweep)) == (0, 0)

@@ -272,3 +272,14 @@ def test_the_demo_leaves_awt_out() -> None:
     from difftpt_ops.services.demo import episodic_methods
 
     assert "awt" not in episodic_methods() and "zero" in episodic_methods()
+
+
+@pytest.mark.parametrize("template", ["{} and {}", "a {} in {style}", "a {} {0}", "a {}}"])
+def test_a_template_str_format_cannot_fill_is_refused_at_submit(template: str) -> None:
+    """QA: `--set template="{} and {}"` passed the "must contain '{}'" check, then every shard failed with
+    "IndexError: Replacement index 1 out of range" (the prompts are `template.format(name)`, as the reference's)."""
+    with pytest.raises(InvalidSpecError, match="no other braces") as raised:
+        method_spec_from("awt", {"template": template})
+    assert (raised.value.argument, raised.value.value) == ("--set template", template)
+    literal = method_spec_from("awt", {"template": "a {} {{sic}}"})
+    assert awt_texts(literal.template, ["cat"], [["tabby"]], 1) == [["a cat {sic}.", "a cat {sic}. tabby"]]

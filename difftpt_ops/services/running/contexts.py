@@ -81,7 +81,10 @@ def _build_tune_processor(engine: Engine, settings: Settings, run: Run, dataset:
     reward = None
     if reward_path:
         reward_spec = ModelSpec(name=reward_path, pretrained=None, precision=clip.precision)
-        reward = MODELS.get(("clip", reward_spec, resolved), lambda: load_clip(reward_spec, resolved))
+        try:
+            reward = MODELS.get(("clip", reward_spec, resolved), lambda: load_clip(reward_spec, resolved))
+        except InputError as exc:  # load_clip names --model; this folder was given as --set reward_model
+            raise type(exc)("--set reward_model", reward_path, exc.problem) from None
 
     def build_tuner() -> Any:
         coop_state = read_coop_checkpoint(checkpoint) if checkpoint else None

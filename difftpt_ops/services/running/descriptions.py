@@ -26,7 +26,7 @@ from difftpt_ops.core.method_specs import DESCRIPTIONS_KEY, MethodSpec, missing_
 NAMESPACE = "descriptions"
 SUFFIX = ".json"
 KEY_PREFIX = "sha256:"
-ARGUMENT = "descriptions"  # given with --set or --sweep
+ARGUMENT = "--set descriptions"  # as typed; a sweep over files names it --sweep descriptions (sweeps.py)
 
 
 @dataclass(frozen=True)
@@ -162,8 +162,14 @@ def check_method_descriptions(spec: MethodSpec, by_class: Mapping[str, Sequence[
     from difftpt_ops.tta.methods import find_method
 
     method = find_method(spec.method)
-    if method is not None:
+    if method is None:
+        return
+    try:
         method.check_descriptions(spec, by_class, class_names)
+    except InputError as exc:  # the method names its spec's field: name the option, as the user typed it
+        if exc.argument.startswith("-"):
+            raise
+        raise type(exc)(f"--set {exc.argument}", exc.value, exc.problem) from None
 
 
 def store_descriptions(settings: Settings, key: str, data: bytes) -> None:

@@ -488,6 +488,14 @@ def check_has_order(method: str, option: str, value: object) -> None:
         raise InputError(option, value, f"only online methods have an order; {method} is not one")
 
 
+def order_seed_value(method: str, order_seed: int) -> str:
+    """The spec's `order_seed` of `--order-seed N`, checked as typed (it would be named `--set order_seed`)."""
+    check_has_order(method, "--order-seed", order_seed)
+    if order_seed < 0:
+        raise InputError("--order-seed", order_seed, "must be >= 0")
+    return str(order_seed)
+
+
 def order_sweep(method: str, orders: int) -> str:
     """The `--sweep` item of `--orders K`: order_seed=0,...,K-1 (only online methods have an order)."""
     check_has_order(method, "--orders", orders)

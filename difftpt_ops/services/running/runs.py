@@ -46,6 +46,7 @@ from difftpt_ops.services.running.generation import get_or_create_generation_con
 from difftpt_ops.services.running.status import is_active
 from difftpt_ops.services.running.submit_checks import (
     check_execution_args,
+    check_method_classes,
     check_method_files,
     check_model_path,
     check_stream_blocks,
@@ -270,6 +271,7 @@ def resolve_tune_spec(session: Session, settings: Settings, choice: TuneChoice, 
     """
     dataset, version = _resolve_version(session, dataset_ref)
     method_spec = resolve_for_dataset(choice.method, dataset.format)  # e.g. TDA's per-dataset config
+    check_method_classes(method_spec, dataset.class_names)  # e.g. RLCF's sample_k within the classes
     method_spec, descriptions = resolve_descriptions(settings, method_spec, dataset.class_names)
     config = _generation_for(session, method_spec, version, dataset_ref, generation_id,
                              missing_ok=generation_missing_ok)

@@ -86,7 +86,7 @@ def _summary(run: Run, dataset: str, version: int, dataset_format: str,
     return {"run_id": run.id, "kind": run.kind, "method": run.method, "dataset": f"{dataset}@{version}",
             "model": run.model_name, "pretrained": run.pretrained, "seed": run.seed,
             "order_seed": _order_seed(run), "device": run.device, "precision": run.precision,
-            "settings": _settings(run, dataset_format),
+            "settings": _settings(run, dataset_format), "features": _features(run),
             "state": run.state, "num_samples": run.num_samples, "done": done, "failed": failed,
             "pending": max(run.num_samples - done - failed, 0), "generation_config_id": run.generation_config_id,
             "created_at": _iso(run.created_at), "started_at": _iso(run.started_at),
@@ -98,6 +98,14 @@ def _order_seed(run: Run) -> int | None:
     method = (run.spec or {}).get("method") if run.kind == "tune" else None
     value = method.get("order_seed") if isinstance(method, dict) else None
     return int(value) if isinstance(value, int) else None
+
+
+def _features(run: Run) -> str | None:
+    """A tuning run's `features` mode: "store" (the default, left out of stored specs) or "recompute" (every view
+    encoded; another run). Not a configuration word (`settings`: it changes no number), so listed apart; None for
+    other runs."""
+    method = (run.spec or {}).get("method") if run.kind == "tune" else None
+    return str(method.get("features", "store")) if isinstance(method, dict) else None
 
 
 def _settings(run: Run, dataset_format: str) -> str | None:

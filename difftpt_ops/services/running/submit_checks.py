@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,19 @@ def check_method_files(settings: Settings, method: Any) -> None:
     if settings.embedded and checkpoint and not Path(checkpoint).expanduser().is_file():
         raise InputError("--set prompt.coop_checkpoint", checkpoint, "no such file")
     check_reward_model(settings, method)
+
+
+def check_method_classes(method: Any, class_names: Sequence[str]) -> None:
+    """A setting the dataset's class count bounds (RLCF's `sample_k`) is bad input at submit, before any row is
+    written; otherwise the run would be made, then fail at its first shard (on a worker, after submit said
+    "enqueued"). `method` is the spec as the dataset resolves it."""
+    registered = _registered(method)
+    if registered is None:
+        return
+    try:
+        registered.check_classes(method, len(class_names))
+    except InputError as exc:  # the spec's field, as the user sets it
+        raise type(exc)(f"--set {exc.argument}", exc.value, exc.problem) from None
 
 
 def _registered(method: Any) -> Any:

@@ -95,9 +95,9 @@ def _check_plan(method: str, overrides: dict[str, Any], grid: dict[str, list[str
     for key in grid:
         if key in overrides:
             raise InputError("--sweep", key, "is also given with --set; sweep it or fix it, not both")
-    if len(points) > MAX_UNCONFIRMED_RUNS and not confirmed:
-        raise InputError("--sweep", f"{len(points)} runs", f"more than {MAX_UNCONFIRMED_RUNS} runs; pass --yes to "
-                         "submit them")
+    if len(points) > MAX_UNCONFIRMED_RUNS and not confirmed:  # named by what made them: a grid, or seeds alone
+        option, made = ("--sweep", f"{len(points)} runs") if grid else ("--seeds", f"{len(points)} seeds")
+        raise InputError(option, made, f"more than {MAX_UNCONFIRMED_RUNS} runs; pass --yes to submit them")
     for point in points:
         knobs = {k: v for k, v in point.items() if k != "seed"}
         try:
@@ -105,12 +105,44 @@ def _check_plan(method: str, overrides: dict[str, Any], grid: dict[str, list[str
             if settings is not None:
                 check_method_files(settings, spec)
         except InputError as exc:  # InvalidSpecError too: the bad value's option, as the user typed it
-            swept = exc.argument.removeprefix("--set ")  # method_spec_from names a prompt field as prompt.X
-            if swept in knobs:  # a grid value: name the option the user typed it in
-                raise type(exc)(f"--sweep {swept}", exc.value, exc.problem) from None
-            if exc.argument == "--set" and exc.value in knobs:  # an unknown field named in the grid
-                raise type(exc)("--sweep", exc.value, exc.problem) from None
-            raise
+            typed = _as_typed(exc, knobs)
+            if typed is exc:
+                raise
+            raise typed from None
+
+
+def _as_typed(exc: InputError, knobs: dict[str, Any]) -> InputError:
+    """An error about a grid point's spec, naming --sweep where the bad field or value is a swept one."""
+    swept = exc.argument.removeprefix("--set ")  # method_spec_from names a prompt field as prompt.X
+    if swept in knobs:  # a grid value: name the option the user typed it in
+        return type(exc)(f"--sweep {swept}", exc.value, exc.problem)
+    if exc.argument == "--set" and exc.value in knobs:  # an unknown field named in the grid
+        return type(exc)("--sweep", exc.value, exc.problem)
+    return exc
+
+
+def _check_points(engine: Engine, settings: Settings, method: str, overrides: dict[str, Any],
+                  points: list[dict[str, Any]], dataset_ref: str, submit_args: dict[str, Any]) -> None:
+    """Every point's run spec as its own submit resolves it (the generation config it reads and its images per
+    sample, settings the class count bounds such as RLCF's sample_k), before the sweep is recorded: a point its
+    submit refuses would leave the sweep half-made, with the points before it run."""
+    from difftpt_ops.services.running.runs import resolve_tune_spec, tune_choice
+
+    with session_scope(engine) as session:
+        for point in points:
+            knobs = {k: v for k, v in point.items() if k != "seed"}
+            try:
+                choice = tune_choice(settings, method=method, overrides={**overrides, **knobs},
+                                     model=submit_args.get("model", "ViT-B-16"),
+                                     pretrained=submit_args.get("pretrained", "openai"),
+                                     device=submit_args.get("device"))
+                resolve_tune_spec(session, settings, choice, dataset_ref=dataset_ref,
+                                  generation_id=submit_args.get("generation_id"), seed=int(point["seed"]))
+            except InputError as exc:
+                typed = _as_typed(exc, knobs)
+                if typed is exc:
+                    raise
+                raise typed from None
 
 
 def _check_seeds_matter(method: str, overrides: dict[str, Any], points: list[dict[str, Any]], seeds: list[int],
@@ -180,6 +212,7 @@ def submit_sweep(engine: Engine, settings: Settings, *, dataset_ref: str, method
         from difftpt_ops.services.running.descriptions import check_method_descriptions
 
         check_method_descriptions(method_spec_from(method, overrides), None, dataset.class_names)
+    _check_points(engine, settings, method, overrides, points, dataset_ref, submit_args)
     # 2. The sweep row, identified by what was asked (dataset as named, resolved by its fingerprint).
     identity = {"dataset_fingerprint": version_fp, "method": method, "overrides": overrides, "grid": grid,
                 "seeds": seeds, "model": submit_args.get("model"), "pretrained": submit_args.get("pretrained"),
@@ -225,13 +258,19 @@ def _descriptions_as_keys(settings: Settings, method: str, dataset: Any, overrid
     )
 
     values = [overrides[DESCRIPTIONS]] if DESCRIPTIONS in overrides else grid[DESCRIPTIONS]
-    checked = {value: checked_descriptions(settings, str(value), dataset.class_names) for value in values}
-    for point in points:
-        knobs = {k: v for k, v in point.items() if k != "seed"}
-        spec = method_spec_from(method, {**overrides, **knobs})
-        check_has_prompt_text(resolve_for_dataset(spec, dataset.format))
-        key, data = checked[spec.descriptions]  # type: ignore[attr-defined]
-        check_method_descriptions(spec, descriptions_by_class(settings, key, data), dataset.class_names)
+    try:
+        checked = {value: checked_descriptions(settings, str(value), dataset.class_names) for value in values}
+        for point in points:
+            knobs = {k: v for k, v in point.items() if k != "seed"}
+            spec = method_spec_from(method, {**overrides, **knobs})
+            check_has_prompt_text(resolve_for_dataset(spec, dataset.format))
+            key, data = checked[spec.descriptions]  # type: ignore[attr-defined]
+            check_method_descriptions(spec, descriptions_by_class(settings, key, data), dataset.class_names)
+    except InputError as exc:  # a file named in the grid: --sweep descriptions=FILE
+        typed = _as_typed(exc, {k: v for k, v in grid.items() if k == DESCRIPTIONS})
+        if typed is exc:
+            raise
+        raise typed from None
     for key, data in checked.values():
         if data is not None:
             store_descriptions(settings, key, data)

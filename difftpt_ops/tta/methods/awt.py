@@ -91,7 +91,18 @@ class AWTSpec(MethodSpec):
         require(self.text_temperature > 0, "text_temperature", self.text_temperature, "must be > 0")
         if self.template is not None:
             require("{}" in self.template, "template", self.template, "must contain '{}' for the class name")
+            require(_formats(self.template), "template", self.template, "must hold one '{}' for the class name "
+                    "and no other braces (str.format fills it; write a literal brace as '{{' or '}}')")
         check_descriptions(self.descriptions)
+
+
+def _formats(template: str) -> bool:
+    """Whether `template.format(name)` works, as awt_texts calls it (the reference's `template.format`)."""
+    try:
+        template.format("class")
+    except (IndexError, KeyError, ValueError):
+        return False
+    return True
 
 
 @dataclass(frozen=True)

@@ -266,6 +266,10 @@ class Method:
         """Refuse, at submit, a descriptions file (or its absence: None) this method cannot run with; the content
         is the file's class -> sentences mapping. Default: anything goes."""
 
+    def check_classes(self, spec: Any, n_classes: int) -> None:
+        """Refuse, at submit, a spec this method cannot run on a dataset of `n_classes` classes (InvalidSpecError
+        naming the field, as `require` does). Default: anything goes."""
+
     def naive_step(self, spec: Any, inputs: StepInputs) -> StepOutput:
         """The straightforward formulation (equivalence oracle); only called when `has_naive`."""
         raise NotImplementedError(f"{self.name} has no naive formulation")

@@ -153,6 +153,10 @@ class RLCF(TPT):
     def reward_model_path(self, spec: RLCFSpec) -> str | None:
         return spec.reward_model
 
+    def check_classes(self, spec: RLCFSpec, n_classes: int) -> None:
+        """Each view proposes `sample_k` distinct classes: more than the dataset has would fail every sample."""
+        require(spec.sample_k <= n_classes, "sample_k", spec.sample_k, f"exceeds the dataset's {n_classes} classes")
+
     def draws_at_random(self, spec: Any) -> bool:
         """Random crops (always, with n_views > 1), and the class draws of `sampling="multinomial"`; top-K draws
         nothing."""
