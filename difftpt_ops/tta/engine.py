@@ -45,6 +45,7 @@ from difftpt_ops.tta.methods import (
     method_of,
     split_prompt_sets,
 )
+from difftpt_ops.tta.optim import optimiser_step
 from difftpt_ops.tta.prompts import PromptLearner, class_prompt_texts, initial_context
 from difftpt_ops.tta.reward import RewardScorer, reward_scorer
 from difftpt_ops.tta.text import ClipLike, TextTower, normalise
@@ -310,14 +311,7 @@ class Tuner:
                 return self.learner.text_features(ctx)
 
         def minimise(loss: Tensor, optimizer: torch.optim.Optimizer) -> None:
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is None:
-                loss.backward()
-                optimizer.step()
-            else:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)  # skips the step on an fp16 overflow, as the reference does
-                scaler.update()
+            optimiser_step(loss, optimizer, scaler)
 
         return ContextTuning(initial=self.learner.ctx_init, encode=encode, minimise=minimise)
 
@@ -451,14 +445,7 @@ class Tuner:
             if not bool(torch.isfinite(loss)):
                 raise SampleError(f"non-finite loss ({float(loss.detach())}) at tuning step {step} "
                                   f"of {tuning.steps}")
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is None:
-                loss.backward()
-                optimizer.step()
-            else:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)  # skips the step on an fp16 overflow, as the reference does
-                scaler.update()
+            optimiser_step(loss, optimizer, scaler)
 
     def _needs_scaler(self) -> bool:
         return self.device.type == "cuda" and self.weight_dtype == torch.float16

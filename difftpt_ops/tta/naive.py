@@ -31,6 +31,7 @@ from difftpt_ops.tta.methods import (
     method_of,
     split_prompt_sets,
 )
+from difftpt_ops.tta.optim import optimiser_step
 from difftpt_ops.tta.prompts import class_prompt_texts, initial_context
 from difftpt_ops.tta.reward import reward_scorer
 from difftpt_ops.tta.text import ClipLike, TextTower, normalise
@@ -139,14 +140,7 @@ class NaiveTuner:
                 if self.reward is not None:
                     reward = self.reward.inputs_for(pixels[selected.cpu()])
             loss = method.tuning_loss(spec, logits[selected], text, reward)  # type: ignore[attr-defined]
-            optimizer.zero_grad()
-            if scaler is None:
-                loss.backward()
-                optimizer.step()
-            else:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
+            optimiser_step(loss, optimizer, scaler)
         with torch.no_grad():
             n_predict = method.prediction_views(spec)  # type: ignore[attr-defined]
             logits, image, text = self._encode(pixels[:n_predict])
@@ -184,14 +178,7 @@ class NaiveTuner:
                 return normalise(self._encode_text(ctx))
 
         def minimise(loss: Tensor, optimizer: torch.optim.Optimizer) -> None:
-            optimizer.zero_grad()
-            if scaler is None:
-                loss.backward()
-                optimizer.step()
-            else:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
+            optimiser_step(loss, optimizer, scaler)
 
         return ContextTuning(initial=self.ctx_init, encode=encode, minimise=minimise)
 

@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 from typer.testing import CliRunner
 
 from difftpt_ops.db.tables import Run
-from tests.integration.test_online_support import image_dataset, online_settings
+from tests.integration.test_online_support import cli_workspace
 
 pytestmark = [pytest.mark.integration]
 
@@ -26,12 +26,7 @@ def test_orders_with_another_order_seed_names_what_was_typed(workspace: Path, tm
     `--orders 2 --sweep order_seed=1,2` said "--sweep=order_seed=0,1: ... swept twice" (0,1 was not typed)."""
     from cli.main import app
 
-    database = f"sqlite:///{workspace / 'difftpt.db'}"
-    _, engine = online_settings(workspace, database)
-    image_dataset(engine, tmp_path / "images", n=4)
-    for key, value in {"DIFFTPT_OPS_WORKSPACE": str(workspace), "DIFFTPT_OPS_DATABASE_URL": database,
-                       "DIFFTPT_OPS_DEVICE": "cpu", "DIFFTPT_OPS_MLFLOW_TRACKING_URI": "none"}.items():
-        monkeypatch.setenv(key, value)
+    _, engine = cli_workspace(workspace, tmp_path / "images", monkeypatch)
     result = CliRunner().invoke(app, ["submit", "tune", "--dataset", "pics", "--method", "oga", "--model",
                                       str(tiny_models_dir / "clip"), "--pretrained", "none", "--orders", "2", *extra])
     lines = [line for line in result.output.splitlines() if line.strip()]
@@ -50,12 +45,7 @@ def test_many_orders_ask_for_yes_naming_orders(workspace: Path, tmp_path: Path, 
     from cli.main import app
     from difftpt_ops.db.tables import Sweep
 
-    database = f"sqlite:///{workspace / 'difftpt.db'}"
-    _, engine = online_settings(workspace, database)
-    image_dataset(engine, tmp_path / "images", n=4)
-    for key, value in {"DIFFTPT_OPS_WORKSPACE": str(workspace), "DIFFTPT_OPS_DATABASE_URL": database,
-                       "DIFFTPT_OPS_DEVICE": "cpu", "DIFFTPT_OPS_MLFLOW_TRACKING_URI": "none"}.items():
-        monkeypatch.setenv(key, value)
+    _, engine = cli_workspace(workspace, tmp_path / "images", monkeypatch)
     result = CliRunner().invoke(app, ["submit", "tune", "--dataset", "pics", "--method", "oga", "--model",
                                       str(tiny_models_dir / "clip"), "--pretrained", "none", "--orders", "250", *extra])
     lines = [line for line in result.output.splitlines() if line.strip()]
@@ -74,12 +64,7 @@ def test_a_negative_order_seed_is_named_as_typed(workspace: Path, tmp_path: Path
     """QA: `--order-seed -1` said `--set order_seed=-1: must be >= 0` (nobody typed --set)."""
     from cli.main import app
 
-    database = f"sqlite:///{workspace / 'difftpt.db'}"
-    _, engine = online_settings(workspace, database)
-    image_dataset(engine, tmp_path / "images", n=4)
-    for key, value in {"DIFFTPT_OPS_WORKSPACE": str(workspace), "DIFFTPT_OPS_DATABASE_URL": database,
-                       "DIFFTPT_OPS_DEVICE": "cpu", "DIFFTPT_OPS_MLFLOW_TRACKING_URI": "none"}.items():
-        monkeypatch.setenv(key, value)
+    _, engine = cli_workspace(workspace, tmp_path / "images", monkeypatch)
     result = CliRunner().invoke(app, ["submit", "tune", "--dataset", "pics", "--method", "ecalp", "--model",
                                       str(tiny_models_dir / "clip"), "--pretrained", "none", "--order-seed", "-1",
                                       *extra])

@@ -21,6 +21,7 @@ from tests.integration.test_online_support import (
     OVERRIDES,
     SHARD_SIZE,
     assert_same_run,
+    cli_workspace,
     image_dataset,
     online_settings,
     predictions,
@@ -213,12 +214,7 @@ def test_orders_submits_k_runs_and_results_summarise_them(workspace: Path, tmp_p
 
     from cli.main import app
 
-    database = f"sqlite:///{workspace / 'difftpt.db'}"
-    settings, engine = online_settings(workspace, database)
-    image_dataset(engine, tmp_path / "images", n=8)
-    for key, value in {"DIFFTPT_OPS_WORKSPACE": str(workspace), "DIFFTPT_OPS_DATABASE_URL": database,
-                       "DIFFTPT_OPS_DEVICE": "cpu", "DIFFTPT_OPS_MLFLOW_TRACKING_URI": "none"}.items():
-        monkeypatch.setenv(key, value)
+    settings, engine = cli_workspace(workspace, tmp_path / "images", monkeypatch, n=8)
     runner = CliRunner()
     submitted = runner.invoke(app, ["submit", "tune", "--dataset", "pics", "--method", "dmn-zs", "--model",
                                     str(tiny_models_dir / "clip"), "--pretrained", "none", "--set", "n_views=2",

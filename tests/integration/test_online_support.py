@@ -36,6 +36,18 @@ def online_settings(workspace: Path, database_url: str, **extra: str) -> tuple[S
     return settings, open_engine(settings)
 
 
+def cli_workspace(workspace: Path, images: Path, monkeypatch: Any, n: int = 4) -> tuple[Settings, Engine]:
+    """An embedded SQLite workspace with an `n`-image dataset `pics`, which the CLI finds through the environment
+    (`monkeypatch`: pytest's, which undoes it)."""
+    database = f"sqlite:///{workspace / 'difftpt.db'}"
+    settings, engine = online_settings(workspace, database)
+    image_dataset(engine, images, n=n)
+    for key, value in {"DIFFTPT_OPS_WORKSPACE": str(workspace), "DIFFTPT_OPS_DATABASE_URL": database,
+                       "DIFFTPT_OPS_DEVICE": "cpu", "DIFFTPT_OPS_MLFLOW_TRACKING_URI": "none"}.items():
+        monkeypatch.setenv(key, value)
+    return settings, engine
+
+
 def predictions(engine: Engine, run_id: int) -> dict[int, tuple[int, float | None]]:
     """sample index -> (predicted class, confidence after) of a run."""
     with session_scope(engine) as session:
