@@ -204,6 +204,24 @@ def test_a_point_its_own_submit_refuses_writes_no_sweep(engine, tiny_models_dir:
     assert (_count(engine, Run), _count(engine, Sweep), _count(engine, SweepRun)) == (0, 0, 0)
 
 
+def test_an_embedded_sweep_whose_images_are_missing_writes_no_sweep(engine, tiny_models_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """An embedded DiffTPT sweep over a generation config whose images were never generated: every point would be
+    refused at its submit (the run executes now), so the sweep is refused before it is recorded (it was recorded,
+    with no run, and the error came from its first point)."""
+    from difftpt_ops.core.specs import GenerationSpec
+    from difftpt_ops.services.running.generation import get_or_create_generation_config
+
+    with session_scope(engine) as session:
+        config_id = get_or_create_generation_config(session, GenerationSpec(model="tiny", per_sample=4)).id
+    code, out = _invoke("submit", "tune", "--dataset", "toy", "--method", "difftpt", "--model",
+                        str(tiny_models_dir / "clip"), "--pretrained", "none", "--device", "cpu", "--generation",
+                        str(config_id), "--sweep", "n_generated=2,4", "--limit", "1")
+    assert code == 2, out
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --generation={config_id}: 1 of 1 samples do not have"), out
+    assert (_count(engine, Run), _count(engine, Sweep), _count(engine, SweepRun)) == (0, 0, 0)
+
+
 def test_more_than_200_seeds_without_a_grid_name_seeds(engine) -> None:  # type: ignore[no-untyped-def]
     """QA: `--seeds 0,...,249` alone asked for --yes in a message naming `--sweep=250 runs` (no --sweep typed)."""
     code, out = _invoke("submit", "tune", "--dataset", "toy", "--method", "noop", "--seeds",

@@ -179,9 +179,20 @@ def _latest_generation(session: Session, version: DatasetVersion) -> GenerationC
                           .order_by(GenerationConfig.id.desc()).limit(1))
 
 
+def check_images_ready(session: Session, settings: Settings, plan: TunePlan, *, limit: int | None,
+                       dataset_ref: str) -> None:
+    """An embedded run executes now, so every sample it plans (up to `limit`) must have its generated images before
+    the run is planned (workers wait for them instead). InputError naming --generation otherwise."""
+    if not settings.embedded:
+        return
+    version = plan.version
+    stop = version.num_samples if limit is None else min(limit, version.num_samples)
+    _require_generated_images(session, version, plan.config, int(getattr(plan.spec.method, "n_generated", 0) or 0),
+                              stop, dataset_ref)
+
+
 def _require_generated_images(session: Session, version: DatasetVersion, config: GenerationConfig | None,
                               needed: int, stop: int, dataset_ref: str) -> None:
-    """Embedded runs execute now, so every sample's images must exist before the run is planned."""
     from difftpt_ops.services.running.waiting import GenerationNeed, readiness_error
 
     if config is None or needed == 0:
@@ -310,10 +321,7 @@ def submit_tune(engine: Engine, settings: Settings, *, dataset_ref: str, method:
     if plan.descriptions is not None:  # the file before the run that names it; written (fsync) outside a transaction
         store_descriptions(settings, spec.method.descriptions, plan.descriptions)  # type: ignore[attr-defined]
     with session_scope(engine) as session:  # a second transaction: _plan finds or creates the run by fingerprint
-        if settings.embedded:
-            stop = version.num_samples if limit is None else min(limit, version.num_samples)
-            _require_generated_images(session, version, config, int(getattr(spec.method, "n_generated", 0) or 0),
-                                      stop, dataset_ref)
+        check_images_ready(session, settings, plan, limit=limit, dataset_ref=dataset_ref)
         run, created, new = _plan(session, kind="tune", method=spec.method.method, fingerprint=spec.fingerprint(),
                                   spec=spec.to_dict(), version=version, limit=limit,
                                   generation_config_id=config.id if config else None, shard_size=shard_size,

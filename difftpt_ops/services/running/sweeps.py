@@ -124,11 +124,12 @@ def _as_typed(exc: InputError, knobs: dict[str, Any]) -> InputError:
 def _check_points(engine: Engine, settings: Settings, method: str, overrides: dict[str, Any],
                   points: list[dict[str, Any]], dataset_ref: str, submit_args: dict[str, Any]) -> None:
     """Every point's run spec as its own submit resolves it (the generation config it reads and its images per
-    sample, settings the class count bounds such as RLCF's sample_k), before the sweep is recorded: a point its
-    submit refuses would leave the sweep half-made, with the points before it run."""
-    from difftpt_ops.services.running.runs import resolve_tune_spec, tune_choice
+    sample, in embedded mode that they exist, settings the class count bounds such as RLCF's sample_k), before the
+    sweep is recorded: a point its submit refuses would leave the sweep half-made, with the points before it run."""
+    from difftpt_ops.services.running.runs import check_images_ready, resolve_tune_spec, tune_choice
 
     with session_scope(engine) as session:
+        plans = []
         for point in points:
             knobs = {k: v for k, v in point.items() if k != "seed"}
             try:
@@ -136,13 +137,16 @@ def _check_points(engine: Engine, settings: Settings, method: str, overrides: di
                                      model=submit_args.get("model", "ViT-B-16"),
                                      pretrained=submit_args.get("pretrained", "openai"),
                                      device=submit_args.get("device"))
-                resolve_tune_spec(session, settings, choice, dataset_ref=dataset_ref,
-                                  generation_id=submit_args.get("generation_id"), seed=int(point["seed"]))
+                plans.append(resolve_tune_spec(session, settings, choice, dataset_ref=dataset_ref,
+                                               generation_id=submit_args.get("generation_id"),
+                                               seed=int(point["seed"])))
             except InputError as exc:
                 typed = _as_typed(exc, knobs)
                 if typed is exc:
                     raise
                 raise typed from None
+        for plan in plans:  # after every spec resolved: a bad grid value is named before missing images are
+            check_images_ready(session, settings, plan, limit=submit_args.get("limit"), dataset_ref=dataset_ref)
 
 
 def _check_seeds_matter(method: str, overrides: dict[str, Any], points: list[dict[str, Any]], seeds: list[int],
