@@ -171,13 +171,13 @@ def submit_tune(
     as_json: JsonOpt = False,
 ) -> None:
     """Evaluate a registered method on a dataset, one prediction per sample (`methods list` shows the methods)."""
-    from difftpt_ops.services.running import online
+    from difftpt_ops.services.running import orders as order_options
     from difftpt_ops.services.running.runs import submit_tune as submit
 
     settings = settings_of(ctx)
     parsed = parse_overrides(overrides)
     if orders is not None:  # --orders K is order_seed=0..K-1: another order seed given with it names what was typed
-        order_item = online.order_sweep(method, orders)
+        order_item = order_options.order_sweep(method, orders)
         swept = [item for item in sweep or [] if item.partition("=")[0].strip() == "order_seed"]
         also = (f"--order-seed={order_seed}" if order_seed is not None else
                 f"--set order_seed={parsed['order_seed']}" if "order_seed" in parsed else
@@ -186,7 +186,7 @@ def submit_tune(
             raise InputError("--orders", orders, f"runs order seeds 0..{orders - 1}; it cannot be combined with "
                              f"{also} (drop one of them)")
     if order_seed is not None:  # the spec's order_seed field, which only online specs have
-        parsed = {**parsed, "order_seed": online.order_seed_value(method, order_seed)}
+        parsed = {**parsed, "order_seed": order_options.order_seed_value(method, order_seed)}
     if orders is not None:
         sweep = [*(sweep or []), order_item]
         _confirm_orders(orders, sweep, seeds, seed, yes)
