@@ -70,13 +70,12 @@ def estimate_tune(engine: Engine, settings: Settings, *, dataset_ref: str, metho
     check_execution_args(limit=limit, shard_size=shard_size, device=device, seed=seed)
     choice = tune_choice(settings, method=method, overrides=overrides, model=model, pretrained=pretrained,
                          device=device)
-    check_stream_blocks(choice.method, limit=None, shard_size=shard_size)
     check_model_path(settings, choice.method.method, choice.model)  # as submit: a model that cannot exist
     with Session(engine) as session:
         plan = resolve_tune_spec(session, settings, choice, dataset_ref=dataset_ref, generation_id=generation_id,
                                  seed=seed, generation_missing_ok=True)
         version, config, method_spec = plan.version, plan.config, plan.spec.method
-        check_stream_blocks(method_spec, limit=limit, shard_size=None, n_samples=version.num_samples)
+        check_stream_blocks(method_spec, limit=limit, shard_size=shard_size, n_samples=version.num_samples)
         samples = _in_scope(version, limit)
         existing = session.scalar(select(Run).where(Run.fingerprint == plan.spec.fingerprint()))
         n_generated = int(getattr(method_spec, "n_generated", 0) or 0)

@@ -245,16 +245,14 @@ class TuneProcessor(_TuneRows):
         return self._rows(sample, result, time.perf_counter() - started)
 
     def _rows(self, sample: Any, result: Any, seconds: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        for name in ("entropy_before", "entropy_after", "confidence_before", "confidence_after"):
-            value = getattr(result, name, None)
-            if value is not None and not math.isfinite(value):
-                raise SampleError(f"non-finite {name} ({value}) for sample {sample.index}")
-        label, top5 = sample.label, [int(k) for k in result.top5]
+        _require_finite({name: getattr(result, name, None) for name in ("entropy_before", "entropy_after",
+                                                                        "confidence_before", "confidence_after")},
+                        sample.index)
+        label = sample.label
         zeroshot = getattr(result, "zeroshot_pred", None)
         prediction = {
             "run_id": self.run_id, "sample_id": sample.id, "sample_index": sample.index, "label": label,
-            "pred": int(result.pred), "top5": top5, "correct": int(result.pred) == label,
-            "top5_correct": label in top5, "zeroshot_pred": zeroshot,
+            **_decided(label, result.pred, result.top5), "zeroshot_pred": zeroshot,
             "zeroshot_correct": None if zeroshot is None else int(zeroshot) == label,
             "entropy_before": result.entropy_before, "entropy_after": result.entropy_after,
             "confidence_before": result.confidence_before, "confidence_after": result.confidence_after,
@@ -269,7 +267,6 @@ class TuneProcessor(_TuneRows):
                  for view in (getattr(result, "views", None) or ())]
         return prediction, views
 
-
     def revise(self, row: Any, logits: Any) -> Any:
         """`row` with the sample's final prediction `logits` (n_classes,), for a sample whose step predicted it
         provisionally (an online method that predicts in blocks: OGA's batches). Only what the prediction
@@ -282,13 +279,23 @@ class TuneProcessor(_TuneRows):
 
         prediction, views = row
         final = prediction_summary(logits)
-        for name, value in (("entropy_after", final.entropy), ("confidence_after", final.confidence)):
-            if not math.isfinite(value):
-                raise SampleError(f"non-finite {name} ({value}) for sample {prediction['sample_index']}")
-        label = prediction["label"]
-        return {**prediction, "pred": final.pred, "top5": final.top5, "correct": final.pred == label,
-                "top5_correct": label in final.top5, "entropy_after": final.entropy,
-                "confidence_after": final.confidence}, views
+        _require_finite({"entropy_after": final.entropy, "confidence_after": final.confidence},
+                        prediction["sample_index"])
+        return {**prediction, **_decided(prediction["label"], final.pred, final.top5),
+                "entropy_after": final.entropy, "confidence_after": final.confidence}, views
+
+
+def _require_finite(values: dict[str, float | None], sample_index: int) -> None:
+    """SampleError naming the first of `values` (a result's entropies and confidences) that is not finite."""
+    for name, value in values.items():
+        if value is not None and not math.isfinite(value):
+            raise SampleError(f"non-finite {name} ({value}) for sample {sample_index}")
+
+
+def _decided(label: int, pred: int, top5: Any) -> dict[str, Any]:
+    """A prediction row's class, top 5 and their correctness against `label`."""
+    top5 = [int(k) for k in top5]
+    return {"pred": int(pred), "top5": top5, "correct": int(pred) == label, "top5_correct": label in top5}
 
 
 def _finite_or_none(value: float | None) -> float | None:

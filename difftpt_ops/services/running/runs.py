@@ -310,14 +310,13 @@ def submit_tune(engine: Engine, settings: Settings, *, dataset_ref: str, method:
     check_model_path(settings, choice.method.method, choice.model)
     _prepare_dispatch(settings, dispatcher)
     # Slow first calls (imports, git) happen here, before any transaction: see _submit_environment.
-    check_stream_blocks(choice.method, limit=None, shard_size=shard_size)
     provenance, shard_size = _submit_environment(), shard_size or default_shard_size(settings, choice.method)
     # 2. Resolve the spec as it is stored (per-dataset defaults, generation config), then plan the run.
     with session_scope(engine) as session:
         plan = resolve_tune_spec(session, settings, choice, dataset_ref=dataset_ref, generation_id=generation_id,
                                  seed=seed)
     spec, version, config = plan.spec, plan.version, plan.config
-    check_stream_blocks(spec.method, limit=limit, shard_size=None, n_samples=version.num_samples)
+    check_stream_blocks(spec.method, limit=limit, shard_size=shard_size, n_samples=version.num_samples)
     if plan.descriptions is not None:  # the file before the run that names it; written (fsync) outside a transaction
         store_descriptions(settings, spec.method.descriptions, plan.descriptions)  # type: ignore[attr-defined]
     with session_scope(engine) as session:  # a second transaction: _plan finds or creates the run by fingerprint

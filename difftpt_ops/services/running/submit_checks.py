@@ -36,14 +36,10 @@ def check_execution_args(*, limit: int | None, shard_size: int | None, device: s
 def stream_block(method: Any) -> int:
     """How many consecutive samples the method spec `method` predicts together (an online method that feeds its
     stream in batches, as OGA's reference does; `OnlineMethod.block_size`); 1 for every other method."""
-    from difftpt_ops.core.method_specs import CORE_METHODS
+    from difftpt_ops.tta.methods import ONLINE
 
-    if method.method in CORE_METHODS:
-        return 1
-    from difftpt_ops.tta.methods import ONLINE, find_method
-
-    registered = find_method(method.method)
-    return registered.block_size(method) if registered is not None and registered.kind == ONLINE else 1  # type: ignore[attr-defined]
+    registered = _registered(method)
+    return registered.block_size(method) if registered is not None and registered.kind == ONLINE else 1
 
 
 def check_stream_blocks(method: Any, *, limit: int | None, shard_size: int | None,

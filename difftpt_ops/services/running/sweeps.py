@@ -124,8 +124,9 @@ def _as_typed(exc: InputError, knobs: dict[str, Any]) -> InputError:
 def _check_points(engine: Engine, settings: Settings, method: str, overrides: dict[str, Any],
                   points: list[dict[str, Any]], dataset_ref: str, submit_args: dict[str, Any]) -> None:
     """Every point's run spec as its own submit resolves it (the generation config it reads and its images per
-    sample, in embedded mode that they exist, settings the class count bounds such as RLCF's sample_k), before the
-    sweep is recorded: a point its submit refuses would leave the sweep half-made, with the points before it run."""
+    sample, in embedded mode that they exist, settings the class count bounds such as RLCF's sample_k, shards and a
+    limit that split no batch of a method predicting in batches), before the sweep is recorded: a point its submit
+    refuses would leave the sweep half-made, with the points before it run."""
     from difftpt_ops.services.running.runs import check_images_ready, resolve_tune_spec, tune_choice
 
     with session_scope(engine) as session:
@@ -146,6 +147,8 @@ def _check_points(engine: Engine, settings: Settings, method: str, overrides: di
                     raise
                 raise typed from None
         for plan in plans:  # after every spec resolved: a bad grid value is named before missing images are
+            check_stream_blocks(plan.spec.method, limit=submit_args.get("limit"),
+                                shard_size=submit_args.get("shard_size"), n_samples=plan.version.num_samples)
             check_images_ready(session, settings, plan, limit=submit_args.get("limit"), dataset_ref=dataset_ref)
 
 
@@ -169,16 +172,6 @@ def _check_seeds_matter(method: str, overrides: dict[str, Any], points: list[dic
             raise InputError("--seeds", ",".join(map(str, seeds)),
                              f"{method}{' ' + where if where else ''} draws nothing at random here (the original "
                              f"view only, a fixed prompt), so every seed gives the same run{order}; submit it once")
-
-
-def _check_batches(method: str, overrides: dict[str, Any], points: list[dict[str, Any]], submit_args: dict[str, Any],
-                   n_samples: int) -> None:
-    """Every point's `--shard-size` and `--limit` must suit its batches (OGA's batch_size, which a sweep may vary),
-    as `submit_tune` requires: checked for all points before the first is submitted."""
-    for point in points:
-        spec = method_spec_from(method, {**overrides, **{k: v for k, v in point.items() if k != "seed"}})
-        check_stream_blocks(spec, limit=submit_args.get("limit"), shard_size=submit_args.get("shard_size"),
-                            n_samples=n_samples)
 
 
 def _record_sweep(engine: Engine, identity: dict[str, Any], points: int) -> tuple[int, bool]:
@@ -206,9 +199,8 @@ def submit_sweep(engine: Engine, settings: Settings, *, dataset_ref: str, method
     submit_args.pop("seed", None)
     points = grid_points(grid, seeds)
     _check_plan(method, overrides, grid, points, confirmed, settings)
-    dataset, version_fp, n_samples = _dataset(engine, dataset_ref)
+    dataset, version_fp = _dataset(engine, dataset_ref)
     _check_seeds_matter(method, overrides, points, seeds, dataset.format)
-    _check_batches(method, overrides, points, submit_args, n_samples)
     if DESCRIPTIONS in overrides or DESCRIPTIONS in grid:
         overrides, grid = _descriptions_as_keys(settings, method, dataset, overrides, grid, points)
         points = grid_points(grid, seeds)
@@ -236,14 +228,14 @@ def submit_sweep(engine: Engine, settings: Settings, *, dataset_ref: str, method
     return result
 
 
-def _dataset(engine: Engine, dataset_ref: str) -> tuple[Any, str, int]:
-    """The dataset row (detached), and the fingerprint and size of the version `dataset_ref` names."""
+def _dataset(engine: Engine, dataset_ref: str) -> tuple[Any, str]:
+    """The dataset row (detached) and the fingerprint of the version `dataset_ref` names."""
     from difftpt_ops.services.datasets import resolve_dataset_version
 
     with session_scope(engine) as session:
         dataset, version = resolve_dataset_version(session, dataset_ref)
         session.expunge(dataset)
-        return dataset, version.fingerprint, int(version.num_samples)
+        return dataset, version.fingerprint
 
 
 def _descriptions_as_keys(settings: Settings, method: str, dataset: Any, overrides: dict[str, Any],
