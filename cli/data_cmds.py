@@ -167,6 +167,45 @@ def show(
         _print_description(info)
 
 
+@data_app.command("verify")
+def verify(
+    ctx: typer.Context,
+    ref: Annotated[str, typer.Argument(metavar="DATASET", help="NAME (latest version) or NAME@V.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Hash every registered file again: exit 1 when any changed, is missing or cannot be read (runs refuse such
+    samples, because results are keyed by the registered content)."""
+    from difftpt_ops.core.errors import InputError
+    from difftpt_ops.services.dataset_files import verify_dataset
+
+    try:
+        with _progress_bar(f"verifying {ref}") as progress:
+            report = verify_dataset(engine_of(ctx), ref, progress=progress)
+    except InputError as exc:
+        if exc.argument != "--dataset":
+            raise
+        raise type(exc)("DATASET", exc.value, exc.problem) from None  # the argument this command takes
+    if as_json:
+        print_json(report)
+    else:
+        _print_verification(report)
+    if report["checked"] != report["unchanged"]:
+        raise typer.Exit(1)
+
+
+def _print_verification(report: dict[str, Any]) -> None:
+    typer.echo(f"{report['name']}@{report['version']} ({report['root']}): {report['checked']} files checked, "
+               f"{report['unchanged']} unchanged, {report['changed']} changed, {report['missing']} missing, "
+               f"{report['unreadable']} unreadable")
+    problems = report["problems"]
+    if problems:
+        print_table("files that differ from their registration", ["index", "relpath", "problem"],
+                    [[p["index"], p["relpath"], p["problem"]] for p in problems])
+        listed = report["checked"] - report["unchanged"]
+        if listed > len(problems):
+            typer.echo(f"... {listed - len(problems)} more (the first {len(problems)} are listed)")
+
+
 def _generation_spec(values: dict[str, Any]) -> Any:
     """A GenerationSpec from the options given; the rest keep the spec's defaults."""
     from difftpt_ops.core.specs import GenerationSpec

@@ -217,8 +217,11 @@ def test_quiet_by_default_and_completion(ws: Path, tmp_path: Path) -> None:
     assert "mlflow" not in run.stderr.lower() and "Creating initial" not in run.stderr
     assert (fresh / "mlflow.db").exists()  # tracking did run
     entry_point = Path(sys.executable).parent / "difftpt-ops"  # completion is keyed by the program's name
-    completion = subprocess.run([str(entry_point), "--show-completion", "bash"], env=_env(ws), capture_output=True,
-                                text=True, timeout=120, check=False)
+    # Typer detects the shell from the process tree, which a detached process (a CI job, `nohup`) may lack; with
+    # detection off, --show-completion takes the shell as its value.
+    named_shell = {**_env(ws), "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
+    completion = subprocess.run([str(entry_point), "--show-completion", "bash"], env=named_shell,
+                                capture_output=True, text=True, timeout=120, check=False)
     assert completion.returncode == 0, (completion.stdout, completion.stderr)
     assert "_difftpt_ops_completion" in completion.stdout and "complete -o default" in completion.stdout
 

@@ -108,6 +108,31 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(cli_env: dict[str, s
                           "--root")
 
 
+def test_data_verify_names_changed_and_missing_files_and_exits_1(cli_env: dict[str, str], database_url: str,
+                                                                   tmp_path: Path) -> None:
+    """`data verify` hashes the readable samples again: exit 0 while they are unchanged, exit 1 and the files named
+    once one changed or went missing (the corrupt file registered as failed is not checked); a bad name exits 2."""
+    assert invoke("db", "upgrade").exit_code == 0
+    root = make_imagefolder(tmp_path / "bf")
+    assert invoke("data", "add", "bf", "--root", str(root), "--subset", "4", "--seed", "0").exit_code == 0
+    intact = invoke("data", "verify", "bf@1")
+    assert intact.exit_code == 0, intact.output
+    assert "6 files checked, 6 unchanged, 0 changed, 0 missing, 0 unreadable" in intact.stdout
+    Image.new("RGB", (9, 7), (1, 2, 3)).save(root / "bird" / "0.png")
+    (root / "fish" / "1.jpg").unlink()
+    text = invoke("data", "verify", "bf@1")
+    assert text.exit_code == 1, text.output
+    assert "4 unchanged, 1 changed, 1 missing" in text.stdout
+    assert "bird/0.png" in text.stdout and "fish/1.jpg" in text.stdout
+    report = json.loads(invoke("data", "verify", "bf@1", "--json").stdout)
+    assert sorted((p["relpath"], p["problem"]) for p in report["problems"]) == [
+        ("bird/0.png", "changed"), ("fish/1.jpg", "missing")]
+    assert json.loads(invoke("data", "verify", "bf", "--json").stdout)["checked"] == 4  # NAME: the latest version
+    assert_one_line_error(invoke("data", "verify", "nope"), "DATASET=nope")
+    assert_one_line_error(invoke("data", "verify", "bf@x"), "DATASET=bf@x")
+    assert counts(database_url) == (1, 2, 11)  # verifying writes nothing
+
+
 def test_data_commands_do_not_import_torch(workspace: Path) -> None:
     """`data list` stays fast: no torch, diffusers or mlflow behind it."""
     code = ("import sys; from typer.testing import CliRunner; from cli.main import app; "

@@ -24,6 +24,7 @@ from PIL import Image  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 
 from difftpt_ops.core.method_specs import method_spec_from  # noqa: E402
+from difftpt_ops.data.images import hash_file  # noqa: E402
 from difftpt_ops.db.session import session_scope  # noqa: E402
 from difftpt_ops.db.tables import GeneratedImage, Prediction, Run, ViewFeatures  # noqa: E402
 from difftpt_ops.models.clip import LoadedClip  # noqa: E402
@@ -73,7 +74,7 @@ def _setup(workspace: Path, database_url: str, tmp_path: Path, *, n_generated: i
     root = tmp_path / "images"
     root.mkdir(exist_ok=True)
     random_image(7).save(root / "a.png")
-    sample = SimpleNamespace(id=1, index=0, relpath="a.png", content_hash=hashlib.sha256(b"sample-a").hexdigest())
+    sample = SimpleNamespace(id=1, index=0, relpath="a.png", content_hash=hash_file(root / "a.png"))
     views = None
     if n_generated:
         images = [random_image(generated_seed + i, (64, 64)) for i in range(n_generated)]

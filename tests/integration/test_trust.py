@@ -325,6 +325,39 @@ def test_a_run_records_its_weights_and_refuses_changed_ones(database_url: str, w
     assert _weights_of(folder) == group["weights"]
 
 
+def test_a_file_changed_since_registration_is_a_failed_sample_and_data_verify_names_it(
+        database_url: str, workspace: Path, tmp_path: Path, tiny_models_dir: Path, quiet_reporting: None) -> None:
+    """Views, features and results are keyed by the registered content hash: a run computes nothing from a file
+    whose bytes changed since `data add` (the sample fails with the reason), the other samples run, and
+    `verify_dataset` finds the changed and the missing file before any run does."""
+    from PIL import Image
+
+    from difftpt_ops.services.dataset_files import verify_dataset
+
+    settings = make_settings(workspace, database_url, device="cpu")
+    engine = open_engine(settings)
+    root = tmp_path / "images"
+    relpaths = write_pngs(root, 4)
+    add_dataset(engine, "pics", 4, root=root, classes=2, relpaths=relpaths)
+    assert verify_dataset(engine, "pics")["unchanged"] == 4
+    Image.new("RGB", (40, 40), (1, 2, 3)).save(root / relpaths[1])  # other pixels under the registered name
+    (root / relpaths[3]).unlink()
+    report = verify_dataset(engine, "pics")
+    assert {key: report[key] for key in ("checked", "unchanged", "changed", "missing", "unreadable")} == {
+        "checked": 4, "unchanged": 2, "changed": 1, "missing": 1, "unreadable": 0}
+    assert [(p["index"], p["problem"]) for p in report["problems"]] == [(1, "changed"), (3, "missing")]
+
+    run = runs.submit_tune(engine, settings, dataset_ref="pics", method="zeroshot",
+                           model=str(tiny_models_dir / "clip"), pretrained=None, shard_size=2)
+    assert run.state == "finished_with_failures"
+    reasons = {row.sample_index: row.error for row in error_rows(engine, run.run_id)}
+    assert set(reasons) == {1, 3}
+    assert "changed since its dataset was registered" in reasons[1] and "file not found" in reasons[3]
+    with session_scope(engine) as session:
+        assert sorted(session.scalars(select(Prediction.sample_index).where(Prediction.run_id == run.run_id))) == [
+            0, 2]
+
+
 def _weights_of(folder: Path) -> str:
     """sha256 of the weights a run loads from a local model folder."""
     from difftpt_ops.core.specs import ModelSpec

@@ -40,6 +40,24 @@ def test_probe_reports_hash_size_and_decode_failures(tmp_path: Path) -> None:
     assert missing.error == "file not found" and missing.content_hash is None
 
 
+def test_load_rgb_refuses_bytes_that_are_not_the_registered_ones(tmp_path: Path) -> None:
+    """With the registered hash, the file must still hash to it: the probe's hash is accepted, a rewritten file is
+    a SampleError saying so, and without a hash nothing is compared."""
+    from difftpt_ops.core.errors import SampleError
+    from difftpt_ops.data.images import load_rgb
+
+    path = tmp_path / "a.jpg"
+    path.write_bytes(jpeg_bytes())
+    registered = probe_file(path).content_hash
+    assert registered is not None and load_rgb(path, sha256=registered).size == (64, 48)
+    path.write_bytes(jpeg_bytes((64, 49)))
+    with pytest.raises(SampleError, match=f"changed since its dataset was registered .*registered {registered[:12]}"):
+        load_rgb(path, sha256=registered)
+    assert load_rgb(path).size == (64, 49)
+    with pytest.raises(SampleError, match="file not found"):
+        load_rgb(tmp_path / "gone.jpg", sha256=registered)
+
+
 def make_tree(root: Path) -> Path:
     for label, color in enumerate([(255, 0, 0), (0, 255, 0)]):
         for i in range(3):

@@ -230,7 +230,7 @@ class FeatureCache:
         """The sample's views (pixels and kinds), as the tuner builds them."""
         from difftpt_ops.data.images import load_rgb
 
-        image = load_rgb(root / sample.relpath)
+        image = load_rgb(root / sample.relpath, sha256=sample.content_hash)
         generated = views.images_for(sample) if views is not None and tuner.plan.n_generated else []
         with about_one_sample(sample.index):
             return tuner.make_views(image, generated=generated, seed=seed,
@@ -246,8 +246,11 @@ class FeatureCache:
             images = views.images_for(sample)
             return [images[i] for i in indices]
 
+        def source() -> Any:  # called only when the source image's own views or crops are among `positions`
+            return load_rgb(root / sample.relpath, sha256=sample.content_hash)
+
         with about_one_sample(sample.index):
-            return tuner.make_some_views(lambda: load_rgb(root / sample.relpath), generated, positions=positions,
+            return tuner.make_some_views(source, generated, positions=positions,
                                          seed=seed, sample_key=sample.content_hash or str(sample.id), augmix=augmix)
 
     def _generated_hashes(self, views: Any, sample: Any, count: int) -> list[str] | None:

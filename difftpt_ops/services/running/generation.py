@@ -228,7 +228,7 @@ class SampleGenerator:
         if not missing:
             return added
         # 2. Generate the rest, batch by batch: files first, then the rows, then commit.
-        image = load_rgb(source_path)
+        image = load_rgb(source_path, sha256=source_hash)
         seeds = [variant_seed(self.spec.seed, source_hash, index) for index in missing]
         batches = iter_variation_batches(self.pipeline, image, seeds=seeds, spec=self.spec, batch_size=batch_size)
         start = 0

@@ -237,7 +237,7 @@ class TuneProcessor(_TuneRows):
             result = self.features.run_sample(self.tuner, sample, root=self.root, views=self.views, seed=self.seed,
                                               augmix=self.augmix)
             return self._rows(sample, result, time.perf_counter() - started)
-        image = load_rgb(self.root / sample.relpath)
+        image = load_rgb(self.root / sample.relpath, sha256=sample.content_hash)
         generated = self.views.images_for(sample) if self.views is not None else []
         with about_one_sample(sample.index):
             result = self.tuner.run(image, generated=generated, seed=self.seed,
