@@ -28,8 +28,10 @@ pytestmark = pytest.mark.unit
 
 def reference_weights(features: list[list[float]], k: int, temperature: float, exclude: str) -> list[float]:
     """`get_top_sim` and the softmax of rtpt.py, one view at a time: every similarity, the excluded ones set to
-    -inf, sorted, the k largest averaged; then exp(score / T) normalised."""
+    -inf, sorted, the k largest averaged (k up to the number of views, as torch's topk allows); then exp(score / T)
+    normalised. Every score -inf gives NaN weights, as the reference's softmax does."""
     n = len(features)
+    assert k <= n  # topk raises above
     scores = []
     for i in range(n):
         row = []
@@ -40,7 +42,7 @@ def reference_weights(features: list[list[float]], k: int, temperature: float, e
         top = sorted(row, reverse=True)[:k]
         scores.append(sum(top) / k if all(v > -math.inf for v in top) else -math.inf)
     if all(s == -math.inf for s in scores):
-        return [1.0 / n] * n
+        return [math.nan] * n
     peak = max(scores)
     e = [math.exp((s - peak) / temperature) for s in scores]
     return [v / sum(e) for v in e]
@@ -76,7 +78,25 @@ def test_the_threshold_rule_drops_every_similarity_at_or_above_one() -> None:
         assert reliability_weights(features, 8, 0.01, exclude).tolist() == pytest.approx(expected, rel=1e-9)
     assert float(reliability_weights(features, 9, 0.01, "threshold")[3]) == 0.0  # only 8 similarities left
     same = 1.01 * torch.nn.functional.normalize(torch.ones(5, 4, dtype=torch.float64), dim=-1)
-    assert reliability_weights(same, 2, 0.01, "threshold").tolist() == [0.2] * 5
+    assert all(math.isnan(w) for w in reference_weights(same.tolist(), 2, 0.01, "threshold"))
+    assert reliability_weights(same, 2, 0.01, "threshold").tolist() == [0.2] * 5  # our documented fallback
+
+
+@pytest.mark.parametrize("n", [8, 20])
+def test_as_many_neighbours_as_views_is_the_references_topk_over_the_whole_row(n: int) -> None:
+    """rtpt.py takes topk(20) of each row of the views' similarities: with exactly 20 views (`-b 20`) it runs,
+    every similarity a view has left counts, and a view that lost one (its own under the threshold rule) gets
+    -inf, weight 0. The spec accepts it; "self" leaves every view short of one, so the views weigh equally."""
+    spec = method_spec_from("rtpt", {"n_views": str(n), "neighbours": str(n)})
+    assert (spec.n_views, spec.neighbours) == (n, n)
+    features = _views(5, n)
+    expected = reference_weights(features.tolist(), n, 0.01, "threshold")
+    got = reliability_weights(features, n, 0.01, "threshold")
+    assert got.tolist() == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert 0 < sum(w > 0 for w in expected) < n  # the views below 1.0 share the weight, the others get none
+    assert reliability_weights(features, n, 0.01, "self").tolist() == pytest.approx([1.0 / n] * n)
+    with pytest.raises(InvalidSpecError, match="neighbours"):
+        method_spec_from("rtpt", {"n_views": str(n), "neighbours": str(n + 1)})  # topk raises above the row
 
 
 def test_loss_is_the_mean_of_the_views_entropies() -> None:
@@ -120,7 +140,7 @@ def test_registered_method_is_tpt_with_its_own_loss_weights_and_prediction() -> 
     assert (tuning.steps, tuning.lr, tuning.weight_decay) == (1, 5e-3, 0.01)
 
 
-@pytest.mark.parametrize(("field", "value"), [("neighbours", "64"), ("neighbours", "0"), ("temperature", "0"),
+@pytest.mark.parametrize(("field", "value"), [("neighbours", "65"), ("neighbours", "0"), ("temperature", "0"),
                                               ("exclude", "diagonal"), ("steps", "0"), ("selection_p", "0"),
                                               ("n_views", "1"), ("lr", "-1")])
 def test_bad_settings_name_the_field(field: str, value: str) -> None:

@@ -116,6 +116,16 @@ def test_loss_is_the_entropy_of_the_mean_probability_of_the_confident_views() ->
     assert float(loss) == pytest.approx(-sum(q * math.log(q) for q in mean), rel=1e-12)
 
 
+def test_a_selection_the_reference_leaves_empty_keeps_the_lowest_entropy_view() -> None:
+    """int(5 * 0.1) = 0: the reference's mean over no view is NaN (documented); here the single most confident view
+    is kept, which is the transcription with one view kept."""
+    image, text = _features(11, 5, 9)
+    out = tps_adapt(image, text, 10.0, selection_p=0.1, steps=1)
+    expected, kept = reference_tps(image, text, 10.0, p=0.2, steps=1, lr=5e-3)  # int(5 * 0.2) = 1
+    assert out.indices.tolist() == kept and len(kept) == 1
+    assert torch.allclose(out.logits, expected, rtol=0, atol=1e-10)
+
+
 def test_each_sample_starts_from_a_zero_shift() -> None:
     """The same sample gives the same result whatever ran before it (the reference's model.reset and its
     reloaded optimiser state)."""
@@ -208,7 +218,7 @@ def _class_mean(clip: LoadedClip, texts: list[list[str]]) -> torch.Tensor:
 
 @pytest.mark.parametrize("pooling", ["micro", "macro", "descriptions"])
 def test_initial_prototypes_from_templates_and_descriptions(clip: LoadedClip, pooling: str) -> None:
-    """The reference's best configuration (80 templates and GPT-4 descriptors, --with_templates
+    """The reference README's example configuration (80 templates and GPT-4 descriptors, --with_templates
     --with_concepts): micro averages the two means, macro every text, descriptions takes them alone."""
     names = [name.replace("_", " ") for name in CLASS_NAMES]
     templates = [[t.format(name) for t in prompt_templates("ensemble")] for name in names]

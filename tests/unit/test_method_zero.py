@@ -67,10 +67,12 @@ def reference_code_votes(image: torch.Tensor, text: torch.Tensor, gamma: float) 
     """The reference's `zero` as it runs under `torch.cuda.amp.autocast()`, written out on the CPU: the matmul
     casts its inputs to float16 and returns float16 (the code's `l`); the filter ranks softmax(l / temp) by entropy
     (here in float32: only the rounding of l / temp differs); `torch.finfo(l.dtype).eps` is float16's, 2^-10;
-    `l / eps` stays float16 (exact: a power of two); autocast's softmax is float32; votes sum over kept views."""
+    `l / eps` stays float16 (exact: a power of two); autocast's softmax is float32; votes sum over kept views.
+    The entropy is the code's `-(p * p.log()).sum(1)` as written: NaN where a probability underflows to 0, which
+    the ascending argsort places last (stable here: ties in entropy by view index, as we document)."""
     logits16 = (image.half().float() @ text.half().float().t()).half()  # float32 accumulation, float16 result
     probs = (logits16.float() * SCALE).softmax(1)
-    entropy = -(probs * probs.clamp_min(1e-30).log()).sum(1)
+    entropy = -(probs * probs.log()).sum(1)
     kept = torch.argsort(entropy, stable=True)[:int(image.shape[0] * gamma)]
     eps = torch.finfo(logits16.dtype).eps
     assert eps == 2.0 ** -10
@@ -94,6 +96,22 @@ def test_code_votes_match_the_reference_under_autocast(n_classes: int) -> None:
             assert out.pred == int(p_bar.argmax())
         split += int(((p_bar - p_bar.round()).abs() > 0.01).any())
     assert split >= 3  # the votes really are soft somewhere: the comparison is not the paper's in disguise
+
+
+def test_a_view_whose_probability_underflows_ranks_last_as_in_the_code() -> None:
+    """View 0 is the most confident by far, but one of its classes is 135 logits below its top one: its float32
+    probability is 0 and the code's entropy, -(p * log p).sum(), is NaN, which its argsort ranks after every
+    finite entropy. vote="code" drops it as the code does; vote="argmax" (the paper) keeps it."""
+    text = torch.eye(4)[:3]
+    rows = [[0.75, -0.6, 0.0]] + [[0.2, 0.3 + 0.01 * i, 0.1] for i in range(1, 10)]
+    image = torch.tensor([row + [(1 - sum(v * v for v in row)) ** 0.5] for row in rows])
+    kept, p_bar = reference_code_votes(image, text, 0.1)
+    assert kept == [9]
+    out = zero_predict(image, text, SCALE, gamma=0.1)
+    assert torch.nonzero(out.kept).flatten().tolist() == kept and out.pred == 1 == int(p_bar.argmax())
+    assert torch.isfinite(out.entropy).all()  # what is stored per view stays the (finite) entropy
+    paper = zero_predict(image, text, SCALE, gamma=0.1, vote="argmax")
+    assert torch.nonzero(paper.kept).flatten().tolist() == [0] and paper.pred == 0
 
 
 def test_a_vote_splits_when_two_classes_are_a_thousandth_apart() -> None:
@@ -142,15 +160,76 @@ def test_tie_is_broken_by_the_first_later_view_in_view_order() -> None:
     assert zero_predict(*_tie_case(order, 3), SCALE, gamma=0.4).pred == 0
 
 
+def reference_code_fp32(image: torch.Tensor, text: torch.Tensor, gamma: float) -> torch.Tensor:
+    """The reference's whole `zero` (ttas/zero.py, confidence_filter in ttas/base.py, greedy_break and
+    break_sample_tie in utils/tools.py) as it runs on float32 tensors, i.e. without autocast, where its "zero"
+    temperature is float32's eps: our vote="argmax". Returns its output p_bar (the +1 on a broken tie's winner
+    included); its argmax is the prediction. Ties in entropy by view index (stable sort), as we document."""
+    logits = image @ text.t()
+    probs = (logits * SCALE).softmax(1)
+    entropy = -(probs * probs.log()).sum(1)
+    kept = logits[torch.argsort(entropy, stable=True)[:int(entropy.shape[0] * gamma)]]
+    p_bar = (kept / torch.finfo(kept.dtype).eps).softmax(1).sum(0)
+    max_count, pred = torch.max(p_bar, dim=-1)
+    ties = [int(pred)] + [i for i in range(len(p_bar)) if i != int(pred) and p_bar[i] == max_count]
+    if len(ties) > 1:
+        rest = logits[int(image.shape[0] * gamma):]
+        tie_tensor = torch.tensor(ties, dtype=torch.int)
+        hits = [p for p in torch.argmax(rest, dim=1) if p in tie_tensor]
+        if hits:
+            pred = hits[0]
+        else:
+            row = rest[0].clone()
+            row[~tie_tensor] = -torch.inf  # a bitwise not on class indices, as the code writes it
+            pred = torch.argmax(row)
+        p_bar[pred] += 1
+    return p_bar
+
+
+def test_matches_a_transcription_of_the_reference_ties_included() -> None:
+    """Few classes and views make ties common: the whole decision (filter, count, greedy walk, fallback, the
+    extra vote) against the reference written out on float32 tensors."""
+    ties = 0
+    for seed in range(60):
+        image, text = _random(seed, 10, 3, dim=64)
+        expected = reference_code_fp32(image, text, 0.3)
+        out = zero_predict(image, text, SCALE, gamma=0.3, vote="argmax")
+        assert torch.allclose(out.scores, expected, atol=1e-5), seed
+        assert out.pred == int(expected.argmax()), seed
+        ties += int(out.tie)
+    assert ties >= 10  # the tie-break really ran
+
+
 def test_tie_fallback_reproduces_the_reference_or_stays_among_tied_classes() -> None:
     """No later view votes a tied class: the code's mask (classes C-1-t) can pick an untied class."""
     # 5 classes; confident views 0-1 tie classes 0 and 1; every later view votes class 2.
     order = [(0, 9.0), (1, 9.0), (2, 0.6), (2, 0.5), (2, 0.5)]
     image, text = _tie_case(order, 5)
-    # View 2 (the fallback row): class 2 highest, then class 1 a little above class 0.
-    image[2] = _unit(torch.tensor([1.0, 1.2, 2.0, 1.0, 1.0]))
-    assert zero_predict(image, text, SCALE, gamma=0.4, tie_break="code").pred == 2  # masks 4 and 3 only
-    assert zero_predict(image, text, SCALE, gamma=0.4, tie_break="tied").pred == 1
+    # View 2 (the fallback row): class 3 highest (untied, so the walk passes it), then 2, then 1 above 0.
+    # Masking the tied classes themselves would give 3; the code's masks (4 and 3) give 2; among tied, 1.
+    image[2] = _unit(torch.tensor([1.0, 1.2, 1.5, 2.0, 1.0]))
+    code = zero_predict(image, text, SCALE, gamma=0.4, tie_break="code")
+    assert code.tie_winner == 2
+    # The code reports its output p_bar through topk, not the class its break returned: the extra vote lifts
+    # class 2 to 1, level with the tied classes, so the top is a three-way tie; we take the first class.
+    expected = reference_code_fp32(image, text, 0.4)  # the transcription takes the same fallback
+    assert torch.equal(zero_predict(image, text, SCALE, gamma=0.4, vote="argmax").scores, expected)
+    assert expected.tolist() == [1.0, 1.0, 1.0, 0.0, 0.0] and code.pred == 0
+    tied = zero_predict(image, text, SCALE, gamma=0.4, tie_break="tied")
+    assert tied.pred == tied.tie_winner == 1
+
+
+def test_a_fallback_outside_the_tie_does_not_become_the_prediction() -> None:
+    """Classes 0 and 1 tie with two votes each and no later view votes either: the code's break returns class 2,
+    which its extra vote lifts to 1, still below the tied classes; what the code reports (the top of p_bar) is
+    a tied class, and so is our prediction, which is what the step's logits say."""
+    order = [(0, 9.0), (1, 9.0), (0, 9.0), (1, 9.0), (2, 0.6), (2, 0.5), (2, 0.5), (2, 0.5), (2, 0.5), (2, 0.5)]
+    image, text = _tie_case(order, 5)
+    out = zero_predict(image, text, SCALE, gamma=0.4)
+    expected = reference_code_fp32(image, text, 0.4)
+    assert out.tie and out.tie_winner == 2 and expected.tolist() == [2.0, 2.0, 1.0, 0.0, 0.0]
+    assert torch.equal(out.scores, expected) and out.pred in (0, 1) and out.pred == int(expected.argmax())
+    assert out.pred == int(vote_logits(out.scores).argmax())
 
 
 def test_all_views_alike_and_all_classes_alike() -> None:

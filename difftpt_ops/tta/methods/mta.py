@@ -17,7 +17,8 @@ mta.py, the default here):
 Defaults: lambda_y = 0.2, lambda_q = 4, max_iter = 5, tol = 1e-6 (main.py's argparse defaults and mta.py's
 constants). Where the code has no defined result (NaN) we pick one: with fewer than 5 views k would be 0,
 so k is at least 1; with one view the mode is that view; views that coincide have zero bandwidth, which is
-floored at machine epsilon (see `gaussian_kernel`).
+floored at machine epsilon (see `gaussian_kernel`); a MeanShift step in which every kernel weight is 0
+leaves the mode where it is.
 """
 
 from __future__ import annotations

@@ -64,8 +64,10 @@ class RTPTSpec(MethodSpec):
         require(self.steps >= 1, "steps", self.steps, "must be >= 1")
         require(self.lr > 0, "lr", self.lr, "must be > 0")
         require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
-        require(1 <= self.neighbours < self.n_views, "neighbours", self.neighbours,
-                f"must be >= 1 and below n_views ({self.n_views})")
+        # The reference's topk(k) over a row of n_views similarities: k = n_views runs (every similarity a view has
+        # left counts; a view that lost one gets -inf), k above it raises.
+        require(1 <= self.neighbours <= self.n_views, "neighbours", self.neighbours,
+                f"must be >= 1 and at most n_views ({self.n_views})")
         require(self.temperature > 0, "temperature", self.temperature, "must be > 0")
         require(self.exclude in EXCLUDE_RULES, "exclude", self.exclude, f"must be one of {', '.join(EXCLUDE_RULES)}")
 

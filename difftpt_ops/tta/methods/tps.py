@@ -11,7 +11,7 @@ model/learnable_shift.py, model/shifter.py, run_utils.py, args.py, scripts/shift
   cross-domain sets only, datautils.AugMixAugmenter with augmix=len(set_id) > 1);
 - prototypes: every text's CLIP feature L2-normalised, averaged per class (utils/save_class_embeds.py),
   normalised; the shift is added, the result normalised again, logits = logit_scale * image @ proto.T;
-- one shift vector per class (`--per_label` in every shift script), initialised to zero and reset to zero
+- one shift vector per class (`--per_label` in every per-class shift script), initialised to zero and reset to zero
   (with a fresh optimiser state) before each sample;
 - loss: TPT's entropy of the mean probability over the int(64 * 0.1) = 6 lowest-entropy views, re-selected
   at every step from the current logits (run_shift_iter); AdamW, lr 5e-3 (args.py, the timing script),
@@ -50,7 +50,7 @@ from difftpt_ops.tta.selection import lowest_entropy
 from difftpt_ops.tta.text import TextTower, normalise
 
 NAME = "tps"
-# How class descriptions join the prompt texts: "micro" (the reference's best script): the mean of the
+# How class descriptions join the prompt texts: "micro" (the README's example script): the mean of the
 # prompts' mean feature and the descriptions' mean feature; "macro" (--macro_pooling): the mean over all of a
 # class's texts; "descriptions": the descriptions' mean alone (--with_concepts without --with_templates).
 POOLINGS = ("micro", "macro", "descriptions")

@@ -6,7 +6,11 @@ Behaviour of the reference code (FarinaMatteo/zero, ttas/zero.py, ttas/base.py, 
 the default here:
 
 - gamma = 0.3 (the code's current value; the paper and the first release used 0.1);
-- the confidence filter ranks views by the entropy of softmax(logit_scale * cosine), view 0 included;
+- the confidence filter ranks views by the entropy of softmax(logit_scale * cosine), view 0 included. The
+  code takes it as -(p * log p).sum() on the float32 softmax p, so a view one of whose probabilities
+  underflows to 0 (a class more than about 103 logits below its top one) gets 0 * log 0 = NaN, which the
+  ascending argsort puts after every finite entropy: that view ranks last, however confident.
+  vote="code" ranks that way; vote="argmax" (the paper) ranks by the entropy itself;
 - a vote is softmax(cosine / eps) with eps the machine epsilon of the cosines' dtype. The reference runs
   under CUDA autocast, whose matmul returns float16 whatever the weights: eps is 2^-10 and the cosines are
   float16, so a view whose top two classes are within a few thousandths in cosine splits its vote (0.001
@@ -17,7 +21,11 @@ the default here:
   is, the code takes the argmax of view int(N * gamma) after masking classes n_classes - 1 - t for each
   tied t (its `~ties` is a bitwise not on class indices), so it can return an untied class.
   tie_break="code" reproduces that; tie_break="tied" takes that view's argmax among the tied classes;
-- the winner of a broken tie gets one extra vote, so the scores rank the prediction first.
+- the winner of a broken tie gets one extra vote, and the prediction is the top of those scores (the code
+  reports them, p_bar, and its accuracy reads them with topk). That is the winner, except when the code's
+  fallback chose a class outside the tie: with whole votes its extra vote leaves it below the tied classes
+  (or level with them when it had one vote less), and the prediction is the first of the top classes by
+  index (the order topk gives equal scores is not specified).
 
 When int(N * gamma) is 0 nothing votes, every class ties, and the greedy walk gives view 0's argmax.
 """
@@ -50,7 +58,7 @@ class ZeroSpec(MethodSpec):
     gamma: float = 0.3  # keep int(n_views * gamma) most confident views; the paper's value is 0.1
     prompts: str = "single"  # single | ensemble (CLIP's 80 templates) | tip (7); the code's --templates is tip
     tie_break: str = "code"  # code: as the reference, including its fallback; tied: fallback among tied classes
-    vote: str = "code"  # code: float16 cosines at temperature 2^-10 (the reference on a GPU); argmax: the paper's
+    vote: str = "code"  # code: the reference on a GPU (float16 cosines at temperature 2^-10, its filter); argmax: paper
     augmix: bool | None = False  # the reference never uses AugMix
     descriptions: str | None = None  # class descriptions averaged in with the prompts (docs/methods.md)
     # Runs made before `vote` existed voted at float32's eps, which is vote="argmax": their specs read as such.
@@ -73,12 +81,14 @@ class ZeroSpec(MethodSpec):
 class ZeroOutput:
     """One sample's ZERO outcome."""
 
-    pred: int
+    pred: int  # the top of `scores` (the first class among equal tops), what the code reports
     scores: Tensor  # (n_classes,) votes of the kept views, +1 on the winner of a broken tie
     probs: Tensor  # (n_classes,) fraction of kept views voting each class; one-hot on pred when none voted
-    entropy: Tensor  # (n_views,) of softmax(logit_scale * cosine), what the filter ranks
+    entropy: Tensor  # (n_views,) of softmax(logit_scale * cosine), finite (the filter's key may be NaN: see above)
     kept: Tensor  # (n_views,) bool, the views that voted
     tie: bool  # whether the vote count tied and the tie-break decided
+    ranked: Tensor  # (n_kept,) long, the kept views in the order the filter ranked them
+    tie_winner: int | None = None  # the class the tie-break chose (its extra vote); None without a tie
 
 
 def zero_predict(image_features: Tensor, text_features: Tensor, logit_scale: float | Tensor, *,
@@ -87,18 +97,30 @@ def zero_predict(image_features: Tensor, text_features: Tensor, logit_scale: flo
     cosine = _cosines(image_features, text_features, vote)
     entropy = view_entropy(cosine * logit_scale)
     n_kept = int(cosine.shape[0] * gamma)
-    kept_idx = torch.argsort(entropy, stable=True)[:n_kept]
+    kept_idx = torch.argsort(_filter_key(cosine * logit_scale, entropy, vote), stable=True)[:n_kept]
     votes = _zero_temperature_votes(cosine[kept_idx], vote)
     tied = torch.nonzero(votes == votes.max()).flatten()
     tie = tied.numel() > 1
-    pred = _break_tie(cosine, tied, start=n_kept, mode=tie_break) if tie else int(votes.argmax())
+    winner = _break_tie(cosine, tied, start=n_kept, mode=tie_break) if tie else None
     scores = votes.clone()
-    if tie:
-        scores[pred] += 1.0
+    if winner is not None:
+        scores[winner] += 1.0
+    # The code reports these scores (its p_bar), read by topk, not the class its break returned.
+    pred = int(scores.argmax())
     kept = torch.zeros(cosine.shape[0], dtype=torch.bool, device=cosine.device)
     kept[kept_idx] = True
     return ZeroOutput(pred=pred, scores=scores, probs=_vote_fractions(votes, n_kept, pred), entropy=entropy,
-                      kept=kept, tie=tie)
+                      kept=kept, tie=tie, ranked=kept_idx, tie_winner=winner)
+
+
+def _filter_key(logits: Tensor, entropy: Tensor, vote: str) -> Tensor:
+    """What the confidence filter sorts, ascending. vote="code": the code's -(p * log p).sum() on the float32
+    softmax, NaN where a probability is 0 (torch's sort puts NaN after every number). vote="argmax": the
+    entropy (finite)."""
+    if vote == "argmax":
+        return entropy
+    probs = logits.float().softmax(dim=-1)
+    return -(probs * probs.log()).sum(dim=-1)
 
 
 def _cosines(image_features: Tensor, text_features: Tensor, vote: str) -> Tensor:
@@ -167,7 +189,5 @@ class Zero(PromptSetOption, ForwardOnlyMethod):
         out = zero_predict(inputs.image_features, inputs.text_features, inputs.logit_scale, gamma=spec.gamma,
                            tie_break=spec.tie_break, vote=spec.vote)
         # Kept views in confidence order, as the filter ranked them.
-        order = torch.argsort(out.entropy, stable=True)
-        indices = order[out.kept[order]]
-        scores = ViewScores(indices=indices, entropy=out.entropy, cosine=torch.full_like(out.entropy, float("nan")))
+        scores = ViewScores(indices=out.ranked, entropy=out.entropy, cosine=torch.full_like(out.entropy, float("nan")))
         return StepOutput(logits=vote_logits(out.scores), scores=scores)
