@@ -28,6 +28,8 @@ console = Console()
 err_console = Console(stderr=True)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+EceBinsOpt = Annotated[int, typer.Option(
+    "--ece-bins", help="Equal-width confidence bins of the ECE (15; C-TPT's code uses 20).")]
 
 
 class ErrorTranslatingGroup(TyperGroup):

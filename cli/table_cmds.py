@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cli.common import JsonOpt, engine_of, plain, print_json, settings_of, table_console
+from cli.common import EceBinsOpt, JsonOpt, engine_of, plain, print_json, settings_of, table_console
 from difftpt_ops.core.errors import InputError
+from difftpt_ops.services.reading.stats import ECE_BINS
 
 if TYPE_CHECKING:
     from difftpt_ops.services.reading.table_model import Table
@@ -73,6 +74,7 @@ def table(
         "--published-backbone", help="ViT-B/16 or RN50 (default: from the model name; ViT-B/16 otherwise).")]
     = None,
     alpha: Annotated[float, typer.Option("--alpha", help="Significance level after Holm's correction.")] = 0.05,
+    ece_bins: EceBinsOpt = ECE_BINS,
     format: Annotated[str, typer.Option("--format", help="rich, markdown, latex, csv or json.")] = "rich",
     log: Annotated[bool, typer.Option(
         "--log", help="Also log the table (Markdown, CSV, JSON, heatmap PNG) to one MLflow run named after it.")]
@@ -92,7 +94,7 @@ def table(
         raise InputError("--format", format, f"must be one of {', '.join(FORMATS)}")
     query = TableQuery(model=model, methods=_names("--methods", methods), datasets=_names("--datasets", datasets),
                        metric=metric, baseline=baseline, run_ids=_run_ids(runs), sweep_id=sweep, alpha=alpha,
-                       published=published, published_backbone=published_backbone)
+                       published=published, published_backbone=published_backbone, ece_bins=ece_bins)
     settings = settings_of(ctx)
     result = build_table(engine_of(ctx), query)
     logged = log_table(settings, result) if log else None

@@ -100,13 +100,22 @@ def test_results_equal_direct_sql_counts(seeded: tuple[Engine, Seeded]) -> None:
 
 
 def _check_ece(engine: Engine, data: Seeded) -> None:
-    """The SQL binning gives the same ECE as binning the confidences in Python."""
-    bins: dict[int, list[tuple[float, bool]]] = {}
-    for conf, right in zip(data.confidences, data.mask_a, strict=True):
-        bins.setdefault(stats.confidence_bin(conf), []).append((conf, right))
-    expected = stats.expected_calibration_error(
-        stats.CalibrationBin(i, len(v), sum(r for _, r in v), sum(c for c, _ in v)) for i, v in bins.items())
-    assert run_results(engine, data.run_a)["ece"] == pytest.approx(expected)
+    """The SQL binning gives the same ECE as binning the confidences in Python, over 15 bins by default and over
+    the count asked for (C-TPT's code uses 20); the result says how many."""
+    found = {}
+    for n_bins in (15, 20, 1):
+        bins: dict[int, list[tuple[float, bool]]] = {}
+        for conf, right in zip(data.confidences, data.mask_a, strict=True):
+            bins.setdefault(stats.confidence_bin(conf, n_bins), []).append((conf, right))
+        expected = stats.expected_calibration_error(
+            stats.CalibrationBin(i, len(v), sum(r for _, r in v), sum(c for c, _ in v)) for i, v in bins.items())
+        result = run_results(engine, data.run_a, **({} if n_bins == 15 else {"ece_bins": n_bins}))
+        assert (result["ece"], result["ece_bins"]) == (pytest.approx(expected), n_bins)
+        found[n_bins] = result["ece"]
+    assert len(set(found.values())) == 3  # the bin count is used, not ignored
+    for bad in (0, stats.MAX_ECE_BINS + 1, True):
+        with pytest.raises(InputError, match="--ece-bins"):
+            run_results(engine, data.run_a, ece_bins=bad)
 
 
 def _check_by_class(engine: Engine, data: Seeded) -> None:
@@ -262,6 +271,12 @@ def test_cli_results_compare_export(engine: Engine, cli_env: dict[str, str], tmp
     target = tmp_path / "export.parquet"
     out = runner.invoke(app, ["export", str(data.run_a), "--format", "parquet", "--output", str(target)])
     assert out.exit_code == 0 and target.is_file()
+    out = runner.invoke(app, ["results", str(data.run_a), "--ece-bins", "20", "--json"])
+    assert out.exit_code == 0 and json.loads(out.stdout)["ece"] == pytest.approx(
+        run_results(engine, data.run_a, ece_bins=20)["ece"]) and json.loads(out.stdout)["ece_bins"] == 20
+    out = runner.invoke(app, ["results", str(data.run_a), "--ece-bins", "0"])
+    assert out.exit_code == 2 and out.stderr.strip().splitlines() == [
+        f"error: --ece-bins=0: must be an integer from 1 to {stats.MAX_ECE_BINS}"]
     out = runner.invoke(app, ["results", "4242"])
     assert out.exit_code == 2
     assert out.stderr.strip().splitlines() == ["error: RUN=4242: no such run; `difftpt-ops runs list` shows the runs"]

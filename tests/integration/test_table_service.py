@@ -202,6 +202,25 @@ def test_bad_names_are_one_line_input_errors(engine: Engine) -> None:
         assert info.value.argument == argument and "\n" not in str(info.value)
     with pytest.raises(InputError):
         TableQuery(metric="top3")
+    for bins in (0, 1001):
+        with pytest.raises(InputError, match="--ece-bins"):
+            TableQuery(metric="ece", ece_bins=bins)
+
+
+def test_ece_cells_are_the_runs_ece_over_the_bins_asked_for(engine: Engine) -> None:
+    """An ECE table's cell is `results`' ECE of its run over the same bin count (15 unless asked; C-TPT's code
+    uses 20), and the title says which."""
+    from difftpt_ops.services.reading.results import run_results
+
+    ids = _make(engine, SMALL)
+    for bins in (15, 20):
+        table = build_table(engine, TableQuery(metric="ece", ece_bins=bins))
+        assert table.notes[0].startswith(f"ece over {bins} bins in % of model")
+        for row in table.rows:
+            for dataset, cell in row.cells.items():
+                assert cell.value == pytest.approx(
+                    run_results(engine, ids[(dataset, row.method, 0)], ece_bins=bins)["ece"], abs=1e-12)
+    assert TableQuery(metric="ece", ece_bins=20).fingerprint() != TableQuery(metric="ece").fingerprint()
 
 
 def test_cells_on_fewer_samples_say_so(engine: Engine) -> None:

@@ -89,18 +89,23 @@ def failed_count(conn: Connection, run_id: int) -> int:
         {"run_id": run_id}).scalar_one())
 
 
+def confidence_bin_sql(dialect: str, n_bins: int) -> str:
+    """SQL of the bin of `confidence_after` among `n_bins` equal-width bins (i/n, (i+1)/n], 0 in bin 0: what
+    `stats.confidence_bin` computes."""
+    n_bins = stats.check_ece_bins(n_bins)  # an integer: it is written into the SQL
+    scaled = f"(confidence_after * {n_bins})"
+    if dialect == "postgresql":
+        return f"LEAST(GREATEST(CAST(CEIL({scaled}) AS INTEGER) - 1, 0), {n_bins - 1})"
+    # a portable ceil: SQLite's math functions are a compile-time option
+    return f"MIN(MAX(CAST({scaled} AS INTEGER) + ({scaled} > CAST({scaled} AS INTEGER)) - 1, 0), {n_bins - 1})"
+
+
 def calibration_bins(conn: Connection, run_id: int, n_bins: int = stats.ECE_BINS) -> list[stats.CalibrationBin]:
     """Equal-width bins of confidence_after, (i/n, (i+1)/n], counted by the database."""
-    if conn.dialect.name == "postgresql":
-        raw = f"CAST(CEIL(confidence_after * {n_bins}) AS INTEGER) - 1"
-    else:  # portable ceil: SQLite's math functions are a compile-time option
-        scaled = f"(confidence_after * {n_bins})"
-        raw = f"CAST({scaled} AS INTEGER) + ({scaled} > CAST({scaled} AS INTEGER)) - 1"
-    clamp = (f"LEAST(GREATEST({raw}, 0), {n_bins - 1})" if conn.dialect.name == "postgresql"
-             else f"MIN(MAX({raw}, 0), {n_bins - 1})")
     rows = conn.execute(text(f"""
         SELECT b, COUNT(*), SUM(c), SUM(conf) FROM (
-            SELECT {clamp} AS b, CASE WHEN correct THEN 1 ELSE 0 END AS c, confidence_after AS conf
+            SELECT {confidence_bin_sql(conn.dialect.name, n_bins)} AS b, CASE WHEN correct THEN 1 ELSE 0 END AS c,
+                   confidence_after AS conf
             FROM predictions WHERE run_id = :run_id AND confidence_after IS NOT NULL) t
         GROUP BY b ORDER BY b"""), {"run_id": run_id}).all()
     found = {int(b): stats.CalibrationBin(int(b), int(n), int(c), float(s)) for b, n, c, s in rows}
@@ -181,7 +186,8 @@ def view_grid_data(conn: Connection, info: RunInfo, *, max_samples: int = 4,
     return out
 
 
-def summarise(conn: Connection, info: RunInfo, *, by_class: bool = False) -> dict[str, Any]:
+def summarise(conn: Connection, info: RunInfo, *, by_class: bool = False, ece_bins: int = stats.ECE_BINS
+              ) -> dict[str, Any]:
     """`run_results` on an open connection and a loaded run."""
     run, counts = info.run, _summary_counts(conn, info.run.id)
     done, failed = counts["done"], failed_count(conn, run.id)
@@ -195,7 +201,7 @@ def summarise(conn: Connection, info: RunInfo, *, by_class: bool = False) -> dic
         "top5": _ratio(counts["top5"], done), "zeroshot_top1": zeroshot, "zeroshot_samples": counts["zs_n"],
         # Gain on the samples that have a zero-shot prediction, so both accuracies count the same samples.
         "gain": None if zeroshot is None else _ratio(counts["correct_on_zs"], counts["zs_n"]) - zeroshot,
-        "ece": stats.expected_calibration_error(calibration_bins(conn, run.id)),
+        "ece": stats.expected_calibration_error(calibration_bins(conn, run.id, ece_bins)), "ece_bins": ece_bins,
         "mean_seconds": counts["mean_seconds"], "mlflow_run_id": run.mlflow_run_id,
     }
     if by_class:
@@ -203,16 +209,20 @@ def summarise(conn: Connection, info: RunInfo, *, by_class: bool = False) -> dic
     return result
 
 
-def run_results(engine: Engine, run_id: int, by_class: bool = False) -> dict[str, Any]:
-    """Top-1, top-5, zero-shot top-1 on the same samples, gain, ECE (15 bins), done/failed/pending, mean seconds.
+def run_results(engine: Engine, run_id: int, by_class: bool = False, ece_bins: int = stats.ECE_BINS
+                ) -> dict[str, Any]:
+    """Top-1, top-5, zero-shot top-1 on the same samples, gain, ECE over `ece_bins` equal-width bins (15 unless
+    given; C-TPT's code uses 20), done/failed/pending, mean seconds.
 
     Args:
         engine: the database.
         run_id: the run; NotFoundError (argument RUN) when unknown.
         by_class: add `classes`, a list of {label, name, n, correct, top1, zeroshot_top1, gain}.
+        ece_bins: ECE's bin count; InputError (argument --ece-bins) outside 1..MAX_ECE_BINS.
     """
+    stats.check_ece_bins(ece_bins)
     with engine.connect() as conn:
-        summary = summarise(conn, load_tune_run_info(conn, run_id), by_class=by_class)
+        summary = summarise(conn, load_tune_run_info(conn, run_id), by_class=by_class, ece_bins=ece_bins)
     orders = order_group_stats(engine, run_id)  # an online run with sibling orders: top-1 over the orders
     return {**summary, "orders": orders} if orders else summary
 

@@ -9,8 +9,11 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from difftpt_ops.core.errors import InputError
+
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile
-ECE_BINS = 15  # the calibration literature's usual bin count (C-TPT's code reports ECE over 20 bins)
+ECE_BINS = 15  # the calibration literature's usual bin count; --ece-bins 20 is C-TPT's code's
+MAX_ECE_BINS = 1000
 
 
 def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
@@ -95,6 +98,13 @@ def expected_calibration_error(bins: Iterable[CalibrationBin]) -> float | None:
     if total == 0:
         return None
     return sum(b.count / total * abs(b.accuracy - b.mean_confidence) for b in bins if b.count)
+
+
+def check_ece_bins(n_bins: int) -> int:
+    """`n_bins` when it is a bin count ECE can use (an integer from 1 to MAX_ECE_BINS), else InputError."""
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or not 1 <= n_bins <= MAX_ECE_BINS:
+        raise InputError("--ece-bins", n_bins, f"must be an integer from 1 to {MAX_ECE_BINS}")
+    return n_bins
 
 
 def confidence_bin(confidence: float, n_bins: int = ECE_BINS) -> int:

@@ -30,7 +30,7 @@ from difftpt_ops.core.specs import canonical_json
 from difftpt_ops.services.reading import stats
 from difftpt_ops.services.reading.configurations import NO_EFFECT_KEYS, SEED_KEYS, configuration
 from difftpt_ops.services.reading.published import add_published
-from difftpt_ops.services.reading.results import recorded_weights
+from difftpt_ops.services.reading.results import confidence_bin_sql, recorded_weights
 from difftpt_ops.services.reading.table_model import (
     PAPER_ORDER,
     Cell,
@@ -56,7 +56,7 @@ def build_table(engine: Engine, query: TableQuery) -> Table:
         runs = [r for r in runs if model is None or r.model == model]
         _check_names(runs, query)
         _set_configurations(runs, query)
-        _load_counts(conn, runs, query.metric)
+        _load_counts(conn, runs, query)
         _load_weights(conn, runs)
         cells, baseline = _cells(runs, query)
         _paired_tests(conn, cells, baseline, query)
@@ -181,7 +181,7 @@ def _id_list(runs: list[RunRow]) -> str:
     return ", ".join(str(r.run_id) for r in runs) or "NULL"
 
 
-def _load_counts(conn: Connection, runs: list[RunRow], metric: str) -> None:
+def _load_counts(conn: Connection, runs: list[RunRow], query: TableQuery) -> None:
     """Per-run done / correct / top-5 counts in one grouped query (and ECE bins when asked)."""
     by_id = {r.run_id: r for r in runs}
     for run_id, n, correct, top5 in conn.execute(text(f"""
@@ -190,8 +190,8 @@ def _load_counts(conn: Connection, runs: list[RunRow], metric: str) -> None:
             FROM predictions WHERE run_id IN ({_id_list(runs)}) GROUP BY run_id""")):
         run = by_id[int(run_id)]
         run.n, run.correct, run.top5 = int(n), int(correct or 0), int(top5 or 0)
-    if metric == "ece":
-        _load_ece(conn, runs)
+    if query.metric == "ece":
+        _load_ece(conn, runs, query.ece_bins)
 
 
 def _load_weights(conn: Connection, runs: list[RunRow]) -> None:
@@ -211,19 +211,12 @@ def _weights_shown(runs: list[RunRow], shown: set[int]) -> dict[str, list[int]]:
     return out
 
 
-def _load_ece(conn: Connection, runs: list[RunRow]) -> None:
-    n_bins = stats.ECE_BINS
-    scaled = f"(confidence_after * {n_bins})"
-    if conn.dialect.name == "postgresql":
-        raw = f"CAST(CEIL({scaled}) AS INTEGER) - 1"
-        clamp = f"LEAST(GREATEST({raw}, 0), {n_bins - 1})"
-    else:  # SQLite's math functions are a compile-time option: a portable ceil, as reading/results does
-        raw = f"CAST({scaled} AS INTEGER) + ({scaled} > CAST({scaled} AS INTEGER)) - 1"
-        clamp = f"MIN(MAX({raw}, 0), {n_bins - 1})"
+def _load_ece(conn: Connection, runs: list[RunRow], n_bins: int) -> None:
     bins: dict[int, list[stats.CalibrationBin]] = defaultdict(list)
     for run_id, b, n, c, s in conn.execute(text(f"""
             SELECT run_id, b, COUNT(*), SUM(c), SUM(conf) FROM (
-                SELECT run_id, {clamp} AS b, CASE WHEN correct THEN 1 ELSE 0 END AS c, confidence_after AS conf
+                SELECT run_id, {confidence_bin_sql(conn.dialect.name, n_bins)} AS b,
+                       CASE WHEN correct THEN 1 ELSE 0 END AS c, confidence_after AS conf
                 FROM predictions WHERE run_id IN ({_id_list(runs)}) AND confidence_after IS NOT NULL) t
             GROUP BY run_id, b""")):
         bins[int(run_id)].append(stats.CalibrationBin(int(b), int(n), int(c), float(s)))
@@ -427,7 +420,8 @@ def row_label(key: RowKey) -> str:
 
 
 def _notes(table: Table) -> list[str]:
-    notes = [f"{table.metric} in % of model {table.model or '-'}"] if table.rows else []
+    metric = f"ece over {table.query.ece_bins} bins" if table.metric == "ece" else table.metric
+    notes = [f"{metric} in % of model {table.model or '-'}"] if table.rows else []
     if table.baseline is not None and table.metric != "ece":
         notes.append(f"* Holm-corrected exact McNemar p < {table.query.alpha} against {table.baseline_row} "
                      "(latest runs, samples both finished)")

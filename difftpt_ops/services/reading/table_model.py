@@ -12,6 +12,7 @@ from typing import Any
 from difftpt_ops.core.errors import InputError
 from difftpt_ops.core.specs import fingerprint_of
 from difftpt_ops.data.formats import CROSS_DOMAIN_FORMATS, IMAGENET_FORMATS
+from difftpt_ops.services.reading.stats import ECE_BINS, check_ece_bins
 
 METRICS = ("top1", "top5", "ece")
 FORMATS = ("rich", "markdown", "latex", "csv", "json")
@@ -41,10 +42,12 @@ class TableQuery:
     alpha: float = 0.05
     published: bool = False
     published_backbone: str | None = None  # None: from the model name
+    ece_bins: int = ECE_BINS  # with metric "ece"
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
             raise InputError("--metric", self.metric, f"must be one of {', '.join(METRICS)}")
+        check_ece_bins(self.ece_bins)
         if not 0.0 < self.alpha < 1.0:
             raise InputError("--alpha", self.alpha, "must be in (0, 1)")
         if self.published_backbone is not None and self.published_backbone not in set(BACKBONES.values()):
@@ -54,6 +57,8 @@ class TableQuery:
     def name(self) -> str:
         """A readable name of the query: the MLflow run of `table --log` is called this."""
         parts = [f"table {self.metric}"]
+        if self.metric == "ece" and self.ece_bins != ECE_BINS:
+            parts.append(f"bins={self.ece_bins}")
         for label, value in (("model", self.model), ("methods", ",".join(self.methods)),
                              ("datasets", ",".join(self.datasets)), ("baseline", self.baseline),
                              ("runs", ",".join(map(str, self.run_ids))), ("sweep", self.sweep_id)):
