@@ -268,6 +268,37 @@ def test_defaults_and_per_dataset_templates() -> None:
         method_spec_from("awt", {"num_descriptor": "-1"})
 
 
+# MCG-NJU/AWT AWT_zero_shot/data/cls_to_names.py `CUSTOM_TEMPLATES` (no final period: evaluate.py appends "." or
+# ". " + description), by the reference's dataset id, written out independently of the method module.
+AWT_CUSTOM_TEMPLATES = {
+    "oxford_pets": "a photo of a {} from OxfordPets", "oxford_flowers": "a photo of a {}, a type of flower",
+    "fgvc_aircraft": "a photo of a {} from Fine-Grained Visual Classification of Aircraft",
+    "dtd": "a photo of a {}, which is a type of texture, or a type of pattern",
+    "eurosat": "satellite photo of the {}", "stanford_cars": "a photo of a {}",
+    "food101": "a photo of a {} from Food101",
+    "sun397": "a photo of a {}", "caltech101": "a photo of a {}", "ucf101": "a photo of a person doing {}",
+    "imagenet": "a photo of a {}", "imagenet_sketch": "a sketch photo of a {}", "imagenetv2": "a photo of a {}",
+    "imagenet_a": "a photo of a {}", "imagenet_r": "a rendition photo of a {}",
+}
+# This project's dataset formats -> the reference's ids (data/datautils.py ID_to_DIRNAME); an image folder has none.
+AWT_IDS = {
+    "imagenet": "imagenet", "imagenet-a": "imagenet_a", "imagenet-v2": "imagenetv2", "imagenet-r": "imagenet_r",
+    "imagenet-sketch": "imagenet_sketch", "pets": "oxford_pets", "flower102": "oxford_flowers",
+    "aircraft": "fgvc_aircraft", "dtd": "dtd", "eurosat": "eurosat", "cars": "stanford_cars", "food101": "food101",
+    "sun397": "sun397", "caltech101": "caltech101", "ucf101": "ucf101",
+}
+
+
+def test_every_dataset_format_resolves_to_the_references_template() -> None:
+    from difftpt_ops.data.formats import FORMATS
+
+    assert set(FORMATS) == {*AWT_IDS, "imagefolder"}  # a new format must be mapped here
+    spec = method_spec_from("awt")
+    for dataset_format in FORMATS:
+        expected = AWT_CUSTOM_TEMPLATES[AWT_IDS.get(dataset_format, "imagenet")]
+        assert resolve_for_dataset(spec, dataset_format).template == expected, dataset_format
+
+
 def test_the_demo_leaves_awt_out() -> None:
     from difftpt_ops.services.demo import episodic_methods
 

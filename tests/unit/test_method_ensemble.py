@@ -23,6 +23,41 @@ from tests.unit.tta_support import CLASS_NAMES, random_image, tiny_clip  # noqa:
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
 
+# openai/CLIP notebooks/Prompt_Engineering_for_ImageNet.ipynb, `imagenet_templates`, in its order (the same
+# list and order as kdiAAA/TDA datasets/imagenet_r.py and imagenet_sketch.py and YBZh/DMN data/imagnet_prompts.py),
+# written out here independently of the shipped JSON.
+CLIP_80 = (
+    "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.", "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.", "a rendering of a {}.", "graffiti of a {}.", "a bad photo of the {}.",
+    "a cropped photo of the {}.", "a tattoo of a {}.", "the embroidered {}.", "a photo of a hard to see {}.",
+    "a bright photo of a {}.", "a photo of a clean {}.", "a photo of a dirty {}.", "a dark photo of the {}.",
+    "a drawing of a {}.", "a photo of my {}.", "the plastic {}.", "a photo of the cool {}.",
+    "a close-up photo of a {}.", "a black and white photo of the {}.", "a painting of the {}.", "a painting of a {}.",
+    "a pixelated photo of the {}.", "a sculpture of the {}.", "a bright photo of the {}.", "a cropped photo of a {}.",
+    "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.", "a blurry photo of the {}.",
+    "a photo of the {}.", "a good photo of the {}.", "a rendering of the {}.", "a {} in a video game.",
+    "a photo of one {}.", "a doodle of a {}.", "a close-up photo of the {}.", "a photo of a {}.", "the origami {}.",
+    "the {} in a video game.", "a sketch of a {}.", "a doodle of the {}.", "a origami {}.",
+    "a low resolution photo of a {}.", "the toy {}.", "a rendition of the {}.", "a photo of the clean {}.",
+    "a photo of a large {}.", "a rendition of a {}.", "a photo of a nice {}.", "a photo of a weird {}.",
+    "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.", "a sketch of the {}.", "a embroidered {}.",
+    "a pixelated photo of a {}.", "itap of the {}.", "a jpeg corrupted photo of the {}.", "a good photo of a {}.",
+    "a plushie {}.", "a photo of the nice {}.", "a photo of the small {}.", "a photo of the weird {}.",
+    "the cartoon {}.", "art of the {}.", "a drawing of the {}.", "a photo of the large {}.",
+    "a black and white photo of a {}.", "the plushie {}.", "a dark photo of a {}.", "itap of a {}.",
+    "graffiti of the {}.", "a toy {}.", "itap of my {}.", "a photo of a cool {}.", "a photo of a small {}.",
+    "a tattoo of the {}.",
+)
+# The 7 templates the notebook's forward selection picked, in the order gaopengcuhk/Tip-Adapter
+# (tip_adapter_ImageNet.py) and kdiAAA/TDA (datasets/imagenet.py, imagenet_a.py, imagenetv2.py) list them ...
+TIP_ADAPTER_7 = ("itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
+                 "a {} in a video game.", "art of the {}.", "a photo of the small {}.")
+# ... and in the order of YBZh/DMN data/imagnet_prompts.py `tip_imagenet_templates`, the order shipped here.
+DMN_TIP_7 = ("a bad photo of the {}.", "a {} in a video game.", "a origami {}.", "a photo of the small {}.",
+             "art of the {}.", "a photo of the large {}.", "itap of a {}.")
+# zhangce01/DPE-CLIP datasets/stanford_cars.py `template`.
+DPE_CARS = ("a photo of a {}.", "A {} featuring a wide range of color options for easy selection.")
+
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory: pytest.TempPathFactory) -> LoadedClip:
@@ -52,6 +87,20 @@ def test_shipped_template_lists() -> None:
     assert ensemble[0] == "a bad photo of a {}." and "a photo of a {}." in ensemble
     with pytest.raises(InvalidSpecError, match="prompts"):
         prompt_templates("single")
+
+
+def test_template_lists_are_the_references_strings_in_their_order() -> None:
+    """Every character counts (a missing period or article changes the text features)."""
+    assert prompt_templates("ensemble") == CLIP_80
+    assert prompt_templates("tip") == DMN_TIP_7 and sorted(DMN_TIP_7) == sorted(TIP_ADAPTER_7)
+    assert prompt_templates("cars-dpe") == DPE_CARS
+
+
+def test_the_order_of_the_tip_templates_changes_the_class_features_only_by_rounding() -> None:
+    """TDA's and Tip-Adapter's order against ours (DMN's): the same mean up to float rounding."""
+    raw = torch.randn(7, 6, 16, generator=torch.Generator().manual_seed(0))
+    reordered = raw[[DMN_TIP_7.index(t) for t in TIP_ADAPTER_7]]
+    torch.testing.assert_close(ensemble_text_features(reordered), ensemble_text_features(raw), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("prompt_set", ["tip", "ensemble"])
