@@ -36,6 +36,7 @@ EXAMPLES: dict[str, list[str]] = {
                  "difftpt-ops data add photos --root ./photos --format imagefolder"],
     "data list": ["difftpt-ops data list", "difftpt-ops data list --format tsv"],
     "data show": ["difftpt-ops data show imagenet-r", "difftpt-ops data show imagenet-r@2 --json"],
+    "data verify": ["difftpt-ops data verify imagenet-r", "difftpt-ops data verify imagenet-r@1 --json"],
     "data import-generated": ["difftpt-ops data import-generated --dataset imagenet-r --root /data/imagenet-r_1k"],
     "submit tune": ["difftpt-ops submit tune --dataset imagenet-r --method difftpt --pretrained openai",
                     "difftpt-ops submit tune --dataset imagenet-r --method tpt --set steps=2 --dry-run"],
