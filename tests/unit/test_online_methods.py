@@ -219,3 +219,52 @@ def test_dmn_crops_cover_half_the_image_as_the_reference_and_older_runs_keep_the
     assert method_spec_from_dict(old).crop_min == 0.08 and method_spec_from_dict(old).to_dict() == old
     assert get_method("dmn-zs").views(method_spec_from_dict(old)).crop_scale == (0.08, 1.0)
     assert get_method("tda").views(method_spec_from("tda")).crop_scale == (0.08, 1.0)
+
+
+# --- TDA's per-dataset settings: kdiAAA/TDA configs/*.yaml and utils.py's loaders, written out here -------------
+
+# (positive alpha, positive beta, views) per format. The yaml files give alpha and beta (every file has
+# capacities 3 and 2, negative alpha 0.117 and beta 1.0, entropy thresholds (0.2, 0.5), mask thresholds
+# (0.03, 1.0)); `build_test_data_loader` gives the views: get_ood_preprocess (original + 63 AugMix) for A, V, R
+# and S, CLIP's single preprocess for I and the cross-domain sets. imagenet_a, imagenet_r and sun397.yaml are read
+# in taolinzhang/BoostAdapter's configs/, whose TDA entries equal upstream's wherever both are stored.
+TDA_CONFIGS = {
+    "imagenet": (2.0, 5.0, 1), "imagenet-a": (2.0, 5.0, 64), "imagenet-v2": (1.0, 8.0, 64),
+    "imagenet-r": (1.0, 8.0, 64), "imagenet-sketch": (2.363, 7.45, 64), "caltech101": (5.0, 5.0, 1),
+    "dtd": (2.0, 3.0, 1), "eurosat": (4.0, 8.0, 1), "aircraft": (2.0, 2.0, 1), "food101": (1.0, 1.0, 1),
+    "flower102": (1.0, 5.0, 1), "pets": (2.0, 7.0, 1), "cars": (1.0, 7.0, 1), "sun397": (2.0, 3.0, 1),
+    "ucf101": (3.0, 8.0, 1),
+}
+
+
+def test_tda_resolves_each_datasets_reference_config() -> None:
+    """Every format gets its yaml's positive alpha and beta and its loader's views (AugMix exactly with several);
+    the settings every yaml shares stay at their values; an image folder takes ImageNet's config."""
+    from difftpt_ops.data.formats import CROSS_DOMAIN_FORMATS, IMAGENET_FORMATS
+
+    assert set(TDA_CONFIGS) == {*IMAGENET_FORMATS, *CROSS_DOMAIN_FORMATS}
+    for fmt, (alpha, beta, views) in {**TDA_CONFIGS, "imagefolder": TDA_CONFIGS["imagenet"]}.items():
+        spec = tda.resolve_for_format(tda.TDASpec(), fmt)
+        assert (spec.pos_alpha, spec.pos_beta, spec.n_views, spec.augmix) == (alpha, beta, views, views > 1), fmt
+        p = spec.params()
+        assert (p.pos_shot_capacity, p.neg_shot_capacity, p.neg_alpha, p.neg_beta) == (3, 2, 0.117, 1.0), fmt
+        assert (p.entropy_lower, p.entropy_upper, p.mask_lower, p.mask_upper, p.selection_p) == (
+            0.2, 0.5, 0.03, 1.0, 0.1), fmt
+
+
+def test_tda_docs_table_states_the_resolved_configs() -> None:
+    """docs/methods.md's TDA table lists, per format, what `resolve_for_format` gives."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "methods.md").read_text(encoding="utf-8")
+    section = text.split("## TDA (`--method tda`)", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[1].replace(".", "", 1).isdigit():
+            rows[cells[0].split(" ")[0]] = (float(cells[1]), float(cells[2]), cells[3])
+    assert set(rows) == set(TDA_CONFIGS)
+    for fmt, (alpha, beta, views) in rows.items():
+        spec = tda.resolve_for_format(tda.TDASpec(), fmt)
+        shown = f"{spec.n_views}, AugMix" if spec.augmix else str(spec.n_views)
+        assert (alpha, beta, views) == (spec.pos_alpha, spec.pos_beta, shown), fmt

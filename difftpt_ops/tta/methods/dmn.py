@@ -86,7 +86,8 @@ def _remember(state: dict[str, Tensor], label: int, feature: Tensor, entropy: fl
         slot = used
         count[label] = used + 1
     elif bool((entropy < entropies[label]).any()):
-        # The highest-entropy slot goes (the last of equal maxima, as an ascending sort puts it last).
+        # The highest-entropy slot goes: the last of equal maxima, where a stable ascending sort puts it (the
+        # reference's torch.sort is not stable, so its choice among equal maxima is not defined).
         slot = size - 1 - int(torch.argmax(entropies[label].flip(0)))
     else:
         return
