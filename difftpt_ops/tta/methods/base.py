@@ -87,8 +87,6 @@ Then `difftpt-ops submit tune --method meanview --set n_views=16` runs it, and `
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -492,12 +490,3 @@ def template_ensemble(tower: TextTower, tokenizer: Any, class_names: Sequence[st
         per_template.append(normalise(tower.encode(tower.embed(tokens[:, :length]), pool).float()))
     return normalise(torch.stack(per_template).mean(dim=0))
 
-
-def nan_to_none(value: float) -> float | None:
-    """NaN (a score a method did not compute) as None, for rows and JSON."""
-    return None if math.isnan(value) else value
-
-
-def spec_fields(spec_class: type[MethodSpec]) -> tuple[str, ...]:
-    """The `--set` fields of a spec class (prompt fields as prompt.X)."""
-    return tuple(f.name for f in dataclasses.fields(spec_class))
