@@ -346,20 +346,6 @@ class Tuner:
             after = method.predict(self.spec, inputs)  # type: ignore[attr-defined]
         return before, after, scores
 
-    def zeroshot_batch(self, images: Sequence[object], *, resolution: int | None = None) -> list[SampleResult]:
-        """Zero-shot predictions for many images at once (view 0 only, initial prompt)."""
-        if not images:
-            return []
-        start = time.perf_counter()
-        size = resolution or self.plan.resolution
-        batches = [build_views(image, n_conventional=0, seed=0, sample_key=0, resolution=size) for image in images]
-        pixels = torch.cat([b.pixels for b in batches])
-        with torch.no_grad():
-            logits = self._logits(self.encode_images(pixels), self._initial_text_features())
-        seconds = (time.perf_counter() - start) / max(1, len(batches))
-        return [self._result(row, row, ViewScores.original_only(row[None]), batch.kinds, seconds=seconds)
-                for row, batch in zip(logits, batches, strict=True)]
-
     def encode_raw(self, pixels: Tensor) -> Tensor:
         """The image encoder's output (n, embed_dim) for normalised views, as it produced it (its dtype, not
         normalised, on the CPU): what the feature store keeps, so that a read-back run is exact."""

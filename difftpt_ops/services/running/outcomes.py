@@ -20,10 +20,6 @@ def request_stop() -> None:
     _stop_requested.set()
 
 
-def clear_stop() -> None:
-    _stop_requested.clear()
-
-
 def stop_requested() -> bool:
     """True once a shutdown asked running shards to stop."""
     return _stop_requested.is_set()
