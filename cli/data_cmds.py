@@ -48,6 +48,19 @@ def _progress_bar(label: str) -> Iterator[Callable[[int, int], None]]:
             progress.stop()
 
 
+@contextmanager
+def _as_dataset_argument() -> Iterator[None]:
+    """A service's error about `--dataset` names the DATASET argument these commands take instead."""
+    from difftpt_ops.core.errors import InputError
+
+    try:
+        yield
+    except InputError as exc:
+        if exc.argument != "--dataset":
+            raise
+        raise type(exc)("DATASET", exc.value, exc.problem) from None
+
+
 def _print_add_report(report: dict[str, Any]) -> None:
     typer.echo(f"{report['status']}: {report['name']} ({report['format']}, {report['num_classes']} classes) "
                f"from {report['root']}")
@@ -152,15 +165,10 @@ def show(
     as_json: JsonOpt = False,
 ) -> None:
     """Show a dataset version: classes, versions, samples per class, failed samples and why."""
-    from difftpt_ops.core.errors import InputError
     from difftpt_ops.services.datasets import describe_dataset
 
-    try:
+    with _as_dataset_argument():
         info = describe_dataset(engine_of(ctx), ref)
-    except InputError as exc:
-        if exc.argument != "--dataset":
-            raise
-        raise type(exc)("DATASET", exc.value, exc.problem) from None  # the argument this command takes
     if as_json:
         print_json(info)
     else:
@@ -175,16 +183,10 @@ def verify(
 ) -> None:
     """Hash every registered file again: exit 1 when any changed, is missing or cannot be read (runs refuse such
     samples, because results are keyed by the registered content)."""
-    from difftpt_ops.core.errors import InputError
     from difftpt_ops.services.dataset_files import verify_dataset
 
-    try:
-        with _progress_bar(f"verifying {ref}") as progress:
-            report = verify_dataset(engine_of(ctx), ref, progress=progress)
-    except InputError as exc:
-        if exc.argument != "--dataset":
-            raise
-        raise type(exc)("DATASET", exc.value, exc.problem) from None  # the argument this command takes
+    with _as_dataset_argument(), _progress_bar(f"verifying {ref}") as progress:
+        report = verify_dataset(engine_of(ctx), ref, progress=progress)
     if as_json:
         print_json(report)
     else:
