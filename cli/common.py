@@ -28,8 +28,9 @@ console = Console()
 err_console = Console(stderr=True)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
-EceBinsOpt = Annotated[int, typer.Option(
-    "--ece-bins", help="Equal-width confidence bins of the ECE (15; C-TPT's code uses 20).")]
+EceBinsOpt = Annotated[int | None, typer.Option(
+    "--ece-bins", help="Equal-width confidence bins of the ECE (default 15; C-TPT's code uses 20).",
+    show_default=False)]
 
 
 class ErrorTranslatingGroup(TyperGroup):

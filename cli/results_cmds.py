@@ -78,13 +78,13 @@ def _write_csv(columns: list[str], rows: list[list[Any]]) -> None:
 
 def results(ctx: typer.Context, run_arg: RunArg,
             by_class: Annotated[bool, typer.Option("--by-class", help="Accuracy per class.")] = False,
-            ece_bins: EceBinsOpt = ECE_BINS, as_json: JsonOpt = False, as_csv: ResultsCsvOpt = False) -> None:
+            ece_bins: EceBinsOpt = None, as_json: JsonOpt = False, as_csv: ResultsCsvOpt = False) -> None:
     """Top-1, top-5, zero-shot top-1 on the same samples, gain, ECE, progress and time per sample."""
     from difftpt_ops.services.reading.results import run_results
 
     run = parse_run_id(run_arg)
     _one_format(as_json, as_csv)
-    payload = run_results(engine_of(ctx), run, by_class=by_class, ece_bins=ece_bins)
+    payload = run_results(engine_of(ctx), run, by_class=by_class, ece_bins=ECE_BINS if ece_bins is None else ece_bins)
     classes = payload.pop("classes", None)
     orders = payload.pop("orders", None)  # online runs with sibling order seeds
     if as_json:

@@ -74,7 +74,7 @@ def table(
         "--published-backbone", help="ViT-B/16 or RN50 (default: from the model name; ViT-B/16 otherwise).")]
     = None,
     alpha: Annotated[float, typer.Option("--alpha", help="Significance level after Holm's correction.")] = 0.05,
-    ece_bins: EceBinsOpt = ECE_BINS,
+    ece_bins: EceBinsOpt = None,
     format: Annotated[str, typer.Option("--format", help="rich, markdown, latex, csv or json.")] = "rich",
     log: Annotated[bool, typer.Option(
         "--log", help="Also log the table (Markdown, CSV, JSON, heatmap PNG) to one MLflow run named after it.")]
@@ -92,9 +92,12 @@ def table(
         format = "json"
     if format not in FORMATS:
         raise InputError("--format", format, f"must be one of {', '.join(FORMATS)}")
+    if ece_bins is not None and metric != "ece":
+        raise InputError("--ece-bins", ece_bins, "only applies with --metric ece")
     query = TableQuery(model=model, methods=_names("--methods", methods), datasets=_names("--datasets", datasets),
                        metric=metric, baseline=baseline, run_ids=_run_ids(runs), sweep_id=sweep, alpha=alpha,
-                       published=published, published_backbone=published_backbone, ece_bins=ece_bins)
+                       published=published, published_backbone=published_backbone,
+                       ece_bins=ECE_BINS if ece_bins is None else ece_bins)
     settings = settings_of(ctx)
     result = build_table(engine_of(ctx), query)
     logged = log_table(settings, result) if log else None

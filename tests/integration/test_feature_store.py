@@ -228,6 +228,24 @@ def test_a_run_encodes_only_the_views_no_stored_set_holds(clip: LoadedClip, work
     assert cache.run_sample(other, sample, root=root, views=views, seed=0, augmix=False).views_encoded == 7
 
 
+def test_a_partial_build_refuses_a_source_file_changed_since_registration(clip: LoadedClip, workspace: Path,
+                                                                          tmp_path: Path, database_url: str) -> None:
+    """TPT after zero-shot reads the original's features and builds only its crops, from the source file: a file
+    whose bytes changed since registration is refused there too (the crops would be stored under its old hash)."""
+    from difftpt_ops.core.errors import SampleError
+
+    settings, engine, data, _ = _setup(workspace, database_url, tmp_path)
+    sample, root = data.sample, data.root
+    cache = _cache(engine, settings, clip)
+    zeroshot = prepare_classifier(clip, CLASS_NAMES, method_spec_from("zeroshot", {}))
+    assert cache.run_sample(zeroshot, sample, root=root, views=None, seed=0, augmix=False).views_encoded == 1
+    random_image(8).save(root / sample.relpath)  # other pixels under the registered name
+    tpt = prepare_classifier(clip, CLASS_NAMES, method_spec_from("tpt", SMALL_TPT))
+    with pytest.raises(SampleError, match="changed since its dataset was registered"):
+        cache.run_sample(tpt, sample, root=root, views=None, seed=0, augmix=False)
+    assert _rows(engine) == 1  # nothing stored from the changed file
+
+
 def test_entry_cut_short_is_detected_and_recomputed(clip: LoadedClip, workspace: Path, tmp_path: Path,
                                                    database_url: str) -> None:
     settings, engine, data, _ = _setup(workspace, database_url, tmp_path)

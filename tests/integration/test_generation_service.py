@@ -209,6 +209,18 @@ def test_unreadable_source_fails_alone(engine: Engine, spec: GenerationSpec, tmp
     _assert_complete(engine, config_id, store, sources[1:])
 
 
+def test_source_changed_since_registration_fails_alone(engine: Engine, spec: GenerationSpec, tmp_path: Path) -> None:
+    """Variants are keyed by the source's registered hash: a source file rewritten since is refused, saying so,
+    and nothing is generated from it; the other sample is generated."""
+    _, sources = _make_dataset(engine, tmp_path / "data", 2)
+    Image.new("RGB", (56, 40), (1, 2, 3)).save(sources[0].path, format="JPEG")
+    config_id, store = _config_id(engine, spec), ArtifactStore(tmp_path / "artifacts")
+    new, failures = _generate_all(engine, spec, config_id, sources, store)
+    assert new == PER_SAMPLE
+    assert len(failures) == 1 and "changed since its dataset was registered" in failures[0]
+    _assert_complete(engine, config_id, store, sources[1:])
+
+
 def _write_reference_layout(root: Path, source: Source, count: int, size: int = TINY_SIZE) -> None:
     """`<root>/<wnid>/<stem>_<i>.jpg`, as DiffTPT's generator writes it."""
     folder = root / Path(source.relpath).parent.name

@@ -228,15 +228,22 @@ def test_reward_features_are_stored_and_a_stored_sample_builds_no_view(setup, mo
         assert session.scalar(select(func.count()).select_from(ViewFeatures)) == 6  # nothing stored twice
 
 
-def _textured(root: Path) -> None:
+def _textured(engine, root: Path) -> None:  # type: ignore[no-untyped-def]
     """Replace the fixture's solid-colour PNGs (every crop of which is the same pixels, so that no test can see
-    a view put in another view's place) by random noise."""
+    a view put in another view's place) by random noise, registered as the samples' content (runs refuse a file
+    that differs from its registered hash)."""
     import numpy as np
     from PIL import Image
+
+    from difftpt_ops.data.images import hash_file
+    from difftpt_ops.db.tables import Sample
 
     for i, path in enumerate(sorted(root.rglob("*.png"))):
         pixels = np.random.default_rng(i).integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(path)
+    with session_scope(engine) as session:
+        for sample in session.scalars(select(Sample)):
+            sample.content_hash = hash_file(root / sample.relpath)
 
 
 def _check_reward_sets(engine, settings, reward: Path, dataset_root: Path) -> int:  # type: ignore[no-untyped-def]
@@ -276,7 +283,7 @@ def test_reward_set_with_some_kept_views_stored_predicts_as_recompute(setup, tmp
     from difftpt_ops.db.tables import ViewFeatures
 
     settings, engine, policy, reward = setup
-    _textured(tmp_path / "images")
+    _textured(engine, tmp_path / "images")
     base = {**SMALL, "reward_model": str(reward)}
     first = runs.submit_tune(engine, settings, dataset_ref="pics", method="rlcf", model=str(policy), pretrained=None,
                              overrides=base, shard_size=3)

@@ -154,3 +154,19 @@ def test_a_piped_table_is_never_cut_to_80_columns(tracked: tuple[Engine, Setting
     assert result.exit_code == 0, result.output
     assert all(f"{name} (n=12)" in result.output for name in names) and "…" not in result.output
     assert max(len(line) for line in result.output.splitlines()) > 80
+
+
+def test_ece_bins_apply_to_an_ece_table_only(tracked: tuple[Engine, Settings]) -> None:
+    """`--ece-bins` changes an ECE table's title; with another metric it is refused in one line (exit 2)."""
+    engine, _ = tracked
+    with session_scope(engine) as session:
+        version = make_dataset_version(session, n_samples=12, dataset=make_dataset(session, name="photos"))
+        spec = {"kind": "tune", "method": {"method": "zeroshot"}, "model": {"name": "tiny"}, "seed": 0,
+                "dataset_fingerprint": version.fingerprint}
+        make_predictions(session, make_run(session, version, method="zeroshot", spec=spec), [True] * 12)
+    result = CliRunner().invoke(app, ["table", "--metric", "ece", "--ece-bins", "20", "--format", "markdown"])
+    assert result.exit_code == 0, result.output
+    assert "ece over 20 bins" in result.output
+    refused = CliRunner().invoke(app, ["table", "--ece-bins", "20"])
+    assert refused.exit_code == 2 and refused.stderr.strip().splitlines() == [
+        "error: --ece-bins=20: only applies with --metric ece"]

@@ -356,6 +356,13 @@ def test_a_file_changed_since_registration_is_a_failed_sample_and_data_verify_na
     with session_scope(engine) as session:
         assert sorted(session.scalars(select(Prediction.sample_index).where(Prediction.run_id == run.run_id))) == [
             0, 2]
+    # A run with the feature store off reads the files itself (TuneProcessor), and refuses the same one.
+    recompute = runs.submit_tune(engine, settings, dataset_ref="pics", method="zeroshot",
+                                 model=str(tiny_models_dir / "clip"), pretrained=None, shard_size=2,
+                                 overrides={"features": "recompute"})
+    assert recompute.run_id != run.run_id and recompute.state == "finished_with_failures"
+    reasons = {row.sample_index: row.error for row in error_rows(engine, recompute.run_id)}
+    assert set(reasons) == {1, 3} and "changed since its dataset was registered" in reasons[1]
 
 
 def _weights_of(folder: Path) -> str:

@@ -88,3 +88,18 @@ def test_confidence_bins_are_right_closed() -> None:
     assert stats.confidence_bin(1 / 15) == 0
     assert stats.confidence_bin(1 / 15 + 1e-9) == 1
     assert stats.confidence_bin(1.0) == 14
+
+
+def test_the_ece_bin_sql_writes_a_plain_integer() -> None:
+    """The bin count is written into the SQL: only a plain integer reaches it, whatever an int subclass prints."""
+    from difftpt_ops.services.reading.results import confidence_bin_sql
+
+    class Sneaky(int):
+        def __format__(self, spec: str) -> str:
+            return "1) OR (1=1"
+
+        __str__ = __repr__ = lambda self: "1) OR (1=1"  # type: ignore[assignment]
+
+    for dialect in ("sqlite", "postgresql"):
+        sql = confidence_bin_sql(dialect, Sneaky(20))
+        assert "OR" not in sql and "20" in sql and "19" in sql

@@ -201,8 +201,9 @@ def summarise(conn: Connection, info: RunInfo, *, by_class: bool = False, ece_bi
         "top5": _ratio(counts["top5"], done), "zeroshot_top1": zeroshot, "zeroshot_samples": counts["zs_n"],
         # Gain on the samples that have a zero-shot prediction, so both accuracies count the same samples.
         "gain": None if zeroshot is None else _ratio(counts["correct_on_zs"], counts["zs_n"]) - zeroshot,
-        "ece": stats.expected_calibration_error(calibration_bins(conn, run.id, ece_bins)), "ece_bins": ece_bins,
+        "ece": stats.expected_calibration_error(calibration_bins(conn, run.id, ece_bins)),
         "mean_seconds": counts["mean_seconds"], "mlflow_run_id": run.mlflow_run_id,
+        "ece_bins": ece_bins,  # last: `results --csv` keeps the columns it had before it existed in place
     }
     if by_class:
         result["classes"] = per_class(conn, run.id, info.class_names)

@@ -104,7 +104,7 @@ def check_ece_bins(n_bins: int) -> int:
     """`n_bins` when it is a bin count ECE can use (an integer from 1 to MAX_ECE_BINS), else InputError."""
     if isinstance(n_bins, bool) or not isinstance(n_bins, int) or not 1 <= n_bins <= MAX_ECE_BINS:
         raise InputError("--ece-bins", n_bins, f"must be an integer from 1 to {MAX_ECE_BINS}")
-    return n_bins
+    return int(n_bins)  # a plain int: an int subclass could print anything into the SQL that interpolates it
 
 
 def confidence_bin(confidence: float, n_bins: int = ECE_BINS) -> int:
