@@ -115,6 +115,8 @@ def _print_submit(result: SubmitResult, as_json: bool, dataset_ref: str | None =
 
 def _print_estimate(estimate: Any, as_json: bool) -> None:
     """A dry run's answer; nothing was written."""
+    from difftpt_ops.services.running.estimate import NO_GENERATION
+
     if as_json:
         print_json({**estimate.to_dict(), "dry_run": True})
         return
@@ -129,6 +131,8 @@ def _print_estimate(estimate: Any, as_json: bool) -> None:
         typer.echo(f"  disk:     {human_bytes(e.disk_bytes)} ({per}, {e.bytes_source})")
     elif e.images_read:
         typer.echo(f"  images:   reads {e.images_read} generated images")
+    elif e.bytes_source.startswith(NO_GENERATION):  # DiffTPT before any generation: say what to run first
+        typer.echo(f"  images:   {e.bytes_source}")
     if e.seconds is None:
         typer.echo(f"  time:     unknown ({e.time_source})")
     else:

@@ -10,7 +10,8 @@ from cli.common import JsonOpt, new_app, print_json, print_mapping, settings_of,
 from cli.conventions import install_conventions
 from difftpt_ops import __version__
 
-app = new_app("Test-time prompt tuning of CLIP (zero-shot, TPT, DiffTPT): datasets, generation, runs, results.",
+app = new_app("Test-time adaptation of CLIP (zero-shot, TPT, DiffTPT and the other methods `methods list` shows): "
+              "datasets, generation, runs, results.",
               completion=True)
 config_app = new_app("Show the effective settings.")
 db_app = new_app("Database schema.")

@@ -149,6 +149,8 @@ def test_dry_runs_write_nothing_and_measure_what_they_can(ws: Path, tiny_models_
                          "--json").stdout)
     assert (diff["samples_to_do"], diff["existing_run_id"]) == (27, None)
     assert diff["bytes_source"].startswith("no generation for")
+    text = ok(ws, "submit", "tune", "--dataset", DATASET, "--method", "difftpt", "--dry-run").stdout
+    assert f"  images:   no generation for {DATASET} yet: `difftpt-ops submit generate" in text  # not only JSON
     bad = cli(ws, "submit", "tune", "--dataset", DATASET, "--method", "tpt", "--dry-run", "--device", "gpu0")
     assert bad.returncode == 2 and "--device" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     assert _row_counts(ws) == before and _files(ws / "artifacts") == files

@@ -395,6 +395,28 @@ def test_features_run_fills_the_store_and_tune_runs_read_it(tiny_models_dir: Pat
     assert kinds == {"features", "tune"}
 
 
+def test_features_run_records_its_model_as_a_tune_run_does(tiny_models_dir: Path, workspace: Path, tmp_path: Path,
+                                                           database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A local model folder given relative and with the CLI's default tag: the run's columns (runs list, status,
+    run_summary) name the absolute folder and no tag, as the spec does and as a tune run records it."""
+    monkeypatch.setattr(reporting, "report_progress", lambda *_: None)
+    monkeypatch.setattr(reporting, "report_finished", lambda *_: None)
+    monkeypatch.setattr(reporting, "_next_report", {})
+    contexts.clear_caches()
+    settings = make_settings(workspace, database_url, device="cpu", mlflow_tracking_uri="none")
+    engine = open_engine(settings)
+    root = tmp_path / "images"
+    add_dataset(engine, "pics", 1, root=root, classes=2, relpaths=_pictures(root, 1))
+    from difftpt_ops.services.running.features import submit_features
+
+    monkeypatch.chdir(tiny_models_dir)
+    filled = submit_features(engine, settings, dataset_ref="pics", model="clip", pretrained="openai", views="tpt")
+    with session_scope(engine) as session:
+        run = session.get(Run, filled.run_id)
+        assert (run.model_name, run.pretrained) == (str((tiny_models_dir / "clip").resolve()), None)
+        assert run.spec["model"]["name"] == run.model_name and run.spec["model"]["pretrained"] is None
+
+
 def test_seed_draws_the_random_context(tiny_models_dir: Path, workspace: Path, tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """With ctx_init none the run's seed initialises the context: two seeds, two contexts; one seed, one."""

@@ -27,6 +27,7 @@ from difftpt_ops.storage.artifacts import ArtifactStore
 # Stable Diffusion variations at 512 px, about 420 KB each); tiny random-model images compress far less well.
 PNG_BYTES_PER_PIXEL_ESTIMATE = 1.6
 _MEASURED_FILES = 200  # stat at most this many stored images to measure bytes per image
+NO_GENERATION = "no generation for"  # how bytes_source begins when a DiffTPT run has no generation to read yet
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ def estimate_generate(engine: Engine, settings: Settings, *, dataset_ref: str, s
 def _no_images(n_generated: int, dataset_ref: str) -> str:
     if n_generated == 0:
         return "no generated images"
-    return (f"no generation for {dataset_ref} yet: `difftpt-ops submit generate --dataset {dataset_ref}` first "
+    return (f"{NO_GENERATION} {dataset_ref} yet: `difftpt-ops submit generate --dataset {dataset_ref}` first "
             f"({n_generated} images per sample)")
 
 

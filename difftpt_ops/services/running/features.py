@@ -413,8 +413,9 @@ def submit_features(engine: Engine, settings: Settings, *, dataset_ref: str, mod
         spec = FeaturesRunSpec(views=views, model=model_spec, dataset_fingerprint=version.fingerprint,
                                generation_fingerprint=config.fingerprint if config else None, seed=seed,
                                device=run_device)
-        columns = {"model_name": model, "pretrained": pretrained, "seed": seed, "device": run_device,
-                   "precision": model_spec.precision, "settings": f"views={views}"}
+        # As a tune run's: the model as the spec names it (a local folder absolute, without a pretrained tag).
+        columns = {"model_name": model_spec.name, "pretrained": model_spec.pretrained, "seed": seed,
+                   "device": run_device, "precision": model_spec.precision, "settings": f"views={views}"}
         run, created, new = runs._plan(session, kind=FEATURES_KIND, method=FEATURES_KIND,
                                        fingerprint=spec.fingerprint(), spec=spec.to_dict(), version=version,
                                        generation_config_id=config.id if config else None, limit=limit,
