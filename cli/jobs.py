@@ -46,6 +46,10 @@ ShardSizeOpt = Annotated[int | None, typer.Option(
     "--shard-size",
     help="Samples per shard (default: the settings' shard_size, online_shard_size for online methods, rounded up "
          "to a multiple of OGA's batch_size, which a shard may not split); new runs only.")]
+PlainLimitOpt = Annotated[int | None, typer.Option(
+    "--limit", help="Plan only the first N samples; a larger limit later extends the same run.")]
+PlainShardSizeOpt = Annotated[int | None, typer.Option(
+    "--shard-size", help="Samples per shard (default: the settings' shard_size); new runs only.")]
 DeviceOpt = Annotated[str | None, typer.Option(
     "--device", help="Device the run is for: auto (CUDA if this machine has it), cpu, cuda or cuda:N; resolved "
     "at submit and stored in the spec. Workers use their own GPU; a CUDA run never falls back to the CPU.")]
@@ -247,9 +251,9 @@ def submit_generate(
     size: Annotated[int, typer.Option("--size", help="Image size in pixels (multiple of 8).")] = 512,
     dtype: Annotated[str, typer.Option("--dtype", help="auto, fp32, fp16 or bf16.")] = "auto",
     seed: SeedOpt = 0,
-    limit: LimitOpt = None,
+    limit: PlainLimitOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per pipeline call.")] = 4,
-    shard_size: ShardSizeOpt = None,
+    shard_size: PlainShardSizeOpt = None,
     device: DeviceOpt = None,
     dry_run: DryRunOpt = False,
     as_json: JsonOpt = False,

@@ -10,9 +10,9 @@ from cli.common import JsonOpt, engine_of, new_app, print_json, print_table, set
 from cli.jobs import (
     DatasetOpt,
     DeviceOpt,
-    LimitOpt,
+    PlainLimitOpt,
+    PlainShardSizeOpt,
     SeedOpt,
-    ShardSizeOpt,
     _dispatcher,
     _none_if,
     _print_submit,
@@ -56,8 +56,8 @@ def submit_features(
     generation: Annotated[int | None, typer.Option(
         "--generation", help="--views difftpt: generation config id (default: the latest with images).")] = None,
     seed: SeedOpt = 0,
-    limit: LimitOpt = None,
-    shard_size: ShardSizeOpt = None,
+    limit: PlainLimitOpt = None,
+    shard_size: PlainShardSizeOpt = None,
     device: DeviceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
