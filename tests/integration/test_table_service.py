@@ -151,6 +151,31 @@ def test_seed_repeats_give_mean_and_std(engine: Engine) -> None:
     assert "±" in to_markdown(table)
 
 
+def test_a_seed_repeat_on_other_samples_is_left_out_and_named(engine: Engine) -> None:
+    """Seeds 0 and 1 on the full version average; seed 2 planned 12 samples (another --limit), so it is not
+    averaged in (other samples), and a note names it with the cell's run. An older run of seed 1 on 12 samples (on
+    another device: the same spec would be the same run, extended) is an older run of a seed already shown: no
+    note."""
+    rng = random.Random(3)
+    with session_scope(engine) as session:
+        dataset = make_dataset(session, n_classes=4, name="shapes")
+        version = make_dataset_version(session, n_samples=N_SAMPLES, dataset=dataset)
+        ids = {}
+        for label, seed, n in (("old1", 1, 12), ("s2", 2, 12), ("s1", 1, N_SAMPLES), ("s0", 0, N_SAMPLES)):
+            device = {"device": "cuda"} if label == "old1" else {}
+            spec = {**_spec("tpt", "tiny", version.fingerprint, seed), **device}
+            run = make_run(session, version, method="tpt", spec=spec, num_samples=n)
+            make_predictions(session, run, [rng.random() < 0.5 for _ in range(n)])
+            ids[label] = run.id
+    table = build_table(engine, TableQuery())
+    cell = table.rows[0].cells["shapes"]
+    assert sorted(cell.runs) == sorted([ids["s0"], ids["s1"]]) and cell.seeds == [0, 1]
+    assert cell.value == pytest.approx(statistics.fmean(_sql_top1(engine, ids[k]) for k in ("s0", "s1")))
+    assert table.other_limits == [(ids["s2"], ids["s0"])]
+    assert f"run {ids['s2']} not averaged into the cell of run {ids['s0']}" in "\n".join(table.notes)
+    assert [list(pair) for pair in table.to_dict()["other_limits"]] == [[ids["s2"], ids["s0"]]]
+
+
 FAMILY = {"in": ("imagenet", ["zeroshot", "tpt"]), "in-a": ("imagenet-a", ["zeroshot", "tpt"]),
           "in-v2": ("imagenet-v2", ["zeroshot", "tpt"]), "in-r": ("imagenet-r", ["zeroshot", "tpt"]),
           "in-k": ("imagenet-sketch", ["zeroshot"]), "pets": ("pets", ["zeroshot", "tpt"])}

@@ -66,7 +66,7 @@ def build_table(engine: Engine, query: TableQuery) -> Table:
                   formats=formats, average_columns=average_columns(formats), rows=[], notes=[],
                   superseded=_superseded(runs, cells, shown) if query.run_ids else [],
                   other_model=other_model if query.run_ids else [],
-                  weights=_weights_shown(runs, shown))
+                  weights=_weights_shown(runs, shown), other_limits=_other_limits(runs, cells))
     table.rows = _our_rows(cells, table)
     base_key = baseline_row(cells, baseline) if baseline is not None else None
     table.baseline_row = row_label(base_key) if base_key is not None else None
@@ -261,18 +261,38 @@ def _cells(runs: list[RunRow], query: TableQuery) -> tuple[Cells, str | None]:
         newest.setdefault((_row_key(run), run.dataset), run)
     cells: Cells = defaultdict(dict)
     for (row_key, dataset), latest in newest.items():
-        key, group, seeds = seed_group_key(latest.spec), list[RunRow](), set[str]()
+        group, seeds = list[RunRow](), set[str]()
         for run in runs:  # the newest run of each seed: a rerun on another device replaces, never averages in
-            if (_row_key(run) == row_key and run.version_id == latest.version_id
-                    and run.num_samples == latest.num_samples  # a run with another --limit: other samples
-                    and _same_weights(run, latest)  # the same path, other weights: another model
-                    and seed_group_key(run.spec) == key and _seeds(run.spec) not in seeds):
+            if (_may_repeat(run, latest) and run.num_samples == latest.num_samples  # another --limit: other samples
+                    and _seeds(run.spec) not in seeds):
                 seeds.add(_seeds(run.spec))
                 group.append(run)
         cells[row_key][dataset] = (_cell(latest, group, query.metric), latest)
     methods = {key[0] for key in cells}
     baseline = query.baseline or ("zeroshot" if "zeroshot" in methods else None)
     return dict(cells), baseline
+
+
+def _may_repeat(run: RunRow, latest: RunRow) -> bool:
+    """Whether `run` repeats `latest` with another seed, as far as its row, dataset version, weights (the same
+    path, other weights: another model) and spec go; a repeat must also plan the same samples."""
+    return (_row_key(run) == _row_key(latest) and run.version_id == latest.version_id
+            and _same_weights(run, latest) and seed_group_key(run.spec) == seed_group_key(latest.spec))
+
+
+def _other_limits(runs: list[RunRow], cells: Cells) -> list[tuple[int, int]]:
+    """(run, the newest run of its cell) for the newest run of each other seed that would repeat a shown cell but
+    planned another number of samples (another --limit): it covers other samples, so it is left out."""
+    by_id = {run.run_id: run for run in runs}
+    left_out = []
+    for row in cells.values():
+        for cell, latest in row.values():
+            seeds = {_seeds(by_id[run_id].spec) for run_id in cell.runs}
+            for run in runs:  # newest first
+                if _may_repeat(run, latest) and _seeds(run.spec) not in seeds:
+                    seeds.add(_seeds(run.spec))
+                    left_out.append((run.run_id, latest.run_id))
+    return sorted(left_out)
 
 
 def _same_weights(run: RunRow, other: RunRow) -> bool:
@@ -435,6 +455,9 @@ def _notes(table: Table) -> list[str]:
     if any(r.config for r in table.rows):
         notes.append("a row per configuration: settings after the method's name differ from its defaults for "
                      "the dataset")
+    for old, new in table.other_limits:
+        notes.append(f"run {old} not averaged into the cell of run {new}: it repeats it with another seed but "
+                     "planned another number of samples (another --limit), so it covers other samples")
     for old, new in table.superseded:
         notes.append(f"run {old} not shown: run {new} is a newer run of its configuration on its dataset")
     if len(table.weights) > 1:

@@ -164,6 +164,7 @@ class Table:
     rows: list[Row]
     notes: list[str]
     superseded: list[tuple[int, int]] = field(default_factory=list)  # (named run, the newer run shown instead)
+    other_limits: list[tuple[int, int]] = field(default_factory=list)  # (seed repeat left out, its cell's run)
     other_model: list[int] = field(default_factory=list)  # named runs of another model than the table's
     baseline_row: str | None = None  # the label of the baseline's row (`zeroshot`, or its first configuration)
     weights: dict[str, list[int]] = field(default_factory=dict)  # weights sha256 -> the shown runs computed with them
@@ -173,6 +174,7 @@ class Table:
                 "baseline_row": self.baseline_row, "alpha": self.query.alpha, "columns": self.columns,
                 "formats": self.formats, "average_columns": self.average_columns,
                 "rows": [r.to_dict() for r in self.rows], "notes": self.notes, "superseded": self.superseded,
+                "other_limits": self.other_limits,
                 "other_model": self.other_model, "weights": self.weights}
 
 
