@@ -4,6 +4,8 @@ reward model (another width and input size, so that a mix-up of the two models c
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -27,21 +29,24 @@ pytestmark = pytest.mark.unit
 LOGIT_SCALE = 100.0
 
 
-def _policy(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+def _policy(image: torch.Tensor, text: torch.Tensor, scale: float = LOGIT_SCALE) -> torch.Tensor:
     """A stand-in for the prompt-tuned CLIP: logits of normalised image features against the (tunable) class
     features, normalised, as CLIP's forward computes them."""
-    return LOGIT_SCALE * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).t()
+    return scale * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).t()
 
 
 def reference_tuning(image: torch.Tensor, text0: torch.Tensor, reward_image_all: torch.Tensor,
                      reward_text: torch.Tensor, *, steps: int, selection_p: float, k: int, lr: float,
                      weight_decay: float, reward_process: bool = True, amplify: bool = False,
-                     process_batch: bool = False) -> tuple[torch.Tensor, list[int], list[float]]:
+                     process_batch: bool = False, min_entropy_w: float = 0.0, scale: float = LOGIT_SCALE
+                     ) -> tuple[torch.Tensor, list[int], list[float]]:
     """tpt_cls_rl.test_time_tuning, then the prediction of view 0 (test_time_adapt_eval), written out plainly:
     the confident selection once at step 0 (argsort of the entropies, the first int(n * p)), the reward model's
     image features of the selected views set then, top-K of each selected view's output, CLIPScore one pair at a
     time (2.5 * max(cos, 0)), rewards_post_process with plain sums (mean, unbiased std + 1e-5), the loss
-    mean(rewards * cross_entropy(repeat_interleave(output, K), flatten(index))), one AdamW step per step."""
+    mean(rewards * cross_entropy(repeat_interleave(output, K), flatten(index))), plus, with --min_entropy_reg,
+    min_entropy_w * avg_entropy(output) (TPT's entropy of the mean probability, as tpt_cls_rl.py writes it), one
+    AdamW step per step."""
     text = text0.clone().requires_grad_(True)
     optimizer = torch.optim.AdamW([text], lr, weight_decay=weight_decay)
     selected = None
@@ -49,9 +54,9 @@ def reference_tuning(image: torch.Tensor, text0: torch.Tensor, reward_image_all:
     losses = []
     for _ in range(steps):
         if selected is not None:
-            output = _policy(image[selected], text)
+            output = _policy(image[selected], text, scale)
         else:
-            output = _policy(image, text)
+            output = _policy(image, text, scale)
             entropy = -(output.softmax(1) * output.log_softmax(1)).sum(1)
             selected = torch.argsort(entropy, descending=False)[:int(entropy.size()[0] * selection_p)]
             output = output[selected]
@@ -74,33 +79,39 @@ def reference_tuning(image: torch.Tensor, text0: torch.Tensor, reward_image_all:
                 rewards.extend(group)
         rep_output = torch.repeat_interleave(output, k, dim=0)
         all_loss = F.cross_entropy(rep_output, flatten_index, reduction="none")
-        loss = torch.mean(torch.tensor(rewards) * all_loss)
+        loss = torch.mean(torch.tensor(rewards, dtype=all_loss.dtype) * all_loss)
+        if min_entropy_w:  # args.min_entropy_reg: + args.min_entropy_w * avg_entropy(output)
+            log_p = output - output.logsumexp(dim=-1, keepdim=True)
+            avg = log_p.logsumexp(dim=0) - math.log(log_p.shape[0])
+            avg = torch.clamp(avg, min=torch.finfo(avg.dtype).min)
+            loss = loss + min_entropy_w * -(avg * torch.exp(avg)).sum(dim=-1)
         losses.append(float(loss.detach()))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        final = _policy(image[:1], text)[0]
+        final = _policy(image[:1], text, scale)[0]
     return final, sorted(selected.tolist()), losses
 
 
 def method_tuning(spec: RLCFSpec, image: torch.Tensor, text0: torch.Tensor, reward_image_all: torch.Tensor,
-                  reward_text: torch.Tensor) -> tuple[torch.Tensor, list[int], list[float]]:
+                  reward_text: torch.Tensor, scale: float = LOGIT_SCALE
+                  ) -> tuple[torch.Tensor, list[int], list[float]]:
     """The registered method in the engine's loop (engine.Tuner._prompt_tuning / _tune): select at step 0 with the
     initial features, the reward model's features of the kept views once, `tuning_loss` per step, `predict`."""
     method = get_method("rlcf")
     text = text0.clone().requires_grad_(True)
     optimizer = torch.optim.AdamW([text], lr=spec.lr, weight_decay=spec.weight_decay)
-    logits = _policy(image, text)
+    logits = _policy(image, text, scale)
     kinds = ("original",) + ("conventional",) * (len(image) - 1)
     with torch.no_grad():
         scores = method.select(spec, StepInputs(image_features=F.normalize(image, dim=-1), text_features=text.detach(),
-                                                logit_scale=torch.tensor(LOGIT_SCALE), logits=logits.detach(),
+                                                logit_scale=torch.tensor(scale), logits=logits.detach(),
                                                 kinds=kinds))
     reward = RewardInputs(image_features=reward_image_all[scores.indices], text_features=reward_text)
     losses = []
     for step in range(spec.steps):
-        step_logits = logits[scores.indices] if step == 0 else _policy(image[scores.indices], text)
+        step_logits = logits[scores.indices] if step == 0 else _policy(image[scores.indices], text, scale)
         loss = method.tuning_loss(spec, step_logits, text, reward)
         losses.append(float(loss.detach()))
         optimizer.zero_grad()
@@ -108,7 +119,7 @@ def method_tuning(spec: RLCFSpec, image: torch.Tensor, text0: torch.Tensor, rewa
         optimizer.step()
     with torch.no_grad():
         final = method.predict(spec, StepInputs(image_features=image[:1], text_features=text, logit_scale=torch.tensor(
-            LOGIT_SCALE), logits=_policy(image[:1], text), kinds=kinds[:1]))
+            scale), logits=_policy(image[:1], text, scale), kinds=kinds[:1]))
     return final, sorted(scores.indices.tolist()), losses
 
 
@@ -122,21 +133,35 @@ def _features(seed: int, n_views: int = 64, n_classes: int = 20, dim: int = 16,
     return image, text, reward_image, reward_text
 
 
-@pytest.mark.parametrize("settings", [{}, {"reward_amplify": True}, {"process_batch": True},
-                                      {"reward_process": False}, {"sample_k": 5, "steps": 2},
-                                      {"sample_k": 1}, {"selection_p": 0.25, "steps": 1}])
-def test_tuning_equals_the_reference_transcription(settings: dict) -> None:
+FLAT = 5.0  # a logit scale at which the top class's cross-entropy is not ~0 (at 100 a K = 1 loss vanishes)
+
+
+@pytest.mark.parametrize(("settings", "scale"), [
+    ({}, LOGIT_SCALE), ({"reward_amplify": True}, LOGIT_SCALE), ({"process_batch": True}, LOGIT_SCALE),
+    ({"reward_process": False}, LOGIT_SCALE), ({"sample_k": 5, "steps": 2}, LOGIT_SCALE),
+    ({"selection_p": 0.25, "steps": 1}, LOGIT_SCALE), ({"entropy_weight": 0.1}, LOGIT_SCALE),
+    ({"selection_p": 0.02}, LOGIT_SCALE),
+    ({"selection_p": 0.02, "process_batch": True, "reward_amplify": True}, LOGIT_SCALE),
+    ({}, FLAT), ({"sample_k": 1}, FLAT), ({"selection_p": 0.02, "sample_k": 1}, FLAT),
+    ({"sample_k": 1, "process_batch": True}, FLAT)])
+def test_tuning_equals_the_reference_transcription(settings: dict, scale: float) -> None:
     """The defaults of the reference's rlcf-prompt.sh (64 views, 10% kept, K = 3, 3 steps, AdamW lr 7e-3, weight
-    decay 5e-4, per-view baseline) and each reward option: same kept views, same loss at every step, same tuned
-    prediction, to 1e-5 in fp32."""
+    decay 5e-4, per-view baseline), each reward option, the experimental entropy term (--min_entropy_reg with
+    --min_entropy_w 0.1), a single kept view (int(64 * 0.02) = 1) and K = 1 (no baseline: a group of one score),
+    the last with flatter logits so that the loss does not vanish: same kept views, same loss at every step, same
+    tuned prediction, to 1e-5 (in fp32; the flat cases in fp64, where AdamW's normalised steps would turn fp32
+    rounding of the rewards, summed in a different order, into differences of a few 1e-5)."""
     spec = RLCFSpec(**settings)
+    dtype = torch.float64 if scale == FLAT else torch.float32
     for seed in range(3):
-        image, text, reward_image, reward_text = _features(seed)
+        image, text, reward_image, reward_text = (x.to(dtype) for x in _features(seed))
         expected, kept, losses = reference_tuning(
             image, text, reward_image, reward_text, steps=spec.steps, selection_p=spec.selection_p, k=spec.sample_k,
             lr=spec.lr, weight_decay=spec.weight_decay, reward_process=spec.reward_process,
-            amplify=spec.reward_amplify, process_batch=spec.process_batch)
-        got, got_kept, got_losses = method_tuning(spec, image, text, reward_image, reward_text)
+            amplify=spec.reward_amplify, process_batch=spec.process_batch, min_entropy_w=spec.entropy_weight,
+            scale=scale)
+        got, got_kept, got_losses = method_tuning(spec, image, text, reward_image, reward_text, scale)
+        assert max(abs(x) for x in losses) > 1e-3  # an informative case: the rewards reach the loss
         assert got_kept == kept
         assert got_losses == pytest.approx(losses, abs=1e-5, rel=1e-5)
         assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), (got - expected).abs().max()
@@ -265,3 +290,32 @@ def test_the_reward_model_changes_the_tuning(clip: LoadedClip, reward_clip: Load
         tuner.run_features(tuner.encode_raw(views.pixels), views.kinds)
     assert tuner.run_features(tuner.encode_raw(views.pixels), views.kinds, pixels=views.pixels).pred == \
         with_reward.pred
+
+
+def test_docs_defaults_table_states_the_spec_defaults() -> None:
+    """docs/methods.md's RLCF table gives each setting's default as RLCFSpec has it (the numbers the review
+    checked against the reference's rlcf-prompt.sh, clip_reward.py and params.py)."""
+    import dataclasses
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "methods.md").read_text(encoding="utf-8")
+    section = text.split("## RLCF (`--method rlcf`)", 1)[1].split("\n## ", 1)[0]
+    defaults = {f.name: getattr(RLCFSpec(), f.name) for f in dataclasses.fields(RLCFSpec)}
+    shown = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`") and cells[0].strip("`") in defaults:
+            shown[cells[0].strip("`")] = cells[1].strip("`")
+    assert set(shown) == {"n_views", "selection_p", "steps", "lr", "weight_decay", "augmix", "reward_model",
+                          "sample_k", "clipscore_weight", "reward_process", "reward_amplify", "process_batch",
+                          "sampling", "entropy_weight"}
+    for name, value in shown.items():
+        default = defaults[name]
+        if default is None:
+            assert value.startswith("none"), name
+        elif isinstance(default, bool):
+            assert value == str(default).lower(), name
+        elif isinstance(default, str):
+            assert value == default, name
+        else:
+            assert float(value) == default, name

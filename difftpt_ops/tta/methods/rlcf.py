@@ -11,8 +11,9 @@ prompt moves towards the classes the reward model prefers and away from the othe
 - 3 AdamW steps, lr 7e-3, weight decay 5e-4 (the script), on the "a photo of a" context, reset per sample (the
   script also initialises it from a CoOp checkpoint: `--set prompt.coop_checkpoint=FILE`);
 - the K = 3 classes of each kept view are its top 3 logits at the current step (`torch.topk`: distinct classes, no
-  randomness); `sampling="multinomial"` draws 3 distinct classes from the view's softmax instead (the paper's
-  "sampled from the output distribution"), from a generator seeded by the step's logits, so a run is reproducible;
+  randomness), as the authors' description of the classification pipeline also says; `sampling="multinomial"`
+  draws 3 distinct classes from the view's softmax instead (the abstract's general wording taken literally), from
+  a generator seeded by the step's logits, so a run is reproducible;
 - the reward model sees the kept views only (its features computed once, after the selection), bicubically
   interpolated to its input size when that differs from the views' (224); its class texts are the policy's class
   prompts ("a photo of a {class}."); CLIPScore weight 2.5;
