@@ -162,9 +162,19 @@ class DiffTPTSpec(MethodSpec):
     cosine_on: str = "logits"  # the reference code; "features" is the paper's description
     filter_mode: str = "chained"  # the reference code; "parallel" is the paper's separate filters per view kind
     augmix: bool | None = None
+    # How the generated images are read. "source" (the reference's generator saved each variation under its
+    # source image's extension with Pillow's defaults, and its loader read those files): a variation we store
+    # losslessly is re-encoded that way first, JPEG at quality 75 for a JPEG source. "lossless": the pipeline's
+    # pixels as stored. Left out of to_dict() at "lossless", which runs stored before the option used.
+    generated_format: str = "source"
+
+    GENERATED_FORMATS: ClassVar[tuple[str, ...]] = ("source", "lossless")
+    OMITTED_AT: ClassVar[dict[str, Any]] = {**MethodSpec.OMITTED_AT, "generated_format": "lossless"}
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        require(self.generated_format in self.GENERATED_FORMATS, "generated_format", self.generated_format,
+                 f"must be one of {', '.join(self.GENERATED_FORMATS)}")
         for name, count in (("n_conventional", self.n_conventional), ("n_generated", self.n_generated)):
             require(0 <= count <= MAX_VIEWS, name, count, f"must be in [0, {MAX_VIEWS}]")
         _check_ratio("selection_cosine", self.selection_cosine)

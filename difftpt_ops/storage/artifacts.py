@@ -36,7 +36,8 @@ TEMP_SUFFIX = ".tmp"
 # level always emits the same stream, so equal pixels give equal bytes and a stable content hash (for
 # one Pillow/zlib build). Level 1 encodes about twice as fast as the default 6 for ~10% more bytes;
 # encoding must keep up with a GPU making several images a second. The cost is disk: about 0.5 MB per
-# 512 px image against ~0.1 MB for a quality-95 JPEG.
+# 512 px image against ~0.1 MB for a quality-95 JPEG. (The reference's generator wrote JPEG at Pillow's default
+# quality beside JPEG sources; DiffTPT runs reproduce that when they read, see GeneratedViews.)
 IMAGE_SUFFIX = ".png"
 PNG_COMPRESS_LEVEL = 1
 

@@ -89,14 +89,18 @@ def weights_digest(module: nn.Module, *, skip_prefix: str | None = None) -> str:
 
 
 def view_recipes(*, n_conventional: int, generated_hashes: Sequence[str], seed: int, augmix: bool,
-                 resolution: int, crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE) -> list[dict[str, Any]]:
+                 resolution: int, crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE,
+                 generated_reencode: str | None = None) -> list[dict[str, Any]]:
     """One recipe per view, in the engine's order: [original, conventional..., generated...]. A crop's area
-    range is part of its recipe only when it is not the default, so recipes stored before it existed stay."""
+    range is part of its recipe only when it is not the default, and a generated image's re-encoding (the
+    Pillow format it goes through before its view is built, see `GeneratedViews`) only when there is one, so
+    recipes stored before either existed stay."""
     recipes: list[dict[str, Any]] = [{"kind": ORIGINAL, "resolution": resolution}]
     scale = {} if tuple(crop_scale) == DEFAULT_CROP_SCALE else {"scale": [float(v) for v in crop_scale]}
     recipes += [{"kind": CONVENTIONAL, "seed": seed, "index": i, "augmix": bool(augmix), "resolution": resolution,
                  **scale} for i in range(1, n_conventional + 1)]
-    recipes += [{"kind": GENERATED, "hash": h, "resolution": resolution} for h in generated_hashes]
+    reencode = {} if generated_reencode is None else {"reencode": generated_reencode}
+    recipes += [{"kind": GENERATED, "hash": h, "resolution": resolution, **reencode} for h in generated_hashes]
     return recipes
 
 

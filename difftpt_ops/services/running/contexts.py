@@ -94,7 +94,8 @@ def _build_tune_processor(engine: Engine, settings: Settings, run: Run, dataset:
     tuner = MODELS.get(("tuner", model, resolved, class_names, canonical_json(method.to_dict()), init_seed),
                         build_tuner)
     n_generated = int(getattr(method, "n_generated", 0))
-    views = (GeneratedViews(engine, settings, run.generation_config_id, n_generated)
+    views = (GeneratedViews(engine, settings, run.generation_config_id, n_generated,
+                            generated_format=getattr(method, "generated_format", "lossless"))
              if run.generation_config_id is not None and n_generated > 0 else None)
     if n_generated > 0 and views is None:
         raise InputError("--generation", None, f"run {run.id} reads {n_generated} generated images per sample "

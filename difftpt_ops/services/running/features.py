@@ -110,7 +110,8 @@ class FeatureCache:
         if hashes is None:
             return None
         return view_recipes(n_conventional=plan.n_conventional, generated_hashes=hashes, seed=seed,
-                            augmix=tuner.augmix_for(augmix), resolution=plan.resolution, crop_scale=plan.crop_scale)
+                            augmix=tuner.augmix_for(augmix), resolution=plan.resolution, crop_scale=plan.crop_scale,
+                            generated_reencode=_reencoded_as(views, sample, hashes))
 
     def features_for(self, tuner: Any, sample: Any, *, root: Path, views: Any, seed: int,
                      augmix: bool) -> tuple[Any, tuple[str, ...], int]:
@@ -268,6 +269,13 @@ class FeatureCache:
         return hashes if len(hashes) == count else None
 
 
+def _reencoded_as(views: Any, sample: Any, generated_hashes: Sequence[str]) -> str | None:
+    """The re-encoding of the sample's generated images (`GeneratedViews.reencoded_as`) when it has any. An
+    imported file is read as it is but its recipe names the format all the same: that only keys it apart from
+    a lossless run's recipe (one more encoding), never gives a view other pixels than its own."""
+    return views.reencoded_as(sample) if views is not None and generated_hashes else None
+
+
 # Per loaded model (weakly held: an evicted model's entry goes with it, so a new model at the same address
 # is hashed afresh). The weights of a loaded CLIP are frozen, so its hash never goes stale.
 _FINGERPRINTS: weakref.WeakKeyDictionary[Any, dict[tuple[str, str], str]] = weakref.WeakKeyDictionary()
@@ -349,7 +357,8 @@ class FeaturesProcessor:
             if sample.content_hash and len(images) == plan.n_generated:
                 recipes = view_recipes(n_conventional=plan.n_conventional, generated_hashes=images, seed=self.seed,
                                        augmix=self.tuner.augmix_for(self.augmix), resolution=plan.resolution,
-                                       crop_scale=plan.crop_scale)
+                                       crop_scale=plan.crop_scale,
+                                       generated_reencode=_reencoded_as(self.views, sample, images))
                 wanted[(sample.content_hash, recipes_fingerprint(recipes))] = sample.id
         if not wanted:
             return set()
@@ -437,7 +446,8 @@ def build_features_processor(engine: Engine, settings: Settings, run: Run, datas
     clip = MODELS.get(("clip", model, resolved), lambda: load_clip(model, resolved))
     tuner = prepare_classifier(clip, list(dataset.class_names), spec.method)
     n_generated = tuner.plan.n_generated
-    views = (GeneratedViews(engine, settings, run.generation_config_id, n_generated)
+    views = (GeneratedViews(engine, settings, run.generation_config_id, n_generated,
+                            generated_format=getattr(spec.method, "generated_format", "lossless"))
              if run.generation_config_id is not None and n_generated > 0 else None)
     cache = FeatureCache(engine, settings, model_fingerprint=model_fingerprint_of(clip), model_name=model.name)
     processor = FeaturesProcessor(cache=cache, tuner=tuner, root=Path(dataset.root), seed=spec.seed,
