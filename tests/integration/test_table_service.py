@@ -36,9 +36,14 @@ def engine(database_url: str) -> Iterator[Engine]:
     yield engine
 
 
+# What a DiffTPT spec submitted now holds beyond its name: a spec without it is one stored before the option
+# existed, which read its generated views losslessly (a configuration of its own).
+CURRENT = {"difftpt": {"generated_format": "source"}}
+
+
 def _spec(method: str, model: str, dataset_fingerprint: str, seed: int = 0) -> dict[str, Any]:
-    return {"kind": "tune", "method": {"method": method}, "model": {"name": model, "pretrained": None},
-            "dataset_fingerprint": dataset_fingerprint, "seed": seed}
+    return {"kind": "tune", "method": {"method": method, **CURRENT.get(method, {})},
+            "model": {"name": model, "pretrained": None}, "dataset_fingerprint": dataset_fingerprint, "seed": seed}
 
 
 def _make(engine: Engine, layout: dict[str, tuple[str, list[str]]], *, model: str = "tiny",
@@ -369,8 +374,7 @@ def test_difftpt_runs_on_other_generation_configs_are_other_rows(engine: Engine)
     with session_scope(engine) as session:
         version = session.get(DatasetVersion, version_id)
         configs = [make_generation_config(session, steps=steps).id for steps in (50, 25)]
-        spec = {"kind": "tune", "method": {"method": "difftpt"}, "model": {"name": "tiny", "pretrained": None},
-                "dataset_fingerprint": version.fingerprint, "seed": 0}
+        spec = _spec("difftpt", "tiny", version.fingerprint)
         runs = []
         for config in configs:
             run = make_run(session, version, method="difftpt", spec={**spec, "generation_fingerprint": str(config)},
@@ -380,6 +384,14 @@ def test_difftpt_runs_on_other_generation_configs_are_other_rows(engine: Engine)
     rows = {r.label: r.cells["photos"].runs for r in build_table(engine, TableQuery()).rows}
     assert rows == {"difftpt": [runs[1]], f"difftpt generation={configs[0]}": [runs[0]]}
     assert [r.label for r in build_table(engine, TableQuery(run_ids=(runs[0],))).rows] == ["difftpt"]
+    with session_scope(engine) as session:  # a DiffTPT run stored before generated_format: its own row
+        version = session.get(DatasetVersion, version_id)
+        old_spec = {**spec, "method": {"method": "difftpt"}, "generation_fingerprint": str(configs[1]), "seed": 1}
+        old = make_run(session, version, method="difftpt", spec=old_spec, generation_config_id=configs[1])
+        make_predictions(session, old, [True] * N_SAMPLES)
+        old_id = old.id
+    rows = {r.label: r.cells["photos"].runs for r in build_table(engine, TableQuery()).rows}
+    assert rows["difftpt generated_format=lossless"] == [old_id] and rows["difftpt"] == [runs[1]]
 
 
 def test_runs_show_names_the_configuration_of_a_run_stored_before_it_had_one(engine: Engine, database_url: str,
