@@ -36,7 +36,12 @@ from difftpt_ops.storage.features import FeatureFiles, StoredFeatures, model_fin
 from difftpt_ops.tta import prepare_classifier  # noqa: E402
 from difftpt_ops.tta.methods import get_method, method_names  # noqa: E402
 from tests.factories import make_generation_config  # noqa: E402
-from tests.integration.test_jobs_support import add_dataset, make_settings, open_engine  # noqa: E402
+from tests.integration.test_jobs_support import (  # noqa: E402
+    add_dataset,
+    make_settings,
+    open_engine,
+    quiet_run_machinery,
+)
 from tests.unit.tta_support import CLASS_NAMES, random_image, tiny_clip  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
@@ -349,10 +354,7 @@ def _predictions(engine: Any, run_id: int) -> list[tuple]:
 
 def test_features_run_fills_the_store_and_tune_runs_read_it(tiny_models_dir: Path, workspace: Path, tmp_path: Path,
                                                            database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(reporting, "report_progress", lambda *_: None)
-    monkeypatch.setattr(reporting, "report_finished", lambda *_: None)
-    monkeypatch.setattr(reporting, "_next_report", {})
-    contexts.clear_caches()
+    quiet_run_machinery(monkeypatch)
     settings = make_settings(workspace, database_url, device="cpu", mlflow_tracking_uri="none")
     engine = open_engine(settings)
     root = tmp_path / "images"
@@ -402,10 +404,7 @@ def test_features_run_records_its_model_as_a_tune_run_does(tiny_models_dir: Path
                                                            database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A local model folder given relative and with the CLI's default tag: the run's columns (runs list, status,
     run_summary) name the absolute folder and no tag, as the spec does and as a tune run records it."""
-    monkeypatch.setattr(reporting, "report_progress", lambda *_: None)
-    monkeypatch.setattr(reporting, "report_finished", lambda *_: None)
-    monkeypatch.setattr(reporting, "_next_report", {})
-    contexts.clear_caches()
+    quiet_run_machinery(monkeypatch)
     settings = make_settings(workspace, database_url, device="cpu", mlflow_tracking_uri="none")
     engine = open_engine(settings)
     root = tmp_path / "images"
