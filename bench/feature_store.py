@@ -99,7 +99,8 @@ def difftpt_after_tpt(engine: Any, settings: Any, cache: FeatureCache, clip: Any
     from difftpt_ops.db.session import session_scope
     from difftpt_ops.db.tables import Sample
     from difftpt_ops.services.datasets import register_dataset
-    from difftpt_ops.services.running.generation import GeneratedViews, import_generated
+    from difftpt_ops.services.running.generated_views import GeneratedViews
+    from difftpt_ops.services.running.generation import import_generated
 
     difftpt = prepare_classifier(clip, names, method_spec_from("difftpt"))
     tpt = prepare_classifier(clip, names, method_spec_from("tpt"))

@@ -9,7 +9,7 @@ batched generation. What differs from the reference generator (DiffTPT's image-v
 * fp16 on GPU (the reference ran fp32); attention uses PyTorch's SDPA (diffusers' default on torch 2);
 * images are stored losslessly (PNG); the reference saved them under the source image's extension with
   Pillow's defaults (JPEG at quality 75 for ImageNet-R), and DiffTPT runs re-encode them that way when they
-  read them (`generated_format`, services/running/generation.py `GeneratedViews`).
+  read them (`generated_format`, services/running/generated_views.py `GeneratedViews`).
 
 The conditioning preprocessing, guidance, step count and disabled safety checker follow the reference.
 Heavy imports (torch, diffusers) happen inside the functions so that importing this module is cheap.

@@ -18,7 +18,7 @@ from PIL import Image
 
 from difftpt_ops.core.errors import InvalidSpecError
 from difftpt_ops.core.method_specs import DiffTPTSpec, method_spec_from, method_spec_from_dict
-from difftpt_ops.services.running.generation import GeneratedViews, as_saved_beside_source
+from difftpt_ops.services.running.generated_views import GeneratedViews, as_saved_beside_source
 from difftpt_ops.storage.artifacts import encode_png
 from difftpt_ops.storage.features import view_recipes
 

@@ -23,7 +23,8 @@ from difftpt_ops.services.running.features import (
     feature_cache_for,
     weights_fingerprint_of,
 )
-from difftpt_ops.services.running.generation import GeneratedViews, GenerateProcessor
+from difftpt_ops.services.running.generated_views import generated_views_for
+from difftpt_ops.services.running.generation import GenerateProcessor
 from difftpt_ops.services.running.processors import (
     LRU,
     MODELS,
@@ -94,9 +95,7 @@ def _build_tune_processor(engine: Engine, settings: Settings, run: Run, dataset:
     tuner = MODELS.get(("tuner", model, resolved, class_names, canonical_json(method.to_dict()), init_seed),
                         build_tuner)
     n_generated = int(getattr(method, "n_generated", 0))
-    views = (GeneratedViews(engine, settings, run.generation_config_id, n_generated,
-                            generated_format=getattr(method, "generated_format", "lossless"))
-             if run.generation_config_id is not None and n_generated > 0 else None)
+    views = generated_views_for(engine, settings, run, method, n_generated)
     if n_generated > 0 and views is None:
         raise InputError("--generation", None, f"run {run.id} reads {n_generated} generated images per sample "
                                                "but is bound to no generation config")

@@ -32,7 +32,7 @@ from difftpt_ops.core.specs import fingerprint_of
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import GeneratedImage, Run, ViewFeatures
 from difftpt_ops.db.writes import insert_many_ignore
-from difftpt_ops.services.running.generation import GeneratedViews
+from difftpt_ops.services.running.generated_views import generated_views_for
 from difftpt_ops.services.running.processors import MODELS, execution_device
 from difftpt_ops.services.running.submit_checks import (
     check_execution_args,
@@ -446,9 +446,7 @@ def build_features_processor(engine: Engine, settings: Settings, run: Run, datas
     clip = MODELS.get(("clip", model, resolved), lambda: load_clip(model, resolved))
     tuner = prepare_classifier(clip, list(dataset.class_names), spec.method)
     n_generated = tuner.plan.n_generated
-    views = (GeneratedViews(engine, settings, run.generation_config_id, n_generated,
-                            generated_format=getattr(spec.method, "generated_format", "lossless"))
-             if run.generation_config_id is not None and n_generated > 0 else None)
+    views = generated_views_for(engine, settings, run, spec.method, n_generated)
     cache = FeatureCache(engine, settings, model_fingerprint=model_fingerprint_of(clip), model_name=model.name)
     processor = FeaturesProcessor(cache=cache, tuner=tuner, root=Path(dataset.root), seed=spec.seed,
                                   augmix=is_cross_domain(dataset.format), views=views)

@@ -36,7 +36,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
-from difftpt_ops.core.errors import NotFoundError, NotReadyError, SampleError
+from difftpt_ops.core.errors import NotFoundError, SampleError
 from difftpt_ops.core.specs import GenerationSpec, canonical_json, fingerprint_of
 from difftpt_ops.data.images import load_rgb
 from difftpt_ops.db.session import session_scope
@@ -50,7 +50,6 @@ from difftpt_ops.models.diffusion import (
     variant_seed,
 )
 from difftpt_ops.services.running.processors import MODELS, execution_device
-from difftpt_ops.services.running.waiting import generation_failure
 from difftpt_ops.storage.artifacts import IMAGE_SUFFIX, Artifact, ArtifactStore, encode_png
 
 if TYPE_CHECKING:
@@ -429,84 +428,11 @@ class _DirectoryIndex:
         return True
 
 
-# --- Processors of generate runs, and the generated views DiffTPT reads --------------------------------------
+# --- Processors of generate runs (the generated views DiffTPT reads: generated_views.py) -------------------------
 
 
 # Test hook: seconds to sleep before generating each sample (a slow generator, as on a real GPU box).
 GENERATE_DELAY_ENV = "DIFFTPT_OPS_GENERATE_DELAY_S"
-
-
-def saved_format(source_name: str) -> str | None:
-    """The Pillow format the reference's generator wrote a variation of `source_name` in: it saved each one as
-    `<stem>_<i>.<the source's extension>`, so Pillow chose the format by that extension (JPEG for .jpg, .jpeg,
-    .JPEG). None where that keeps the pixels as they are (PNG) or the name has no known image extension."""
-    fmt = Image.registered_extensions().get(Path(source_name).suffix.lower())
-    return None if fmt in (None, "PNG") else fmt
-
-
-def as_saved_beside_source(image: Image.Image, source_name: str) -> Image.Image:
-    """`image` as the reference's loader read it back: encoded in `saved_format(source_name)` with Pillow's
-    default settings (JPEG: quality 75, 4:2:0 chroma subsampling), decoded, RGB; unchanged where that format
-    is None."""
-    fmt = saved_format(source_name)
-    if fmt is None:
-        return image
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    buffer.seek(0)
-    with Image.open(buffer) as decoded:
-        decoded.load()
-        return decoded.convert("RGB")
-
-
-class GeneratedViews:
-    """Reads exactly `count` generated images of a sample (variants 0..count-1): DiffTPT's extra views.
-
-    A sample never gets fewer: if its generation failed the sample fails with that reason, and if its
-    images are not there yet the shard waits (NotReadyError) instead of tuning with fewer views.
-
-    `generated_format` is the DiffTPT spec's: "source" re-encodes each image stored here losslessly (PNG) the
-    way the reference's generator saved it beside its source (`as_saved_beside_source`; JPEG at quality 75 for
-    a JPEG source); an imported file is read as it is, since it is what the reference wrote. "lossless" reads
-    the stored pixels.
-    """
-
-    def __init__(self, engine: Engine, settings: Settings, config_id: int, count: int, *,
-                 generated_format: str = "lossless") -> None:
-        self.engine, self.config_id, self.count = engine, config_id, count
-        self.generated_format = generated_format
-        self.store = ArtifactStore(settings.artifact_root)
-
-    def reencoded_as(self, sample: Any) -> str | None:
-        """The Pillow format this sample's generated images stored here go through before their views are
-        built (part of their feature-store recipes), or None."""
-        return saved_format(sample.relpath) if self.generated_format == "source" else None
-
-    def images_for(self, sample: Any) -> list[Any]:
-        reencode = self.reencoded_as(sample) is not None
-        images = []
-        for path in self.paths_for(sample):
-            image = load_rgb(path)
-            if reencode and path.suffix.lower() == IMAGE_SUFFIX:  # ours (lossless); not an imported file
-                image = as_saved_beside_source(image, sample.relpath)
-            images.append(image)
-        return images
-
-    def paths_for(self, sample: Any) -> list[Path]:
-        if not sample.content_hash:
-            raise SampleError(f"sample {sample.index} has no content hash, so no generated images")
-        with session_scope(self.engine) as session:
-            paths = find_generated_paths(session, self.store, config_id=self.config_id,
-                                         source_hash=sample.content_hash, limit=self.count)
-            failure = None if len(paths) == self.count else generation_failure(
-                session, config_id=self.config_id, source_hash=sample.content_hash)
-        if len(paths) == self.count:
-            return paths
-        if failure is not None:
-            reason = failure.strip().splitlines()[-1] if failure.strip() else "no reason recorded"
-            raise SampleError(f"sample {sample.index}: its generation failed ({reason})")
-        raise NotReadyError(f"sample {sample.index} has {len(paths)} of its {self.count} generated images "
-                            f"(generation config {self.config_id})")
 
 
 class GenerateProcessor:

@@ -36,7 +36,7 @@ from difftpt_ops.db.writes import insert_many_ignore
 from difftpt_ops.services.running.leases import OWNED
 
 if TYPE_CHECKING:
-    from difftpt_ops.services.running.generation import GeneratedViews
+    from difftpt_ops.services.running.generated_views import GeneratedViews
 
 NOOP_DELAY_ENV = "DIFFTPT_OPS_NOOP_DELAY_S"
 NOOP_TRACE_ENV = "DIFFTPT_OPS_NOOP_TRACE"
