@@ -58,7 +58,7 @@ def build_table(engine: Engine, query: TableQuery) -> Table:
         _set_configurations(runs, query)
         _load_counts(conn, runs, query)
         _load_weights(conn, runs)
-        cells, baseline = _cells(runs, query)
+        cells, baseline, other_limits = _cells(runs, query)
         _paired_tests(conn, cells, baseline, query)
     columns, formats = _columns(runs)
     shown = {run_id for row in cells.values() for cell, _ in row.values() for run_id in cell.runs}
@@ -66,7 +66,7 @@ def build_table(engine: Engine, query: TableQuery) -> Table:
                   formats=formats, average_columns=average_columns(formats), rows=[], notes=[],
                   superseded=_superseded(runs, cells, shown) if query.run_ids else [],
                   other_model=other_model if query.run_ids else [],
-                  weights=_weights_shown(runs, shown), other_limits=_other_limits(runs, cells))
+                  weights=_weights_shown(runs, shown), other_limits=other_limits)
     table.rows = _our_rows(cells, table)
     base_key = baseline_row(cells, baseline) if baseline is not None else None
     table.baseline_row = row_label(base_key) if base_key is not None else None
@@ -254,23 +254,39 @@ def _row_key(run: RunRow) -> RowKey:
     return run.method, run.variant, run.config
 
 
-def _cells(runs: list[RunRow], query: TableQuery) -> tuple[Cells, str | None]:
-    """Per row and dataset: the newest run and the runs that repeat it with other seeds."""
+def _cells(runs: list[RunRow], query: TableQuery) -> tuple[Cells, str | None, list[tuple[int, int]]]:
+    """Per row and dataset: the newest run and the runs that repeat it with other seeds; and (run, the newest run
+    of its cell) for each seed repeat left out because it planned other samples."""
     newest: dict[tuple[RowKey, str], RunRow] = {}
     for run in runs:  # newest first
         newest.setdefault((_row_key(run), run.dataset), run)
     cells: Cells = defaultdict(dict)
+    other_limits = []
     for (row_key, dataset), latest in newest.items():
-        group, seeds = list[RunRow](), set[str]()
-        for run in runs:  # the newest run of each seed: a rerun on another device replaces, never averages in
-            if (_may_repeat(run, latest) and run.num_samples == latest.num_samples  # another --limit: other samples
-                    and _seeds(run.spec) not in seeds):
-                seeds.add(_seeds(run.spec))
-                group.append(run)
+        group, other = _repeats(runs, latest)
         cells[row_key][dataset] = (_cell(latest, group, query.metric), latest)
+        other_limits += [(run.run_id, latest.run_id) for run in other]
     methods = {key[0] for key in cells}
     baseline = query.baseline or ("zeroshot" if "zeroshot" in methods else None)
-    return dict(cells), baseline
+    return dict(cells), baseline, sorted(other_limits)
+
+
+def _repeats(runs: list[RunRow], latest: RunRow) -> tuple[list[RunRow], list[RunRow]]:
+    """The newest run of each seed that repeats `latest` on its samples (a rerun on another device replaces,
+    never averages in), and the newest run of each other seed that would repeat it but planned another number of
+    samples (another --limit: other samples, so it is left out). `runs` is newest first."""
+    group, seeds, other = list[RunRow](), set[str](), dict[str, RunRow]()
+    for run in runs:
+        if not _may_repeat(run, latest):
+            continue
+        seed = _seeds(run.spec)
+        if run.num_samples == latest.num_samples:
+            if seed not in seeds:
+                seeds.add(seed)
+                group.append(run)
+        else:
+            other.setdefault(seed, run)
+    return group, [run for seed, run in other.items() if seed not in seeds]
 
 
 def _may_repeat(run: RunRow, latest: RunRow) -> bool:
@@ -278,21 +294,6 @@ def _may_repeat(run: RunRow, latest: RunRow) -> bool:
     path, other weights: another model) and spec go; a repeat must also plan the same samples."""
     return (_row_key(run) == _row_key(latest) and run.version_id == latest.version_id
             and _same_weights(run, latest) and seed_group_key(run.spec) == seed_group_key(latest.spec))
-
-
-def _other_limits(runs: list[RunRow], cells: Cells) -> list[tuple[int, int]]:
-    """(run, the newest run of its cell) for the newest run of each other seed that would repeat a shown cell but
-    planned another number of samples (another --limit): it covers other samples, so it is left out."""
-    by_id = {run.run_id: run for run in runs}
-    left_out = []
-    for row in cells.values():
-        for cell, latest in row.values():
-            seeds = {_seeds(by_id[run_id].spec) for run_id in cell.runs}
-            for run in runs:  # newest first
-                if _may_repeat(run, latest) and _seeds(run.spec) not in seeds:
-                    seeds.add(_seeds(run.spec))
-                    left_out.append((run.run_id, latest.run_id))
-    return sorted(left_out)
 
 
 def _same_weights(run: RunRow, other: RunRow) -> bool:
