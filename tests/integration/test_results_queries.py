@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +99,23 @@ def test_results_equal_direct_sql_counts(seeded: tuple[Engine, Seeded]) -> None:
     assert result["top1_ci95"] == pytest.approx(list(stats.wilson_interval(correct, done)))
     _check_ece(engine, data)
     _check_by_class(engine, data)
+
+
+def test_reading_builtin_runs_does_not_import_torch(seeded: tuple[Engine, Seeded]) -> None:
+    """`results` and `compare` on zero-shot, TPT or DiffTPT runs stay light: importing torch (the method registry)
+    cost every reading command seconds, 10 s a call on a GPU machine. Checked in a child interpreter."""
+    engine, data = seeded
+    child = (
+        "import sys\n"
+        "from difftpt_ops.db.session import get_engine\n"
+        "from difftpt_ops.services.reading.results import compare_runs, run_results\n"
+        f"engine = get_engine({engine.url.render_as_string(hide_password=False)!r})\n"
+        f"run_results(engine, {data.run_a}); compare_runs(engine, {data.run_a}, {data.run_b})\n"
+        "print(sorted(m for m in ('torch', 'difftpt_ops.tta') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
 
 
 def _check_ece(engine: Engine, data: Seeded) -> None:

@@ -11,6 +11,7 @@ from sqlalchemy import case, func, select
 from sqlalchemy.engine import Engine
 
 from difftpt_ops.core.errors import InputError
+from difftpt_ops.core.method_specs import CORE_METHODS
 from difftpt_ops.core.specs import canonical_json
 from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import Prediction, Run, Sweep, SweepRun
@@ -18,6 +19,8 @@ from difftpt_ops.db.tables import Prediction, Run, Sweep, SweepRun
 
 def _is_online(method: str) -> bool:
     """Whether `method` is a registered online method (methods outside the registry, like noop, are not)."""
+    if method in CORE_METHODS:  # zero-shot, TPT, DiffTPT and noop: no need to import torch for the registry
+        return False
     from difftpt_ops.tta.methods import ONLINE, get_method, method_names
 
     return method in method_names() and get_method(method).kind == ONLINE
