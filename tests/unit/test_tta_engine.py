@@ -13,6 +13,7 @@ from difftpt_ops.core.method_specs import NoopSpec, TPTSpec, method_spec_from  #
 from difftpt_ops.core.specs import PromptSpec  # noqa: E402
 from difftpt_ops.models.clip import LoadedClip, read_coop_checkpoint  # noqa: E402
 from difftpt_ops.tta import SampleResult, prepare_classifier  # noqa: E402
+from difftpt_ops.tta.engine import text_groups_for  # noqa: E402
 from difftpt_ops.tta.naive import NaiveTuner  # noqa: E402
 from tests.unit.tta_support import CLASS_NAMES, random_image, tiny_clip  # noqa: E402
 
@@ -59,6 +60,18 @@ def test_tpt_result_fields(clip: LoadedClip) -> None:
     assert len(result.top5) == 5 and result.pred == result.top5[0]
     assert result.entropy_after != result.entropy_before
     assert result.seconds >= result.view_seconds > 0
+
+
+def test_text_groups_default_to_the_device(clip: LoadedClip, generated: list) -> None:
+    """Four length groups on a CPU, one on a GPU (fewer kernel launches); the choice does not change results."""
+    assert text_groups_for("cpu") == 4 and text_groups_for("cuda") == text_groups_for(torch.device("cuda:1")) == 1
+    spec = method_spec_from("difftpt", DIFFTPT)
+    default = prepare_classifier(clip, CLASS_NAMES, spec)
+    one = prepare_classifier(clip, CLASS_NAMES, spec, max_text_groups=1)
+    assert len(default.learner.groups) > 1 and len(one.learner.groups) == 1
+    image = random_image(3)
+    assert _same(default.run(image, generated=generated, seed=0, sample_key="g"),
+                 one.run(image, generated=generated, seed=0, sample_key="g"))
 
 
 def test_result_does_not_depend_on_earlier_samples(clip: LoadedClip, generated: list) -> None:
