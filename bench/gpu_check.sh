@@ -8,7 +8,8 @@
 #                 pip works; default .gpu-wheels), report the environment, and check that the engine and
 #                 the benches import without Celery, MLflow or a database driver
 #   (b) pytest    python -m pytest -m gpu tests/gpu
-#   (c) tta       bench/tta_speed.py --device cuda (TPT and DiffTPT at 200 and 1000 classes, ours vs reference)
+#   (c) tta       bench/tta_speed.py --device cuda (TPT and DiffTPT at 200 and 1000 classes, ours vs reference),
+#                 then bench/tta_breakdown.py --device cuda (where a sample's time goes)
 #   (e) cli       the CLI end to end in embedded mode on 8 samples: models make-tiny, data add, submit generate,
 #                 submit tune for zeroshot, tpt and difftpt, results
 #   (d) generation bench/generation_speed.py --device cuda (full SD 1.x at 512 px, 50 steps, guidance 3: the
@@ -16,9 +17,10 @@
 #
 # (d) runs last because it is the longest and bounds itself by the time left. Every step has its own time
 # box, and the whole run a deadline (DIFFTPT_GPU_CHECK_BUDGET_S, default 460 s on CUDA), so one failure
-# cannot eat the budget. OUT receives at most 8 files (what a device run can bring back): one log per step,
-# results.jsonl (every JSON line any step printed, tagged with its step) and summary.json, whose content is
-# also the last line printed.
+# cannot eat the budget. DIFFTPT_GPU_CHECK_STEPS=c-tta,e-cli reruns only the steps named (the install always
+# runs); the summary's `partial` lists those left out. OUT receives at most 8 files (what a device run can
+# bring back): one log per step, results.jsonl (every JSON line any step printed, tagged with its step) and
+# summary.json, whose content is also the last line printed.
 #
 # CPU rehearsal: builds a virtual environment holding only the GPU image's packages (bench/gpu_image_sim.py,
 # linked from this project's .venv), installs wheels for this Python into it with --no-index exactly as on
@@ -53,7 +55,9 @@ export PY=$HOST_PY SITE=$WORK/site
 export PYTHONPATH=$SITE:$REPO
 
 # Per-step time boxes (seconds): CUDA, then the CPU rehearsal (2 shared cores, so generous).
-declare -A CAP_CUDA=([a-install]=45 [b-pytest]=130 [c-tta]=100 [e-cli]=110 [d-generation]=400)
+# Measured on an H200 (first run): each new Python process there spends about 10 s importing torch, open_clip
+# and diffusers, so the install's import test and the CLI's 13 commands need more than their compute.
+declare -A CAP_CUDA=([a-install]=90 [b-pytest]=130 [c-tta]=150 [e-cli]=220 [d-generation]=400)
 declare -A CAP_CPU=([a-install]=600 [b-pytest]=1200 [c-tta]=600 [e-cli]=600 [d-generation]=600)
 
 step_a_install() {
@@ -86,6 +90,11 @@ step_c_tta() {
             "$PY" bench/tta_speed.py --model "$WORK/tiny-clip" --quick --samples 1 --threads 1
     else
         "$PY" bench/tta_speed.py --device cuda --samples 3 --threads 8
+    fi && if [[ $DEVICE == cpu ]]; then
+        "$PY" bench/tta_breakdown.py --model "$WORK/tiny-clip" --classes 200 --samples 1 --threads 1 \
+            --view-workers 1,2 --text-groups 4,1
+    else
+        "$PY" bench/tta_breakdown.py --device cuda --samples 4 --threads 8 --view-workers 8 --text-groups 1,4
     fi
 }
 
@@ -93,7 +102,12 @@ step_e_cli() {
     set -e
     local ws=$WORK/workspace n=8 sizes=(--steps 10 --size 64)
     export DIFFTPT_OPS_WORKSPACE=$ws DIFFTPT_OPS_MLFLOW_TRACKING_URI=none  # MLflow is not in the GPU image
-    cli() { "$PY" -m cli.main "$@"; }
+    cli() {  # each command's wall time, process start included, as a JSON line on stderr (into the log)
+        local started=$(date +%s.%N) rc=0
+        "$PY" -m cli.main "$@" || rc=$?
+        echo "{\"cli\": \"seconds\", \"command\": \"$1 $2${method:+ $method}\", \"seconds\": $(awk "BEGIN { printf \"%.1f\", $(date +%s.%N) - $started }")}" >&2
+        return $rc
+    }
     cli models make-tiny "$ws/models" --json | "$PY" bench/gpu_check_env.py --condense models-make-tiny
     "$PY" -c "from difftpt_ops.data.demo_photos import write_demo_dataset; write_demo_dataset('$ws/photos')"
     cli data add photos --root "$ws/photos" --format imagefolder --json \
@@ -128,6 +142,12 @@ export -f step_a_install step_b_pytest step_c_tta step_e_cli step_d_generation
 
 run_step() {
     local name=$1 function=$2 cap limit left rc started
+    # DIFFTPT_GPU_CHECK_STEPS=c-tta,d-generation reruns only those steps (the install always runs).
+    if [[ -n ${DIFFTPT_GPU_CHECK_STEPS:-} && $name != a-install && ,$DIFFTPT_GPU_CHECK_STEPS, != *,$name,* ]]; then
+        echo "{\"step\": \"$name\", \"skipped\": \"not in DIFFTPT_GPU_CHECK_STEPS\", \"rc\": null}" \
+            >> "$WORK/steps.jsonl"
+        return
+    fi
     if [[ $DEVICE == cpu ]]; then cap=${CAP_CPU[$name]}; else cap=${CAP_CUDA[$name]}; fi
     left=$((DEADLINE - $(date +%s)))
     limit=$((cap < left ? cap : left))

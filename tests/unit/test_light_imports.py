@@ -82,7 +82,7 @@ _CHILD = textwrap.dedent("""
 MODULES = ("difftpt_ops.tta", "difftpt_ops.tta.naive", "difftpt_ops.models.clip", "difftpt_ops.models.diffusion",
            "difftpt_ops.models.tiny", "difftpt_ops.models.tiny_clip", "difftpt_ops.models.tiny_diffusion",
            "difftpt_ops.core.specs", "difftpt_ops.core.method_specs", "difftpt_ops.core.run_specs")
-BENCHES = ("bench/tta_speed.py", "bench/generation_speed.py")
+BENCHES = ("bench/tta_speed.py", "bench/tta_breakdown.py", "bench/generation_speed.py")
 
 
 def test_engine_and_benches_import_without_celery_mlflow_or_a_database() -> None:
