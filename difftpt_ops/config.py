@@ -32,6 +32,7 @@ CONFIG_FILE_NAME = "difftpt-ops.toml"  # looked up inside the workspace unless D
 MLFLOW_STANDARD_ENV = "MLFLOW_TRACKING_URI"
 BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp", "sentinel", "memory")  # memory: tests only
 DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:\d+|mps)$"
+VIEWS_AHEAD = ("auto", "on", "off")  # Settings.views_ahead
 MAX_INTERVAL_S = 7 * 24 * 3600.0
 
 
@@ -64,6 +65,9 @@ class Settings(BaseSettings):
     mlflow_log_every: int = Field(100, ge=1)  # running top-1 is logged every N samples, not per sample
     sqlite_busy_timeout_ms: int = Field(60_000, ge=0)
     device: str = "auto"  # auto: cuda when available, else cpu
+    # Tuning shards build the next sample's views (files, stored features, crops) in a second thread while the
+    # current sample runs: auto does so on CUDA, where the CPU work would otherwise leave the GPU idle.
+    views_ahead: str = "auto"
 
     @model_validator(mode="before")
     @classmethod
@@ -96,6 +100,13 @@ class Settings(BaseSettings):
     def _known_device(cls, value: str) -> str:
         if not re.fullmatch(DEVICE_PATTERN, value):
             raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        return value
+
+    @field_validator("views_ahead")
+    @classmethod
+    def _known_views_ahead(cls, value: str) -> str:
+        if value not in VIEWS_AHEAD:
+            raise ValueError(f"must be one of {', '.join(VIEWS_AHEAD)}")
         return value
 
     @field_validator("artifact_root")

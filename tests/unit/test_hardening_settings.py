@@ -15,7 +15,7 @@ BAD_ENVIRONMENT = [
     ("SHARD_SIZE", "0"), ("SHARD_SIZE", "-4"), ("SHARD_SIZE", "abc"), ("SHARD_SIZE", "2.5"),
     ("SHARD_MAX_ATTEMPTS", "0"), ("HEARTBEAT_INTERVAL_S", "-1"), ("HEARTBEAT_INTERVAL_S", "0"),
     ("STALE_AFTER_S", "-3"), ("VISIBILITY_TIMEOUT_S", "0"), ("MLFLOW_LOG_EVERY", "0"),
-    ("SQLITE_BUSY_TIMEOUT_MS", "-1"), ("LOST_MESSAGE_GRACE_S", "0"), ("DEVICE", "gpu"),
+    ("SQLITE_BUSY_TIMEOUT_MS", "-1"), ("LOST_MESSAGE_GRACE_S", "0"), ("DEVICE", "gpu"), ("VIEWS_AHEAD", "yes"),
     # Intervals become timers and timestamps: infinite or absurdly long ones crashed a thread later.
     ("HEARTBEAT_INTERVAL_S", "inf"), ("HEARTBEAT_INTERVAL_S", "1e12"), ("STALE_AFTER_S", "inf"),
     ("LOST_MESSAGE_GRACE_S", "Infinity"), ("STALE_AFTER_S", "nan"),
@@ -46,7 +46,8 @@ def test_good_values_are_typed_and_environment_beats_toml(tmp_path: Path) -> Non
     (tmp_path / "difftpt-ops.toml").write_text("heartbeat_interval_s = 2.5\nshard_size = 16\n")
     settings = load_settings(tmp_path, env={"DIFFTPT_OPS_SHARD_SIZE": "8", "DIFFTPT_OPS_DEVICE": "cuda:1"})
     assert (settings.shard_size, settings.heartbeat_interval_s, settings.device) == (8, 2.5, "cuda:1")
-    assert settings.shard_max_attempts == 3
+    assert settings.shard_max_attempts == 3 and settings.views_ahead == "auto"
+    assert load_settings(tmp_path, env={"DIFFTPT_OPS_VIEWS_AHEAD": "off"}).views_ahead == "off"
 
 
 def test_mlflow_tracking_uri_is_honoured_when_the_project_variable_is_unset(tmp_path: Path) -> None:

@@ -36,6 +36,7 @@ from difftpt_ops.services.running.processors import (
     execution_device,
     resolve_device,
 )
+from difftpt_ops.services.running.views_ahead import builds_views_ahead
 
 _CONTEXT_CACHE_SIZE = 4  # contexts hold their tuner: keep few, so evicted models can be freed
 _CONTEXTS = LRU(_CONTEXT_CACHE_SIZE)
@@ -105,6 +106,7 @@ def _build_tune_processor(engine: Engine, settings: Settings, run: Run, dataset:
     processor.features = feature_cache_for(engine, settings, clip, method, model.name, reward=reward,
                                            reward_name=reward_path)
     processor.device, processor.precision, processor.activation = resolved, clip.precision, clip.activation
+    processor.views_ahead = builds_views_ahead(settings.views_ahead, resolved)
     processor.weights = weights_fingerprint_of(clip)
     if reward is not None:
         processor.reward_weights = weights_fingerprint_of(reward)

@@ -40,8 +40,25 @@ from difftpt_ops.services.running.submit_checks import (
     resolve_run_device,
     run_model_spec,
 )
+from difftpt_ops.services.running.views_ahead import builds_views_ahead
 
 FEATURES_KIND = "features"
+
+
+@dataclasses.dataclass
+class GatheredViews:
+    """A sample's views before the model (`FeatureCache.gather`): every view's stored features (`raw`), or those
+    some stored sets hold (`stored`, by position) and the pixels of the `missing` ones, or every view built
+    (`built`, a ViewBatch: nothing stored, or a sample the store cannot key, whose `recipes` are None)."""
+
+    sample_hash: str | None
+    recipes: list[dict[str, Any]] | None
+    raw: Any | None = None
+    stored: dict[int, Any] = dataclasses.field(default_factory=dict)
+    missing: list[int] = dataclasses.field(default_factory=list)
+    pixels: Any | None = None
+    built: Any | None = None
+    build_seconds: float = 0.0  # reading and building, part of the stored set's `seconds`
 
 
 class FeatureCache:
@@ -55,13 +72,17 @@ class FeatureCache:
         # The store of a method's reward model (RLCF), under its own fingerprint: see `feature_cache_for`.
         self.reward_cache: FeatureCache | None = None
 
-    def run_sample(self, tuner: Any, sample: Any, *, root: Path, views: Any, seed: int, augmix: bool) -> Any:
+    def run_sample(self, tuner: Any, sample: Any, *, root: Path, views: Any, seed: int, augmix: bool,
+                   gathered: GatheredViews | None = None) -> Any:
         """The tuner's result for `sample`, its views' features read from the store where stored.
 
         The result's views_encoded / views_read say which happened (for the run's CLIP). `views` is the run's
-        GeneratedViews (None when the method reads no generated images).
+        GeneratedViews (None when the method reads no generated images). `gathered` is `gather(...)` of this
+        sample with the same arguments, done beforehand (in another thread); without it, it is done now.
         """
-        raw, kinds, encoded = self.features_for(tuner, sample, root=root, views=views, seed=seed, augmix=augmix)
+        if gathered is None:
+            gathered = self.gather(tuner, sample, root=root, views=views, seed=seed, augmix=augmix)
+        raw, kinds, encoded = self.finish(tuner, gathered)
         reward = self._reward_source(tuner, sample, root=root, views=views, seed=seed, augmix=augmix) \
             if getattr(tuner, "needs_pixels", False) else None
         result = tuner.run_features(raw, kinds, reward_features=reward)
@@ -120,30 +141,50 @@ class FeatureCache:
         One stored set holding them all is read; otherwise the views some stored sets hold are read from them
         and only the others are built and encoded (DiffTPT after TPT encodes its generated views, not TPT's
         crops), and the whole set is stored for the next run."""
-        from difftpt_ops.storage.features import kinds_of
+        return self.finish(tuner, self.gather(tuner, sample, root=root, views=views, seed=seed, augmix=augmix))
 
+    def gather(self, tuner: Any, sample: Any, *, root: Path, views: Any, seed: int, augmix: bool) -> GatheredViews:
+        """The part of `features_for` that needs no model: the stored features read, the other views built on
+        the CPU (and their images read). Safe in another thread than the one running the tuner."""
+        started = time.perf_counter()
         recipes = self._recipes(tuner, sample, views=views, seed=seed, augmix=augmix)
         if recipes is None:  # not keyable: encoded, not stored
             built = self._build(tuner, sample, root=root, views=views, seed=seed, augmix=augmix)
-            return tuner.encode_raw(built.pixels), built.kinds, len(built.kinds)
+            return GatheredViews(sample.content_hash, None, built=built)
         sets = self._stored_sets(sample.content_hash)
         raw = self._read_whole(sets, recipes)
         if raw is not None:
-            return raw, kinds_of(recipes), 0
+            return GatheredViews(sample.content_hash, recipes, raw=raw)
         stored = self._read_some(sets, recipes)
-        started = time.perf_counter()
-        if stored:  # only the views no stored set holds are built and encoded (and their images read)
+        if stored:  # only the views no stored set holds are built (and their images read)
             missing = [i for i in range(len(recipes)) if i not in stored]
-            fresh = tuner.encode_raw(self._build_some(tuner, sample, root=root, views=views, seed=seed,
-                                                      augmix=augmix, positions=missing)) if missing else None
-            raw = self._fill(stored, fresh, missing)  # several sets may hold all of them between them
-            kinds, encoded = kinds_of(recipes), len(missing)
-        else:
-            built = self._build(tuner, sample, root=root, views=views, seed=seed, augmix=augmix)
+            pixels = self._build_some(tuner, sample, root=root, views=views, seed=seed, augmix=augmix,
+                                      positions=missing) if missing else None
+            return GatheredViews(sample.content_hash, recipes, stored=stored, missing=missing, pixels=pixels,
+                                 build_seconds=time.perf_counter() - started)
+        built = self._build(tuner, sample, root=root, views=views, seed=seed, augmix=augmix)
+        return GatheredViews(sample.content_hash, recipes, built=built, build_seconds=time.perf_counter() - started)
+
+    def finish(self, tuner: Any, gathered: GatheredViews) -> tuple[Any, tuple[str, ...], int]:
+        """`features_for`'s result from what `gather` left: the built views encoded, the set stored."""
+        from difftpt_ops.storage.features import kinds_of
+
+        recipes = gathered.recipes
+        if gathered.raw is not None:
+            return gathered.raw, kinds_of(recipes), 0
+        started = time.perf_counter()
+        built = gathered.built
+        if built is not None:
             raw, kinds, encoded = tuner.encode_raw(built.pixels), built.kinds, len(built.kinds)
-            if kinds != kinds_of(recipes):  # the recipes would not describe these views: not stored
+            if recipes is None or kinds != kinds_of(recipes):  # not keyable, or not what the recipes describe
                 return raw, kinds, encoded
-        self.store(sample.content_hash, recipes, raw, seconds=time.perf_counter() - started)
+        else:
+            missing = gathered.missing
+            fresh = tuner.encode_raw(gathered.pixels) if missing else None
+            raw = self._fill(gathered.stored, fresh, missing)  # several sets may hold all of them between them
+            kinds, encoded = kinds_of(recipes), len(missing)
+        self.store(gathered.sample_hash, recipes, raw,
+                   seconds=gathered.build_seconds + time.perf_counter() - started)
         return raw, kinds, encoded
 
     @staticmethod
@@ -380,13 +421,22 @@ class FeaturesProcessor:
             found.setdefault(source, []).append(content)
         return found
 
-    def process(self, sample: Any) -> Any:
+    views_ahead: bool = False  # as TuneProcessor's: the shard loop prepares the next sample in a second thread
+
+    def prepare(self, sample: Any) -> tuple[GatheredViews, float]:
+        """The sample's stored features read and its other views built (no model), and the seconds it took."""
         if not sample.content_hash:
             raise SampleError(f"sample {sample.index} has no content hash, so its features cannot be keyed")
         started = time.perf_counter()
-        self.cache.features_for(self.tuner, sample, root=self.root, views=self.views, seed=self.seed,
-                                augmix=self.augmix)
-        return time.perf_counter() - started
+        gathered = self.cache.gather(self.tuner, sample, root=self.root, views=self.views, seed=self.seed,
+                                     augmix=self.augmix)
+        return gathered, time.perf_counter() - started
+
+    def process(self, sample: Any, prepared: tuple[GatheredViews, float] | None = None) -> Any:
+        gathered, seconds = prepared or self.prepare(sample)
+        started = time.perf_counter()
+        self.cache.finish(self.tuner, gathered)
+        return seconds + time.perf_counter() - started
 
     def write(self, connection: Connection, results: list[Any]) -> None:
         """Nothing to write: the cache stored each sample's file and row as it went."""
@@ -451,5 +501,6 @@ def build_features_processor(engine: Engine, settings: Settings, run: Run, datas
     processor = FeaturesProcessor(cache=cache, tuner=tuner, root=Path(dataset.root), seed=spec.seed,
                                   augmix=is_cross_domain(dataset.format), views=views)
     processor.device, processor.precision = resolved, clip.precision  # type: ignore[attr-defined]
+    processor.views_ahead = builds_views_ahead(settings.views_ahead, resolved)
     processor.weights = weights_fingerprint_of(clip)  # type: ignore[attr-defined]
     return processor

@@ -219,6 +219,14 @@ class NoopProcessor(_TuneRows):
         return prediction, ()
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A sample's views made ready for the model by `TuneProcessor.prepare`, and the seconds that took."""
+
+    views: Any  # features.GatheredViews with the feature store, else the engine's ViewBatch
+    seconds: float
+
+
 class TuneProcessor(_TuneRows):
     """Zero-shot, TPT or DiffTPT on one sample through the engine's tuner."""
 
@@ -228,21 +236,40 @@ class TuneProcessor(_TuneRows):
         self.seed, self.augmix, self.views = seed, augmix, views
 
     features: Any = None  # running.features.FeatureCache: stored view features are read, not encoded
+    # Whether the shard loop calls `prepare` for the next sample in a second thread while this one runs
+    # (Settings.views_ahead; on for CUDA by default).
+    views_ahead: bool = False
 
-    def process(self, sample: Any) -> Any:
+    def prepare(self, sample: Any) -> Prepared:
+        """The part of `process` that needs no model: the sample's files read, its stored view features read
+        and its other views built on the CPU. Safe in another thread than `process`; SampleError, NotReadyError
+        and the like are raised here, for the caller to raise where it processes this sample."""
         from difftpt_ops.data.images import load_rgb
 
         started = time.perf_counter()
         if self.features is not None:
-            result = self.features.run_sample(self.tuner, sample, root=self.root, views=self.views, seed=self.seed,
-                                              augmix=self.augmix)
-            return self._rows(sample, result, time.perf_counter() - started)
+            views = self.features.gather(self.tuner, sample, root=self.root, views=self.views, seed=self.seed,
+                                         augmix=self.augmix)
+            return Prepared(views, time.perf_counter() - started)
         image = load_rgb(self.root / sample.relpath, sha256=sample.content_hash)
         generated = self.views.images_for(sample) if self.views is not None else []
         with about_one_sample(sample.index):
-            result = self.tuner.run(image, generated=generated, seed=self.seed,
-                                    sample_key=sample.content_hash or str(sample.id), augmix=self.augmix)
-        return self._rows(sample, result, time.perf_counter() - started)
+            views = self.tuner.make_views(image, generated=generated, seed=self.seed,
+                                          sample_key=sample.content_hash or str(sample.id), augmix=self.augmix)
+        return Prepared(views, time.perf_counter() - started)
+
+    def process(self, sample: Any, prepared: Prepared | None = None) -> Any:
+        """The sample's rows; `prepared` is `prepare(sample)`, done beforehand, else done now."""
+        prepared = prepared or self.prepare(sample)
+        started = time.perf_counter()
+        if self.features is not None:
+            result = self.features.run_sample(self.tuner, sample, root=self.root, views=self.views, seed=self.seed,
+                                              augmix=self.augmix, gathered=prepared.views)
+        else:
+            with about_one_sample(sample.index):  # as the engine's `run` (views and method) always was
+                result = self.tuner.run_views(prepared.views)
+        # The sample's own work: reading and building (perhaps overlapped with the previous sample) plus the model.
+        return self._rows(sample, result, prepared.seconds + time.perf_counter() - started)
 
     def _rows(self, sample: Any, result: Any, seconds: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         _require_finite({name: getattr(result, name, None) for name in ("entropy_before", "entropy_after",

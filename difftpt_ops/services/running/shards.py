@@ -52,6 +52,7 @@ from difftpt_ops.services.running.leases import (
 )
 from difftpt_ops.services.running.outcomes import Outcome, ShardOutcome, ShardTicket, retry_delay_s, stop_requested
 from difftpt_ops.services.running.processors import QUEUE_OF_KIND, record_provenance
+from difftpt_ops.services.running.views_ahead import views_ahead_for
 from difftpt_ops.services.running.waiting import release_ready
 
 log = logging.getLogger(__name__)
@@ -165,8 +166,9 @@ def _process_samples(engine: Engine, settings: Settings, claim: Claim, context: 
     batch = _Batch(done_total=len(finished) - errored, failed_total=errored)
     todo = [row for row in rows if row.id not in finished]
     processed = 0
+    ahead = views_ahead_for(context.processor, todo)  # the next sample's views built during this one's run
     try:
-        for sample in todo:
+        for position, sample in enumerate(todo):
             # 2. Stop between samples when asked to, or when the shard was cancelled or taken over.
             if stop_requested() or lease.lost.is_set():
                 break
@@ -175,7 +177,8 @@ def _process_samples(engine: Engine, settings: Settings, claim: Claim, context: 
             try:
                 if sample.status == SampleStatus.FAILED:
                     raise SampleError(sample.error or "sample failed at registration")
-                batch.results.append(context.processor.process(sample))
+                batch.results.append(ahead.process(position) if ahead is not None
+                                     else context.processor.process(sample))
                 batch.done_total += 1
                 ok = 1
             except SampleError as exc:
@@ -192,6 +195,9 @@ def _process_samples(engine: Engine, settings: Settings, claim: Claim, context: 
     except KeyboardInterrupt:
         _flush_quietly(engine, settings, claim, context, batch)
         raise
+    finally:
+        if ahead is not None:
+            ahead.close()
     # 5. The last batch marks the shard done, unless we stopped early.
     complete = processed == len(todo)
     if not _flush(engine, settings, claim, context, batch, final=complete):
