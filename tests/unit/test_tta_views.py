@@ -19,6 +19,7 @@ from difftpt_ops.tta.views import (  # noqa: E402
     build_views,
     center_view,
     random_crop_box,
+    to_normalised_array,
     view_seed,
 )
 from tests.unit.tta_support import random_image  # noqa: E402
@@ -41,6 +42,20 @@ def test_center_view_is_bicubic_resize_and_center_crop() -> None:
     expected = torch.tensor([(128 / 255 - m) / s for m, s in zip(CLIP_MEAN, CLIP_STD, strict=True)])
     assert view.shape == (3, 224, 224)
     assert torch.allclose(view.mean(dim=(1, 2)), expected, atol=1e-5)
+
+
+def test_normalised_array_is_torchvisions_to_tensor_and_normalize_bit_for_bit() -> None:
+    """The lookup table gives exactly torchvision's float32 arithmetic: every level in every channel, and a
+    random image (through the numpy path TPT's transforms take)."""
+    import numpy as np
+    import torchvision.transforms.functional as TF
+
+    every_level = np.stack([np.arange(256, dtype=np.uint8).reshape(16, 16)] * 3, axis=-1)
+    every_level[..., 1] = every_level[..., 1][::-1]  # channels hold different levels at a pixel
+    for image in (Image.fromarray(every_level), random_image(7, (97, 61))):
+        expected = TF.normalize(TF.to_tensor(image), CLIP_MEAN, CLIP_STD)
+        found = torch.from_numpy(to_normalised_array(image))
+        assert found.dtype == expected.dtype and torch.equal(found, expected)
 
 
 def test_seeded_views_repeat_exactly_and_differ_between_views() -> None:
