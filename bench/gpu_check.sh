@@ -9,7 +9,8 @@
 #                 the benches import without Celery, MLflow or a database driver
 #   (b) pytest    python -m pytest -m gpu tests/gpu
 #   (c) tta       bench/tta_speed.py --device cuda (TPT and DiffTPT at 200 and 1000 classes, ours vs reference),
-#                 then bench/tta_breakdown.py --device cuda (where a sample's time goes)
+#                 then bench/tta_breakdown.py --device cuda (where a sample's time goes) and
+#                 bench/worker_speed.py --device cuda (TPT through the shard path, views built ahead or not)
 #   (e) cli       the CLI end to end in embedded mode on 8 samples: models make-tiny, data add, submit generate,
 #                 submit tune for zeroshot, tpt and difftpt, results
 #   (d) generation bench/generation_speed.py --device cuda (full SD 1.x at 512 px, 50 steps, guidance 3: the
@@ -92,9 +93,11 @@ step_c_tta() {
         "$PY" bench/tta_speed.py --device cuda --samples 3 --threads 8
     fi && if [[ $DEVICE == cpu ]]; then
         "$PY" bench/tta_breakdown.py --model "$WORK/tiny-clip" --classes 200 --samples 1 --threads 1 \
-            --view-workers 1,2 --text-groups 4,1
+            --view-workers 1,2 --text-groups 4,1 &&
+            "$PY" bench/worker_speed.py --model "$WORK/tiny-clip" --samples 4 --threads 1
     else
-        "$PY" bench/tta_breakdown.py --device cuda --samples 4 --threads 8 --view-workers 8 --text-groups 1,4
+        "$PY" bench/tta_breakdown.py --device cuda --samples 4 --threads 8 --view-workers 8 --text-groups 1 &&
+            "$PY" bench/worker_speed.py --device cuda --samples 16 --threads 8
     fi
 }
 

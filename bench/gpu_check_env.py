@@ -103,6 +103,9 @@ def summary(steps_file: Path, results_file: Path, device: str, started: float) -
         elif record.get("cli", "").startswith("results-"):
             headline.setdefault("cli_results", {})[record["cli"].removeprefix("results-")] = {
                 k: record.get(k) for k in ("done", "failed", "top1", "mean_seconds")}
+        elif record.get("bench") == "worker_speed":
+            headline["worker_speed"] = {k: record.get(k) for k in ("method", "samples", "per_sample_s", "ratio",
+                                                                   "predictions_match")}
         elif record.get("bench") == "tta_breakdown":
             headline["tta_breakdown"] = {k: record.get(k) for k in ("rows", "best_pipelined_s")}
         elif record.get("cli") == "seconds":
