@@ -295,11 +295,14 @@ def run_workers(settings: Settings, *, gpus: str = "all", queues: str = ",".join
         raise InputError("DIFFTPT_OPS_BROKER_URL", "(unset)", "workers need a broker (redis://HOST:6379/0 or "
                          "amqp://...); without one, `submit` runs the work itself")
     # 2. The database and the broker must answer before any child starts.
-    from difftpt_ops.services.workspace import open_database
+    from difftpt_ops.services.workspace import open_database, remove_stale_temporaries
     from workers.tasks import dispatcher_for
 
     open_database(settings)
     dispatcher_for(settings).check()
+    removed = remove_stale_temporaries(settings)
+    if removed:
+        _say(f"removed {removed} temporary files that killed writers left in {settings.artifact_root}")
     # 3. Supervise.
     specs = child_specs(settings, gpus=devices, queues=queue_names, concurrency_per_gpu=concurrency_per_gpu,
                         loglevel=loglevel)

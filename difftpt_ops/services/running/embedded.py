@@ -26,6 +26,7 @@ from difftpt_ops.services.running.finalize import finalize_run_if_complete
 from difftpt_ops.services.running.leases import WorkerIdentity
 from difftpt_ops.services.running.outcomes import Outcome
 from difftpt_ops.services.running.shards import execute_shard
+from difftpt_ops.services.workspace import remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 _S = Shard.__table__.c
@@ -67,6 +68,10 @@ def run_embedded(engine: Engine, settings: Settings, run_id: int, *, device: str
     """
     identity = embedded_identity(device)
     shard_ids, total, finished = _open_shards(engine, run_id)
+    if shard_ids:  # what an earlier run killed mid-write (kill -9) left behind; `worker` does this at its start
+        removed = remove_stale_temporaries(settings)
+        if removed:
+            log.info("removed %d temporary files that killed writers left in %s", removed, settings.artifact_root)
     if progress is not None:
         progress.start(run_id, total, finished)
     _hold(engine, run_id, identity.label)
