@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.engine import Engine
@@ -137,6 +137,7 @@ def requeue_stale_shards(engine: Engine, settings: Settings, dispatcher: Dispatc
     return len(tickets)
 
 
+@runtime_checkable
 class BrokerInspector(Protocol):
     """A dispatcher that can list the shards its broker holds (Redis can; RabbitMQ keeps its queues on disk)."""
 
@@ -156,14 +157,13 @@ def requeue_lost_messages(engine: Engine, settings: Settings, dispatcher: Dispat
     through the database: one of them sends each lost shard (`Shard.resent_at`). Returns the number of
     shards this check sent again.
     """
-    inspect = getattr(dispatcher, "enqueued_shard_ids", None)
-    if inspect is None:
+    if not isinstance(dispatcher, BrokerInspector):  # this broker cannot list what it holds
         return 0
     with session_scope(engine) as session:  # the database first: a shard sent meanwhile is in the broker next
         queued = dict(session.execute(
             select(Shard.id, Run.kind).join(Run, Run.id == Shard.run_id)
             .where(Shard.state == ShardState.QUEUED, Run.state.in_([RunState.PENDING, RunState.RUNNING]))).all())
-    enqueued = inspect()
+    enqueued = dispatcher.enqueued_shard_ids()
     if enqueued is None:
         return 0
     now, due = time.monotonic(), []
