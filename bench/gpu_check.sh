@@ -96,7 +96,8 @@ step_c_tta() {
             --view-workers 1,2 --text-groups 4,1 &&
             "$PY" bench/worker_speed.py --model "$WORK/tiny-clip" --samples 4 --threads 1
     else
-        "$PY" bench/tta_breakdown.py --device cuda --samples 4 --threads 8 --view-workers 8 --text-groups 1 &&
+        "$PY" bench/tta_breakdown.py --device cuda --samples 4 --threads 8 --view-workers 8 --text-groups 1 \
+            --text-prefix shared,whole &&
             "$PY" bench/worker_speed.py --device cuda --samples 16 --threads 8
     fi
 }

@@ -1,6 +1,6 @@
 """Where one sample's time goes in the engine: its phases, the profiler's top operations, and the settings that
 do not change results (text length groups, view threads, building the next sample's views during this one's
-tuning).
+tuning, the shared or whole text prompts).
 
     python bench/tta_breakdown.py --device cuda                    # ViT-B/16, 1000 classes, TPT and DiffTPT
     python bench/tta_breakdown.py --model TINY_DIR --classes 200   # CPU smoke run on a saved tiny model
@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--view-workers", default="8", help="comma list of view-building thread counts")
     parser.add_argument("--text-groups", default="1,4", help="comma list of max_text_groups (the first is profiled)")
+    parser.add_argument("--text-prefix", default="shared", help="comma list of shared (the [SOS][ctx] prefix run "
+                        "once) and whole (every prompt run whole, cut after its end token), each with the first group")
     parser.add_argument("--profile-rows", type=int, default=12)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -135,27 +137,32 @@ def main(argv: list[str] | None = None) -> int:
     groups = [int(g) for g in args.text_groups.split(",")]
     workers = [int(w) for w in args.view_workers.split(",")]
     rows = []
+    prefixes = args.text_prefix.split(",")
+    # (text groups, view threads, prefix): every group count with the first thread count and prefix, the other
+    # thread counts and prefixes with the first group count.
+    settings = ([(g, workers[0], prefixes[0]) for g in groups] + [(groups[0], w, prefixes[0]) for w in workers[1:]]
+                + [(groups[0], workers[0], p) for p in prefixes[1:]])
     for method in args.methods.split(","):
         spec = method_spec_from(method)
-        for group_count in groups:
-            for view_workers in workers if group_count == groups[0] else workers[:1]:
-                tuner = prepare_classifier(clip, names, spec, max_text_groups=group_count, view_workers=view_workers)
-                phases(tuner, inputs[:1], args.device)  # warm-up: kernel selection, allocator
-                row: dict[str, Any] = {"method": method, "classes": args.classes, "text_groups": group_count,
-                                       "view_workers": view_workers, "text_tokens": tuner.learner.token_count,
-                                       **phases(tuner, inputs[1:], args.device)}
-                row["total_s"] = round(row["views"] + row["encode"] + row["tune"], 4)
-                row["pipelined_s"] = pipelined(tuner, inputs[1:], args.device)
-                if group_count == groups[0] and view_workers == workers[0]:
-                    row["profile"] = profiled(tuner, inputs[1], args.device, args.profile_rows)
-                print(json.dumps(row), flush=True)  # noqa: T201 (a benchmark reports on stdout)
-                rows.append(row)
+        for index, (group_count, view_workers, prefix) in enumerate(settings):
+            tuner = prepare_classifier(clip, names, spec, max_text_groups=group_count, view_workers=view_workers,
+                                       share_text_prefix=prefix == "shared")
+            phases(tuner, inputs[:1], args.device)  # warm-up: kernel selection, allocator
+            row: dict[str, Any] = {"method": method, "classes": args.classes, "text_groups": group_count,
+                                   "view_workers": view_workers, "text_prefix": prefix,
+                                   "text_tokens": tuner.learner.token_count, **phases(tuner, inputs[1:], args.device)}
+            row["total_s"] = round(row["views"] + row["encode"] + row["tune"], 4)
+            row["pipelined_s"] = pipelined(tuner, inputs[1:], args.device)
+            if index == 0:
+                row["profile"] = profiled(tuner, inputs[1], args.device, args.profile_rows)
+            print(json.dumps(row), flush=True)  # noqa: T201 (a benchmark reports on stdout)
+            rows.append(row)
     summary = {
         "bench": "tta_breakdown", "model": args.model, "device": args.device, "threads": args.threads,
         "samples": args.samples, "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
-        "rows": [{k: r[k] for k in ("method", "text_groups", "view_workers", "views", "encode", "tune", "total_s",
-                                    "pipelined_s")} for r in rows],
+        "rows": [{k: r[k] for k in ("method", "text_groups", "view_workers", "text_prefix", "views", "encode", "tune",
+                                    "total_s", "pipelined_s")} for r in rows],
         "best_pipelined_s": {m: min(r["pipelined_s"] for r in rows if r["method"] == m)
                              for m in args.methods.split(",")},
         "wall_s": round(time.perf_counter() - started, 1),

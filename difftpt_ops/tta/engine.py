@@ -120,7 +120,8 @@ def text_groups_for(device: torch.device | str) -> int:
 
 def prepare_classifier(clip: ClipLike, class_names: Sequence[str], spec: MethodSpec, *,
                        coop_state: Mapping[str, Any] | Tensor | None = None, init_seed: int = 0,
-                       image_batch: int = 128, max_text_groups: int | None = None, view_workers: int = 1,
+                       image_batch: int = 128, max_text_groups: int | None = None, share_text_prefix: bool = True,
+                       view_workers: int = 1,
                        descriptions: Mapping[str, Sequence[str]] | None = None,
                        reward: ClipLike | None = None) -> Tuner:
     """Build the tuner for one model, class list and method spec; tokenises and embeds every prompt once.
@@ -128,8 +129,9 @@ def prepare_classifier(clip: ClipLike, class_names: Sequence[str], spec: MethodS
     `coop_state` is a loaded CoOp checkpoint (models.clip.read_coop_checkpoint) when spec.prompt names one.
     `init_seed` draws a random context when spec.prompt.ctx_init is None (the run's seed). `image_batch`
     bounds how many views go through the image encoder at once; `max_text_groups` how many length groups the
-    prompts form (default: `text_groups_for(clip.device)`); `view_workers` how many threads build a sample's
-    views (none of these change results beyond float rounding).
+    prompts form (default: `text_groups_for(clip.device)`); `share_text_prefix` whether the [SOS][context] prefix
+    all prompts share runs once (fewer tokens) or in every prompt (fewer, larger kernels); `view_workers` how
+    many threads build a sample's views (none of these change results beyond float rounding).
     `descriptions` is the class descriptions file's content (class name -> sentences) when the spec names one.
     `reward` is the loaded reward CLIP (models.clip.load_clip of the folder) of a method that names one
     (`Method.reward_model_path`: RLCF); it scores the class prompts' texts and the kept views.
@@ -148,7 +150,7 @@ def prepare_classifier(clip: ClipLike, class_names: Sequence[str], spec: MethodS
     tower = TextTower(clip.model, name=clip.name)
     init = initial_context(tower, clip.tokenizer, spec.prompt, coop_state=coop_state, seed=init_seed)
     groups = text_groups_for(clip.device) if max_text_groups is None else max_text_groups
-    learner = PromptLearner(tower, clip.tokenizer(texts), init, max_groups=groups)
+    learner = PromptLearner(tower, clip.tokenizer(texts), init, max_groups=groups, share_prefix=share_text_prefix)
     fixed_text, prompt_sets = split_prompt_sets(fixed_text_of(method, spec, tower, clip.tokenizer, class_names,
                                                               descriptions))
     return Tuner(clip=clip, learner=learner, spec=spec, method=method, image_batch=image_batch,

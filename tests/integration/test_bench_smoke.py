@@ -42,9 +42,12 @@ def test_worker_speed_runs_both_settings_through_the_shard_path(tiny_models_dir:
 
 def test_tta_breakdown_reports_phases_and_a_profile(tiny_models_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert _bench("tta_breakdown").main(["--model", str(tiny_models_dir / "clip"), "--classes", "20", "--samples",
-                                         "1", "--threads", "1", "--methods", "tpt", "--text-groups", "1,4"]) == 0
+                                         "1", "--threads", "1", "--methods", "tpt", "--text-groups", "1,4",
+                                         "--text-prefix", "shared,whole"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     rows, summary = lines[:-1], lines[-1]
-    assert [r["text_groups"] for r in rows] == [1, 4] and "profile" in rows[0] and "profile" not in rows[1]
+    assert [(r["text_groups"], r["text_prefix"]) for r in rows] == [(1, "shared"), (4, "shared"), (1, "whole")]
+    assert "profile" in rows[0] and all("profile" not in r for r in rows[1:])
+    assert rows[2]["text_tokens"] > rows[0]["text_tokens"]  # the prefix runs in every prompt
     assert rows[0]["profile"]["top_self_cpu"] and all(r["views"] > 0 and r["tune"] > 0 for r in rows)
     assert summary["bench"] == "tta_breakdown" and summary["best_pipelined_s"]["tpt"] > 0

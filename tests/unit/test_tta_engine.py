@@ -63,15 +63,19 @@ def test_tpt_result_fields(clip: LoadedClip) -> None:
 
 
 def test_text_groups_default_to_the_device(clip: LoadedClip, generated: list) -> None:
-    """Four length groups on a CPU, one on a GPU (fewer kernel launches); the choice does not change results."""
+    """Four length groups on a CPU, one on a GPU (fewer kernel launches); neither that choice nor running every
+    prompt whole instead of sharing its prefix changes results."""
     assert text_groups_for("cpu") == 4 and text_groups_for("cuda") == text_groups_for(torch.device("cuda:1")) == 1
     spec = method_spec_from("difftpt", DIFFTPT)
     default = prepare_classifier(clip, CLASS_NAMES, spec)
     one = prepare_classifier(clip, CLASS_NAMES, spec, max_text_groups=1)
+    whole = prepare_classifier(clip, CLASS_NAMES, spec, share_text_prefix=False)
     assert len(default.learner.groups) > 1 and len(one.learner.groups) == 1
+    assert default.learner.share_prefix and not whole.learner.share_prefix
     image = random_image(3)
-    assert _same(default.run(image, generated=generated, seed=0, sample_key="g"),
-                 one.run(image, generated=generated, seed=0, sample_key="g"))
+    expected = default.run(image, generated=generated, seed=0, sample_key="g")
+    for other in (one, whole):
+        assert _same(expected, other.run(image, generated=generated, seed=0, sample_key="g"))
 
 
 def test_result_does_not_depend_on_earlier_samples(clip: LoadedClip, generated: list) -> None:
