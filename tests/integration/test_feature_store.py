@@ -493,3 +493,25 @@ def test_runs_list_tells_a_recompute_run_from_one_that_read_the_store(tiny_model
     column = rows[0].index("settings")
     settings_of = {int(row[0]): row[column] for row in rows[1:]}
     assert (settings_of[stored.run_id], settings_of[fresh.run_id]) == ("", "features=recompute"), table.output
+
+
+def test_a_stored_sets_seconds_are_its_building_and_encoding_not_the_look_up(clip: LoadedClip, workspace: Path,
+                                                                              tmp_path: Path) -> None:
+    """ViewFeatures.seconds is the time spent making the set (views built, encoded), as before the gather/finish
+    split: neither the look-up of stored sets nor the reading of those that hold some of its views."""
+    import time
+
+    settings, engine, data, _ = _setup(workspace, f"sqlite:///{workspace / 'difftpt.db'}", tmp_path)
+    cache = _cache(engine, settings, clip)
+    looked_up = FeatureCache._stored_sets
+
+    def slow_look_up(self: FeatureCache, sample_hash: str) -> Any:
+        time.sleep(1.0)
+        return looked_up(self, sample_hash)
+
+    tpt = prepare_classifier(clip, CLASS_NAMES, method_spec_from("tpt", SMALL_TPT))
+    with patch.object(FeatureCache, "_stored_sets", slow_look_up):
+        assert cache.run_sample(tpt, data.sample, root=data.root, views=None, seed=0, augmix=False).views_encoded == 8
+    with session_scope(engine) as session:
+        seconds = session.scalar(select(ViewFeatures.seconds))
+    assert seconds is not None and 0 < seconds < 1.0

@@ -137,3 +137,40 @@ def test_a_features_run_prepares_ahead_too(tiny_models_dir: Path, workspace: Pat
                            overrides=SMALL_TPT)
     predictions, _, _ = _outcome(engine, tpt.run_id)
     assert len(predictions) == N - 2 and {p[-2:] for p in predictions} == {(0, 8)}
+
+
+def test_a_repeated_image_reads_the_set_its_twin_just_stored(tiny_models_dir: Path, workspace: Path,
+                                                              tmp_path: Path, database_url: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two samples with the same bytes (the same content hash) next to each other: one thread encodes the first
+    and reads the second back from the store; preparing ahead must not gather the second before the first is
+    stored (it would encode it again and record other views_encoded / views_read)."""
+    import time
+
+    from difftpt_ops.services.running.features import FeatureCache
+
+    quiet_run_machinery(monkeypatch)
+    root = tmp_path / "images"
+    relpaths = _pictures(root)
+    (root / relpaths[3]).write_bytes((root / relpaths[2]).read_bytes())  # samples 2 and 3: one image twice
+    store = FeatureCache.store
+
+    def slow_store(self: FeatureCache, *args: Any, **kwargs: Any) -> None:
+        time.sleep(0.5)  # a model slower than the next sample's look-up, as on a GPU at 64 views
+        store(self, *args, **kwargs)
+
+    monkeypatch.setattr(FeatureCache, "store", slow_store)
+    model = str(tiny_models_dir / "clip")
+    outcomes = []
+    for name, setting in (("ahead", "on"), ("alone", "off")):
+        settings = make_settings(tmp_path / name, database_url if setting == "on" else
+                                 f"sqlite:///{tmp_path / 'alone.db'}", device="cpu", mlflow_tracking_uri="none",
+                                 views_ahead=setting)
+        engine = open_engine(settings)
+        add_dataset(engine, "pics", N, root=root, classes=2, relpaths=relpaths)
+        run = runs.submit_tune(engine, settings, dataset_ref="pics", method="tpt", model=model, pretrained=None,
+                               overrides=SMALL_TPT)
+        outcomes.append(_outcome(engine, run.run_id))
+    (ahead, _, _), (alone, _, _) = outcomes
+    assert [p[-2:] for p in alone] == [(8, 0), (8, 0), (8, 0), (0, 8), (8, 0), (8, 0)]
+    assert ahead == alone

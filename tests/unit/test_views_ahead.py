@@ -97,3 +97,26 @@ def test_only_processors_that_ask_for_it_prepare_ahead() -> None:
 def test_auto_prepares_ahead_on_cuda_only() -> None:
     assert [builds_views_ahead("auto", d) for d in ("cuda", "cuda:1", "cpu", "mps")] == [True, True, False, False]
     assert builds_views_ahead("on", "cpu") and not builds_views_ahead("off", "cuda:0")
+
+
+def test_a_sample_is_not_prepared_ahead_during_its_twin() -> None:
+    """The same content twice in a row: the second is prepared only after the first was processed (it reads
+    what the first stored in the feature store, as in one thread); other samples are prepared ahead."""
+    samples = [SimpleNamespace(index=i, status="ok", content_hash=h) for i, h in enumerate("abbc")]
+    prepared_during: dict[int, list[int]] = {}
+
+    class Processor:
+        views_ahead = True
+
+        def prepare(self, sample: Any) -> int:
+            return sample.index
+
+        def process(self, sample: Any, prepared: int) -> int:
+            prepared_during[sample.index] = sorted(ahead._pending)
+            if sample.index + 1 in ahead._pending:
+                ahead._pending[sample.index + 1].result(WAIT_S)
+            return prepared
+
+    with ViewsAhead(Processor(), samples) as ahead:
+        assert [ahead.process(i) for i in range(4)] == [0, 1, 2, 3]
+    assert prepared_during == {0: [1], 1: [], 2: [3], 3: []}

@@ -146,7 +146,6 @@ class FeatureCache:
     def gather(self, tuner: Any, sample: Any, *, root: Path, views: Any, seed: int, augmix: bool) -> GatheredViews:
         """The part of `features_for` that needs no model: the stored features read, the other views built on
         the CPU (and their images read). Safe in another thread than the one running the tuner."""
-        started = time.perf_counter()
         recipes = self._recipes(tuner, sample, views=views, seed=seed, augmix=augmix)
         if recipes is None:  # not keyable: encoded, not stored
             built = self._build(tuner, sample, root=root, views=views, seed=seed, augmix=augmix)
@@ -156,6 +155,7 @@ class FeatureCache:
         if raw is not None:
             return GatheredViews(sample.content_hash, recipes, raw=raw)
         stored = self._read_some(sets, recipes)
+        started = time.perf_counter()  # the set's `seconds`: making it (building, encoding), not looking it up
         if stored:  # only the views no stored set holds are built (and their images read)
             missing = [i for i in range(len(recipes)) if i not in stored]
             pixels = self._build_some(tuner, sample, root=root, views=views, seed=seed, augmix=augmix,

@@ -7,6 +7,9 @@ overlaps the two. Results do not change: each sample's views depend only on the 
 
 Errors stay with their sample: a sample's `prepare` error (an unreadable image, generated images not there yet)
 is raised when that sample is processed, in stream order, exactly where processing it in one thread raises it.
+
+A sample whose content hash is the one being processed (the same image twice in a row) is not prepared ahead:
+one thread reads back the feature set its twin has just stored, and so must this.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ class ViewsAhead:
         sample = self.samples[position]
         future = self._pending.pop(position, None) or self._submit(position)
         prepared = future.result()  # re-raises this sample's own prepare error, here
-        self._start(position + 1)
+        if not _same_content(sample, self.samples[position + 1] if position + 1 < len(self.samples) else None):
+            self._start(position + 1)  # (a twin is prepared after this one has stored its features)
         return self.processor.process(sample, prepared)
 
     def close(self) -> None:
@@ -55,6 +59,12 @@ class ViewsAhead:
     def _submit(self, position: int) -> Future[Any]:
         prepare: Callable[[Any], Any] = self.processor.prepare
         return self._pool.submit(prepare, self.samples[position])
+
+
+def _same_content(sample: Any, following: Any) -> bool:
+    """Whether `following` is the same registered content as `sample` (both hashed, equal hashes)."""
+    digest = getattr(sample, "content_hash", None)
+    return following is not None and bool(digest) and getattr(following, "content_hash", None) == digest
 
 
 def builds_views_ahead(setting: str, device: str) -> bool:
