@@ -57,7 +57,7 @@ export PYTHONPATH=$SITE:$REPO
 
 # Per-step time boxes (seconds): CUDA, then the CPU rehearsal (2 shared cores, so generous).
 # Measured on an H200 (first run): each new Python process there spends about 10 s importing torch, open_clip
-# and diffusers, so the install's import test and the CLI's 13 commands need more than their compute.
+# and diffusers, so the install's import test and the CLI's 9 commands need more than their compute.
 declare -A CAP_CUDA=([a-install]=90 [b-pytest]=130 [c-tta]=200 [e-cli]=220 [d-generation]=400)
 declare -A CAP_CPU=([a-install]=600 [b-pytest]=1200 [c-tta]=600 [e-cli]=600 [d-generation]=600)
 

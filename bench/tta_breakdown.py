@@ -100,7 +100,8 @@ def profiled(tuner: Tuner, sample: Any, device: str, rows: int) -> dict[str, Any
     def device_us(event: Any) -> float:
         return float(getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)))
 
-    launches = sum(e.count for e in averages if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    launches = sum(e.count for e in averages if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx",
+                                                            "cudaLaunchKernelExC"))
     syncs = sum(e.count for e in averages if "Synchronize" in e.key or e.key == "cudaMemcpyAsync")
     by_cpu = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]
     by_device = sorted(averages, key=device_us, reverse=True)[:rows] if device == "cuda" else []

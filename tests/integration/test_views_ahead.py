@@ -58,6 +58,19 @@ def _outcome(engine: Any, run_id: int) -> tuple[list[tuple], list[tuple], dict[i
     return predictions, views, errors
 
 
+def _threads_preparing(processor: type, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the threads that call `processor.prepare` from now on, in call order."""
+    threads: list[str] = []
+    prepare = processor.prepare  # type: ignore[attr-defined]
+
+    def recorded(self: Any, sample: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return prepare(self, sample)
+
+    monkeypatch.setattr(processor, "prepare", recorded)
+    return threads
+
+
 def _runs(engine: Any, settings: Any, model: str) -> list[tuple]:
     """A TPT run on an empty feature store (views built and stored), then zero-shot reading them back."""
     tpt = runs.submit_tune(engine, settings, dataset_ref="pics", method="tpt", model=model, pretrained=None,
@@ -80,14 +93,7 @@ def test_views_ahead_gives_the_results_of_one_thread(tiny_models_dir: Path, work
         add_dataset(engine, "pics", N, root=root, classes=2, relpaths=relpaths, failed=[FAILED_AT_REGISTRATION])
     random_image(99, (52, 44)).save(root / relpaths[CHANGED_SINCE])  # bytes no longer the registered ones
 
-    threads: list[str] = []
-    prepare = TuneProcessor.prepare
-
-    def recorded(self: TuneProcessor, sample: Any) -> Any:
-        threads.append(threading.current_thread().name)
-        return prepare(self, sample)
-
-    monkeypatch.setattr(TuneProcessor, "prepare", recorded)
+    threads = _threads_preparing(TuneProcessor, monkeypatch)
     model = str(tiny_models_dir / "clip")
     with_ahead = _runs(engines[0], ahead, model)
     assert threads and all(name.startswith("views-ahead") for name in threads)
@@ -119,14 +125,7 @@ def test_a_features_run_prepares_ahead_too(tiny_models_dir: Path, workspace: Pat
     engine = open_engine(settings)
     add_dataset(engine, "pics", N, root=root, classes=2, relpaths=relpaths, failed=[FAILED_AT_REGISTRATION])
     random_image(99, (52, 44)).save(root / relpaths[CHANGED_SINCE])
-    threads: list[str] = []
-    prepare = FeaturesProcessor.prepare
-
-    def recorded(self: FeaturesProcessor, sample: Any) -> Any:
-        threads.append(threading.current_thread().name)
-        return prepare(self, sample)
-
-    monkeypatch.setattr(FeaturesProcessor, "prepare", recorded)
+    threads = _threads_preparing(FeaturesProcessor, monkeypatch)
     model = str(tiny_models_dir / "clip")
     filled = submit_features(engine, settings, dataset_ref="pics", model=model, pretrained=None, views="tpt")
     assert threads and all(name.startswith("views-ahead") for name in threads)

@@ -1,7 +1,7 @@
 """Building the next sample's views while the current sample runs (Settings.views_ahead).
 
 A tuning sample's work has two parts: reading its files and stored features and building its views on the CPU
-(`TuneProcessor.prepare`), then the model (`process`). On a GPU the first part is most of a TPT sample's time
+(`TuneProcessor.prepare`), then the model (`process`). On a GPU the first part is about 40% of a TPT sample's time
 and leaves the GPU idle (bench/tta_breakdown.py); one worker thread doing it for sample i+1 while sample i runs
 overlaps the two. Results do not change: each sample's views depend only on the sample and the run's seed.
 
