@@ -9,6 +9,7 @@ the same way when a DiffTPT run reads them.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from difftpt_ops.core.errors import InvalidSpecError
+from difftpt_ops.core.errors import InvalidSpecError, SampleError
 from difftpt_ops.core.method_specs import DiffTPTSpec, method_spec_from, method_spec_from_dict
 from difftpt_ops.services.running.generated_views import GeneratedViews, as_saved_beside_source
 from difftpt_ops.storage.artifacts import encode_png
@@ -70,6 +71,34 @@ def test_generated_views_reencode_stored_png_by_default_and_keep_imported_files(
     lossless.paths_for = lambda _sample: [png]  # type: ignore[method-assign]
     assert np.array_equal(np.asarray(lossless.images_for(sample)[0]), np.asarray(image))
     assert lossless.reencoded_as(sample) is None
+
+
+def test_threads_read_a_samples_generated_images_as_one_thread_does(tmp_path: Path) -> None:
+    """Same images, same order, re-encoded alike; with unreadable files, the first one in variant order fails the
+    sample, as reading in order would."""
+    paths = []
+    for i in range(6):
+        paths.append(tmp_path / f"{i}.png")
+        paths[-1].write_bytes(encode_png(_variation(10 + i)))
+    sample = SimpleNamespace(relpath="n01443537/art_1.jpg", content_hash="h", index=7)
+    settings = SimpleNamespace(artifact_root=tmp_path)
+    readers = []
+    for threads in (1, 4):
+        views = GeneratedViews(None, settings, 1, 6, generated_format="source")  # type: ignore[arg-type]
+        views.paths_for = lambda _sample: list(paths)  # type: ignore[method-assign]
+        views.read_threads = threads
+        readers.append(views)
+    one, many = (reader.images_for(sample) for reader in readers)
+    assert len(one) == 6 and all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(one, many, strict=True))
+    assert not np.array_equal(np.asarray(one[0]), np.asarray(_variation(10)))  # re-encoded (a JPEG source)
+    paths[2].write_bytes(b"not an image")
+    paths[4].unlink()
+    errors = []
+    for reader in readers:
+        with pytest.raises(SampleError) as caught:
+            reader.images_for(sample)
+        errors.append(re.sub(r" at 0x[0-9a-f]+", "", str(caught.value)))  # an object's address differs
+    assert errors[0] == errors[1] and "2.png" in errors[0]
 
 
 def test_stored_specs_keep_their_meaning_and_fingerprint() -> None:
