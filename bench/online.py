@@ -64,14 +64,19 @@ def install_synthetic_features() -> None:
     text = torch.nn.functional.normalize(torch.randn(N_CLASSES, DIM, generator=torch.Generator().manual_seed(0)),
                                          dim=-1)
 
-    def features_for(self: Any, tuner: Any, sample: Any, **_: Any) -> tuple[Any, tuple[str, ...], int]:
+    def gather(self: Any, tuner: Any, sample: Any, **_: Any) -> tuple[Any, tuple[str, ...]]:
         seed = int.from_bytes(hashlib.sha256(str(sample.content_hash).encode()).digest()[:8], "little") >> 1
         n_views = tuner.plan.n_views
         label_direction = text[int(sample.label)]
         raw = label_direction + 0.08 * torch.randn(n_views, DIM, generator=torch.Generator().manual_seed(seed))
-        return raw, ("original",) + ("conventional",) * (n_views - 1), 0  # none encoded: all "read"
+        return raw, ("original",) + ("conventional",) * (n_views - 1)
 
-    features.FeatureCache.features_for = features_for  # type: ignore[method-assign]
+    def finish(self: Any, tuner: Any, gathered: tuple[Any, tuple[str, ...]]) -> tuple[Any, tuple[str, ...], int]:
+        return (*gathered, 0)  # none encoded: all "read"
+
+    # The feature store's two halves (`gather` reads and builds, `finish` encodes and stores) give these instead.
+    features.FeatureCache.gather = gather  # type: ignore[method-assign]
+    features.FeatureCache.finish = finish  # type: ignore[method-assign]
     engine.Tuner._initial_text_features = lambda self: text  # type: ignore[method-assign]
     if os.environ.get(NO_CHECKPOINTS_ENV) == "1":
         checkpoints.encode_checkpoint = lambda state, logits, positions: b""  # type: ignore[assignment]

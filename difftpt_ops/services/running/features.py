@@ -134,18 +134,11 @@ class FeatureCache:
                             augmix=tuner.augmix_for(augmix), resolution=plan.resolution, crop_scale=plan.crop_scale,
                             generated_reencode=_reencoded_as(views, sample, hashes))
 
-    def features_for(self, tuner: Any, sample: Any, *, root: Path, views: Any, seed: int,
-                     augmix: bool) -> tuple[Any, tuple[str, ...], int]:
-        """(raw features, view kinds, how many views were encoded now) of the views `tuner` needs.
-
-        One stored set holding them all is read; otherwise the views some stored sets hold are read from them
-        and only the others are built and encoded (DiffTPT after TPT encodes its generated views, not TPT's
-        crops), and the whole set is stored for the next run."""
-        return self.finish(tuner, self.gather(tuner, sample, root=root, views=views, seed=seed, augmix=augmix))
-
     def gather(self, tuner: Any, sample: Any, *, root: Path, views: Any, seed: int, augmix: bool) -> GatheredViews:
-        """The part of `features_for` that needs no model: the stored features read, the other views built on
-        the CPU (and their images read). Safe in another thread than the one running the tuner."""
+        """What the views `tuner` needs take before the model: one stored set holding them all is read; otherwise
+        the views some stored sets hold are read from them and only the others are built on the CPU (DiffTPT
+        after TPT builds its generated views, not TPT's crops), their images read. `finish` encodes and stores.
+        Safe in another thread than the one running the tuner."""
         recipes = self._recipes(tuner, sample, views=views, seed=seed, augmix=augmix)
         if recipes is None:  # not keyable: encoded, not stored
             built = self._build(tuner, sample, root=root, views=views, seed=seed, augmix=augmix)
@@ -166,7 +159,8 @@ class FeatureCache:
         return GatheredViews(sample.content_hash, recipes, built=built, build_seconds=time.perf_counter() - started)
 
     def finish(self, tuner: Any, gathered: GatheredViews) -> tuple[Any, tuple[str, ...], int]:
-        """`features_for`'s result from what `gather` left: the built views encoded, the set stored."""
+        """(raw features, view kinds, how many views were encoded now) from what `gather` left: the built views
+        encoded, and the whole set stored for the next run."""
         from difftpt_ops.storage.features import kinds_of
 
         recipes = gathered.recipes
