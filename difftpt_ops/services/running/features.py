@@ -33,7 +33,7 @@ from difftpt_ops.db.session import session_scope
 from difftpt_ops.db.tables import GeneratedImage, Run, ViewFeatures
 from difftpt_ops.db.writes import insert_many_ignore
 from difftpt_ops.services.running.generated_views import generated_views_for
-from difftpt_ops.services.running.processors import MODELS, execution_device
+from difftpt_ops.services.running.processors import MODELS, Prepared, execution_device
 from difftpt_ops.services.running.submit_checks import (
     check_execution_args,
     check_model_path,
@@ -417,20 +417,20 @@ class FeaturesProcessor:
 
     views_ahead: bool = False  # as TuneProcessor's: the shard loop prepares the next sample in a second thread
 
-    def prepare(self, sample: Any) -> tuple[GatheredViews, float]:
+    def prepare(self, sample: Any) -> Prepared:
         """The sample's stored features read and its other views built (no model), and the seconds it took."""
         if not sample.content_hash:
             raise SampleError(f"sample {sample.index} has no content hash, so its features cannot be keyed")
         started = time.perf_counter()
         gathered = self.cache.gather(self.tuner, sample, root=self.root, views=self.views, seed=self.seed,
                                      augmix=self.augmix)
-        return gathered, time.perf_counter() - started
+        return Prepared(gathered, time.perf_counter() - started)
 
-    def process(self, sample: Any, prepared: tuple[GatheredViews, float] | None = None) -> Any:
-        gathered, seconds = prepared or self.prepare(sample)
+    def process(self, sample: Any, prepared: Prepared | None = None) -> Any:
+        prepared = prepared or self.prepare(sample)
         started = time.perf_counter()
-        self.cache.finish(self.tuner, gathered)
-        return seconds + time.perf_counter() - started
+        self.cache.finish(self.tuner, prepared.views)
+        return prepared.seconds + time.perf_counter() - started
 
     def write(self, connection: Connection, results: list[Any]) -> None:
         """Nothing to write: the cache stored each sample's file and row as it went."""

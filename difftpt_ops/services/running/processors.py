@@ -221,7 +221,8 @@ class NoopProcessor(_TuneRows):
 
 @dataclass(frozen=True)
 class Prepared:
-    """A sample's views made ready for the model by `TuneProcessor.prepare`, and the seconds that took."""
+    """A sample's views made ready for the model by a processor's `prepare` (tuning, features), and the seconds
+    that took."""
 
     views: Any  # features.GatheredViews with the feature store, else the engine's ViewBatch
     seconds: float
