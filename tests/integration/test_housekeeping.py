@@ -1,5 +1,5 @@
 """Temporary files that writers killed mid-write left in the artifact root are removed once they are stale:
-by an embedded run's start and by `worker`'s start, never while they may still belong to a live writer."""
+by the first embedded run of a process and by `worker`'s start, never while they may belong to a live writer."""
 
 from __future__ import annotations
 
@@ -55,3 +55,7 @@ def test_an_embedded_run_clears_them_at_its_start(workspace: Path, database_url:
     stale = _leftovers(settings.artifact_root, age_s=2 * STALE_TEMP_AFTER_S)
     result = runs.submit_tune(engine, settings, dataset_ref="toy", method="noop")
     assert result.state == "finished" and not any(p.exists() for p in stale)
+    # Once per process and root: the next run of this process (a sweep's next point) does not list it again.
+    later = _leftovers(settings.artifact_root, age_s=3 * STALE_TEMP_AFTER_S)
+    assert runs.submit_tune(engine, settings, dataset_ref="toy", method="noop", limit=2).state == "finished"
+    assert all(p.exists() for p in later)

@@ -68,10 +68,8 @@ def run_embedded(engine: Engine, settings: Settings, run_id: int, *, device: str
     """
     identity = embedded_identity(device)
     shard_ids, total, finished = _open_shards(engine, run_id)
-    if shard_ids:  # what an earlier run killed mid-write (kill -9) left behind; `worker` does this at its start
-        removed = remove_stale_temporaries(settings)
-        if removed:
-            log.info("removed %d temporary files that killed writers left in %s", removed, settings.artifact_root)
+    if shard_ids:
+        _remove_stale_temporaries_once(settings)
     if progress is not None:
         progress.start(run_id, total, finished)
     _hold(engine, run_id, identity.label)
@@ -93,6 +91,21 @@ def run_embedded(engine: Engine, settings: Settings, run_id: int, *, device: str
         return None
     finalize_run_if_complete(engine, settings, run_id)
     return _terminal_state(engine, run_id)
+
+
+_CLEANED_ROOTS: set[str] = set()  # artifact roots this process has cleaned (a sweep runs many runs in one)
+
+
+def _remove_stale_temporaries_once(settings: Settings) -> None:
+    """What an earlier run killed mid-write (kill -9) left in the artifact root, once per process and root, as
+    `worker` does at its start: listing the root's folders again for every run of a sweep would find nothing."""
+    root = str(settings.artifact_root)
+    if root in _CLEANED_ROOTS:
+        return
+    removed = remove_stale_temporaries(settings)
+    _CLEANED_ROOTS.add(root)
+    if removed:
+        log.info("removed %d temporary files that killed writers left in %s", removed, root)
 
 
 def _hold(engine: Engine, run_id: int, label: str) -> None:
