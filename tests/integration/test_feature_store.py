@@ -41,6 +41,7 @@ from tests.integration.test_jobs_support import (  # noqa: E402
     make_settings,
     open_engine,
     quiet_run_machinery,
+    write_pictures,
 )
 from tests.unit.tta_support import CLASS_NAMES, random_image, tiny_clip  # noqa: E402
 
@@ -334,16 +335,6 @@ def test_two_workers_fill_the_same_entries_concurrently(workspace: Path, tmp_pat
             assert torch.equal(value, torch.full((1, 16), float(row.views[0]["resolution"] - 224)))
 
 
-def _pictures(root: Path, n: int) -> list[str]:
-    relpaths = []
-    for i in range(n):
-        relpath = f"class{i % 2}/{i}.png"
-        (root / relpath).parent.mkdir(parents=True, exist_ok=True)
-        random_image(20 + i, (48, 40)).save(root / relpath)
-        relpaths.append(relpath)
-    return relpaths
-
-
 def _predictions(engine: Any, run_id: int) -> list[tuple]:
     with session_scope(engine) as session:
         return [tuple(r) for r in session.execute(
@@ -358,7 +349,7 @@ def test_features_run_fills_the_store_and_tune_runs_read_it(tiny_models_dir: Pat
     settings = make_settings(workspace, database_url, device="cpu", mlflow_tracking_uri="none")
     engine = open_engine(settings)
     root = tmp_path / "images"
-    add_dataset(engine, "pics", 3, root=root, classes=2, relpaths=_pictures(root, 3))
+    add_dataset(engine, "pics", 3, root=root, classes=2, relpaths=write_pictures(root, 3, seed=20, size=(48, 40)))
     model = str(tiny_models_dir / "clip")
     from difftpt_ops.services.reading.store import store_size
     from difftpt_ops.services.running.features import submit_features
@@ -408,7 +399,7 @@ def test_features_run_records_its_model_as_a_tune_run_does(tiny_models_dir: Path
     settings = make_settings(workspace, database_url, device="cpu", mlflow_tracking_uri="none")
     engine = open_engine(settings)
     root = tmp_path / "images"
-    add_dataset(engine, "pics", 1, root=root, classes=2, relpaths=_pictures(root, 1))
+    add_dataset(engine, "pics", 1, root=root, classes=2, relpaths=write_pictures(root, 1, seed=20, size=(48, 40)))
     from difftpt_ops.services.running.features import submit_features
 
     monkeypatch.chdir(tiny_models_dir)
@@ -430,7 +421,7 @@ def test_seed_draws_the_random_context(tiny_models_dir: Path, workspace: Path, t
                              mlflow_tracking_uri="none")
     engine = open_engine(settings)
     root = tmp_path / "images"
-    add_dataset(engine, "pics", 1, root=root, classes=2, relpaths=_pictures(root, 1))
+    add_dataset(engine, "pics", 1, root=root, classes=2, relpaths=write_pictures(root, 1, seed=20, size=(48, 40)))
     model = str(tiny_models_dir / "clip")
     overrides = {"prompt.ctx_init": "none", "n_views": "4"}
     for seed in (0, 1):
@@ -473,7 +464,7 @@ def test_runs_list_tells_a_recompute_run_from_one_that_read_the_store(tiny_model
     settings = make_settings(workspace, database_url, device="cpu", mlflow_tracking_uri="none")
     engine = open_engine(settings)
     root = tmp_path / "images"
-    add_dataset(engine, "pics", 2, root=root, classes=2, relpaths=_pictures(root, 2))
+    add_dataset(engine, "pics", 2, root=root, classes=2, relpaths=write_pictures(root, 2, seed=20, size=(48, 40)))
     model = str(tiny_models_dir / "clip")
     stored = runs.submit_tune(engine, settings, dataset_ref="pics", method="zeroshot", model=model, pretrained=None)
     fresh = runs.submit_tune(engine, settings, dataset_ref="pics", method="zeroshot", model=model, pretrained=None,

@@ -47,6 +47,20 @@ def open_engine(settings: Settings) -> Engine:
     return engine
 
 
+def write_pictures(root: Path, n: int, *, seed: int, size: tuple[int, int]) -> list[str]:
+    """`n` random PNGs under `root` in two ImageFolder classes (class<i % 2>/<i>.png, image i drawn from seed + i);
+    their relative paths, for add_dataset's `relpaths`."""
+    from tests.unit.tta_support import random_image  # torch: only the tests that write images pay for it
+
+    relpaths = []
+    for i in range(n):
+        relpath = f"class{i % 2}/{i}.png"
+        (root / relpath).parent.mkdir(parents=True, exist_ok=True)
+        random_image(seed + i, size).save(root / relpath)
+        relpaths.append(relpath)
+    return relpaths
+
+
 def add_dataset(engine: Engine, name: str, n: int, *, failed: Sequence[int] = (), root: Path | None = None,
                 classes: int = 5, relpaths: Sequence[str] | None = None) -> int:
     """A registered dataset written directly as rows (no files needed for noop); returns its version id."""

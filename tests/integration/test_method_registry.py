@@ -39,7 +39,7 @@ from difftpt_ops.tta.methods import (  # noqa: E402
 )
 from difftpt_ops.tta.naive import NaiveTuner  # noqa: E402
 from difftpt_ops.tta.views import build_views  # noqa: E402
-from tests.integration.test_jobs_support import add_dataset, make_settings, open_engine  # noqa: E402
+from tests.integration.test_jobs_support import add_dataset, make_settings, open_engine, write_pictures  # noqa: E402
 from tests.unit.tta_support import random_image  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
@@ -78,16 +78,6 @@ def meanview() -> Iterator[type[MeanView]]:
         unregister(MeanView.name)
 
 
-def _pictures(root: Path, n: int) -> list[str]:
-    relpaths = []
-    for i in range(n):
-        relpath = f"class{i % 2}/{i}.png"
-        (root / relpath).parent.mkdir(parents=True, exist_ok=True)
-        random_image(40 + i, (50, 40)).save(root / relpath)
-        relpaths.append(relpath)
-    return relpaths
-
-
 def test_a_method_defined_in_a_test_module_runs_through_submit_tune(
         meanview: type[MeanView], tiny_models_dir: Path, workspace: Path, tmp_path: Path, database_url: str,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -98,7 +88,7 @@ def test_a_method_defined_in_a_test_module_runs_through_submit_tune(
     settings = make_settings(workspace, database_url, device="cpu", mlflow_tracking_uri="none")
     engine = open_engine(settings)
     root = tmp_path / "images"
-    relpaths = _pictures(root, 2)
+    relpaths = write_pictures(root, 2, seed=40, size=(50, 40))
     add_dataset(engine, "pics", 2, root=root, classes=2, relpaths=relpaths)
     model = str(tiny_models_dir / "clip")
     result = runs.submit_tune(engine, settings, dataset_ref="pics", method="meanview-test", model=model,

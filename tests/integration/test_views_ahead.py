@@ -23,6 +23,7 @@ from tests.integration.test_jobs_support import (  # noqa: E402
     make_settings,
     open_engine,
     quiet_run_machinery,
+    write_pictures,
 )
 from tests.unit.tta_support import random_image  # noqa: E402
 
@@ -31,16 +32,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread
 N = 6
 FAILED_AT_REGISTRATION, CHANGED_SINCE = 1, 4
 SMALL_TPT = {"n_views": "8", "selection_p": "0.25"}
-
-
-def _pictures(root: Path) -> list[str]:
-    relpaths = []
-    for i in range(N):
-        relpath = f"class{i % 2}/{i}.png"
-        (root / relpath).parent.mkdir(parents=True, exist_ok=True)
-        random_image(40 + i, (52, 44)).save(root / relpath)
-        relpaths.append(relpath)
-    return relpaths
 
 
 def _outcome(engine: Any, run_id: int) -> tuple[list[tuple], list[tuple], dict[int, str]]:
@@ -84,7 +75,7 @@ def test_views_ahead_gives_the_results_of_one_thread(tiny_models_dir: Path, work
                                                      database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     quiet_run_machinery(monkeypatch)
     root = tmp_path / "images"
-    relpaths = _pictures(root)
+    relpaths = write_pictures(root, N, seed=40, size=(52, 44))
     ahead = make_settings(workspace, database_url, device="cpu", mlflow_tracking_uri="none", views_ahead="on")
     alone = make_settings(tmp_path / "alone", f"sqlite:///{tmp_path / 'alone.db'}", device="cpu",
                           mlflow_tracking_uri="none", views_ahead="off")
@@ -120,7 +111,7 @@ def test_a_features_run_prepares_ahead_too(tiny_models_dir: Path, workspace: Pat
 
     quiet_run_machinery(monkeypatch)
     root = tmp_path / "images"
-    relpaths = _pictures(root)
+    relpaths = write_pictures(root, N, seed=40, size=(52, 44))
     settings = make_settings(workspace, database_url, device="cpu", mlflow_tracking_uri="none", views_ahead="on")
     engine = open_engine(settings)
     add_dataset(engine, "pics", N, root=root, classes=2, relpaths=relpaths, failed=[FAILED_AT_REGISTRATION])
@@ -150,7 +141,7 @@ def test_a_repeated_image_reads_the_set_its_twin_just_stored(tiny_models_dir: Pa
 
     quiet_run_machinery(monkeypatch)
     root = tmp_path / "images"
-    relpaths = _pictures(root)
+    relpaths = write_pictures(root, N, seed=40, size=(52, 44))
     (root / relpaths[3]).write_bytes((root / relpaths[2]).read_bytes())  # samples 2 and 3: one image twice
     store = FeatureCache.store
 
