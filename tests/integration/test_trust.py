@@ -273,9 +273,11 @@ def test_runs_record_provenance_and_comparable_columns(database_url: str, worksp
     assert shown["spec"]["device"] == "cpu" and shown["spec"]["model"]["precision"] == "fp32"
     [group] = shown["shard_provenance"]
     assert (group["device"], group["precision"], group["activation"]) == ("cpu", "fp32", "gelu")
+    assert group["text_groups"] == 1  # the two class prompts have one length: one group even on a CPU
     assert group["device_name"] and group["host"] and group["shards"] == [0]
     tags = reporting.provenance_tags(engine, runs_row(engine, result.run_id))
     assert tags["provenance.torch"] == torch.__version__ and tags["worker.precision"] == "fp32"
+    assert tags["worker.text_groups"] == "1"
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("DIFFTPT_OPS_")},
            "DIFFTPT_OPS_WORKSPACE": str(workspace), "DIFFTPT_OPS_DATABASE_URL": database_url}
     out = subprocess.run([sys.executable, "-m", "cli.main", "runs", "show", str(result.run_id), "--json"], env=env,

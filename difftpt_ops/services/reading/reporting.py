@@ -220,7 +220,7 @@ def provenance_tags(engine: Engine, run: Any) -> dict[str, str]:
         shard_facts = [facts for (facts,) in conn.execute(select(Shard.provenance).where(
             Shard.run_id == run.id, Shard.provenance.is_not(None)))]
     for key in ("device", "device_name", "gpu_memory_gb", "driver", "precision", "activation", "weights",
-                "reward_weights", "host", "torch", "cuda", "git_commit"):
+                "reward_weights", "text_groups", "host", "torch", "cuda", "git_commit"):
         values = sorted({str(facts[key]) for facts in shard_facts if facts and facts.get(key) is not None})
         if values:
             tags[f"worker.{key}"] = ", ".join(values)[:5000]

@@ -107,6 +107,7 @@ def _build_tune_processor(engine: Engine, settings: Settings, run: Run, dataset:
                                            reward_name=reward_path)
     processor.device, processor.precision, processor.activation = resolved, clip.precision, clip.activation
     processor.views_ahead = builds_views_ahead(settings.views_ahead, resolved)
+    processor.text_groups = len(tuner.learner.groups)
     processor.weights = weights_fingerprint_of(clip)
     if reward is not None:
         processor.reward_weights = weights_fingerprint_of(reward)

@@ -84,9 +84,10 @@ def record_provenance(engine: Engine, claim: Any, context: RunContext) -> None:
 
 def _model_facts(processor: Any) -> dict[str, Any]:
     """What a run's processor knows of the model it computes with, for a shard's provenance: the activation, the
-    sha256 of the loaded weights (`weights`) and of a method's reward model (`reward_weights`, RLCF), where it has
-    them."""
-    facts = {key: getattr(processor, key, None) for key in ("activation", "weights", "reward_weights")}
+    sha256 of the loaded weights (`weights`) and of a method's reward model (`reward_weights`, RLCF), and how many
+    length groups the class prompts formed (`text_groups`: a device-dependent default that moves float rounding),
+    where it has them."""
+    facts = {key: getattr(processor, key, None) for key in ("activation", "weights", "reward_weights", "text_groups")}
     return {key: value for key, value in facts.items() if value is not None}
 
 
