@@ -57,19 +57,13 @@ def saved_random_clip(name: str, directory: Path) -> Path:
     same weights (an architecture name without weights would draw new ones at each load)."""
     import open_clip
     import torch
-    from safetensors.torch import save_file
 
-    from difftpt_ops.models.clip import CONFIG_FILE, WEIGHTS_FILE
-    from difftpt_ops.models.tiny_clip import TINY_PREPROCESS_CFG
+    from difftpt_ops.models.tiny_clip import TINY_PREPROCESS_CFG, write_clip_folder
 
-    directory.mkdir(parents=True, exist_ok=True)
-    cfg = open_clip.get_model_config(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = open_clip.create_model(name, pretrained=None)
-    save_file({key: value.contiguous() for key, value in model.state_dict().items()}, str(directory / WEIGHTS_FILE))
-    (directory / CONFIG_FILE).write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": TINY_PREPROCESS_CFG}))
-    return directory
+    return write_clip_folder(directory, model, open_clip.get_model_config(name), TINY_PREPROCESS_CFG)
 
 
 def run_once(root: Path, workspace: Path, *, views_ahead: str, method: str, model: str, device: str,

@@ -37,10 +37,7 @@ def make_tiny_clip(directory: Path, *, seed: int = 0, embed_dim: int | None = No
     must not be mistaken for the first (RLCF's reward model).
     """
     import open_clip
-    from safetensors.torch import save_file
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     cfg = copy.deepcopy(TINY_MODEL_CFG)
     preprocess = dict(TINY_PREPROCESS_CFG)
     if embed_dim is not None:
@@ -53,8 +50,19 @@ def make_tiny_clip(directory: Path, *, seed: int = 0, embed_dim: int | None = No
     with torch.no_grad():
         # Pretrained CLIP has exp(logit_scale) = 100; keep that so entropies look like the real model's.
         model.logit_scale.fill_(math.log(100.0))
+    return write_clip_folder(directory, model, cfg, preprocess)
+
+
+def write_clip_folder(directory: Path, model: torch.nn.Module, model_cfg: dict[str, Any],
+                      preprocess_cfg: dict[str, Any]) -> Path:
+    """Save `model` (built from `model_cfg`) as an open_clip local folder that `load_clip` reads back bit-exactly:
+    open_clip_config.json (model and preprocessing configs) and open_clip_model.safetensors."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     state = {key: value.contiguous() for key, value in model.state_dict().items()}
     save_file(state, str(directory / WEIGHTS_FILE))
-    config = {"model_cfg": cfg, "preprocess_cfg": preprocess}
+    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return directory
