@@ -25,7 +25,6 @@ from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
@@ -167,7 +166,6 @@ def main(argv: list[str] | None = None) -> int:
         "best_pipelined_s": {m: min(r["pipelined_s"] for r in rows if r["method"] == m)
                              for m in args.methods.split(",")},
         "wall_s": round(time.perf_counter() - started, 1),
-        "mean_views_s": round(float(np.mean([r["views"] for r in rows])), 4),
     }
     print(json.dumps(summary), flush=True)  # noqa: T201
     return 0
